@@ -1,0 +1,105 @@
+"""Checkpoint files: atomic writes and safe loading (no arbitrary code on unpickling)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, written or interpreted; the message names the file."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or an exception (e.g. ENOSPC) while writing leaves any previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"failed to write checkpoint {path}: {e}") from e
+
+
+# Globals that official MAE training checkpoints pickle next to tensors; nothing that can run code.
+_TORCH_SAFE_GLOBALS = [argparse.Namespace]
+
+# What Detectron2's model-zoo .pkl files (pickled dicts of numpy arrays) need to unpickle.
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Loads a ``.pth``/``.pt`` (torch zip or legacy) or Detectron2 ``.pkl`` file without executing code.
+
+    Torch files go through ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowlisted (official
+    MAE training checkpoints pickle their arguments); ``.pkl`` files through an unpickler that only builds numpy
+    arrays and dicts. Anything else is refused with :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".pkl":
+        try:
+            with open(path, "rb") as f:
+                obj = _RestrictedUnpickler(io.BufferedReader(f), encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refused to load {path}: {e} (only numpy arrays and dicts are accepted)") from e
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {e}") from e
+    else:
+        try:
+            with torch.serialization.safe_globals(_TORCH_SAFE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"refused to load {path}: it holds objects that are not plain tensors/containers ({first})") from e
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj

@@ -1,0 +1,1 @@
+"""yacs configs: pretraining (pretrain.py), detection (detection.py), classification (classification.py)."""

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mae_det",
+    version="0.1.0",
+    description="Masked-autoencoder pretraining of Vision Transformers for Detectron2 Mask R-CNN",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mae_det", "mae_det.*"]),
+    # Detectron2 is not listed: it has no PyPI release. scripts/setup_env.sh provides it (see README).
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0",
+        "numpy",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "opencv-python-headless",
+        "Pillow",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+        "yacs",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout", "hypothesis", "transformers>=4.40"],
+    },
+)
