@@ -1,0 +1,64 @@
+"""Environment report for bug reports: ``python -m mae_det.collect_env``."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # any import failure is itself worth reporting
+        return f"not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return f"{getattr(mod, '__version__', 'unknown')} @ {os.path.dirname(getattr(mod, '__file__', '') or '')}"
+
+
+def collect_env() -> list[tuple[str, str]]:
+    """Returns (name, value) rows describing the interpreter, libraries and hardware."""
+    import torch
+
+    rows = [
+        ("sys.platform", sys.platform),
+        ("Python", sys.version.replace("\n", " ")),
+        ("mae_det", _version("mae_det")),
+        ("detectron2", _version("detectron2")),
+    ]
+    try:
+        from detectron2 import _C  # noqa: F401
+
+        compiled = "yes"
+    except Exception as e:
+        compiled = f"no ({type(e).__name__}; not needed: ROIAlign/NMS come from torchvision, COCO eval from pycocotools)"
+    rows += [
+        ("detectron2 compiled ops (_C)", compiled),
+        ("torch", _version("torch")),
+        ("torchvision", _version("torchvision")),
+        ("timm", _version("timm")),
+        ("fvcore", _version("fvcore")),
+        ("pycocotools", _version("pycocotools")),
+        ("numpy", _version("numpy")),
+        ("Pillow", _version("PIL")),
+        ("CPU", platform.processor() or platform.machine()),
+        ("CPU capability (torch)", torch.backends.cpu.get_cpu_capability()),
+        ("CPU bf16 native (mkldnn)", str(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))),
+        ("CPU threads", str(torch.get_num_threads())),
+        ("CUDA available", str(torch.cuda.is_available())),
+    ]
+    if torch.cuda.is_available():
+        rows += [
+            ("CUDA (torch build)", str(torch.version.cuda)),
+            ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))),
+            ("GPU bf16", str(torch.cuda.is_bf16_supported())),
+        ]
+    return rows
+
+
+def format_env(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    print(format_env(collect_env()))

@@ -1,0 +1,1 @@
+"""Datasets: image loading, pretraining sources, the generated shapes dataset, detection registration."""

@@ -1,0 +1,1 @@
+"""AP tables, kNN and linear-probe evaluation."""

@@ -1,0 +1,1 @@
+"""Provenance, distributed helpers, FLOP counting, environment report."""

@@ -1,0 +1,71 @@
+"""The environment the setup script builds: imports, versions, and that tools/ is the project's."""
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_and_versions():
+    import detectron2
+    import timm
+
+    import mae_det
+
+    assert mae_det.__version__ == "0.1.0"
+    assert int(timm.__version__.split(".")[0]) >= 1
+    assert detectron2.__version__
+
+
+def test_collect_env_reports_versions():
+    out = subprocess.run(
+        [sys.executable, "-m", "mae_det.collect_env"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("mae_det", "detectron2", "detectron2 compiled ops", "torch", "timm", "CPU bf16 native", "CUDA available"):
+        assert name in out, out
+    assert "0.1.0" in out
+
+
+def test_no_stray_tools_package_in_site_packages():
+    # sal-detectron2 ships Detectron2's scripts as a top-level `tools` package; the setup removes it.
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    assert not (purelib / "tools").exists()
+
+
+def test_tools_resolves_to_project_folder():
+    code = "import tools, sys; print(list(tools.__path__)[0])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == (ROOT / "tools").resolve()
+
+
+def test_missing_detectron2_message(tmp_path):
+    # A shadowing module that fails to import stands in for an absent Detectron2.
+    (tmp_path / "detectron2").mkdir()
+    (tmp_path / "detectron2" / "__init__.py").write_text("raise ImportError('no detectron2 here')\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mae_det"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "mae_det needs Detectron2" in last and "make setup" in last
+
+
+@pytest.mark.parametrize("target", ["setup", "test", "demo"])
+def test_makefile_targets_exist(target):
+    assert f"\n{target}:" in (ROOT / "Makefile").read_text()
+
+
+def test_setup_second_run_is_a_no_op():
+    venv = Path(sys.prefix)
+    if not (venv / ".mae_det_setup_stamp").exists():
+        pytest.skip("not running inside the environment built by scripts/setup_env.sh")
+    proc = subprocess.run(
+        ["bash", "scripts/setup_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "MAE_DET_VENV": str(venv), "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "environment up to date" in proc.stdout
