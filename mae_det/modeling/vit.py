@@ -240,7 +240,7 @@ class VisionTransformer(nn.Module):
             torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=learnable_pos_embed
         )
         rel_grid = _pair(rel_pos_grid) if rel_pos_grid is not None else self.grid_size
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: buildable under a meta device
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], norm_layer=norm_layer,

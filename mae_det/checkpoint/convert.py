@@ -1,0 +1,520 @@
+"""Explicit conversions of every weight format mae_det reads into the shared encoder's keys and Detectron2's.
+
+Formats (``detect_format``):
+
+* ``ours``: this project's pretraining checkpoint ``{"model": full MAE state dict, "meta": ...}`` or encoder
+  export ``{"model": encoder state dict, "meta": ...}``; official key names in both.
+* ``official``: the official MAE release (``mae_pretrain_vit_*.pth`` encoder only, ``*_full.pth`` /
+  ``mae_visualize_*.pth`` with the decoder, training checkpoints with ``optimizer``/``args``).
+* ``timm``: a timm ``VisionTransformer`` state dict, bare or under ``"state_dict"``; classifier ``head``/``fc_norm``
+  are dropped. Read here rather than through timm's ``checkpoint_filter_fn``, which takes any dict holding
+  ``mask_token`` for DINOv2 and mangles full MAE checkpoints.
+* ``hf``: Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` (through :func:`mae_det.checkpoint.hf.hf_to_mae`).
+* ``d2``: a Detectron2 checkpoint of this project's ViT-FPN model (``backbone.net.*`` or
+  ``backbone.bottom_up.net.*``, heads, maybe ``optimizer``/``iteration``).
+* ``vitdet``: Detectron2's ViTDet (model zoo ``.pkl`` of numpy arrays or LazyConfig ``.pth``): ``backbone.net.*``
+  and ``backbone.simfp_*``, mapped onto the ``simple`` pyramid's names by :data:`VITDET_PYRAMID_NAMES`.
+
+Every key is mapped by name, never by suffix matching; keys no rule covers are an error, and a width or depth
+that differs from the model's is an error naming the file (never a partial load). Inputs are never mutated.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from torch import nn
+
+from ..modeling.vit import VisionTransformer, resize_rel_pos
+from .io import CheckpointError, load_checkpoint
+
+FORMATS = ("ours", "official", "timm", "hf", "d2", "vitdet")
+PRETRAINING_FORMATS = ("ours", "official", "timm", "hf")
+FORMAT_NAMES = {
+    "ours": "mae_det pretraining checkpoint / encoder export",
+    "official": "official MAE",
+    "timm": "timm ViT",
+    "hf": "Hugging Face ViTMAE",
+    "d2": "mae_det Detectron2 checkpoint",
+    "vitdet": "Detectron2 ViTDet",
+}
+ENCODER_PREFIXES = ("backbone.net.", "backbone.bottom_up.net.")
+
+_BLOCK_PARAMS = tuple(
+    f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")
+)
+_REL_POS = ("attn.rel_pos_h", "attn.rel_pos_w")
+_ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias")
+_REQUIRED_TOP = ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")
+# Pretraining-checkpoint keys outside the encoder: the MAE decoder, and classifier heads of timm / fine-tuning.
+_NOT_ENCODER = re.compile(r"^(mask_token|decoder_\w+(\..+)?|head\..+|fc_norm\..+)$")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+# ViTDet's SimpleFeaturePyramid keeps each level in one nn.Sequential named simfp_<stage>; the index inside
+# depends on how many resampling layers precede the two convs. Keyed by (stage - log2(patch)).
+VITDET_PYRAMID_NAMES: dict[int, dict[str, str]] = {
+    -2: {"0": "resample.0", "1": "resample.1", "3": "resample.3", "4": "lateral", "5": "output"},
+    -1: {"0": "resample", "1": "lateral", "2": "output"},
+    0: {"0": "lateral", "1": "output"},
+    1: {"1": "lateral", "2": "output"},
+}
+_SIMFP_KEY = re.compile(r"^backbone\.simfp_(\d+)\.(\d+)\.(.+)$")
+
+
+# ---- reading and detecting -----------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Safely loads a ``.pth``/``.pt``/``.bin``/``.pkl`` (see :func:`load_checkpoint`) or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_state_dict(d: Any) -> bool:
+    return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in d.values())
+
+
+def _weights(ckpt: Mapping, src: str) -> tuple[dict[str, Any], str | None]:
+    """The state dict inside a checkpoint and the key it was found under (None: the checkpoint is one)."""
+    if _is_state_dict(ckpt):
+        sd, wrapper = ckpt, None
+    else:
+        found = [k for k in ("model", "state_dict", "model_state") if _is_state_dict(ckpt.get(k))]
+        if not found:
+            raise CheckpointError(
+                f"{src}: no state dict of tensors found (top-level keys: {sorted(map(str, ckpt))[:8]})"
+            )
+        sd, wrapper = ckpt[found[0]], found[0]
+    if all(k.startswith("module.") for k in sd):  # saved from a (Distributed)DataParallel wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd), wrapper
+
+
+def _detect(ckpt: Mapping, src: str) -> tuple[str, dict[str, Any]]:
+    sd, wrapper = _weights(ckpt, src)
+    if any(k.startswith(("backbone.", "proposal_generator.", "roi_heads.")) for k in sd):
+        return ("vitdet" if any(k.startswith("backbone.simfp_") for k in sd) else "d2"), sd
+    if any("embeddings.patch_embeddings." in k for k in sd):
+        return "hf", sd
+    if "patch_embed.proj.weight" in sd:
+        if "meta" in ckpt:
+            return "ours", sd
+        return ("official" if wrapper == "model" else "timm"), sd
+    raise CheckpointError(
+        f"{src}: not a ViT checkpoint mae_det knows (no patch_embed.proj.weight, HF embeddings or Detectron2 "
+        f"backbone keys; first keys: {list(sd)[:5]})"
+    )
+
+
+def detect_format(ckpt: Mapping) -> str:
+    """The format (one of :data:`FORMATS`) of a loaded checkpoint, judged by its content."""
+    return _detect(ckpt, "<checkpoint>")[0]
+
+
+def _open(path_or_dict: str | os.PathLike | Mapping, source: str | None) -> tuple[Mapping, str]:
+    if isinstance(path_or_dict, Mapping):
+        return path_or_dict, source or "<state dict>"
+    return read_checkpoint(path_or_dict), source or str(path_or_dict)
+
+
+def _tensor(v: Any) -> torch.Tensor:
+    return torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+
+
+# ---- the encoder in official key names -----------------------------------------------------------------
+def _check_encoder(enc: Mapping[str, torch.Tensor], src: str) -> tuple[int, int]:
+    """Validates a plain-ViT encoder state dict -> (embed_dim, depth)."""
+    blocks: dict[int, set[str]] = {}
+    for k in enc:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            if m.group(2) not in _BLOCK_PARAMS + _REL_POS:
+                raise CheckpointError(
+                    f"{src}: unsupported key '{k}': the encoder is a plain ViT block (norm1, attn.qkv, attn.proj, "
+                    f"norm2, mlp.fc1, mlp.fc2; LayerScale, qk-norm or separate q/v biases are not supported)"
+                )
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+        elif k not in _ENCODER_TOP:
+            raise CheckpointError(f"{src}: unexpected key '{k}' in a ViT encoder state dict")
+    for k in _REQUIRED_TOP:
+        if k not in enc:
+            raise CheckpointError(f"{src}: the encoder has no '{k}'")
+    depth = len(blocks)
+    if sorted(blocks) != list(range(depth)):
+        raise CheckpointError(f"{src}: encoder blocks are not numbered 0..{depth - 1}: {sorted(blocks)}")
+    for i, names in blocks.items():
+        lacking = [p for p in _BLOCK_PARAMS if p not in names]
+        if lacking:
+            raise CheckpointError(f"{src}: block {i} has no '{lacking[0]}'")
+    return int(enc["patch_embed.proj.weight"].shape[0]), depth
+
+
+def _split_vit_keys(sd: Mapping[str, Any], src: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official/timm keys -> (encoder state dict, dropped keys: decoder, mask token, classifier head)."""
+    enc, dropped = {}, []
+    for k, v in sd.items():
+        if _NOT_ENCODER.match(k):
+            dropped.append(k)
+        else:
+            enc[k] = _tensor(v)
+    _check_encoder(enc, src)
+    return enc, dropped
+
+
+def _detection_encoder(sd: Mapping[str, Any], src: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """A Detectron2 state dict -> (encoder prefix, encoder in official keys, the other keys)."""
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            enc = {k[len(prefix):]: _tensor(v) for k, v in sd.items() if k.startswith(prefix)}
+            rest = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+            _check_encoder(enc, src)
+            return prefix, enc, rest
+    raise CheckpointError(f"{src}: Detectron2 checkpoint without a ViT encoder (no keys under {ENCODER_PREFIXES})")
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], src: str = "<checkpoint>") -> tuple[torch.Tensor, str]:
+    """A (1, n, D) table -> (1, 1 + h*w, D) for ``grid`` with a cls slot (zero if the source had none).
+
+    The source grid is taken as square (every published ViT is); bicubic with antialiasing, as timm.
+
+    Returns:
+        The new table and a note ("" when nothing changed).
+    """
+    n, gh, gw = pos.shape[1], grid[0], grid[1]
+    if n == gh * gw + 1:
+        return pos, ""
+    if n == gh * gw:
+        return torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1), "pos_embed: zero cls slot added"
+    prefix = 1 if math.isqrt(n - 1) ** 2 == n - 1 else 0 if math.isqrt(n) ** 2 == n else -1
+    if prefix < 0:
+        raise CheckpointError(f"{src}: pos_embed has {n} positions, neither a square grid nor one plus a cls slot")
+    side = math.isqrt(n - prefix)
+    new = resample_abs_pos_embed(
+        pos.float(), new_size=[gh, gw], old_size=[side, side], num_prefix_tokens=prefix, interpolation="bicubic",
+        antialias=True,
+    ).to(pos.dtype)
+    if not prefix:
+        new = torch.cat([new.new_zeros(1, 1, new.shape[2]), new], dim=1)
+    return new, f"pos_embed resampled {side}x{side} -> {gh}x{gw}"
+
+
+def _resample_patch(w: torch.Tensor, patch: int) -> tuple[torch.Tensor, str]:
+    if w.shape[-1] == patch and w.shape[-2] == patch:
+        return w, ""
+    new = resample_patch_embed(w.float(), [patch, patch], interpolation="bicubic", antialias=True).to(w.dtype)
+    return new, f"patch_embed kernel resampled {w.shape[-2]}x{w.shape[-1]} -> {patch}x{patch}"
+
+
+def _encoder_of(ckpt: Mapping, fmt: str, src: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """-> (format, encoder in official keys, non-encoder keys of a Detectron2 checkpoint, dropped keys)."""
+    detected, sd = _detect(ckpt, src)
+    fmt = detected if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise CheckpointError(f"{src}: unknown checkpoint format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    if fmt in ("d2", "vitdet"):
+        _, enc, rest = _detection_encoder(sd, src)
+        return fmt, enc, rest, []
+    if fmt == "hf":
+        from .hf import hf_to_mae
+
+        sd = hf_to_mae(sd)
+    enc, dropped = _split_vit_keys(sd, src)
+    return fmt, enc, {}, dropped
+
+
+def load_encoder_state(
+    path_or_dict: str | os.PathLike | Mapping,
+    fmt: str = "auto",
+    *,
+    grid: tuple[int, int] | None = None,
+    patch_size: int | None = None,
+    source: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ViT encoder of any supported checkpoint, in official MAE / timm key names.
+
+    Loads into a bare :class:`~mae_det.modeling.vit.VisionTransformer` with ``load_state_dict`` (detection
+    checkpoints hold no ``cls_token`` / final ``norm``; use ``strict=False`` there).
+
+    Args:
+        path_or_dict: a checkpoint file or an already loaded checkpoint / state dict (not modified).
+        fmt: "auto" or one of :data:`FORMATS`.
+        grid: resample ``pos_embed`` to this (h, w) token grid.
+        patch_size: resample the patch-embedding kernel to this size (e.g. a patch-14 ViT-H to 16).
+        source: name used in messages (defaults to the path).
+
+    Returns:
+        (a new state dict, info) with info keys ``format``, ``source``, ``embed_dim``, ``depth``,
+        ``patch_size``, ``dropped`` (keys left out: decoder, mask token, heads, detection layers) and ``notes``.
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, unknown layout or a malformed encoder, naming the file.
+    """
+    ckpt, src = _open(path_or_dict, source)
+    fmt, enc, rest, dropped = _encoder_of(ckpt, fmt, src)
+    notes = []
+    if patch_size is not None:
+        enc["patch_embed.proj.weight"], note = _resample_patch(enc["patch_embed.proj.weight"], patch_size)
+        notes.append(note)
+    if grid is not None:
+        enc["pos_embed"], note = resample_pos_embed(enc["pos_embed"], grid, src)
+        notes.append(note)
+    dim, depth = _check_encoder(enc, src)
+    info = dict(
+        format=fmt, source=src, embed_dim=dim, depth=depth, patch_size=int(enc["patch_embed.proj.weight"].shape[-1]),
+        dropped=dropped + sorted(rest), notes=[n for n in notes if n],
+    )
+    return enc, info
+
+
+# ---- Detectron2 targets ----------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """What a Detectron2 model expects of the encoder: its key prefix, parameter shapes (keys without the
+    prefix) and pretraining token grid (the position table's)."""
+
+    prefix: str
+    encoder: dict[str, tuple[int, ...]]
+    grid: tuple[int, int]
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder["patch_embed.proj.weight"][-1]
+
+
+def target_of(model_or_cfg: nn.Module | Any) -> Target:
+    """The :class:`Target` of a built model (any module holding one ``VisionTransformer``) or of a config.
+
+    A config's backbone is built on the meta device (no memory, no initialization).
+    """
+    if isinstance(model_or_cfg, nn.Module):
+        model, outer = model_or_cfg, ""
+    else:
+        from detectron2.layers import ShapeSpec
+
+        from ..modeling.backbone import build_vit_fpn_backbone
+
+        with torch.device("meta"):
+            model = build_vit_fpn_backbone(model_or_cfg, ShapeSpec(channels=model_or_cfg.MODEL.VIT.IN_CHANS))
+        outer = "backbone."
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, VisionTransformer)]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one VisionTransformer in the model, found {len(found)}")
+    name, vit = found[0]
+    shapes = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    return Target(prefix=f"{outer}{name}." if name else outer, encoder=shapes, grid=tuple(vit.grid_size))
+
+
+def _fit_encoder(
+    enc: dict[str, torch.Tensor], target: Target, src: str
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Resamples and checks an encoder against the target -> (fitted encoder, dropped keys, notes)."""
+    t = target.encoder
+    dim, depth = _check_encoder(enc, src)
+    t_dim = t["patch_embed.proj.weight"][0]
+    t_depth = len({k.split(".")[1] for k in t if k.startswith("blocks.")})
+    if (dim, depth) != (t_dim, t_depth):
+        raise CheckpointError(
+            f"{src}: the checkpoint's encoder is {dim}-d with {depth} blocks but the model's is {t_dim}-d with "
+            f"{t_depth} blocks (MODEL.VIT.SIZE / EMBED_DIM / DEPTH); refusing a partial load"
+        )
+    out, dropped, notes = {}, [], []
+    for k, v in enc.items():
+        if k not in t:
+            dropped.append(k)  # cls token and final norm: unused on the spatial grid; rel-pos if the model has none
+            continue
+        note = ""
+        if k == "pos_embed":
+            v, note = resample_pos_embed(v, target.grid, src)
+        elif k == "patch_embed.proj.weight":
+            v, note = _resample_patch(v, target.patch_size)
+        elif k.endswith(_REL_POS) and v.shape[0] != t[k][0]:
+            v, note = resize_rel_pos(v, t[k][0]), "relative-position tables resampled to the model's sizes"
+        if tuple(v.shape) != t[k]:
+            raise CheckpointError(f"{src}: '{k}' has shape {tuple(v.shape)} but the model expects {t[k]}")
+        out[k] = v
+        if note and note not in notes:
+            notes.append(note)
+    lacking = [k for k in t if k not in out and not k.endswith(_REL_POS)]
+    if lacking:
+        raise CheckpointError(f"{src}: the checkpoint's encoder has no '{lacking[0]}' ({len(lacking)} keys lacking)")
+    return out, dropped, notes
+
+
+def _vitdet_pyramid(rest: Mapping[str, Any], patch: int, src: str) -> dict[str, Any]:
+    """Renames ViTDet's ``backbone.simfp_<stage>.<index>.*`` to ``backbone.pyramid.p<stage>.<name>.*``."""
+    out = {}
+    base = int(math.log2(patch))
+    for k, v in rest.items():
+        m = _SIMFP_KEY.match(k)
+        if not m:
+            out[k] = v
+            continue
+        stage, index, tail = int(m.group(1)), m.group(2), m.group(3)
+        name = VITDET_PYRAMID_NAMES.get(stage - base, {}).get(index)
+        if name is None:
+            raise CheckpointError(f"{src}: ViTDet pyramid key '{k}' has no counterpart in the simple pyramid")
+        out[f"backbone.pyramid.p{stage}.{name}.{tail}"] = v
+    return out
+
+
+def convert_to_detectron2(
+    path_or_dict: str | os.PathLike | Mapping,
+    target: nn.Module | Any | None,
+    fmt: str = "auto",
+    *,
+    source: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Any supported checkpoint -> (state dict with Detectron2-model keys, info).
+
+    Args:
+        path_or_dict: a checkpoint file or a loaded checkpoint / state dict (not modified).
+        target: the model (or its config) the result is for: the encoder is checked against it (width and
+            depth must match), ``pos_embed`` resampled to its pretraining grid, the patch kernel and relative-
+            position tables resampled to its sizes, and the encoder placed under its prefix. None: no checks,
+            prefix ``backbone.net.``.
+        fmt: "auto" or one of :data:`FORMATS`.
+        source: name used in messages.
+
+    Returns:
+        (new state dict, info) with info keys ``format``, ``source``, ``encoder_prefix``, ``dropped`` (keys of
+        the checkpoint left out on purpose) and ``notes`` (resampling done).
+    """
+    ckpt, src = _open(path_or_dict, source)
+    fmt, enc, rest, dropped = _encoder_of(ckpt, fmt, src)
+    notes: list[str] = []
+    if target is None:
+        prefix = ENCODER_PREFIXES[0]
+        dropped += [k for k in ("cls_token", "norm.weight", "norm.bias") if k in enc]
+        enc = {k: v for k, v in enc.items() if k not in dropped}
+    else:
+        tgt = target if isinstance(target, Target) else target_of(target)
+        prefix = tgt.prefix
+        enc, more, notes = _fit_encoder(enc, tgt, src)
+        dropped += more
+    if fmt == "vitdet":
+        rest = _vitdet_pyramid(rest, int(enc["patch_embed.proj.weight"].shape[-1]), src)
+    out = {f"{prefix}{k}": v for k, v in enc.items()}
+    out.update({k: _tensor(v) for k, v in rest.items()})
+    info = dict(format=fmt, source=src, encoder_prefix=prefix, dropped=dropped, notes=notes)
+    return out, info
+
+
+def to_detectron2(
+    path_or_dict: str | os.PathLike | Mapping, cfg: Any | None = None, fmt: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """:func:`convert_to_detectron2` without the info: the state dict for a model built from ``cfg``."""
+    return convert_to_detectron2(path_or_dict, cfg, fmt)[0]
+
+
+# ---- the load report ----------------------------------------------------------------------------------
+def _is_new_table(key: str, fmt: str, encoder_prefix: str) -> bool:
+    """Tables a checkpoint of this format cannot hold: relative position, and for pretraining formats all but
+    the encoder (pyramid, heads)."""
+    if key.endswith(_REL_POS):
+        return True
+    return fmt in PRETRAINING_FORMATS and not key.startswith(encoder_prefix)
+
+
+def _groups(keys: Iterable[str], limit: int = 8) -> list[str]:
+    """Compact key patterns with counts: indexes become ``*``, sibling leaves merge as ``{weight,bias}``, and a
+    module with more than two such stems collapses to ``module.*``."""
+    leaves: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for k in keys:
+        stem, _, leaf = re.sub(r"\.\d+(?=\.|$)", ".*", k).rpartition(".")
+        stem = stem or leaf
+        leaves.setdefault(stem, set()).add(leaf)
+        counts[stem] = counts.get(stem, 0) + 1
+    families: dict[str, list[str]] = {}
+    for stem in sorted(leaves):
+        families.setdefault(".".join(stem.split(".")[:2]), []).append(stem)
+    lines = []
+    for family, stems in families.items():
+        if len(stems) > 2:
+            lines.append(f"{family}.* ({sum(counts[s] for s in stems)})")
+            continue
+        for stem in stems:
+            names = sorted(leaves[stem])
+            text = stem if names == [stem] else f"{stem}.{names[0]}" if len(names) == 1 else f"{stem}.{{{','.join(names)}}}"
+            lines.append(f"{text} ({counts[stem]})" if counts[stem] > 1 else text)
+    return lines[:limit] + ([f"... {len(lines) - limit} more groups"] if len(lines) > limit else [])
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did, for one screen of log."""
+
+    source: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"Loaded {self.source} ({FORMAT_NAMES.get(self.format, self.format)} format)"]
+
+        def section(title: str, keys: list[str]) -> None:
+            lines.append(f"  {title}: {len(keys)}")
+            lines.extend(f"      {g}" for g in _groups(keys) if keys)
+
+        section("loaded", self.loaded)
+        section("new (initialized; no checkpoint of this format holds them)", self.new)
+        section("MISSING (initialized, but the checkpoint should have held them)", self.missing)
+        section("unused checkpoint keys", self.unused)
+        if self.skipped:
+            lines.append(f"  skipped, shape mismatch (initialized): {len(self.skipped)}")
+            lines.extend(f"      {k}: checkpoint {a}, model {b}" for k, a, b in self.skipped[:6])
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def build_load_report(
+    loaded: Iterable[str],
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    info: Mapping[str, Any],
+    incorrect_shapes: Iterable[tuple[str, tuple, tuple]] = (),
+) -> LoadReport:
+    """Sorts the outcome of ``load_state_dict`` of a converted checkpoint into a :class:`LoadReport`.
+
+    Args:
+        loaded: model keys that received a tensor.
+        missing: model keys the converted checkpoint lacked.
+        unexpected: converted-checkpoint keys the model lacks.
+        info: the info of :func:`convert_to_detectron2`.
+        incorrect_shapes: (key, checkpoint shape, model shape) skipped by the loader.
+    """
+    fmt, prefix = info["format"], info["encoder_prefix"]
+    missing = list(missing)
+    return LoadReport(
+        source=info["source"],
+        format=fmt,
+        loaded=sorted(loaded),
+        new=sorted(k for k in missing if _is_new_table(k, fmt, prefix)),
+        missing=sorted(k for k in missing if not _is_new_table(k, fmt, prefix)),
+        unused=sorted([*unexpected, *info["dropped"]]),
+        skipped=list(incorrect_shapes),
+        notes=list(info["notes"]),
+    )

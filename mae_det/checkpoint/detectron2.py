@@ -1,0 +1,108 @@
+"""Detectron2 checkpointer for the ViT-FPN model: safe loading, explicit conversion, a load report, atomic saves."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+from torch import nn
+
+from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
+from .io import CheckpointError, atomic_save
+
+
+class ViTDetCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` for models with a :class:`~mae_det.modeling.vit.VisionTransformer` backbone.
+
+    * Loading reads files with :func:`~mae_det.checkpoint.io.load_checkpoint` (no code runs on unpickling),
+      converts any format of :mod:`mae_det.checkpoint.convert` (MAE, official, timm, HF, ViTDet, our own) by
+      explicit key mapping, never with Detectron2's suffix-matching heuristics, refuses an encoder of another
+      width or depth, and logs a :class:`~mae_det.checkpoint.convert.LoadReport` (kept in ``last_report``).
+    * Resuming reads this run's own checkpoints whatever ``weights_format`` says; optimizer, scheduler and
+      iteration come back as Detectron2 saved them.
+    * Saving writes atomically: a crash mid-write leaves the previous checkpoint and ``last_checkpoint`` valid.
+
+    Args:
+        model, save_dir, checkpointables: as ``DetectionCheckpointer``.
+        weights_format: "auto" (detect from content) or a format name of ``convert.FORMATS``
+            (``MODEL.WEIGHTS_FORMAT``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        weights_format: str = "auto",
+        save_to_disk: bool | None = None,
+        **checkpointables: Any,
+    ) -> None:
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.weights_format = weights_format
+        self.last_report: LoadReport | None = None
+        self._info: dict[str, Any] | None = None
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        forced = self.weights_format
+        if resume and self.has_checkpoint():
+            self.weights_format = "auto"  # this run's last checkpoint is always in our Detectron2 format
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self.weights_format = forced
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        ckpt = read_checkpoint(filename)
+        state, self._info = convert_to_detectron2(ckpt, self.model, self.weights_format, source=filename)
+        extra = {}
+        if self._info["format"] == "d2":
+            extra = {k: v for k, v in ckpt.items() if k not in ("model", "__author__", "matching_heuristics")}
+        return {**extra, "model": state, "matching_heuristics": False}
+
+    def _load_model(self, checkpoint: dict[str, Any]) -> _IncompatibleKeys:
+        keys = set(checkpoint["model"])
+        incompatible = super()._load_model(checkpoint)
+        skipped = {k for k, _, _ in incompatible.incorrect_shapes}
+        model_keys = set(self.model.state_dict())
+        self.last_report = build_load_report(
+            loaded=(keys & model_keys) - skipped,
+            missing=incompatible.missing_keys,
+            unexpected=incompatible.unexpected_keys,
+            info=self._info,
+            incorrect_shapes=incompatible.incorrect_shapes,
+        )
+        return incompatible
+
+    def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
+        report = self.last_report
+        level = logging.WARNING if report.missing or report.skipped else logging.INFO
+        self.logger.log(level, "\n%s", report)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        atomic_save(data, path)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        fd, tmp = tempfile.mkstemp(prefix=".last_checkpoint.", dir=self.save_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(last_filename_basename)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise CheckpointError(f"failed to write {path}: {e}") from e

@@ -1,0 +1,199 @@
+"""Detection configuration: Detectron2's yacs defaults + the ViT backbone keys + the training keys added here.
+
+Keys added by :func:`add_det_train_config` (defaults in brackets)::
+
+    MODEL.INIT_TYPE ["scratch"]      how the backbone starts, recorded in run_info.json and grouped by the comparison
+                                     tables: "mae", "supervised", "scratch" or another lower-case label. "scratch"
+                                     must have an empty MODEL.WEIGHTS, any other label a non-empty one (training).
+    SOLVER.OPTIMIZER ["ADAMW"]       "ADAMW" (param groups below) or "SGD" (Detectron2's own builder, unchanged)
+    SOLVER.BETAS [(0.9, 0.999)]      AdamW betas
+    SOLVER.LAYER_DECAY [0.0]         ViT layer-wise lr decay: group lr = BASE_LR * rate ** (depth + 1 - layer_id);
+                                     0 = off. Needs a ViT backbone (encoder at ``backbone.net``).
+    SOLVER.NORM_NO_DECAY [True]      no weight decay on any norm layer, including Detectron2's channels-first
+                                     LayerNorm in the pyramid and heads (ViTDet's intent; its builder misses those)
+    SOLVER.BIAS_NO_DECAY [False]     no weight decay on any 1-D parameter (biases too: MAE/timm fine-tuning style);
+                                     False decays biases, as ViTDet does
+    SOLVER.NO_DECAY_NAMES [["pos_embed"]]  parameter-name substrings without weight decay (ViTDet: pos_embed)
+    SOLVER.PRECISION ["fp32"]        "fp32"; "bf16" (autocast trainer, CPU or GPU); "fp16" (Detectron2's AMPTrainer,
+                                     CUDA only). SOLVER.AMP.ENABLED True with "fp32" means "fp16", as in Detectron2.
+    INPUT.LSJ.ENABLED [False]        Large Scale Jitter for training (replaces MIN_SIZE_TRAIN resizing)
+    INPUT.LSJ.IMAGE_SIZE [1024]      output side; images are resized to IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE)
+    INPUT.LSJ.MIN_SCALE [0.1]        and cropped to at most IMAGE_SIZE x IMAGE_SIZE
+    INPUT.LSJ.MAX_SCALE [2.0]
+    LOG_PERIOD [20]                  iterations between metrics.json / TensorBoard / console records
+    DATASETS.REGISTER [[]]           COCO-format datasets to register: a list of [name, json_file, image_root]
+                                     (``~`` and ``$VARS`` are expanded; relative paths are relative to the working
+                                     directory). Name them in DATASETS.TRAIN / DATASETS.TEST.
+
+Existing Detectron2 keys keep their meaning; notably ``TEST.DETECTIONS_PER_IMAGE`` is also the COCOeval
+max-detections limit, and ``SOLVER.WEIGHT_DECAY_NORM`` only applies to the "SGD" optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .pretrain import ConfigError
+from .vit_backbone import add_vit_config, validate_vit_config
+
+OPTIMIZERS = ("ADAMW", "SGD")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+logger = logging.getLogger(__name__)
+
+
+def add_det_train_config(cfg: CN) -> None:
+    """Adds the detection training keys (documented in the module docstring) to a Detectron2 config."""
+    cfg.MODEL.INIT_TYPE = "scratch"
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.LAYER_DECAY = 0.0
+    cfg.SOLVER.NORM_NO_DECAY = True
+    cfg.SOLVER.BIAS_NO_DECAY = False
+    cfg.SOLVER.NO_DECAY_NAMES = ["pos_embed"]
+    cfg.SOLVER.PRECISION = "fp32"
+
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.ENABLED = False
+    cfg.INPUT.LSJ.IMAGE_SIZE = 1024
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+
+    cfg.DATASETS.REGISTER = []
+    cfg.LOG_PERIOD = 20
+
+
+def get_det_cfg() -> CN:
+    """Detectron2's ``get_cfg()`` plus :func:`add_vit_config` and :func:`add_det_train_config`."""
+    cfg = get_cfg()
+    add_vit_config(cfg)
+    add_det_train_config(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def effective_precision(cfg: CN) -> str:
+    """``SOLVER.PRECISION``, with Detectron2's ``SOLVER.AMP.ENABLED`` read as "fp16" when PRECISION is "fp32"."""
+    if cfg.SOLVER.PRECISION == "fp32" and cfg.SOLVER.AMP.ENABLED:
+        return "fp16"
+    return cfg.SOLVER.PRECISION
+
+
+def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
+    """Checks the keys of this module (and the ViT keys when the ViT backbone is used).
+
+    Args:
+        cfg: a config from :func:`get_det_cfg` after merging.
+        training: also check what only training needs (INIT_TYPE vs MODEL.WEIGHTS).
+
+    Raises:
+        ConfigError: one line naming the key and what was expected.
+    """
+    S, L = cfg.SOLVER, cfg.INPUT.LSJ
+    _check(S.OPTIMIZER in OPTIMIZERS, f"SOLVER.OPTIMIZER: expected one of {OPTIMIZERS}, got {S.OPTIMIZER!r}")
+    _check(S.PRECISION in PRECISIONS, f"SOLVER.PRECISION: expected one of {PRECISIONS}, got {S.PRECISION!r}")
+    _check(len(S.BETAS) == 2 and all(0.0 <= b < 1.0 for b in S.BETAS),
+           f"SOLVER.BETAS: expected two values in [0, 1), got {S.BETAS}")
+    _check(0.0 <= S.LAYER_DECAY <= 1.0, f"SOLVER.LAYER_DECAY: expected 0 (off) or a rate in (0, 1], got {S.LAYER_DECAY}")
+    _check(S.LAYER_DECAY == 0.0 or S.OPTIMIZER == "ADAMW", "SOLVER.LAYER_DECAY: only supported with SOLVER.OPTIMIZER ADAMW")
+    _check(all(isinstance(n, str) and n for n in S.NO_DECAY_NAMES),
+           f"SOLVER.NO_DECAY_NAMES: expected non-empty strings, got {S.NO_DECAY_NAMES}")
+    _check(cfg.LOG_PERIOD > 0, f"LOG_PERIOD: expected > 0, got {cfg.LOG_PERIOD}")
+    _check(L.IMAGE_SIZE > 0, f"INPUT.LSJ.IMAGE_SIZE: expected > 0, got {L.IMAGE_SIZE}")
+    _check(0.0 < L.MIN_SCALE <= L.MAX_SCALE,
+           f"INPUT.LSJ: expected 0 < MIN_SCALE <= MAX_SCALE, got {L.MIN_SCALE}, {L.MAX_SCALE}")
+
+    names = set()
+    for entry in cfg.DATASETS.REGISTER:
+        _check(isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) and x for x in entry),
+               f"DATASETS.REGISTER: each entry must be [name, json_file, image_root] (non-empty strings), got {entry!r}")
+        _check(entry[0] not in names, f"DATASETS.REGISTER: dataset name {entry[0]!r} appears twice")
+        names.add(entry[0])
+    for key in ("TRAIN", "TEST"):
+        _check(all(isinstance(n, str) and n for n in cfg.DATASETS.get(key)),
+               f"DATASETS.{key}: expected dataset names, got {cfg.DATASETS.get(key)}")
+
+    init = cfg.MODEL.INIT_TYPE
+    _check(bool(_INIT_TYPE_RE.match(init)), f"MODEL.INIT_TYPE: expected a lower-case label like mae/supervised/scratch, got {init!r}")
+    if training:
+        _check(effective_precision(cfg) != "fp16" or cfg.MODEL.DEVICE.startswith("cuda"),
+               f"SOLVER.PRECISION fp16 (Detectron2's AMPTrainer) needs CUDA but MODEL.DEVICE is {cfg.MODEL.DEVICE}: "
+               "use SOLVER.PRECISION bf16 or fp32")
+        _check(init != "scratch" or not cfg.MODEL.WEIGHTS,
+               f"MODEL.INIT_TYPE is 'scratch' but MODEL.WEIGHTS is set ({cfg.MODEL.WEIGHTS}): clear one of them")
+        _check(init == "scratch" or bool(cfg.MODEL.WEIGHTS),
+               f"MODEL.INIT_TYPE is {init!r} but MODEL.WEIGHTS is empty: give the initialization checkpoint")
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_fpn_backbone":
+        try:
+            validate_vit_config(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+def _merge(cfg: CN, config_file: str, opts: list[str]) -> None:
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except Exception as e:
+            raise ConfigError(f"{config_file}: {_first_line(e)}") from e
+    if len(opts) % 2:
+        raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except Exception as e:
+        raise ConfigError(f"command line: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().strip('"')
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, training: bool = True) -> CN:
+    """Defaults, then ``config_file`` (``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
+
+    ``MODEL.DEVICE`` "cuda" falls back to "cpu" (with a warning) when no GPU is visible, so the COCO configs
+    written for GPUs run unchanged on a CPU machine.
+
+    Raises:
+        ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
+    """
+    cfg = get_det_cfg()
+    _merge(cfg, config_file, list(opts or []))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible: running on cpu")
+        cfg.MODEL.DEVICE = "cpu"
+    validate_det_cfg(cfg, training=training)
+    return cfg
+
+
+def setup_det_cfg(args: argparse.Namespace) -> CN:
+    """For tools: load + validate the config from Detectron2's standard arguments, fix the seed, freeze, and run
+    Detectron2's ``default_setup`` (loggers, config.yaml in OUTPUT_DIR, seeding); mae_det's log joins log.txt.
+
+    A negative ``SEED`` is replaced by a random one shared by all processes before anything is seeded, so
+    config.yaml and run_info.json record the seed actually used.
+    """
+    cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
+    if cfg.SEED < 0:
+        cfg.SEED = comm.shared_random_seed()
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mae_det", abbrev_name="mae_det")
+    return cfg

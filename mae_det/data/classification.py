@@ -1,0 +1,194 @@
+"""Labeled ImageFolder-style data for classification evaluation (kNN, linear probe, fine-tuning).
+
+Layout: ``root/<class_name>/**/<image>``; class indexes follow the sorted folder names, as torchvision's
+``ImageFolder`` and the official MAE fine-tuning code do, so label ids agree across tools and runs. Images are
+decoded with :func:`mae_det.data.images.load_image`; an unreadable image never stops a run: it is skipped, logged
+and counted (see :func:`collate_skipping`), and only a class left without any readable image is an error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .images import ImageLoadError, load_image
+from .pretrain import IMG_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+
+class ClassificationDataError(ValueError):
+    """A classification folder cannot be used; the one-line message names the folder and what was expected."""
+
+
+class ImageFolderDataset(Dataset):
+    """Images in class sub-folders; an item is ``(image, label, path)``, or ``(None, label, error)`` when unreadable.
+
+    Args:
+        root: folder with one sub-folder per class.
+        transform: applied to the decoded RGB ``PIL.Image``.
+        verify: decode every image once now (with a progress bar), drop the unreadable ones (counted and
+            logged) and fail for a class left with none. Without it, unreadable files are found while loading.
+        classes: the label set of another split (its ``classes``); this folder's class sub-folders must be
+            among them and take their indexes, so a validation split may hold a subset of the classes.
+
+    Attributes:
+        classes: sorted class folder names; ``classes[label]`` names a label.
+        samples: ``(path, label)`` pairs.
+        present_classes: the class folders of this split (all of ``classes`` unless a label set was passed).
+        skipped: paths found unreadable during verification.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        *,
+        verify: bool = False,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        if not self.root.is_dir():
+            raise ClassificationDataError(f"classification folder not found: {self.root}")
+        present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not present:
+            raise ClassificationDataError(
+                f"no labels: {self.root} has no class sub-folders (expected {self.root}/<class_name>/<image files>)"
+            )
+        self.classes = list(classes) if classes is not None else present
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        unknown = [c for c in present if c not in self.class_to_idx]
+        if unknown:
+            raise ClassificationDataError(
+                f"{self.root} has class folder(s) {unknown} that are not among the training classes {self.classes}"
+            )
+        self.present_classes = present
+        self.samples: list[tuple[str, int]] = []
+        for c in present:
+            files = sorted(
+                str(p) for p in (self.root / c).rglob("*")
+                if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+            )
+            if not files:
+                raise ClassificationDataError(
+                    f"class folder {self.root / c} has no image files (extensions: {', '.join(IMG_EXTENSIONS)})"
+                )
+            self.samples += [(f, self.class_to_idx[c]) for f in files]
+        self.skipped: list[str] = []
+        if verify:
+            self._verify()
+
+    def _verify(self) -> None:
+        good = []
+        for path, label in tqdm(self.samples, desc=f"checking {self.root.name}", unit="img", leave=False):
+            try:
+                load_image(path)
+            except ImageLoadError as e:
+                logger.warning("skipping unreadable image: %s", e)
+                self.skipped.append(path)
+                continue
+            good.append((path, label))
+        self.samples = good
+        self.check_classes_covered(torch.tensor([lbl for _, lbl in good], dtype=torch.long))
+        if self.skipped:
+            logger.warning("%s: skipped %d unreadable image(s) of %d", self.root, len(self.skipped),
+                           len(self.skipped) + len(good))
+
+    def check_classes_covered(self, labels: torch.Tensor) -> None:
+        """Raises naming the first class folder of this split without a readable image among ``labels``
+        (the labels of the samples actually loaded)."""
+        counts = torch.bincount(labels.cpu(), minlength=len(self.classes))
+        for c in self.present_classes:
+            if counts[self.class_to_idx[c]] == 0:
+                raise ClassificationDataError(f"class folder {self.root / c} has no readable images")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[object | None, int, str]:
+        path, label = self.samples[index]
+        try:
+            img = load_image(path)
+        except ImageLoadError as e:
+            return None, label, str(e)
+        return (self.transform(img) if self.transform is not None else img), label, path
+
+
+def collate_skipping(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stacks the readable samples of a batch; returns ``(images, labels, load_errors)``.
+
+    ``images`` is empty (``(0,)``) when nothing in the batch could be read. The error messages come back to
+    the main process so skips are counted there even with loader workers.
+    """
+    good = [(x, y) for x, y, _ in batch if x is not None]
+    errors = [msg for x, _, msg in batch if x is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), errors
+    imgs = torch.stack([x for x, _ in good])  # (B, C, H, W)
+    return imgs, torch.tensor([y for _, y in good], dtype=torch.long), errors
+
+
+class SkipCounter:
+    """Logs each load error once and raises when the skipped fraction exceeds ``max_fraction``."""
+
+    def __init__(self, name: str, max_fraction: float = 0.1) -> None:
+        self.name = name
+        self.max_fraction = max_fraction
+        self.skipped = 0
+        self.seen = 0
+
+    def update(self, num_loaded: int, errors: Sequence[str]) -> None:
+        for msg in errors:
+            logger.warning("skipping unreadable image: %s", msg)
+        self.skipped += len(errors)
+        self.seen += num_loaded + len(errors)
+
+    def check(self) -> None:
+        if self.seen and self.skipped / self.seen > self.max_fraction:
+            raise ClassificationDataError(
+                f"{self.name}: {self.skipped} of {self.seen} images are unreadable "
+                f"(more than {self.max_fraction:.0%}); fix the data or raise the limit"
+            )
+        if self.skipped:
+            logger.warning("%s: skipped %d unreadable image(s) of %d", self.name, self.skipped, self.seen)
+
+
+def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> Callable:
+    """Resize to ``img_size / crop_pct`` + center crop + ImageNet normalization (timm's eval pipeline)."""
+    return create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    )
+
+
+def train_transform(
+    img_size: int,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    interpolation: str = "bicubic",
+) -> Callable:
+    """Fine-tuning augmentation of the MAE recipe, all from timm: RandomResizedCrop + flip + RandAugment
+    (a timm ``auto_augment`` string, ``None``/``""`` for none) + ImageNet normalization + random erasing."""
+    return create_transform(
+        img_size, is_training=True, scale=scale, hflip=hflip, color_jitter=None,
+        auto_augment=rand_augment or None, interpolation=interpolation,
+        re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    )

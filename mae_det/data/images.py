@@ -1,0 +1,149 @@
+"""Robust image decoding shared by every mae_det tool.
+
+:func:`load_image` turns any file PIL can read into an 8-bit RGB image, or raises :class:`ImageLoadError` with a
+one-line message that starts with the path. Conversions:
+
+- grayscale (``L``, ``1``), palette (``P``), CMYK, YCbCr -> RGB;
+- alpha (``RGBA``, ``LA``, ``PA``, palette transparency) is composited on black: fully transparent pixels become
+  black instead of whatever colour the file stores under them;
+- 16-bit grayscale (``I;16*``, and ``I`` with values in [0, 65535]) is scaled by 255/65535 with rounding, so the
+  whole 16-bit range maps onto the whole 8-bit range (clipping would saturate almost every pixel);
+  32-bit ``I``/``F`` data outside those ranges is min-max scaled; 16-bit RGB(A) PNGs are already reduced to
+  their high bytes by PIL;
+- EXIF orientation is applied (a malformed EXIF block leaves the pixels as stored rather than rejecting them);
+- multi-frame files (GIF, TIFF) give their first frame.
+
+Memory is bounded by ``max_pixels`` (width x height of the *declared* size, checked before any pixel is
+decoded): a larger JPEG is decoded directly at 1/2, 1/4 or 1/8 scale through libjpeg's DCT scaling (``draft``),
+which never materializes the full-size image; any other format larger than ``max_pixels``, or a JPEG still too
+large at 1/8, is an :class:`ImageLoadError`. PIL's own decompression-bomb check is replaced by this one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# 128 Mpixel: a 11585 x 11585 RGB image (~400 MB decoded), far beyond any training crop.
+DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_BOMB_CHECK_LOCK = threading.Lock()
+
+
+class ImageLoadError(ValueError):
+    """An image file cannot be decoded; the message is one line that starts with the path."""
+
+
+def _open_unchecked(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's global decompression-bomb check (ours, on ``max_pixels``, runs instead).
+
+    Only the header is read here, so lifting PIL's limit for the duration of the call costs no memory.
+    """
+    with _BOMB_CHECK_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _draft_scale(size: tuple[int, int], max_pixels: int) -> int | None:
+    """Smallest JPEG DCT scale (1, 2, 4, 8) that brings the decoded size within ``max_pixels``."""
+    w, h = size
+    for k in (1, 2, 4, 8):
+        if math.ceil(w / k) * math.ceil(h / k) <= max_pixels:
+            return k
+    return None
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        return np.rint(a * (255.0 / 65535.0)).astype(np.uint8)
+    if mode == "F" and a.min() >= 0.0 and a.max() <= 1.0:
+        return np.rint(a * 255.0).astype(np.uint8)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)  # (H, W, 4)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        return Image.fromarray(np.rint(rgb).astype(np.uint8), "RGB")
+    if mode.startswith("I") or mode == "F":
+        gray = _scale_to_uint8(np.asarray(im), mode)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decodes an image file to an 8-bit RGB ``PIL.Image`` (see the module docstring for the conversions).
+
+    Args:
+        path: the image file.
+        max_pixels: largest number of pixels decoded at once; larger JPEGs are decoded downscaled, larger
+            files of other formats are rejected.
+
+    Raises:
+        ImageLoadError: missing, empty, unreadable, not an image, truncated, too large, or undecodable.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot access file ({e.strerror or e})") from e
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a directory, not an image file")
+    if size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        im = _open_unchecked(path)
+    except PermissionError as e:
+        raise ImageLoadError(f"{path}: permission denied") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageLoadError(f"{path}: not a recognized image format") from e
+    except Exception as e:
+        raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {_first_line(e)})") from e
+    try:
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                k = _draft_scale(im.size, max_pixels) if im.format == "JPEG" else None
+                if k is None:
+                    raise ImageLoadError(
+                        f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        f"(only JPEGs can be decoded downscaled, at most 1/8); raise the limit or downscale the file"
+                    )
+                im.draft(im.mode, (max(1, w // k), max(1, h // k)))
+            im.seek(0)
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:
+                pass  # A broken EXIF block must not cost the pixels; they are used as stored.
+            rgb = _to_rgb(im)
+            rgb.load()
+            return rgb
+    except ImageLoadError:
+        raise
+    except Exception as e:
+        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -1,0 +1,356 @@
+"""Pretraining data: image sources, the MAE augmentation, and a process-count-independent sampler.
+
+Sources: a flat folder (every image below it, recursively), an ImageFolder tree (one sub-folder per class) and the
+images listed in a COCO json (annotations only give the per-image multi-hot labels of the supervised mode).
+
+Reproducibility: every random draw of a sample (crop, flip, mask noise) comes from a ``torch.Generator`` seeded with
+(seed, epoch, sample index), and :class:`GlobalBatchSampler` cuts a (seed, epoch) permutation into global batches
+that the processes split by rank. The images of a global batch and their augmentations are therefore the same for
+any number of processes or loader workers.
+
+Robustness: an image that fails to decode is replaced by the next readable one (so batch shapes and the per-rank
+split are unchanged), and reported back in the batch (``"bad"``) to be logged and counted by the training loop;
+more failures than ``max_bad_fraction`` of the dataset end the run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif")
+
+
+class DataError(ValueError):
+    """A dataset cannot be used (empty, malformed index, too many unreadable images); one line naming the path."""
+
+
+# ---- sources ---------------------------------------------------------------------------------------------
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files below ``root`` (recursive, following links once, hidden entries skipped), sorted."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames if _is_image(f)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def detect_source(path: str | os.PathLike) -> str:
+    """"coco" for a .json file, "imagefolder" for a folder that holds only sub-folders, else "folder"."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() != ".json":
+            raise DataError(f"{path}: a file must be a COCO .json; give a folder for plain images")
+        return "coco"
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    subdirs = [e for e in entries if e.is_dir()]
+    if subdirs and not any(e.is_file() and _is_image(e.name) for e in entries):
+        return "imagefolder"
+    return "folder"
+
+
+class ImageSource:
+    """Image paths with optional per-image labels.
+
+    Attributes:
+        paths: readable-looking image files, in a fixed order.
+        labels: per image, the tuple of its class indexes (``None`` for unlabeled sources).
+        class_names: names of the contiguous class indexes.
+        missing: files listed by the index that do not exist (they count as unreadable images).
+        root: the path the source was built from (for messages).
+    """
+
+    def __init__(
+        self, paths: list[Path], root: str, labels: list[tuple[int, ...]] | None = None,
+        class_names: Sequence[str] = (), missing: Sequence[str] = (),
+    ) -> None:
+        self.paths, self.root, self.labels = paths, root, labels
+        self.class_names, self.missing = list(class_names), list(missing)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def folder_source(root: str | os.PathLike) -> ImageSource:
+    return ImageSource(list_images(root), str(root))
+
+
+def imagefolder_source(root: str | os.PathLike) -> ImageSource:
+    """Class sub-folders of ``root`` in sorted order, as torchvision's ImageFolder indexes them."""
+    root = Path(root)
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected an ImageFolder tree root/<class>/<image>)")
+    paths, labels = [], []
+    for idx, name in enumerate(classes):
+        files = list_images(root / name)
+        if not files:
+            logger.warning("class folder %s has no images", root / name)
+        paths += files
+        labels += [(idx,)] * len(files)
+    return ImageSource(paths, str(root), labels, classes)
+
+
+def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ImageSource:
+    """The images of a COCO json; category ids (any, e.g. non-contiguous) map to sorted contiguous indexes.
+
+    Images without annotations get no labels (a valid all-negative sample); annotations that name an unknown
+    image or category are skipped with a warning; files that do not exist are returned in ``missing``.
+    """
+    json_path = Path(json_path)
+    root = Path(image_root) if image_root else json_path.parent
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"{json_path}: COCO json not found") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}: invalid json ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_path}: cannot read ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{json_path}: not a COCO json (no 'images' list)")
+    cats = data.get("categories") or []
+    try:
+        cat_ids = sorted({int(c["id"]) for c in cats})
+        cat_names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+        images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{json_path}: malformed 'images' or 'categories' entry ({type(e).__name__}: {e})") from e
+    cat_index = {cid: i for i, cid in enumerate(cat_ids)}
+    image_labels: dict[int, set[int]] = {img_id: set() for img_id, _ in images}
+    skipped = Counter()
+    for ann in data.get("annotations") or []:
+        if not isinstance(ann, dict):
+            skipped["malformed entry"] += 1
+            continue
+        img_id, cat_id = ann.get("image_id"), ann.get("category_id")
+        if img_id not in image_labels:
+            skipped["unknown image_id"] += 1
+        elif cat_id not in cat_index:
+            skipped["unknown category_id"] += 1
+        else:
+            image_labels[img_id].add(cat_index[cat_id])
+    for reason, n in skipped.items():
+        logger.warning("%s: skipped %d annotations (%s)", json_path, n, reason)
+    paths, labels, missing, seen = [], [], [], set()
+    for img_id, file_name in images:
+        if img_id in seen:
+            logger.warning("%s: duplicate image id %d (%s) ignored", json_path, img_id, file_name)
+            continue
+        seen.add(img_id)
+        p = root / file_name
+        if not p.is_file():
+            missing.append(str(p))
+            continue
+        paths.append(p)
+        labels.append(tuple(sorted(image_labels[img_id])))
+    return ImageSource(paths, str(json_path), labels, [cat_names[c] for c in cat_ids], missing)
+
+
+def build_source(source: str, path: str, image_root: str = "") -> ImageSource:
+    """Builds the named source (``auto`` detects it), raising :class:`DataError` when it holds no image."""
+    kind = detect_source(path) if source == "auto" else source
+    if kind == "coco":
+        src = coco_source(path, image_root or None)
+    elif not Path(path).is_dir():
+        raise DataError(f"{path}: DATA.SOURCE {kind} needs a folder")
+    else:
+        src = imagefolder_source(path) if kind == "imagefolder" else folder_source(path)
+    if not src.paths:
+        hint = f" ({len(src.missing)} listed files do not exist, first: {src.missing[0]})" if src.missing else ""
+        raise DataError(f"{path}: no images found (source {kind}){hint}")
+    return src
+
+
+# ---- augmentation ----------------------------------------------------------------------------------------
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator seeded from (seed, epoch, index) only: the same draws in any process or worker."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return float(torch.empty(()).uniform_(lo, hi, generator=g))
+
+
+class PretrainTransform:
+    """RandomResizedCrop (bicubic) + optional horizontal flip + normalization, with an explicit generator.
+
+    The crop sampling follows torchvision's RandomResizedCrop (10 tries of area and log-uniform aspect ratio,
+    then a centre crop clamped to the ratio range).
+    """
+
+    def __init__(
+        self, img_size: int, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True, mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        self.img_size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
+        self.mean, self.std = list(mean), list(std)
+
+    def crop_params(self, width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the crop."""
+        area = width * height
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * _uniform(g, *self.scale)
+            aspect = math.exp(_uniform(g, *log_r))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (), generator=g))
+                left = int(torch.randint(0, width - w + 1, (), generator=g))
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+        """RGB PIL image -> (C, img_size, img_size) float tensor; C = len(mean) (1 converts to grayscale)."""
+        if len(self.mean) == 1:
+            img = img.convert("L")
+        top, left, h, w = self.crop_params(img.width, img.height, g)
+        img = TF.resized_crop(img, top, left, h, w, [self.img_size, self.img_size], InterpolationMode.BICUBIC)
+        if self.hflip and float(torch.rand((), generator=g)) < 0.5:
+            img = TF.hflip(img)
+        x = TF.pil_to_tensor(img).float().div_(255.0)  # (C, S, S)
+        return TF.normalize(x, self.mean, self.std)
+
+
+# ---- dataset ---------------------------------------------------------------------------------------------
+class PretrainDataset(Dataset):
+    """Indexed by ``(epoch, index)``; returns ``{"image", "noise", "target", "bad"}``.
+
+    Args:
+        source: the images (and labels).
+        transform: the augmentation.
+        seed: global seed of the per-sample generators.
+        num_patches: length of the per-sample mask noise (0 = none, e.g. supervised mode).
+        num_classes: length of the multi-hot ``target`` (0 = no labels).
+        max_bad: largest number of unreadable images tolerated; after ``max_bad + 1`` consecutive failures the
+            sample is a zero image and its ``bad`` list alone proves the limit exceeded.
+        max_pixels: decode budget per image.
+    """
+
+    def __init__(
+        self, source: ImageSource, transform: PretrainTransform, *, seed: int, num_patches: int = 0,
+        num_classes: int = 0, max_bad: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if num_classes and source.labels is None:
+            raise DataError(f"{source.root}: this source has no labels")
+        self.source, self.transform, self.seed = source, transform, seed
+        self.num_patches, self.num_classes, self.max_bad, self.max_pixels = num_patches, num_classes, max_bad, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.source.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        n = len(self)
+        bad: list[tuple[int, str]] = []
+        for attempt in range(min(self.max_bad + 1, n)):
+            j = (index + attempt) % n
+            try:
+                img = load_image(self.source.paths[j], self.max_pixels)
+                break
+            except ImageLoadError as e:
+                bad.append((j, str(e)))
+        else:
+            # Every try failed: the caller's count of ``bad`` now exceeds ``max_bad`` (or covers the whole
+            # dataset) and it stops the run with a clean message, which an exception raised in a loader
+            # worker would bury in a traceback.
+            img = None
+        g = sample_generator(self.seed, epoch, index)
+        if img is None:
+            image = torch.zeros(len(self.transform.mean), self.transform.img_size, self.transform.img_size)
+        else:
+            image = self.transform(img, g)  # (C, S, S)
+        noise = torch.rand(self.num_patches, generator=g)  # (L,)
+        target = torch.zeros(self.num_classes)
+        if self.num_classes:
+            target[list(self.source.labels[j])] = 1.0
+        return {"image": image, "noise": noise, "target": target, "bad": bad}
+
+
+def collate_pretrain(samples: list[dict]) -> dict:
+    """Stacks tensors; concatenates the lists of unreadable images."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),  # (B, C, S, S)
+        "noise": torch.stack([s["noise"] for s in samples]),  # (B, L)
+        "target": torch.stack([s["target"] for s in samples]),  # (B, K)
+        "bad": [b for s in samples for b in s["bad"]],
+    }
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's share of each global batch as lists of ``(epoch, index)`` keys.
+
+    The epoch's order is ``randperm(N)`` from (seed, epoch); global batch ``b`` is the slice
+    ``[b * G, (b + 1) * G)`` of it with ``G = batch_size * world_size``, and rank ``r`` takes its ``r``-th
+    sub-slice of ``batch_size``. An incomplete last global batch is dropped.
+
+    Args:
+        num_samples: dataset size N.
+        batch_size: per-rank batch.
+        world_size, rank: the process group.
+        seed: order seed.
+        num_batches: batches per epoch (default ``N // G``; fewer to end epochs on whole optimizer steps).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
+        num_batches: int | None = None,
+    ) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        full = num_samples // (batch_size * world_size)
+        self.num_batches = full if num_batches is None else min(num_batches, full)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the epoch's permutation and skips its first ``start_batch`` batches (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = torch.randperm(self.num_samples, generator=sample_generator(self.seed, self.epoch, -1))
+        G = self.batch_size * self.world_size
+        for b in range(self.start, self.num_batches):
+            lo = b * G + self.rank * self.batch_size
+            yield [(self.epoch, int(i)) for i in order[lo : lo + self.batch_size]]

@@ -1,0 +1,311 @@
+"""Detectron2 training of Mask R-CNN with the ViT backbone (the yacs path of ``tools/train_net.py``).
+
+:class:`Trainer` is Detectron2's ``DefaultTrainer`` with: AdamW + layer-wise lr decay + ViTDet's weight-decay
+exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU or GPU / fp16 AMPTrainer);
+``device_ids=None`` DDP for multi-process CPU training; COCO evaluation of boxes and masks written to
+``OUTPUT_DIR/ap_results.json``; a clean stop on a non-finite loss that leaves the last checkpoint untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator
+from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from ..checkpoint import CheckpointError
+from ..checkpoint.detectron2 import ViTDetCheckpointer
+from ..config.detection import effective_precision
+from ..config.pretrain import ConfigError
+from ..data.detection import DatasetError, build_detection_mapper, check_num_classes
+from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
+from ..utils.provenance import write_run_info
+from .optim import build_param_groups
+
+logger = logging.getLogger(__name__)
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, ChannelsFirstLayerNorm)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a non-finite loss); the one-line message says where and what was kept."""
+
+
+# ---- optimizer ---------------------------------------------------------------------------------------------
+def norm_param_names(model: nn.Module) -> list[str]:
+    """Full names of the parameters of every norm layer, channels-first LayerNorm (Detectron2's) included."""
+    return [
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, _NORM_TYPES)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    ]
+
+
+def vit_depth(model: nn.Module) -> int:
+    """Number of blocks of the ViT encoder at ``backbone.net`` (needed for layer decay)."""
+    net = getattr(getattr(model, "backbone", None), "net", None)
+    if net is None or not hasattr(net, "depth"):
+        raise ValueError("SOLVER.LAYER_DECAY needs a ViT backbone with its encoder at model.backbone.net")
+    return int(net.depth)
+
+
+def det_param_groups(cfg: CfgNode, model: nn.Module) -> list[dict]:
+    """AdamW groups from the config: weight-decay exemptions and, with ``SOLVER.LAYER_DECAY``, lr scales.
+
+    Each group's ``lr`` is ``BASE_LR * lr_scale`` so that Detectron2's LRMultiplier, which multiplies every
+    group's initial lr by the schedule, keeps the layer-wise ratios.
+    """
+    S = cfg.SOLVER
+    no_decay = list(S.NO_DECAY_NAMES) + (norm_param_names(model) if S.NORM_NO_DECAY else [])
+    layer_decay = S.LAYER_DECAY if S.LAYER_DECAY > 0 else None
+    groups = build_param_groups(
+        model, S.WEIGHT_DECAY, no_decay_names=no_decay, decay_1d=not S.BIAS_NO_DECAY, layer_decay=layer_decay,
+        depth=vit_depth(model) if layer_decay else None,
+    )
+    for g in groups:
+        g["lr"] = S.BASE_LR * g["lr_scale"]
+    return groups
+
+
+# ---- step trainers -----------------------------------------------------------------------------------------
+class AutocastTrainer(SimpleTrainer):
+    """Detectron2's SimpleTrainer step, optionally under ``torch.autocast(device_type, dtype)`` (bf16 on CPU or
+    GPU; Detectron2's AMPTrainer asserts CUDA), stopping on a non-finite loss before the backward pass.
+
+    Args:
+        dtype: autocast dtype, or None for plain fp32.
+        device_type: "cpu" or "cuda".
+    """
+
+    def __init__(self, model: nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer, *,
+                 dtype: torch.dtype | None = None, device_type: str = "cpu") -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        ctx = torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        try:
+            with ctx:
+                loss_dict = self.model(data)
+        except FloatingPointError as e:  # Detectron2's RPN raises it on non-finite proposals
+            raise FloatingPointError(f"iteration {self.iter}: {e}") from e
+        losses = sum(loss_dict.values())
+        if not torch.isfinite(losses):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+            raise FloatingPointError(f"non-finite loss at iteration {self.iter}: {terms}")
+        self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def build_step_trainer(cfg: CfgNode, model: nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer) -> SimpleTrainer:
+    """AMPTrainer for fp16 (CUDA), else :class:`AutocastTrainer` (fp32, or bf16 autocast)."""
+    precision = effective_precision(cfg)
+    if precision == "fp16":
+        return AMPTrainer(model, data_loader, optimizer)
+    return AutocastTrainer(
+        model, data_loader, optimizer, dtype=torch.bfloat16 if precision == "bf16" else None,
+        device_type=torch.device(cfg.MODEL.DEVICE).type,
+    )
+
+
+def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -> DetectionCheckpointer:
+    """Checkpointer saving to OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
+    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones."""
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_fpn_backbone":
+        return ViTDetCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, **checkpointables)
+    return DetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+
+# ---- evaluation results ------------------------------------------------------------------------------------
+def _json_number(v: Any) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def write_ap_results(path: str, results: dict, *, dataset: str, iteration: int | None) -> dict:
+    """Writes ``{"bbox": {AP...APl}, "segm": {...}, "dataset", "iteration"}`` atomically; undefined APs -> null.
+
+    ``iteration`` is the number of training iterations behind the evaluated weights (null when unknown).
+    """
+    out: dict[str, Any] = {
+        task: {k: _json_number(results[task][k]) for k in AP_KEYS if k in results[task]}
+        for task in ("bbox", "segm") if task in results
+    }
+    out.update(dataset=dataset, iteration=iteration)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, path)
+    return out
+
+
+class _EvalHook(hooks.EvalHook):
+    """EvalHook whose final evaluation runs only when training completed (Detectron2's also runs it after a
+    failure in the last iteration)."""
+
+    def after_train(self) -> None:
+        if self.trainer.iter >= self.trainer.max_iter:
+            super().after_train()
+
+
+# ---- trainer -----------------------------------------------------------------------------------------------
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for the ViT Mask R-CNN configs (see the module docstring)."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        # DistributedDataParallel rejects device_ids for a CPU model; Detectron2 always passes them.
+        on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> list[hooks.HookBase]:
+        """Detectron2's hooks, with the evaluation of :class:`_EvalHook` and writers every ``LOG_PERIOD``."""
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.EvalHook):
+                ret[i] = _EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
+            elif isinstance(h, hooks.PeriodicWriter):
+                ret[i] = hooks.PeriodicWriter(self.build_writers(), period=self.cfg.LOG_PERIOD)
+        return ret
+
+    def _evaluate(self) -> dict:
+        # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter.
+        self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter + 1, self.max_iter))
+        return self._last_eval_results
+
+    def train(self) -> dict | None:
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            reason = " ".join(str(e).split())
+            raise TrainingStopped(
+                f"training stopped: {reason}; no update was made from it; last good checkpoint: {last or 'none saved yet'}"
+            ) from e
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        if cfg.SOLVER.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        opt = torch.optim.AdamW(
+            det_param_groups(cfg, model), lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+        return maybe_add_gradient_clipping(cfg, opt)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        loader = build_detection_train_loader(cfg, mapper=build_detection_mapper(cfg, is_train=True))
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_detection_mapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> COCOEvaluator:
+        """COCO AP of boxes (and masks with MASK_ON) with the official pycocotools code, at most
+        ``TEST.DETECTIONS_PER_IMAGE`` detections per image."""
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",), distributed=True,
+            output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"), max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=False, allow_cached_coco=False,
+        )
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None, iteration: int | None = None) -> dict:
+        """Detectron2's evaluation, then (main process) ``ap_results.json`` for the first test dataset and
+        ``ap_results_<name>.json`` for every further one."""
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and cfg.DATASETS.TEST:
+            per_dataset = results if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: results}
+            for i, (name, res) in enumerate(per_dataset.items()):
+                if res:
+                    filename = "ap_results.json" if i == 0 else f"ap_results_{name}.json"
+                    write_ap_results(os.path.join(cfg.OUTPUT_DIR, filename), res, dataset=name, iteration=iteration)
+        return results
+
+
+# ---- tool helpers ------------------------------------------------------------------------------------------
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3
+
+
+def run_with_exit_codes(fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls ``fn(*args)``; a bad config / dataset / checkpoint exits with code 2 and a non-finite loss with
+    code 3, each after one ``error:`` line on stderr instead of a traceback."""
+    try:
+        return fn(*args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_TRAINING_STOPPED)
+
+
+def completed_iterations(checkpoint_extra: dict) -> int | None:
+    """Training iterations behind loaded weights: Detectron2 stores the last finished 0-based ``iteration``."""
+    it = checkpoint_extra.get("iteration")
+    return int(it) + 1 if it is not None else None
+
+
+def write_det_run_info(cfg: CfgNode, *, eval_only: bool, argv: Sequence[str] | None = None) -> dict | None:
+    """``OUTPUT_DIR/run_info.json`` for a train_net run (main process only).
+
+    An evaluation-only run into a folder that already holds a run_info.json (the training run's) keeps it.
+    """
+    if os.path.exists(os.path.join(cfg.OUTPUT_DIR, "run_info.json")) and eval_only:
+        logger.info("evaluation only: keeping the existing run_info.json of %s", cfg.OUTPUT_DIR)
+        return None
+    return write_run_info(
+        cfg.OUTPUT_DIR, cfg, seed=cfg.SEED, init_type=cfg.MODEL.INIT_TYPE, init_checkpoint=cfg.MODEL.WEIGHTS or None,
+        argv=argv, extra={
+            "task": "detection",
+            "mode": "eval_only" if eval_only else "train",
+            "world_size": comm.get_world_size(),
+            "precision": effective_precision(cfg),
+            "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
+        },
+    )

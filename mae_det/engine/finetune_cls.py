@@ -1,0 +1,534 @@
+"""Classification with the shared ViT encoder: end-to-end fine-tuning (the MAE recipe), and the config-driven
+kNN and linear-probe runs behind ``tools/{finetune_cls,linear_probe,knn_eval}.py``.
+
+Fine-tuning follows the MAE paper's recipe with timm's implementations of the pieces: layer-wise lr decay,
+drop path, RandAugment, mixup/cutmix, label smoothing, a global-average-pooling head (mean of the patch tokens,
+``fc_norm``, ``head``; the encoder's final norm is dropped as in the official code), AdamW with linear warmup +
+half-cosine decay per step. Every run writes ``OUTPUT_DIR/cls_results.json`` and ``run_info.json``.
+
+Resuming is exact at epoch boundaries: all randomness of an epoch (data order, augmentation, mixup, drop path)
+is reseeded from ``(SEED, epoch)``, so a resumed run continues as the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint
+from ..checkpoint.convert import load_encoder_state
+from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
+from ..data.classification import (
+    ClassificationDataError,
+    ImageFolderDataset,
+    SkipCounter,
+    eval_transform,
+    train_transform,
+)
+from ..data.images import ImageLoadError
+from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_folders, topk_accuracy
+from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
+from ..modeling.vit import LayerNorm6, VisionTransformer
+from ..utils.provenance import write_run_info
+from .optim import build_param_groups
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "cls_results.json"
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+
+
+class ViTClassifier(VisionTransformer):
+    """The shared encoder with a classification head; parameter names are those of official MAE fine-tuned
+    checkpoints (encoder keys, ``fc_norm``, ``head``; no ``norm`` with global pooling).
+
+    Args:
+        num_classes: head outputs.
+        global_pool: mean of the patch tokens -> ``fc_norm`` -> head; otherwise the normalized cls token.
+        **vit_kwargs: :class:`VisionTransformer` arguments.
+    """
+
+    def __init__(self, num_classes: int, global_pool: bool = True, **vit_kwargs: Any) -> None:
+        super().__init__(**vit_kwargs)
+        self.global_pool = global_pool
+        if global_pool:
+            self.norm = nn.Identity()  # fc_norm after pooling takes its place
+            self.fc_norm = LayerNorm6(self.embed_dim)
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        # Near-zero head as in the MAE recipe: the first updates do not wreck the pretrained features.
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes) logits."""
+        x = self.forward_features(imgs)  # (N, 1+L, D)
+        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else x[:, 0]  # (N, D)
+        return self.head(x)
+
+
+# ---- building from a config ------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def vit_kwargs(cfg: CfgNode) -> dict[str, Any]:
+    """``VisionTransformer`` keywords for MODEL.* (sizes and image size)."""
+    return resolve_vit_arch(cfg) | {"img_size": cfg.MODEL.IMG_SIZE}
+
+
+def init_label(cfg: CfgNode) -> tuple[str, str]:
+    """``(init_type, init)`` recorded with the results: the label and the checkpoint path (or "random")."""
+    if not cfg.MODEL.WEIGHTS:
+        return cfg.MODEL.INIT_TYPE or "random", "random"
+    return cfg.MODEL.INIT_TYPE or "pretrained", cfg.MODEL.WEIGHTS
+
+
+def load_encoder_weights(model: VisionTransformer, path: str | os.PathLike) -> dict[str, Any]:
+    """Loads encoder weights of any format :func:`load_encoder_state` reads into ``model`` (an encoder or a
+    :class:`ViTClassifier`).
+
+    The position embedding is resampled to the model's grid; a checkpoint's classifier (``head``,
+    ``fc_norm``) is never loaded, nor its final ``norm`` into a global-pool classifier (which has none).
+
+    Returns:
+        The converter's info plus ``ignored``: the checkpoint keys the model did not take.
+
+    Raises:
+        CheckpointError: naming the file, when its width, patch size or depth differ from the model's.
+    """
+    sd, info = load_encoder_state(path, grid=model.grid_size)
+    if info["embed_dim"] != model.embed_dim:
+        raise CheckpointError(
+            f"{path}: encoder width {info['embed_dim']} does not match the model's embed_dim {model.embed_dim} "
+            f"(set MODEL.ARCH / MODEL.EMBED_DIM to the checkpoint's size)"
+        )
+    if info["patch_size"] != model.patch_size:
+        raise CheckpointError(
+            f"{path}: patch size {info['patch_size']} does not match the model's {model.patch_size} (set MODEL.PATCH_SIZE)"
+        )
+    if info["depth"] != model.depth:
+        raise CheckpointError(f"{path}: {info['depth']} blocks but the model has depth {model.depth} (set MODEL.DEPTH)")
+    for note in info["notes"]:
+        logger.info("%s: %s", path, note)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if any(k.startswith("norm.") for k in missing):
+        # Global-pool fine-tuned and detection checkpoints have no final norm; LayerNorm's identity init stands in.
+        logger.warning("%s: no final 'norm' in the checkpoint; the encoder's norm keeps its initial values", path)
+        missing = [k for k in missing if not k.startswith("norm.")]
+    if missing:
+        raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        logger.info("%s: %d key(s) not used by this model, e.g. %s", path, len(unexpected), unexpected[:3])
+    return info | {"ignored": list(unexpected)}
+
+
+def build_encoder(cfg: CfgNode, device: torch.device) -> VisionTransformer:
+    """The encoder for kNN / linear probing: MODEL sizes, MODEL.WEIGHTS loaded (random init without)."""
+    encoder = VisionTransformer(**vit_kwargs(cfg))
+    if cfg.MODEL.WEIGHTS:
+        load_encoder_weights(encoder, cfg.MODEL.WEIGHTS)
+    return encoder.to(device)
+
+
+def build_classifier(cfg: CfgNode, num_classes: int) -> ViTClassifier:
+    """The fine-tuning model: learnable position embedding, drop path, pooling as configured."""
+    model = ViTClassifier(
+        num_classes, global_pool=cfg.MODEL.GLOBAL_POOL, drop_path_rate=cfg.MODEL.DROP_PATH,
+        learnable_pos_embed=True, **vit_kwargs(cfg),
+    )
+    if cfg.MODEL.WEIGHTS:
+        load_encoder_weights(model, cfg.MODEL.WEIGHTS)
+    return model
+
+
+# ---- results --------------------------------------------------------------------------------------------
+def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dict[str, Any]:
+    """Merges ``results`` into ``output_dir/cls_results.json`` and returns the file's content.
+
+    Results of another initialization in the same folder are replaced, never mixed.
+    """
+    path = Path(output_dir) / RESULTS_FILE
+    merged: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            logger.warning("%s is unreadable; it is replaced", path)
+        if not isinstance(merged, dict) or merged.get("init") != results.get("init"):
+            merged = {}
+    merged.update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return merged
+
+
+def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None = None) -> Path:
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
+    init_type, _ = init_label(cfg)
+    write_run_info(out, cfg, seed=cfg.SEED, init_type=init_type, init_checkpoint=cfg.MODEL.WEIGHTS or None,
+                   argv=argv, extra=extra)
+    return out
+
+
+def _published(cfg: CfgNode) -> dict[str, Any]:
+    if not cfg.REFERENCE.PUBLISHED_TOP1:
+        return {}
+    return {"published_top1": cfg.REFERENCE.PUBLISHED_TOP1, "published_source": cfg.REFERENCE.SOURCE,
+            "published_note": "published number for this recipe, not measured by this run"}
+
+
+# ---- kNN and linear probe from a config ------------------------------------------------------------------
+def run_knn(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """kNN evaluation of MODEL.WEIGHTS on DATA.TRAIN_ROOT (memory bank) / DATA.VAL_ROOT (queries)."""
+    device = resolve_device(cfg.DEVICE)
+    out = _start_run(cfg, argv, {"task": "knn"})
+    torch.manual_seed(cfg.SEED)
+    encoder = build_encoder(cfg, device)
+    res = knn_eval_folders(
+        encoder, cfg.DATA.TRAIN_ROOT, cfg.DATA.VAL_ROOT, img_size=cfg.MODEL.IMG_SIZE, k=cfg.KNN.K,
+        temperature=cfg.KNN.TEMPERATURE, pool=cfg.KNN.POOL, batch_size=cfg.TEST.BATCH_SIZE, device=device,
+        num_workers=cfg.DATA.NUM_WORKERS, crop_pct=cfg.DATA.CROP_PCT, precision=cfg.PRECISION,
+        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
+    )
+    init_type, init = init_label(cfg)
+    res = {k if k.startswith("knn_") else f"knn_{k}": v for k, v in res.items()}
+    return write_results(out, res | {"init": init, "init_type": init_type})
+
+
+def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Linear probe of the frozen MODEL.WEIGHTS encoder with the LINPROBE recipe."""
+    device = resolve_device(cfg.DEVICE)
+    out = _start_run(cfg, argv, {"task": "linear_probe"})
+    torch.manual_seed(cfg.SEED)
+    encoder = build_encoder(cfg, device)
+    L = cfg.LINPROBE
+    res = linear_probe_folders(
+        encoder, cfg.DATA.TRAIN_ROOT, cfg.DATA.VAL_ROOT, img_size=cfg.MODEL.IMG_SIZE, pool=L.POOL,
+        augment=L.AUGMENT, epochs=L.EPOCHS, batch_size=L.BATCH_SIZE, base_lr=L.BASE_LR, optimizer=L.OPTIMIZER,
+        weight_decay=L.WEIGHT_DECAY, momentum=L.MOMENTUM, warmup_epochs=L.WARMUP_EPOCHS, min_lr=L.MIN_LR,
+        crop_pct=cfg.DATA.CROP_PCT, feature_batch_size=cfg.TEST.BATCH_SIZE, device=device,
+        num_workers=cfg.DATA.NUM_WORKERS, precision=cfg.PRECISION, seed=cfg.SEED,
+        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
+    )
+    init_type, init = init_label(cfg)
+    res = {k if k.startswith("linear_") else f"linear_{k}": v for k, v in res.items()}
+    return write_results(out, res | {"init": init, "init_type": init_type})
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------------
+def seed_epoch(seed: int, epoch: int) -> int:
+    """Reseeds torch, numpy and random for ``epoch``; returns the epoch seed (also the data-order seed)."""
+    s = (seed * 1_000_003 + epoch) % (2**31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    return s
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, num_classes: int,
+             skips: SkipCounter | None = None, progress: bool = True) -> dict[str, float]:
+    """Top-1 (and top-5 with >= 10 classes) in percent and the mean cross-entropy over a loader."""
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for imgs, y, errors in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        if skips is not None:
+            skips.update(len(y), errors)
+        if len(y):
+            with autocast(device, dtype):
+                logits = model(imgs.to(device, non_blocking=True))  # (B, C)
+            scores.append(logits.float().cpu())
+            labels.append(y)
+    model.train(was_training)
+    if not labels:
+        raise ValueError("evaluation: no readable validation images")
+    s, y = torch.cat(scores), torch.cat(labels)
+    acc = topk_accuracy(s, y)
+    out = {"top1": acc[1], "loss": F.cross_entropy(s, y).item()}
+    if num_classes >= 10:
+        out["top5"] = acc[5]
+    return out
+
+
+def _accum_iter(cfg: CfgNode) -> int:
+    S = cfg.SOLVER
+    return S.EFFECTIVE_BATCH_SIZE // S.BATCH_SIZE if S.EFFECTIVE_BATCH_SIZE else S.ACCUM_ITER
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    pointer = out / LAST_CHECKPOINT_FILE
+    if not pointer.is_file():
+        return None
+    path = out / pointer.read_text(encoding="utf-8").strip()
+    if not path.is_file():
+        raise CheckpointError(f"{pointer} names {path}, which does not exist")
+    return path
+
+
+def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int) -> Path:
+    path = out / f"checkpoint_{epoch:04d}.pth"
+    atomic_save(state, path)
+    tmp = out / f".{LAST_CHECKPOINT_FILE}.tmp"
+    tmp.write_text(path.name, encoding="utf-8")
+    os.replace(tmp, out / LAST_CHECKPOINT_FILE)
+    return path
+
+
+def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """End-to-end fine-tuning of MODEL.WEIGHTS (or a random init) on DATA.TRAIN_ROOT, evaluated on VAL_ROOT.
+
+    Args:
+        cfg: a validated classification config.
+        resume: continue from ``OUTPUT_DIR/last_checkpoint`` (a fresh start when there is none).
+        argv: command line recorded in run_info.json.
+
+    Returns:
+        The content of ``OUTPUT_DIR/cls_results.json``: ``finetune_top1`` (and ``finetune_top5``) of the last
+        epoch, ``finetune_best_top1``, ``finetune_epochs``, ``init``, ``init_type``, dataset sizes.
+    """
+    device = resolve_device(cfg.DEVICE)
+    dtype = autocast_dtype(device, cfg.PRECISION)
+    out = _start_run(cfg, argv, {"task": "finetune"})
+    S, A = cfg.SOLVER, cfg.AUG
+    accum = _accum_iter(cfg)
+    verify = cfg.DATA.VERIFY_IMAGES
+    train_set = ImageFolderDataset(
+        cfg.DATA.TRAIN_ROOT, verify=verify,
+        transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
+                                  rand_augment=A.RAND_AUGMENT, reprob=A.REPROB),
+    )
+    val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT),
+                                 verify=verify, classes=train_set.classes)
+    steps_per_epoch = len(train_set) // (S.BATCH_SIZE * accum)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"SOLVER.BATCH_SIZE {S.BATCH_SIZE} x {accum} accumulated iterations is more than the "
+            f"{len(train_set)} training images in {cfg.DATA.TRAIN_ROOT}"
+        )
+    num_classes = train_set.num_classes
+
+    torch.manual_seed(cfg.SEED)
+    model = build_classifier(cfg, num_classes).to(device)
+    eff_batch = S.BATCH_SIZE * accum
+    lr = S.LR or S.BASE_LR * eff_batch / 256
+    groups = build_param_groups(model, S.WEIGHT_DECAY, no_decay_names=("pos_embed", "cls_token"),
+                                layer_decay=S.LAYER_DECAY if S.LAYER_DECAY < 1 else None, depth=model.depth)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(S.BETAS))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    sched = warmup_cosine_schedule(opt, S.EPOCHS * steps_per_epoch, S.WARMUP_EPOCHS * steps_per_epoch, lr, S.MIN_LR)
+    mixup = None
+    if A.MIXUP > 0 or A.CUTMIX > 0:
+        mixup = Mixup(mixup_alpha=A.MIXUP, cutmix_alpha=A.CUTMIX, prob=A.MIXUP_PROB, switch_prob=A.MIXUP_SWITCH_PROB,
+                      mode=A.MIXUP_MODE, label_smoothing=A.LABEL_SMOOTHING, num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif A.LABEL_SMOOTHING > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=A.LABEL_SMOOTHING)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    start_epoch, history = 0, []
+    last = _last_checkpoint(out) if resume else None
+    if last is not None:
+        ckpt = load_checkpoint(last)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        logger.info("resumed from %s at epoch %d", last, start_epoch)
+    elif resume:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", out)
+    logger.info("fine-tuning %d classes, %d train / %d val images, %d steps/epoch, batch %d x %d, lr %.3g, %s",
+                num_classes, len(train_set), len(val_set), steps_per_epoch, S.BATCH_SIZE, accum, lr,
+                f"autocast {dtype}" if dtype else "fp32")
+
+    val_loader = folder_loader(val_set, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device)
+    metrics_path = out / "metrics.jsonl"
+    for epoch in range(start_epoch, S.EPOCHS):
+        gen = torch.Generator().manual_seed(seed_epoch(cfg.SEED, epoch))
+        loader = folder_loader(train_set, S.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device, shuffle=True, drop_last=True,
+                               generator=gen)
+        skips = SkipCounter(f"{cfg.DATA.TRAIN_ROOT} (epoch {epoch})", cfg.DATA.MAX_BAD_FRACTION)
+        model.train()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{S.EPOCHS}", unit="step", disable=not progress)
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for i, (imgs, labels, errors) in enumerate(loader):
+            if i >= steps_per_epoch * accum:
+                break
+            skips.update(len(labels), errors)
+            step = epoch * steps_per_epoch + i // accum
+            if mixup is not None and len(labels) % 2:
+                imgs, labels = imgs[:-1], labels[:-1]  # mixup pairs samples; a skipped image left an odd batch
+            if len(labels):
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                targets = labels
+                if mixup is not None:
+                    imgs, targets = mixup(imgs, labels)
+                with autocast(device, dtype):
+                    loss = criterion(model(imgs), targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, iteration {i}; the last good "
+                        f"checkpoint in {out} is intact (lower SOLVER.BASE_LR or use PRECISION fp32)"
+                    )
+                loss_sum += loss.item()
+                seen += len(labels)
+                (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+            if (i + 1) % accum:
+                continue
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if S.CLIP_GRAD > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), S.CLIP_GRAD)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            head_lr = max(g["lr"] for g in opt.param_groups)
+            sched.step()
+            bar.set_postfix(loss=f"{loss_sum / max(i + 1, 1):.4f}", lr=f"{head_lr:.3g}",
+                            ips=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.update()
+            if (step + 1) % cfg.LOG_PERIOD == 0:
+                _append_jsonl(metrics_path, {"step": step + 1, "epoch": epoch + (i + 1) / (steps_per_epoch * accum),
+                                             "loss": loss_sum / (i + 1), "lr": head_lr})
+        bar.close()
+        skips.check()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps_per_epoch * accum, 1),
+                  "images_per_s": seen / (time.perf_counter() - t0)}
+        if (epoch + 1) % cfg.TEST.EVAL_PERIOD == 0 or epoch + 1 == S.EPOCHS:
+            val_skips = SkipCounter(str(cfg.DATA.VAL_ROOT), cfg.DATA.MAX_BAD_FRACTION)
+            ev = evaluate(model, val_loader, device, dtype, num_classes, val_skips, progress)
+            val_skips.check()
+            record |= {f"val_{k}": v for k, v in ev.items()}
+            logger.info("epoch %d: val top-1 %.2f%%%s", epoch + 1, ev["top1"],
+                        f", top-5 {ev['top5']:.2f}%" if "top5" in ev else "")
+        history.append(record)
+        _append_jsonl(metrics_path, record)
+        if (epoch + 1) % cfg.CHECKPOINT_PERIOD == 0 or epoch + 1 == S.EPOCHS:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch + 1,
+                     "history": history, "classes": list(train_set.classes)}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            _save_checkpoint(out, state, epoch + 1)
+
+    evaluated = [r for r in history if "val_top1" in r]  # the last epoch is always evaluated
+    final = evaluated[-1]
+    init_type, init = init_label(cfg)
+    res = {"finetune_top1": final["val_top1"],
+           "finetune_best_top1": max(r["val_top1"] for r in evaluated),
+           "finetune_epochs": S.EPOCHS, "init": init, "init_type": init_type, "num_classes": num_classes,
+           "num_train": len(train_set), "num_val": len(val_set)}
+    if "val_top5" in final:
+        res["finetune_top5"] = final["val_top5"]
+    return write_results(out, res | _published(cfg))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---- command-line entry points ---------------------------------------------------------------------------
+def _argument_parser(description: str, resume: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="YAML under configs/classification/")
+    if resume:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUTPUT_DIR/last_checkpoint (fresh start when there is none)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. MODEL.WEIGHTS path/to/encoder.pth SOLVER.EPOCHS 10")
+    return parser
+
+
+def _setup_logging(output_dir: str | os.PathLike) -> list[logging.Handler]:
+    root = logging.getLogger("mae_det")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%m/%d %H:%M:%S")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr),
+                                       logging.FileHandler(Path(output_dir) / "log.txt")]
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    return handlers
+
+
+def _main(task: str, argv: Sequence[str] | None) -> int:
+    """Shared body of the three tools; returns the exit code (0 ok, 1 failed, 2 bad config)."""
+    descriptions = {
+        "finetune": "End-to-end classification fine-tuning of a ViT encoder (MAE recipe).",
+        "linear_probe": "Linear probe (BatchNorm + linear head) on a frozen ViT encoder.",
+        "knn": "Weighted k-NN classification (DINO protocol) with a frozen ViT encoder.",
+    }
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _argument_parser(descriptions[task], resume=task == "finetune").parse_args(argv)
+    command = [sys.argv[0], *argv]
+    try:
+        cfg = load_cls_cfg(args.config_file or None, args.opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    handlers = _setup_logging(cfg.OUTPUT_DIR)
+    try:
+        if task == "finetune":
+            res = finetune(cfg, resume=args.resume, argv=command)
+        elif task == "linear_probe":
+            res = run_linear_probe(cfg, argv=command)
+        else:
+            res = run_knn(cfg, argv=command)
+    except (ClassificationDataError, CheckpointError, ConfigError, ImageLoadError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for h in handlers:
+            logging.getLogger("mae_det").removeHandler(h)
+            h.close()
+    print(json.dumps(res, indent=2))
+    print(f"results: {Path(cfg.OUTPUT_DIR) / RESULTS_FILE}")
+    return 0
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``tools/finetune_cls.py --config-file FILE [--resume] [KEY VALUE ...]``."""
+    return _main("finetune", argv)
+
+
+def linear_probe_main(argv: Sequence[str] | None = None) -> int:
+    """``tools/linear_probe.py --config-file FILE [KEY VALUE ...]``."""
+    return _main("linear_probe", argv)
+
+
+def knn_main(argv: Sequence[str] | None = None) -> int:
+    """``tools/knn_eval.py --config-file FILE [KEY VALUE ...]``."""
+    return _main("knn", argv)

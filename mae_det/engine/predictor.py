@@ -1,0 +1,354 @@
+"""Inference with a trained detector: predictions, pictures of detections, COCO-format results.
+
+Detectron2's ``DefaultPredictor`` loads weights with the plain ``DetectionCheckpointer`` (which knows none of the
+formats :class:`~mae_det.checkpoint.detectron2.ViTDetCheckpointer` converts and maps keys by suffix guesswork),
+takes one BGR image at a time and leaves outputs on the model's device. :class:`Predictor` keeps its
+preprocessing - ``INPUT.FORMAT`` and the evaluation mapper's test resize - but loads weights with the trainer's
+checkpointer, takes a batch of RGB arrays (what :func:`~mae_det.data.images.load_image` decodes) and returns
+CPU ``Instances``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as d2_utils
+from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from ..config.detection import load_det_cfg
+from ..data.detection import DatasetError, build_detection_mapper, register_datasets
+from ..data.images import ImageLoadError, load_image
+from .det_trainer import build_checkpointer
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def load_predict_cfg(
+    config_file: str, opts: Sequence[str] = (), confidence_threshold: float | None = None
+) -> CfgNode:
+    """The detection config for inference, frozen.
+
+    Args:
+        config_file: a detection yaml (``_BASE_`` allowed) or a training run's ``config.yaml``.
+        opts: ``KEY VALUE`` overrides, e.g. ``["MODEL.WEIGHTS", "output/model_final.pth"]``.
+        confidence_threshold: if given, the model's test score threshold (what is drawn and written), as
+            Detectron2's demo does.
+    """
+    cfg = load_det_cfg(config_file, list(opts), training=False)
+    if confidence_threshold is not None:
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be in [0, 1], got {confidence_threshold}")
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = confidence_threshold
+        cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
+        cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = confidence_threshold
+    cfg.freeze()
+    return cfg
+
+
+def dataset_metadata(cfg: CfgNode) -> Metadata:
+    """Class names and dataset category ids for the model's ``MODEL.ROI_HEADS.NUM_CLASSES`` outputs.
+
+    Taken from the first of ``DATASETS.TEST`` / ``DATASETS.TRAIN`` that is registered (``DATASETS.REGISTER`` entries
+    are registered here; their json is parsed once if the names are not known yet). Classes beyond the dataset's
+    and every class when no dataset is available are named ``"class k"`` with category id ``k``.
+
+    Returns:
+        A new ``Metadata`` whose ``thing_classes`` has one name per model class and whose
+        ``thing_dataset_id_to_contiguous_id`` covers every class.
+    """
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    names: list[str] = []
+    id_map: dict[int, int] = {}
+    source = ""
+    try:
+        register_datasets(cfg)
+    except DatasetError as e:  # the class names are optional for inference; the images are not
+        logger.warning(f"{e}; class names may be unavailable")
+    for name in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]:
+        if name not in DatasetCatalog.list():
+            continue
+        meta = MetadataCatalog.get(name)
+        if meta.get("thing_classes") is None:
+            try:
+                DatasetCatalog.get(name)  # our loader records thing_classes while parsing
+            except (DatasetError, OSError) as e:
+                logger.warning(f"class names of dataset '{name}' unavailable: {e}")
+                continue
+        if meta.get("thing_classes") is not None:
+            names = list(meta.thing_classes)
+            id_map = dict(meta.get("thing_dataset_id_to_contiguous_id") or {i: i for i in range(len(names))})
+            source = name
+            break
+    if len(names) > num_classes:
+        logger.warning(
+            f"dataset '{source}' has {len(names)} classes but MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}: "
+            "labelling outputs 'class k'"
+        )
+        names, id_map = [], {}
+    elif not source:
+        logger.warning("no registered dataset in DATASETS.TEST/TRAIN: labelling outputs 'class k'")
+    next_id = max(id_map, default=-1) + 1
+    for k in range(len(names), num_classes):
+        names.append(f"class {k}")
+        id_map[next_id] = k
+        next_id += 1
+    return Metadata(name=source or "__unnamed__", thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
+
+
+def coco_categories(metadata: Metadata) -> list[dict]:
+    """COCO ``categories`` entries (dataset ids and names) for a :func:`dataset_metadata` result."""
+    return [
+        {"id": dataset_id, "name": metadata.thing_classes[k]}
+        for dataset_id, k in sorted(metadata.thing_dataset_id_to_contiguous_id.items(), key=lambda kv: kv[1])
+    ]
+
+
+def instances_to_coco_results(instances: Instances, image_id: int, metadata: Metadata) -> list[dict]:
+    """COCO results of one image: ``bbox`` xywh, ``score``, dataset ``category_id``, ``segmentation`` RLE (str)."""
+    to_dataset_id = {k: dataset_id for dataset_id, k in metadata.thing_dataset_id_to_contiguous_id.items()}
+    return [{**r, "category_id": to_dataset_id[r["category_id"]]} for r in instances_to_coco_json(instances, image_id)]
+
+
+def draw_detections(image: np.ndarray, instances: Instances, metadata: Metadata) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with boxes, masks and "name score%" labels drawn by Detectron2's Visualizer."""
+    vis = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
+    return vis.draw_instance_predictions(instances).get_image()
+
+
+class Predictor:
+    """A detection model built from a yacs config, with ``MODEL.WEIGHTS`` loaded, in eval mode.
+
+    Attributes:
+        cfg: the (cloned) config.
+        model: the Detectron2 model on ``MODEL.DEVICE``.
+        metadata: :func:`dataset_metadata` of the config.
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg).eval()
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialized weights")
+        build_checkpointer(self.cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        # The evaluation mapper's augmentations, so predictions here equal those of `train_net --eval-only`.
+        self.augmentations = build_detection_mapper(self.cfg, is_train=False).augmentations
+        self.input_format = cfg.INPUT.FORMAT
+        self.metadata = dataset_metadata(self.cfg)
+
+    def preprocess(self, image: np.ndarray) -> dict:
+        """(H, W, 3) uint8 RGB -> the model's input dict (``INPUT.FORMAT`` channels, test resize)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+        height, width = image.shape[:2]
+        x = d2_utils.convert_PIL_to_numpy(Image.fromarray(image), self.input_format)
+        aug_input = T.AugInput(x)
+        self.augmentations(aug_input)
+        x = aug_input.image if aug_input.image.ndim == 3 else aug_input.image[:, :, None]  # "L" gives (H, W)
+        return {"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))), "height": height, "width": width}
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Instances]:
+        """Detections of a batch of (H, W, 3) uint8 RGB images, in input-image coordinates, on the CPU."""
+        if not images:
+            return []
+        outputs = self.model([self.preprocess(im) for im in images])
+        return [out["instances"].to("cpu") for out in outputs]
+
+
+# ---- many images -> files ---------------------------------------------------------------------------------
+def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named by paths, folders (their image files, not recursive) and glob patterns (``**`` recurses).
+
+    Explicit paths are kept even if missing or not images, so that reading them reports them.
+
+    Returns:
+        (files in order, duplicates removed; [(input, reason)] for folders and patterns that gave no file).
+    """
+    files: list[Path] = []
+    empty: list[tuple[str, str]] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(p for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                empty.append((item, "folder holds no image files"))
+        elif glob.has_magic(item):
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if os.path.isfile(p)]
+            if not found:
+                empty.append((item, "pattern matched no files"))
+        else:
+            found = [Path(item)]
+        files.extend(found)
+    return list(dict.fromkeys(files)), empty
+
+
+def unique_png_name(path: str | os.PathLike, used: set[str]) -> str:
+    """``<stem>.png`` for an input path, suffixed ``_1``, ``_2``... if already in ``used`` (which it joins)."""
+    path = Path(path)
+    name, k = f"{path.stem}.png", 1
+    while name in used:  # same stem from two folders, or a.jpg next to a.png
+        name, k = f"{path.stem}_{k}.png", k + 1
+    used.add(name)
+    return name
+
+
+@dataclass
+class PredictionSummary:
+    """What :func:`predict_to_dir` did.
+
+    Attributes:
+        images: COCO ``images`` entries of the images processed (``id``, ``file_name`` = input path, ``height``,
+            ``width``, ``visualization`` = PNG name in the output folder).
+        failures: (input, reason) of every unreadable image, empty folder or pattern without match.
+        num_detections: detections written to the results json.
+        results_json: COCO results (a list of detections), loadable with ``COCO.loadRes``.
+        images_json: COCO dataset json (images, categories, no annotations) the results refer to.
+    """
+
+    images: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    num_detections: int = 0
+    results_json: Path | None = None
+    images_json: Path | None = None
+
+
+def predict_to_dir(
+    predictor: Predictor,
+    inputs: Iterable[str],
+    output_dir: str | os.PathLike,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Runs the predictor over images and writes a picture per image plus COCO-format json files.
+
+    Writes ``<output_dir>/<image stem>.png`` (detections drawn), ``results.json`` (COCO results of all images:
+    ``image_id``, ``category_id`` (dataset ids), ``bbox`` xywh, ``score``, ``segmentation`` RLE) and
+    ``images.json`` (``images`` with ids 1..N and their paths, ``categories``, empty ``annotations``), so that
+    ``COCO("images.json").loadRes("results.json")`` works. Unreadable images are logged by path and skipped.
+
+    Args:
+        predictor: the model.
+        inputs: image paths, folders, glob patterns (see :func:`expand_inputs`).
+        output_dir: created if needed.
+        batch_size: images per forward pass.
+        progress: show a progress bar over the images.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files, failures = expand_inputs(inputs)
+    summary = PredictionSummary(failures=list(failures))
+    for item, reason in failures:
+        logger.warning(f"{item}: {reason}")
+    results: list[dict] = []
+    used: set[str] = set()
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    for start in range(0, len(files), batch_size):
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in files[start : start + batch_size]:
+            try:
+                batch.append((path, np.asarray(load_image(path))))
+            except ImageLoadError as e:
+                logger.warning(f"skipped unreadable image: {e}")
+                summary.failures.append((str(path), str(e).removeprefix(f"{path}: ")))
+        for (path, image), instances in zip(batch, predictor([im for _, im in batch])):
+            image_id = len(summary.images) + 1
+            png = unique_png_name(path, used)
+            Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
+            results += instances_to_coco_results(instances, image_id, predictor.metadata)
+            summary.images.append({
+                "id": image_id, "file_name": str(path.resolve()), "height": image.shape[0], "width": image.shape[1],
+                "visualization": png,
+            })
+        bar.update(min(batch_size, len(files) - start))
+    bar.close()
+    summary.num_detections = len(results)
+    summary.results_json = out / "results.json"
+    summary.images_json = out / "images.json"
+    summary.results_json.write_text(json.dumps(results))
+    summary.images_json.write_text(json.dumps({
+        "info": {"description": "images of mae_det predict", "weights": predictor.cfg.MODEL.WEIGHTS},
+        "images": summary.images,
+        "categories": coco_categories(predictor.metadata),
+        "annotations": [],
+    }, indent=1))
+    return summary
+
+
+# ---- the demo report's picture ---------------------------------------------------------------------------
+def _fit(image: np.ndarray, size: int) -> Image.Image:
+    im = Image.fromarray(image)
+    scale = size / max(im.size)
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+
+
+def side_by_side_detections(
+    runs: Sequence[tuple[str, str, str]],
+    image_paths: Sequence[str | os.PathLike],
+    output_png: str | os.PathLike,
+    confidence_threshold: float = 0.5,
+    panel_size: int = 320,
+    opts: Sequence[str] = (),
+) -> Path:
+    """One PNG comparing initializations: a row per image, a column per run, the run's label on top.
+
+    Args:
+        runs: (label, config_path, weights_path) per column, e.g. ``("MAE", "out/mae/config.yaml",
+            "out/mae/model_final.pth")``.
+        image_paths: the images (e.g. a few validation images); each must be readable.
+        output_png: written (parent folders created).
+        confidence_threshold: detections drawn from this score.
+        panel_size: the longer side of each panel in pixels.
+        opts: ``KEY VALUE`` overrides applied to every run's config (e.g. ``MODEL.DEVICE cpu``).
+
+    Raises:
+        ImageLoadError: an image cannot be read.
+    """
+    if not runs or not image_paths:
+        raise ValueError("side_by_side_detections needs at least one run and one image")
+    images = [np.asarray(load_image(p)) for p in image_paths]
+    columns: list[list[Image.Image]] = []
+    for label, config_path, weights in runs:
+        cfg = load_predict_cfg(config_path, [*opts, "MODEL.WEIGHTS", weights], confidence_threshold)
+        predictor = Predictor(cfg)
+        columns.append([
+            _fit(draw_detections(im, predictor([im])[0], predictor.metadata), panel_size) for im in images
+        ])
+        del predictor
+    font = ImageFont.load_default(size=max(12, panel_size // 16))
+    header = font.size + 12
+    pad = 6
+    row_heights = [max(col[r].height for col in columns) for r in range(len(images))]
+    canvas = Image.new(
+        "RGB", (len(runs) * (panel_size + pad) + pad, header + sum(h + pad for h in row_heights)), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for c, ((label, _, _), col) in enumerate(zip(runs, columns)):
+        x = pad + c * (panel_size + pad)
+        draw.text((x + panel_size // 2, header // 2), label, fill="black", font=font, anchor="mm")
+        y = header
+        for panel, h in zip(col, row_heights):
+            canvas.paste(panel, (x + (panel_size - panel.width) // 2, y))
+            y += h + pad
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(output_png)
+    return output_png

@@ -1,0 +1,626 @@
+"""The pretraining loop behind ``tools/pretrain.py``: MAE (or the supervised baseline) on an image source.
+
+Output directory layout (``cfg.OUTPUT_DIR``)::
+
+    config.yaml                     the resolved config
+    run_info.json                   provenance (config hash, seed, git commit, versions, command line)
+    log.txt                         the log of rank 0
+    metrics.jsonl                   one JSON object per line: {"type": "train"|"epoch", ...}
+    events.out.tfevents.*           TensorBoard scalars (train/*, epoch/*, monitor/knn_top1)
+    checkpoint_{E:04d}.pth          after E completed epochs, every CHECKPOINT_PERIOD epochs and at the end (kept)
+    checkpoint_{E:04d}_{S:06d}.pth  E epochs + S optimizer steps (SOLVER.CHECKPOINT_ITER_PERIOD; only the newest kept)
+    last_checkpoint                 the file name of the newest complete checkpoint (read by --resume)
+    encoder.pth                     the encoder export {"model": encoder state dict, "meta": {...}}
+
+A checkpoint is ``{"model", "optimizer", "scheduler", "scaler", "epoch", "iter", "global_step", "rng",
+"bad_indices", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it loads with
+``torch.load(weights_only=True)``; ``model`` uses the official MAE key names.
+
+Determinism: the data order, crops, flips and mask noise derive from (seed, epoch, sample index) (see
+``mae_det.data.pretrain``), and the global torch RNG (drop path) is reseeded from (seed, epoch, iteration, rank)
+before every iteration, so a resumed run repeats the uninterrupted one exactly, and a run's result does not depend
+on the number of processes (up to float reduction order) or loader workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint
+from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
+from ..data.images import ImageLoadError
+from ..data.pretrain import (
+    DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
+    sample_generator,
+)
+from ..modeling.mae import MAE_FACTORIES, MaskedAutoencoderViT
+from ..modeling.vit import VisionTransformer
+from ..utils import dist as du
+from ..utils.provenance import write_run_info
+from .optim import build_param_groups
+from .schedule import build_warmup_cosine_lr
+
+logger = logging.getLogger("mae_det.pretrain")
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class PretrainError(RuntimeError):
+    """Pretraining stopped; the message says why (one line)."""
+
+
+class NonFiniteLossError(PretrainError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+class SupervisedViT(VisionTransformer):
+    """The supervised-pretraining baseline: the MAE encoder plus a linear multi-label head.
+
+    Its encoder keys (and fixed sin-cos position embedding) are exactly those of the MAE model, so both encoder
+    exports load into the detection backbone the same way; the head is ``head.*``.
+    """
+
+    def __init__(self, num_classes: int, pool: str = "mean", **vit_kwargs: Any) -> None:
+        super().__init__(**vit_kwargs)
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (binary cross-entropy averaged over samples and classes, logits (N, K))."""
+        logits = self.head(self.pooled_features(imgs, self.pool))  # (N, K)
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float()), logits
+
+
+def build_pretrain_model(cfg, num_classes: int = 0) -> nn.Module:
+    """MAE model of ``MODEL.ARCH`` (with the MODEL.* size overrides), or :class:`SupervisedViT` of the same encoder."""
+    arch = resolve_arch(cfg)
+    common = dict(
+        img_size=cfg.MODEL.IMG_SIZE, in_chans=cfg.MODEL.IN_CHANS, drop_path_rate=cfg.MODEL.DROP_PATH,
+        use_act_checkpoint=cfg.MODEL.ACT_CHECKPOINT, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
+        depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
+    )
+    if cfg.MODEL.MODE == "mae":
+        return MAE_FACTORIES[cfg.MODEL.ARCH](
+            norm_pix_loss=cfg.MODEL.NORM_PIX_LOSS, decoder_embed_dim=arch["decoder_embed_dim"],
+            decoder_depth=arch["decoder_depth"], decoder_num_heads=arch["decoder_num_heads"], **common,
+        )
+    if num_classes < 1:
+        raise ConfigError("MODEL.MODE supervised needs at least one class (MODEL.NUM_CLASSES or labeled data)")
+    return SupervisedViT(num_classes, cfg.MODEL.POOL, **common)
+
+
+def model_meta(cfg, num_classes: int = 0) -> dict[str, Any]:
+    """What a consumer needs to rebuild the encoder of a checkpoint or export."""
+    arch = resolve_arch(cfg)
+    return {
+        "model": cfg.MODEL.ARCH, "mode": cfg.MODEL.MODE, "img_size": cfg.MODEL.IMG_SIZE,
+        "in_chans": cfg.MODEL.IN_CHANS, "norm_pix_loss": cfg.MODEL.NORM_PIX_LOSS, "num_classes": num_classes,
+        **{k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")},
+    }
+
+
+def encoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder entries (``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``) of a
+    full MAE or supervised state dict, as a new dict."""
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def export_encoder(state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``{"model": encoder state dict, "meta": meta}`` atomically (what detection fine-tuning loads)."""
+    atomic_save({"model": {k: v.detach().cpu().clone() for k, v in encoder_state_dict(state).items()},
+                 "meta": dict(meta)}, path)
+
+
+# ---- runtime choices -------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("DEVICE: cuda requested but no GPU is available")
+        return torch.device("cuda", du.get_local_rank())
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device runs it natively, else fp16 on GPU and fp32 on CPU."""
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    if precision == "fp16":
+        raise ConfigError("PRECISION: fp16 needs a GPU (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
+    if precision == "auto":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return precision
+
+
+def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
+    """(ACCUM_ITER, effective batch) for this number of processes."""
+    per_iter = cfg.SOLVER.BATCH_SIZE * world_size
+    eff = cfg.SOLVER.EFFECTIVE_BATCH_SIZE
+    if eff <= 0:
+        return cfg.SOLVER.ACCUM_ITER, per_iter * cfg.SOLVER.ACCUM_ITER
+    if eff % per_iter:
+        raise ConfigError(
+            f"SOLVER.EFFECTIVE_BATCH_SIZE: {eff} is not a multiple of SOLVER.BATCH_SIZE x processes = {per_iter}"
+        )
+    if cfg.SOLVER.ACCUM_ITER not in (1, eff // per_iter):
+        raise ConfigError(
+            f"SOLVER.ACCUM_ITER: {cfg.SOLVER.ACCUM_ITER} contradicts SOLVER.EFFECTIVE_BATCH_SIZE {eff} "
+            f"(which gives {eff // per_iter} with {world_size} processes); leave it at 1"
+        )
+    return eff // per_iter, eff
+
+
+def step_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
+    """Seed of the global torch RNG for one iteration of one rank."""
+    return int(torch.randint(0, 2**62, (), generator=sample_generator(seed, epoch, iteration * 4096 + rank)))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"failed to write {path}: {e}") from e
+
+
+def _setup_logging(output_dir: Path, rank: int) -> logging.Handler | None:
+    """Console (once per process) and ``log.txt`` (rank 0, removed again by the caller) on the mae_det logger."""
+    root = logging.getLogger("mae_det")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%m/%d %H:%M:%S")
+    if not any(getattr(h, "_mae_det_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        console._mae_det_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if rank != 0:
+        root.setLevel(logging.WARNING)
+        return None
+    fh = logging.FileHandler(output_dir / "log.txt")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return fh
+
+
+# ---- the trainer -----------------------------------------------------------------------------------------
+class Pretrainer:
+    """One process's share of a pretraining run (construct inside the process group, then :meth:`train`)."""
+
+    def __init__(self, cfg, *, resume: bool = False, argv: Sequence[str] | None = None) -> None:
+        self.cfg, self.resume, self.argv = cfg, resume, argv
+        self.rank, self.world = du.get_rank(), du.get_world_size()
+        self.main = self.rank == 0
+        self.out = Path(cfg.OUTPUT_DIR)
+        self.device = resolve_device(cfg.DEVICE)
+        self.precision = resolve_precision(cfg.PRECISION, self.device)
+        self.accum, self.eff_batch = resolve_accumulation(cfg, self.world)
+        self.mode = cfg.MODEL.MODE
+
+        src = build_source(cfg.DATA.SOURCE, cfg.DATA.PATH, cfg.DATA.IMAGE_ROOT)
+        self.data_root = src.root
+        self.num_classes = 0
+        if self.mode == "supervised":
+            if src.labels is None:
+                raise DataError(f"{cfg.DATA.PATH}: supervised mode needs labels (an ImageFolder tree or a COCO json)")
+            self.num_classes = cfg.MODEL.NUM_CLASSES or src.num_classes
+            if self.num_classes < src.num_classes:
+                raise ConfigError(f"MODEL.NUM_CLASSES: {self.num_classes} is fewer than the {src.num_classes} classes of {src.root}")
+        total = len(src.paths) + len(src.missing)
+        self.max_bad = int(cfg.DATA.MAX_BAD_FRACTION * total)
+        self.missing = len(src.missing)
+        if src.missing:
+            logger.warning("%d images listed in %s do not exist, first: %s", len(src.missing), src.root, src.missing[0])
+        self._check_bad_budget(0, total)
+        self.total_images = total
+
+        arch = resolve_arch(cfg)
+        num_patches = (cfg.MODEL.IMG_SIZE // arch["patch_size"]) ** 2 if self.mode == "mae" else 0
+        transform = PretrainTransform(cfg.MODEL.IMG_SIZE, cfg.DATA.SCALE, cfg.DATA.RATIO, cfg.DATA.HFLIP,
+                                      cfg.DATA.MEAN, cfg.DATA.STD)
+        self.dataset = PretrainDataset(
+            src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
+            max_bad=max(self.max_bad - self.missing, 0), max_pixels=cfg.DATA.MAX_PIXELS,
+        )
+        self.steps_per_epoch = len(self.dataset) // (cfg.SOLVER.BATCH_SIZE * self.world * self.accum)
+        if self.steps_per_epoch < 1:
+            raise DataError(
+                f"{src.root}: {len(self.dataset)} images are fewer than one optimizer step of {self.eff_batch} "
+                f"(SOLVER.BATCH_SIZE x processes x accumulation); lower the batch size"
+            )
+        self.sampler = GlobalBatchSampler(
+            len(self.dataset), cfg.SOLVER.BATCH_SIZE, world_size=self.world, rank=self.rank, seed=cfg.SEED,
+            num_batches=self.steps_per_epoch * self.accum,
+        )
+        workers = cfg.DATA.NUM_WORKERS
+        self.loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_pretrain,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+        )
+
+        torch.manual_seed(cfg.SEED)  # the initial weights: the same on every rank and in every run
+        self.model = build_pretrain_model(cfg, self.num_classes).to(self.device)
+        self.meta = model_meta(cfg, self.num_classes)
+        no_decay = () if cfg.SOLVER.DECAY_TOKENS else ("cls_token", "mask_token")
+        groups = build_param_groups(self.model, cfg.SOLVER.WEIGHT_DECAY, no_decay_names=no_decay)
+        self.lr = cfg.SOLVER.LR if cfg.SOLVER.LR > 0 else cfg.SOLVER.BASE_LR * self.eff_batch / 256
+        for g in groups:
+            g["lr"] = self.lr * g["lr_scale"]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.SOLVER.BETAS))
+        self.total_steps = cfg.SOLVER.EPOCHS * self.steps_per_epoch
+        warmup = int(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch))
+        self.scheduler = build_warmup_cosine_lr(self.optimizer, self.total_steps, warmup, cfg.SOLVER.MIN_LR / self.lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+
+        self.epoch = 0  # completed epochs
+        self.iter = 0  # optimizer steps completed inside the current epoch
+        self.global_step = 0
+        self.bad: set[int] = set()
+        self.last_good: Path | None = None
+        self._rolling: Path | None = None  # the kept mid-epoch checkpoint, deleted when a newer one exists
+        self._writer = None
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def _check_bad_budget(self, runtime_bad: int, total: int | None = None) -> None:
+        total = total or self.total_images
+        bad = runtime_bad + self.missing
+        if bad > self.max_bad or (runtime_bad and runtime_bad >= total - self.missing):
+            raise DataError(
+                f"{self.data_root}: {bad} of {total} images are unreadable or missing, more than "
+                f"DATA.MAX_BAD_FRACTION={self.cfg.DATA.MAX_BAD_FRACTION} allows ({self.max_bad}); see the log for the files"
+            )
+
+    def _note_bad(self, bad: list[tuple[int, str]]) -> None:
+        for index, msg in bad:
+            if index not in self.bad:
+                self.bad.add(index)
+                logger.warning("skipped unreadable image: %s", msg)
+        if bad:
+            self._check_bad_budget(len(self.bad))
+
+    def _metrics(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        prefix = record["type"]
+        for k, v in record.items():
+            if k not in ("type", "epoch", "step", "iter", "time") and isinstance(v, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{k}" if k != "knn_top1" else "monitor/knn_top1", v, record["step"])
+
+    def _truncate_metrics(self) -> None:
+        """After a resume, drops metric records written past the checkpoint (they are about to be redone)."""
+        path = self.out / "metrics.jsonl"
+        if not self.main or not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.global_step:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                pass  # a line cut short by a kill
+        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def _bare_model(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self._bare_model().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "iter": self.iter,
+            "global_step": self.global_step,
+            "rng": rng,
+            "bad_indices": torch.tensor(sorted(self.bad), dtype=torch.long),
+            "config": self.cfg.dump(),
+            "meta": dict(self.meta, effective_batch=self.eff_batch, steps_per_epoch=self.steps_per_epoch),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Writes the checkpoint and then the ``last_checkpoint`` pointer, both atomically (rank 0 only)."""
+        mid_epoch = self.iter > 0
+        name = f"checkpoint_{self.epoch:04d}_{self.iter:06d}.pth" if mid_epoch else f"checkpoint_{self.epoch:04d}.pth"
+        path = self.out / name
+        if self.main:
+            atomic_save(self.checkpoint_state(), path)
+            _atomic_write_text(self.out / LAST_CHECKPOINT, name + "\n")
+            if self._rolling is not None and self._rolling != path:
+                self._rolling.unlink(missing_ok=True)
+            self._rolling = path if mid_epoch else None
+            logger.info("saved %s", path)
+        self.last_good = path
+        return path
+
+    def load_last_checkpoint(self) -> bool:
+        """Restores the state named by ``last_checkpoint``; False when there is none (a fresh start)."""
+        pointer = self.out / LAST_CHECKPOINT
+        if not pointer.is_file():
+            logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.out)
+            return False
+        path = self.out / pointer.read_text(encoding="utf-8").strip()
+        ckpt = load_checkpoint(path)
+        meta = ckpt.get("meta", {})
+        if (meta.get("effective_batch"), meta.get("steps_per_epoch")) != (self.eff_batch, self.steps_per_epoch):
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with effective batch {meta.get('effective_batch')} and "
+                f"{meta.get('steps_per_epoch')} steps per epoch, the config now gives {self.eff_batch} and "
+                f"{self.steps_per_epoch}"
+            )
+        try:
+            self._bare_model().load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"cannot resume from {path}: it does not match the configured model ({first})") from e
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.iter, self.global_step = int(ckpt["epoch"]), int(ckpt["iter"]), int(ckpt["global_step"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.bad = set(ckpt["bad_indices"].tolist())
+        self.last_good = path
+        self._rolling = path if self.iter > 0 else None
+        logger.info("resumed from %s (epoch %d, step %d of the epoch)", path, self.epoch, self.iter)
+        return True
+
+    # ---- steps ---------------------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> torch.Tensor:
+        imgs = batch["image"].to(self.device, non_blocking=True)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if self.mode == "mae":
+                noise = batch["noise"].to(self.device, non_blocking=True)
+                loss, _, _ = self.model(imgs, mask_ratio=self.cfg.MODEL.MASK_RATIO, noise=noise)
+            else:
+                loss, _ = self.model(imgs, batch["target"].to(self.device, non_blocking=True))
+        return loss
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.SOLVER.CLIP_GRAD > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self._bare_model().parameters(), self.cfg.SOLVER.CLIP_GRAD)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _knn_monitor(self) -> dict[str, Any]:
+        from ..evaluation.knn import knn_eval_folders  # the evaluation package is only needed when enabled
+
+        K = self.cfg.MONITOR.KNN
+        model = self._bare_model()
+        model.eval()
+        try:
+            result = knn_eval_folders(
+                model, K.TRAIN_ROOT, K.VAL_ROOT, img_size=self.cfg.MODEL.IMG_SIZE, k=K.K,
+                temperature=K.TEMPERATURE, pool=K.POOL, device=self.device,
+            )
+        finally:
+            model.train()
+        return result
+
+    def _run_epoch(self, pbar_cls) -> float:
+        cfg, accum = self.cfg, self.accum
+        start_micro = self.iter * accum
+        self.sampler.set_epoch(self.epoch, start_micro)
+        ddp = isinstance(self.model, DistributedDataParallel)
+        pbar = pbar_cls(total=self.steps_per_epoch, initial=self.iter, desc=f"epoch {self.epoch + 1}/{cfg.SOLVER.EPOCHS}",
+                        unit="step", dynamic_ncols=True, disable=not self.main, leave=True)
+        step_losses: list[float] = []
+        epoch_loss_sum, epoch_steps = 0.0, 0
+        t_step = time.perf_counter()
+        micro = start_micro
+        for batch in self.loader:
+            self._note_bad(batch["bad"])
+            torch.manual_seed(step_seed(cfg.SEED, self.epoch, micro, self.rank))
+            sync = (micro + 1) % accum == 0
+            with self.model.no_sync() if ddp and not sync else nullcontext():
+                loss = self._forward(batch)
+                self.scaler.scale(loss / accum).backward()
+            loss_value = float(du.all_reduce_mean(loss.detach().float()))
+            if not math.isfinite(loss_value):
+                where = self.last_good if self.last_good is not None else "none written yet"
+                raise NonFiniteLossError(
+                    f"loss_{self.mode} = {loss_value} at epoch {self.epoch + 1}, iteration {micro} "
+                    f"(global step {self.global_step}); the weights were not updated with it; last good checkpoint: {where}"
+                )
+            step_losses.append(loss_value)
+            micro += 1
+            if not sync:
+                continue
+            lr = max(g["lr"] for g in self.optimizer.param_groups)
+            self._optimizer_step()
+            self.iter += 1
+            self.global_step += 1
+            step_loss = sum(step_losses) / len(step_losses)
+            step_losses.clear()
+            epoch_loss_sum, epoch_steps = epoch_loss_sum + step_loss, epoch_steps + 1
+            now = time.perf_counter()
+            img_s = self.eff_batch / max(now - t_step, 1e-9)
+            t_step = now
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
+            if self.global_step % cfg.LOG_PERIOD == 0:
+                self._metrics({
+                    "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
+                    "iter": self.iter, "loss": step_loss, "lr": lr, "img_per_s": img_s,
+                    "bad_images": len(self.bad) + self.missing, "time": time.time(),
+                })
+            period = cfg.SOLVER.CHECKPOINT_ITER_PERIOD
+            if period and self.iter % period == 0 and self.iter < self.steps_per_epoch:
+                self.save_checkpoint()
+        pbar.close()
+        return epoch_loss_sum / max(epoch_steps, 1)
+
+    # ---- driver --------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Runs (or resumes) training to SOLVER.EPOCHS; returns the last epoch record."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.resume:
+            self.load_last_checkpoint()
+        if self.main:
+            self._truncate_metrics()
+            self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step or None)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        logger.info(
+            "%s pretraining of %s on %d images (%s): %d processes, effective batch %d (accumulation %d), "
+            "lr %.3g, %d epochs x %d steps, precision %s, device %s",
+            self.mode, cfg.MODEL.ARCH, len(self.dataset), self.data_root, self.world, self.eff_batch, self.accum,
+            self.lr, cfg.SOLVER.EPOCHS, self.steps_per_epoch, self.precision, self.device,
+        )
+        record: dict[str, Any] = {}
+        self.model.train()
+        try:
+            while self.epoch < cfg.SOLVER.EPOCHS:
+                t0 = time.perf_counter()
+                epoch_loss = self._run_epoch(tqdm)
+                self.bad = set().union(*du.all_gather_object(self.bad))
+                self.epoch, self.iter = self.epoch + 1, 0
+                last = self.epoch == cfg.SOLVER.EPOCHS
+                if last or self.epoch % cfg.CHECKPOINT_PERIOD == 0:
+                    self.save_checkpoint()
+                record = {"type": "epoch", "epoch": self.epoch, "step": self.global_step, "loss": epoch_loss,
+                          "bad_images": len(self.bad) + self.missing, "epoch_time": time.perf_counter() - t0,
+                          "time": time.time()}
+                K = cfg.MONITOR.KNN
+                if K.ENABLED and (last or self.epoch % K.PERIOD == 0):
+                    if self.main:
+                        knn = self._knn_monitor()
+                        record["knn_top1"] = float(knn["top1"])
+                        logger.info("epoch %d: kNN top-1 %.2f", self.epoch, record["knn_top1"])
+                    du.barrier()
+                self._metrics(record)
+                logger.info("epoch %d/%d done: loss %.4f", self.epoch, cfg.SOLVER.EPOCHS, epoch_loss)
+            if self.main:
+                export_encoder(self._bare_model().state_dict(), self.meta, self.out / "encoder.pth")
+                logger.info("encoder export: %s", self.out / "encoder.pth")
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+        return record
+
+
+def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains in this process (which may be one rank of a process group); returns the last epoch record."""
+    du.init_from_env("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
+    out = Path(cfg.OUTPUT_DIR)
+    rank = du.get_rank()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    handler = _setup_logging(out, rank)
+    try:
+        if rank == 0:
+            (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
+            write_run_info(out, cfg, seed=cfg.SEED, init_type="random", argv=argv,
+                           extra={"mode": cfg.MODEL.MODE, "resume": resume, "world_size": du.get_world_size()})
+        return Pretrainer(cfg, resume=resume, argv=argv).train()
+    finally:
+        if handler is not None:
+            logging.getLogger("mae_det").removeHandler(handler)
+            handler.close()
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def pretrain_argument_parser() -> argparse.ArgumentParser:
+    """Detectron2-style arguments of ``tools/pretrain.py``."""
+    p = argparse.ArgumentParser(
+        description="MAE (or supervised-baseline) pretraining of a ViT encoder",
+        epilog="Examples:\n  tools/pretrain.py --config-file configs/pretrain/folder_vit_tiny_cpu.yaml DATA.PATH my_images\n"
+               "  tools/pretrain.py --config-file configs/pretrain/mae_vit_base_in1k.yaml --num-gpus 8 --resume\n"
+               "  torchrun --nproc-per-node 8 tools/pretrain.py --config-file ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config-file", default="", metavar="FILE", help="YAML config (with optional _BASE_)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU processes with gloo)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")
+    p.add_argument("--dist-url", default="auto", help="init URL of the process group, e.g. tcp://host:port")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p
+
+
+def _spawned_main(cfg, resume: bool, argv: list[str], threads: int) -> None:
+    torch.set_num_threads(threads)
+    run_pretrain(cfg, resume=resume, argv=argv)
+
+
+def _describe_rank_failure(e: Exception) -> str:
+    import torch.multiprocessing as mp
+
+    if isinstance(e, mp.ProcessExitedException):
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        return f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped"
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"rank {getattr(e, 'error_index', '?')} failed: {lines[-1].strip() if lines else type(e).__name__}; the other ranks were stopped"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tools/pretrain.py``; returns the exit code (0 ok, 1 failed, 2 bad config)."""
+    import torch.multiprocessing as mp
+    from detectron2.engine import launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = pretrain_argument_parser().parse_args(argv)
+    command = [sys.argv[0], *argv]
+    try:
+        cfg = load_pretrain_cfg(args.config_file or None, args.opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    world = args.num_gpus * args.num_machines
+    try:
+        if du.launched_by_torchrun() or world == 1:
+            run_pretrain(cfg, resume=args.resume, argv=command)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // args.num_gpus) if not torch.cuda.is_available() else 1
+            launch(_spawned_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(cfg, args.resume, command, threads))
+    except (PretrainError, DataError, CheckpointError, ConfigError, ImageLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except mp.ProcessException as e:
+        print(f"error: {_describe_rank_failure(e)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,410 @@
+"""Comparison tables: AP (and classification top-1) of many runs, grouped by initialization, as Markdown/CSV/PNG.
+
+A run directory is what ``tools/train_net.py`` leaves behind: ``ap_results.json`` (``{"bbox": {"AP", "AP50",
+"AP75", "APs", "APm", "APl"}, "segm": {...}}``, values in %, ``null`` where COCOeval had nothing to measure) and
+``run_info.json`` (``init_type``, ``seed``). A directory may instead (or also) hold ``cls_results.json`` with
+``*_top1`` accuracies in % (kNN, linear probe, fine-tuning) - those become extra columns of the same table.
+Runs are grouped by ``init_type`` unless a label is given for the directory. Problems with a file are errors that
+name the file; with ``skip_invalid`` they are collected and listed in the report instead, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+TASKS: dict[str, str] = {"bbox": "box", "segm": "mask"}
+METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+CLS_HEADERS: dict[str, str] = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1",
+                               "finetune_top1": "fine-tune top-1"}
+AP_FILE, INFO_FILE, CLS_FILE = "ap_results.json", "run_info.json", "cls_results.json"
+
+# Published COCO val2017 Mask R-CNN results (box AP, mask AP), reported, not measured by this toolkit.
+PUBLISHED: tuple[tuple[str, str, str, float, float], ...] = (
+    ("MAE paper Table 4", "ViT-B", "supervised IN-1K", 47.9, 42.9),
+    ("MAE paper Table 4", "ViT-B", "MoCo v3", 47.9, 42.7),
+    ("MAE paper Table 4", "ViT-B", "BEiT", 49.8, 44.4),
+    ("MAE paper Table 4", "ViT-B", "MAE", 50.3, 44.9),
+    ("MAE paper Table 4", "ViT-L", "supervised IN-1K", 49.3, 43.9),
+    ("MAE paper Table 4", "ViT-L", "MoCo v3", 49.3, 44.0),
+    ("MAE paper Table 4", "ViT-L", "BEiT", 53.3, 47.1),
+    ("MAE paper Table 4", "ViT-L", "MAE", 53.3, 47.2),
+    ("ViTDet README", "ViT-B", "MAE", 51.6, 45.9),
+    ("ViTDet README", "ViT-L", "MAE", 55.5, 49.2),
+)
+
+
+class ResultError(ValueError):
+    """A missing or malformed result file; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The results of one run directory.
+
+    Attributes:
+        path: The directory as given.
+        group: Its initialization label (``init_type`` or the user's label).
+        seed: The run's seed from ``run_info.json``.
+        values: Column key (``"bbox/AP"``, ``"segm/APl"``, ``"knn_top1"`` ...) -> value in % or None.
+    """
+
+    path: str
+    group: str
+    seed: int
+    values: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (None below two values) of the ``n`` non-null values of a column."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """All runs of one initialization and the statistics of each column over them."""
+
+    group: str
+    runs: tuple[RunResult, ...]
+    stats: dict[str, Stat | None]
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ResultError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultError(f"{path}: not valid JSON ({e})") from None
+
+
+def _number(path: Path, key: str, value: Any) -> float | None:
+    # COCOeval's "no objects of this size" is -1 -> NaN in Detectron2 -> null in the json; NaN may survive as well.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+        raise ResultError(f"{path}: {key} must be a finite number or null, got {value!r}")
+    return float(value)
+
+
+def _read_ap(path: Path) -> dict[str, float | None]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ResultError(f"{path}: expected a JSON object with 'bbox' and/or 'segm', got {type(data).__name__}")
+    if not any(task in data for task in TASKS):
+        raise ResultError(f"{path}: expected key 'bbox' and/or 'segm', found {sorted(data)}")
+    values: dict[str, float | None] = {}
+    for task in TASKS:
+        if task not in data:
+            values.update({f"{task}/{m}": None for m in METRICS})
+            continue
+        if not isinstance(data[task], dict):
+            raise ResultError(f"{path}: '{task}' must be an object of AP metrics, got {type(data[task]).__name__}")
+        for m in METRICS:
+            if m not in data[task]:
+                raise ResultError(f"{path}: '{task}' lacks metric '{m}' (expected {', '.join(METRICS)})")
+            values[f"{task}/{m}"] = _number(path, f"{task}.{m}", data[task][m])
+    return values
+
+
+def _read_cls(path: Path) -> dict[str, float | None]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ResultError(f"{path}: expected a JSON object with *_top1 keys, got {type(data).__name__}")
+    keys = [k for k in data if k.endswith("_top1")]
+    if not keys:
+        raise ResultError(f"{path}: no *_top1 key (expected e.g. {', '.join(CLS_HEADERS)})")
+    return {k: _number(path, k, data[k]) for k in keys}
+
+
+def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
+    """Read one run directory.
+
+    Args:
+        run_dir: A directory with ``run_info.json`` and ``ap_results.json`` and/or ``cls_results.json``.
+        label: Group name overriding ``run_info.json``'s ``init_type``.
+
+    Raises:
+        ResultError: a file is missing or malformed; the message names it.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ResultError(f"{d}: run directory not found")
+    info_path = d / INFO_FILE
+    info = _read_json(info_path)
+    if not isinstance(info, dict):
+        raise ResultError(f"{info_path}: expected a JSON object, got {type(info).__name__}")
+    seed = info.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ResultError(f"{info_path}: 'seed' must be an integer, got {seed!r}")
+    group = label if label is not None else info.get("init_type")
+    if not isinstance(group, str) or not group:
+        raise ResultError(f"{info_path}: 'init_type' must be a non-empty string, got {group!r} "
+                          f"(or pass a label: --label {d}=NAME)")
+    if not (d / AP_FILE).exists() and not (d / CLS_FILE).exists():
+        raise ResultError(f"{d / AP_FILE}: file not found (and no {CLS_FILE} either)")
+    values: dict[str, float | None] = {}
+    if (d / AP_FILE).exists():
+        values.update(_read_ap(d / AP_FILE))
+    if (d / CLS_FILE).exists():
+        values.update(_read_cls(d / CLS_FILE))
+    return RunResult(path=str(run_dir), group=group, seed=seed, values=values)
+
+
+def collect_runs(
+    run_dirs: Iterable[str | os.PathLike], labels: dict[str, str] | None = None, skip_invalid: bool = False
+) -> tuple[list[RunResult], list[str]]:
+    """Read many run directories.
+
+    Args:
+        run_dirs: The directories, in the order they should appear.
+        labels: Directory -> group name overrides (matched on the resolved path).
+        skip_invalid: Collect problems instead of raising on the first one.
+
+    Returns:
+        The runs and the problems (one ``ResultError`` message per skipped directory).
+
+    Raises:
+        ResultError: a directory is invalid and ``skip_invalid`` is False, or a label names no given directory.
+    """
+    run_dirs = list(run_dirs)
+    resolved_labels = {str(Path(k).resolve()): v for k, v in (labels or {}).items()}
+    given = {str(Path(d).resolve()) for d in run_dirs}
+    unknown = [k for k in resolved_labels if k not in given]
+    if unknown:
+        raise ResultError(f"--label names a directory that is not among the runs: {', '.join(unknown)}")
+    runs, skipped = [], []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d, resolved_labels.get(str(Path(d).resolve()))))
+        except ResultError as e:
+            if not skip_invalid:
+                raise
+            skipped.append(str(e))
+    return runs, skipped
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def summarize(values: Iterable[float | None]) -> Stat | None:
+    """Mean and sample std of the non-null values; None when there are none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return Stat(statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None, len(present))
+
+
+def columns(runs: Iterable[RunResult]) -> list[str]:
+    """Column keys present in any run: box and mask metrics first, then the known top-1 keys, then other ones."""
+    present = {k for r in runs for k in r.values}
+    ap = [f"{t}/{m}" for t in TASKS for m in METRICS if f"{t}/{m}" in present]
+    cls = [k for k in CLS_HEADERS if k in present] + sorted(present - set(ap) - set(CLS_HEADERS))
+    return ap + cls
+
+
+def header(key: str) -> str:
+    """Human column name: ``bbox/AP50`` -> ``box AP50``, ``knn_top1`` -> ``kNN top-1``."""
+    if "/" in key:
+        task, metric = key.split("/")
+        return f"{TASKS[task]} {metric}"
+    return CLS_HEADERS.get(key, key)
+
+
+def aggregate(runs: Iterable[RunResult]) -> list[GroupSummary]:
+    """Group runs (in order of first appearance; runs sorted by seed, then path) with per-column statistics."""
+    runs = list(runs)
+    cols = columns(runs)
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    out = []
+    for name, members in groups.items():
+        members.sort(key=lambda r: (r.seed, r.path))
+        stats = {c: summarize(r.values.get(c) for r in members) for c in cols}
+        out.append(GroupSummary(name, tuple(members), stats))
+    return out
+
+
+def deltas(groups: list[GroupSummary], baseline: str) -> dict[str, dict[str, float | None]]:
+    """Difference of means against the ``baseline`` group, per other group and column (None where undefined).
+
+    Raises:
+        ResultError: no group is called ``baseline``.
+    """
+    base = next((g for g in groups if g.group == baseline), None)
+    if base is None:
+        raise ResultError(f"baseline group {baseline!r} not among the runs' groups: "
+                          f"{', '.join(g.group for g in groups) or 'none'}")
+    out = {}
+    for g in groups:
+        if g is base:
+            continue
+        out[g.group] = {c: (s.mean - base.stats[c].mean if s is not None and base.stats[c] is not None else None)
+                        for c, s in g.stats.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+def format_value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def format_stat(s: Stat | None, runs: int) -> str:
+    """``mean ± std``; ``-`` when no value; ``(n=k)`` when fewer of the group's runs than ``runs`` have one."""
+    if s is None:
+        return "-"
+    text = f"{s.mean:.1f}" if s.std is None else f"{s.mean:.1f} ± {s.std:.1f}"
+    return text if s.n == runs else f"{text} (n={s.n})"
+
+
+def format_delta(d: float | None) -> str:
+    return "-" if d is None else f"{d:+.1f}"
+
+
+def _md_table(head: list[str], rows: list[list[str]], n_left: int) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < n_left else "---:" for i in range(len(head)))
+             + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(
+    groups: list[GroupSummary], baseline: str | None = None, skipped: Iterable[str] = (), published: bool = False,
+    title: str = "AP comparison",
+) -> str:
+    """The Markdown report: summary (mean ± std), deltas against ``baseline``, every run, skips, published rows."""
+    skipped = list(skipped)
+    runs = [r for g in groups for r in g.runs]
+    cols = columns(runs)
+    heads = [header(c) for c in cols]
+    lines = [f"# {title}", "",
+             f"Measured: {len(runs)} runs in {len(groups)} groups. Values in %; mean ± sample std over the runs of a "
+             "group (n = runs with a value when fewer than all); \"-\" = not available.", ""]
+    lines += ["## Summary", ""]
+    lines += _md_table(["init", "runs"] + heads,
+                       [[g.group, str(len(g.runs))] + [format_stat(g.stats[c], len(g.runs)) for c in cols]
+                        for g in groups], 1)
+    if baseline is not None:
+        diff = deltas(groups, baseline)
+        lines += ["", f"## Δ vs {baseline} (difference of means)", ""]
+        lines += _md_table(["init"] + heads, [[g] + [format_delta(d[c]) for c in cols] for g, d in diff.items()], 1)
+    lines += ["", "## Runs", ""]
+    lines += _md_table(["init", "seed", "run"] + heads,
+                       [[r.group, str(r.seed), r.path] + [format_value(r.values.get(c)) for c in cols] for r in runs],
+                       3)
+    if skipped:
+        lines += ["", f"## Skipped: {len(skipped)} run directories with missing or malformed results", ""]
+        lines += [f"- {s}" for s in skipped]
+    if published:
+        lines += ["", "## Published reference (COCO val2017, Mask R-CNN; reported by the papers, not measured here)",
+                  ""]
+        lines += _md_table(["source", "model", "init", "box AP", "mask AP"],
+                           [[s, m, i, f"{b:.1f}", f"{k:.1f}"] for s, m, i, b, k in PUBLISHED], 3)
+    return "\n".join(lines) + "\n"
+
+
+def _csv_number(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def render_csv(groups: list[GroupSummary], baseline: str | None = None, published: bool = False) -> str:
+    """One CSV: a row per run, then per group its mean, std and delta rows, then (optionally) published rows.
+
+    Metric columns are named like the Markdown headers with ``_`` for spaces (``box_AP50``, ``kNN_top-1``);
+    ``kind`` says what a row is (run, mean, std, delta_vs_<baseline>, published); empty cells are unavailable.
+    """
+    runs = [r for g in groups for r in g.runs]
+    cols = columns(runs)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "init", "seed", "n", "run", "source", "model"] + [header(c).replace(" ", "_") for c in cols])
+    for r in runs:
+        w.writerow(["run", r.group, r.seed, "", r.path, "", ""] + [_csv_number(r.values.get(c)) for c in cols])
+    diff = deltas(groups, baseline) if baseline is not None else {}
+    for g in groups:
+        n = len(g.runs)
+        stats = [g.stats[c] for c in cols]
+        w.writerow(["mean", g.group, "", n, "", "", ""] + [_csv_number(s.mean if s else None) for s in stats])
+        w.writerow(["std", g.group, "", n, "", "", ""] + [_csv_number(s.std if s else None) for s in stats])
+        if g.group in diff:
+            w.writerow([f"delta_vs_{baseline}", g.group, "", n, "", "", ""] + [_csv_number(diff[g.group][c])
+                                                                                 for c in cols])
+    if published:
+        for source, model, init, box, mask in PUBLISHED:
+            row = {"bbox/AP": box, "segm/AP": mask}
+            w.writerow(["published", init, "", "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
+    return buf.getvalue()
+
+
+def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = "") -> None:
+    """Bar chart, one panel per task (box, mask, classification), bars per group with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = columns([r for g in groups for r in g.runs])
+    panels = [(TASKS[t], [c for c in cols if c.startswith(f"{t}/")]) for t in TASKS]
+    panels.append(("classification", [c for c in cols if "/" not in c]))
+    panels = [(name, cs) for name, cs in panels if cs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    width = 0.8 / max(len(groups), 1)
+    for ax, (name, cs) in zip(axes[0], panels):
+        x = np.arange(len(cs))
+        for i, g in enumerate(groups):
+            means = [g.stats[c].mean if g.stats[c] else np.nan for c in cs]
+            errs = [(g.stats[c].std or 0.0) if g.stats[c] else 0.0 for c in cs]
+            ax.bar(x + (i - (len(groups) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
+                   label=f"{g.group} (n={len(g.runs)})")
+        ax.set_xticks(x, [header(c).split(" ", 1)[1] if "/" in c else header(c) for c in cs])
+        ax.set_title(name)
+        ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(
+    run_dirs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    labels: dict[str, str] | None = None,
+    baseline: str | None = "scratch",
+    published: bool = False,
+    skip_invalid: bool = False,
+    name: str = "ap_table",
+    title: str = "AP comparison",
+) -> dict[str, Path]:
+    """Read the runs and write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` into ``out_dir``.
+
+    Raises:
+        ResultError: a run's results are missing or malformed (without ``skip_invalid``), no valid run is left, or
+            the baseline group does not exist.
+    """
+    runs, skipped = collect_runs(run_dirs, labels, skip_invalid)
+    if not runs:
+        raise ResultError("no valid run directory" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+    groups = aggregate(runs)
+    markdown = render_markdown(groups, baseline, skipped, published, title)
+    table = render_csv(groups, baseline, published)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "chart": out / f"{name}.png"}
+    paths["markdown"].write_text(markdown, encoding="utf-8")
+    paths["csv"].write_text(table, encoding="utf-8")
+    plot_bars(groups, paths["chart"], title)
+    return paths

@@ -1,0 +1,104 @@
+"""Pretraining config: defaults, _BASE_ files, overrides and one-line validation errors naming the key."""
+from pathlib import Path
+
+import pytest
+
+from mae_det.config.pretrain import ConfigError, get_pretrain_cfg, load_pretrain_cfg, resolve_arch, validate_pretrain_cfg
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    return str(d)
+
+
+def _cfg(data_dir, *opts):
+    return load_pretrain_cfg(None, ["DATA.PATH", data_dir, *opts])
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_follow_the_paper():
+    cfg = get_pretrain_cfg()
+    assert (cfg.MODEL.MASK_RATIO, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == (0.75, 1.5e-4, 0.05)
+    assert tuple(cfg.SOLVER.BETAS) == (0.9, 0.95) and tuple(cfg.DATA.SCALE) == (0.2, 1.0)
+    assert cfg.SOLVER.DECAY_TOKENS and cfg.MONITOR.KNN.ENABLED is False
+    assert resolve_arch(cfg) == {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0,
+                                 "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+
+
+def test_shipped_configs_load_with_base(data_dir):
+    base = load_pretrain_cfg(CONFIGS / "mae_vit_base_in1k.yaml", ["DATA.PATH", data_dir])
+    assert base.MODEL.ARCH == "mae_vit_base_patch16" and base.MODEL.NORM_PIX_LOSS  # from Base-Pretrain.yaml
+    assert (base.SOLVER.EPOCHS, base.SOLVER.WARMUP_EPOCHS, base.SOLVER.EFFECTIVE_BATCH_SIZE) == (800, 40, 4096)
+    large = load_pretrain_cfg(CONFIGS / "mae_vit_large_in1k.yaml", ["DATA.PATH", data_dir])
+    assert resolve_arch(large)["depth"] == 24
+    tiny = load_pretrain_cfg(CONFIGS / "folder_vit_tiny_cpu.yaml", ["DATA.PATH", data_dir])
+    assert resolve_arch(tiny)["patch_size"] == 8 and tiny.MODEL.IMG_SIZE % 8 == 0
+
+
+def test_overrides_and_int_for_float(data_dir):
+    cfg = _cfg(data_dir, "SOLVER.MIN_LR", "0", "MODEL.EMBED_DIM", "64", "MODEL.NUM_HEADS", "2", "DATA.SCALE", "(0.5, 1)")
+    assert isinstance(cfg.SOLVER.MIN_LR, float) and resolve_arch(cfg)["embed_dim"] == 64
+    assert tuple(cfg.DATA.SCALE) == (0.5, 1.0)
+
+
+def test_unknown_key_on_command_line_and_in_file(data_dir, tmp_path):
+    assert "unknown config key 'MODEL.MASK_RATOI'" in _error(_cfg, data_dir, "MODEL.MASK_RATOI", "0.5")
+    f = tmp_path / "x.yaml"
+    f.write_text(f"_BASE_: {CONFIGS / 'Base-Pretrain.yaml'}\nSOLVER:\n  EPOCS: 3\n")
+    msg = _error(load_pretrain_cfg, f, ["DATA.PATH", data_dir])
+    assert str(f) in msg and "unknown config key" in msg and "EPOCS" in msg
+
+
+def test_wrong_type(data_dir, tmp_path):
+    msg = _error(_cfg, data_dir, "SOLVER.EPOCHS", "'many'")
+    assert "SOLVER.EPOCHS" in msg
+    f = tmp_path / "t.yaml"
+    f.write_text("MODEL:\n  NORM_PIX_LOSS: 3\n")
+    assert "MODEL.NORM_PIX_LOSS" in _error(load_pretrain_cfg, f, ["DATA.PATH", data_dir])
+    cfg = _cfg(data_dir)
+    cfg.MODEL.IMG_SIZE = "224"
+    assert _error(validate_pretrain_cfg, cfg) == "config key MODEL.IMG_SIZE: expected int, got str '224'"
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_mask_ratio_range(data_dir, ratio):
+    assert f"MODEL.MASK_RATIO: expected a value in [0, 1), got {float(ratio)}" == _error(_cfg, data_dir, "MODEL.MASK_RATIO", ratio)
+
+
+def test_mask_ratio_zero_is_valid(data_dir):
+    assert _cfg(data_dir, "MODEL.MASK_RATIO", "0.0").MODEL.MASK_RATIO == 0.0
+
+
+def test_image_size_not_divisible_by_patch(data_dir):
+    msg = _error(_cfg, data_dir, "MODEL.IMG_SIZE", "100")
+    assert msg == "MODEL.IMG_SIZE: 100 is not a positive multiple of the patch size 16"
+    assert _cfg(data_dir, "MODEL.IMG_SIZE", "100", "MODEL.PATCH_SIZE", "10").MODEL.IMG_SIZE == 100
+
+
+def test_data_path_empty_or_missing(tmp_path):
+    assert "DATA.PATH is empty" in _error(load_pretrain_cfg, None, [])
+    missing = str(tmp_path / "nowhere")
+    assert _error(load_pretrain_cfg, None, ["DATA.PATH", missing]) == f"DATA.PATH: {missing} does not exist"
+
+
+def test_other_checks(data_dir):
+    assert "MODEL.ARCH: unknown architecture 'vit_giant'" in _error(_cfg, data_dir, "MODEL.ARCH", "vit_giant")
+    assert "MODEL.MODE" in _error(_cfg, data_dir, "MODEL.MODE", "contrastive")
+    assert "SOLVER.WARMUP_EPOCHS" in _error(_cfg, data_dir, "SOLVER.EPOCHS", "10", "SOLVER.WARMUP_EPOCHS", "10")
+    assert "PRECISION: fp16 needs a GPU" in _error(_cfg, data_dir, "PRECISION", "fp16", "DEVICE", "cpu")
+    assert "MODEL.EMBED_DIM: 64 is not divisible by MODEL.NUM_HEADS 12" == _error(_cfg, data_dir, "MODEL.EMBED_DIM", "64")
+    assert "DATA.MEAN/DATA.STD" in _error(_cfg, data_dir, "MODEL.IN_CHANS", "1")
+    assert "MONITOR.KNN.TRAIN_ROOT is empty" in _error(_cfg, data_dir, "MONITOR.KNN.ENABLED", "True")
+    assert "odd list" in _error(_cfg, data_dir, "SEED")
+    assert "config file not found" in _error(load_pretrain_cfg, "/no/such.yaml", [])

@@ -1,0 +1,92 @@
+"""ImageFolderDataset: labels from sorted folder names, clear errors, counted skips of unreadable images."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_det.data.classification import (
+    ClassificationDataError,
+    ImageFolderDataset,
+    SkipCounter,
+    collate_skipping,
+    eval_transform,
+    train_transform,
+)
+
+
+def _write(path: Path, color: tuple[int, int, int], size: int = 24) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), color, np.uint8)).save(path)
+
+
+def test_labels_follow_sorted_folder_names(tmp_path):
+    for name in ("zebra", "ant", "mole"):
+        for i in range(2):
+            _write(tmp_path / name / f"{i}.png", (10, 20, 30))
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ["ant", "mole", "zebra"]
+    assert ds.targets == [0, 0, 1, 1, 2, 2]
+    img, label, path = ds[4]
+    assert label == 2 and path.endswith("zebra/0.png") and img.size == (24, 24)
+
+
+def test_val_split_takes_train_label_set(tmp_path):
+    for name in ("a", "b", "c"):
+        _write(tmp_path / "train" / name / "0.png", (0, 0, 0))
+    _write(tmp_path / "val" / "c" / "0.png", (0, 0, 0))
+    train = ImageFolderDataset(tmp_path / "train")
+    val = ImageFolderDataset(tmp_path / "val", classes=train.classes)
+    assert val.targets == [2] and val.num_classes == 3
+    _write(tmp_path / "val" / "d" / "0.png", (0, 0, 0))
+    with pytest.raises(ClassificationDataError, match=r"\['d'\].*not among the training classes"):
+        ImageFolderDataset(tmp_path / "val", classes=train.classes)
+
+
+def test_errors_name_the_folder(tmp_path):
+    with pytest.raises(ClassificationDataError, match="classification folder not found: .*missing"):
+        ImageFolderDataset(tmp_path / "missing")
+    _write(tmp_path / "flat" / "0.png", (0, 0, 0))
+    with pytest.raises(ClassificationDataError, match=r"no labels: .*flat has no class sub-folders"):
+        ImageFolderDataset(tmp_path / "flat")
+    _write(tmp_path / "tree" / "cat" / "0.png", (0, 0, 0))
+    (tmp_path / "tree" / "dog").mkdir()
+    with pytest.raises(ClassificationDataError, match=r"class folder .*tree/dog has no image files"):
+        ImageFolderDataset(tmp_path / "tree")
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    _write(tmp_path / "cat" / "0.png", (0, 0, 0))
+    _write(tmp_path / "cat" / "1.png", (0, 0, 0))
+    (tmp_path / "cat" / "2.png").write_bytes(b"\x89PNG truncated")
+    _write(tmp_path / "dog" / "0.png", (255, 255, 255))
+    lazy = ImageFolderDataset(tmp_path, eval_transform(16, 1.0))
+    imgs, labels, errors = collate_skipping([lazy[i] for i in range(len(lazy))])
+    assert imgs.shape == (3, 3, 16, 16) and labels.tolist() == [0, 0, 1]
+    assert len(errors) == 1 and "cat/2.png" in errors[0]
+    counter = SkipCounter("set", max_fraction=0.5)
+    counter.update(len(labels), errors)
+    counter.check()
+    assert (counter.skipped, counter.seen) == (1, 4)
+    strict = SkipCounter("set", max_fraction=0.1)
+    strict.update(len(labels), errors)
+    with pytest.raises(ClassificationDataError, match="set: 1 of 4 images are unreadable"):
+        strict.check()
+
+    verified = ImageFolderDataset(tmp_path, verify=True)
+    assert len(verified) == 3 and len(verified.skipped) == 1
+    (tmp_path / "dog" / "0.png").write_bytes(b"")
+    with pytest.raises(ClassificationDataError, match=r"class folder .*dog has no readable images"):
+        ImageFolderDataset(tmp_path, verify=True)
+
+
+def test_transforms_shapes_and_normalization(tmp_path):
+    _write(tmp_path / "x.png", (124, 116, 104), size=40)  # ~ the ImageNet mean
+    img = Image.open(tmp_path / "x.png").convert("RGB")
+    x = eval_transform(32)(img)
+    assert x.shape == (3, 32, 32) and x.abs().max() < 0.02
+    torch.manual_seed(0)
+    y = train_transform(32, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.0)(img)
+    assert y.shape == (3, 32, 32) and torch.isfinite(y).all()

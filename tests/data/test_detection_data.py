@@ -1,0 +1,253 @@
+"""COCO-format registration, hostile json handling and the LSJ mapper (mae_det.data.detection)."""
+import json
+import os
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mae_det.config.detection import get_det_cfg
+from mae_det.data.detection import (
+    DatasetError,
+    build_detection_mapper,
+    check_dataset_files,
+    check_num_classes,
+    parse_coco_instances,
+    register_coco_dataset,
+    register_datasets,
+)
+
+H, W = 64, 96
+
+
+def _write_images(root, names, h=H, w=W):
+    os.makedirs(root, exist_ok=True)
+    for n in names:
+        img = np.zeros((h, w, 3), np.uint8)
+        img[10:40, 20:60] = 200
+        Image.fromarray(img).save(os.path.join(root, n))
+
+
+def _rect(x, y, w, h):
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+def _dataset(tmp_path, data, images=("a.png", "b.png", "c.png")):
+    root = tmp_path / "images"
+    _write_images(root, images)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    return str(path), str(root)
+
+
+def _images(n=3):
+    return [{"id": i + 1, "file_name": "abc"[i] + ".png", "height": H, "width": W} for i in range(n)]
+
+
+def _ann(i, image_id, cat, bbox, segm=None, **kw):
+    a = {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "iscrowd": 0, "area": 1.0}
+    if segm is not None:
+        a["segmentation"] = segm
+    return {**a, **kw}
+
+
+def test_noncontiguous_category_ids_are_mapped_in_id_order(tmp_path):
+    cats = [{"id": 12, "name": "c"}, {"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    anns = [_ann(1, 1, 12, [20, 10, 40, 30], _rect(20, 10, 40, 30)), _ann(2, 2, 3, [0, 0, 5, 5], _rect(0, 0, 5, 5))]
+    records, classes, id_map, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(), "annotations": anns, "categories": cats}))
+    assert classes == ["a", "b", "c"]
+    assert id_map == {3: 0, 7: 1, 12: 2}
+    assert [r["image_id"] for r in records] == [1, 2, 3]
+    assert [a["category_id"] for r in records for a in r["annotations"]] == [2, 0]
+    assert records[2]["annotations"] == []  # image without annotations kept
+    assert report.images == 3 and report.annotations == 2 and not report.skipped
+
+
+def test_hostile_annotations_are_skipped_and_counted(tmp_path):
+    crowd = mask_util.encode(np.asfortranarray(np.pad(np.ones((10, 10), np.uint8), ((5, H - 15), (5, W - 15)))))
+    crowd_uncompressed = {"size": [H, W], "counts": [5 * H + 5] + [10, H - 10] * 9 + [10, H * W - (5 * H + 5) - 10 * 10 - (H - 10) * 9]}
+    anns = [
+        _ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)),                       # kept
+        _ann(2, 99, 1, [1, 1, 5, 5], _rect(1, 1, 5, 5)),                              # unknown image
+        _ann(3, 1, 1, [1, 1, 5, 5], [[1, 1, 5, 5]]),                                  # 2-point polygon
+        _ann(4, 1, 1, [1, 1, 0, 5], _rect(1, 1, 0, 5)),                               # zero width
+        _ann(5, 1, 1, [1, 1, 5, -3], _rect(1, 1, 5, 3)),                              # negative height
+        _ann(6, 2, 42, [1, 1, 5, 5], _rect(1, 1, 5, 5)),                              # unknown category
+        _ann(7, 2, 1, [1, 1, "x", 5], _rect(1, 1, 5, 5)),                             # malformed box
+        _ann(8, 2, 1, [5, 5, 10, 10], {"size": [H, W], "counts": crowd["counts"].decode()}, iscrowd=1),  # crowd RLE
+        _ann(9, 2, 1, [5, 5, 10, 10], {"size": [H + 1, W], "counts": crowd["counts"].decode()}),         # RLE size
+        _ann(10, 2, 1, [5, 5, 10, 10], crowd_uncompressed, iscrowd=1),                # uncompressed crowd RLE
+        _ann(11, 3, 1, [1, 1, 5, 5]),                                                 # no mask among masked
+        _ann(12, 3, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30) + [[1, 2]]),           # one bad part: kept
+        _ann(13, 4, 1, [1, 1, 5, 5], _rect(1, 1, 5, 5)),                              # image file missing
+        "not an annotation",
+    ]
+    images = _images() + [{"id": 4, "file_name": "missing.png", "height": H, "width": W},
+                          {"id": 5, "file_name": "d.png"}]  # no height/width
+    records, _, _, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    assert report.skipped == {
+        "annotations whose image_id is not among the images": 2,
+        "polygons with < 3 points": 1,
+        "zero/negative-size boxes": 2,
+        "annotations whose category_id is not among the categories": 1,
+        "malformed boxes": 1,
+        "RLE masks whose size differs from the image": 1,
+        "annotations without a mask in a dataset with masks": 1,
+        "polygon parts with < 3 points dropped (instance kept)": 1,
+        "images whose file is missing": 1,
+        "malformed image entries": 1,
+        "malformed annotations": 1,
+    }
+    by_image = {r["image_id"]: r["annotations"] for r in records}
+    assert sorted(by_image) == [1, 2, 3]
+    assert len(by_image[1]) == 1 and by_image[1][0]["iscrowd"] == 0
+    crowds = by_image[2]
+    assert [a["iscrowd"] for a in crowds] == [1, 1]
+    assert all(isinstance(a["segmentation"], dict) for a in crowds)
+    assert mask_util.area(crowds[0]["segmentation"]) == 100 and mask_util.area(crowds[1]["segmentation"]) == 100
+    assert by_image[3][0]["segmentation"] == _rect(20, 10, 40, 30)
+    assert report.annotations == 4
+    assert "skipped 14" in report.summary()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "COCO json not found"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "top level must be an object"),
+    ('{"images": [], "annotations": []}', "'categories' must be a list"),
+    ('{"images": [], "categories": []}', "'categories' is empty"),
+    ('{"images": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}', "category id 1 appears twice"),
+    ('{"images": [], "categories": [{"id": "1", "name": "a"}]}', "integer 'id'"),
+])
+def test_unusable_json_is_a_one_line_error_naming_the_file(tmp_path, content, expected):
+    path = tmp_path / "ann.json"
+    if content is not None:
+        path.write_text(content)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=expected) as e:
+        parse_coco_instances(str(path), str(tmp_path / "images"))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_image_root_names_path_and_key(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text('{"images": [], "categories": [{"id": 1, "name": "a"}]}')
+    with pytest.raises(DatasetError, match=r"image root not found: .*nowhere \(set the path in DATASETS.REGISTER\)"):
+        parse_coco_instances(str(path), str(tmp_path / "nowhere"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.fixed_dictionaries({
+    "image_id": st.one_of(st.integers(0, 3), st.text(max_size=2), st.none()),
+    "category_id": st.one_of(st.integers(0, 3), st.booleans(), st.floats()),
+    "bbox": st.one_of(st.lists(st.one_of(st.floats(allow_nan=True), st.integers(-5, 50)), max_size=5), st.text(max_size=3)),
+    "segmentation": st.one_of(
+        st.lists(st.lists(st.floats(-10, 100), max_size=10), max_size=3),
+        st.fixed_dictionaries({"size": st.lists(st.integers(0, 100), max_size=3), "counts": st.text(max_size=6)}),
+        st.none(), st.integers()),
+    "iscrowd": st.one_of(st.integers(0, 1), st.none()),
+}), max_size=8))
+def test_fuzzed_annotations_never_crash_and_kept_ones_are_valid(tmp_path_factory, anns):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    records, classes, _, report = parse_coco_instances(*_dataset(tmp, {
+        "images": _images(), "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    kept = [a for r in records for a in r["annotations"]]
+    assert report.annotations == len(kept) and len(kept) + sum(report.skipped.values()) >= len(anns)
+    for a in kept:
+        assert a["bbox"][2] > 0 and a["bbox"][3] > 0 and 0 <= a["category_id"] < len(classes)
+        if isinstance(a.get("segmentation"), list):
+            assert all(len(p) >= 6 and len(p) % 2 == 0 for p in a["segmentation"])
+
+
+def _cfg(tmp_path, **datasets):
+    cfg = get_det_cfg()
+    cfg.DATASETS.REGISTER = [[k, *v] for k, v in datasets.items()]
+    return cfg
+
+
+def test_registration_and_empty_image_filtering(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)),
+            _ann(2, 2, 1, [5, 5, 10, 10], _rect(5, 5, 10, 10), iscrowd=1)]
+    json_file, root = _dataset(tmp_path, {"images": _images(), "annotations": anns,
+                                          "categories": [{"id": 4, "name": "box"}]} | {"annotations": [
+                                              {**a, "category_id": 4} for a in anns]})
+    cfg = _cfg(tmp_path, b2_reg=(json_file, root))
+    cfg.DATASETS.TRAIN = ("b2_reg",)
+    register_datasets(cfg)
+    assert len(DatasetCatalog.get("b2_reg")) == 3  # evaluation keeps images without (non-crowd) annotations
+    assert MetadataCatalog.get("b2_reg").thing_classes == ["box"]
+    assert not hasattr(MetadataCatalog.get("b2_reg"), "json_file")  # evaluated against the checked records
+    assert [d["image_id"] for d in get_detection_dataset_dicts("b2_reg", filter_empty=True)] == [1]
+    assert len(get_detection_dataset_dicts("b2_reg", filter_empty=False)) == 3
+    register_datasets(cfg)  # same paths again: no-op
+    other = tmp_path / "other"
+    other.mkdir()
+    json2, root2 = _dataset(other, {"images": _images(1), "annotations": [], "categories": [{"id": 1, "name": "x"}]})
+    register_coco_dataset("b2_reg", json2, root2)  # our own name, new paths: re-registered
+    assert len(DatasetCatalog.get("b2_reg")) == 1
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 0
+    with pytest.raises(DatasetError, match="has 1 categories but MODEL.ROI_HEADS.NUM_CLASSES is 0"):
+        check_num_classes(cfg, ["b2_reg"])
+
+
+def test_missing_and_unregistered_datasets_give_clear_errors(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, b2_missing=(str(tmp_path / "no.json"), str(tmp_path)))
+    cfg.DATASETS.TRAIN = ("b2_missing",)
+    with pytest.raises(DatasetError, match=r"annotation file not found: .*no.json \(set the paths of 'b2_missing' in DATASETS.REGISTER\)"):
+        register_datasets(cfg)
+    cfg.DATASETS.TRAIN = ("b2_unknown",)
+    with pytest.raises(DatasetError, match="'b2_unknown' in DATASETS.TRAIN is not registered"):
+        register_datasets(cfg)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=r"coco_2017_val': annotation file not found: .*instances_val2017.json .*DETECTRON2_DATASETS"):
+        check_dataset_files("coco_2017_val", "DATASETS.TEST")
+    with pytest.raises(DatasetError, match="'coco_2017_val' is already a Detectron2 dataset"):
+        register_coco_dataset("coco_2017_val", str(tmp_path / "x.json"), str(tmp_path))
+
+
+def _lsj_cfg(scale):
+    cfg = get_det_cfg()
+    cfg.INPUT.LSJ.ENABLED = True
+    cfg.INPUT.LSJ.IMAGE_SIZE = 48
+    cfg.INPUT.LSJ.MIN_SCALE = cfg.INPUT.LSJ.MAX_SCALE = scale
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.MASK_ON = True
+    return cfg
+
+
+@pytest.mark.parametrize("scale, expected_hw", [(2.0, (48, 48)), (0.5, (16, 24))])
+def test_lsj_mapper_output_size_and_recomputed_boxes(tmp_path, scale, expected_hw):
+    anns = [_ann(1, 1, 1, [0, 0, W, H], _rect(20, 10, 40, 30)), _ann(2, 1, 1, [60, 40, 30, 20], _rect(60, 40, 30, 20))]
+    records, *_ = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    mapper = build_detection_mapper(_lsj_cfg(scale), is_train=True)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    for _ in range(4):
+        out = mapper(records[0])
+        assert tuple(out["image"].shape) == (3, *expected_hw)
+        inst = out["instances"]
+        assert tuple(inst.gt_masks.tensor.shape[1:]) == expected_hw
+        # Boxes are recomputed from the (cropped) masks: tight, not the loose json box of annotation 1.
+        assert torch.equal(inst.gt_boxes.tensor, inst.gt_masks.get_bounding_boxes().tensor)
+        assert (inst.gt_boxes.tensor[:, 2] <= expected_hw[1]).all() and (inst.gt_boxes.tensor[:, 3] <= expected_hw[0]).all()
+    assert records[0]["annotations"][0]["segmentation"] == _rect(20, 10, 40, 30)  # input not mutated
+    if scale == 0.5:  # nothing cropped: the first mask is the 40x30 rectangle at 1/3 scale, its box tight
+        w, h = (inst.gt_boxes.tensor[0, 2:] - inst.gt_boxes.tensor[0, :2]).tolist()
+        assert abs(w - 40 / 3) <= 1.5 and abs(h - 10) <= 1.5
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("shapely") is not None, reason="shapely installed")
+def test_lsj_with_polygon_masks_without_shapely_is_a_clear_error():
+    cfg = _lsj_cfg(1.0)
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    with pytest.raises(DatasetError, match="set INPUT.MASK_FORMAT bitmask or install shapely"):
+        build_detection_mapper(cfg, is_train=True)

@@ -1,0 +1,213 @@
+"""load_image on hostile files: each either decodes to 8-bit RGB or raises a one-line ImageLoadError."""
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mae_det.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+
+
+def _expect_error(path, fragment: str, **kw) -> str:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path, **kw)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and fragment in msg, msg
+    return msg
+
+
+def _png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _with_declared_size(png: bytes, width: int, height: int) -> bytes:
+    """The same PNG with its IHDR claiming another size (valid CRC), e.g. a decompression bomb."""
+    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
+    return png[:8] + png[8:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+def test_plain_rgb_roundtrip(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    p = tmp_path / "a.png"
+    Image.fromarray(arr).save(p)
+    im = load_image(p)
+    assert im.mode == "RGB" and im.size == (9, 7)
+    np.testing.assert_array_equal(np.asarray(im), arr)
+
+
+def test_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    _expect_error(p, "empty file (0 bytes)")
+
+
+def test_truncated_jpeg(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _expect_error(p, "truncated")
+
+
+def test_text_file_with_image_extension(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("this is not a picture\n")
+    _expect_error(p, "not a recognized image format")
+
+
+def test_missing_file_and_directory(tmp_path):
+    _expect_error(tmp_path / "nope.png", "cannot access file")
+    d = tmp_path / "folder.png"
+    d.mkdir()
+    _expect_error(d, "is a directory")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files regardless of permissions")
+def test_unreadable_permissions(tmp_path):
+    p = tmp_path / "secret.png"
+    p.write_bytes(_png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    p.chmod(0)
+    try:
+        _expect_error(p, "permission denied")
+    finally:
+        p.chmod(0o644)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    p = tmp_path / "deep.png"
+    Image.fromarray(values).save(p)
+    assert Image.open(p).mode.startswith("I")
+    out = np.asarray(load_image(p))
+    assert out.shape == (1, 4, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255])
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    p = tmp_path / "gray.png"
+    Image.fromarray(np.array([[0, 100, 255]], np.uint8), "L").save(p)
+    out = np.asarray(load_image(p))
+    np.testing.assert_array_equal(out[0], [[0, 0, 0], [100, 100, 100], [255, 255, 255]])
+
+
+def test_rgba_is_composited_on_black(tmp_path):
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 128], [255, 255, 255, 0]]], np.uint8)
+    p = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(p)
+    out = np.asarray(load_image(p)).astype(int)
+    np.testing.assert_array_equal(out[0, 0], [200, 100, 50])
+    np.testing.assert_array_equal(out[0, 1], np.rint(np.array([200, 100, 50]) * 128 / 255))
+    np.testing.assert_array_equal(out[0, 2], [0, 0, 0])
+
+
+def test_palette_with_transparency(tmp_path):
+    im = Image.new("P", (2, 1))
+    im.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    im.putpixel((0, 0), 0)
+    im.putpixel((1, 0), 1)
+    p = tmp_path / "pal.png"
+    im.save(p, transparency=1)
+    out = np.asarray(load_image(p))
+    np.testing.assert_array_equal(out[0], [[255, 0, 0], [0, 0, 0]])
+
+
+def test_cmyk_jpeg(tmp_path):
+    p = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(p, quality=95)  # pure red in CMYK
+    im = load_image(p)
+    r, g, b = np.asarray(im).reshape(-1, 3).mean(0)
+    assert im.mode == "RGB" and r > 240 and g < 15 and b < 15
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)  # left half red
+    arr[:, 10:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    p = tmp_path / "rot.jpg"
+    Image.fromarray(arr).save(p, exif=exif, quality=95)
+    im = load_image(p)
+    assert im.size == (10, 20)
+    out = np.asarray(im).astype(int)
+    assert out[2, 5, 0] > 200 and out[2, 5, 2] < 50  # top is the former left (red)
+    assert out[17, 5, 2] > 200 and out[17, 5, 0] < 50  # bottom is the former right (blue)
+
+
+def test_tiny_image(tmp_path):
+    p = tmp_path / "tiny.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(p)
+    im = load_image(p)
+    assert im.size == (8, 8) and im.getpixel((7, 7)) == (1, 2, 3)
+
+
+def test_multiframe_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (4, 4), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    assert load_image(p).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_large_jpeg_is_decoded_downscaled(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1000), (0, 128, 255)).save(p)
+    assert load_image(p).size == (2000, 1000)
+    im = load_image(p, max_pixels=600_000)  # DCT scaling 1/2 fits (1000 x 500)
+    assert im.size == (1000, 500)
+    assert load_image(p, max_pixels=40_000).size == (250, 125)  # 1/8
+    _expect_error(p, "exceeds the limit", max_pixels=10_000)  # even 1/8 is too large
+
+
+def test_bomb_png_is_refused_before_decoding(tmp_path):
+    png = _png_bytes(np.zeros((2, 2, 3), np.uint8))
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_with_declared_size(png, 20000, 20000))
+    msg = _expect_error(p, "exceeds the limit")
+    assert "20000x20000" in msg and str(DEFAULT_MAX_PIXELS) in msg
+
+
+def test_non_jpeg_over_limit(tmp_path):
+    p = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(p)
+    _expect_error(p, "300x200 = 60000 pixels exceeds", max_pixels=50_000)
+
+
+_SEED_PNG = _png_bytes(np.random.default_rng(2).integers(0, 256, (6, 5, 3), dtype=np.uint8))
+_jpeg = io.BytesIO()
+Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(_jpeg, "JPEG")
+_SEED_JPEG = _jpeg.getvalue()
+
+
+@st.composite
+def _hostile_bytes(draw):
+    kind = draw(st.sampled_from(["random", "png", "jpeg"]))
+    if kind == "random":
+        return draw(st.binary(min_size=0, max_size=512))
+    data = bytearray(_SEED_PNG if kind == "png" else _SEED_JPEG)
+    for _ in range(draw(st.integers(0, 8))):
+        pos = draw(st.integers(0, len(data) - 1))
+        data[pos] = draw(st.integers(0, 255))
+    cut = draw(st.integers(1, len(data)))
+    return bytes(data[:cut])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=_hostile_bytes(), ext=st.sampled_from([".png", ".jpg", ".gif"]))
+def test_fuzz_decoding_never_raises_anything_else(tmp_path, blob, ext):
+    p = tmp_path / f"fuzz{ext}"
+    p.write_bytes(blob)
+    try:
+        im = load_image(p, max_pixels=1_000_000)
+    except ImageLoadError as e:
+        assert str(e).startswith(str(p)) and "\n" not in str(e)
+    else:
+        assert im.mode == "RGB" and im.width * im.height >= 1
+        np.asarray(im)  # the pixels are really there

@@ -1,0 +1,89 @@
+"""Linear probe: learns separable features, leaves the frozen encoder bit-identical."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_det.evaluation.linear_probe import LinearProbeHead, linear_probe_features, linear_probe_folders
+from mae_det.modeling.vit import VisionTransformer
+
+
+def _color_folders(root: Path, n_train: int, n_val: int) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, color in enumerate([(220, 30, 30), (30, 200, 40), (40, 60, 220)]):
+            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(color) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+
+
+@pytest.fixture
+def one_thread():
+    """The head-only tests run thousands of tiny ops; on a loaded 2-core machine, OpenMP hand-offs between two
+    threads cost more than the ops themselves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(4, 24, generator=torch.Generator().manual_seed(99)) * 2 + 5  # offset: BN must center
+    y = torch.arange(4).repeat_interleave(n_per_class)
+    return centers[y] + 0.5 * torch.randn(len(y), 24, generator=g), y
+
+
+def test_head_is_batchnorm_without_affine_then_linear():
+    head = LinearProbeHead(16, 5)
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
+    assert head[1].weight.shape == (5, 16) and head[1].weight.std() < 0.02
+
+
+# LARS at the recipe's actual lr (0.1 x 16384 / 256 = 6.4): its steps are relative to the weight norm.
+@pytest.mark.parametrize("optimizer, base_lr", [("lars", 25.6), ("sgd", 1.0)])
+def test_probe_learns_separable_features(optimizer, base_lr, one_thread):
+    xtr, ytr = _separable(50, seed=0)
+    xva, yva = _separable(25, seed=1)
+    res = linear_probe_features(xtr, ytr, xva, yva, 4, epochs=40, batch_size=64, base_lr=base_lr,
+                                optimizer=optimizer, warmup_epochs=2, progress=False)
+    assert res["linear_top1"] == 100.0
+    assert res["batch_size"] == 64 and res["epochs"] == 40 and res["lr"] == pytest.approx(base_lr / 4)
+    # Same seed, same result: the head init and batch order do not depend on the global RNG.
+    torch.manual_seed(123)
+    again = linear_probe_features(xtr, ytr, xva, yva, 4, epochs=3, batch_size=64, optimizer=optimizer,
+                                  warmup_epochs=1, progress=False)
+    torch.manual_seed(456)
+    again2 = linear_probe_features(xtr, ytr, xva, yva, 4, epochs=3, batch_size=64, optimizer=optimizer,
+                                   warmup_epochs=1, progress=False)
+    assert again == again2
+
+
+def test_probe_on_shuffled_labels_stays_near_chance(one_thread):
+    xtr, _ = _separable(50, seed=0)
+    xva, _ = _separable(50, seed=1)
+    g = torch.Generator().manual_seed(3)
+    res = linear_probe_features(xtr, torch.randint(0, 4, (200,), generator=g), xva,
+                                torch.randint(0, 4, (200,), generator=g), 4, epochs=20, batch_size=64,
+                                warmup_epochs=2, progress=False)
+    assert res["linear_top1"] < 45.0  # chance is 25 %
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_encoder_weights_stay_bit_identical(tmp_path, augment):
+    _color_folders(tmp_path, n_train=6, n_val=3)
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.1)
+    enc.train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    res = linear_probe_folders(enc, tmp_path / "train", tmp_path / "val", img_size=32, augment=augment,
+                               epochs=3, batch_size=8, base_lr=0.5, warmup_epochs=1, feature_batch_size=9,
+                               precision="fp32", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    assert all(p.grad is None for p in enc.parameters())
+    assert enc.training
+    assert res["num_train"] == 18 and res["num_val"] == 9 and res["augment"] is augment
+    assert 0.0 <= res["linear_top1"] <= 100.0 and "linear_top5" not in res

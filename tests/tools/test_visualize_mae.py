@@ -1,0 +1,123 @@
+"""tools/visualize_mae.py and mae_det.utils.visualize on a tiny MAE saved to a temporary folder."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_det.checkpoint import CheckpointError
+from mae_det.modeling import mae_vit_tiny_patch16
+from mae_det.utils import visualize
+from mae_det.utils.visualize import HEADER, PAD, grid_image_size, load_mae, visualize_images
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(depth=2, decoder_embed_dim=64, decoder_depth=1)  # tiny width, few blocks
+
+
+def tiny_model(norm_pix_loss: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return mae_vit_tiny_patch16(img_size=64, norm_pix_loss=norm_pix_loss, **SMALL)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)).save(folder / "sub" / "gray.jpg")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def panel(img: Image.Image, i: int, side: int = 192) -> np.ndarray:
+    x = PAD + i * (side + PAD)
+    return np.asarray(img)[HEADER : HEADER + side, x : x + side].astype(int)
+
+
+def test_our_checkpoint_norm_pix_grid(tmp_path, images, caplog):
+    ckpt = tmp_path / "ours.pth"
+    model = tiny_model(norm_pix_loss=True)
+    meta = {"model": "mae_vit_tiny_patch16", "img_size": 64, "norm_pix_loss": True, "in_chans": 3}
+    torch.save({"model": model.state_dict(), "meta": meta, "epoch": 3}, ckpt)
+    written = visualize_images(ckpt, [images], tmp_path / "out", mask_ratio=0.75, seed=1)
+    assert [p.name for p in written] == ["a.png", "gray.png"]
+    assert "skipped 1 of 3 images" in caplog.text and "broken.png" in caplog.text
+    img = Image.open(written[0])
+    assert img.size == grid_image_size((64, 64)) == (4 * 192 + 5 * PAD, HEADER + 192 + PAD)
+    assert "norm-pix model: prediction de-normalized with each target patch's own mean/std" in img.text["Title"]
+    assert "mask 75%" in img.text["Title"]
+    img = img.convert("RGB")
+    source = np.asarray(Image.open(images / "a.png").resize((192, 192), Image.NEAREST)).astype(int)
+    assert np.abs(panel(img, 0) - source).max() <= 1  # the original panel is the input image
+    # Visible patches (16x16 px, shown 48x48) are the input in the masked and pasted panels; removed ones gray.
+    patches = lambda a: a.reshape(4, 48, 4, 48, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)  # noqa: E731
+    same_masked = (np.abs(patches(panel(img, 1)) - patches(source)).max(1) <= 1)
+    same_pasted = (np.abs(patches(panel(img, 3)) - patches(source)).max(1) <= 1)
+    gray = (np.abs(patches(panel(img, 1)) - 128).max(1) <= 1)
+    assert same_masked.sum() == 4 and gray.sum() == 12 and (same_masked == same_pasted).all()
+    noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(1))
+    assert same_masked.tolist() == (torch.argsort(torch.argsort(noise[0])) < 4).tolist()
+
+
+def test_norm_pix_denormalization_uses_target_patch_statistics():
+    torch.manual_seed(1)
+    model = tiny_model(norm_pix_loss=True).eval()
+    image = torch.rand(3, 64, 64)
+    noise = torch.rand(1, 16)
+    panels = visualize.reconstruct(model, image, 0.75, noise)
+    mean, std = visualize._norm_stats(3)
+    x = ((image - mean) / std)[None]
+    _, pred, _ = model(x, 0.75, noise)
+    target = model.patchify(x)
+    expected = pred * target.var(-1, unbiased=True, keepdim=True).add(1e-6).sqrt() + target.mean(-1, keepdim=True)
+    expected = (model.unpatchify(expected)[0] * std + mean).clamp(0, 1)
+    torch.testing.assert_close(panels["reconstruction"], expected)
+
+
+def test_official_file_via_cli_and_same_seed_same_png(tmp_path, images):
+    ckpt = tmp_path / "mae_visualize_tiny.pth"
+    model = tiny_model(norm_pix_loss=False)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(norm_pix_loss=False)}, ckpt)
+    cmd = [sys.executable, "tools/visualize_mae.py", "--checkpoint", str(ckpt), "--input", str(images / "a.png"),
+           "--output", str(tmp_path / "cli"), "--seed", "7", "--mask-ratio", "0.5", "--img-size", "96"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1 image(s)" in proc.stdout
+    png = (tmp_path / "cli" / "a.png").read_bytes()
+    img = Image.open(tmp_path / "cli" / "a.png")
+    assert img.size == grid_image_size((96, 96)) == (4 * 192 + 5 * PAD, HEADER + 192 + PAD)
+    assert "pixel targets" in img.text["Title"] and "mae_vit_tiny_patch16" in img.text["Title"]
+    again = visualize_images(ckpt, [images / "a.png"], tmp_path / "again", mask_ratio=0.5, seed=7, img_size=96)
+    assert again[0].read_bytes() == png
+    other = visualize_images(ckpt, [images / "a.png"], tmp_path / "other", mask_ratio=0.5, seed=8, img_size=96)
+    assert other[0].read_bytes() != png
+
+
+def test_factory_inferred_and_tensors_fix_the_sizes(tmp_path):
+    ckpt = tmp_path / "bare.pth"
+    torch.save(tiny_model(norm_pix_loss=False).state_dict(), ckpt)
+    loaded = load_mae(ckpt)
+    assert loaded.name == "mae_vit_tiny_patch16" and loaded.img_size == (64, 64) and not loaded.norm_pix_loss
+    assert len(loaded.model.blocks) == 2 and len(loaded.model.decoder_blocks) == 1
+    assert load_mae(ckpt, norm_pix_loss=True).norm_pix_loss
+
+
+def test_unusable_checkpoints_raise_clear_errors(tmp_path):
+    sd = tiny_model(norm_pix_loss=False).state_dict()
+    encoder_only = tmp_path / "encoder.pth"
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}}, encoder_only)
+    with pytest.raises(CheckpointError, match="encoder.pth holds no decoder"):
+        load_mae(encoder_only)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model": sd}, wrong)
+    with pytest.raises(CheckpointError, match="wrong.pth does not fit mae_vit_base_patch16"):
+        load_mae(wrong, model_name="mae_vit_base_patch16")
+    odd = tmp_path / "odd.pth"
+    torch.save({"weights": sd}, odd)
+    with pytest.raises(CheckpointError, match="expected a dict with a 'model' state dict"):
+        load_mae(odd)

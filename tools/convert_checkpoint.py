@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Convert a pretrained ViT checkpoint into a Detectron2-ready file for the ViT-FPN model.
+
+    python tools/convert_checkpoint.py --input mae_pretrain_vit_base.pth --output vit_b_d2.pth \\
+        [--config-file configs/COCO/mask_rcnn_vit_b_mae.yaml] [--format auto] [KEY VALUE ...]
+
+Inputs: this project's pretraining checkpoints and encoder exports, official MAE checkpoints, timm ViT state
+dicts, Hugging Face ViTMAE weights (``pytorch_model.bin`` or ``model.safetensors``) and Detectron2 checkpoints
+(ours or ViTDet's). With a config, the encoder is checked against its model (width and depth) and the position
+table and patch kernel are resampled to its sizes; without one, keys are only renamed. The output,
+``{"model": ..., "__author__": "mae_det", "matching_heuristics": False}``, is read by ``MODEL.WEIGHTS``.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_det.checkpoint.convert import FORMATS, convert_to_detectron2  # noqa: E402
+from mae_det.checkpoint.io import CheckpointError, atomic_save  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="checkpoint to convert")
+    parser.add_argument("--output", required=True, help="Detectron2-ready .pth to write")
+    parser.add_argument("--config-file", default="", help="detection config of the target model (optional)")
+    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="input format (default: detect)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    try:
+        cfg = None
+        if args.config_file or args.opts:
+            from mae_det.config.detection import load_det_cfg
+
+            cfg = load_det_cfg(args.config_file, args.opts, training=False)
+        state, info = convert_to_detectron2(args.input, cfg, args.format)
+        atomic_save({"model": state, "__author__": "mae_det", "matching_heuristics": False}, args.output)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"convert_checkpoint: {e}")
+    print(f"[convert] {args.input} ({info['format']}) -> {args.output}: {len(state)} tensors under "
+          f"{info['encoder_prefix']}..., {len(info['dropped'])} keys dropped")
+    for note in info["notes"]:
+        print(f"[convert] {note}")
+
+
+if __name__ == "__main__":
+    main()

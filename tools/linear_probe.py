@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Linear probe of a frozen ViT encoder (BatchNorm without affine + linear head, LARS or SGD).
+
+    tools/linear_probe.py --config-file configs/classification/<name>.yaml [KEY VALUE ...]
+
+Writes OUTPUT_DIR/cls_results.json, run_info.json, config.yaml and log.txt. See ``mae_det.engine.finetune_cls``
+and ``mae_det.config.classification`` for every config key.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_det.engine.finetune_cls import linear_probe_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(linear_probe_main())

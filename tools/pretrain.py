@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""MAE (or supervised-baseline) pretraining of a ViT encoder.
+
+    tools/pretrain.py --config-file configs/pretrain/<name>.yaml [--resume] [--num-gpus N]
+                      [--num-machines M --machine-rank R --dist-url URL] [KEY VALUE ...]
+
+Also runs under ``torchrun --nproc-per-node N tools/pretrain.py ...``. See ``mae_det.engine.pretrain`` for the
+output directory layout and ``mae_det.config.pretrain`` for every config key.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_det.engine.pretrain import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

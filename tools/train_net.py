@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train or evaluate Mask R-CNN with the ViT-FPN backbone from a Detectron2 yacs config.
+
+    python tools/train_net.py --config-file configs/COCO/mask_rcnn_vit_b_mae.yaml --num-gpus 8 \\
+        MODEL.WEIGHTS mae_pretrain_vit_base.pth
+    python tools/train_net.py --config-file configs/COCO/mask_rcnn_vit_b_mae.yaml --resume       # continue
+    python tools/train_net.py --config-file configs/COCO/mask_rcnn_vit_b_mae.yaml --eval-only \\
+        MODEL.WEIGHTS output/coco/vit_b_mae/model_final.pth
+
+OUTPUT_DIR receives config.yaml, run_info.json, log.txt, metrics.json, TensorBoard events, model_*.pth +
+last_checkpoint, inference/ and ap_results.json. Without a GPU, MODEL.DEVICE falls back to cpu and
+``--num-gpus N`` starts N CPU processes (gloo). Exit codes: 0 done, 2 bad config / dataset / checkpoint (one
+``error:`` line), 3 training stopped on a non-finite loss (the last checkpoint is kept).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch.multiprocessing as mp  # noqa: E402
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
+from mae_det.data.detection import register_datasets  # noqa: E402
+from mae_det.engine.det_trainer import (  # noqa: E402
+    Trainer, build_checkpointer, completed_iterations, run_with_exit_codes, write_det_run_info,
+)
+
+
+def main(args):
+    cfg = setup_det_cfg(args)
+    register_datasets(cfg)
+    if comm.is_main_process():
+        write_det_run_info(cfg, eval_only=args.eval_only)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        extra = build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model, iteration=completed_iterations(extra))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def check_inputs(args):
+    """Config and dataset paths, checked once before any process is started."""
+    register_datasets(load_det_cfg(args.config_file, args.opts, training=not args.eval_only))
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    run_with_exit_codes(check_inputs, args)
+    try:
+        launch(
+            run_with_exit_codes, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+            dist_url=args.dist_url, args=(main, args),
+        )
+    except mp.ProcessExitedException as e:
+        sys.exit(e.exit_code or 1)
