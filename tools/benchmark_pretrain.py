@@ -16,7 +16,7 @@ from mae_det.utils.benchmark import format_report, run_benchmark
 
 # --quick: a tiny MAE and small matmuls, for smoke tests (seconds, figures not meaningful).
 QUICK = dict(model_name="mae_vit_tiny_patch16", img_size=64, batch_size=2, iters=2, warmup=1,
-             matmul_sizes=(256, 512), matmul_seconds=0.2,
+             matmul_sizes=(128, 256), matmul_seconds=0.1,
              model_kwargs=dict(depth=2, decoder_depth=1, decoder_embed_dim=128))
 
 

@@ -8,7 +8,8 @@ Inputs: this project's pretraining checkpoints and encoder exports, official MAE
 dicts, Hugging Face ViTMAE weights (``pytorch_model.bin`` or ``model.safetensors``) and Detectron2 checkpoints
 (ours or ViTDet's). With a config, the encoder is checked against its model (width and depth) and the position
 table and patch kernel are resampled to its sizes; without one, keys are only renamed. The output,
-``{"model": ..., "__author__": "mae_det", "matching_heuristics": False}``, is read by ``MODEL.WEIGHTS``.
+``{"model": ..., "__author__": "mae_det", "matching_heuristics": False, "source_format": ...}``, is read by
+``MODEL.WEIGHTS`` (the source format lets the load report tell new tables from missing ones).
 """
 import argparse
 import sys
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
 
             cfg = load_det_cfg(args.config_file, args.opts, training=False)
         state, info = convert_to_detectron2(args.input, cfg, args.format)
-        atomic_save({"model": state, "__author__": "mae_det", "matching_heuristics": False}, args.output)
+        atomic_save(
+            {"model": state, "__author__": "mae_det", "matching_heuristics": False, "source_format": info["origin"]},
+            args.output,
+        )
     except (CheckpointError, ValueError) as e:
         sys.exit(f"convert_checkpoint: {e}")
     print(f"[convert] {args.input} ({info['format']}) -> {args.output}: {len(state)} tensors under "

@@ -36,8 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("detectron2", "fvcore", "mae_det"):
-        setup_logger(name=name)
     cfg = load_predict_cfg(args.config_file, args.opts, args.confidence_threshold)
     summary = predict_to_dir(Predictor(cfg), args.input, args.output, args.batch_size, progress=not args.no_progress)
     log = logging.getLogger("mae_det.predict")
@@ -49,4 +47,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    for name in ("detectron2", "fvcore", "mae_det"):
+        setup_logger(name=name)
     sys.exit(run_with_exit_codes(main, parse_args()))

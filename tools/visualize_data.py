@@ -35,8 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("detectron2", "mae_det"):
-        setup_logger(name=name)
     cfg = load_det_cfg(args.config_file, args.opts, training=False)
     summary = visualize_dataset(cfg, args.output, args.source, args.dataset, args.num_images)
     print(f"{len(summary.written)} images written to {args.output}; {len(summary.failures)} unreadable images skipped")
@@ -44,4 +42,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    for name in ("detectron2", "mae_det"):
+        setup_logger(name=name)
     sys.exit(run_with_exit_codes(main, parse_args()))

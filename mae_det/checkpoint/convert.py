@@ -33,6 +33,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from ..modeling.vit import VisionTransformer, resize_rel_pos
+from .hf import hf_to_mae
 from .io import CheckpointError, load_checkpoint
 
 FORMATS = ("ours", "official", "timm", "hf", "d2", "vitdet")
@@ -234,8 +235,6 @@ def _encoder_of(ckpt: Mapping, fmt: str, src: str) -> tuple[str, dict[str, torch
         _, enc, rest = _detection_encoder(sd, src)
         return fmt, enc, rest, []
     if fmt == "hf":
-        from .hf import hf_to_mae
-
         sd = hf_to_mae(sd)
     enc, dropped = _split_vit_keys(sd, src)
     return fmt, enc, {}, dropped
@@ -307,7 +306,7 @@ def target_of(model_or_cfg: nn.Module | Any) -> Target:
     """
     if isinstance(model_or_cfg, nn.Module):
         model, outer = model_or_cfg, ""
-    else:
+    else:  # Detectron2 is imported only here: encoder-only users (classification) do without it
         from detectron2.layers import ShapeSpec
 
         from ..modeling.backbone import build_vit_fpn_backbone
@@ -395,8 +394,10 @@ def convert_to_detectron2(
         source: name used in messages.
 
     Returns:
-        (new state dict, info) with info keys ``format``, ``source``, ``encoder_prefix``, ``dropped`` (keys of
-        the checkpoint left out on purpose) and ``notes`` (resampling done).
+        (new state dict, info) with info keys ``format``, ``origin`` (the format the weights were first
+        converted from: differs from ``format`` for files of ``tools/convert_checkpoint.py``), ``source``,
+        ``encoder_prefix``, ``dropped`` (keys of the checkpoint left out on purpose) and ``notes`` (resampling
+        done).
     """
     ckpt, src = _open(path_or_dict, source)
     fmt, enc, rest, dropped = _encoder_of(ckpt, fmt, src)
@@ -414,7 +415,9 @@ def convert_to_detectron2(
         rest = _vitdet_pyramid(rest, int(enc["patch_embed.proj.weight"].shape[-1]), src)
     out = {f"{prefix}{k}": v for k, v in enc.items()}
     out.update({k: _tensor(v) for k, v in rest.items()})
-    info = dict(format=fmt, source=src, encoder_prefix=prefix, dropped=dropped, notes=notes)
+    # A file written by tools/convert_checkpoint.py is in our Detectron2 layout but holds pretraining weights.
+    origin = ckpt.get("source_format", fmt) if fmt == "d2" else fmt
+    info = dict(format=fmt, origin=origin, source=src, encoder_prefix=prefix, dropped=dropped, notes=notes)
     return out, info
 
 
@@ -465,6 +468,7 @@ class LoadReport:
 
     source: str
     format: str
+    origin: str
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -473,7 +477,10 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"Loaded {self.source} ({FORMAT_NAMES.get(self.format, self.format)} format)"]
+        kind = FORMAT_NAMES.get(self.format, self.format)
+        if self.origin != self.format:
+            kind += f", converted from {FORMAT_NAMES.get(self.origin, self.origin)}"
+        lines = [f"Loaded {self.source} ({kind})"]
 
         def section(title: str, keys: list[str]) -> None:
             lines.append(f"  {title}: {len(keys)}")
@@ -506,11 +513,12 @@ def build_load_report(
         info: the info of :func:`convert_to_detectron2`.
         incorrect_shapes: (key, checkpoint shape, model shape) skipped by the loader.
     """
-    fmt, prefix = info["format"], info["encoder_prefix"]
+    fmt, prefix = info["origin"], info["encoder_prefix"]
     missing = list(missing)
     return LoadReport(
         source=info["source"],
-        format=fmt,
+        format=info["format"],
+        origin=fmt,
         loaded=sorted(loaded),
         new=sorted(k for k in missing if _is_new_table(k, fmt, prefix)),
         missing=sorted(k for k in missing if not _is_new_table(k, fmt, prefix)),

@@ -59,8 +59,9 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         state, self._info = convert_to_detectron2(ckpt, self.model, self.weights_format, source=filename)
         extra = {}
         if self._info["format"] == "d2":
-            extra = {k: v for k, v in ckpt.items() if k not in ("model", "__author__", "matching_heuristics")}
-        return {**extra, "model": state, "matching_heuristics": False}
+            extra = {k: v for k, v in ckpt.items() if k not in ("model", "__author__", "matching_heuristics", "source_format")}
+        # No "matching_heuristics": the parent's loader then maps nothing by suffix.
+        return {**extra, "model": state}
 
     def _load_model(self, checkpoint: dict[str, Any]) -> _IncompatibleKeys:
         keys = set(checkpoint["model"])

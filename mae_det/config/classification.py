@@ -24,7 +24,9 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction a run fails
     AUG.SCALE: (0.08, 1.0)          RandomResizedCrop area range (fine-tuning)
     AUG.HFLIP: 0.5                  horizontal flip probability
-    AUG.RAND_AUGMENT: "rand-m9-mstd0.5-inc1"   timm auto-augment string ("" = off)
+    AUG.RAND_AUGMENT: "rand-m9-mstd0.5-inc1-mmax9"   timm auto-augment string ("" = off): the paper's
+                                    RandAug (9, 0.5) with the noisy magnitude capped at 9 rather than 10, since
+                                    at 10 timm asks Pillow (>= 13 refuses it) for a 0-bit posterize
     AUG.REPROB: 0.25                random-erasing probability
     AUG.MIXUP / CUTMIX: 0.8 / 1.0   timm Mixup alphas (both 0 = off)
     AUG.MIXUP_PROB / MIXUP_SWITCH_PROB: 1.0 / 0.5   per-batch probability of mixing / of cutmix over mixup
@@ -115,7 +117,7 @@ def get_cls_cfg() -> CN:
     _C.AUG = CN()
     _C.AUG.SCALE = (0.08, 1.0)
     _C.AUG.HFLIP = 0.5
-    _C.AUG.RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+    _C.AUG.RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
     _C.AUG.REPROB = 0.25
     _C.AUG.MIXUP = 0.8
     _C.AUG.CUTMIX = 1.0

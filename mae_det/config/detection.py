@@ -48,6 +48,7 @@ from .vit_backbone import add_vit_config, validate_vit_config
 OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+_UNKNOWN_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
 logger = logging.getLogger(__name__)
 
 
@@ -162,7 +163,9 @@ def _merge(cfg: CN, config_file: str, opts: list[str]) -> None:
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip().strip('"')
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    unknown = _UNKNOWN_KEY_RE.search(line)  # yacs words it differently for files and for KEY VALUE lists
+    return f"unknown config key {unknown.group(1)}" if unknown else line
 
 
 def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, training: bool = True) -> CN:

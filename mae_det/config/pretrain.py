@@ -181,9 +181,15 @@ def _lookup(cfg: CN, dotted: str) -> Any:
 
 def _yacs_error(e: Exception, where: str) -> ConfigError:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    key = re.search(r"(?:Non-existent (?:config )?key|for config key):? '?([\w.]+)'?", msg)
-    if key and "Non-existent" in msg:
-        return ConfigError(f"{where}: unknown config key {key.group(1)!r}")
+    unknown = re.search(r"Non-existent (?:config )?key:? '?([\w.]+)'?", msg)
+    if unknown:
+        return ConfigError(f"{where}: unknown config key {unknown.group(1)!r}")
+    mismatch = re.search(
+        r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \(.* vs\. (.*)\) for config key: ([\w.]+)", msg
+    )
+    if mismatch:
+        expected, got, value, key = mismatch.groups()
+        return ConfigError(f"{where}: config key {key}: expected {expected}, got {got} {value}")
     return ConfigError(f"{where}: {msg}")
 
 

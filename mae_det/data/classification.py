@@ -37,6 +37,7 @@ class ImageFolderDataset(Dataset):
             logged) and fail for a class left with none. Without it, unreadable files are found while loading.
         classes: the label set of another split (its ``classes``); this folder's class sub-folders must be
             among them and take their indexes, so a validation split may hold a subset of the classes.
+        progress: show the verification progress bar.
 
     Attributes:
         classes: sorted class folder names; ``classes[label]`` names a label.
@@ -52,6 +53,7 @@ class ImageFolderDataset(Dataset):
         *,
         verify: bool = False,
         classes: Sequence[str] | None = None,
+        progress: bool = True,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -83,11 +85,12 @@ class ImageFolderDataset(Dataset):
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         self.skipped: list[str] = []
         if verify:
-            self._verify()
+            self._verify(progress)
 
-    def _verify(self) -> None:
+    def _verify(self, progress: bool) -> None:
         good = []
-        for path, label in tqdm(self.samples, desc=f"checking {self.root.name}", unit="img", leave=False):
+        bar = tqdm(self.samples, desc=f"checking {self.root.name}", unit="img", leave=False, disable=not progress)
+        for path, label in bar:
             try:
                 load_image(path)
             except ImageLoadError as e:
@@ -181,12 +184,16 @@ def train_transform(
     *,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1-mmax9",
     reprob: float = 0.25,
     interpolation: str = "bicubic",
 ) -> Callable:
     """Fine-tuning augmentation of the MAE recipe, all from timm: RandomResizedCrop + flip + RandAugment
-    (a timm ``auto_augment`` string, ``None``/``""`` for none) + ImageNet normalization + random erasing."""
+    (a timm ``auto_augment`` string, ``None``/``""`` for none) + ImageNet normalization + random erasing.
+
+    The default caps RandAugment's noisy magnitude at 9 (``mmax9``): at magnitude 10 timm's increasing
+    posterize keeps 0 bits, which Pillow >= 13 rejects with a ValueError.
+    """
     return create_transform(
         img_size, is_training=True, scale=scale, hflip=hflip, color_jitter=None,
         auto_augment=rand_augment or None, interpolation=interpolation,

@@ -115,7 +115,7 @@ class AutocastTrainer(SimpleTrainer):
             raise FloatingPointError(f"iteration {self.iter}: {e}") from e
         losses = sum(loss_dict.values())
         if not torch.isfinite(losses):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
             raise FloatingPointError(f"non-finite loss at iteration {self.iter}: {terms}")
         self.optimizer.zero_grad()
         losses.backward()

@@ -194,11 +194,12 @@ def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] |
     return out
 
 
-def _published(cfg: CfgNode) -> dict[str, Any]:
+def _published(cfg: CfgNode, task: str) -> dict[str, Any]:
+    """REFERENCE.* as ``<task>_published_top1`` / ``_source``: labelled, never mistaken for a measurement."""
     if not cfg.REFERENCE.PUBLISHED_TOP1:
         return {}
-    return {"published_top1": cfg.REFERENCE.PUBLISHED_TOP1, "published_source": cfg.REFERENCE.SOURCE,
-            "published_note": "published number for this recipe, not measured by this run"}
+    return {f"{task}_published_top1": cfg.REFERENCE.PUBLISHED_TOP1,
+            f"{task}_published_source": cfg.REFERENCE.SOURCE or "unspecified"}
 
 
 # ---- kNN and linear probe from a config ------------------------------------------------------------------
@@ -236,7 +237,7 @@ def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[st
     )
     init_type, init = init_label(cfg)
     res = {k if k.startswith("linear_") else f"linear_{k}": v for k, v in res.items()}
-    return write_results(out, res | {"init": init, "init_type": init_type})
+    return write_results(out, res | {"init": init, "init_type": init_type} | _published(cfg, "linear"))
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------
@@ -319,12 +320,12 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     accum = _accum_iter(cfg)
     verify = cfg.DATA.VERIFY_IMAGES
     train_set = ImageFolderDataset(
-        cfg.DATA.TRAIN_ROOT, verify=verify,
+        cfg.DATA.TRAIN_ROOT, verify=verify, progress=progress,
         transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
                                   rand_augment=A.RAND_AUGMENT, reprob=A.REPROB),
     )
     val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT),
-                                 verify=verify, classes=train_set.classes)
+                                 verify=verify, classes=train_set.classes, progress=progress)
     steps_per_epoch = len(train_set) // (S.BATCH_SIZE * accum)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -451,7 +452,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
            "num_train": len(train_set), "num_val": len(val_set)}
     if "val_top5" in final:
         res["finetune_top5"] = final["val_top5"]
-    return write_results(out, res | _published(cfg))
+    return write_results(out, res | _published(cfg, "finetune"))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

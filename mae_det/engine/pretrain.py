@@ -65,7 +65,7 @@ class PretrainError(RuntimeError):
 
 
 class NonFiniteLossError(PretrainError):
-    """The loss became NaN or infinite; the weights were not updated with it."""
+    """The loss (or a parameter) became NaN or infinite; nothing non-finite was applied or saved."""
 
 
 # ---- model -----------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class Pretrainer:
         prefix = record["type"]
         for k, v in record.items():
             if k not in ("type", "epoch", "step", "iter", "time") and isinstance(v, (int, float)):
-                self._writer.add_scalar(f"{prefix}/{k}" if k != "knn_top1" else "monitor/knn_top1", v, record["step"])
+                self._writer.add_scalar(f"monitor/{k}" if k.startswith("knn_") else f"{prefix}/{k}", v, record["step"])
 
     def _truncate_metrics(self) -> None:
         """After a resume, drops metric records written past the checkpoint (they are about to be redone)."""
@@ -355,6 +355,12 @@ class Pretrainer:
         mid_epoch = self.iter > 0
         name = f"checkpoint_{self.epoch:04d}_{self.iter:06d}.pth" if mid_epoch else f"checkpoint_{self.epoch:04d}.pth"
         path = self.out / name
+        broken = [n for n, p in self._bare_model().named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise NonFiniteLossError(
+                f"{len(broken)} parameters became non-finite (first: {broken[0]}) at global step {self.global_step}; "
+                f"{path} was not written; last good checkpoint: {self.last_good or 'none written yet'}"
+            )
         if self.main:
             atomic_save(self.checkpoint_state(), path)
             _atomic_write_text(self.out / LAST_CHECKPOINT, name + "\n")
@@ -419,73 +425,73 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def _knn_monitor(self) -> dict[str, Any]:
+    def _knn_monitor(self) -> dict[str, float]:
+        """kNN accuracy (%) of the live encoder on MONITOR.KNN's folders (which restores the train mode)."""
         from ..evaluation.knn import knn_eval_folders  # the evaluation package is only needed when enabled
 
         K = self.cfg.MONITOR.KNN
-        model = self._bare_model()
-        model.eval()
-        try:
-            result = knn_eval_folders(
-                model, K.TRAIN_ROOT, K.VAL_ROOT, img_size=self.cfg.MODEL.IMG_SIZE, k=K.K,
-                temperature=K.TEMPERATURE, pool=K.POOL, device=self.device,
-            )
-        finally:
-            model.train()
-        return result
+        result = knn_eval_folders(
+            self._bare_model(), K.TRAIN_ROOT, K.VAL_ROOT, img_size=self.cfg.MODEL.IMG_SIZE, k=K.K,
+            temperature=K.TEMPERATURE, pool=K.POOL, device=self.device, precision=self.precision,
+            progress=self.main,
+        )
+        return {k: float(v) for k, v in result.items() if k in ("knn_top1", "knn_top5")}
 
     def _run_epoch(self, pbar_cls) -> float:
         cfg, accum = self.cfg, self.accum
         start_micro = self.iter * accum
         self.sampler.set_epoch(self.epoch, start_micro)
         ddp = isinstance(self.model, DistributedDataParallel)
-        pbar = pbar_cls(total=self.steps_per_epoch, initial=self.iter, desc=f"epoch {self.epoch + 1}/{cfg.SOLVER.EPOCHS}",
-                        unit="step", dynamic_ncols=True, disable=not self.main, leave=True)
-        step_losses: list[float] = []
-        epoch_loss_sum, epoch_steps = 0.0, 0
-        t_step = time.perf_counter()
-        micro = start_micro
-        for batch in self.loader:
-            self._note_bad(batch["bad"])
-            torch.manual_seed(step_seed(cfg.SEED, self.epoch, micro, self.rank))
-            sync = (micro + 1) % accum == 0
-            with self.model.no_sync() if ddp and not sync else nullcontext():
-                loss = self._forward(batch)
-                self.scaler.scale(loss / accum).backward()
-            loss_value = float(du.all_reduce_mean(loss.detach().float()))
-            if not math.isfinite(loss_value):
-                where = self.last_good if self.last_good is not None else "none written yet"
-                raise NonFiniteLossError(
-                    f"loss_{self.mode} = {loss_value} at epoch {self.epoch + 1}, iteration {micro} "
-                    f"(global step {self.global_step}); the weights were not updated with it; last good checkpoint: {where}"
-                )
-            step_losses.append(loss_value)
-            micro += 1
-            if not sync:
-                continue
-            lr = max(g["lr"] for g in self.optimizer.param_groups)
-            self._optimizer_step()
-            self.iter += 1
-            self.global_step += 1
-            step_loss = sum(step_losses) / len(step_losses)
-            step_losses.clear()
-            epoch_loss_sum, epoch_steps = epoch_loss_sum + step_loss, epoch_steps + 1
-            now = time.perf_counter()
-            img_s = self.eff_batch / max(now - t_step, 1e-9)
-            t_step = now
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
-            if self.global_step % cfg.LOG_PERIOD == 0:
-                self._metrics({
-                    "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
-                    "iter": self.iter, "loss": step_loss, "lr": lr, "img_per_s": img_s,
-                    "bad_images": len(self.bad) + self.missing, "time": time.time(),
-                })
-            period = cfg.SOLVER.CHECKPOINT_ITER_PERIOD
-            if period and self.iter % period == 0 and self.iter < self.steps_per_epoch:
-                self.save_checkpoint()
-        pbar.close()
+        with pbar_cls(total=self.steps_per_epoch, initial=self.iter, desc=f"epoch {self.epoch + 1}/{cfg.SOLVER.EPOCHS}",
+                      unit="step", dynamic_ncols=True, disable=not self.main) as pbar:
+            step_losses: list[float] = []
+            epoch_loss_sum, epoch_steps = 0.0, 0
+            t_step = time.perf_counter()
+            micro = start_micro
+            for batch in self.loader:
+                self._note_bad(batch["bad"])
+                torch.manual_seed(step_seed(cfg.SEED, self.epoch, micro, self.rank))
+                sync = (micro + 1) % accum == 0
+                with self.model.no_sync() if ddp and not sync else nullcontext():
+                    loss = self._forward(batch)
+                    self.scaler.scale(loss / accum).backward()
+                loss_value = float(du.all_reduce_mean(loss.detach().float()))
+                if not math.isfinite(loss_value):
+                    where = self.last_good if self.last_good is not None else "none written yet"
+                    raise NonFiniteLossError(
+                        f"loss_{self.mode} = {loss_value} at epoch {self.epoch + 1}, iteration {micro} "
+                        f"(global step {self.global_step}); the weights were not updated with it; last good checkpoint: {where}"
+                    )
+                step_losses.append(loss_value)
+                micro += 1
+                if not sync:
+                    continue
+                lr = max(g["lr"] for g in self.optimizer.param_groups)
+                self._optimizer_step()
+                self.iter += 1
+                self.global_step += 1
+                step_loss = sum(step_losses) / len(step_losses)
+                step_losses.clear()
+                epoch_loss_sum, epoch_steps = epoch_loss_sum + step_loss, epoch_steps + 1
+                now = time.perf_counter()
+                img_s = self.eff_batch / max(now - t_step, 1e-9)
+                t_step = now
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
+                self._after_step(step_loss, lr, img_s)
         return epoch_loss_sum / max(epoch_steps, 1)
+
+    def _after_step(self, loss: float, lr: float, img_s: float) -> None:
+        """Metrics every LOG_PERIOD steps; a mid-epoch checkpoint every SOLVER.CHECKPOINT_ITER_PERIOD steps."""
+        if self.global_step % self.cfg.LOG_PERIOD == 0:
+            self._metrics({
+                "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
+                "iter": self.iter, "loss": loss, "lr": lr, "img_per_s": img_s,
+                "bad_images": len(self.bad) + self.missing, "time": time.time(),
+            })
+        period = self.cfg.SOLVER.CHECKPOINT_ITER_PERIOD
+        if period and self.iter % period == 0 and self.iter < self.steps_per_epoch:
+            self.save_checkpoint()
 
     # ---- driver --------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -497,6 +503,8 @@ class Pretrainer:
         if self.resume:
             self.load_last_checkpoint()
         if self.main:
+            for stale in [*self.out.glob(".checkpoint_*.tmp"), *self.out.glob(".encoder.pth.*.tmp")]:
+                stale.unlink(missing_ok=True)  # left by a kill during a write
             self._truncate_metrics()
             self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step or None)
         if self.world > 1:
@@ -525,9 +533,8 @@ class Pretrainer:
                 K = cfg.MONITOR.KNN
                 if K.ENABLED and (last or self.epoch % K.PERIOD == 0):
                     if self.main:
-                        knn = self._knn_monitor()
-                        record["knn_top1"] = float(knn["top1"])
-                        logger.info("epoch %d: kNN top-1 %.2f", self.epoch, record["knn_top1"])
+                        record.update(self._knn_monitor())
+                        logger.info("epoch %d: kNN top-1 %.2f %%", self.epoch, record["knn_top1"])
                     du.barrier()
                 self._metrics(record)
                 logger.info("epoch %d/%d done: loss %.4f", self.epoch, cfg.SOLVER.EPOCHS, epoch_loss)

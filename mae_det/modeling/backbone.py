@@ -180,9 +180,10 @@ class ViTFPN(_PaddingMixin, FPN):
     """Detectron2's FPN over :class:`ViTMultiTap`; ``net`` is the encoder, padding as :class:`ViTSimplePyramid`."""
 
     def __init__(self, bottom_up: ViTMultiTap, out_channels: int = 256, norm: str = "BN", square_pad: int = 0) -> None:
+        top_block = LastLevelMaxPool()
+        top_block.in_feature = f"p{bottom_up._out_features[-1][len('tap'):]}"  # "p5" at patch 16
         super().__init__(
-            bottom_up, bottom_up._out_features, out_channels, norm=norm, top_block=LastLevelMaxPool(),
-            square_pad=square_pad,
+            bottom_up, bottom_up._out_features, out_channels, norm=norm, top_block=top_block, square_pad=square_pad
         )
 
     @property

@@ -178,8 +178,11 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
 
 
 def _parts(by_module: dict[str, int], total: int, scale: float, fmt: str) -> list[tuple[str, str]]:
-    rows = [(name, fmt.format(n / scale)) for name, n in by_module.items() if name]
-    return [*rows, ("total", fmt.format(total / scale))]
+    parts = {name: n for name, n in by_module.items() if name}
+    rest = total - sum(parts.values())
+    if rest:  # ops of the model's own forward, outside its child modules
+        parts["(top level)"] = rest
+    return [*((name, fmt.format(n / scale)) for name, n in parts.items()), ("total", fmt.format(total / scale))]
 
 
 def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int = 3) -> str:
@@ -195,9 +198,9 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
         rep = flop_report(target)
         out += [
             "", "## FLOPs per image (forward; one multiply-add = one flop, as fvcore and the MAE/ViTDet papers)",
-            _table(_parts(rep.by_module, rep.total_macs, 1e9, "{:.4f}"), ("module", "GFLOPs")),
-            f"total GFLOPs: {rep.total_macs / 1e9:.4f} (attention via scaled_dot_product_attention: "
-            f"{rep.attention_macs / 1e9:.4f}; fvcore alone would report {rep.fvcore_macs / 1e9:.4f})",
+            _table(_parts(rep.by_module, rep.total_macs, 1e9, "{:.4g}"), ("module", "GFLOPs")),
+            f"total GFLOPs: {rep.total_macs / 1e9:.4g} (attention via scaled_dot_product_attention: "
+            f"{rep.attention_macs / 1e9:.4g}; fvcore alone would report {rep.fvcore_macs / 1e9:.4g})",
         ]
         if rep.unsupported_ops:
             skipped = ", ".join(f"{op} x{n}" for op, n in sorted(rep.unsupported_ops.items()))
@@ -206,7 +209,7 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
         total_act, by_module = activation_report(target)
         out += [
             "", "## activations per image (output elements of convolutions and matrix products, fvcore)",
-            _table(_parts(by_module, total_act, 1e6, "{:.3f}"), ("module", "M activations")),
+            _table(_parts(by_module, total_act, 1e6, "{:.4g}"), ("module", "M activations")),
             f"total activations: {total_act:,}",
         ]
     return "\n".join(out)

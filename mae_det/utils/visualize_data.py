@@ -62,7 +62,7 @@ def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSum
             image = np.asarray(load_image(record["file_name"]))
         except ImageLoadError as e:
             logger.warning(f"skipped unreadable image: {e}")
-            summary.failures.append((record["file_name"], str(e)))
+            summary.failures.append((record["file_name"], str(e).removeprefix(f"{record['file_name']}: ")))
             continue
         png = unique_png_name(record["file_name"], used)
         _save(Visualizer(image, metadata).draw_dataset_dict(record).get_image(), out / png, summary)

@@ -90,3 +90,12 @@ def test_transforms_shapes_and_normalization(tmp_path):
     torch.manual_seed(0)
     y = train_transform(32, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.0)(img)
     assert y.shape == (3, 32, 32) and torch.isfinite(y).all()
+
+
+def test_default_rand_augment_survives_many_draws():
+    # Magnitude 10 would ask Pillow >= 13 for a 0-bit posterize (a ValueError) about once in 400 draws.
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    tf = train_transform(16, reprob=0.0)
+    for _ in range(1500):
+        tf(img)

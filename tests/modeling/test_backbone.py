@@ -54,6 +54,18 @@ def test_pyramid_shapes_strides_channels(pyramid, hw):
         assert t.shape == (2, 32, math.ceil(hw[0] / s), math.ceil(hw[1] / s)), name
 
 
+@pytest.mark.parametrize("pyramid", ["simple", "multi_tap"])
+def test_levels_are_named_by_stride_for_other_patch_sizes(pyramid):
+    backbone = build(tiny_cfg(pyramid, PATCH_SIZE=8, PRETRAIN_IMG_SIZE=32, INPUT_SIZE=64)).eval()
+    assert {k: s.stride for k, s in backbone.output_shape().items()} == {"p1": 2, "p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    assert backbone.size_divisibility == 16
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 32, 48))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        "p1": (16, 24), "p2": (8, 12), "p3": (4, 6), "p4": (2, 3), "p5": (1, 2)
+    }
+
+
 def test_multi_tap_levels_come_from_the_tapped_blocks():
     cfg = tiny_cfg("multi_tap", TAP_INDEXES=[0, 1, 2, 3])
     backbone = build(cfg).eval()
@@ -162,6 +174,7 @@ def test_simple_mode_equals_detectron2_vitdet(hw):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # ~25-50 s on 2 cores
 def test_vit_b_1024_forward_cpu():
     cfg = add_vit_config(get_cfg())  # defaults: ViT-B, 14x14 windows, global 2/5/8/11, rel-pos, simple
     backbone = build(cfg).eval()

@@ -1,0 +1,342 @@
+"""Checkpoint conversion into the encoder and the Detectron2 ViT-FPN model, and the ViTDetCheckpointer."""
+import argparse
+import copy
+import os
+import pickle
+from functools import partial
+
+import numpy as np
+import pytest
+import timm
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
+from detectron2.solver.lr_scheduler import LRMultiplier
+from fvcore.common.param_scheduler import CosineParamScheduler
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from mae_det.checkpoint import CheckpointError
+from mae_det.checkpoint.convert import (
+    convert_to_detectron2,
+    detect_format,
+    load_encoder_state,
+    target_of,
+    to_detectron2,
+)
+from mae_det.checkpoint.detectron2 import ViTDetCheckpointer
+from mae_det.checkpoint.hf import mae_to_hf
+from mae_det.config.vit_backbone import add_vit_config
+from mae_det.modeling import MaskedAutoencoderViT, VisionTransformer, mae_vit_base_patch16
+from mae_det.modeling.backbone import build_vit_fpn_backbone
+
+DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny_mae(dim: int = 64, depth: int = 4, img: int = 64, seed: int = 0) -> MaskedAutoencoderViT:
+    torch.manual_seed(seed)
+    return MaskedAutoencoderViT(
+        img_size=img, patch_size=16, embed_dim=dim, depth=depth, num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        **DECODER,
+    )
+
+
+def encoder_only(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+
+
+def vit_cfg(size: str = "custom", pyramid: str = "simple", pretrain: int = 64, heads: bool = False):
+    cfg = add_vit_config(get_cfg())
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = "build_vit_fpn_backbone"
+    v = cfg.MODEL.VIT
+    v.SIZE, v.PYRAMID, v.PRETRAIN_IMG_SIZE = size, pyramid, pretrain
+    if size == "custom":
+        v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.WINDOW_SIZE, v.INPUT_SIZE, v.OUT_CHANNELS = 64, 4, 2, 4, 128, 32
+    if pyramid == "multi_tap":
+        v.NORM = "BN"
+    if heads:  # Mask R-CNN with the standard FPN heads on p2-p6
+        m = cfg.MODEL
+        m.MASK_ON = True
+        m.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+        m.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+        m.ROI_HEADS.NAME, m.ROI_HEADS.IN_FEATURES = "StandardROIHeads", ["p2", "p3", "p4", "p5"]
+        m.ROI_BOX_HEAD.NAME, m.ROI_BOX_HEAD.NUM_FC, m.ROI_BOX_HEAD.POOLER_RESOLUTION = "FastRCNNConvFCHead", 2, 7
+        m.ROI_MASK_HEAD.NAME, m.ROI_MASK_HEAD.NUM_CONV = "MaskRCNNConvUpsampleHead", 4
+    return cfg
+
+
+def backbone_model(cfg, seed: int = 0) -> nn.Module:
+    """A module holding the backbone under ``backbone``, as in a Detectron2 meta-architecture."""
+    torch.manual_seed(seed)
+    holder = nn.Module()
+    holder.backbone = build_vit_fpn_backbone(cfg, ShapeSpec(channels=3))
+    return holder
+
+
+# ---- pretraining formats ----------------------------------------------------------------------------
+def test_official_vit_b_encoder_loads_into_mask_rcnn(tmp_path):
+    torch.manual_seed(0)
+    enc = encoder_only(mae_vit_base_patch16().state_dict())
+    path = tmp_path / "mae_pretrain_vit_base.pth"
+    torch.save({"model": enc}, path)
+    model = build_model(vit_cfg("base", pretrain=224, heads=True))
+    ck = ViTDetCheckpointer(model)
+    ck.load(str(path))
+    report = ck.last_report
+    assert report.format == "official" and report.missing == [] and report.skipped == []
+    vit_keys = [k for k in model.state_dict() if k.startswith("backbone.net.") and "rel_pos" not in k]
+    assert sorted(vit_keys) == report.loaded and len(vit_keys) == len(enc) - 3
+    assert sorted(report.unused) == ["cls_token", "norm.bias", "norm.weight"]  # never matched onto other norms
+    new = set(report.new)
+    assert {f"backbone.net.blocks.{i}.attn.rel_pos_{a}" for i in range(12) for a in "hw"} <= new
+    assert any(k.startswith("backbone.pyramid.") for k in new) and any(k.startswith("roi_heads.mask_head") for k in new)
+    assert new | set(report.loaded) == set(model.state_dict()) - {"pixel_mean", "pixel_std"}
+    sd = model.state_dict()
+    for k in ("pos_embed", "blocks.11.mlp.fc2.weight", "patch_embed.proj.bias"):
+        assert torch.equal(sd[f"backbone.net.{k}"], enc[k])
+    text = str(report)
+    assert "official MAE" in text and "MISSING (initialized, but the checkpoint should have held them): 0" in text
+    assert "backbone.net.blocks.*.attn.{rel_pos_h,rel_pos_w} (24)" in text
+
+
+def test_full_and_training_checkpoints_with_namespace_args(tmp_path):
+    mae = tiny_mae()
+    full = mae.state_dict()
+    path = tmp_path / "checkpoint-3.pth"
+    torch.save(
+        {"model": full, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "scaler": {},
+         "args": argparse.Namespace(model="mae_vit_tiny", blr=1.5e-4, mask_ratio=0.75)},
+        path,
+    )
+    sd, info = load_encoder_state(path)
+    assert info["format"] == "official" and (info["embed_dim"], info["depth"], info["patch_size"]) == (64, 4, 16)
+    assert sorted(sd) == sorted(encoder_only(full))
+    assert "mask_token" in info["dropped"] and "decoder_pred.weight" in info["dropped"]
+    bare = VisionTransformer(img_size=64, embed_dim=64, depth=4, num_heads=2)
+    bare.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(bare.forward_features(x), mae.forward_features(x), rtol=0, atol=0)
+
+
+def test_our_pretraining_checkpoint_and_encoder_export():
+    mae = tiny_mae()
+    meta = {"arch": "mae_vit_tiny", "img_size": 64}
+    assert detect_format({"model": mae.state_dict(), "meta": meta, "epoch": 1}) == "ours"
+    sd, info = load_encoder_state({"model": encoder_only(mae.state_dict()), "meta": meta})
+    assert info["format"] == "ours" and info["dropped"] == []
+
+
+def test_timm_vit_loads_and_computes_the_same(tmp_path):
+    torch.manual_seed(0)
+    timm_vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(timm_vit.state_dict(), path)
+    sd, info = load_encoder_state(path)
+    assert info["format"] == "timm" and sorted(info["dropped"]) == ["head.bias", "head.weight"]
+    ours = VisionTransformer(img_size=224, embed_dim=192, depth=12, num_heads=3, learnable_pos_embed=True).eval()
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), timm_vit.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert detect_format({"state_dict": timm_vit.state_dict()}) == "timm"
+    cfg = vit_cfg("tiny", pretrain=224)
+    cfg.MODEL.VIT.DEPTH = 12
+    state = to_detectron2(str(path), cfg)
+    assert torch.equal(state["backbone.net.blocks.3.attn.qkv.weight"], sd["blocks.3.attn.qkv.weight"])
+
+
+def test_hf_vitmae_weights_convert():
+    mae = tiny_mae()
+    hf = mae_to_hf(mae.state_dict(), legacy_names=True)
+    assert detect_format(hf) == "hf"
+    sd, info = load_encoder_state(hf)
+    assert info["format"] == "hf"
+    for k, v in encoder_only(mae.state_dict()).items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_pos_embed_and_patch_kernel_resampled_to_the_model():
+    torch.manual_seed(0)
+    small = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2)  # grid 2x2
+    state, info = convert_to_detectron2({"model": small.state_dict()}, backbone_model(vit_cfg()))
+    expected = resample_abs_pos_embed(small.pos_embed.detach(), new_size=[4, 4], old_size=[2, 2], num_prefix_tokens=1)
+    torch.testing.assert_close(state["backbone.net.pos_embed"], expected)
+    assert info["notes"] == ["pos_embed resampled 2x2 -> 4x4"]
+
+    patch8 = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)  # grid 4x4
+    state, info = convert_to_detectron2({"model": patch8.state_dict()}, vit_cfg())
+    assert state["backbone.net.patch_embed.proj.weight"].shape == (64, 3, 16, 16)
+    assert info["notes"] == ["patch_embed kernel resampled 8x8 -> 16x16"]
+
+
+# ---- hostile and mismatched inputs --------------------------------------------------------------------
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_pickle_that_executes_code_is_refused(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{suffix}"
+    payload = {"model": {"patch_embed.proj.weight": torch.zeros(1)}, "x": _RunsCode(str(marker))}
+    if suffix == ".pth":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="refused to load") as e:
+        load_encoder_state(path)
+    assert str(path) in str(e.value) and not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        ViTDetCheckpointer(backbone_model(vit_cfg())).load(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": tiny_mae().state_dict()}, good)
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        to_detectron2(str(bad), vit_cfg())
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dim,depth,what", [(96, 4, "96-d with 4 blocks"), (64, 6, "64-d with 6 blocks")])
+def test_width_or_depth_mismatch_is_an_error_not_a_partial_load(tmp_path, dim, depth, what):
+    path = tmp_path / "other_size.pth"
+    torch.save({"model": tiny_mae(dim=dim, depth=depth).state_dict()}, path)
+    model = backbone_model(vit_cfg())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        ViTDetCheckpointer(model).load(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and what in msg and "the model's is 64-d with 4 blocks" in msg and "\n" not in msg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_unsupported_architecture_and_wrong_forced_format():
+    sd = encoder_only(tiny_mae().state_dict())
+    with pytest.raises(CheckpointError, match=r"unsupported key 'blocks.0.ls1.gamma'"):
+        load_encoder_state({**sd, "blocks.0.ls1.gamma": torch.ones(64)})
+    with pytest.raises(CheckpointError, match="without a ViT encoder"):
+        load_encoder_state({"model": sd}, fmt="d2")
+    with pytest.raises(CheckpointError, match="not a ViT checkpoint"):
+        detect_format({"model": {"conv1.weight": torch.zeros(1)}})
+
+
+def test_inputs_are_never_mutated():
+    vitdet = {f"backbone.{k}": v.numpy() for k, v in detectron2_vitdet().state_dict().items()}
+    ours_d2 = backbone_model(vit_cfg()).state_dict()
+    inputs = [
+        {"model": tiny_mae().state_dict(), "args": argparse.Namespace(lr=1.0)},
+        {"model": vitdet, "__author__": "Detectron2 Model Zoo"},
+        {"model": ours_d2, "iteration": 3},
+        {"module." + k: v for k, v in encoder_only(tiny_mae().state_dict()).items()},
+    ]
+    target = backbone_model(vit_cfg())
+    for ckpt in inputs:
+        snapshot = copy.deepcopy(ckpt)
+        ids = {k: id(v) for k, v in ckpt["model"].items()} if "model" in ckpt else {k: id(v) for k, v in ckpt.items()}
+        load_encoder_state(ckpt)
+        convert_to_detectron2(ckpt, target)
+        assert list(ckpt) == list(snapshot)
+        sd, before = (ckpt["model"], snapshot["model"]) if "model" in ckpt else (ckpt, snapshot)
+        assert {k: id(v) for k, v in sd.items()} == ids
+        for k, v in sd.items():
+            assert (np.array_equal(v, before[k]) if isinstance(v, np.ndarray) else torch.equal(v, before[k])), k
+
+
+# ---- Detectron2 formats -------------------------------------------------------------------------------
+def detectron2_vitdet() -> nn.Module:
+    torch.manual_seed(3)
+    net = ViT(
+        img_size=128, patch_size=16, embed_dim=64, depth=4, num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        window_size=4, window_block_indexes=[0, 1, 2], use_rel_pos=True, pretrain_img_size=64,
+    )
+    return SimpleFeaturePyramid(net, "last_feat", 32, (4.0, 2.0, 1.0, 0.5), top_block=LastLevelMaxPool(), norm="LN")
+
+
+def test_vitdet_model_zoo_pkl_through_the_checkpointer(tmp_path):
+    theirs = detectron2_vitdet()
+    path = tmp_path / "model_final_vitdet.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {f"backbone.{k}": v.numpy() for k, v in theirs.state_dict().items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    cfg = vit_cfg()
+    cfg.MODEL.VIT.GLOBAL_ATTN_INDEXES = [3]
+    model = backbone_model(cfg)
+    ck = ViTDetCheckpointer(model)
+    ck.load(str(path))
+    r = ck.last_report
+    assert r.format == "vitdet" and r.missing == r.new == r.unused == [] and len(r.loaded) == len(theirs.state_dict())
+    mapped = model.state_dict()
+    assert torch.equal(mapped["backbone.pyramid.p2.resample.3.weight"], theirs.simfp_2[3].weight)
+    assert torch.equal(mapped["backbone.pyramid.p5.output.norm.bias"], theirs.simfp_5[2].norm.bias)
+    assert torch.equal(mapped["backbone.net.blocks.3.attn.rel_pos_h"], theirs.net.blocks[3].attn.rel_pos_h)
+
+
+def test_detectron2_checkpoint_resume_round_trip(tmp_path):
+    def trainable(seed):
+        model = backbone_model(vit_cfg("custom", "multi_tap"), seed=seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = LRMultiplier(opt, CosineParamScheduler(1.0, 0.0), max_iter=10)
+        return model, opt, sched
+
+    model, opt, sched = trainable(0)
+    for _ in range(2):
+        out = model.backbone(torch.randn(2, 3, 64, 64))
+        sum(v.mean() for v in out.values()).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    ViTDetCheckpointer(model, str(tmp_path), weights_format="official", optimizer=opt, scheduler=sched).save(
+        "model_0000001", iteration=1
+    )
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no temporaries left
+
+    model2, opt2, sched2 = trainable(1)
+    ck = ViTDetCheckpointer(model2, str(tmp_path), weights_format="official", optimizer=opt2, scheduler=sched2)
+    extra = ck.resume_or_load("unused_initial_weights.pth", resume=True)
+    assert extra == {"iteration": 1}
+    assert ck.last_report.format == "d2" and ck.last_report.missing == ck.last_report.new == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    torch.testing.assert_close(opt2.state_dict(), opt.state_dict(), rtol=0, atol=0)
+    assert sched2.state_dict() == sched.state_dict() and sched2.last_epoch == 2
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = backbone_model(vit_cfg())
+    ck = ViTDetCheckpointer(model, str(tmp_path))
+    ck.save("model_0000000")
+    good = (tmp_path / "model_0000000.pth").read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="model_0000001.pth"):
+        ck.save("model_0000001")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert (tmp_path / "model_0000000.pth").read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
+
+
+def test_encoder_moves_between_pyramid_modes():
+    simple = backbone_model(vit_cfg("custom", "simple"))
+    target = target_of(backbone_model(vit_cfg("custom", "multi_tap")))
+    assert target.prefix == "backbone.bottom_up.net." and target.grid == (4, 4)
+    state, info = convert_to_detectron2({"model": simple.state_dict()}, target)
+    assert info["format"] == "d2"
+    enc = {k for k in state if k.startswith("backbone.bottom_up.net.")}
+    assert len(enc) == len([k for k in simple.state_dict() if k.startswith("backbone.net.")])

@@ -1,0 +1,148 @@
+"""Detection config keys, the COCO recipes and validation (mae_det.config.detection)."""
+import argparse
+import glob
+import os
+import re
+
+import pytest
+import yaml
+from detectron2.engine import DefaultTrainer
+
+from mae_det.config.detection import ConfigError, get_det_cfg, load_det_cfg, setup_det_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COCO = os.path.join(ROOT, "configs", "COCO")
+LEAVES = sorted(p for p in glob.glob(os.path.join(COCO, "*.yaml")) if not os.path.basename(p).startswith("Base-"))
+WEIGHTS = ["MODEL.WEIGHTS", "/some/init.pth"]
+
+
+def _load(name, *opts, training=False):
+    return load_det_cfg(os.path.join(COCO, name), list(opts), training=training)
+
+
+def test_defaults_of_the_added_keys():
+    cfg = get_det_cfg()
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.LAYER_DECAY == 0.0 and cfg.SOLVER.PRECISION == "fp32"
+    assert tuple(cfg.SOLVER.BETAS) == (0.9, 0.999) and cfg.SOLVER.NO_DECAY_NAMES == ["pos_embed"]
+    assert cfg.SOLVER.NORM_NO_DECAY and not cfg.SOLVER.BIAS_NO_DECAY
+    assert (cfg.INPUT.LSJ.ENABLED, cfg.INPUT.LSJ.IMAGE_SIZE, cfg.INPUT.LSJ.MIN_SCALE, cfg.INPUT.LSJ.MAX_SCALE) == (False, 1024, 0.1, 2.0)
+    assert cfg.DATASETS.REGISTER == [] and cfg.MODEL.INIT_TYPE == "scratch" and cfg.LOG_PERIOD == 20
+    assert cfg.MODEL.VIT.SIZE == "base"  # the ViT keys come along
+
+
+def test_every_coco_leaf_config_loads_and_states_published_ap():
+    assert len(LEAVES) == 13
+    for path in LEAVES:
+        cfg = load_det_cfg(path, [], training=False)
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+        assert "Published (not measured here)" in open(path).read(), path
+        assert cfg.OUTPUT_DIR.endswith(os.path.basename(path)[:-5])
+
+
+@pytest.mark.parametrize("name, size, dp, ld, lr, wd, globals_", [
+    ("mask_rcnn_vit_b_mae.yaml", "base", 0.1, 0.7, 1e-4, 0.1, [2, 5, 8, 11]),
+    ("mask_rcnn_vit_l_mae.yaml", "large", 0.4, 0.8, 1e-4, 0.1, [5, 11, 17, 23]),
+    ("mask_rcnn_vit_b_scratch.yaml", "base", 0.1, 0.0, 1.6e-4, 0.2, [2, 5, 8, 11]),
+])
+def test_vitdet_recipe(name, size, dp, ld, lr, wd, globals_):
+    cfg = _load(name)
+    v, S = cfg.MODEL.VIT, cfg.SOLVER
+    assert (v.SIZE, v.PYRAMID, v.NORM, v.DROP_PATH_RATE, list(v.GLOBAL_ATTN_INDEXES)) == (size, "simple", "LN", dp, globals_)
+    assert (v.WINDOW_SIZE, v.USE_REL_POS, v.INPUT_SIZE, v.SQUARE_PAD) == (14, True, 1024, 1024)
+    assert (S.LAYER_DECAY, S.BASE_LR, S.WEIGHT_DECAY, S.OPTIMIZER, S.PRECISION) == (ld, lr, wd, "ADAMW", "fp16")
+    assert (S.IMS_PER_BATCH, S.REFERENCE_WORLD_SIZE, S.WARMUP_ITERS, S.WARMUP_FACTOR) == (64, 64, 250, 0.001)
+    if "mae" in name:
+        assert (S.MAX_ITER, tuple(S.STEPS)) == (184375, (163889, 177546))
+    assert cfg.INPUT.LSJ.ENABLED and cfg.INPUT.LSJ.IMAGE_SIZE == 1024 and cfg.INPUT.MAX_SIZE_TEST == 1024
+    # ViTDet heads and input
+    assert list(cfg.MODEL.RPN.CONV_DIMS) == [-1, -1]
+    box = cfg.MODEL.ROI_BOX_HEAD
+    assert (box.NUM_CONV, box.NUM_FC, box.FC_DIM, box.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM) == (4, 1, 1024, "LN", "LN")
+    assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+    assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
+
+
+@pytest.mark.parametrize("name, dp, lr, wd", [
+    ("mask_rcnn_vit_b_mae_fpn.yaml", 0.1, 8e-5, 0.1), ("mask_rcnn_vit_l_mae_fpn.yaml", 0.3, 8e-5, 0.1),
+    ("mask_rcnn_vit_b_scratch_fpn.yaml", 0.1, 1.6e-4, 0.2),
+])
+def test_benchmarking_recipe(name, dp, lr, wd):
+    cfg = _load(name)
+    assert (cfg.MODEL.VIT.PYRAMID, cfg.MODEL.VIT.NORM, cfg.MODEL.VIT.DROP_PATH_RATE) == ("multi_tap", "SyncBN", dp)
+    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.LAYER_DECAY) == (lr, wd, 0.0)
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and cfg.SOLVER.WARMUP_ITERS == 462
+
+
+def test_resnet_baseline_is_detectron2s_3x_recipe():
+    cfg = _load("mask_rcnn_R_50_FPN_supervised.yaml", training=True)
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone" and cfg.MODEL.RESNETS.DEPTH == 50
+    assert (cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == ("SGD", 0.02, 270000, 16)
+    assert cfg.INPUT.FORMAT == "BGR" and cfg.MODEL.INIT_TYPE == "supervised"
+
+
+def test_recipes_scale_with_the_gpu_count():
+    cfg = DefaultTrainer.auto_scale_workers(_load("mask_rcnn_vit_b_mae.yaml"), 8)
+    assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == pytest.approx(1.25e-5)
+    assert cfg.SOLVER.MAX_ITER == 184375 * 8 and cfg.SOLVER.WARMUP_ITERS == 2000
+    assert tuple(cfg.SOLVER.STEPS) == (163889 * 8, 177546 * 8)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["SOLVER.OPTIMIZER", "LAMB"], "SOLVER.OPTIMIZER: expected one of"),
+    (["SOLVER.PRECISION", "fp8"], "SOLVER.PRECISION: expected one of"),
+    (["SOLVER.LAYER_DECAY", "1.5"], "SOLVER.LAYER_DECAY"),
+    (["SOLVER.OPTIMIZER", "SGD", "SOLVER.LAYER_DECAY", "0.7"], "only supported with SOLVER.OPTIMIZER ADAMW"),
+    (["SOLVER.BETAS", "(0.9,)"], "SOLVER.BETAS"),
+    (["INPUT.LSJ.MIN_SCALE", "3.0"], "MIN_SCALE <= MAX_SCALE"),
+    (["INPUT.LSJ.IMAGE_SIZE", "0"], "INPUT.LSJ.IMAGE_SIZE"),
+    (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),
+    (["DATASETS.REGISTER", "[['a', 'b.json', 'c'], ['a', 'd.json', 'e']]"], "'a' appears twice"),
+    (["MODEL.INIT_TYPE", "MAE!"], "MODEL.INIT_TYPE: expected a lower-case label"),
+    (["MODEL.INIT_TYPE", "mae"], "MODEL.WEIGHTS is empty"),
+    (["MODEL.WEIGHTS", "x.pth"], "MODEL.INIT_TYPE is 'scratch' but MODEL.WEIGHTS is set"),
+    (["SOLVER.PRECISION", "fp16", "MODEL.DEVICE", "cpu"], "fp16 (Detectron2's AMPTrainer) needs CUDA"),
+    (["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"], "fp16 (Detectron2's AMPTrainer) needs CUDA"),
+    (["MODEL.BACKBONE.NAME", "build_vit_fpn_backbone", "MODEL.VIT.WINDOW_SIZE", "-1"], "MODEL.VIT.WINDOW_SIZE"),
+    (["SOLVER.NOT_A_KEY", "1"], "command line: unknown config key SOLVER.NOT_A_KEY"),
+    (["SOLVER.BASE_LR", "'high'"], "command line:"),
+    (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
+])
+def test_invalid_values_are_one_line_errors_naming_the_key(opts, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        load_det_cfg("", opts)
+    assert "\n" not in str(e.value)
+
+
+def test_evaluation_only_skips_training_checks():
+    cfg = load_det_cfg("", ["SOLVER.PRECISION", "fp16", "MODEL.DEVICE", "cpu", "MODEL.INIT_TYPE", "mae"], training=False)
+    assert cfg.SOLVER.PRECISION == "fp16"
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_det_cfg(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"SOLVER": {"LAYER_DECAYY": 0.7}}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key SOLVER.LAYER_DECAYY"):
+        load_det_cfg(str(bad))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({"SOLVER": {"LSJ": 1}, "INPUT": {"LSJ": {"ENABLED": "yes"}}}))
+    with pytest.raises(ConfigError, match="wrong.yaml"):
+        load_det_cfg(str(wrong))
+
+
+def test_cuda_device_falls_back_to_cpu_without_gpu():
+    import torch
+
+    cfg = load_det_cfg("", ["MODEL.DEVICE", "cuda"])
+    assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_setup_resolves_a_random_seed_and_records_it(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"OUTPUT_DIR": str(tmp_path / "out"), "SEED": -1, "MODEL": {"DEVICE": "cpu"}}))
+    args = argparse.Namespace(config_file=str(cfg_file), opts=[], eval_only=False, resume=False)
+    cfg = setup_det_cfg(args)
+    assert cfg.SEED >= 0 and cfg.is_frozen()
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["SEED"] == cfg.SEED

@@ -1,0 +1,64 @@
+"""MODEL.VIT keys: defaults, derived block indexes, and one-line validation errors naming the key."""
+import pytest
+from detectron2.config import get_cfg
+
+from mae_det.config.vit_backbone import add_vit_config, global_attn_indexes, tap_indexes, validate_vit_config, vit_dims
+
+
+def cfg_with(**vit):
+    cfg = add_vit_config(get_cfg())
+    for k, v in vit.items():
+        cfg.MODEL.VIT[k] = v
+    return cfg
+
+
+def test_defaults_are_vitdet_base():
+    cfg = cfg_with()
+    validate_vit_config(cfg)
+    assert vit_dims(cfg) == (768, 12, 12)
+    assert global_attn_indexes(cfg) == tap_indexes(cfg) == [2, 5, 8, 11]
+    assert global_attn_indexes(cfg_with(SIZE="large")) == [5, 11, 17, 23]
+    assert global_attn_indexes(cfg_with(SIZE="huge")) == [7, 15, 23, 31]
+    assert (cfg.MODEL.VIT.WINDOW_SIZE, cfg.MODEL.VIT.USE_REL_POS, cfg.MODEL.VIT.OUT_CHANNELS) == (14, True, 256)
+    assert cfg.MODEL.WEIGHTS_FORMAT == "auto"
+
+
+def test_yaml_style_overrides_of_optional_lists():
+    cfg = cfg_with()
+    cfg.merge_from_list(["MODEL.VIT.GLOBAL_ATTN_INDEXES", "[1, 3]", "MODEL.VIT.TAP_INDEXES", "[0, 1, 2, 3]"])
+    validate_vit_config(cfg)
+    assert global_attn_indexes(cfg) == [1, 3] and tap_indexes(cfg) == [0, 1, 2, 3]
+
+
+def test_window_that_does_not_divide_the_grid_is_valid():
+    validate_vit_config(cfg_with(WINDOW_SIZE=14, INPUT_SIZE=1024 + 32, PRETRAIN_IMG_SIZE=224))  # 66-token grid
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(WINDOW_SIZE=-1), r"MODEL.VIT.WINDOW_SIZE = -1: expected an integer >= 0"),
+        (dict(WINDOW_SIZE=0, GLOBAL_ATTN_INDEXES=[2, 5]), r"MODEL.VIT.WINDOW_SIZE = 0: must be > 0 when"),
+        (dict(GLOBAL_ATTN_INDEXES=[2, 12]), r"MODEL.VIT.GLOBAL_ATTN_INDEXES = \[2, 12\]: \[12\] out of range for depth 12"),
+        (dict(PRETRAIN_IMG_SIZE=200), r"MODEL.VIT.PRETRAIN_IMG_SIZE = 200: expected a positive multiple of PATCH_SIZE = 16"),
+        (dict(PATCH_SIZE=14), r"MODEL.VIT.PATCH_SIZE = 14: expected a power of two"),
+        (dict(SIZE="gigantic"), r"MODEL.VIT.SIZE must be one of"),
+        (dict(SIZE="custom", EMBED_DIM=100, NUM_HEADS=3), r"MODEL.VIT.EMBED_DIM = 100: must be divisible by"),
+        (dict(PYRAMID="fpn"), r"MODEL.VIT.PYRAMID = 'fpn': expected one of \['simple', 'multi_tap'\]"),
+        (dict(TAP_INDEXES=[5, 2, 8, 11]), r"MODEL.VIT.TAP_INDEXES = \[5, 2, 8, 11\]: expected 4 increasing"),
+        (dict(NORM="LayerNorm"), r"MODEL.VIT.NORM = 'LayerNorm': expected a Detectron2 norm name"),
+        (dict(SQUARE_PAD=1000), r"MODEL.VIT.SQUARE_PAD = 1000: expected 0 or a positive multiple of 2 \* PATCH_SIZE = 32"),
+        (dict(DROP_PATH_RATE=1.0), r"MODEL.VIT.DROP_PATH_RATE = 1.0: expected a value in \[0, 1\)"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match) as e:
+        validate_vit_config(cfg_with(**overrides))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_weights_format():
+    cfg = cfg_with()
+    cfg.MODEL.WEIGHTS_FORMAT = "caffe2"
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS_FORMAT = 'caffe2': expected one of"):
+        validate_vit_config(cfg)

@@ -1,0 +1,179 @@
+"""Optimizer groups, step trainers and AP files of the detection trainer (mae_det.engine.det_trainer)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
+from detectron2.solver.build import get_default_optimizer_params
+from detectron2.structures import BitMasks, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from mae_det.config.detection import get_det_cfg
+from mae_det.engine.det_trainer import (
+    AutocastTrainer,
+    Trainer,
+    build_step_trainer,
+    det_param_groups,
+    norm_param_names,
+    write_ap_results,
+)
+
+DEPTH = 4
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "Base-MaskRCNN-ViT.yaml"
+
+
+def tiny_cfg(**solver):
+    cfg = get_det_cfg()
+    cfg.merge_from_file(str(BASE_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    v = cfg.MODEL.VIT
+    v.SIZE, v.EMBED_DIM, v.DEPTH, v.NUM_HEADS = "custom", 64, DEPTH, 2
+    v.PRETRAIN_IMG_SIZE, v.INPUT_SIZE, v.WINDOW_SIZE, v.GLOBAL_ATTN_INDEXES, v.OUT_CHANNELS = 64, 64, 2, [1, 3], 32
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 50
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 1, 64
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 1, 32
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 1e-3, 0.1
+    for k, val in solver.items():
+        cfg.SOLVER[k] = val
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg())
+
+
+def _expected_layer_id(name):
+    if ".net.pos_embed" in name or ".net.patch_embed." in name:
+        return 0
+    if ".net.blocks." in name:
+        return int(name.split(".net.blocks.")[1].split(".")[0]) + 1
+    return DEPTH + 1
+
+
+def test_layer_decay_groups_have_vitdet_lr_scales(model):
+    cfg = tiny_cfg(LAYER_DECAY=0.7)
+    groups = det_param_groups(cfg, model)
+    seen = set()
+    for g in groups:
+        for name in g["param_names"]:
+            scale = 0.7 ** (DEPTH + 1 - _expected_layer_id(name))
+            assert g["lr_scale"] == pytest.approx(scale), name
+            assert g["lr"] == pytest.approx(1e-3 * scale), name
+            seen.add(name)
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    scales = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scales["backbone.net.patch_embed.proj.weight"] == pytest.approx(0.7 ** 5)
+    assert scales["backbone.net.blocks.0.attn.qkv.weight"] == pytest.approx(0.7 ** 4)
+    assert scales["backbone.net.blocks.3.mlp.fc2.weight"] == pytest.approx(0.7)
+    assert scales["roi_heads.box_predictor.cls_score.weight"] == 1.0
+    assert scales["backbone.pyramid.p2.lateral.weight"] == 1.0
+
+
+def test_lr_scheduler_keeps_the_layer_ratios(model):
+    cfg = tiny_cfg(LAYER_DECAY=0.7, MAX_ITER=10, WARMUP_ITERS=2, STEPS=(5,))
+    opt = Trainer.build_optimizer(cfg, model)
+    sched = build_lr_scheduler(cfg, opt)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * 0.1 * g["lr_scale"])  # after the step at 5
+
+
+def test_weight_decay_exemptions_cover_channels_first_layernorm(model):
+    wd = {n: g["weight_decay"] for g in det_param_groups(tiny_cfg(), model) for n in g["param_names"]}
+    cf_ln = [n for n in norm_param_names(model) if ".norm." in n and not n.startswith("backbone.net.")]
+    assert any(n.startswith("backbone.pyramid.") for n in cf_ln) and any(n.startswith("roi_heads.") for n in cf_ln)
+    for n in cf_ln + ["backbone.net.blocks.0.norm1.weight", "backbone.net.blocks.2.norm2.bias", "backbone.net.pos_embed"]:
+        assert wd[n] == 0.0, n
+    for n in ["backbone.net.blocks.0.attn.qkv.weight", "backbone.net.blocks.0.attn.qkv.bias",
+              "backbone.net.blocks.0.attn.rel_pos_h", "roi_heads.box_predictor.cls_score.bias"]:
+        assert wd[n] == 0.1, n  # ViTDet decays biases and relative-position tables
+    # Detectron2's own builder misses the channels-first LayerNorms (the defect fixed here).
+    d2 = {id(p): g["weight_decay"] for g in get_default_optimizer_params(model, weight_decay=0.1, weight_decay_norm=0.0)
+          for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert all(d2[id(params[n])] == 0.1 for n in cf_ln)
+    mae_style = {n: g["weight_decay"] for g in det_param_groups(tiny_cfg(BIAS_NO_DECAY=True), model) for n in g["param_names"]}
+    assert all(mae_style[n] == 0.0 for n, p in params.items() if p.ndim <= 1)
+
+
+def _batch(n=2, size=64):
+    batch = []
+    for i in range(n):
+        img = torch.full((3, size, size), 40, dtype=torch.uint8)
+        masks = torch.zeros(2, size, size, dtype=torch.bool)
+        masks[0, 8:30, 10:40] = True
+        masks[1, 36:60, 30:56] = True
+        img[:, masks[0]] = 220
+        img[1, masks[1]] = 200
+        inst = Instances((size, size), gt_classes=torch.tensor([0, 1]), gt_masks=BitMasks(masks))
+        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+        batch.append({"image": img, "height": size, "width": size, "instances": inst})
+    return batch
+
+
+def _loader(batch):
+    while True:
+        yield batch
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_autocast_trainer_step_updates_weights(precision):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(PRECISION=precision)
+    m = build_model(cfg)
+    opt = Trainer.build_optimizer(cfg, m)
+    trainer = build_step_trainer(cfg, m, _loader(_batch()), opt)
+    assert isinstance(trainer, AutocastTrainer) and trainer.dtype == (torch.bfloat16 if precision == "bf16" else None)
+    dtypes = []
+    m.backbone.net.blocks[0].attn.qkv.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+    before = m.backbone.net.blocks[0].attn.qkv.weight.detach().clone()
+    trainer.iter = 0
+    with EventStorage(0) as storage:
+        trainer.run_step()
+        loss = storage.history("total_loss").latest()
+    assert math.isfinite(loss) and loss > 0
+    assert dtypes == [torch.bfloat16 if precision == "bf16" else torch.float32]
+    assert m.backbone.net.blocks[0].attn.qkv.weight.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(before, m.backbone.net.blocks[0].attn.qkv.weight)
+
+
+class _NaNLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, data):
+        return {"loss_ok": self.w.sum(), "loss_bad": self.w.sum() * float("nan")}
+
+
+def test_non_finite_loss_stops_before_any_update():
+    m = _NaNLoss()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    trainer = AutocastTrainer(m, _loader([{}]), opt)
+    trainer.iter = 7
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 7: loss_ok=3, loss_bad=nan"):
+        trainer.run_step()
+    assert torch.equal(m.w.detach(), torch.ones(3)) and m.w.grad is None
+
+
+def test_ap_results_file_writes_null_for_undefined_ap(tmp_path):
+    res = {"bbox": {"AP": 12.5, "AP50": 30.0, "AP75": 10.0, "APs": float("nan"), "APm": 5.0, "APl": 1.0, "AP-cat": 3.0},
+           "segm": {"AP": 11.0, "AP50": 28.0, "AP75": 9.0, "APs": 0.0, "APm": float("nan"), "APl": 2.0}}
+    path = tmp_path / "ap_results.json"
+    write_ap_results(str(path), res, dataset="val", iteration=40)
+    text = path.read_text()
+    assert "NaN" not in text
+    out = json.loads(text)
+    assert out == {"bbox": {"AP": 12.5, "AP50": 30.0, "AP75": 10.0, "APs": None, "APm": 5.0, "APl": 1.0},
+                   "segm": {"AP": 11.0, "AP50": 28.0, "AP75": 9.0, "APs": 0.0, "APm": None, "APl": 2.0},
+                   "dataset": "val", "iteration": 40}

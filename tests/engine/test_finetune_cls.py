@@ -1,0 +1,168 @@
+"""Classification fine-tuning: learns, resumes exactly, loads every encoder format, rejects a wrong width."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
+from mae_det.engine.finetune_cls import ViTClassifier, build_classifier, build_encoder, finetune, load_encoder_weights
+from mae_det.modeling.mae import MaskedAutoencoderViT
+from mae_det.modeling.vit import VisionTransformer
+
+TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4)
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: on a loaded 2-core machine, OpenMP hand-offs between two threads cost ~10x the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def color_folders(root: Path, n_train: int, n_val: int) -> None:
+    """Solid colors per class plus noise: easily separable, so a few steps must beat chance."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, color in enumerate(COLORS):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(color) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def tiny_cfg(root: Path, out: Path, **over):
+    cfg = get_cls_cfg()
+    cfg.MODEL.ARCH = "vit_tiny_patch16"
+    cfg.MODEL.EMBED_DIM, cfg.MODEL.DEPTH, cfg.MODEL.NUM_HEADS, cfg.MODEL.PATCH_SIZE = 64, 2, 4, 8
+    cfg.MODEL.IMG_SIZE = 32
+    cfg.DATA.TRAIN_ROOT, cfg.DATA.VAL_ROOT = str(root / "train"), str(root / "val")
+    cfg.DATA.NUM_WORKERS = 0
+    cfg.DATA.CROP_PCT = 1.0
+    cfg.AUG.MIXUP = cfg.AUG.CUTMIX = 0.0
+    cfg.AUG.RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+    cfg.AUG.REPROB = 0.0
+    cfg.AUG.LABEL_SMOOTHING = 0.1
+    cfg.AUG.SCALE = (0.5, 1.0)
+    cfg.SOLVER.EPOCHS = 4
+    cfg.SOLVER.WARMUP_EPOCHS = 1.0
+    cfg.SOLVER.BATCH_SIZE = 12
+    cfg.SOLVER.LR = 2e-3
+    cfg.SOLVER.LAYER_DECAY = 0.75
+    cfg.TEST.BATCH_SIZE = 32
+    cfg.LOG_PERIOD = 2
+    cfg.PRECISION = "fp32"
+    cfg.DEVICE = "cpu"
+    cfg.OUTPUT_DIR = str(out)
+    for k, v in over.items():
+        node, key = cfg, k.split(".")
+        for part in key[:-1]:
+            node = node[part]
+        node[key[-1]] = v
+    validate_cls_cfg(cfg)
+    return cfg
+
+
+def test_classifier_has_official_finetune_keys():
+    gp = ViTClassifier(5, img_size=32, **TINY)
+    keys = set(gp.state_dict())
+    assert {"fc_norm.weight", "head.weight", "head.bias", "cls_token", "pos_embed"} <= keys
+    assert not any(k.startswith("norm.") for k in keys)
+    assert gp(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    cls = ViTClassifier(5, global_pool=False, img_size=32, **TINY)
+    assert "norm.weight" in cls.state_dict() and not any(k.startswith("fc_norm") for k in cls.state_dict())
+
+
+def test_finetune_raises_accuracy_above_chance(tmp_path):
+    color_folders(tmp_path / "data", n_train=12, n_val=6)
+    res = finetune(tiny_cfg(tmp_path / "data", tmp_path / "out"), progress=False)
+    assert res["finetune_top1"] >= 70.0  # chance is 33 %
+    assert res["finetune_epochs"] == 4 and res["init"] == "random" and res["init_type"] == "random"
+    assert (res["num_train"], res["num_val"], res["num_classes"]) == (36, 18, 3)
+    assert "finetune_top5" not in res
+    out = tmp_path / "out"
+    assert (out / "run_info.json").is_file() and (out / "cls_results.json").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 + 6  # one record per epoch, one per LOG_PERIOD (2) of the 12 steps
+    ckpt = load_checkpoint(out / (out / "last_checkpoint").read_text().strip())
+    assert ckpt["epoch"] == 4 and ckpt["classes"] == ["c0", "c1", "c2"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, "AUG.MIXUP": 0.8, "AUG.CUTMIX": 1.0}
+    straight = finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), progress=False)
+    finetune(tiny_cfg(tmp_path / "data", tmp_path / "b", **over), progress=False)
+    b = tmp_path / "b"
+    (b / "checkpoint_0002.pth").unlink()  # as if the run had been killed during epoch 2
+    (b / "last_checkpoint").write_text("checkpoint_0001.pth")
+    resumed = finetune(tiny_cfg(tmp_path / "data", b, **over), resume=True, progress=False)
+    sa, sb = load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth"), load_checkpoint(b / "checkpoint_0002.pth")
+    assert sa["model"].keys() == sb["model"].keys()
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert straight["finetune_top1"] == resumed["finetune_top1"]
+    assert [r["epoch"] for r in sb["history"]] == [1, 2]
+
+
+def _official_full(img_size: int) -> dict:
+    torch.manual_seed(1)
+    mae = MaskedAutoencoderViT(img_size=img_size, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, **TINY)
+    return {"model": mae.state_dict()}
+
+
+def test_loads_ours_official_and_timm_formats(tmp_path):
+    torch.manual_seed(2)
+    enc = VisionTransformer(img_size=32, **TINY)
+    atomic_save({"model": enc.state_dict()}, tmp_path / "export.pth")
+    atomic_save(_official_full(48), tmp_path / "official_full.pth")  # pretrained at 48 px: 6x6 -> 4x4 grid
+    tv = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=7)
+    atomic_save(tv.state_dict(), tmp_path / "timm.pth")
+
+    model = ViTClassifier(3, img_size=32, **TINY)
+    load_encoder_weights(model, tmp_path / "export.pth")
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, enc.blocks[1].mlp.fc2.weight)
+    assert torch.equal(model.pos_embed, enc.pos_embed)
+
+    load_encoder_weights(model, tmp_path / "official_full.pth")
+    full = _official_full(48)["model"]
+    assert torch.equal(model.blocks[0].attn.qkv.weight, full["blocks.0.attn.qkv.weight"])
+    assert model.pos_embed.shape == (1, 17, 64)  # resampled to the model's grid
+
+    info = load_encoder_weights(model, tmp_path / "timm.pth")
+    assert info["format"] == "timm"
+    assert torch.equal(model.patch_embed.proj.weight, tv.patch_embed.proj.weight)
+    assert model.head.weight.shape == (3, 64)  # the checkpoint's 7-way head is not taken
+
+    enc2 = VisionTransformer(img_size=32, **TINY)
+    load_encoder_weights(enc2, tmp_path / "timm.pth")
+    assert torch.equal(enc2.norm.weight, tv.norm.weight)  # a plain encoder keeps the final norm
+
+
+def test_wrong_width_or_depth_names_the_file(tmp_path):
+    small = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    atomic_save({"model": small.state_dict()}, tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match=r"narrow\.pth: encoder width 32 does not match the model's embed_dim 64"):
+        load_encoder_weights(ViTClassifier(3, img_size=32, **TINY), tmp_path / "narrow.pth")
+    deep = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4)
+    atomic_save({"model": deep.state_dict()}, tmp_path / "deep.pth")
+    with pytest.raises(CheckpointError, match=r"deep\.pth: 3 blocks but the model has depth 2"):
+        load_encoder_weights(VisionTransformer(img_size=32, **TINY), tmp_path / "deep.pth")
+
+
+def test_build_from_config_uses_the_weights(tmp_path):
+    torch.manual_seed(3)
+    enc = VisionTransformer(img_size=32, **TINY)
+    atomic_save({"model": enc.state_dict()}, tmp_path / "enc.pth")
+    cfg = tiny_cfg(tmp_path, tmp_path / "out", **{"MODEL.WEIGHTS": str(tmp_path / "enc.pth")})
+    built = build_encoder(cfg, torch.device("cpu"))
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in built.state_dict().items())
+    clf = build_classifier(cfg, 4)
+    assert clf.pos_embed.requires_grad and clf.blocks[1].drop_path.drop_prob == pytest.approx(cfg.MODEL.DROP_PATH)
+    assert torch.equal(clf.blocks[0].attn.proj.weight, enc.blocks[0].attn.proj.weight)

@@ -1,0 +1,174 @@
+"""mae_det.engine.predictor on a tiny randomly initialized ViT Mask R-CNN and a generated COCO-format dataset."""
+import json
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.data.catalog import Metadata
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from PIL import Image
+from pycocotools.coco import COCO
+
+from mae_det.engine.det_trainer import build_checkpointer
+from mae_det.engine.predictor import (
+    Predictor, dataset_metadata, expand_inputs, instances_to_coco_results, load_predict_cfg, predict_to_dir,
+    side_by_side_detections,
+)
+from tests.tools.inference_data import CATEGORIES, make_tiny_coco, write_tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_coco")
+    json_path, image_dir = make_tiny_coco(root)
+    return root, image_dir, write_tiny_config(root, json_path, image_dir)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny):
+    return Predictor(load_predict_cfg(str(tiny[2]), confidence_threshold=0.0))
+
+
+def test_expand_inputs_folders_globs_and_missing(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ("x.png", "y.JPG", "notes.txt"):
+        (tmp_path / "a" / name).write_bytes(b"1")
+    files, empty = expand_inputs([
+        str(tmp_path / "a"), str(tmp_path / "a" / "*.png"), str(tmp_path / "missing.png"), str(tmp_path / "empty"),
+        str(tmp_path / "*.gif"),
+    ])
+    # Folder: image extensions only, sorted; the glob's x.png is a duplicate; an explicit missing path is kept.
+    assert [p.name for p in files] == ["x.png", "y.JPG", "missing.png"]
+    assert empty == [(str(tmp_path / "empty"), "folder holds no image files"),
+                     (str(tmp_path / "*.gif"), "pattern matched no files")]
+
+
+def test_metadata_names_and_original_category_ids(tiny):
+    meta = dataset_metadata(load_predict_cfg(str(tiny[2])))
+    assert meta.thing_classes == ["square", "bar", "diamond"]
+    assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 11: 2}
+    # More model classes than dataset classes: the extra ones get generic names and fresh ids.
+    meta = dataset_metadata(load_predict_cfg(str(tiny[2]), ["MODEL.ROI_HEADS.NUM_CLASSES", "5"]))
+    assert meta.thing_classes == ["square", "bar", "diamond", "class 3", "class 4"]
+    assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 11: 2, 12: 3, 13: 4}
+    # No dataset at all.
+    cfg = load_predict_cfg(str(tiny[2]), ["DATASETS.REGISTER", "[]", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    meta = dataset_metadata(cfg)
+    assert meta.thing_classes == ["class 0", "class 1", "class 2"]
+    assert meta.thing_dataset_id_to_contiguous_id == {0: 0, 1: 1, 2: 2}
+
+
+def test_coco_results_map_ids_and_encode_masks():
+    inst = Instances((20, 30))
+    inst.pred_boxes = Boxes(torch.tensor([[2.0, 3.0, 12.0, 9.0], [0.0, 0.0, 30.0, 20.0]]))
+    inst.scores = torch.tensor([0.9, 0.4])
+    inst.pred_classes = torch.tensor([2, 0])
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 3:9, 2:12] = True
+    masks[1, 10:, :5] = True
+    inst.pred_masks = masks
+    meta = Metadata(thing_classes=["a", "b", "c"], thing_dataset_id_to_contiguous_id={3: 0, 7: 1, 11: 2})
+    res = json.loads(json.dumps(instances_to_coco_results(inst, 5, meta)))  # counts are str: json-serializable
+    assert [(r["image_id"], r["category_id"]) for r in res] == [(5, 11), (5, 3)]
+    assert res[0]["bbox"] == [2.0, 3.0, 10.0, 6.0] and res[1]["bbox"] == [0.0, 0.0, 30.0, 20.0]
+    assert res[0]["score"] == pytest.approx(0.9) and res[1]["score"] == pytest.approx(0.4)
+    for r, m in zip(res, masks):
+        rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
+        np.testing.assert_array_equal(mask_util.decode(rle), m.numpy().astype(np.uint8))
+
+
+def test_preprocess_honors_format_and_test_resize(tiny):
+    image = np.zeros((64, 32, 3), np.uint8)
+    image[..., 0] = 200  # red
+    rgb = Predictor(load_predict_cfg(str(tiny[2])))
+    bgr = Predictor(load_predict_cfg(str(tiny[2]), ["INPUT.FORMAT", "BGR"]))
+    a, b = rgb.preprocess(image), bgr.preprocess(image)
+    # Short side 32 -> 128 would make the long side 256 > MAX_SIZE_TEST 128, so the long side becomes 128.
+    assert a["image"].shape == b["image"].shape == (3, 128, 64)
+    assert (a["height"], a["width"]) == (64, 32)
+    assert a["image"][0].float().mean() == 200 and a["image"][2].float().mean() == 0
+    assert b["image"][2].float().mean() == 200 and b["image"][0].float().mean() == 0
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        rgb.preprocess(image[..., 0])
+
+
+def test_batch_of_different_sizes_returns_detections_in_each_image_frame(predictor):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)]
+    outs = predictor(images)
+    assert len(outs) == 2
+    for im, inst in zip(images, outs):
+        h, w = im.shape[:2]
+        assert inst.image_size == (h, w)
+        assert 0 < len(inst) <= 10  # threshold 0 keeps TEST.DETECTIONS_PER_IMAGE detections
+        assert inst.pred_boxes.tensor.device.type == "cpu"
+        box = inst.pred_boxes.tensor
+        assert (box[:, 0] >= 0).all() and (box[:, 2] <= w).all() and (box[:, 1] >= 0).all() and (box[:, 3] <= h).all()
+        assert inst.pred_masks.shape == (len(inst), h, w)
+        assert set(inst.pred_classes.tolist()) <= {0, 1, 2}
+    assert predictor([]) == []
+
+
+def test_weights_are_loaded_through_the_checkpointer(tiny, tmp_path):
+    cfg = load_predict_cfg(str(tiny[2]), ["OUTPUT_DIR", str(tmp_path)])
+    torch.manual_seed(123)
+    model = build_model(cfg)
+    build_checkpointer(cfg, model).save("model_a")
+    pred = Predictor(load_predict_cfg(str(tiny[2]), ["MODEL.WEIGHTS", str(tmp_path / "model_a.pth")]))
+    loaded, saved = pred.model.state_dict(), model.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_predict_to_dir_writes_pictures_and_loadable_coco_json(tiny, predictor, tmp_path):
+    _, image_dir, _ = tiny
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(image_dir / "img_0.png").resize((100, 80)).save(other / "img_0.png")  # same stem, other folder
+    (other / "empty.png").write_bytes(b"")
+    (other / "text.png").write_text("not an image")
+    summary = predict_to_dir(predictor, [str(image_dir), str(other)], tmp_path / "out", batch_size=2, progress=False)
+
+    assert sorted(summary.failures) == [(str(other / "empty.png"), "empty file (0 bytes)"),
+                                        (str(other / "text.png"), "not a recognized image format")]
+    names = [im["visualization"] for im in summary.images]
+    assert names == ["img_0.png", "img_1.png", "img_2.png", "img_0_1.png"]
+    assert [im["id"] for im in summary.images] == [1, 2, 3, 4]
+    for im in summary.images:
+        assert Image.open(tmp_path / "out" / im["visualization"]).size == (im["width"], im["height"])
+    assert summary.images[3]["file_name"] == str((other / "img_0.png").resolve())
+    assert (summary.images[3]["height"], summary.images[3]["width"]) == (80, 100)
+
+    gt = COCO(str(summary.images_json))
+    assert gt.loadCats(gt.getCatIds()) == CATEGORIES
+    dt = gt.loadRes(str(summary.results_json))
+    assert len(dt.anns) == summary.num_detections == 4 * 10
+    assert {a["category_id"] for a in dt.anns.values()} <= {3, 7, 11}
+    assert {a["image_id"] for a in dt.anns.values()} == {1, 2, 3, 4}
+    assert all(a["segmentation"]["size"] == [80, 100] for a in dt.anns.values() if a["image_id"] == 4)
+
+
+def test_side_by_side_detections(tiny, tmp_path):
+    _, image_dir, config = tiny
+    cfg = load_predict_cfg(str(config), ["OUTPUT_DIR", str(tmp_path)])
+    for name in ("a", "b"):
+        build_checkpointer(cfg, build_model(cfg)).save(name)
+    runs = [("MAE", str(config), str(tmp_path / "a.pth")), ("scratch", str(config), str(tmp_path / "b.pth"))]
+    images = [image_dir / "img_0.png", image_dir / "img_1.png"]
+    out = side_by_side_detections(runs, images, tmp_path / "vis" / "cmp.png", confidence_threshold=0.0, panel_size=96)
+    pic = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    header, pad = 24, 6  # default font 12 px + 12; 6 px gaps
+    assert pic.shape == (header + 2 * (96 + pad), 2 * (96 + pad) + pad, 3)
+    for col in range(2):
+        x = pad + col * (96 + pad)
+        assert (pic[:header, x : x + 96] < 128).any()  # the label is drawn
+        for row in range(2):
+            y = header + row * (96 + pad)
+            source = np.asarray(Image.open(images[row]).resize((96, 96), Image.BILINEAR)).astype(int)
+            panel = pic[y : y + 96, x : x + 96]
+            assert 0 < np.abs(panel - source).mean() < 100  # the image, with detections drawn over it
+    with pytest.raises(ValueError, match="at least one run"):
+        side_by_side_detections([], images, tmp_path / "x.png")

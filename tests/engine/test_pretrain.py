@@ -1,0 +1,335 @@
+"""The pretraining loop, in process: learning, outputs, resume, accumulation, faults, modes and precision."""
+import errno
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_det.checkpoint import CheckpointError, load_checkpoint
+from mae_det.config.pretrain import load_pretrain_cfg
+from mae_det.data.pretrain import DataError
+from mae_det.engine import pretrain as P
+from mae_det.modeling.vit import VisionTransformer
+
+TINY = ["MODEL.ARCH", "mae_vit_tiny_patch16", "MODEL.EMBED_DIM", "64", "MODEL.DEPTH", "2", "MODEL.NUM_HEADS", "2",
+        "MODEL.PATCH_SIZE", "8", "MODEL.IMG_SIZE", "32", "MODEL.DECODER_EMBED_DIM", "32", "MODEL.DECODER_DEPTH", "1",
+        "MODEL.DECODER_NUM_HEADS", "2", "DATA.NUM_WORKERS", "0", "PRECISION", "fp32", "DEVICE", "cpu",
+        "SOLVER.BATCH_SIZE", "8", "SOLVER.EPOCHS", "3", "SOLVER.WARMUP_EPOCHS", "1", "SOLVER.LR", "1e-3",
+        "LOG_PERIOD", "1", "CHECKPOINT_PERIOD", "1"]
+
+
+def write_textures(root: Path, n: int, size: int = 40, seed: int = 0) -> Path:
+    """Random smooth colour textures (sums of sinusoids): structure an MAE can learn to fill in."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        img = np.zeros((size, size, 3))
+        for c in range(3):
+            for _ in range(2):
+                fx, fy = rng.uniform(0.5, 3, 2)
+                img[..., c] += np.sin(2 * np.pi * (fx * xx + fy * yy) + rng.uniform(0, 2 * np.pi))
+        img = (img - img.min()) / (np.ptp(img) + 1e-9) * 255
+        Image.fromarray(img.astype(np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, which only spin against other jobs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_textures(tmp_path_factory.mktemp("pretrain_data") / "imgs", 32)
+
+
+def make_cfg(data: Path, out: Path, *opts: str):
+    return load_pretrain_cfg(None, [*TINY, "DATA.PATH", str(data), "OUTPUT_DIR", str(out), *opts])
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def trained(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    P.run_pretrain(make_cfg(images, out, "SOLVER.EPOCHS", "8", "SOLVER.LR", "2e-3", "CHECKPOINT_PERIOD", "4"))
+    return out
+
+
+def test_short_run_learns(trained):
+    epochs = records(trained, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(1, 9))
+    losses = [r["loss"] for r in epochs]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_outputs(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.yaml", "run_info.json", "log.txt", "metrics.jsonl", "last_checkpoint", "encoder.pth",
+            "checkpoint_0004.pth", "checkpoint_0008.pth"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert (trained / "last_checkpoint").read_text().strip() == "checkpoint_0008.pth"
+    train = records(trained, "train")
+    assert [r["step"] for r in train] == list(range(1, 33))
+    assert {"loss", "lr", "img_per_s", "epoch", "iter", "bad_images"} <= set(train[0])
+    info = json.loads((trained / "run_info.json").read_text())
+    assert info["seed"] == 0 and len(info["config_sha256"]) == 64
+
+
+def test_checkpoint_format_is_weights_only(trained):
+    ckpt = torch.load(trained / "checkpoint_0008.pth", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "iter", "global_step", "rng", "config",
+            "meta"} <= set(ckpt)
+    assert (ckpt["epoch"], ckpt["iter"], ckpt["global_step"]) == (8, 0, 32)
+    assert ckpt["meta"]["model"] == "mae_vit_tiny_patch16" and ckpt["meta"]["img_size"] == 32
+    assert ckpt["meta"]["mode"] == "mae" and ckpt["meta"]["norm_pix_loss"] is False
+    assert "mask_token" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
+    assert isinstance(ckpt["config"], str) and "MASK_RATIO: 0.75" in ckpt["config"]
+
+
+def test_encoder_export_loads_into_the_encoder(trained):
+    exp = torch.load(trained / "encoder.pth", weights_only=True)
+    full = torch.load(trained / "checkpoint_0008.pth", weights_only=True)["model"]
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    assert list(exp["model"]) == list(enc.state_dict())  # official order and names, nothing else
+    enc.load_state_dict(exp["model"], strict=True)
+    assert all(torch.equal(exp["model"][k], full[k]) for k in exp["model"])
+    assert exp["meta"]["embed_dim"] == 64 and exp["meta"]["patch_size"] == 8
+
+
+def test_optimizer_groups_and_schedule(images, tmp_path):
+    cfg = make_cfg(images, tmp_path, "SOLVER.LR", "0.0", "SOLVER.BASE_LR", "0.032", "SOLVER.EPOCHS", "4",
+                   "SOLVER.WARMUP_EPOCHS", "2", "SOLVER.MIN_LR", "1e-4")
+    t = P.Pretrainer(cfg)
+    assert t.lr == pytest.approx(0.032 * 8 / 256)  # base lr x effective batch / 256
+    names = {n: g["weight_decay"] for g in t.optimizer.param_groups for n in g["param_names"]}
+    assert "pos_embed" not in names and "decoder_pos_embed" not in names  # frozen sin-cos tables
+    assert names["cls_token"] == names["mask_token"] == 0.05  # decayed, as the official code
+    assert names["blocks.0.norm1.weight"] == names["blocks.0.attn.qkv.bias"] == 0.0
+    assert names["blocks.0.attn.qkv.weight"] == 0.05
+    no_tok = P.Pretrainer(make_cfg(images, tmp_path, "SOLVER.DECAY_TOKENS", "False"))
+    names = {n: g["weight_decay"] for g in no_tok.optimizer.param_groups for n in g["param_names"]}
+    assert names["cls_token"] == names["mask_token"] == 0.0
+    lrs = []
+    for _ in range(t.total_steps):
+        lrs.append(t.optimizer.param_groups[0]["lr"])
+        t.optimizer.step()
+        t.scheduler.step()
+    warm, total, lo = 8, 16, 1e-4
+    expected = [t.lr * k / warm if k < warm else lo + (t.lr - lo) * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+                for k in range(total)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+
+
+def _final(out: Path) -> dict:
+    return torch.load(out / (out / "last_checkpoint").read_text().strip(), weights_only=True)
+
+
+def test_gradient_accumulation_matches_the_full_batch(images, tmp_path):
+    P.run_pretrain(make_cfg(images, tmp_path / "full", "SOLVER.EPOCHS", "2"))
+    P.run_pretrain(make_cfg(images, tmp_path / "accum", "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "4",
+                            "SOLVER.ACCUM_ITER", "2"))
+    a, b = _final(tmp_path / "full")["model"], _final(tmp_path / "accum")["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+class _Interrupt(BaseException):
+    """Stands in for a kill: not an Exception, so nothing in the loop can swallow it."""
+
+
+def _interrupt_after(monkeypatch, steps: int) -> None:
+    original, calls = P.Pretrainer._optimizer_step, {"n": 0}
+
+    def step(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            raise _Interrupt
+
+    monkeypatch.setattr(P.Pretrainer, "_optimizer_step", step)
+
+
+@pytest.mark.parametrize("stop_after", [7, 8])  # resumes from an epoch end / from a mid-epoch checkpoint
+def test_resume_is_bit_exact(images, tmp_path, monkeypatch, stop_after):
+    opts = ["SOLVER.BATCH_SIZE", "4", "SOLVER.ACCUM_ITER", "2", "MODEL.DROP_PATH", "0.2",
+            "SOLVER.CHECKPOINT_ITER_PERIOD", "3"]
+    P.run_pretrain(make_cfg(images, tmp_path / "ref", *opts))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, stop_after)
+        with pytest.raises(_Interrupt):
+            P.run_pretrain(make_cfg(images, tmp_path / "cut", *opts))
+    last = (tmp_path / "cut" / "last_checkpoint").read_text().strip()
+    assert last == ("checkpoint_0001.pth" if stop_after == 7 else "checkpoint_0001_000003.pth")
+    # more loader workers after the restart: the data must not depend on them
+    P.run_pretrain(make_cfg(images, tmp_path / "cut", *opts, "DATA.NUM_WORKERS", "2"), resume=True)
+    ref, cut = _final(tmp_path / "ref"), _final(tmp_path / "cut")
+    assert cut["global_step"] == ref["global_step"] == 12
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], cut["model"][k]), k
+    for i, s in ref["optimizer"]["state"].items():
+        assert all(torch.equal(s[n], cut["optimizer"]["state"][i][n]) for n in ("exp_avg", "exp_avg_sq"))
+    assert ref["scheduler"] == cut["scheduler"]
+    steps = [r["step"] for r in records(tmp_path / "cut", "train")]
+    assert steps == list(range(1, 13))  # records past the checkpoint were replaced, not duplicated
+    assert not (tmp_path / "cut" / "checkpoint_0001_000003.pth").exists()  # rolling checkpoint cleaned up
+
+
+def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_kept(images, tmp_path):
+    cfg = make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2")
+    P.run_pretrain(cfg, resume=True)
+    before = _final(tmp_path)
+    P.run_pretrain(cfg, resume=True)  # already complete: nothing is retrained
+    after = _final(tmp_path)
+    assert after["global_step"] == before["global_step"] == 8
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_resume_with_other_batch_is_refused(images, tmp_path):
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
+    with pytest.raises(CheckpointError, match="effective batch 8 .* now gives 4"):
+        P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "4"), resume=True)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(images, tmp_path, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def failing_save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError) as info:
+        P.run_pretrain(make_cfg(images, tmp_path))
+    assert str(tmp_path / "checkpoint_0002.pth") in str(info.value) and "No space left" in str(info.value)
+    monkeypatch.undo()
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "checkpoint_0001.pth"
+    assert load_checkpoint(tmp_path / "checkpoint_0001.pth")["epoch"] == 1
+    assert not (tmp_path / "checkpoint_0002.pth").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(images, tmp_path):
+    # A learning rate far too high: the weights blow up within a few steps, as in a real divergence.
+    cfg = make_cfg(images, tmp_path, "SOLVER.LR", "1e6", "SOLVER.WARMUP_EPOCHS", "2", "SOLVER.EPOCHS", "4",
+                   "SOLVER.CHECKPOINT_ITER_PERIOD", "1")
+    with pytest.raises(P.NonFiniteLossError) as info:
+        P.run_pretrain(cfg)
+    msg = str(info.value)
+    step = int(msg.split("global step ")[1].split(")")[0].split(";")[0])
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    assert f"last good checkpoint: {tmp_path / last}" in msg
+    ckpt = load_checkpoint(tmp_path / last)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    if "loss_mae = " in msg:  # the loss of the step after the checkpoint overflowed; that step was not taken
+        assert ("loss_mae = nan" in msg or "loss_mae = inf" in msg) and ckpt["global_step"] == step
+    else:  # the update itself overflowed the weights: that checkpoint was refused
+        assert "parameters became non-finite" in msg and ckpt["global_step"] == step - 1
+    assert max(r["step"] for r in records(tmp_path, "train")) <= step
+    saved = [p.name for p in tmp_path.glob("checkpoint_*.pth")]
+    assert max(saved) == last
+
+
+def test_corrupt_images_are_counted_or_fail_the_run(images, tmp_path):
+    data = tmp_path / "dirty"
+    data.mkdir()
+    for p in sorted(images.iterdir())[:30]:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "zero.png").write_bytes(b"")
+    (data / "text.jpg").write_text("not an image")
+    P.run_pretrain(make_cfg(data, tmp_path / "ok", "SOLVER.EPOCHS", "2", "DATA.MAX_BAD_FRACTION", "0.1"))
+    assert [r["bad_images"] for r in records(tmp_path / "ok", "epoch")] == [2, 2]
+    log = (tmp_path / "ok" / "log.txt").read_text()
+    assert "zero.png: empty file" in log and "text.jpg: not a recognized image format" in log
+    with pytest.raises(DataError, match=r"of 32 images are unreadable or missing, more than DATA.MAX_BAD_FRACTION=0.01"):
+        P.run_pretrain(make_cfg(data, tmp_path / "strict", "DATA.MAX_BAD_FRACTION", "0.01"))
+
+
+def test_empty_and_too_small_datasets(tmp_path, images):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no images found"):
+        P.run_pretrain(make_cfg(tmp_path / "empty", tmp_path / "o1"))
+    with pytest.raises(DataError, match="32 images are fewer than one optimizer step of 64"):
+        P.run_pretrain(make_cfg(images, tmp_path / "o2", "SOLVER.BATCH_SIZE", "64"))
+
+
+def _coco_pool(root: Path, images: Path) -> Path:
+    files = sorted(images.iterdir())
+    anns = [{"id": i, "image_id": i, "category_id": 3 if i % 2 else 7, "bbox": [0, 0, 1, 1]} for i in range(len(files))]
+    anns += [{"id": 100 + i, "image_id": i, "category_id": 9, "bbox": [0, 0, 1, 1]} for i in range(0, len(files), 3)]
+    data = {"images": [{"id": i, "file_name": p.name} for i, p in enumerate(files)], "annotations": anns,
+            "categories": [{"id": c, "name": f"c{c}"} for c in (3, 7, 9)]}
+    path = root / "pool.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_supervised_mode_trains_and_exports_like_mae(images, tmp_path, trained):
+    ann = _coco_pool(tmp_path, images)
+    cfg = make_cfg(ann, tmp_path / "sup", "MODEL.MODE", "supervised", "DATA.IMAGE_ROOT", str(images),
+                   "SOLVER.EPOCHS", "6", "SOLVER.LR", "3e-3")
+    P.run_pretrain(cfg)
+    losses = [r["loss"] for r in records(tmp_path / "sup", "epoch")]
+    assert losses[-1] < losses[0], losses
+    ckpt = torch.load(tmp_path / "sup" / "checkpoint_0006.pth", weights_only=True)
+    assert ckpt["meta"]["mode"] == "supervised" and ckpt["meta"]["num_classes"] == 3
+    assert ckpt["model"]["head.weight"].shape == (3, 64)
+    sup = torch.load(tmp_path / "sup" / "encoder.pth", weights_only=True)["model"]
+    mae = torch.load(trained / "encoder.pth", weights_only=True)["model"]
+    assert list(sup) == list(mae) and all(sup[k].shape == mae[k].shape for k in sup)
+    assert torch.equal(sup["pos_embed"], mae["pos_embed"])  # the same fixed sin-cos table
+
+
+def test_supervised_mode_needs_labels(images, tmp_path):
+    with pytest.raises(DataError, match="supervised mode needs labels"):
+        P.run_pretrain(make_cfg(images, tmp_path, "MODEL.MODE", "supervised"))
+
+
+def test_bf16_path_runs(images, tmp_path):
+    cfg = make_cfg(images, tmp_path, "PRECISION", "bf16", "SOLVER.EPOCHS", "2", "SOLVER.WARMUP_EPOCHS", "0",
+                   "MODEL.DEPTH", "1", "SOLVER.BATCH_SIZE", "16")
+    t = P.Pretrainer(cfg)
+    assert t.precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert t.model.blocks[0].attn.qkv(torch.zeros(1, 64)).dtype == torch.bfloat16  # autocast really applies
+    P.run_pretrain(cfg)
+    losses = [r["loss"] for r in records(tmp_path, "train")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_resolve_precision_auto():
+    cpu = torch.device("cpu")
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert P.resolve_precision("auto", cpu) == expected
+    assert P.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        P.resolve_precision("fp16", cpu)
+
+
+def test_knn_monitor_logs_at_its_period(images, tmp_path):
+    for split in ("train", "val"):
+        for cls, seed in (("a", 0), ("b", 50)):
+            write_textures(tmp_path / "knn" / split / cls, 4, size=32, seed=seed + (split == "val"))
+    cfg = make_cfg(images, tmp_path / "out", "MONITOR.KNN.ENABLED", "True", "MONITOR.KNN.PERIOD", "2",
+                   "MONITOR.KNN.TRAIN_ROOT", str(tmp_path / "knn" / "train"),
+                   "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"), "MONITOR.KNN.K", "3")
+    P.run_pretrain(cfg)
+    epochs = records(tmp_path / "out", "epoch")
+    with_knn = [r["epoch"] for r in epochs if "knn_top1" in r]
+    assert with_knn == [2, 3]  # every 2 epochs, and after the last
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in epochs if "knn_top1" in r)
+    assert "kNN top-1" in (tmp_path / "out" / "log.txt").read_text()

@@ -1,0 +1,73 @@
+"""tools/benchmark_pretrain.py --quick, and the all-tokens baseline it compares MAE against."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mae_det.modeling import MaskedAutoencoderViT
+from mae_det.utils.benchmark import AllTokensMAE, bf16_native
+from mae_det.utils.flops import count_forward_macs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_mae() -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+
+
+def test_quick_run_prints_table_and_json():
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    text = "\n".join(lines[:-1])
+    assert f"CPU capability: {torch.backends.cpu.get_cpu_capability()}" in text
+    assert "bf16 native:" in text and "matmul peak: fp32" in text and "3 x 2 x forward multiply-adds" in text
+    assert "skipped fp16: fp16 autocast with a gradient scaler is a GPU recipe" in text
+    precisions = ["fp32", "bf16"] if bf16_native("cpu") else ["fp32"]
+    if not bf16_native("cpu"):
+        assert "skipped bf16: no native bf16" in text
+    rows = {(r["variant"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {(v, p) for v in ("visible-only", "all-tokens") for p in precisions}
+    for (variant, precision), r in rows.items():
+        assert any(line.startswith(f"{variant:<14}{precision:<11}") for line in lines), (variant, precision)
+        assert r["images_per_s"] > 0 and 0 < r["mfu"] and r["achieved_gflops"] > 0
+        assert abs(r["images_per_s"] * r["ms_per_step"] / 1e3 - result["batch_size"]) < 1e-6
+    # All-tokens runs the whole sequence through both halves: more work per image than visible-only.
+    assert rows[("all-tokens", "fp32")]["train_gflop_per_image"] > rows[("visible-only", "fp32")]["train_gflop_per_image"]
+    assert set(result["speedups"]["visible_vs_all_tokens"]) == set(precisions)
+    assert ("bf16_vs_fp32" in result["speedups"]) == bf16_native("cpu")
+
+
+def test_all_tokens_encoder_never_sees_masked_pixels():
+    mae = tiny_mae()
+    model = AllTokensMAE(mae).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    _, pred, mask = model(imgs, 0.75)
+    assert mask.sum(1).tolist() == [12.0, 12.0] and pred.shape == (2, 16, 192)
+    changed = imgs.clone()
+    removed = mae.unpatchify(mask[..., None].expand(-1, -1, 192)).bool()
+    changed[removed] += 3.0
+    torch.manual_seed(1)
+    _, pred2, mask2 = model(changed, 0.75)
+    torch.testing.assert_close(mask2, mask, atol=0, rtol=0)
+    torch.testing.assert_close(pred2, pred, atol=1e-5, rtol=1e-5)
+    changed[~removed] += 3.0
+    torch.manual_seed(1)
+    assert not torch.allclose(model(changed, 0.75)[1], pred, atol=1e-3)
+
+
+def test_all_tokens_counts_full_sequence_attention_and_trains_its_mask_token():
+    mae = tiny_mae()
+    model = AllTokensMAE(mae)
+    report = count_forward_macs(model, torch.randn(1, 3, 32, 32), mask_ratio=0.75)
+    assert report.attention_macs == 2 * 2 * 17 * 17 * 64 + 2 * 17 * 17 * 32
+    loss = model(torch.randn(2, 3, 32, 32), 0.75)[0]
+    loss.backward()
+    assert model.encoder_mask_token.grad.abs().sum() > 0 and mae.blocks[0].attn.qkv.weight.grad is not None

@@ -1,0 +1,94 @@
+"""tools/convert_checkpoint.py: official MAE and Hugging Face weights to Detectron2-ready files."""
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from safetensors.torch import save_file
+from torch import nn
+
+from mae_det.checkpoint.detectron2 import ViTDetCheckpointer
+from mae_det.checkpoint.hf import mae_to_hf
+from mae_det.checkpoint.io import load_checkpoint
+from mae_det.config.vit_backbone import add_vit_config
+from mae_det.modeling import MaskedAutoencoderViT
+from mae_det.modeling.backbone import build_vit_fpn_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "convert_checkpoint.py"
+CONFIG = """\
+MODEL:
+  BACKBONE:
+    NAME: build_vit_fpn_backbone
+  VIT:
+    SIZE: custom
+    EMBED_DIM: 64
+    DEPTH: 4
+    NUM_HEADS: 2
+    WINDOW_SIZE: 4
+    INPUT_SIZE: 128
+    PRETRAIN_IMG_SIZE: 64
+    OUT_CHANNELS: 32
+"""
+
+
+def tiny_mae(img: int) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(
+        img_size=img, patch_size=16, embed_dim=64, depth=4, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+        decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+
+
+def test_official_checkpoint_with_config_loads_as_pretrained(tmp_path):
+    src, out, cfg_file = tmp_path / "mae_full.pth", tmp_path / "vit_d2.pth", tmp_path / "tiny.yaml"
+    mae = tiny_mae(img=32)  # 2x2 grid: resampled to the config's 4x4
+    torch.save({"model": mae.state_dict()}, src)
+    cfg_file.write_text(CONFIG)
+    run = subprocess.run(
+        [sys.executable, str(TOOL), "--input", str(src), "--output", str(out), "--config-file", str(cfg_file)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "(official) ->" in run.stdout and "pos_embed resampled 2x2 -> 4x4" in run.stdout
+    written = load_checkpoint(out)
+    assert written["__author__"] == "mae_det" and written["source_format"] == "official"
+    assert written["matching_heuristics"] is False and written["model"]["backbone.net.pos_embed"].shape == (1, 17, 64)
+
+    cfg = add_vit_config(get_cfg())
+    cfg.merge_from_file(str(cfg_file))
+    holder = nn.Module()
+    holder.backbone = build_vit_fpn_backbone(cfg, ShapeSpec(channels=3))
+    ck = ViTDetCheckpointer(holder)
+    ck.load(str(out))
+    r = ck.last_report
+    assert (r.format, r.origin, r.missing, r.unused) == ("d2", "official", [], [])
+    assert len(r.loaded) == 4 * 12 + 3 and any(k.startswith("backbone.pyramid.") for k in r.new)
+    assert torch.equal(holder.backbone.net.blocks[2].mlp.fc1.weight, mae.blocks[2].mlp.fc1.weight)
+
+
+def test_hf_safetensors_without_config(tmp_path, capsys):
+    from tools.convert_checkpoint import main
+
+    mae = tiny_mae(img=64)
+    src, out = tmp_path / "model.safetensors", tmp_path / "hf_d2.pth"
+    save_file(mae_to_hf(mae.state_dict(), legacy_names=True), str(src))
+    main(["--input", str(src), "--output", str(out)])
+    assert "(hf) ->" in capsys.readouterr().out
+    written = load_checkpoint(out)
+    assert written["source_format"] == "hf"
+    assert "backbone.net.cls_token" not in written["model"] and "backbone.net.norm.weight" not in written["model"]
+    assert torch.equal(written["model"]["backbone.net.blocks.1.attn.qkv.weight"], mae.blocks[1].attn.qkv.weight)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    from tools.convert_checkpoint import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")])
+    assert str(e.value) == f"convert_checkpoint: checkpoint not found: {tmp_path / 'missing.pth'}"
+    assert not (tmp_path / "o.pth").exists()

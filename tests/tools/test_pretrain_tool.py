@@ -1,0 +1,163 @@
+"""tools/pretrain.py end to end, in subprocesses: CLI, exit codes, kill -9 + --resume, 2 processes, a dead rank."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = str(ROOT / "tools" / "pretrain.py")
+CONFIG = str(ROOT / "configs" / "pretrain" / "folder_vit_tiny_cpu.yaml")
+TINY = ["MODEL.EMBED_DIM", "64", "MODEL.DEPTH", "2", "MODEL.NUM_HEADS", "2", "MODEL.IMG_SIZE", "32",
+        "MODEL.DECODER_EMBED_DIM", "32", "MODEL.DECODER_DEPTH", "1", "MODEL.DECODER_NUM_HEADS", "2",
+        "MODEL.NORM_PIX_LOSS", "False", "DATA.NUM_WORKERS", "0", "PRECISION", "fp32", "SOLVER.BATCH_SIZE", "8",
+        "SOLVER.EPOCHS", "2", "SOLVER.WARMUP_EPOCHS", "1", "SOLVER.LR", "1e-3", "LOG_PERIOD", "1"]
+# One intra-op thread: identical kernels in every run, and no spinning against other jobs on a shared machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli_data") / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40] / 40
+    for i in range(32):
+        f = rng.uniform(0.5, 3, (3, 2))
+        img = np.stack([np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + rng.uniform(0, 6)) for c in range(3)], -1)
+        Image.fromarray(((img + 1) * 127.5).astype(np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=ENV, timeout=timeout,
+                          cwd=ROOT)
+
+
+def opts(images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config-file", CONFIG, *TINY, "DATA.PATH", str(images), "OUTPUT_DIR", str(out), *extra]
+
+
+def final_model(out: Path) -> dict:
+    return torch.load(out / (out / "last_checkpoint").read_text().strip(), weights_only=True)["model"]
+
+
+def test_cli_trains_a_folder_with_progress_and_outputs(images, tmp_path):
+    r = cli(*opts(images, tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "encoder.pth", "checkpoint_0002.pth",
+            "last_checkpoint"} <= {p.name for p in out.iterdir()}
+    assert "epoch 2/2" in r.stderr and "img_s=" in r.stderr and "lr=" in r.stderr  # the progress bar
+    saved = (out / "config.yaml").read_text()
+    assert "EMBED_DIM: 64" in saved and f"PATH: {images}" in saved
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["command"][-2:] == ["OUTPUT_DIR", str(out)] and info["world_size"] == 1
+
+
+def test_cli_config_errors_exit_2_with_one_line(images, tmp_path):
+    r = cli(*opts(images, tmp_path, "MODEL.MASK_RATIO", "1.0"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: MODEL.MASK_RATIO: expected a value in [0, 1), got 1.0"
+    r = cli(*opts(images, tmp_path, "SOLVER.EPOCS", "3"))
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: unknown config key 'SOLVER.EPOCS'")
+
+
+def test_cli_nan_loss_exits_non_zero(images, tmp_path):
+    r = cli(*opts(images, tmp_path, "SOLVER.LR", "1e6", "SOLVER.EPOCHS", "4", "SOLVER.WARMUP_EPOCHS", "2",
+                  "CHECKPOINT_PERIOD", "1"))
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "global step" in last and "last good checkpoint" in last
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_equals_uninterrupted_bit_for_bit(images, tmp_path):
+    run = opts(images, tmp_path / "{}", "SOLVER.EPOCHS", "4", "SOLVER.CHECKPOINT_ITER_PERIOD", "1", "LOG_PERIOD", "1",
+               "MODEL.DROP_PATH", "0.1")
+
+    def args(name: str) -> list[str]:
+        return [a.replace("{}", name) for a in run]
+
+    ref = cli(*args("ref"))
+    assert ref.returncode == 0, ref.stderr
+    delay = random.uniform(0.0, 0.4)
+    proc = subprocess.Popen([sys.executable, TOOL, *args("cut")], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "cut" / "last_checkpoint"
+    deadline = time.time() + 240
+    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert alive, f"the run ended before the kill (delay {delay:.3f} s): make it longer"
+    killed_at = torch.load(tmp_path / "cut" / pointer.read_text().strip(), weights_only=True)["global_step"]
+    assert 1 <= killed_at < 32, killed_at
+
+    resumed = cli("--resume", *args("cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = final_model(tmp_path / "ref"), final_model(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a kill at step {killed_at} (delay {delay:.3f} s)"
+    ea = torch.load(tmp_path / "ref" / "encoder.pth", weights_only=True)["model"]
+    eb = torch.load(tmp_path / "cut" / "encoder.pth", weights_only=True)["model"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(images, tmp_path):
+    one = cli(*opts(images, tmp_path / "one", "SOLVER.BATCH_SIZE", "8"))
+    assert one.returncode == 0, one.stderr
+    two = cli("--num-gpus", "2", *opts(images, tmp_path / "two", "SOLVER.BATCH_SIZE", "4"))
+    assert two.returncode == 0, two.stderr
+    assert "2 processes, effective batch 8" in two.stderr
+    a, b = final_model(tmp_path / "one"), final_model(tmp_path / "two")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-4, diff
+    la = [r["loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines())]
+    lb = [r["loss"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())]
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+
+def _spawned_ranks(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the rank processes through /proc")
+def test_a_killed_rank_ends_the_whole_job(images, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, TOOL, "--num-gpus", "2", *opts(images, out, "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "500")],
+        env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        ranks = _spawned_ranks(proc.pid)
+        assert proc.poll() is None and len(ranks) == 2, "training did not start"
+        victim = ranks[-1]
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # a hang would end here, as a failure
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank ") and f"(pid {victim}) was killed by SIGKILL" in last, last
+    assert "the other ranks were stopped" in last
+    assert all(not Path(f"/proc/{r}").exists() or "zombie" in Path(f"/proc/{r}/status").read_text() for r in ranks)

@@ -1,0 +1,61 @@
+"""mae_det.utils.analysis: the counts are the shared counter's, split by the model's top-level parts."""
+import pytest
+import torch
+
+from mae_det.config.pretrain import ConfigError
+from mae_det.utils.analysis import (
+    activation_report, analyze, build_target, flop_report, load_pretrain_model_cfg, parameter_report,
+)
+from mae_det.utils.flops import count_forward_macs
+from tests.tools.inference_data import make_tiny_coco, write_tiny_config, write_tiny_pretrain_config
+
+
+def test_mae_counts_match_the_shared_counter_and_closed_forms(tmp_path):
+    target = build_target("mae", str(write_tiny_pretrain_config(tmp_path)))
+    model, (imgs,) = target.model, target.inputs
+    assert imgs.shape == (1, 3, 64, 64)
+    rep = flop_report(target)
+    torch.manual_seed(0)
+    direct = count_forward_macs(model, imgs, mask_ratio=0.75)
+    assert rep.total_macs == direct.total_macs and rep.attention_macs == direct.attention_macs > 0
+    L, p, D, Dd = 64, 8, 64, 32  # 8x8 patches of 8 px, encoder 64-d, decoder 32-d
+    assert rep.by_module["patch_embed"] == L * D * p * p * 3  # conv over all patches (masking comes after)
+    assert rep.by_module["decoder_pred"] == (1 + L) * Dd * p * p * 3  # cls + all patches
+    assert rep.total_macs > sum(rep.by_module.values())  # MAE's own forward holds ops outside its children
+    assert "(top level)" in analyze(target, ["flop"])
+
+    total, trainable, table = parameter_report(model, max_depth=1)
+    assert total == sum(p.numel() for p in model.parameters())
+    # The fixed sin-cos tables are parameters without gradient.
+    assert total - trainable == model.pos_embed.numel() + model.decoder_pos_embed.numel()
+    assert "decoder_blocks" in table
+
+    acts, by_module = activation_report(target)
+    assert acts >= sum(by_module.values()) > 0
+    assert by_module["patch_embed"] == L * D
+
+
+def test_detection_target_size_and_report(tmp_path):
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=1)
+    config = str(write_tiny_config(tmp_path, json_path, image_dir))
+    target = build_target("detection", config, ["INPUT.MIN_SIZE_TEST", "96"])
+    assert target.inputs[0].shape == (3, 96, 96)  # min(MIN_SIZE_TEST, MAX_SIZE_TEST) square
+    target = build_target("detection", config, input_size=(64, 128))
+    assert target.inputs[0].shape == (3, 64, 128)
+    text = analyze(target, ["parameter"])
+    assert "## parameters" in text and "## FLOPs" not in text and "## activations" not in text
+    rep = flop_report(target)
+    assert set(rep.by_module) >= {"backbone", "proposal_generator", "roi_heads"}
+    assert rep.by_module["roi_heads"] > 0 and rep.attention_macs > 0
+    with pytest.raises(ValueError, match="unknown task"):
+        analyze(target, ["flops"])
+
+
+def test_pretrain_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_pretrain_model_cfg(tmp_path / "nope.yaml")
+    config = write_tiny_pretrain_config(tmp_path)
+    with pytest.raises(ConfigError, match="MODEL.NO_SUCH"):
+        load_pretrain_model_cfg(config, ["MODEL.NO_SUCH", "1"])
+    with pytest.raises(ConfigError, match="MODEL.ARCH"):
+        load_pretrain_model_cfg(config, ["MODEL.ARCH", "resnet50"])
