@@ -176,7 +176,10 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dic
             logger.warning("%s is unreadable; it is replaced", path)
         if not isinstance(merged, dict) or merged.get("init") != results.get("init"):
             merged = {}
+    published = {**merged.get("published", {}), **results.get("published", {})}
     merged.update(results)
+    if published:
+        merged["published"] = published
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RESULTS_FILE}.tmp")
     tmp.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
@@ -195,11 +198,12 @@ def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] |
 
 
 def _published(cfg: CfgNode, task: str) -> dict[str, Any]:
-    """REFERENCE.* as ``<task>_published_top1`` / ``_source``: labelled, never mistaken for a measurement."""
+    """REFERENCE.* under ``"published"``, never as a top-level ``*_top1`` key: tables read those as measured."""
     if not cfg.REFERENCE.PUBLISHED_TOP1:
         return {}
-    return {f"{task}_published_top1": cfg.REFERENCE.PUBLISHED_TOP1,
-            f"{task}_published_source": cfg.REFERENCE.SOURCE or "unspecified"}
+    return {"published": {f"{task}_top1": {"value": cfg.REFERENCE.PUBLISHED_TOP1,
+                                           "source": cfg.REFERENCE.SOURCE or "unspecified",
+                                           "note": "published for this recipe, not measured by this run"}}}
 
 
 # ---- kNN and linear probe from a config ------------------------------------------------------------------
@@ -311,7 +315,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
 
     Returns:
         The content of ``OUTPUT_DIR/cls_results.json``: ``finetune_top1`` (and ``finetune_top5``) of the last
-        epoch, ``finetune_best_top1``, ``finetune_epochs``, ``init``, ``init_type``, dataset sizes.
+        epoch, ``finetune_top1_best``, ``finetune_epochs``, ``init``, ``init_type``, dataset sizes.
     """
     device = resolve_device(cfg.DEVICE)
     dtype = autocast_dtype(device, cfg.PRECISION)
@@ -447,7 +451,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     final = evaluated[-1]
     init_type, init = init_label(cfg)
     res = {"finetune_top1": final["val_top1"],
-           "finetune_best_top1": max(r["val_top1"] for r in evaluated),
+           "finetune_top1_best": max(r["val_top1"] for r in evaluated),
            "finetune_epochs": S.EPOCHS, "init": init, "init_type": init_type, "num_classes": num_classes,
            "num_train": len(train_set), "num_val": len(val_set)}
     if "val_top5" in final:

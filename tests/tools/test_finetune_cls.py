@@ -114,4 +114,4 @@ def test_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
     rc, err = error_of(finetune_main, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"))
     assert rc == 2 and "MODEL.WEIGHTS: checkpoint" in err and "missing.pth not found" in err
     rc, err = error_of(finetune_main, "SOLVER.BATCH_SIZE", "64")
-    assert rc == 2 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
+    assert rc == 1 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
