@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of a detection")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path (last on the command line)")
     return p.parse_args(argv)
 
 

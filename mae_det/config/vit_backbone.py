@@ -85,7 +85,8 @@ def vit_dims(cfg: CN) -> tuple[int, int, int]:
 
 def quarter_indexes(depth: int) -> list[int]:
     """0-based indexes of blocks d/4, d/2, 3d/4, d: the tap points and global blocks of ViTDet / MAE App. A.3."""
-    return [depth * k // 4 - 1 for k in (1, 2, 3, 4)]
+    # max(.., 0): shallow CPU-sized encoders (depth < 4) tap block 0 instead of a negative index.
+    return [max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)]
 
 
 def global_attn_indexes(cfg: CN) -> list[int]:

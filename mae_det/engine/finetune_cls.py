@@ -304,6 +304,74 @@ def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int) -> Path:
     return path
 
 
+def _train_one_epoch(
+    model: nn.Module,
+    loader,
+    opt: torch.optim.Optimizer,
+    sched,
+    scaler: torch.amp.GradScaler | None,
+    mixup: Mixup | None,
+    criterion: nn.Module,
+    *,
+    epoch: int,
+    steps: int,
+    accum: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    clip_grad: float,
+    log_period: int,
+    metrics_path: Path,
+    skips: SkipCounter,
+    bar: tqdm,
+) -> dict[str, float]:
+    """``steps`` optimizer steps of ``accum`` iterations each; returns the epoch's record for metrics.jsonl."""
+    model.train()
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    for i, (imgs, labels, errors) in enumerate(loader):
+        if i >= steps * accum:
+            break
+        skips.update(len(labels), errors)
+        if mixup is not None and len(labels) % 2:
+            imgs, labels = imgs[:-1], labels[:-1]  # mixup pairs samples; a skipped image left an odd batch
+        if len(labels):
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            targets = labels
+            if mixup is not None:
+                imgs, targets = mixup(imgs, labels)
+            with autocast(device, dtype):
+                loss = criterion(model(imgs), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, iteration {i}; the last good "
+                    f"checkpoint is intact (lower SOLVER.BASE_LR or use PRECISION fp32)"
+                )
+            loss_sum += loss.item()
+            seen += len(labels)
+            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        if (i + 1) % accum:
+            continue
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        lr = max(g["lr"] for g in opt.param_groups)  # the head's; layer decay scales the blocks below it
+        sched.step()
+        step = epoch * steps + (i + 1) // accum
+        bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}", lr=f"{lr:.3g}", ips=f"{seen / (time.perf_counter() - t0):.1f}")
+        bar.update()
+        if step % log_period == 0:
+            _append_jsonl(metrics_path, {"step": step, "epoch": epoch + (i + 1) / (steps * accum),
+                                         "loss": loss_sum / (i + 1), "lr": lr})
+    return {"epoch": epoch + 1, "train_loss": loss_sum / (steps * accum),
+            "images_per_s": seen / (time.perf_counter() - t0)}
+
+
 def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None = None,
              progress: bool = True) -> dict[str, Any]:
     """End-to-end fine-tuning of MODEL.WEIGHTS (or a random init) on DATA.TRAIN_ROOT, evaluated on VAL_ROOT.
@@ -380,56 +448,15 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         gen = torch.Generator().manual_seed(seed_epoch(cfg.SEED, epoch))
         loader = folder_loader(train_set, S.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device, shuffle=True, drop_last=True,
                                generator=gen)
-        skips = SkipCounter(f"{cfg.DATA.TRAIN_ROOT} (epoch {epoch})", cfg.DATA.MAX_BAD_FRACTION)
-        model.train()
+        skips = SkipCounter(f"{cfg.DATA.TRAIN_ROOT} (epoch {epoch + 1})", cfg.DATA.MAX_BAD_FRACTION)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{S.EPOCHS}", unit="step", disable=not progress)
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for i, (imgs, labels, errors) in enumerate(loader):
-            if i >= steps_per_epoch * accum:
-                break
-            skips.update(len(labels), errors)
-            step = epoch * steps_per_epoch + i // accum
-            if mixup is not None and len(labels) % 2:
-                imgs, labels = imgs[:-1], labels[:-1]  # mixup pairs samples; a skipped image left an odd batch
-            if len(labels):
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                targets = labels
-                if mixup is not None:
-                    imgs, targets = mixup(imgs, labels)
-                with autocast(device, dtype):
-                    loss = criterion(model(imgs), targets)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, iteration {i}; the last good "
-                        f"checkpoint in {out} is intact (lower SOLVER.BASE_LR or use PRECISION fp32)"
-                    )
-                loss_sum += loss.item()
-                seen += len(labels)
-                (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-            if (i + 1) % accum:
-                continue
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if S.CLIP_GRAD > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), S.CLIP_GRAD)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            head_lr = max(g["lr"] for g in opt.param_groups)
-            sched.step()
-            bar.set_postfix(loss=f"{loss_sum / max(i + 1, 1):.4f}", lr=f"{head_lr:.3g}",
-                            ips=f"{seen / (time.perf_counter() - t0):.1f}")
-            bar.update()
-            if (step + 1) % cfg.LOG_PERIOD == 0:
-                _append_jsonl(metrics_path, {"step": step + 1, "epoch": epoch + (i + 1) / (steps_per_epoch * accum),
-                                             "loss": loss_sum / (i + 1), "lr": head_lr})
+        record = _train_one_epoch(
+            model, loader, opt, sched, scaler, mixup, criterion, epoch=epoch, steps=steps_per_epoch, accum=accum,
+            device=device, dtype=dtype, clip_grad=S.CLIP_GRAD, log_period=cfg.LOG_PERIOD, metrics_path=metrics_path,
+            skips=skips, bar=bar,
+        )
         bar.close()
         skips.check()
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps_per_epoch * accum, 1),
-                  "images_per_s": seen / (time.perf_counter() - t0)}
         if (epoch + 1) % cfg.TEST.EVAL_PERIOD == 0 or epoch + 1 == S.EPOCHS:
             val_skips = SkipCounter(str(cfg.DATA.VAL_ROOT), cfg.DATA.MAX_BAD_FRACTION)
             ev = evaluate(model, val_loader, device, dtype, num_classes, val_skips, progress)
@@ -441,8 +468,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         _append_jsonl(metrics_path, record)
         if (epoch + 1) % cfg.CHECKPOINT_PERIOD == 0 or epoch + 1 == S.EPOCHS:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch + 1,
-                     "history": history, "classes": list(train_set.classes)}
+                     "epoch": epoch + 1, "history": history, "classes": list(train_set.classes)}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             _save_checkpoint(out, state, epoch + 1)

@@ -67,8 +67,9 @@ def dataset_metadata(cfg: CfgNode) -> Metadata:
     """Class names and dataset category ids for the model's ``MODEL.ROI_HEADS.NUM_CLASSES`` outputs.
 
     Taken from the first of ``DATASETS.TEST`` / ``DATASETS.TRAIN`` that is registered (``DATASETS.REGISTER`` entries
-    are registered here; their json is parsed once if the names are not known yet). Classes beyond the dataset's
-    and every class when no dataset is available are named ``"class k"`` with category id ``k``.
+    are registered here; their json is parsed once if the names are not known yet). Model classes beyond the
+    dataset's are named ``"class k"`` and get the next unused category ids; without a dataset, class ``k`` is
+    ``"class k"`` with category id ``k``.
 
     Returns:
         A new ``Metadata`` whose ``thing_classes`` has one name per model class and whose

@@ -213,8 +213,8 @@ def _setup_logging(output_dir: Path, rank: int) -> logging.Handler | None:
 class Pretrainer:
     """One process's share of a pretraining run (construct inside the process group, then :meth:`train`)."""
 
-    def __init__(self, cfg, *, resume: bool = False, argv: Sequence[str] | None = None) -> None:
-        self.cfg, self.resume, self.argv = cfg, resume, argv
+    def __init__(self, cfg, *, resume: bool = False) -> None:
+        self.cfg, self.resume = cfg, resume
         self.rank, self.world = du.get_rank(), du.get_world_size()
         self.main = self.rank == 0
         self.out = Path(cfg.OUTPUT_DIR)
@@ -232,13 +232,12 @@ class Pretrainer:
             self.num_classes = cfg.MODEL.NUM_CLASSES or src.num_classes
             if self.num_classes < src.num_classes:
                 raise ConfigError(f"MODEL.NUM_CLASSES: {self.num_classes} is fewer than the {src.num_classes} classes of {src.root}")
-        total = len(src.paths) + len(src.missing)
-        self.max_bad = int(cfg.DATA.MAX_BAD_FRACTION * total)
+        self.total_images = len(src.paths) + len(src.missing)
+        self.max_bad = int(cfg.DATA.MAX_BAD_FRACTION * self.total_images)
         self.missing = len(src.missing)
         if src.missing:
             logger.warning("%d images listed in %s do not exist, first: %s", len(src.missing), src.root, src.missing[0])
-        self._check_bad_budget(0, total)
-        self.total_images = total
+        self._check_bad_budget(0)
 
         arch = resolve_arch(cfg)
         num_patches = (cfg.MODEL.IMG_SIZE // arch["patch_size"]) ** 2 if self.mode == "mae" else 0
@@ -287,9 +286,9 @@ class Pretrainer:
         self._writer = None
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
-    def _check_bad_budget(self, runtime_bad: int, total: int | None = None) -> None:
-        total = total or self.total_images
-        bad = runtime_bad + self.missing
+    def _check_bad_budget(self, runtime_bad: int) -> None:
+        """Fails once the unreadable + missing images exceed the budget, or no readable image is left."""
+        total, bad = self.total_images, runtime_bad + self.missing
         if bad > self.max_bad or (runtime_bad and runtime_bad >= total - self.missing):
             raise DataError(
                 f"{self.data_root}: {bad} of {total} images are unreadable or missing, more than "
@@ -561,7 +560,7 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
             write_run_info(out, cfg, seed=cfg.SEED, init_type="random", argv=argv,
                            extra={"mode": cfg.MODEL.MODE, "resume": resume, "world_size": du.get_world_size()})
-        return Pretrainer(cfg, resume=resume, argv=argv).train()
+        return Pretrainer(cfg, resume=resume).train()
     finally:
         if handler is not None:
             logging.getLogger("mae_det").removeHandler(handler)
@@ -593,18 +592,39 @@ def _spawned_main(cfg, resume: bool, argv: list[str], threads: int) -> None:
     run_pretrain(cfg, resume=resume, argv=argv)
 
 
-def _describe_rank_failure(e: Exception) -> str:
+# Exit codes of tools/pretrain.py (shared with tools/train_net.py): bad input, and a diverged run.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 1, 2, 3
+_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ImageLoadError)
+
+
+def _exit_code(e: BaseException | str) -> int:
+    name = e if isinstance(e, str) else type(e).__name__
+    if "NonFiniteLossError" in name:
+        return EXIT_NON_FINITE
+    if any(cls.__name__ in name for cls in _INPUT_ERRORS):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
+def _describe_rank_failure(e: Exception) -> tuple[str, int]:
+    """One line and an exit code for a rank that raised (its last traceback line) or died (its signal)."""
     import torch.multiprocessing as mp
 
     if isinstance(e, mp.ProcessExitedException):
         how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
-        return f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped"
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"rank {getattr(e, 'error_index', '?')} failed: {lines[-1].strip() if lines else type(e).__name__}; the other ranks were stopped"
+        return f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped", EXIT_FAILED
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return f"rank {e.error_index} failed: {last}; the other ranks were stopped", _exit_code(last.split(":")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tools/pretrain.py``; returns the exit code (0 ok, 1 failed, 2 bad config)."""
+    """Entry point of ``tools/pretrain.py``.
+
+    Returns:
+        0 done; 1 a failure (e.g. a rank died); 2 bad config, data or checkpoint (including a failed checkpoint
+        write); 3 stopped on a non-finite loss (the last good checkpoint is kept). Errors are one ``error:`` line.
+    """
     import torch.multiprocessing as mp
     from detectron2.engine import launch
 
@@ -613,21 +633,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.argv[0], *argv]
     try:
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    world = args.num_gpus * args.num_machines
-    try:
-        if du.launched_by_torchrun() or world == 1:
+        if du.launched_by_torchrun() or args.num_gpus * args.num_machines == 1:
             run_pretrain(cfg, resume=args.resume, argv=command)
         else:
-            threads = max(1, (os.cpu_count() or 1) // args.num_gpus) if not torch.cuda.is_available() else 1
+            threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // args.num_gpus)
             launch(_spawned_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                    dist_url=args.dist_url, args=(cfg, args.resume, command, threads))
-    except (PretrainError, DataError, CheckpointError, ConfigError, ImageLoadError) as e:
+    except (PretrainError, *_INPUT_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except mp.ProcessException as e:
-        print(f"error: {_describe_rank_failure(e)}", file=sys.stderr)
-        return 1
+        return _exit_code(e)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        line, code = _describe_rank_failure(e)
+        print(f"error: {line}", file=sys.stderr)
+        return code
     return 0

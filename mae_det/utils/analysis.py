@@ -12,6 +12,7 @@ plus fused attention; one multiply-add = one flop). Two models can be analyzed:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -171,18 +172,25 @@ def activation_report(target: AnalysisTarget) -> tuple[int, dict[str, int]]:
 
 
 def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
-    width = max(len(r[0]) for r in [head, *rows])
-    lines = [f"| {head[0]:<{width}} | {head[1]} |", f"|{'-' * (width + 2)}|{'-' * (len(head[1]) + 2)}|"]
-    lines += [f"| {name:<{width}} | {value:>{len(head[1])}} |" for name, value in rows]
-    return "\n".join(lines)
+    w0 = max(len(r[0]) for r in [head, *rows])
+    w1 = max(len(r[1]) for r in [head, *rows])
+    lines = [f"| {head[0]:<{w0}} | {head[1]:>{w1}} |", f"|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|"]
+    return "\n".join(lines + [f"| {name:<{w0}} | {value:>{w1}} |" for name, value in rows])
 
 
-def _parts(by_module: dict[str, int], total: int, scale: float, fmt: str) -> list[tuple[str, str]]:
+def _fmt(total: float) -> Callable[[float], str]:
+    """Fixed decimals giving the total four significant digits, so the rows line up and sum visibly."""
+    decimals = max(0, 3 - math.floor(math.log10(total))) if total > 0 else 0
+    return lambda v: f"{v:.{decimals}f}"
+
+
+def _parts(by_module: dict[str, int], total: int, scale: float) -> list[tuple[str, str]]:
     parts = {name: n for name, n in by_module.items() if name}
     rest = total - sum(parts.values())
     if rest:  # ops of the model's own forward, outside its child modules
         parts["(top level)"] = rest
-    return [*((name, fmt.format(n / scale)) for name, n in parts.items()), ("total", fmt.format(total / scale))]
+    fmt = _fmt(total / scale)
+    return [*((name, fmt(n / scale)) for name, n in parts.items()), ("total", fmt(total / scale))]
 
 
 def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int = 3) -> str:
@@ -198,9 +206,10 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
         rep = flop_report(target)
         out += [
             "", "## FLOPs per image (forward; one multiply-add = one flop, as fvcore and the MAE/ViTDet papers)",
-            _table(_parts(rep.by_module, rep.total_macs, 1e9, "{:.4g}"), ("module", "GFLOPs")),
+            _table(_parts(rep.by_module, rep.total_macs, 1e9), ("module", "GFLOPs")),
             f"total GFLOPs: {rep.total_macs / 1e9:.4g} (attention via scaled_dot_product_attention: "
             f"{rep.attention_macs / 1e9:.4g}; fvcore alone would report {rep.fvcore_macs / 1e9:.4g})",
+            f"total multiply-adds: {rep.total_macs:,}",
         ]
         if rep.unsupported_ops:
             skipped = ", ".join(f"{op} x{n}" for op, n in sorted(rep.unsupported_ops.items()))
@@ -209,7 +218,7 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
         total_act, by_module = activation_report(target)
         out += [
             "", "## activations per image (output elements of convolutions and matrix products, fvcore)",
-            _table(_parts(by_module, total_act, 1e6, "{:.4g}"), ("module", "M activations")),
+            _table(_parts(by_module, total_act, 1e6), ("module", "M activations")),
             f"total activations: {total_act:,}",
         ]
     return "\n".join(out)

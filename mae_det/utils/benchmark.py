@@ -11,7 +11,6 @@ and decoder both see the full sequence, and the loss is the same masked MSE.
 from __future__ import annotations
 
 import contextlib
-import platform
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -69,7 +68,6 @@ def machine_info(device: str) -> dict[str, Any]:
         "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(device),
     }
@@ -135,7 +133,8 @@ def time_training_step(
 ) -> float:
     """Seconds per training step (forward, backward, AdamW step) after ``warmup`` untimed steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    # Fused: for ViT-B on CPU the default per-tensor AdamW step was ~2.7x slower (a large share of a step).
+    optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step() -> None:

@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tiny):
+    torch.manual_seed(0)
     return Predictor(load_predict_cfg(str(tiny[2]), confidence_threshold=0.0))
 
 

@@ -58,8 +58,8 @@ def test_predict_fails_when_no_input_is_readable(tmp_path, caplog):
     config = write_tiny_config(tmp_path, json_path, image_dir)
     (tmp_path / "zero.png").write_bytes(b"")
     tool = load_tool()
-    args = tool.parse_args(["--config-file", str(config), "--input", str(tmp_path / "zero.png"), str(tmp_path / "no_dir"),
-                            "--output", str(tmp_path / "pred"), "--no-progress"])
+    args = tool.parse_args(["--config-file", str(config), "--input", str(tmp_path / "zero.png"),
+                            str(tmp_path / "no_dir"), "--output", str(tmp_path / "pred"), "--no-progress"])
     assert tool.main(args) == 1
     assert f"{tmp_path / 'zero.png'}: empty file (0 bytes)" in caplog.text
     assert f"{tmp_path / 'no_dir'}: cannot access file" in caplog.text

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mae_det.engine.pretrain import main
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "pretrain.py")
 CONFIG = str(ROOT / "configs" / "pretrain" / "folder_vit_tiny_cpu.yaml")
@@ -63,20 +65,39 @@ def test_cli_trains_a_folder_with_progress_and_outputs(images, tmp_path):
     assert info["command"][-2:] == ["OUTPUT_DIR", str(out)] and info["world_size"] == 1
 
 
-def test_cli_config_errors_exit_2_with_one_line(images, tmp_path):
-    r = cli(*opts(images, tmp_path, "MODEL.MASK_RATIO", "1.0"))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "error: MODEL.MASK_RATIO: expected a value in [0, 1), got 1.0"
-    r = cli(*opts(images, tmp_path, "SOLVER.EPOCS", "3"))
-    assert r.returncode == 2 and r.stderr.strip().endswith("error: unknown config key 'SOLVER.EPOCS'")
+def test_config_errors_exit_2_with_one_line(images, tmp_path, capsys):
+    assert main(opts(images, tmp_path, "MODEL.MASK_RATIO", "1.0")) == 2
+    assert capsys.readouterr().err == "error: MODEL.MASK_RATIO: expected a value in [0, 1), got 1.0\n"
+    assert main(opts(images, tmp_path, "SOLVER.EPOCS", "3")) == 2
+    assert capsys.readouterr().err == "error: unknown config key 'SOLVER.EPOCS'\n"
 
 
-def test_cli_nan_loss_exits_non_zero(images, tmp_path):
-    r = cli(*opts(images, tmp_path, "SOLVER.LR", "1e6", "SOLVER.EPOCHS", "4", "SOLVER.WARMUP_EPOCHS", "2",
-                  "CHECKPOINT_PERIOD", "1"))
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "global step" in last and "last good checkpoint" in last
+def test_nan_loss_exits_3_naming_the_step(images, tmp_path, capsys):
+    code = main(opts(images, tmp_path, "SOLVER.LR", "1e6", "SOLVER.EPOCHS", "4", "SOLVER.WARMUP_EPOCHS", "2",
+                     "CHECKPOINT_PERIOD", "1"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("error: ") and "global step" in last and "last good checkpoint" in last
+
+
+def test_data_errors_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(opts(tmp_path / "empty", tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path / 'empty'}: no images found (source folder)"
+
+
+def test_rank_failures_map_to_one_line_and_exit_codes():
+    import torch.multiprocessing as mp
+
+    from mae_det.engine.pretrain import _describe_rank_failure
+
+    tb = "Traceback (most recent call last):\n  File ...\nmae_det.engine.pretrain.NonFiniteLossError: loss_mae = nan at ..."
+    line, code = _describe_rank_failure(mp.ProcessRaisedException(f"\n\n-- Process 1 terminated:\n{tb}\n", 1, 4242))
+    assert (line, code) == ("rank 1 failed: mae_det.engine.pretrain.NonFiniteLossError: loss_mae = nan at ...; "
+                            "the other ranks were stopped", 3)
+    line, code = _describe_rank_failure(mp.ProcessRaisedException("x\nmae_det.data.pretrain.DataError: d: empty", 0, 1))
+    assert code == 2 and line.startswith("rank 0 failed: mae_det.data.pretrain.DataError: d: empty")
+    line, code = _describe_rank_failure(mp.ProcessExitedException("gone", 1, 77, exit_code=-9, signal_name="SIGKILL"))
+    assert (line, code) == ("rank 1 (pid 77) was killed by SIGKILL; the other ranks were stopped", 1)
 
 
 @pytest.mark.slow

@@ -261,12 +261,15 @@ def test_vit_b_config_runs_a_forward_at_1024px_on_cpu():
     from mae_det.config.detection import load_det_cfg
     from mae_det.engine import det_trainer  # noqa: F401
 
-    cfg = load_det_cfg(str(ROOT / "configs" / "COCO" / "mask_rcnn_vit_b_mae.yaml"), ["MODEL.DEVICE", "cpu"], training=False)
+    # The real ViT-B config at the real size; only the number of test-time proposals is cut (1000 -> 100).
+    cfg = load_det_cfg(str(ROOT / "configs" / "COCO" / "mask_rcnn_vit_b_mae.yaml"),
+                       ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"], training=False)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    features = {}
+    model.backbone.register_forward_hook(lambda m, i, o: features.update(o))
     image = torch.randint(0, 255, (3, 1024, 768), dtype=torch.uint8)
     with torch.no_grad():
-        features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
         (out,) = model([{"image": image, "height": 1024, "width": 768}])
     assert {k: tuple(v.shape) for k, v in features.items()} == {
         "p2": (1, 256, 256, 256), "p3": (1, 256, 128, 128), "p4": (1, 256, 64, 64), "p5": (1, 256, 32, 32),

@@ -1,0 +1,239 @@
+"""Side-by-side speed and memory of our ViT-FPN Mask R-CNN and Detectron2's own ViTDet at the same size.
+
+Both detectors share everything but the backbone: ours is ``build_vit_fpn_backbone`` (``simple`` pyramid, the
+shared encoder with fused SDPA attention), theirs is ``detectron2.modeling.backbone.vit.ViT`` +
+``SimpleFeaturePyramid`` from the installed Detectron2, with the same width, depth, windows, global blocks,
+relative position and square padding. Measurements alternate between the two models each iteration (so load
+changes on a shared machine hit both alike) and report medians.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
+from detectron2.structures import BitMasks, Instances
+from torch import nn
+
+from ..config.detection import get_det_cfg
+from ..config.vit_backbone import global_attn_indexes, vit_dims
+from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
+
+BASE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "Base-MaskRCNN-ViT.yaml")
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchmarkSettings:
+    size: str = "base"
+    img_size: int = 1024
+    batch: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    iters: int = 3
+    quick: bool = False  # a 96-d 4-block ViT, light heads: checks the script runs, not a measurement
+
+
+def benchmark_cfg(s: BenchmarkSettings) -> CfgNode:
+    """The ViTDet Mask R-CNN config of the benchmark (ours); ``quick`` shrinks encoder and heads."""
+    cfg = get_det_cfg()
+    cfg.merge_from_file(os.path.normpath(BASE_CONFIG))
+    cfg.MODEL.DEVICE = s.device
+    v = cfg.MODEL.VIT
+    v.SIZE, v.INPUT_SIZE, v.SQUARE_PAD, v.DROP_PATH_RATE, v.WINDOW_SIZE, v.USE_REL_POS = s.size, s.img_size, s.img_size, 0.0, 14, True
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    if s.quick:
+        v.SIZE, v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.WINDOW_SIZE = "custom", 96, 4, 3, 4
+        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+        cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
+        cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1, 1
+    return cfg
+
+
+def detectron2_vitdet_backbone(cfg: CfgNode) -> SimpleFeaturePyramid:
+    """Detectron2's ViT + SimpleFeaturePyramid with the sizes of ``cfg.MODEL.VIT`` (as its LazyConfig builds it)."""
+    v = cfg.MODEL.VIT
+    dim, depth, heads = vit_dims(cfg)
+    global_blocks = set(global_attn_indexes(cfg))
+    net = ViT(
+        img_size=v.INPUT_SIZE, patch_size=v.PATCH_SIZE, embed_dim=dim, depth=depth, num_heads=heads,
+        drop_path_rate=v.DROP_PATH_RATE, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=v.USE_REL_POS,
+        window_size=v.WINDOW_SIZE, window_block_indexes=[i for i in range(depth) if i not in global_blocks],
+        pretrain_img_size=v.PRETRAIN_IMG_SIZE, out_feature="last_feat",
+    )
+    return SimpleFeaturePyramid(
+        net, in_feature="last_feat", out_channels=v.OUT_CHANNELS, scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(), norm=v.NORM, square_pad=v.SQUARE_PAD,
+    )
+
+
+def build_pair(cfg: CfgNode) -> tuple[nn.Module, nn.Module]:
+    """(ours, theirs): two Mask R-CNNs from ``cfg`` that differ only in the backbone."""
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    torch.manual_seed(0)
+    theirs = build_model(cfg)
+    theirs.backbone = detectron2_vitdet_backbone(cfg).to(theirs.device)
+    return ours, theirs
+
+
+def synthetic_batch(n: int, size: int, device: str, instances: int = 8, seed: int = 0) -> list[dict]:
+    """``n`` random images with ``instances`` rectangle objects each (boxes, classes, bitmasks)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n):
+        masks = torch.zeros(instances, size, size, dtype=torch.bool)
+        for k in range(instances):
+            x0, y0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            w, h = torch.randint(size // 16, size // 2, (2,), generator=g).tolist()
+            masks[k, y0:y0 + h, x0:x0 + w] = True
+        inst = Instances((size, size), gt_classes=torch.randint(0, 80, (instances,), generator=g), gt_masks=BitMasks(masks))
+        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+        batch.append({"image": image.to(device), "height": size, "width": size, "instances": inst.to(device)})
+    return batch
+
+
+class PeakMemory:
+    """Peak memory a block adds: CUDA ``max_memory_allocated``, else the process RSS sampled every 2 ms (torch's
+    CPU allocations bypass tracemalloc). ``mb`` is None where neither is available."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.mb: float | None = None
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._peak = self._rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.002):
+                self._peak = max(self._peak, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        if self._base is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            return
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.mb = (self._peak - self._base) / 2**20
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print) -> dict[str, dict[str, float | None]]:
+    """Measures both detectors; returns ``{metric: {"ours", "theirs", "ratio"}}`` (ratio = ours / theirs)."""
+    cfg = benchmark_cfg(s)
+    ours, theirs = build_pair(cfg)
+    dtype = PRECISION_DTYPES[s.precision]
+    device_type = torch.device(s.device).type
+    autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
+    batch = synthetic_batch(s.batch, s.img_size, s.device)
+    images = ours.preprocess_image(batch).tensor
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+
+    def backbone_step(m: nn.Module) -> None:
+        with autocast():
+            out = m.backbone(images)
+        sum(v.float().mean() for v in out.values()).backward()
+        m.zero_grad(set_to_none=True)
+
+    def train_step(m: nn.Module) -> None:
+        with autocast():
+            losses = m(batch)
+        sum(losses.values()).backward()
+        opts[m].step()
+        opts[m].zero_grad(set_to_none=True)
+
+    def infer(m: nn.Module) -> None:
+        with torch.no_grad(), autocast():
+            m([{"image": b["image"], "height": b["height"], "width": b["width"]} for b in batch])
+
+    phases = [("backbone fwd+bwd (s/iter)", backbone_step, True), ("train iteration (s/img)", train_step, True),
+              ("inference (s/img)", infer, False)]
+    results: dict[str, dict[str, float | None]] = {}
+    for name, fn, train in phases:
+        times: dict[nn.Module, list[float]] = {ours: [], theirs: []}
+        peaks: dict[nn.Module, float | None] = {}
+        for it in range(s.iters + 1):  # iteration 0 warms up: memory only, no time
+            for m in (ours, theirs):
+                m.train(train)
+                with PeakMemory(s.device) as mem:
+                    t = _timed(lambda: fn(m), s.device)
+                if it:
+                    times[m].append(t)
+                peaks[m] = max((v for v in (peaks.get(m), mem.mb) if v is not None), default=None)
+        per = s.batch if "s/img" in name else 1
+        results[name] = _pair(statistics.median(times[ours]) / per, statistics.median(times[theirs]) / per)
+        results[f"peak memory, {name.split(' (')[0]} (MB)"] = _pair(peaks[ours], peaks[theirs])
+        log(f"  measured {name}")
+    results["backbone params (M)"] = _pair(_params(ours.backbone), _params(theirs.backbone))
+    results["model params (M)"] = _pair(_params(ours), _params(theirs))
+    return results
+
+
+def _params(m: nn.Module) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
+
+def _pair(ours: float | None, theirs: float | None) -> dict[str, float | None]:
+    ratio = ours / theirs if ours is not None and theirs else None
+    return {"ours": ours, "theirs": theirs, "ratio": ratio}
+
+
+def format_results(s: BenchmarkSettings, results: dict[str, dict[str, float | None]], device_name: str) -> str:
+    """The side-by-side table printed by ``tools/benchmark_det.py``."""
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4g}"
+
+    head = (f"Mask R-CNN, ViT-{s.size if not s.quick else 'quick(96d x4)'}, {s.img_size} px, batch {s.batch}, "
+            f"{s.precision}, median of {s.iters}, on {device_name}")
+    rows = [f"{'metric':<40}{'ours':>12}{'detectron2':>12}{'ours/theirs':>13}"]
+    rows += [f"{k:<40}{f(v['ours']):>12}{f(v['theirs']):>12}{f(v['ratio']):>13}" for k, v in results.items()]
+    return "\n".join([head, *rows])
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,47 @@
+"""run_info.json: config hash, seed, git state, versions, init checkpoint hash, command line."""
+import hashlib
+import json
+import re
+from datetime import datetime
+
+import torch
+
+from mae_det.config.pretrain import get_pretrain_cfg
+from mae_det.utils.provenance import config_sha256, git_state, write_run_info
+
+
+def test_write_run_info_fields(tmp_path):
+    cfg = get_pretrain_cfg()
+    init = tmp_path / "init.pth"
+    init.write_bytes(b"weights")
+    info = write_run_info(tmp_path / "out", cfg, seed=7, init_type="mae", init_checkpoint=init,
+                          argv=["tools/x.py", "--flag"], extra={"note": "hi"})
+    on_disk = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert on_disk == info
+    assert info["config_sha256"] == hashlib.sha256(cfg.dump().encode()).hexdigest()
+    assert info["seed"] == 7 and info["init_type"] == "mae" and info["note"] == "hi"
+    assert info["init_checkpoint"] == str(init)
+    assert info["init_checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert info["command"] == ["tools/x.py", "--flag"]
+    assert info["versions"]["torch"] == torch.__version__ and info["versions"]["mae_det"]
+    assert set(info["versions"]) >= {"torch", "torchvision", "timm", "detectron2", "mae_det", "python"}
+    assert info["hostname"] and datetime.fromisoformat(info["time"]).tzinfo is not None
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_config_hash_tracks_the_resolved_config():
+    a, b = get_pretrain_cfg(), get_pretrain_cfg()
+    assert config_sha256(a) == config_sha256(b)
+    b.SOLVER.EPOCHS = 1
+    assert config_sha256(a) != config_sha256(b)
+
+
+def test_git_state_inside_and_outside_a_repository(tmp_path):
+    inside = git_state()  # the mae_det sources
+    assert inside["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", inside["commit"])
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_missing_init_checkpoint_has_no_hash(tmp_path):
+    info = write_run_info(tmp_path, get_pretrain_cfg(), seed=0, init_checkpoint=tmp_path / "absent.pth")
+    assert info["init_checkpoint_sha256"] is None and info["init_type"] is None
