@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
 from .data.shapes import ShapesConfig, generate_shapes
@@ -208,3 +209,275 @@ class StageRunner:
             tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise DemoError(f"stage '{stage.title}' failed with exit code {code}; log: {log_path}\n"
                             + "\n".join(f"    {line}" for line in tail))
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where everything goes."""
+
+    output: Path
+    data: Path
+
+    def run(self, key: str) -> Path:
+        return self.output / key
+
+
+def _data_opts(data: Path) -> dict[str, list[str]]:
+    """Command-line overrides pointing each tool at the generated dataset under ``data``."""
+    ann, img, cls = data / "annotations", data / "images", data / "classification"
+    register = [["shapes_train", str(ann / "instances_train.json"), str(img / "train")],
+                ["shapes_val", str(ann / "instances_val.json"), str(img / "val")]]
+    knn = ["MONITOR.KNN.TRAIN_ROOT", str(cls / "train"), "MONITOR.KNN.VAL_ROOT", str(cls / "val")]
+    return {
+        "mae": ["DATA.PATH", str(img / "pool"), *knn],
+        "supervised": ["DATA.SOURCE", "coco", "DATA.PATH", str(ann / "instances_pool.json"),
+                       "DATA.IMAGE_ROOT", str(img / "pool"), *knn],
+        "finetune": ["DATASETS.REGISTER", repr(register)],
+    }
+
+
+def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None:
+    """Generate the dataset unless ``data`` already holds exactly this one (it may be shared between runs)."""
+    info_path = data / "dataset_info.json"
+    wanted = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    try:
+        if json.loads(info_path.read_text(encoding="utf-8")).get("config") == wanted:
+            log(f"[demo] {data} already holds this dataset")
+            return
+    except (OSError, json.JSONDecodeError):
+        pass
+    generate_shapes(data, cfg, overwrite=True, log=log)
+
+
+def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print) -> list[Stage]:
+    """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds."""
+    cfg_dir = REPO / "configs" / "shapes"
+    opts = _data_opts(paths.data)
+    knn = ["MONITOR.KNN.ENABLED", str(profile.knn_monitor)]
+    stages = [Stage(
+        key="dataset", title=f"generate the shapes dataset ({paths.data})",
+        params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
+        outputs=[paths.data / "dataset_info.json"], run=lambda: _generate(paths.data, profile.shapes, log),
+    )]
+    for arm in ("mae", "supervised"):
+        out = paths.run(f"pretrain_{arm}")
+        config = cfg_dir / f"pretrain_{arm}.yaml"
+        args = [*opts[arm], *knn, *profile.pretrain_opts, "OUTPUT_DIR", str(out)]
+        stages.append(Stage(
+            key=f"pretrain_{arm}", title=f"{'MAE' if arm == 'mae' else 'supervised'} pretraining",
+            params={"config": config_chain(config), "args": args}, deps=["dataset"],
+            outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
+            command=["tools/pretrain.py", "--config-file", str(config), *args], out_dir=out,
+        ))
+    for seed in range(seeds):
+        for arm in ARMS:
+            out = paths.run(f"finetune_{arm}_s{seed}")
+            config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
+            weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
+            args = [*opts["finetune"], *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+            stages.append(Stage(
+                key=f"finetune_{arm}_s{seed}", title=f"Mask R-CNN from {arm} init, seed {seed} (train + COCO eval)",
+                params={"config": config_chain(config), "args": args},
+                deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
+                outputs=[out / "ap_results.json", out / "run_info.json"],
+                command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
+            ))
+    recon = paths.output / "mae_reconstruction.png"
+    stages.append(Stage(
+        key="reconstruction", title="MAE reconstructions of validation images",
+        params={"n": profile.reconstructions}, deps=["pretrain_mae"], outputs=[recon],
+        run=lambda: reconstruction_figure(paths.run("pretrain_mae"), paths.data / "images" / "val", recon,
+                                          profile.reconstructions),
+    ))
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def last_checkpoint(pretrain_dir: Path) -> Path:
+    """The full checkpoint (encoder + decoder) named by a pretraining run's ``last_checkpoint`` pointer."""
+    pointer = pretrain_dir / "last_checkpoint"
+    if not pointer.is_file():
+        raise DemoError(f"{pointer} not found: the pretraining run in {pretrain_dir} wrote no checkpoint")
+    return pretrain_dir / pointer.read_text(encoding="utf-8").strip()
+
+
+def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int) -> None:
+    """Reconstruction grids of the first ``n`` images of ``image_dir``, stacked into one PNG."""
+    import tempfile
+
+    from PIL import Image
+
+    from .utils.visualize import visualize_images
+
+    images = sorted(image_dir.glob("*.png"))[:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        grids = [Image.open(p).convert("RGB") for p in visualize_images(last_checkpoint(pretrain_dir), images, tmp)]
+        canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+        y = 0
+        for g in grids:
+            canvas.paste(g, (0, y))
+            y += g.height
+    canvas.save(out)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a pretraining ``metrics.jsonl`` (lines cut short by a kill are ignored)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def curves_figure(runs: dict[str, Path], out: Path) -> bool:
+    """Pretraining loss (left) and kNN top-1 of the monitor (right) per epoch, for each run; False if no data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+    any_knn = False
+    for name, d in runs.items():
+        records = read_metrics(d / "metrics.jsonl")
+        train = [r for r in records if r.get("type") == "train" and "loss" in r]
+        epochs = [r for r in records if r.get("type") == "epoch"]
+        ax = ax_loss if name == "mae" else ax_loss.twinx()
+        ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="C0" if name == "mae" else "C1",
+                label=f"{name} loss")
+        ax.set_ylabel("MAE loss (norm-pix MSE)" if name == "mae" else "supervised loss (BCE)")
+        knn = [(r["epoch"], r["knn_top1"]) for r in epochs if r.get("knn_top1") is not None]
+        if knn:
+            any_knn = True
+            ax_knn.plot(*zip(*knn), marker="o", color="C0" if name == "mae" else "C1", label=name)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("pretraining loss")
+    fig.legend(loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.27, 0.9))
+    ax_knn.set_xlabel("epoch")
+    ax_knn.set_ylabel("kNN top-1 (%)")
+    ax_knn.set_title("kNN top-1 on the classification split (monitor)")
+    ax_knn.grid(alpha=0.3)
+    if any_knn:
+        ax_knn.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return any_knn
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def _verdict(groups: list, metric: str, name: str) -> str:
+    """One honest sentence: MAE against the other arms on ``metric``, with the seed spread when there is one."""
+    by = {g.group: g for g in groups}
+    mae = by.get("mae")
+    if mae is None or mae.stats.get(metric) is None:
+        return f"- {name}: no MAE result."
+    parts = []
+    for other in ("scratch", "supervised"):
+        g = by.get(other)
+        if g is None or g.stats.get(metric) is None:
+            continue
+        d = mae.stats[metric].mean - g.stats[metric].mean
+        spread = max((s.std or 0.0) for s in (mae.stats[metric], g.stats[metric]))
+        word = "beat" if d > 0 else "did not beat"
+        note = ""
+        if spread > 0 and abs(d) <= spread:
+            note = f" (within the seed std {spread:.1f}: not a clear difference)"
+        elif mae.stats[metric].n < 2:
+            note = " (one seed: no spread measured)"
+        parts.append(f"MAE {word} {other} init by {format_delta(d)} AP{note}")
+    return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
+
+
+def write_report(
+    profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float
+) -> Path:
+    """Comparison table and chart, curves figure and ``REPORT.md`` in the output directory."""
+    run_dirs = [paths.run(f"finetune_{arm}_s{s}") for s in range(seeds) for arm in ARMS]
+    labels = {str(d): arm for s in range(seeds) for arm, d in zip(ARMS, run_dirs[s * 3:(s + 1) * 3])}
+    table = compare(run_dirs, paths.output, labels=labels, baseline="scratch", published=True,
+                    title=f"Mask R-CNN on the shapes dataset, {profile.name} profile")
+    groups = aggregate(collect_runs(run_dirs, labels)[0])
+    curves = paths.output / "pretrain_curves.png"
+    has_knn = curves_figure({arm: paths.run(f"pretrain_{arm}") for arm in ("mae", "supervised")}, curves)
+    pre_cfg = yaml.safe_load((paths.run("pretrain_mae") / "config.yaml").read_text(encoding="utf-8"))
+    det_cfg = yaml.safe_load((run_dirs[0] / "config.yaml").read_text(encoding="utf-8"))
+    info = json.loads((paths.data / "dataset_info.json").read_text(encoding="utf-8"))
+    table_md = table["markdown"].read_text(encoding="utf-8").split("\n", 2)[2]  # without its title line
+    M, S, V = pre_cfg["MODEL"], pre_cfg["SOLVER"], det_cfg["MODEL"]["VIT"]
+    D = det_cfg["SOLVER"]
+    lines = [
+        f"# mae_det embedded demo: {profile.name} profile", "",
+        f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
+        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()} with "
+        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
+        f"bf16 {'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not native'}.  ",
+        f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
+        "## Result", "",
+        "Mask R-CNN fine-tuned on the label-scarce train split from three initializations of the same ViT, same "
+        f"schedule; COCO AP on the val split over {seeds} seed(s):", "",
+        _verdict(groups, "bbox/AP", "boxes"), _verdict(groups, "segm/AP", "masks"), "",
+        table_md.replace("## ", "### "),
+        "![AP chart](ap_table.png)", "",
+        "## MAE reconstructions", "",
+        "Validation images the pretraining never saw: original | 75 % masked | reconstruction | reconstruction with "
+        "the visible patches pasted back.", "",
+        "![MAE reconstructions](mae_reconstruction.png)", "",
+        "## Pretraining curves", "",
+        "Loss of both pretraining runs" + (" and the kNN top-1 of the monitor on the single-object classification "
+                                           "split" if has_knn else " (the kNN monitor was off)") + ".", "",
+        "![Pretraining curves](pretrain_curves.png)", "",
+        "## Settings", "",
+        "| what | value |", "|---|---|",
+        f"| dataset | {info['image_size']} px, {len(info['classes'])} classes; pool {info['counts']['pool']} images "
+        f"(unlabeled for MAE), train {info['counts']['train']} images / {info['instances']['train']} instances, val "
+        f"{info['counts']['val']} / {info['instances']['val']}; seed {info['seed']} |",
+        f"| encoder | ViT {V['EMBED_DIM']}-d, {V['DEPTH']} blocks, {V['NUM_HEADS']} heads, patch {V['PATCH_SIZE']} |",
+        f"| MAE pretraining | {S['EPOCHS']} epochs, batch {S['BATCH_SIZE']}, base lr {S['BASE_LR']}, mask ratio "
+        f"{M['MASK_RATIO']}, norm-pix {M['NORM_PIX_LOSS']}, decoder {M['DECODER_EMBED_DIM']}-d x "
+        f"{M['DECODER_DEPTH']} |",
+        "| supervised pretraining | same encoder, images, epochs and optimizer; multi-label BCE on the per-image "
+        "multi-hot shape labels |",
+        f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
+        f"{D['LAYER_DECAY']}, simple pyramid ({V['OUT_CHANNELS']} channels), "
+        f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",
+        f"| configs | `configs/shapes/*.yaml` + profile overrides `{' '.join(profile.pretrain_opts) or '-'}` / "
+        f"`{' '.join(profile.finetune_opts) or '-'}` |", "",
+        "## Wall time per stage", "",
+        "| stage | this invocation | wall time |", "|---|---|---:|",
+    ]
+    lines += [f"| {title} | {status} | {_fmt_time(wall)} |" for title, wall, status in runner.wall.values()]
+    lines += ["", f"Logs: `{paths.output / 'logs'}`; per-run outputs: `{paths.output}/<stage>/`.", ""]
+    report = paths.output / "REPORT.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
+             data_root: str | os.PathLike | None = None, argv: Sequence[str] = ()) -> Path:
+    """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
+
+    Raises:
+        DemoError: a stage failed (the message names it and its log).
+    """
+    if profile_name not in PROFILES:
+        raise DemoError(f"unknown profile {profile_name!r}; expected one of {', '.join(PROFILES)}")
+    if seeds < 1:
+        raise DemoError(f"--seeds must be >= 1, got {seeds}")
+    profile = PROFILES[profile_name]
+    default_out = "output/demo" if profile_name == "full" else f"output/demo_{profile_name}"
+    paths = DemoPaths(output=(REPO / (output or default_out)).resolve(),
+                      data=(REPO / (data_root or f"datasets/shapes/{profile_name}")).resolve())
+    paths.output.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runner = StageRunner(paths.output)
+    stages = build_stages(profile, paths, seeds)
+    print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s); output {paths.output}")
+    runner.run_all(stages)
+    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0)
+    print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
+    print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
+    return report

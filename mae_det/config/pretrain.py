@@ -185,7 +185,8 @@ def _yacs_error(e: Exception, where: str) -> ConfigError:
     if unknown:
         return ConfigError(f"{where}: unknown config key {unknown.group(1)!r}")
     mismatch = re.search(
-        r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \(.* vs\. (.*)\) for config key: ([\w.]+)", msg
+        r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \(.* vs\. (.*)\) "
+        r"for config key: ([\w.]+)", msg
     )
     if mismatch:
         expected, got, value, key = mismatch.groups()
@@ -237,7 +238,9 @@ def resolve_arch(cfg: CN) -> dict[str, Any]:
     """Model sizes after applying the MODEL.* overrides to MODEL.ARCH's factory defaults."""
     m = _ARCH_RE.match(cfg.MODEL.ARCH)
     if cfg.MODEL.ARCH not in MAE_FACTORIES or not m or m.group(1) not in VIT_SIZES:
-        raise ConfigError(f"MODEL.ARCH: unknown architecture {cfg.MODEL.ARCH!r}, expected one of {sorted(MAE_FACTORIES)}")
+        raise ConfigError(
+            f"MODEL.ARCH: unknown architecture {cfg.MODEL.ARCH!r}, expected one of {sorted(MAE_FACTORIES)}"
+        )
     embed_dim, depth, num_heads, patch_size = VIT_SIZES[m.group(1)]
     M = cfg.MODEL
     return {
@@ -321,14 +324,17 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     _check(len(D.RATIO) == 2 and 0 < D.RATIO[0] <= D.RATIO[1],
            f"DATA.RATIO: expected (min, max) with 0 < min <= max, got {tuple(D.RATIO)}")
     _check(len(D.MEAN) == M.IN_CHANS and len(D.STD) == M.IN_CHANS,
-           f"DATA.MEAN/DATA.STD: expected {M.IN_CHANS} values each (MODEL.IN_CHANS), got {len(D.MEAN)} and {len(D.STD)}")
+           f"DATA.MEAN/DATA.STD: expected {M.IN_CHANS} values each (MODEL.IN_CHANS), "
+           f"got {len(D.MEAN)} and {len(D.STD)}")
     _check(all(s > 0 for s in D.STD), f"DATA.STD: expected positive values, got {tuple(D.STD)}")
-    _check(0.0 <= D.MAX_BAD_FRACTION <= 1.0, f"DATA.MAX_BAD_FRACTION: expected a value in [0, 1], got {D.MAX_BAD_FRACTION}")
+    _check(0.0 <= D.MAX_BAD_FRACTION <= 1.0,
+           f"DATA.MAX_BAD_FRACTION: expected a value in [0, 1], got {D.MAX_BAD_FRACTION}")
     _check(D.MAX_PIXELS > 0, f"DATA.MAX_PIXELS: expected > 0, got {D.MAX_PIXELS}")
 
     for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_ITER"):
         _check(S[key] >= 1, f"SOLVER.{key}: expected >= 1, got {S[key]}")
-    _check(S.EFFECTIVE_BATCH_SIZE >= 0, f"SOLVER.EFFECTIVE_BATCH_SIZE: expected >= 0 (0 = off), got {S.EFFECTIVE_BATCH_SIZE}")
+    _check(S.EFFECTIVE_BATCH_SIZE >= 0,
+           f"SOLVER.EFFECTIVE_BATCH_SIZE: expected >= 0 (0 = off), got {S.EFFECTIVE_BATCH_SIZE}")
     _check(S.BASE_LR > 0 or S.LR > 0, f"SOLVER.BASE_LR / SOLVER.LR: one must be > 0, got {S.BASE_LR} / {S.LR}")
     _check(S.MIN_LR >= 0, f"SOLVER.MIN_LR: expected >= 0, got {S.MIN_LR}")
     _check(0 <= S.WARMUP_EPOCHS < S.EPOCHS,
@@ -337,7 +343,8 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     _check(len(S.BETAS) == 2 and all(0 <= b < 1 for b in S.BETAS),
            f"SOLVER.BETAS: expected two values in [0, 1), got {tuple(S.BETAS)}")
     _check(S.CLIP_GRAD >= 0, f"SOLVER.CLIP_GRAD: expected >= 0 (0 = off), got {S.CLIP_GRAD}")
-    _check(S.CHECKPOINT_ITER_PERIOD >= 0, f"SOLVER.CHECKPOINT_ITER_PERIOD: expected >= 0 (0 = off), got {S.CHECKPOINT_ITER_PERIOD}")
+    _check(S.CHECKPOINT_ITER_PERIOD >= 0,
+           f"SOLVER.CHECKPOINT_ITER_PERIOD: expected >= 0 (0 = off), got {S.CHECKPOINT_ITER_PERIOD}")
 
     _check(cfg.CHECKPOINT_PERIOD >= 1, f"CHECKPOINT_PERIOD: expected >= 1 epoch, got {cfg.CHECKPOINT_PERIOD}")
     _check(cfg.LOG_PERIOD >= 1, f"LOG_PERIOD: expected >= 1, got {cfg.LOG_PERIOD}")

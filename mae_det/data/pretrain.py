@@ -273,7 +273,8 @@ class PretrainDataset(Dataset):
         if num_classes and source.labels is None:
             raise DataError(f"{source.root}: this source has no labels")
         self.source, self.transform, self.seed = source, transform, seed
-        self.num_patches, self.num_classes, self.max_bad, self.max_pixels = num_patches, num_classes, max_bad, max_pixels
+        self.num_patches, self.num_classes = num_patches, num_classes
+        self.max_bad, self.max_pixels = max_bad, max_pixels
 
     def __len__(self) -> int:
         return len(self.source.paths)

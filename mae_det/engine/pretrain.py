@@ -12,8 +12,8 @@ Output directory layout (``cfg.OUTPUT_DIR``)::
     last_checkpoint                 the file name of the newest complete checkpoint (read by --resume)
     encoder.pth                     the encoder export {"model": encoder state dict, "meta": {...}}
 
-A checkpoint is ``{"model", "optimizer", "scheduler", "scaler", "epoch", "iter", "global_step", "rng",
-"bad_indices", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it loads with
+A checkpoint is ``{"model", "optimizer", "scheduler", "scaler", "epoch", "iter", "global_step", "epoch_loss_sum",
+"rng", "bad_indices", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it loads with
 ``torch.load(weights_only=True)``; ``model`` uses the official MAE key names.
 
 Determinism: the data order, crops, flips and mask noise derive from (seed, epoch, sample index) (see
@@ -47,7 +47,7 @@ from ..data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
     sample_generator,
 )
-from ..modeling.mae import MAE_FACTORIES, MaskedAutoencoderViT
+from ..modeling.mae import MAE_FACTORIES
 from ..modeling.vit import VisionTransformer
 from ..utils import dist as du
 from ..utils.provenance import write_run_info
@@ -231,7 +231,9 @@ class Pretrainer:
                 raise DataError(f"{cfg.DATA.PATH}: supervised mode needs labels (an ImageFolder tree or a COCO json)")
             self.num_classes = cfg.MODEL.NUM_CLASSES or src.num_classes
             if self.num_classes < src.num_classes:
-                raise ConfigError(f"MODEL.NUM_CLASSES: {self.num_classes} is fewer than the {src.num_classes} classes of {src.root}")
+                raise ConfigError(
+                    f"MODEL.NUM_CLASSES: {self.num_classes} is fewer than the {src.num_classes} classes of {src.root}"
+                )
         self.total_images = len(src.paths) + len(src.missing)
         self.max_bad = int(cfg.DATA.MAX_BAD_FRACTION * self.total_images)
         self.missing = len(src.missing)
@@ -280,6 +282,7 @@ class Pretrainer:
         self.epoch = 0  # completed epochs
         self.iter = 0  # optimizer steps completed inside the current epoch
         self.global_step = 0
+        self.epoch_loss_sum = 0.0  # of the current epoch's steps, so a mid-epoch resume reports the same mean
         self.bad: set[int] = set()
         self.last_good: Path | None = None
         self._rolling: Path | None = None  # the kept mid-epoch checkpoint, deleted when a newer one exists
@@ -292,7 +295,8 @@ class Pretrainer:
         if bad > self.max_bad or (runtime_bad and runtime_bad >= total - self.missing):
             raise DataError(
                 f"{self.data_root}: {bad} of {total} images are unreadable or missing, more than "
-                f"DATA.MAX_BAD_FRACTION={self.cfg.DATA.MAX_BAD_FRACTION} allows ({self.max_bad}); see the log for the files"
+                f"DATA.MAX_BAD_FRACTION={self.cfg.DATA.MAX_BAD_FRACTION} allows ({self.max_bad}); "
+                "see the log for the files"
             )
 
     def _note_bad(self, bad: list[tuple[int, str]]) -> None:
@@ -343,6 +347,7 @@ class Pretrainer:
             "epoch": self.epoch,
             "iter": self.iter,
             "global_step": self.global_step,
+            "epoch_loss_sum": self.epoch_loss_sum,
             "rng": rng,
             "bad_indices": torch.tensor(sorted(self.bad), dtype=torch.long),
             "config": self.cfg.dump(),
@@ -394,6 +399,7 @@ class Pretrainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iter, self.global_step = int(ckpt["epoch"]), int(ckpt["iter"]), int(ckpt["global_step"])
+        self.epoch_loss_sum = float(ckpt["epoch_loss_sum"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
@@ -444,7 +450,6 @@ class Pretrainer:
         with pbar_cls(total=self.steps_per_epoch, initial=self.iter, desc=f"epoch {self.epoch + 1}/{cfg.SOLVER.EPOCHS}",
                       unit="step", dynamic_ncols=True, disable=not self.main) as pbar:
             step_losses: list[float] = []
-            epoch_loss_sum, epoch_steps = 0.0, 0
             t_step = time.perf_counter()
             micro = start_micro
             for batch in self.loader:
@@ -459,7 +464,8 @@ class Pretrainer:
                     where = self.last_good if self.last_good is not None else "none written yet"
                     raise NonFiniteLossError(
                         f"loss_{self.mode} = {loss_value} at epoch {self.epoch + 1}, iteration {micro} "
-                        f"(global step {self.global_step}); the weights were not updated with it; last good checkpoint: {where}"
+                        f"(global step {self.global_step}); the weights were not updated with it; "
+                        f"last good checkpoint: {where}"
                     )
                 step_losses.append(loss_value)
                 micro += 1
@@ -471,14 +477,14 @@ class Pretrainer:
                 self.global_step += 1
                 step_loss = sum(step_losses) / len(step_losses)
                 step_losses.clear()
-                epoch_loss_sum, epoch_steps = epoch_loss_sum + step_loss, epoch_steps + 1
+                self.epoch_loss_sum += step_loss
                 now = time.perf_counter()
                 img_s = self.eff_batch / max(now - t_step, 1e-9)
                 t_step = now
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
                 self._after_step(step_loss, lr, img_s)
-        return epoch_loss_sum / max(epoch_steps, 1)
+        return self.epoch_loss_sum / max(self.iter, 1)
 
     def _after_step(self, loss: float, lr: float, img_s: float) -> None:
         """Metrics every LOG_PERIOD steps; a mid-epoch checkpoint every SOLVER.CHECKPOINT_ITER_PERIOD steps."""
@@ -501,6 +507,9 @@ class Pretrainer:
         cfg = self.cfg
         if self.resume:
             self.load_last_checkpoint()
+        elif (self.out / LAST_CHECKPOINT).is_file():
+            logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
+                           "instead); they are overwritten as this run proceeds", self.out)
         if self.main:
             for stale in [*self.out.glob(".checkpoint_*.tmp"), *self.out.glob(".encoder.pth.*.tmp")]:
                 stale.unlink(missing_ok=True)  # left by a kill during a write
@@ -522,7 +531,7 @@ class Pretrainer:
                 t0 = time.perf_counter()
                 epoch_loss = self._run_epoch(tqdm)
                 self.bad = set().union(*du.all_gather_object(self.bad))
-                self.epoch, self.iter = self.epoch + 1, 0
+                self.epoch, self.iter, self.epoch_loss_sum = self.epoch + 1, 0, 0.0
                 last = self.epoch == cfg.SOLVER.EPOCHS
                 if last or self.epoch % cfg.CHECKPOINT_PERIOD == 0:
                     self.save_checkpoint()
@@ -572,7 +581,8 @@ def pretrain_argument_parser() -> argparse.ArgumentParser:
     """Detectron2-style arguments of ``tools/pretrain.py``."""
     p = argparse.ArgumentParser(
         description="MAE (or supervised-baseline) pretraining of a ViT encoder",
-        epilog="Examples:\n  tools/pretrain.py --config-file configs/pretrain/folder_vit_tiny_cpu.yaml DATA.PATH my_images\n"
+        epilog="Examples:\n"
+               "  tools/pretrain.py --config-file configs/pretrain/folder_vit_tiny_cpu.yaml DATA.PATH my_images\n"
                "  tools/pretrain.py --config-file configs/pretrain/mae_vit_base_in1k.yaml --num-gpus 8 --resume\n"
                "  torchrun --nproc-per-node 8 tools/pretrain.py --config-file ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -73,11 +73,23 @@ class Stat:
 
 @dataclass(frozen=True)
 class GroupSummary:
-    """All runs of one initialization and the statistics of each column over them."""
+    """All runs of one initialization and the statistics of each column over them.
+
+    Attributes:
+        group: The initialization label.
+        runs: Its runs, sorted by seed, then path.
+        stats: Column key -> statistics of the non-null values (None when there are none).
+        reported: Column key -> number of runs whose result files hold that column (null or not).
+    """
 
     group: str
     runs: tuple[RunResult, ...]
     stats: dict[str, Stat | None]
+    reported: dict[str, int]
+
+    def count(self, kind: str) -> int:
+        """Runs with detection results (``kind="det"``) or with classification results (``kind="cls"``)."""
+        return sum(1 for r in self.runs if any(("/" in k) == (kind == "det") for k in r.values))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -232,7 +244,8 @@ def aggregate(runs: Iterable[RunResult]) -> list[GroupSummary]:
     for name, members in groups.items():
         members.sort(key=lambda r: (r.seed, r.path))
         stats = {c: summarize(r.values.get(c) for r in members) for c in cols}
-        out.append(GroupSummary(name, tuple(members), stats))
+        reported = {c: sum(1 for r in members if c in r.values) for c in cols}
+        out.append(GroupSummary(name, tuple(members), stats, reported))
     return out
 
 
@@ -260,12 +273,12 @@ def format_value(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def format_stat(s: Stat | None, runs: int) -> str:
-    """``mean ± std``; ``-`` when no value; ``(n=k)`` when fewer of the group's runs than ``runs`` have one."""
+def format_stat(s: Stat | None, reported: int) -> str:
+    """``mean ± std``; ``-`` when no value; ``(n=k)`` when only k of the ``reported`` runs have a non-null value."""
     if s is None:
         return "-"
     text = f"{s.mean:.1f}" if s.std is None else f"{s.mean:.1f} ± {s.std:.1f}"
-    return text if s.n == runs else f"{text} (n={s.n})"
+    return text if s.n == reported else f"{text} (n={s.n})"
 
 
 def format_delta(d: float | None) -> str:
@@ -287,13 +300,14 @@ def render_markdown(
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
     heads = [header(c) for c in cols]
+    kinds = [k for k in ("det", "cls") if any(("/" in c) == (k == "det") for c in cols)]
     lines = [f"# {title}", "",
              f"Measured: {len(runs)} runs in {len(groups)} groups. Values in %; mean ± sample std over the runs of a "
-             "group (n = runs with a value when fewer than all); \"-\" = not available.", ""]
+             "group (\"(n=k)\": only k of them have a value); \"-\" = not available.", ""]
     lines += ["## Summary", ""]
-    lines += _md_table(["init", "runs"] + heads,
-                       [[g.group, str(len(g.runs))] + [format_stat(g.stats[c], len(g.runs)) for c in cols]
-                        for g in groups], 1)
+    lines += _md_table(["init"] + [f"{k} runs" for k in kinds] + heads,
+                       [[g.group] + [str(g.count(k)) for k in kinds]
+                        + [format_stat(g.stats[c], g.reported[c]) for c in cols] for g in groups], 1)
     if baseline is not None:
         diff = deltas(groups, baseline)
         lines += ["", f"## Δ vs {baseline} (difference of means)", ""]
@@ -318,31 +332,32 @@ def _csv_number(v: float | None) -> str:
 
 
 def render_csv(groups: list[GroupSummary], baseline: str | None = None, published: bool = False) -> str:
-    """One CSV: a row per run, then per group its mean, std and delta rows, then (optionally) published rows.
+    """One CSV: a row per run, then per group its mean, std, n and delta rows, then (optionally) published rows.
 
     Metric columns are named like the Markdown headers with ``_`` for spaces (``box_AP50``, ``kNN_top-1``);
-    ``kind`` says what a row is (run, mean, std, delta_vs_<baseline>, published); empty cells are unavailable.
+    ``kind`` says what a row is (run, mean, std, n = non-null values, delta_vs_<baseline>, published); empty
+    cells are unavailable.
     """
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "init", "seed", "n", "run", "source", "model"] + [header(c).replace(" ", "_") for c in cols])
+    w.writerow(["kind", "init", "seed", "run", "source", "model"] + [header(c).replace(" ", "_") for c in cols])
     for r in runs:
-        w.writerow(["run", r.group, r.seed, "", r.path, "", ""] + [_csv_number(r.values.get(c)) for c in cols])
+        w.writerow(["run", r.group, r.seed, r.path, "", ""] + [_csv_number(r.values.get(c)) for c in cols])
     diff = deltas(groups, baseline) if baseline is not None else {}
     for g in groups:
-        n = len(g.runs)
         stats = [g.stats[c] for c in cols]
-        w.writerow(["mean", g.group, "", n, "", "", ""] + [_csv_number(s.mean if s else None) for s in stats])
-        w.writerow(["std", g.group, "", n, "", "", ""] + [_csv_number(s.std if s else None) for s in stats])
+        w.writerow(["mean", g.group, "", "", "", ""] + [_csv_number(s.mean if s else None) for s in stats])
+        w.writerow(["std", g.group, "", "", "", ""] + [_csv_number(s.std if s else None) for s in stats])
+        w.writerow(["n", g.group, "", "", "", ""] + [s.n if s else 0 for s in stats])
         if g.group in diff:
-            w.writerow([f"delta_vs_{baseline}", g.group, "", n, "", "", ""] + [_csv_number(diff[g.group][c])
-                                                                                 for c in cols])
+            w.writerow([f"delta_vs_{baseline}", g.group, "", "", "", ""] + [_csv_number(diff[g.group][c])
+                                                                             for c in cols])
     if published:
         for source, model, init, box, mask in PUBLISHED:
             row = {"bbox/AP": box, "segm/AP": mask}
-            w.writerow(["published", init, "", "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
+            w.writerow(["published", init, "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
     return buf.getvalue()
 
 
@@ -361,17 +376,18 @@ def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     width = 0.8 / max(len(groups), 1)
     for ax, (name, cs) in zip(axes[0], panels):
+        kind = "cls" if name == "classification" else "det"
         x = np.arange(len(cs))
         for i, g in enumerate(groups):
             means = [g.stats[c].mean if g.stats[c] else np.nan for c in cs]
             errs = [(g.stats[c].std or 0.0) if g.stats[c] else 0.0 for c in cs]
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
-                   label=f"{g.group} (n={len(g.runs)})")
+                   label=f"{g.group} (n={g.count(kind)})")
         ax.set_xticks(x, [header(c).split(" ", 1)[1] if "/" in c else header(c) for c in cs])
         ax.set_title(name)
         ax.set_ylabel("%")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

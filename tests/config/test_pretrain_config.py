@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from mae_det.config.pretrain import ConfigError, get_pretrain_cfg, load_pretrain_cfg, resolve_arch, validate_pretrain_cfg
+from mae_det.config.pretrain import (
+    ConfigError, get_pretrain_cfg, load_pretrain_cfg, resolve_arch, validate_pretrain_cfg,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -47,7 +49,8 @@ def test_shipped_configs_load_with_base(data_dir):
 
 
 def test_overrides_and_int_for_float(data_dir):
-    cfg = _cfg(data_dir, "SOLVER.MIN_LR", "0", "MODEL.EMBED_DIM", "64", "MODEL.NUM_HEADS", "2", "DATA.SCALE", "(0.5, 1)")
+    cfg = _cfg(data_dir, "SOLVER.MIN_LR", "0", "MODEL.EMBED_DIM", "64", "MODEL.NUM_HEADS", "2",
+               "DATA.SCALE", "(0.5, 1)")
     assert isinstance(cfg.SOLVER.MIN_LR, float) and resolve_arch(cfg)["embed_dim"] == 64
     assert tuple(cfg.DATA.SCALE) == (0.5, 1.0)
 
@@ -73,7 +76,8 @@ def test_wrong_type(data_dir, tmp_path):
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
 def test_mask_ratio_range(data_dir, ratio):
-    assert f"MODEL.MASK_RATIO: expected a value in [0, 1), got {float(ratio)}" == _error(_cfg, data_dir, "MODEL.MASK_RATIO", ratio)
+    msg = _error(_cfg, data_dir, "MODEL.MASK_RATIO", ratio)
+    assert msg == f"MODEL.MASK_RATIO: expected a value in [0, 1), got {float(ratio)}"
 
 
 def test_mask_ratio_zero_is_valid(data_dir):
@@ -97,7 +101,8 @@ def test_other_checks(data_dir):
     assert "MODEL.MODE" in _error(_cfg, data_dir, "MODEL.MODE", "contrastive")
     assert "SOLVER.WARMUP_EPOCHS" in _error(_cfg, data_dir, "SOLVER.EPOCHS", "10", "SOLVER.WARMUP_EPOCHS", "10")
     assert "PRECISION: fp16 needs a GPU" in _error(_cfg, data_dir, "PRECISION", "fp16", "DEVICE", "cpu")
-    assert "MODEL.EMBED_DIM: 64 is not divisible by MODEL.NUM_HEADS 12" == _error(_cfg, data_dir, "MODEL.EMBED_DIM", "64")
+    msg = _error(_cfg, data_dir, "MODEL.EMBED_DIM", "64")
+    assert msg == "MODEL.EMBED_DIM: 64 is not divisible by MODEL.NUM_HEADS 12"
     assert "DATA.MEAN/DATA.STD" in _error(_cfg, data_dir, "MODEL.IN_CHANS", "1")
     assert "MONITOR.KNN.TRAIN_ROOT is empty" in _error(_cfg, data_dir, "MONITOR.KNN.ENABLED", "True")
     assert "odd list" in _error(_cfg, data_dir, "SEED")

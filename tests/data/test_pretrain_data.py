@@ -49,7 +49,8 @@ def test_imagefolder_labels_follow_sorted_classes(tmp_path):
     _texture(tmp_path / "ant" / "3.png", 2)
     src = imagefolder_source(tmp_path)
     assert src.class_names == ["ant", "zebra"]
-    assert [(p.name, lab) for p, lab in zip(src.paths, src.labels)] == [("3.png", (0,)), ("2.png", (0,)), ("1.png", (1,))]
+    pairs = [(p.name, lab) for p, lab in zip(src.paths, src.labels)]
+    assert pairs == [("3.png", (0,)), ("2.png", (0,)), ("1.png", (1,))]
 
 
 def _coco(tmp_path, images, annotations, categories):

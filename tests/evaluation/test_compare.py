@@ -53,7 +53,7 @@ def test_known_runs_give_known_markdown(runs):
     md = render_markdown(groups, baseline="scratch").splitlines()
     cols = ("box AP | box AP50 | box AP75 | box APs | box APm | box APl | mask AP | mask AP50 | mask AP75 | mask APs "
             "| mask APm | mask APl")
-    assert f"| init | runs | {cols} |" in md
+    assert f"| init | det runs | {cols} |" in md
     assert "| mae | 2 | 41.0 ± 1.4 | 60.5 ± 0.7 | 43.0 ± 1.4 | 20.5 ± 0.7 | 46.0 ± 1.4 | - | 35.5 ± 0.7 | " \
            "55.5 ± 0.7 | 37.0 ± 1.4 | 15.5 ± 0.7 | 41.0 ± 1.4 | - |" in md
     assert "| scratch | 2 | 30.5 ± 0.7 | 50.0 ± 0.0 | 29.5 ± 0.7 | 10.5 ± 0.7 | 34.5 ± 0.7 | - | 27.5 ± 0.7 | " \
@@ -119,17 +119,19 @@ def test_csv_is_exact(tmp_path):
             _run(tmp_path, "s0", "scratch", 0, _ap([30, 50, 29, 11, 34, None], [27, 44, 26, 9, 30, None]))]
     text = render_csv(aggregate(collect_runs(dirs)[0]), baseline="scratch")
     lines = text.splitlines()
-    assert lines[0] == ("kind,init,seed,n,run,source,model,box_AP,box_AP50,box_AP75,box_APs,box_APm,box_APl,mask_AP,"
+    assert lines[0] == ("kind,init,seed,run,source,model,box_AP,box_AP50,box_AP75,box_APs,box_APm,box_APl,mask_AP,"
                         "mask_AP50,mask_AP75,mask_APs,mask_APm,mask_APl")
-    assert lines[1] == (f"run,mae,0,,{dirs[0]},,,40.0000,60.0000,42.0000,20.0000,45.0000,,35.0000,55.0000,36.0000,"
+    assert lines[1] == (f"run,mae,0,{dirs[0]},,,40.0000,60.0000,42.0000,20.0000,45.0000,,35.0000,55.0000,36.0000,"
                         "15.0000,40.0000,")
-    assert lines[4] == ("mean,mae,,2,,,,41.0000,60.5000,43.0000,20.5000,46.0000,,35.5000,55.5000,37.0000,15.5000,"
+    assert lines[4] == ("mean,mae,,,,,41.0000,60.5000,43.0000,20.5000,46.0000,,35.5000,55.5000,37.0000,15.5000,"
                         "41.0000,")
-    assert lines[5] == ("std,mae,,2,,,,1.4142,0.7071,1.4142,0.7071,1.4142,,0.7071,0.7071,1.4142,0.7071,1.4142,")
-    assert lines[6] == ("delta_vs_scratch,mae,,2,,,,11.0000,10.5000,14.0000,9.5000,12.0000,,8.5000,11.5000,11.0000,"
+    assert lines[5] == "std,mae,,,,,1.4142,0.7071,1.4142,0.7071,1.4142,,0.7071,0.7071,1.4142,0.7071,1.4142,"
+    assert lines[6] == "n,mae,,,,,2,2,2,2,2,0,2,2,2,2,2,0"
+    assert lines[7] == ("delta_vs_scratch,mae,,,,,11.0000,10.5000,14.0000,9.5000,12.0000,,8.5000,11.5000,11.0000,"
                         "6.5000,11.0000,")
-    assert lines[7].startswith("mean,scratch,,1,,,,30.0000,") and lines[8] == "std,scratch,,1,,,," + "," * 11
-    assert len(lines) == 9
+    assert lines[8].startswith("mean,scratch,,,,,30.0000,") and lines[9] == "std,scratch,,,,," + "," * 11
+    assert lines[10] == "n,scratch,,,,,1,1,1,1,1,0,1,1,1,1,1,0"
+    assert len(lines) == 11
 
 
 def test_classification_columns_join_the_table(tmp_path):
@@ -137,10 +139,10 @@ def test_classification_columns_join_the_table(tmp_path):
             _run(tmp_path, "mcls", "mae", 0, cls={"knn_top1": 81.25, "linear_top1": 90.0, "pool": "cls", "k": 20}),
             _run(tmp_path, "s", "scratch", 0, _ap([20] * 6, [10] * 6), cls={"knn_top1": 41.25, "linear_top1": None})]
     md = render_markdown(aggregate(collect_runs(dirs)[0]), baseline="scratch")
-    assert "| init | runs | box AP | box AP50 | box AP75 | box APs | box APm | box APl | mask AP | mask AP50 | " \
-           "mask AP75 | mask APs | mask APm | mask APl | kNN top-1 | linear top-1 |" in md
-    assert "| mae | 2 | " + " | ".join(["40.0 (n=1)"] * 6 + ["30.0 (n=1)"] * 6) + " | 81.2 (n=1) | 90.0 (n=1) |" in md
-    assert "| scratch | 1 | " + " | ".join(["20.0"] * 6 + ["10.0"] * 6) + " | 41.2 | - |" in md
+    assert "| init | det runs | cls runs | box AP | box AP50 | box AP75 | box APs | box APm | box APl | mask AP | " \
+           "mask AP50 | mask AP75 | mask APs | mask APm | mask APl | kNN top-1 | linear top-1 |" in md
+    assert "| mae | 1 | 1 | " + " | ".join(["40.0"] * 6 + ["30.0"] * 6) + " | 81.2 | 90.0 |" in md
+    assert "| scratch | 1 | 1 | " + " | ".join(["20.0"] * 6 + ["10.0"] * 6) + " | 41.2 | - |" in md
     assert "| mae | " + " | ".join(["+20.0"] * 12) + " | +40.0 | - |" in md
     with pytest.raises(ResultError, match=r"cls_results.json: no \*_top1 key"):
         load_run(_run(tmp_path, "bad", "mae", 0, cls={"pool": "cls"}))
@@ -214,7 +216,7 @@ def test_compare_writes_table_csv_chart_and_labelled_published_rows(runs, tmp_pa
     assert "| MAE paper Table 4 | ViT-B | MAE | 50.3 | 44.9 |" in published
     assert "| ViTDet README | ViT-L | MAE | 55.5 | 49.2 |" in published
     csv_lines = paths["csv"].read_text().splitlines()
-    assert "published,MAE,,,,MAE paper Table 4,ViT-B,50.3000,,,,,,44.9000,,,,," in csv_lines
+    assert "published,MAE,,,MAE paper Table 4,ViT-B,50.3000,,,,,,44.9000,,,,," in csv_lines
     img = matplotlib.image.imread(paths["chart"])
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
 

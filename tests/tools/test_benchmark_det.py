@@ -1,0 +1,29 @@
+"""tools/benchmark_det.py --quick: both detectors build, run, and the side-by-side table is printed."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_both_columns_and_ratios():
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "benchmark_det.py"), "--quick"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("Mask R-CNN, ViT-quick(96d x4), 128 px, batch 1, fp32, median of 1, on CPU")
+    rows = {m.group(1).strip(): m.groups()[1:] for m in (re.match(r"(.+?)\s+(\S+)\s+(\S+)\s+(\S+)$", ln) for ln in lines[2:])}
+    assert set(rows) == {
+        "backbone fwd+bwd (s/iter)", "train iteration (s/img)", "inference (s/img)",
+        "peak memory, backbone fwd+bwd (MB)", "peak memory, train iteration (MB)", "peak memory, inference (MB)",
+        "backbone params (M)", "model params (M)"}
+    for name in ("backbone fwd+bwd (s/iter)", "train iteration (s/img)", "inference (s/img)"):
+        ours, theirs, ratio = map(float, rows[name])
+        assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) <= 0.01 * ratio + 1e-3
+    # Same architecture on both sides: identical parameter counts.
+    assert rows["backbone params (M)"][0] == rows["backbone params (M)"][1] and rows["backbone params (M)"][2] == "1"
+    assert rows["model params (M)"][0] == rows["model params (M)"][1]

@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""The embedded demo: shapes dataset -> MAE and supervised pretraining -> Mask R-CNN from MAE, supervised and random
+init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and continues interrupted ones.
+
+    python tools/demo.py --profile full                 # make demo        (output/demo/)
+    python tools/demo.py --profile quick                # make demo-quick  (output/demo_quick/)
+    python tools/demo.py --profile full --seeds 3 --output output/experiment   # make experiment
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mae_det.demo import PROFILES, DemoError, run_demo  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per initialization (mean ± std)")
+    parser.add_argument("--output", default=None, help="report directory (default output/demo[_<profile>])")
+    parser.add_argument("--data-root", default=None, help="dataset directory (default datasets/shapes/<profile>)")
+    args = parser.parse_args(argv)
+    try:
+        run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, argv=argv)
+    except DemoError as e:
+        sys.exit(f"demo: {e}")
+
+
+if __name__ == "__main__":
+    main()
