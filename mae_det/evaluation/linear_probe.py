@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..data.classification import ImageFolderDataset, SkipCounter, eval_transform
 from ..engine.schedule import build_warmup_cosine_lr
-from .knn import autocast, autocast_dtype, extract_folder_features, folder_loader, eval_mode, topk_accuracy
+from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, folder_loader, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ def linear_probe_features(
         ``{"linear_top1": %, "linear_top5": % (with >= 10 classes), "lr", "batch_size", "epochs"}``.
     """
     n = train_feats.shape[0]
+    if n < 2:
+        raise ValueError(f"linear probe needs at least 2 training samples (BatchNorm statistics), got {n}")
     batch = min(batch_size, n)
     lr = base_lr * batch / 256
     gen = torch.Generator().manual_seed(seed)

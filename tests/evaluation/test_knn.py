@@ -4,12 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from mae_det.data.classification import ClassificationDataError
-from mae_det.evaluation.knn import extract_features, folder_loader, knn_classify, knn_eval_folders, topk_accuracy
-from mae_det.data.classification import ImageFolderDataset, eval_transform
-from mae_det.modeling.vit import VisionTransformer
 from PIL import Image
+
+from mae_det.data.classification import ClassificationDataError, ImageFolderDataset, eval_transform
+from mae_det.evaluation.knn import extract_features, folder_loader, knn_classify, knn_eval_folders, topk_accuracy
+from mae_det.modeling.vit import VisionTransformer
 
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 
