@@ -302,22 +302,46 @@ def last_checkpoint(pretrain_dir: Path) -> Path:
     return pretrain_dir / pointer.read_text(encoding="utf-8").strip()
 
 
-def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int) -> None:
-    """Reconstruction grids of the first ``n`` images of ``image_dir``, stacked into one PNG."""
+def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int, mask_ratio: float = 0.75) -> None:
+    """Reconstruction grids (original | masked | reconstruction | + visible) of the first ``n`` images of
+    ``image_dir`` by the last checkpoint of a pretraining run, stacked into one PNG.
+
+    The model is rebuilt from the run's resolved ``config.yaml``, so size overrides (patch 8, a narrow
+    decoder) are honoured exactly; the drawing is :mod:`mae_det.utils.visualize`'s.
+    """
     import tempfile
 
     from PIL import Image
 
-    from .utils.visualize import visualize_images
+    from .checkpoint import load_checkpoint
+    from .config.pretrain import load_pretrain_cfg
+    from .engine.pretrain import build_pretrain_model
+    from .utils.visualize import load_image, reconstruct, save_grid
 
-    images = sorted(image_dir.glob("*.png"))[:n]
+    ckpt_path = last_checkpoint(pretrain_dir)
+    cfg = load_pretrain_cfg(pretrain_dir / "config.yaml")
+    model = build_pretrain_model(cfg)
+    model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+    model.eval()
+    size = (cfg.MODEL.IMG_SIZE, cfg.MODEL.IMG_SIZE)
+    generator = torch.Generator().manual_seed(0)
+    target = "norm-pix: de-normalized with each patch's own mean/std" if cfg.MODEL.NORM_PIX_LOSS else "pixel targets"
+    grids = []
     with tempfile.TemporaryDirectory() as tmp:
-        grids = [Image.open(p).convert("RGB") for p in visualize_images(last_checkpoint(pretrain_dir), images, tmp)]
-        canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-        y = 0
-        for g in grids:
-            canvas.paste(g, (0, y))
-            y += g.height
+        for i, path in enumerate(sorted(image_dir.glob("*.png"))[:n]):
+            noise = torch.rand(1, model.patch_embed.num_patches, generator=generator)
+            panels = reconstruct(model, load_image(path, size, cfg.MODEL.IN_CHANS), mask_ratio, noise)
+            grid_path = Path(tmp) / f"{i}.png"
+            save_grid(panels, grid_path, f"{path.name} | {ckpt_path.name} | mask {mask_ratio:.0%} | "
+                                         f"loss {panels['loss']:.3f} | {target}")
+            grids.append(Image.open(grid_path).convert("RGB"))
+    if not grids:
+        raise DemoError(f"no PNG images in {image_dir} to reconstruct")
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for g in grids:
+        canvas.paste(g, (0, y))
+        y += g.height
     canvas.save(out)
 
 
@@ -398,7 +422,7 @@ def write_report(
     """Comparison table and chart, curves figure and ``REPORT.md`` in the output directory."""
     run_dirs = [paths.run(f"finetune_{arm}_s{s}") for s in range(seeds) for arm in ARMS]
     labels = {str(d): arm for s in range(seeds) for arm, d in zip(ARMS, run_dirs[s * 3:(s + 1) * 3])}
-    table = compare(run_dirs, paths.output, labels=labels, baseline="scratch", published=True,
+    table = compare(run_dirs, paths.output, labels=labels, baseline="scratch",
                     title=f"Mask R-CNN on the shapes dataset, {profile.name} profile")
     groups = aggregate(collect_runs(run_dirs, labels)[0])
     curves = paths.output / "pretrain_curves.png"

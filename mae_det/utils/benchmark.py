@@ -11,6 +11,8 @@ and decoder both see the full sequence, and the loss is the same masked MSE.
 from __future__ import annotations
 
 import contextlib
+import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -70,6 +72,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(device),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_start": os.getloadavg()[0],  # other processes on the CPU skew every figure
     }
     if device == "cuda":
         info["card"] = torch.cuda.get_device_name()
@@ -107,15 +111,17 @@ def measure_matmul_peak(
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         torch.mm(a, b)  # warm-up: library init, kernel selection
-        _sync(device)
-        reps, start = 0, time.perf_counter()
-        while True:
-            torch.mm(a, b)
-            reps += 1
+        reps = 1
+        while True:  # double the count until one timed run lasts min_seconds (GPUs need many products)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
             _sync(device)
             elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds and reps >= 2:
+            if elapsed >= min_seconds:
                 break
+            reps *= 2
         best = max(best, 2 * n**3 * reps / elapsed / 1e9)
     return best
 
@@ -131,7 +137,10 @@ def time_training_step(
     model: nn.Module, imgs: torch.Tensor, precision: str, device: str, iters: int, warmup: int,
     mask_ratio: float = 0.75,
 ) -> float:
-    """Seconds per training step (forward, backward, AdamW step) after ``warmup`` untimed steps."""
+    """Median seconds of ``iters`` training steps (forward, backward, AdamW step) after ``warmup`` untimed ones.
+
+    The median, not the mean: on a shared machine one preempted step should not set the figure.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused: for ViT-B on CPU the default per-tensor AdamW step was ~2.7x slower (a large share of a step).
     optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
@@ -153,11 +162,13 @@ def time_training_step(
     for _ in range(warmup):
         step()
     _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        start = time.perf_counter()
         step()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_benchmark(
@@ -207,6 +218,7 @@ def run_benchmark(
     for p in precisions:
         if p != "fp32":
             speedups[f"{p}_vs_fp32"] = by[("visible-only", p)] / by[("visible-only", "fp32")]
+    info["load_avg_1min_end"] = os.getloadavg()[0]
     return {
         "machine": info,
         "model": model_name,
@@ -215,7 +227,8 @@ def run_benchmark(
         "iters": iters,
         "warmup": warmup,
         "mask_ratio": mask_ratio,
-        "formula": "train FLOPs = 3 x 2 x forward multiply-adds (fvcore + analytic SDPA); MFU vs same-precision matmul peak",
+        "formula": "train FLOPs = 3 x 2 x forward multiply-adds (fvcore + analytic SDPA); "
+                   "MFU vs same-precision matmul peak",
         "matmul_peak_gflops": peaks,
         "skipped": skipped,
         "rows": [asdict(r) for r in rows],
@@ -227,11 +240,12 @@ def format_report(result: dict[str, Any]) -> str:
     """Human-readable table of :func:`run_benchmark`'s result."""
     m = result["machine"]
     lines = [
-        f"device: {m['device']}" + (f" ({m['card']})" if "card" in m else "")
+        f"device: {m['device']}" + (f" ({m['card']}, fp32 matmul TF32 {m['fp32_matmul_tf32']})" if "card" in m else "")
         + f" | torch {m['torch']} | threads {m['threads']}",
-        f"CPU capability: {m['cpu_capability']} | bf16 native: {m['bf16_native']}",
+        f"CPU capability: {m['cpu_capability']} | bf16 native: {m['bf16_native']} | {m['cpu_count']} CPUs, "
+        f"load average {m['load_avg_1min_start']:.1f} at start, {m['load_avg_1min_end']:.1f} at end",
         f"model: {result['model']} {result['img_size']}px | batch {result['batch_size']} | mask "
-        f"{result['mask_ratio']} | {result['iters']} timed steps after {result['warmup']} warm-up",
+        f"{result['mask_ratio']} | median of {result['iters']} timed steps after {result['warmup']} warm-up",
         "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in result["matmul_peak_gflops"].items()),
     ]
     lines += [f"skipped {p}: {why}" for p, why in result["skipped"].items()]

@@ -57,7 +57,9 @@ def benchmark_cfg(s: BenchmarkSettings) -> CfgNode:
         v.SIZE, v.EMBED_DIM, v.DEPTH, v.NUM_HEADS, v.WINDOW_SIZE = "custom", 96, 4, 3, 4
         cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
         cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
-        cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1, 1
+        v.OUT_CHANNELS = 64
+        cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.CONV_DIM, cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 1, 64, 128
+        cfg.MODEL.ROI_MASK_HEAD.NUM_CONV, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 1, 64
     return cfg
 
 
