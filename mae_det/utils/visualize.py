@@ -31,6 +31,9 @@ PANEL_TITLES = ("original", "masked input", "reconstruction", "reconstruction + 
 PAD = 8
 HEADER = 36  # title line + panel labels
 MIN_PANEL = 224  # small models are upscaled (nearest) to at least this many pixels per panel
+# Constructor keywords a mae_det checkpoint's "meta" may carry (what the tensors cannot tell: heads).
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth",
+             "decoder_num_heads")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ def load_mae(
     """Builds the MAE a full checkpoint describes and loads it strictly (eval mode, CPU).
 
     The factory (``model_name``, else the checkpoint's ``meta["model"]`` or official ``args.model``, else the
-    one with the checkpoint's width and patch size) fixes width, patch and heads; depths, decoder width, MLP
-    ratio and channels come from the tensors, and ``meta["model_kwargs"]`` overrides both.
+    one with the checkpoint's width and patch size) supplies defaults; depths, decoder width, MLP ratio and
+    channels come from the tensors, and the architecture keys of a mae_det checkpoint's ``meta`` (widths,
+    depths, heads, patch size) override both.
 
     Args:
         path: a mae_det pretraining checkpoint, an official full checkpoint or a bare full state dict.
@@ -114,7 +118,8 @@ def load_mae(
         img_size = side  # official tables are square
     img_size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
     npl = bool(meta.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
-    kwargs = {**_shape_kwargs(sd), **meta.get("model_kwargs", {}), "img_size": img_size, "norm_pix_loss": npl}
+    arch = {k: meta[k] for k in ARCH_KEYS if k in meta}
+    kwargs = {**_shape_kwargs(sd), **arch, "img_size": img_size, "norm_pix_loss": npl}
     try:
         model = MAE_FACTORIES[name](**kwargs)
         model.load_state_dict(sd, strict=True)

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(depth=2, decoder_embed_dim=64, decoder_depth=1)  # tiny width, few blocks
 
 
-def tiny_model(norm_pix_loss: bool) -> torch.nn.Module:
+def tiny_model(norm_pix_loss: bool, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return mae_vit_tiny_patch16(img_size=64, norm_pix_loss=norm_pix_loss, **SMALL)
+    return mae_vit_tiny_patch16(img_size=64, norm_pix_loss=norm_pix_loss, **{**SMALL, **kwargs})
 
 
 @pytest.fixture
@@ -41,8 +41,10 @@ def panel(img: Image.Image, i: int, side: int = 192) -> np.ndarray:
 
 def test_our_checkpoint_norm_pix_grid(tmp_path, images, caplog):
     ckpt = tmp_path / "ours.pth"
-    model = tiny_model(norm_pix_loss=True)
-    meta = {"model": "mae_vit_tiny_patch16", "img_size": 64, "norm_pix_loss": True, "in_chans": 3}
+    # A width and head count the factory does not have: only the checkpoint's meta (as pretrain writes it) knows.
+    model = tiny_model(norm_pix_loss=True, embed_dim=96, num_heads=2)
+    meta = {"model": "mae_vit_tiny_patch16", "mode": "mae", "img_size": 64, "in_chans": 3, "norm_pix_loss": True,
+            "patch_size": 16, "embed_dim": 96, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
     torch.save({"model": model.state_dict(), "meta": meta, "epoch": 3}, ckpt)
     written = visualize_images(ckpt, [images], tmp_path / "out", mask_ratio=0.75, seed=1)
     assert [p.name for p in written] == ["a.png", "gray.png"]
