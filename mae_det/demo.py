@@ -66,7 +66,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
-        shapes=ShapesConfig(image_size=64, num_pool=4000, num_train=160, num_val=300, num_cls_train=600,
+        shapes=ShapesConfig(image_size=64, num_pool=2400, num_train=160, num_val=300, num_cls_train=600,
                             num_cls_val=300, max_objects=5),
     ),
     "quick": Profile(
@@ -406,13 +406,13 @@ def _verdict(groups: list, metric: str, name: str) -> str:
             continue
         d = mae.stats[metric].mean - g.stats[metric].mean
         spread = max((s.std or 0.0) for s in (mae.stats[metric], g.stats[metric]))
-        word = "beat" if d > 0 else "did not beat"
         note = ""
         if spread > 0 and abs(d) <= spread:
-            note = f" (within the seed std {spread:.1f}: not a clear difference)"
+            note = f"; within the seed std {spread:.1f}: not a clear difference"
         elif mae.stats[metric].n < 2:
-            note = " (one seed: no spread measured)"
-        parts.append(f"MAE {word} {other} init by {format_delta(d)} AP{note}")
+            note = "; one seed: no spread measured"
+        word = "beat" if d > 0 else "did not beat"
+        parts.append(f"MAE {word} {other} init ({format_delta(d)} AP{note})")
     return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
 
 

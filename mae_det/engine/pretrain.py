@@ -115,7 +115,9 @@ def model_meta(cfg, num_classes: int = 0) -> dict[str, Any]:
     return {
         "model": cfg.MODEL.ARCH, "mode": cfg.MODEL.MODE, "img_size": cfg.MODEL.IMG_SIZE,
         "in_chans": cfg.MODEL.IN_CHANS, "norm_pix_loss": cfg.MODEL.NORM_PIX_LOSS, "num_classes": num_classes,
-        **{k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")},
+        **{k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
+                                "decoder_depth", "decoder_num_heads")},
+        "pixel_mean": list(cfg.DATA.MEAN), "pixel_std": list(cfg.DATA.STD),
     }
 
 
@@ -273,7 +275,8 @@ class Pretrainer:
         self.lr = cfg.SOLVER.LR if cfg.SOLVER.LR > 0 else cfg.SOLVER.BASE_LR * self.eff_batch / 256
         for g in groups:
             g["lr"] = self.lr * g["lr_scale"]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.SOLVER.BETAS))
+        # fused: one kernel over all tensors, ~2.7x faster ViT-B steps on CPU (tools/benchmark_pretrain.py)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.SOLVER.BETAS), fused=True)
         self.total_steps = cfg.SOLVER.EPOCHS * self.steps_per_epoch
         warmup = int(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch))
         self.scheduler = build_warmup_cosine_lr(self.optimizer, self.total_steps, warmup, cfg.SOLVER.MIN_LR / self.lr)

@@ -119,6 +119,8 @@ def load_mae(
     img_size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
     npl = bool(meta.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
     arch = {k: meta[k] for k in ARCH_KEYS if k in meta}
+    if arch and "decoder_num_heads" not in arch:  # heads change the function but no tensor shape
+        logger.warning("%s: its meta has no decoder_num_heads; using %s's default", path, name)
     kwargs = {**_shape_kwargs(sd), **arch, "img_size": img_size, "norm_pix_loss": npl}
     try:
         model = MAE_FACTORIES[name](**kwargs)

@@ -49,6 +49,7 @@ def test_our_checkpoint_norm_pix_grid(tmp_path, images, caplog):
     written = visualize_images(ckpt, [images], tmp_path / "out", mask_ratio=0.75, seed=1)
     assert [p.name for p in written] == ["a.png", "gray.png"]
     assert "skipped 1 of 3 images" in caplog.text and "broken.png" in caplog.text
+    assert "its meta has no decoder_num_heads; using mae_vit_tiny_patch16's default" in caplog.text
     img = Image.open(written[0])
     assert img.size == grid_image_size((64, 64)) == (4 * 192 + 5 * PAD, HEADER + 192 + PAD)
     assert "norm-pix model: prediction de-normalized with each target patch's own mean/std" in img.text["Title"]

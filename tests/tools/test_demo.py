@@ -1,0 +1,178 @@
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+ARMS = ("mae", "supervised", "scratch")
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
+    out, data = tmp_path / "demo", tmp_path / "data"
+    cmd = [sys.executable, str(repo_root / "tools/demo.py"), "--profile", "quick", "--output", str(out),
+           "--data-root", str(data)]
+    done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stage 1/7" in done.stdout and "stage 7/7" in done.stdout
+
+    report = (out / "REPORT.md").read_text()
+    for arm in ARMS:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {arm} | 0 | "))
+        box_ap, mask_ap = row.split(" | ")[3], row.split(" | ")[9]
+        assert math.isfinite(float(box_ap)) and math.isfinite(float(mask_ap)), row
+        ap = json.loads((out / f"finetune_{arm}_s0" / "ap_results.json").read_text())
+        assert f"{ap['bbox']['AP']:.1f}" == box_ap and f"{ap['segm']['AP']:.1f}" == mask_ap
+        assert json.loads((out / f"finetune_{arm}_s0" / "run_info.json").read_text())["init_type"] == arm
+    assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \|", report)
+    for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png"):
+        with Image.open(out / png) as img:
+            assert img.width > 200 and img.height > 100, png
+    assert (out / "ap_table.csv").read_text().startswith("kind,init,seed,run,")
+    assert (out / "logs" / "finetune_mae_s0.log").stat().st_size > 0
+
+    # A second invocation finds every stage up to date and only rewrites the report.
+    again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("up to date") == 7
+    assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
+
+
+# ---- the stage machinery (fast) ----------------------------------------------------------------------------
+from mae_det.demo import (  # noqa: E402
+    PROFILES,
+    DemoError,
+    DemoPaths,
+    Stage,
+    StageRunner,
+    _verdict,
+    build_stages,
+    config_chain,
+)
+from mae_det.evaluation.compare import RunResult, aggregate  # noqa: E402
+
+TOOL = """import sys, pathlib
+out = pathlib.Path(sys.argv[sys.argv.index("OUT") + 1])
+out.mkdir(parents=True, exist_ok=True)
+print("tool says hello", flush=True)
+(out / "args.txt").write_text(" ".join(sys.argv[1:]))
+if "FAIL" in sys.argv:
+    sys.exit(3)
+(out / "result.txt").write_text("ok")
+"""
+
+
+def _tool_stage(tmp_path, *extra, key="train", params=None):
+    script = tmp_path / "tool.py"
+    script.write_text(TOOL)
+    out = tmp_path / "out" / key
+    return Stage(key=key, title=f"train {key}", params=params or {"lr": 1}, outputs=[out / "result.txt"],
+                 command=[str(script), "OUT", str(out), *extra], out_dir=out)
+
+
+def _quiet_runner(tmp_path):
+    lines = []
+    return StageRunner(tmp_path / "out", log=lines.append), lines
+
+
+def test_in_process_stage_runs_once_then_is_skipped(tmp_path):
+    calls = []
+    target = tmp_path / "made.txt"
+
+    def work():
+        calls.append(1)
+        target.write_text("x")
+
+    stage = Stage(key="make", title="make it", params={"a": 1}, outputs=[target], run=work)
+    runner, lines = _quiet_runner(tmp_path)
+    runner.run_all([stage])
+    assert calls == [1] and runner.wall["make"][2] == "ran"
+    assert any("stage 1/1: make it" in line for line in lines)
+    runner2, lines2 = _quiet_runner(tmp_path)
+    runner2.run_all([stage])
+    assert calls == [1] and runner2.wall["make"][2] == "skipped" and any("up to date" in x for x in lines2)
+    target.unlink()  # a done stage whose output vanished runs again
+    _quiet_runner(tmp_path)[0].run_all([stage])
+    assert calls == [1, 1]
+
+
+def test_changed_settings_restart_in_a_clean_directory_and_propagate(tmp_path):
+    stage = _tool_stage(tmp_path)
+    calls = []
+    after = Stage(key="after", title="after", params={}, outputs=[tmp_path / "after.txt"], deps=["train"],
+                  run=lambda: (calls.append(1), (tmp_path / "after.txt").write_text("y")))
+    _quiet_runner(tmp_path)[0].run_all([stage, after])
+    stale = stage.out_dir / "stale.txt"
+    stale.write_text("from the old settings")
+    changed = _tool_stage(tmp_path, params={"lr": 2})
+    runner, lines = _quiet_runner(tmp_path)
+    runner.run_all([changed, after])
+    assert not stale.exists() and (changed.out_dir / "result.txt").exists()
+    assert any("settings changed" in line for line in lines)
+    assert calls == [1, 1]  # its input changed, so the dependent stage ran again
+    assert runner.wall["train"][2] == "ran"
+
+
+def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
+    stage = _tool_stage(tmp_path, "FAIL")
+    with pytest.raises(DemoError) as e:
+        _quiet_runner(tmp_path)[0].run_all([stage])
+    log = tmp_path / "out" / "logs" / "train.log"
+    assert "stage 'train train' failed with exit code 3" in str(e.value) and str(log) in str(e.value)
+    assert "tool says hello" in str(e.value) and "tool says hello" in log.read_text()
+    ok = _tool_stage(tmp_path)  # same settings (the flag is not a setting here): continues the started run
+    ok.params = stage.params
+    ok.command = [c for c in stage.command if c != "FAIL"]
+    stage_state = json.loads((tmp_path / "out" / ".stages" / "train.json").read_text())
+    assert stage_state["status"] == "started"
+    runner, _ = _quiet_runner(tmp_path)
+    runner.run_all([ok])
+    assert (ok.out_dir / "args.txt").read_text().startswith("--resume OUT ")
+    assert runner.wall["train"][2] == "resumed"
+
+
+def test_missing_outputs_name_the_stage_and_log(tmp_path):
+    stage = _tool_stage(tmp_path)
+    stage.outputs = [stage.out_dir / "never_written.pth"]
+    with pytest.raises(DemoError, match=r"stage 1/1 'train train' finished without writing .*never_written.pth; "
+                                        r"log: .*train.log"):
+        _quiet_runner(tmp_path)[0].run_all([stage])
+
+
+def test_config_chain_follows_bases(repo_root):
+    chain = config_chain(repo_root / "configs/shapes/mask_rcnn_vit_mae.yaml")
+    names = sorted(p.rsplit("/", 1)[1] for p in chain)
+    assert names == ["Base-MaskRCNN-ViT.yaml", "mask_rcnn_vit_mae.yaml", "mask_rcnn_vit_scratch.yaml"]
+
+
+def test_stages_of_a_three_seed_experiment(tmp_path):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    stages = build_stages(PROFILES["full"], paths, seeds=3, log=lambda _: None)
+    keys = [s.key for s in stages]
+    assert keys[:3] == ["dataset", "pretrain_mae", "pretrain_supervised"] and keys[-1] == "reconstruction"
+    assert keys[3:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised", "scratch")]
+    by = {s.key: s for s in stages}
+    assert by["finetune_scratch_s1"].deps == ["dataset"]
+    assert by["finetune_mae_s2"].deps == ["dataset", "pretrain_mae"]
+    cmd = by["finetune_supervised_s1"].command
+    assert cmd[cmd.index("SEED") + 1] == "1"
+    assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == str(paths.output / "pretrain_supervised" / "encoder.pth")
+    assert "MODEL.WEIGHTS" not in by["finetune_scratch_s0"].command
+    sup = by["pretrain_supervised"].command
+    assert sup[sup.index("DATA.PATH") + 1] == str(paths.data / "annotations" / "instances_pool.json")
+
+
+def test_verdict_states_the_difference_and_its_spread():
+    def run(group, seed, ap):
+        return RunResult(f"/r/{group}{seed}", group, seed, {"bbox/AP": ap})
+
+    one = aggregate([run("mae", 0, 12.0), run("scratch", 0, 10.0), run("supervised", 0, 15.0)])
+    assert _verdict(one, "bbox/AP", "boxes") == (
+        "- boxes (box AP): MAE beat scratch init (+2.0 AP; one seed: no spread measured); "
+        "MAE did not beat supervised init (-3.0 AP; one seed: no spread measured).")
+    noisy = aggregate([run("mae", 0, 12.0), run("mae", 1, 14.0), run("scratch", 0, 12.0), run("scratch", 1, 13.0)])
+    assert _verdict(noisy, "bbox/AP", "boxes") == (
+        "- boxes (box AP): MAE beat scratch init (+0.5 AP; within the seed std 1.4: not a clear difference).")
