@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -11,7 +10,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
 from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
-from .io import CheckpointError, atomic_save
+from .io import atomic_save, atomic_write_text
 
 
 class ViTDetCheckpointer(DetectionCheckpointer):
@@ -95,15 +94,4 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        fd, tmp = tempfile.mkstemp(prefix=".last_checkpoint.", dir=self.save_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(last_filename_basename)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise CheckpointError(f"failed to write {path}: {e}") from e
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)

@@ -8,7 +8,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -25,20 +25,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str) -> None:
+    """Writes through ``write`` to a temporary file in the same folder, fsyncs, then renames over ``path``.
 
     A crash or an exception (e.g. ENOSPC) while writing leaves any previous file at ``path`` untouched.
     """
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give checkpoints the permissions a plain open() would (shared clusters).
+        # mkstemp creates 0600 files; give them the permissions a plain open() would (shared clusters).
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -50,7 +49,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             pass
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise CheckpointError(f"failed to write checkpoint {path}: {e}") from e
+        raise CheckpointError(f"failed to write {what} {path}: {e}") from e
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write_text`)."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f), "checkpoint")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replaces ``path`` with ``text`` atomically: temporary file in the same folder, fsync, rename.
+
+    A crash or an exception (e.g. ENOSPC) while writing leaves any previous file at ``path`` untouched; an error
+    is a :class:`CheckpointError` naming the path.
+    """
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")), "file")
 
 
 # Globals that official MAE training checkpoints pickle next to tensors; nothing that can run code.

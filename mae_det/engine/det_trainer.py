@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, atomic_write_text
 from ..checkpoint.detectron2 import ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
@@ -159,10 +159,7 @@ def write_ap_results(path: str, results: dict, *, dataset: str, iteration: int |
         for task in ("bbox", "segm") if task in results
     }
     out.update(dataset=dataset, iteration=iteration)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(out, indent=2))
     return out
 
 
@@ -235,7 +232,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        loader = build_detection_train_loader(cfg, mapper=build_detection_mapper(cfg, is_train=True))
+        try:
+            loader = build_detection_train_loader(cfg, mapper=build_detection_mapper(cfg, is_train=True))
+        except AssertionError as e:  # Detectron2 asserts when filtering leaves no image to train on
+            if "No valid data found" not in str(e):
+                raise
+            raise DatasetError(
+                f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: no image with a usable annotation to train on "
+                "(every image was filtered: no annotations, or all of them skipped as invalid)"
+            ) from e
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return loader
 

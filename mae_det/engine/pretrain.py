@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, atomic_save, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.images import ImageLoadError
 from ..data.pretrain import (
@@ -176,19 +176,6 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
 def step_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
     """Seed of the global torch RNG for one iteration of one rank."""
     return int(torch.randint(0, 2**62, (), generator=sample_generator(seed, epoch, iteration * 4096 + rank)))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"failed to write {path}: {e}") from e
 
 
 def _setup_logging(output_dir: Path, rank: int) -> logging.Handler | None:
@@ -332,7 +319,7 @@ class Pretrainer:
                     kept.append(line)
             except (json.JSONDecodeError, AttributeError):
                 pass  # a line cut short by a kill
-        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _bare_model(self) -> nn.Module:
@@ -370,7 +357,7 @@ class Pretrainer:
             )
         if self.main:
             atomic_save(self.checkpoint_state(), path)
-            _atomic_write_text(self.out / LAST_CHECKPOINT, name + "\n")
+            atomic_write_text(self.out / LAST_CHECKPOINT, name + "\n")
             if self._rolling is not None and self._rolling != path:
                 self._rolling.unlink(missing_ok=True)
             self._rolling = path if mid_epoch else None
