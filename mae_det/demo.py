@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from .data.shapes import ShapesConfig, generate_shapes
-from .evaluation.compare import aggregate, collect_runs, compare, deltas, format_delta, format_stat, header
+from .evaluation.compare import aggregate, collect_runs, compare, format_delta, header
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
@@ -393,6 +393,27 @@ def curves_figure(runs: dict[str, Path], out: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- report
+def chance_bce(coco_json: Path) -> float:
+    """BCE of the best constant prediction (each class's image frequency) for the multi-hot labels of a COCO json:
+    what a supervised run that learned nothing would reach."""
+    data = json.loads(coco_json.read_text(encoding="utf-8"))
+    present: dict[int, set[int]] = {c["id"]: set() for c in data["categories"]}
+    for a in data["annotations"]:
+        present[a["category_id"]].add(a["image_id"])
+    n = len(data["images"])
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0
+         for p in (len(ids) / n for ids in present.values())]
+    return sum(h) / len(h)
+
+
+def pretrain_summary(run_dir: Path) -> dict[str, Any]:
+    """Epochs, final epoch loss and last kNN top-1 (None without monitor) of a pretraining run."""
+    epochs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "epoch"]
+    knn = [r["knn_top1"] for r in epochs if r.get("knn_top1") is not None]
+    return {"epochs": epochs[-1]["epoch"] if epochs else 0, "loss": epochs[-1]["loss"] if epochs else None,
+            "knn_top1": knn[-1] if knn else None}
+
+
 def _verdict(groups: list, metric: str, name: str) -> str:
     """One honest sentence: MAE against the other arms on ``metric``, with the seed spread when there is one."""
     by = {g.group: g for g in groups}
@@ -416,6 +437,10 @@ def _verdict(groups: list, metric: str, name: str) -> str:
     return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
 
 
+def _num(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float
 ) -> Path:
@@ -433,6 +458,7 @@ def write_report(
     table_md = table["markdown"].read_text(encoding="utf-8").split("\n", 2)[2]  # without its title line
     M, S, V = pre_cfg["MODEL"], pre_cfg["SOLVER"], det_cfg["MODEL"]["VIT"]
     D = det_cfg["SOLVER"]
+    mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in ("mae", "supervised"))
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
@@ -453,6 +479,11 @@ def write_report(
         "## Pretraining curves", "",
         "Loss of both pretraining runs" + (" and the kNN top-1 of the monitor on the single-object classification "
                                            "split" if has_knn else " (the kNN monitor was off)") + ".", "",
+        "| run | epochs | final loss | last kNN top-1 (%) |", "|---|---:|---:|---:|",
+        f"| MAE | {mae['epochs']} | {_num(mae['loss'], 3)} (norm-pix MSE) | {_num(mae['knn_top1'], 1)} |",
+        f"| supervised | {sup['epochs']} | {_num(sup['loss'], 3)} (BCE; a constant prediction scores "
+        f"{chance_bce(paths.data / 'annotations' / 'instances_pool.json'):.3f}) | {_num(sup['knn_top1'], 1)} |", "",
+        f"kNN chance level: {100 / len(info['classes']):.1f} %.", "",
         "![Pretraining curves](pretrain_curves.png)", "",
         "## Settings", "",
         "| what | value |", "|---|---|",
@@ -463,8 +494,8 @@ def write_report(
         f"| MAE pretraining | {S['EPOCHS']} epochs, batch {S['BATCH_SIZE']}, base lr {S['BASE_LR']}, mask ratio "
         f"{M['MASK_RATIO']}, norm-pix {M['NORM_PIX_LOSS']}, decoder {M['DECODER_EMBED_DIM']}-d x "
         f"{M['DECODER_DEPTH']} |",
-        "| supervised pretraining | same encoder, images, epochs and optimizer; multi-label BCE on the per-image "
-        "multi-hot shape labels |",
+        f"| supervised pretraining | same encoder, images and optimizer, {sup['epochs']} epochs (about the MAE run's "
+        "compute); multi-label BCE on the per-image multi-hot shape labels |",
         f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
         f"{D['LAYER_DECAY']}, simple pyramid ({V['OUT_CHANNELS']} channels), "
         f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",

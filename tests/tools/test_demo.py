@@ -176,3 +176,14 @@ def test_verdict_states_the_difference_and_its_spread():
     noisy = aggregate([run("mae", 0, 12.0), run("mae", 1, 14.0), run("scratch", 0, 12.0), run("scratch", 1, 13.0)])
     assert _verdict(noisy, "bbox/AP", "boxes") == (
         "- boxes (box AP): MAE beat scratch init (+0.5 AP; within the seed std 1.4: not a clear difference).")
+
+
+def test_chance_bce_is_the_mean_binary_entropy_of_class_frequencies(tmp_path):
+    from mae_det.demo import chance_bce
+
+    coco = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 1},
+                            {"image_id": 2, "category_id": 1}, {"image_id": 1, "category_id": 2}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(coco))
+    assert chance_bce(path) == pytest.approx(math.log(2) / 3)  # p = 1, 1/2, 0 -> entropies 0, ln 2, 0
