@@ -213,9 +213,12 @@ def test_empty_dataset_path_in_train_net_exits_2_with_one_line(tmp_path, capsys)
     assert err.startswith("error: DATASETS.REGISTER: each entry must be [name, json_file, image_root] (non-empty")
 
 
-def test_training_without_train_datasets_is_a_config_error():
-    with pytest.raises(ConfigError, match="DATASETS.TRAIN"):
-        load_det_cfg("", ["DATASETS.TRAIN", "()"])
+def test_training_without_train_datasets_is_a_dataset_error():
+    from mae_det.engine.det_trainer import Trainer
+
+    cfg = load_det_cfg("", ["DATASETS.TRAIN", "()"])
+    with pytest.raises(DatasetError, match="DATASETS.TRAIN: training needs at least one dataset name"):
+        Trainer.build_train_loader(cfg)
 
 
 def _coco(root: Path, annotations: list[dict]) -> Path:

@@ -131,7 +131,6 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     init = cfg.MODEL.INIT_TYPE
     _check(bool(_INIT_TYPE_RE.match(init)), f"MODEL.INIT_TYPE: expected a lower-case label like mae/supervised/scratch, got {init!r}")
     if training:
-        _check(len(cfg.DATASETS.TRAIN) > 0, "DATASETS.TRAIN: training needs at least one dataset name, got ()")
         _check(effective_precision(cfg) != "fp16" or cfg.MODEL.DEVICE.startswith("cuda"),
                f"SOLVER.PRECISION fp16 (Detectron2's AMPTrainer) needs CUDA but MODEL.DEVICE is {cfg.MODEL.DEVICE}: "
                "use SOLVER.PRECISION bf16 or fp32")

@@ -232,6 +232,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
+        if not cfg.DATASETS.TRAIN:
+            raise DatasetError("DATASETS.TRAIN: training needs at least one dataset name, got ()")
         try:
             loader = build_detection_train_loader(cfg, mapper=build_detection_mapper(cfg, is_train=True))
         except AssertionError as e:  # Detectron2 asserts when filtering leaves no image to train on
