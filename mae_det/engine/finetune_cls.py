@@ -30,7 +30,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..checkpoint.convert import load_encoder_state
 from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
 from ..data.classification import (
@@ -180,10 +180,7 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dic
     merged.update(results)
     if published:
         merged["published"] = published
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
     return merged
 
 
@@ -298,9 +295,7 @@ def _last_checkpoint(out: Path) -> Path | None:
 def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int) -> Path:
     path = out / f"checkpoint_{epoch:04d}.pth"
     atomic_save(state, path)
-    tmp = out / f".{LAST_CHECKPOINT_FILE}.tmp"
-    tmp.write_text(path.name, encoding="utf-8")
-    os.replace(tmp, out / LAST_CHECKPOINT_FILE)
+    atomic_write_text(out / LAST_CHECKPOINT_FILE, path.name)
     return path
 
 
