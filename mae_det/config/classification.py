@@ -78,7 +78,7 @@ from typing import Any, Iterable
 from detectron2.config import CfgNode as CN
 
 from ..modeling.vit import VIT_SIZES
-from .pretrain import ConfigError, _check, _check_types, _coerce_ints_to_floats, _lookup, _yacs_error
+from .pretrain import ConfigError, _check, _check_types, merge_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -180,29 +180,7 @@ def load_cls_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[st
     Raises:
         ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
     """
-    cfg = get_cls_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config file not found: {config_file}")
-        try:
-            loaded = CN.load_yaml_with_base(str(config_file), allow_unsafe=False)
-            cfg.merge_from_other_cfg(CN(_coerce_ints_to_floats(loaded, cfg)))
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise _yacs_error(e, str(config_file)) from e
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    pairs = []
-    for key, value in zip(opts[0::2], opts[1::2]):
-        if isinstance(_lookup(cfg, key), float) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            value = repr(float(value))
-        pairs += [key, value]
-    try:
-        cfg.merge_from_list(pairs)
-    except Exception as e:
-        raise _yacs_error(e, "command line") from e
+    cfg = merge_config(get_cls_cfg(), config_file, opts)
     validate_cls_cfg(cfg)
     return cfg
 

@@ -194,13 +194,15 @@ def _yacs_error(e: Exception, where: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
 
 
-def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults, then ``config_file`` (with ``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
+def merge_config(cfg: CN, config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
+    """Merges ``config_file`` (with ``_BASE_`` inheritance), then ``KEY VALUE`` overrides, into ``cfg``.
+
+    Integers given for float keys are accepted (``SOLVER.LR 1``). Shared by the pretraining and classification
+    configs.
 
     Raises:
-        ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
+        ConfigError: missing file, unknown key or wrong type, in one line.
     """
-    cfg = get_pretrain_cfg()
     if config_file:
         if not Path(config_file).is_file():
             raise ConfigError(f"config file not found: {config_file}")
@@ -229,6 +231,16 @@ def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterab
         cfg.merge_from_list(pairs)
     except Exception as e:
         raise _yacs_error(e, "command line") from e
+    return cfg
+
+
+def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
+    """Defaults, then ``config_file`` (with ``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
+
+    Raises:
+        ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
+    """
+    cfg = merge_config(get_pretrain_cfg(), config_file, opts)
     validate_pretrain_cfg(cfg)
     return cfg
 
