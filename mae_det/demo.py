@@ -283,6 +283,12 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
                 outputs=[out / "ap_results.json", out / "run_info.json"],
                 command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
             ))
+    detections = paths.output / "detections.png"
+    stages.append(Stage(
+        key="detections", title="detections of each initialization on validation images",
+        params={"n": profile.reconstructions}, deps=[f"finetune_{arm}_s0" for arm in ARMS], outputs=[detections],
+        run=lambda: detections_figure(paths, paths.data / "images" / "val", detections, profile.reconstructions),
+    ))
     recon = paths.output / "mae_reconstruction.png"
     stages.append(Stage(
         key="reconstruction", title="MAE reconstructions of validation images",
@@ -294,6 +300,15 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+def detections_figure(paths: DemoPaths, image_dir: Path, out: Path, n: int, threshold: float = 0.1) -> None:
+    """The first ``n`` validation images with the detections of each seed-0 model, one column per init."""
+    from .engine.predictor import side_by_side_detections  # builds Detectron2 models: import only when drawing
+
+    runs = [(arm, str(paths.run(f"finetune_{arm}_s0") / "config.yaml"),
+             str(paths.run(f"finetune_{arm}_s0") / "model_final.pth")) for arm in ARMS]
+    side_by_side_detections(runs, sorted(image_dir.glob("*.png"))[:n], out, confidence_threshold=threshold)
+
+
 def last_checkpoint(pretrain_dir: Path) -> Path:
     """The full checkpoint (encoder + decoder) named by a pretraining run's ``last_checkpoint`` pointer."""
     pointer = pretrain_dir / "last_checkpoint"
@@ -472,6 +487,9 @@ def write_report(
         _verdict(groups, "bbox/AP", "boxes"), _verdict(groups, "segm/AP", "masks"), "",
         table_md.replace("## ", "### "),
         "![AP chart](ap_table.png)", "",
+        "## Detections", "",
+        "The same validation images through the seed-0 model of each initialization (score >= 0.1: the CPU-sized models are weak).", "",
+        "![Detections](detections.png)", "",
         "## MAE reconstructions", "",
         "Validation images the pretraining never saw: original | 75 % masked | reconstruction | reconstruction with "
         "the visible patches pasted back.", "",

@@ -17,7 +17,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
            "--data-root", str(data)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stage 1/7" in done.stdout and "stage 7/7" in done.stdout
+    assert "stage 1/8" in done.stdout and "stage 8/8" in done.stdout
 
     report = (out / "REPORT.md").read_text()
     for arm in ARMS:
@@ -28,7 +28,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
         assert f"{ap['bbox']['AP']:.1f}" == box_ap and f"{ap['segm']['AP']:.1f}" == mask_ap
         assert json.loads((out / f"finetune_{arm}_s0" / "run_info.json").read_text())["init_type"] == arm
     assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \|", report)
-    for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png"):
+    for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png", "detections.png"):
         with Image.open(out / png) as img:
             assert img.width > 200 and img.height > 100, png
     assert (out / "ap_table.csv").read_text().startswith("kind,init,seed,run,")
@@ -37,7 +37,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("up to date") == 7
+    assert again.stdout.count("up to date") == 8
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
 
@@ -154,6 +154,7 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     keys = [s.key for s in stages]
     assert keys[:3] == ["dataset", "pretrain_mae", "pretrain_supervised"] and keys[-1] == "reconstruction"
     assert keys[3:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised", "scratch")]
+    assert keys[12] == "detections"
     by = {s.key: s for s in stages}
     assert by["finetune_scratch_s1"].deps == ["dataset"]
     assert by["finetune_mae_s2"].deps == ["dataset", "pretrain_mae"]
