@@ -16,9 +16,11 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -128,14 +130,67 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-class StageRunner:
-    """Runs stages in order with headers, timing, state records, resume and skip (see the module docstring)."""
+class _ToolProcess:
+    """A running tool stage: the subprocess and a thread copying its output to the log file and, one line at a
+    time with the stage key in front, to the console (progress-bar redraws at most every ``bar_every`` s)."""
 
-    def __init__(self, output: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, stage: Stage, cmd: list[str], env: dict[str, str], log_path: Path, bar_every: float) -> None:
+        self.stage, self.log_path, self.t0 = stage, log_path, time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        self._bar_every = bar_every
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        last_bar, pending = 0.0, b""
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n===== {datetime.now().isoformat(timespec='seconds')} {' '.join(self.proc.args)}\n".encode())
+            while chunk := self.proc.stdout.read1(65536):
+                logf.write(chunk)
+                logf.flush()
+                pending += chunk
+                *segments, pending = re.split(rb"(\r|\n)", pending)
+                for text, sep in zip(segments[::2], segments[1::2]):
+                    line = text.decode("utf-8", "replace").strip()
+                    if not line:
+                        continue
+                    now = time.perf_counter()
+                    if sep == b"\r":  # a progress-bar redraw
+                        if now - last_bar < self._bar_every:
+                            continue
+                        last_bar = now
+                    _console(f"[{self.stage.key}] {line}")
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._reader.join()
+        return code
+
+
+_CONSOLE = threading.Lock()
+
+
+def _console(line: str) -> None:
+    with _CONSOLE:
+        print(line, flush=True)
+
+
+class StageRunner:
+    """Runs stages in dependency order with headers, timing, state records, resume and skip (see the module
+    docstring). Up to ``jobs`` tool stages run at once, each with ``threads`` intra-op threads: on a 2-core
+    machine two single-threaded processes use both cores without the collapse that two OpenMP threads suffer as
+    soon as anything else wants a core (measured: a training step 2-7x slower than with one thread)."""
+
+    def __init__(self, output: Path, jobs: int = 1, threads: int | None = None, log: Callable[[str], None] = _console,
+                 bar_every: float = 10.0) -> None:
         self.output = output
         self.state_dir = output / STATE_DIR
         self.log_dir = output / "logs"
+        self.jobs = max(1, jobs)
+        self.threads = threads
         self.log = log
+        self.bar_every = bar_every
         self.hashes: dict[str, str] = {}
         self.wall: dict[str, tuple[str, float, str]] = {}  # key -> (title, seconds, "ran" | "resumed" | "skipped")
         self.t0 = time.perf_counter()
@@ -153,62 +208,90 @@ class StageRunner:
         tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
         os.replace(tmp, self.state_dir / f"{key}.json")
 
-    def run_all(self, stages: Sequence[Stage]) -> None:
-        for k, stage in enumerate(stages, 1):
-            self.run_stage(stage, k, len(stages))
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.threads is not None and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        return env
 
-    def run_stage(self, stage: Stage, k: int, n: int) -> None:
+    def run_all(self, stages: Sequence[Stage]) -> None:
+        """Runs every stage whose dependencies are done, first in list order; raises on the first failure
+        (stopping the other running tools: their records say "started", so a re-run resumes them)."""
+        n = len(stages)
+        number = {s.key: k for k, s in enumerate(stages, 1)}
+        pending, running, done = list(stages), {}, set()
+        try:
+            while pending or running:
+                for stage in [s for s in pending if all(d in done for d in s.deps)]:
+                    if stage.command is not None and len(running) >= self.jobs:
+                        continue
+                    pending.remove(stage)
+                    started = self._start(stage, number[stage.key], n)
+                    if started is None:
+                        done.add(stage.key)
+                    else:
+                        running[stage.key] = started
+                for key, (proc, resume) in list(running.items()):
+                    if proc.proc.poll() is not None:
+                        del running[key]
+                        self._finish(proc, resume, number[key], n)
+                        done.add(key)
+                if running:
+                    time.sleep(0.2)
+                elif pending and not any(all(d in done for d in s.deps) for s in pending):
+                    raise DemoError(f"stages {[s.key for s in pending]} depend on stages that are not in the list")
+        finally:
+            for proc, _ in running.values():
+                proc.proc.terminate()
+                proc.wait()
+
+    def _start(self, stage: Stage, k: int, n: int) -> tuple[_ToolProcess, bool] | None:
+        """Skips, runs (in-process stages, to completion) or starts (tool stages) ``stage``."""
         h = _hash({"params": stage.params, "deps": [self.hashes[d] for d in stage.deps]})
         self.hashes[stage.key] = h
-        self.log(f"\n[demo] ===== stage {k}/{n}: {stage.title} ===== (elapsed {_fmt_time(time.perf_counter() - self.t0)})")
+        self.log(f"[demo] ===== stage {k}/{n}: {stage.title} ===== (elapsed {_fmt_time(time.perf_counter() - self.t0)})")
         state = self._state(stage.key)
         same = state is not None and state.get("hash") == h
         if same and state.get("status") == "done" and all(p.exists() for p in stage.outputs):
-            self.log(f"[demo] up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
+            self.log(f"[demo] {stage.key}: up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
             self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)), "skipped")
-            return
+            return None
         resume = same and stage.command is not None and stage.out_dir is not None and stage.out_dir.exists()
         if not resume and stage.out_dir is not None and stage.out_dir.exists():
             if state is not None:
-                self.log(f"[demo] settings changed since the last run: starting {stage.out_dir} over")
+                self.log(f"[demo] {stage.key}: settings changed since the last run, starting {stage.out_dir} over")
             shutil.rmtree(stage.out_dir)
         self._write_state(stage.key, {"hash": h, "status": "started", "title": stage.title})
-        t0 = time.perf_counter()
-        if stage.command is not None:
-            self._run_tool(stage, resume)
-        else:
+        if stage.command is None:
+            t0 = time.perf_counter()
             stage.run()
-        missing = [str(p) for p in stage.outputs if not p.exists()]
-        if missing:
-            raise DemoError(f"stage {k}/{n} '{stage.title}' finished without writing {', '.join(missing)}"
-                            + (f"; log: {self.log_dir / (stage.key + '.log')}" if stage.command else ""))
-        wall = time.perf_counter() - t0
-        self._write_state(stage.key, {"hash": h, "status": "done", "title": stage.title, "wall_s": wall})
-        self.wall[stage.key] = (stage.title, wall, "resumed" if resume else "ran")
-        self.log(f"[demo] {stage.title}: done in {_fmt_time(wall)}")
-
-    def _run_tool(self, stage: Stage, resume: bool) -> None:
+            self._complete(stage, k, n, time.perf_counter() - t0, "ran")
+            return None
         # --resume goes before the KEY VALUE overrides, which are the remainder of the tools' argument parsers.
         cmd = [sys.executable, stage.command[0], *(["--resume"] if resume else []), *stage.command[1:]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage.key}.log"
-        self.log(f"[demo] {'resuming' if resume else 'running'}: {' '.join(cmd[1:])}")
-        self.log(f"[demo] log: {log_path}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "ab") as logf:
-            logf.write(f"\n===== {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd)}\n".encode())
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-            assert proc.stdout is not None
-            out = sys.stdout.buffer
-            while chunk := proc.stdout.read1(65536):
-                logf.write(chunk)
-                out.write(chunk)
-                out.flush()
-            code = proc.wait()
+        self.log(f"[demo] {stage.key}: {'resuming' if resume else 'running'} {' '.join(cmd[1:])}")
+        self.log(f"[demo] {stage.key}: log {log_path}")
+        return _ToolProcess(stage, cmd, self._env(), log_path, self.bar_every), resume
+
+    def _finish(self, proc: _ToolProcess, resume: bool, k: int, n: int) -> None:
+        code = proc.wait()
         if code != 0:
-            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-            raise DemoError(f"stage '{stage.title}' failed with exit code {code}; log: {log_path}\n"
+            tail = proc.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            raise DemoError(f"stage {k}/{n} '{proc.stage.title}' failed with exit code {code}; log: {proc.log_path}\n"
                             + "\n".join(f"    {line}" for line in tail))
+        self._complete(proc.stage, k, n, time.perf_counter() - proc.t0, "resumed" if resume else "ran")
+
+    def _complete(self, stage: Stage, k: int, n: int, wall: float, status: str) -> None:
+        missing = [str(p) for p in stage.outputs if not p.exists()]
+        if missing:
+            raise DemoError(f"stage {k}/{n} '{stage.title}' finished without writing {', '.join(missing)}"
+                            + (f"; log: {self.log_dir / (stage.key + '.log')}" if stage.command else ""))
+        self._write_state(stage.key, {"hash": self.hashes[stage.key], "status": "done", "title": stage.title,
+                                      "wall_s": wall})
+        self.wall[stage.key] = (stage.title, wall, status)
+        self.log(f"[demo] {stage.key}: done in {_fmt_time(wall)} (elapsed {_fmt_time(time.perf_counter() - self.t0)})")
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -447,7 +530,7 @@ def _verdict(groups: list, metric: str, name: str) -> str:
             note = f"; within the seed std {spread:.1f}: not a clear difference"
         elif mae.stats[metric].n < 2:
             note = "; one seed: no spread measured"
-        word = "beat" if d > 0 else "did not beat"
+        word = "tied with" if format_delta(d) == "+0.0" else "beat" if d > 0 else "did not beat"
         parts.append(f"MAE {word} {other} init ({format_delta(d)} AP{note})")
     return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
 
@@ -478,7 +561,8 @@ def write_report(
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
         f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()} with "
-        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
+        f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
         f"bf16 {'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not native'}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
@@ -530,8 +614,16 @@ def write_report(
 
 
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
-             data_root: str | os.PathLike | None = None, argv: Sequence[str] = ()) -> Path:
+             data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = ()) -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
+
+    Args:
+        profile_name: A key of :data:`PROFILES`.
+        seeds: Fine-tuning runs per initialization.
+        output: Report directory (default ``output/demo`` for "full", ``output/demo_<profile>`` otherwise).
+        data_root: Dataset directory (default ``datasets/shapes/<profile>``).
+        jobs: Tool stages run at once; each gets ``cpu_count // jobs`` threads (unless OMP_NUM_THREADS is set).
+        argv: The command line, for the report.
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -545,10 +637,14 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     paths = DemoPaths(output=(REPO / (output or default_out)).resolve(),
                       data=(REPO / (data_root or f"datasets/shapes/{profile_name}")).resolve())
     paths.output.mkdir(parents=True, exist_ok=True)
+    if jobs < 1:
+        raise DemoError(f"--jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
-    runner = StageRunner(paths.output)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runner = StageRunner(paths.output, jobs=jobs, threads=threads)
     stages = build_stages(profile, paths, seeds)
-    print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s); output {paths.output}")
+    print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
+          f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
     report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")

@@ -8,6 +8,7 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per initialization (mean ± std)")
     parser.add_argument("--output", default=None, help="report directory (default output/demo[_<profile>])")
     parser.add_argument("--data-root", default=None, help="dataset directory (default datasets/shapes/<profile>)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="training runs at once, each with cpu_count/jobs threads (default: 2)")
     args = parser.parse_args(argv)
     try:
-        run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, argv=argv)
+        run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
+                 argv=argv)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

@@ -282,7 +282,8 @@ def format_stat(s: Stat | None, reported: int) -> str:
 
 
 def format_delta(d: float | None) -> str:
-    return "-" if d is None else f"{d:+.1f}"
+    """``+1.2`` / ``-0.3``; a difference that rounds to zero is ``+0.0`` whatever its sign."""
+    return "-" if d is None else f"{round(d, 1) + 0.0:+.1f}"
 
 
 def _md_table(head: list[str], rows: list[list[str]], n_left: int) -> list[str]:

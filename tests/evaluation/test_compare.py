@@ -233,3 +233,10 @@ def test_tool_prints_table_and_fails_with_the_path(runs, tmp_path, repo_root, ca
         tool.main(runs + ["--output", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         tool.main(runs + ["--label", "no-equals-sign"])
+
+
+def test_delta_format_rounds_and_never_shows_minus_zero():
+    from mae_det.evaluation.compare import format_delta
+
+    assert format_delta(1.25) == "+1.2" and format_delta(-0.31) == "-0.3" and format_delta(None) == "-"
+    assert format_delta(-0.004) == "+0.0" and format_delta(0.04) == "+0.0"

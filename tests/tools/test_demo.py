@@ -15,7 +15,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     out, data = tmp_path / "demo", tmp_path / "data"
     cmd = [sys.executable, str(repo_root / "tools/demo.py"), "--profile", "quick", "--output", str(out),
            "--data-root", str(data)]
-    done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stage 1/8" in done.stdout and "stage 8/8" in done.stdout
 
@@ -37,7 +37,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("up to date") == 8
+    assert again.stdout.count(": up to date (ran in") == 8
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
 
@@ -121,7 +121,7 @@ def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
     with pytest.raises(DemoError) as e:
         _quiet_runner(tmp_path)[0].run_all([stage])
     log = tmp_path / "out" / "logs" / "train.log"
-    assert "stage 'train train' failed with exit code 3" in str(e.value) and str(log) in str(e.value)
+    assert "stage 1/1 'train train' failed with exit code 3" in str(e.value) and str(log) in str(e.value)
     assert "tool says hello" in str(e.value) and "tool says hello" in log.read_text()
     ok = _tool_stage(tmp_path)  # same settings (the flag is not a setting here): continues the started run
     ok.params = stage.params
@@ -188,3 +188,42 @@ def test_chance_bce_is_the_mean_binary_entropy_of_class_frequencies(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(coco))
     assert chance_bce(path) == pytest.approx(math.log(2) / 3)  # p = 1, 1/2, 0 -> entropies 0, ln 2, 0
+
+
+def test_independent_tool_stages_run_in_parallel_with_one_thread_each(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    script = tmp_path / "sleepy.py"
+    script.write_text("import os, sys, time, pathlib\nout = pathlib.Path(sys.argv[1])\nout.mkdir(parents=True)\n"
+                      "time.sleep(1.5)\n(out / 'threads.txt').write_text(os.environ['OMP_NUM_THREADS'])\n")
+    stages = [Stage(key=k, title=k, params={}, outputs=[tmp_path / "out" / k / "threads.txt"],
+                    command=[str(script), str(tmp_path / "out" / k)], out_dir=tmp_path / "out" / k)
+              for k in ("a", "b")]
+    order = []
+    stages.append(Stage(key="c", title="c", params={}, outputs=[], deps=["a", "b"],
+                        run=lambda: order.append((tmp_path / "out/a/threads.txt").exists())))
+    runner = StageRunner(tmp_path / "out", jobs=2, threads=1, log=lambda _: None)
+    t0 = time.perf_counter()
+    runner.run_all(stages)
+    assert time.perf_counter() - t0 < 2.9  # not 2 x 1.5 s plus interpreter starts one after the other
+    assert (tmp_path / "out/b/threads.txt").read_text() == "1" and order == [True]
+
+
+def test_a_failing_parallel_stage_stops_the_other_which_resumes_later(tmp_path):
+    fail = _tool_stage(tmp_path, "FAIL", key="bad")
+    slow = tmp_path / "slow.py"
+    slow.write_text("import sys, time, pathlib\npathlib.Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)\n"
+                    "time.sleep(30)\n")
+    other = Stage(key="long", title="long", params={}, outputs=[], command=[str(slow), str(tmp_path / "out/long")],
+                  out_dir=tmp_path / "out" / "long")
+    runner = StageRunner(tmp_path / "out", jobs=2, log=lambda _: None)
+    with pytest.raises(DemoError, match="'train bad' failed with exit code 3"):
+        runner.run_all([other, fail])
+    assert json.loads((tmp_path / "out/.stages/long.json").read_text())["status"] == "started"
+
+
+def test_verdict_calls_a_difference_that_rounds_to_zero_a_tie():
+    one = aggregate([RunResult("/r/m", "mae", 0, {"segm/AP": 2.01}), RunResult("/r/s", "scratch", 0, {"segm/AP": 2.04})])
+    assert _verdict(one, "segm/AP", "masks") == (
+        "- masks (mask AP): MAE tied with scratch init (+0.0 AP; one seed: no spread measured).")
