@@ -69,12 +69,12 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         shapes=ShapesConfig(image_size=64, num_pool=2400, num_train=160, num_val=300, num_cls_train=600,
-                            num_cls_val=300, max_objects=5),
+                            num_cls_val=300, max_objects=4, min_size=0.12, max_size=0.3),
     ),
     "quick": Profile(
         name="quick",
         shapes=ShapesConfig(image_size=64, num_pool=384, num_train=48, num_val=48, num_cls_train=120,
-                            num_cls_val=60, max_objects=4),
+                            num_cls_val=60, max_objects=4, min_size=0.12, max_size=0.3),
         pretrain_opts=("SOLVER.EPOCHS", "2", "SOLVER.WARMUP_EPOCHS", "1", "MONITOR.KNN.PERIOD", "1"),
         finetune_opts=("SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "(25,)"),
     ),
@@ -343,29 +343,34 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
         outputs=[paths.data / "dataset_info.json"], run=lambda: _generate(paths.data, profile.shapes, log),
     )]
-    for arm in ("mae", "supervised"):
+    def pretrain(arm: str) -> Stage:
         out = paths.run(f"pretrain_{arm}")
         config = cfg_dir / f"pretrain_{arm}.yaml"
         args = [*opts[arm], *knn, *profile.pretrain_opts, "OUTPUT_DIR", str(out)]
-        stages.append(Stage(
+        return Stage(
             key=f"pretrain_{arm}", title=f"{'MAE' if arm == 'mae' else 'supervised'} pretraining",
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
             outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
             command=["tools/pretrain.py", "--config-file", str(config), *args], out_dir=out,
-        ))
-    for seed in range(seeds):
-        for arm in ARMS:
-            out = paths.run(f"finetune_{arm}_s{seed}")
-            config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
-            weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
-            args = [*opts["finetune"], *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
-            stages.append(Stage(
-                key=f"finetune_{arm}_s{seed}", title=f"Mask R-CNN from {arm} init, seed {seed} (train + COCO eval)",
-                params={"config": config_chain(config), "args": args},
-                deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
-                outputs=[out / "ap_results.json", out / "run_info.json"],
-                command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
-            ))
+        )
+
+    def finetune(arm: str, seed: int) -> Stage:
+        out = paths.run(f"finetune_{arm}_s{seed}")
+        config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
+        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
+        args = [*opts["finetune"], *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+        return Stage(
+            key=f"finetune_{arm}_s{seed}", title=f"Mask R-CNN from {arm} init, seed {seed} (train + COCO eval)",
+            params={"config": config_chain(config), "args": args},
+            deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
+            outputs=[out / "ap_results.json", out / "run_info.json"],
+            command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
+        )
+
+    # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
+    # MAE pretrains, and the two pretrainings do not both hold the cores while nothing else can start.
+    stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
+    stages += [finetune(arm, s) for s in range(seeds) for arm in ("mae", "supervised")]
     detections = paths.output / "detections.png"
     stages.append(Stage(
         key="detections", title="detections of each initialization on validation images",
@@ -462,14 +467,14 @@ def curves_figure(runs: dict[str, Path], out: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
-    any_knn = False
+    any_knn, lines = False, []
     for name, d in runs.items():
         records = read_metrics(d / "metrics.jsonl")
         train = [r for r in records if r.get("type") == "train" and "loss" in r]
         epochs = [r for r in records if r.get("type") == "epoch"]
-        ax = ax_loss if name == "mae" else ax_loss.twinx()
-        ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="C0" if name == "mae" else "C1",
-                label=f"{name} loss")
+        ax = ax_loss if name == "mae" else ax_loss.twinx()  # the two losses have different scales
+        lines += ax.plot([r["epoch"] for r in train], [r["loss"] for r in train],
+                         color="C0" if name == "mae" else "C1", label=f"{name} loss")
         ax.set_ylabel("MAE loss (norm-pix MSE)" if name == "mae" else "supervised loss (BCE)")
         knn = [(r["epoch"], r["knn_top1"]) for r in epochs if r.get("knn_top1") is not None]
         if knn:
@@ -477,7 +482,7 @@ def curves_figure(runs: dict[str, Path], out: Path) -> bool:
             ax_knn.plot(*zip(*knn), marker="o", color="C0" if name == "mae" else "C1", label=name)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("pretraining loss")
-    fig.legend(loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.27, 0.9))
+    ax_loss.legend(lines, [line.get_label() for line in lines], fontsize=8)
     ax_knn.set_xlabel("epoch")
     ax_knn.set_ylabel("kNN top-1 (%)")
     ax_knn.set_title("kNN top-1 on the classification split (monitor)")
@@ -525,11 +530,12 @@ def _verdict(groups: list, metric: str, name: str) -> str:
             continue
         d = mae.stats[metric].mean - g.stats[metric].mean
         spread = max((s.std or 0.0) for s in (mae.stats[metric], g.stats[metric]))
-        note = ""
-        if spread > 0 and abs(d) <= spread:
-            note = f"; within the seed std {spread:.1f}: not a clear difference"
-        elif mae.stats[metric].n < 2:
+        if mae.stats[metric].n < 2 or g.stats[metric].n < 2:
             note = "; one seed: no spread measured"
+        elif abs(d) <= spread:
+            note = f"; within the seed std {spread:.1f}: not a clear difference"
+        else:
+            note = f"; seed std {spread:.1f}"
         word = "tied with" if format_delta(d) == "+0.0" else "beat" if d > 0 else "did not beat"
         parts.append(f"MAE {word} {other} init ({format_delta(d)} AP{note})")
     return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
@@ -604,6 +610,8 @@ def write_report(
         f"| configs | `configs/shapes/*.yaml` + profile overrides `{' '.join(profile.pretrain_opts) or '-'}` / "
         f"`{' '.join(profile.finetune_opts) or '-'}` |", "",
         "## Wall time per stage", "",
+        f"Up to {runner.jobs} training runs overlap, so the stages add up to more than the total "
+        f"({_fmt_time(total_s)}).", "",
         "| stage | this invocation | wall time |", "|---|---|---:|",
     ]
     lines += [f"| {title} | {status} | {_fmt_time(wall)} |" for title, wall, status in runner.wall.values()]

@@ -371,6 +371,7 @@ def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = 
     import numpy as np
 
     cols = columns([r for g in groups for r in g.runs])
+    cols = [c for c in cols if any(g.stats[c] is not None for g in groups)]  # no empty bar slots (e.g. APl)
     panels = [(TASKS[t], [c for c in cols if c.startswith(f"{t}/")]) for t in TASKS]
     panels.append(("classification", [c for c in cols if "/" not in c]))
     panels = [(name, cs) for name, cs in panels if cs]

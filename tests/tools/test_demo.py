@@ -152,8 +152,10 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
     stages = build_stages(PROFILES["full"], paths, seeds=3, log=lambda _: None)
     keys = [s.key for s in stages]
-    assert keys[:3] == ["dataset", "pretrain_mae", "pretrain_supervised"] and keys[-1] == "reconstruction"
-    assert keys[3:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised", "scratch")]
+    assert keys[:6] == ["dataset", "pretrain_mae", "finetune_scratch_s0", "finetune_scratch_s1",
+                        "finetune_scratch_s2", "pretrain_supervised"]
+    assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
+    assert keys[12:] == ["detections", "reconstruction"]
     assert keys[12] == "detections"
     by = {s.key: s for s in stages}
     assert by["finetune_scratch_s1"].deps == ["dataset"]
@@ -177,6 +179,8 @@ def test_verdict_states_the_difference_and_its_spread():
     noisy = aggregate([run("mae", 0, 12.0), run("mae", 1, 14.0), run("scratch", 0, 12.0), run("scratch", 1, 13.0)])
     assert _verdict(noisy, "bbox/AP", "boxes") == (
         "- boxes (box AP): MAE beat scratch init (+0.5 AP; within the seed std 1.4: not a clear difference).")
+    clear = aggregate([run("mae", 0, 12.0), run("mae", 1, 12.2), run("scratch", 0, 10.0), run("scratch", 1, 10.4)])
+    assert _verdict(clear, "bbox/AP", "boxes") == "- boxes (box AP): MAE beat scratch init (+1.9 AP; seed std 0.3)."
 
 
 def test_chance_bce_is_the_mean_binary_entropy_of_class_frequencies(tmp_path):
