@@ -72,18 +72,16 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Iterable
 
 from detectron2.config import CfgNode as CN
 
 from ..modeling.vit import VIT_SIZES
-from .pretrain import ConfigError, _check, _check_types, merge_config
+from .pretrain import ConfigError, _check, _check_types, encoder_arch, merge_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 POOLS = ("cls", "mean")
-_ARCH_RE = re.compile(r"^vit_([a-z]+)_patch(\d+)$")
 
 __all__ = ["ConfigError", "get_cls_cfg", "load_cls_cfg", "resolve_vit_arch", "validate_cls_cfg"]
 
@@ -187,19 +185,7 @@ def load_cls_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[st
 
 def resolve_vit_arch(cfg: CN) -> dict[str, Any]:
     """``VisionTransformer`` size keywords after applying the MODEL.* overrides to MODEL.ARCH."""
-    m = _ARCH_RE.match(cfg.MODEL.ARCH)
-    if not m or m.group(1) not in VIT_SIZES:
-        names = [f"vit_{k}_patch{v[3]}" for k, v in VIT_SIZES.items()]
-        raise ConfigError(f"MODEL.ARCH: unknown architecture {cfg.MODEL.ARCH!r}, expected e.g. one of {names}")
-    embed_dim, depth, num_heads, _ = VIT_SIZES[m.group(1)]
-    M = cfg.MODEL
-    return {
-        "patch_size": M.PATCH_SIZE or int(m.group(2)),
-        "embed_dim": M.EMBED_DIM or embed_dim,
-        "depth": M.DEPTH or depth,
-        "num_heads": M.NUM_HEADS or num_heads,
-        "mlp_ratio": M.MLP_RATIO or 4.0,
-    }
+    return encoder_arch(cfg.MODEL, [f"vit_{k}_patch{v[3]}" for k, v in VIT_SIZES.items()])
 
 
 def validate_cls_cfg(cfg: CN) -> None:

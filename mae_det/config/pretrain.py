@@ -78,7 +78,7 @@ SOURCES = ("auto", "folder", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 POOLS = ("cls", "mean")
-_ARCH_RE = re.compile(r"^mae_vit_([a-z]+)_patch(\d+)$")
+_ARCH_RE = re.compile(r"^(?:mae_)?vit_([a-z]+)_patch(\d+)$")
 
 
 class ConfigError(ValueError):
@@ -246,21 +246,32 @@ def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterab
 
 
 # ---- validation ------------------------------------------------------------------------------------------
+def encoder_arch(model: CN, expected: Iterable[str]) -> dict[str, Any]:
+    """``VisionTransformer`` size keywords: those of MODEL.ARCH (``[mae_]vit_<size>_patch<p>``) with the non-zero
+    MODEL.* overrides applied. Shared by the pretraining and the classification configs.
+
+    Raises:
+        ConfigError: MODEL.ARCH names no known size; the message lists ``expected``.
+    """
+    m = _ARCH_RE.match(model.ARCH)
+    if not m or m.group(1) not in VIT_SIZES:
+        raise ConfigError(f"MODEL.ARCH: unknown architecture {model.ARCH!r}, expected one of {list(expected)}")
+    embed_dim, depth, num_heads, _ = VIT_SIZES[m.group(1)]
+    return {
+        "patch_size": model.PATCH_SIZE or int(m.group(2)),
+        "embed_dim": model.EMBED_DIM or embed_dim,
+        "depth": model.DEPTH or depth,
+        "num_heads": model.NUM_HEADS or num_heads,
+        "mlp_ratio": model.MLP_RATIO or 4.0,
+    }
+
+
 def resolve_arch(cfg: CN) -> dict[str, Any]:
     """Model sizes after applying the MODEL.* overrides to MODEL.ARCH's factory defaults."""
-    m = _ARCH_RE.match(cfg.MODEL.ARCH)
-    if cfg.MODEL.ARCH not in MAE_FACTORIES or not m or m.group(1) not in VIT_SIZES:
-        raise ConfigError(
-            f"MODEL.ARCH: unknown architecture {cfg.MODEL.ARCH!r}, expected one of {sorted(MAE_FACTORIES)}"
-        )
-    embed_dim, depth, num_heads, patch_size = VIT_SIZES[m.group(1)]
-    M = cfg.MODEL
-    return {
-        "patch_size": M.PATCH_SIZE or patch_size,
-        "embed_dim": M.EMBED_DIM or embed_dim,
-        "depth": M.DEPTH or depth,
-        "num_heads": M.NUM_HEADS or num_heads,
-        "mlp_ratio": M.MLP_RATIO or 4.0,
+    M, expected = cfg.MODEL, sorted(MAE_FACTORIES)
+    if M.ARCH not in MAE_FACTORIES:
+        raise ConfigError(f"MODEL.ARCH: unknown architecture {M.ARCH!r}, expected one of {expected}")
+    return encoder_arch(M, expected) | {
         "decoder_embed_dim": M.DECODER_EMBED_DIM or 512,
         "decoder_depth": M.DECODER_DEPTH or 8,
         "decoder_num_heads": M.DECODER_NUM_HEADS or 16,
