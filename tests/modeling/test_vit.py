@@ -45,6 +45,32 @@ def test_attention_equals_explicit_softmax():
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_rel_pos", [False, True])
+def test_cpu_bf16_attention_runs_sdpa_in_fp32(use_rel_pos):
+    torch.manual_seed(3)
+    kw = {"use_rel_pos": True, "rel_pos_size": (2, 3)} if use_rel_pos else {}
+    attn = randomize_(Attention(32, num_heads=4, **kw))
+    if use_rel_pos:
+        with torch.no_grad():
+            attn.rel_pos_h.normal_(0, 0.5), attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, 6, 32)
+    seen = []
+    attn.proj.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, (2, 3))
+    assert seen == [(torch.bfloat16, torch.bfloat16)]  # the matmuls around attention stay bf16
+    # the same fp32 SDPA on bf16-rounded q, k, v is what ran
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn.qkv(x).reshape(2, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (2, 3)).float() if use_rel_pos else None
+    ctx = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.proj(ctx.transpose(1, 2).reshape(2, 6, 32))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    # a module cast to bf16 (no autocast) keeps bf16 in and out
+    assert attn.bfloat16()(x.bfloat16(), (2, 3)).dtype == torch.bfloat16
+
+
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="embed_dim 30 is not divisible by num_heads 4"):
         Attention(30, 4)
