@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .pos_embed import get_2d_sincos_pos_embed
-from .vit import VIT_SIZES, Block, LayerNorm6, VisionTransformer, _init_linear_and_norm, _pair
+from .vit import VIT_SIZES, Block, LayerNorm6, VisionTransformer, _init_linear_and_norm
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
