@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
+from .checkpoint import atomic_write_text
 from .data.shapes import ShapesConfig, generate_shapes
 from .evaluation.compare import aggregate, collect_runs, compare, format_delta, header
 
@@ -203,10 +204,7 @@ class StageRunner:
             return None
 
     def _write_state(self, key: str, state: dict[str, Any]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".{key}.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        os.replace(tmp, self.state_dir / f"{key}.json")
+        atomic_write_text(self.state_dir / f"{key}.json", json.dumps(state, indent=1))
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -30,6 +30,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..checkpoint import atomic_write_text
+
 GENERATOR_VERSION = "1.0"
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 DETECTION_SPLITS: tuple[str, ...] = ("pool", "train", "val")
@@ -319,9 +321,7 @@ def coco_categories() -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 def generate_shapes(

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checkpoint import atomic_write_text
+
 _PACKAGES = ("torch", "torchvision", "timm", "detectron2", "mae_det")
 
 
@@ -83,9 +85,5 @@ def write_run_info(
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     info.update(extra or {})
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".run_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "run_info.json")
+    atomic_write_text(Path(output_dir) / "run_info.json", json.dumps(info, indent=2, default=str) + "\n")
     return info
