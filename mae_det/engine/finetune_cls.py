@@ -45,7 +45,7 @@ from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_f
 from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
 from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import write_run_info
-from .optim import build_param_groups
+from .optim import adamw, build_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     lr = S.LR or S.BASE_LR * eff_batch / 256
     groups = build_param_groups(model, S.WEIGHT_DECAY, no_decay_names=("pos_embed", "cls_token"),
                                 layer_decay=S.LAYER_DECAY if S.LAYER_DECAY < 1 else None, depth=model.depth)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(S.BETAS), fused=True)  # one kernel: ~6x faster on CPU
+    opt = adamw(groups, lr=lr, betas=tuple(S.BETAS))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     sched = warmup_cosine_schedule(opt, S.EPOCHS * steps_per_epoch, S.WARMUP_EPOCHS * steps_per_epoch, lr, S.MIN_LR)
     mixup = None
