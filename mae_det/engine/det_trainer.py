@@ -37,7 +37,7 @@ from ..config.pretrain import ConfigError
 from ..data.detection import DatasetError, build_detection_mapper, check_num_classes
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
 from ..utils.provenance import write_run_info
-from .optim import adamw, build_param_groups
+from ..solver.optim import adamw, build_param_groups
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_f
 from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
 from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import write_run_info
-from .optim import adamw, build_param_groups
+from ..solver.optim import adamw, build_param_groups
 
 logger = logging.getLogger(__name__)
 

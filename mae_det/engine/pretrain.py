@@ -51,8 +51,8 @@ from ..modeling.mae import MAE_FACTORIES
 from ..modeling.vit import VisionTransformer
 from ..utils import dist as du
 from ..utils.provenance import write_run_info
-from .optim import adamw, build_param_groups
-from .schedule import build_warmup_cosine_lr
+from ..solver.optim import adamw, build_param_groups
+from ..solver.schedule import build_warmup_cosine_lr
 
 logger = logging.getLogger("mae_det.pretrain")
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.classification import ImageFolderDataset, SkipCounter, eval_transform
-from ..engine.schedule import build_warmup_cosine_lr
+from ..solver.schedule import build_warmup_cosine_lr
 from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, folder_loader, topk_accuracy
 
 logger = logging.getLogger(__name__)

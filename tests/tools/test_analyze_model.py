@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from mae_det.config.detection import load_det_cfg
 from mae_det.config.pretrain import ConfigError
 from mae_det.engine.pretrain import build_pretrain_model
-from mae_det.utils.analysis import build_target, load_pretrain_model_cfg
+from mae_det.analysis.model import build_target, load_pretrain_model_cfg
 from tests.tools.inference_data import ROOT, make_tiny_coco, write_tiny_config, write_tiny_pretrain_config
 
 

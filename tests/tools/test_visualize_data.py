@@ -1,4 +1,4 @@
-"""tools/visualize_data.py and mae_det.utils.visualize_data on a generated COCO-format dataset with polygons."""
+"""tools/visualize_data.py and mae_det.analysis.data on a generated COCO-format dataset with polygons."""
 import subprocess
 import sys
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from mae_det.config.detection import load_det_cfg
 from mae_det.data.detection import DatasetError
-from mae_det.utils.visualize_data import visualize_dataset
+from mae_det.analysis.data import visualize_dataset
 from tests.tools.inference_data import ROOT, make_tiny_coco, write_tiny_config
 
 

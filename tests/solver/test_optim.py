@@ -1,6 +1,6 @@
 import torch
 
-from mae_det.engine.optim import adamw
+from mae_det.solver.optim import adamw
 
 
 def test_adamw_is_fused_and_steps_like_the_for_loop_adamw():

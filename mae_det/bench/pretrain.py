@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mae_det.engine.optim import adamw
+from mae_det.solver.optim import adamw
 from mae_det.modeling import MAE_FACTORIES, MaskedAutoencoderViT
 from mae_det.utils.flops import count_forward_macs
 

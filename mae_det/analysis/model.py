@@ -28,7 +28,7 @@ from ..config.detection import load_det_cfg
 from ..config.pretrain import ConfigError, get_pretrain_cfg, resolve_arch
 from ..engine.pretrain import build_pretrain_model
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
-from .flops import FlopReport, count_forward_macs
+from ..utils.flops import FlopReport, count_forward_macs
 
 MODEL_TYPES = ("detection", "mae")
 TASKS = ("parameter", "flop", "activation")

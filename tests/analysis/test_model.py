@@ -1,9 +1,9 @@
-"""mae_det.utils.analysis: the counts are the shared counter's, split by the model's top-level parts."""
+"""mae_det.analysis.model: the counts are the shared counter's, split by the model's top-level parts."""
 import pytest
 import torch
 
 from mae_det.config.pretrain import ConfigError
-from mae_det.utils.analysis import (
+from mae_det.analysis.model import (
     activation_report, analyze, build_target, flop_report, load_pretrain_model_cfg, parameter_report,
 )
 from mae_det.utils.flops import count_forward_macs
