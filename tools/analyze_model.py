@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
+
 from mae_det.engine.det_trainer import run_with_exit_codes  # noqa: E402
 from mae_det.utils.analysis import MODEL_TYPES, TASKS, analyze, build_target  # noqa: E402
 

@@ -13,6 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
+
 from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
 from mae_det.utils.benchmark_det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,

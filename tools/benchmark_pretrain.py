@@ -13,6 +13,9 @@ import torch
 
 from mae_det.modeling import MAE_FACTORIES
 from mae_det.utils.benchmark import format_report, run_benchmark
+from mae_det.utils.known_warnings import filter_known_warnings
+
+filter_known_warnings()
 
 # --quick: a tiny MAE and small matmuls, for smoke tests (seconds, figures not meaningful).
 QUICK = dict(model_name="mae_vit_tiny_patch16", img_size=64, batch_size=2, iters=2, warmup=1,

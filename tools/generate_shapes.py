@@ -12,6 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
+
 from mae_det.data.shapes import ShapesConfig, generate_shapes  # noqa: E402
 
 

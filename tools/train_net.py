@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
+
 import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402

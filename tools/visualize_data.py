@@ -16,6 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
+
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg  # noqa: E402

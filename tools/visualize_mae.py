@@ -9,6 +9,9 @@ import logging
 
 from mae_det.modeling import MAE_FACTORIES
 from mae_det.utils.visualize import visualize_images
+from mae_det.utils.known_warnings import filter_known_warnings
+
+filter_known_warnings()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -27,7 +27,8 @@ from detectron2.data.catalog import Metadata
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import Visualizer
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -128,10 +129,72 @@ def instances_to_coco_results(instances: Instances, image_id: int, metadata: Met
     return [{**r, "category_id": to_dataset_id[r["category_id"]]} for r in instances_to_coco_json(instances, image_id)]
 
 
-def draw_detections(image: np.ndarray, instances: Instances, metadata: Metadata) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with boxes, masks and "name score%" labels drawn by Detectron2's Visualizer."""
-    vis = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
-    return vis.draw_instance_predictions(instances).get_image()
+def class_color(k: int) -> np.ndarray:
+    """RGB in [0, 1] of contiguous class ``k``: the same in every panel and picture (Detectron2's palette)."""
+    palette = colormap(rgb=True, maximum=1)
+    return palette[k % len(palette)]
+
+
+def draw_instances(
+    image: np.ndarray, metadata: Metadata, classes: Sequence[int], boxes: np.ndarray, masks: np.ndarray | None = None,
+    scores: Sequence[float] | None = None, min_side: int = 0,
+) -> np.ndarray:
+    """(H', W', 3) uint8 RGB with boxes, masks and "name score%" labels, one fixed color per class.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        metadata: ``thing_classes`` names the contiguous class ids.
+        classes: contiguous class id per instance.
+        boxes: (N, 4) XYXY in image pixels.
+        masks: (N, H, W) bool, or None.
+        scores: per instance, or None (ground truth: the name alone).
+        min_side: the image is first enlarged by the smallest integer factor (nearest neighbour, so pixels stay
+            exact) that makes its shorter side at least this long; Detectron2's Visualizer sizes lines and text to
+            the image, so a 64 px image drawn as is gets labels taller than its objects.
+    """
+    k = max(1, -(-min_side // min(image.shape[:2])))
+    image = image.repeat(k, 0).repeat(k, 1)
+    masks = None if masks is None or not len(masks) else np.asarray(masks).repeat(k, 1).repeat(k, 2)
+    names = [metadata.thing_classes[c] for c in classes]
+    labels = names if scores is None else [f"{n} {s:.0%}" for n, s in zip(names, scores)]
+    vis = Visualizer(image, metadata)
+    return vis.overlay_instances(
+        boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * k, masks=masks, labels=labels,
+        assigned_colors=[class_color(c) for c in classes], alpha=0.35,
+    ).get_image()
+
+
+def draw_detections(image: np.ndarray, instances: Instances, metadata: Metadata, min_side: int = 0) -> np.ndarray:
+    """:func:`draw_instances` of a model's output ``Instances`` (boxes, classes, scores, masks if predicted)."""
+    return draw_instances(
+        image, metadata, instances.pred_classes.tolist(), instances.pred_boxes.tensor.numpy(),
+        instances.pred_masks.numpy() if instances.has("pred_masks") else None, instances.scores.tolist(), min_side,
+    )
+
+
+def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> dict[str, tuple]:
+    """Per image file name of a COCO json: (contiguous classes, (N, 4) XYXY boxes, (N, H, W) bool masks, None when
+    an instance has no segmentation)."""
+    import pycocotools.mask as mask_util
+
+    data = json.loads(Path(coco_json).read_text(encoding="utf-8"))
+    to_contiguous = metadata.thing_dataset_id_to_contiguous_id
+    by_image: dict[int, list[dict]] = {img["id"]: [] for img in data["images"]}
+    for a in data["annotations"]:
+        by_image[a["image_id"]].append(a)
+    out = {}
+    for img in data["images"]:
+        anns = by_image[img["id"]]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=np.float64)
+        segms = [a.get("segmentation") for a in anns]
+        masks = None
+        if anns and all(segms):
+            h, w = img["height"], img["width"]
+            rles = [mask_util.merge(mask_util.frPyObjects(s, h, w)) if isinstance(s, list)  # polygons
+                    else mask_util.frPyObjects(s, h, w) if isinstance(s["counts"], list) else s for s in segms]
+            masks = np.stack([mask_util.decode(r).astype(bool) for r in rles])
+        out[img["file_name"]] = ([to_contiguous[a["category_id"]] for a in anns], boxes.reshape(-1, 4), masks)
+    return out
 
 
 class Predictor:
@@ -163,7 +226,8 @@ class Predictor:
         aug_input = T.AugInput(x)
         self.augmentations(aug_input)
         x = aug_input.image if aug_input.image.ndim == 3 else aug_input.image[:, :, None]  # "L" gives (H, W)
-        return {"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))), "height": height, "width": width}
+        # A copy: the test resize returns a read-only view of a PIL image, which torch must not wrap.
+        return {"image": torch.from_numpy(np.array(x.transpose(2, 0, 1), order="C")), "height": height, "width": width}
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> list[Instances]:
@@ -308,8 +372,13 @@ def side_by_side_detections(
     confidence_threshold: float = 0.5,
     panel_size: int = 320,
     opts: Sequence[str] = (),
+    ground_truth: str | os.PathLike | None = None,
+    title: str = "",
 ) -> Path:
     """One PNG comparing initializations: a row per image, a column per run, the run's label on top.
+
+    Every panel is drawn at ``panel_size`` (small images are enlarged first, so text and lines are sized to the
+    panel) with one color per class, the same in every column.
 
     Args:
         runs: (label, config_path, weights_path) per column, e.g. ``("MAE", "out/mae/config.yaml",
@@ -319,32 +388,43 @@ def side_by_side_detections(
         confidence_threshold: detections drawn from this score.
         panel_size: the longer side of each panel in pixels.
         opts: ``KEY VALUE`` overrides applied to every run's config (e.g. ``MODEL.DEVICE cpu``).
+        ground_truth: a COCO json holding the images (by file name): adds a first "ground truth" column.
+        title: a line above the column labels (e.g. the score threshold).
 
     Raises:
         ImageLoadError: an image cannot be read.
+        KeyError: an image is not in ``ground_truth``.
     """
     if not runs or not image_paths:
         raise ValueError("side_by_side_detections needs at least one run and one image")
     images = [np.asarray(load_image(p)) for p in image_paths]
-    columns: list[list[Image.Image]] = []
+    labels, columns = [], []
     for label, config_path, weights in runs:
         cfg = load_predict_cfg(config_path, [*opts, "MODEL.WEIGHTS", weights], confidence_threshold)
         predictor = Predictor(cfg)
-        columns.append([
-            _fit(draw_detections(im, predictor([im])[0], predictor.metadata), panel_size) for im in images
-        ])
+        if ground_truth is not None and not columns:
+            gt = ground_truth_instances(ground_truth, predictor.metadata)
+            labels.append("ground truth")
+            columns.append([_fit(draw_instances(im, predictor.metadata, *gt[Path(p).name], min_side=panel_size),
+                                 panel_size) for im, p in zip(images, image_paths)])
+        labels.append(label)
+        columns.append([_fit(draw_detections(im, predictor([im])[0], predictor.metadata, panel_size), panel_size)
+                        for im in images])
         del predictor
     font = ImageFont.load_default(size=max(12, panel_size // 16))
-    header = font.size + 12
+    title_h = font.size + 8 if title else 0
+    header = title_h + font.size + 12
     pad = 6
     row_heights = [max(col[r].height for col in columns) for r in range(len(images))]
-    canvas = Image.new(
-        "RGB", (len(runs) * (panel_size + pad) + pad, header + sum(h + pad for h in row_heights)), "white"
-    )
+    width = len(columns) * (panel_size + pad) + pad
+    canvas = Image.new("RGB", (width, header + sum(h + pad for h in row_heights)), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, ((label, _, _), col) in enumerate(zip(runs, columns)):
+    if title:
+        draw.text((width // 2, title_h // 2 + 2), title, fill="black", font=font, anchor="mm")
+    for c, (label, col) in enumerate(zip(labels, columns)):
         x = pad + c * (panel_size + pad)
-        draw.text((x + panel_size // 2, header // 2), label, fill="black", font=font, anchor="mm")
+        draw.text((x + panel_size // 2, title_h + (header - title_h) // 2), label, fill="black", font=font,
+                  anchor="mm")
         y = header
         for panel, h in zip(col, row_heights):
             canvas.paste(panel, (x + (panel_size - panel.width) // 2, y))

@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 
 from mae_det.engine.det_trainer import build_checkpointer
 from mae_det.engine.predictor import (
-    Predictor, dataset_metadata, expand_inputs, instances_to_coco_results, load_predict_cfg, predict_to_dir,
-    side_by_side_detections,
+    Predictor, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
+    instances_to_coco_results, load_predict_cfg, predict_to_dir, side_by_side_detections,
 )
 from tests.tools.inference_data import CATEGORIES, make_tiny_coco, write_tiny_config
 
@@ -153,7 +153,7 @@ def test_predict_to_dir_writes_pictures_and_loadable_coco_json(tiny, predictor, 
 
 
 def test_side_by_side_detections(tiny, tmp_path):
-    _, image_dir, config = tiny
+    root, image_dir, config = tiny
     cfg = load_predict_cfg(str(config), ["OUTPUT_DIR", str(tmp_path)])
     for name in ("a", "b"):
         build_checkpointer(cfg, build_model(cfg)).save(name)
@@ -171,5 +171,44 @@ def test_side_by_side_detections(tiny, tmp_path):
             source = np.asarray(Image.open(images[row]).resize((96, 96), Image.BILINEAR)).astype(int)
             panel = pic[y : y + 96, x : x + 96]
             assert 0 < np.abs(panel - source).mean() < 100  # the image, with detections drawn over it
+    # A ground-truth column in front and a title line above the labels.
+    out = side_by_side_detections(runs, images, tmp_path / "gt.png", confidence_threshold=0.0, panel_size=96,
+                                  ground_truth=next(root.glob("*.json")), title="score >= 0")
+    gt_pic = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert gt_pic.shape == (20 + header + 2 * (96 + pad), 3 * (96 + pad) + pad, 3)
+    assert np.array_equal(gt_pic[20 + header:, pad + 96 + pad:], pic[header:, pad:])  # the runs' columns, shifted
     with pytest.raises(ValueError, match="at least one run"):
         side_by_side_detections([], images, tmp_path / "x.png")
+
+
+def test_draw_instances_enlarges_small_images_and_colors_by_class():
+    image = np.full((32, 40, 3), 255, dtype=np.uint8)
+    meta = Metadata(thing_classes=["a", "b"])
+    masks = np.zeros((2, 32, 40), dtype=bool)
+    masks[0, 2:10, 2:10] = True
+    masks[1, 20:30, 25:38] = True
+    boxes = np.array([[2, 2, 10, 10], [25, 20, 38, 30]], dtype=float)
+    out = draw_instances(image, meta, [1, 1], boxes, masks, [0.9, 0.6], min_side=100)
+    assert out.shape == (128, 160, 3)  # x4: the smallest integer factor giving a shorter side >= 100
+    # Both instances are class 1: their mask interiors get the same tint, class 1's color blended over white.
+    a, b = out[4 * 5, 4 * 5].astype(int), out[4 * 26, 4 * 33].astype(int)
+    assert np.abs(a - b).max() <= 2
+    expected = 255 * (0.65 + 0.35 * class_color(1))
+    assert np.abs(a - expected).max() < 25
+    assert draw_instances(image, meta, [], np.zeros((0, 4)), None, None).shape == (32, 40, 3)
+
+
+def test_ground_truth_instances_decode_coco(tiny):
+    root, _, config = tiny
+    meta = dataset_metadata(load_predict_cfg(str(config)))
+    data = json.loads(next(root.glob("*.json")).read_text())
+    gt = ground_truth_instances(next(root.glob("*.json")), meta)
+    img = data["images"][0]
+    classes, boxes, masks = gt[img["file_name"]]
+    anns = [a for a in data["annotations"] if a["image_id"] == img["id"]]
+    assert classes == [meta.thing_dataset_id_to_contiguous_id[a["category_id"]] for a in anns]
+    x, y, w, h = anns[0]["bbox"]
+    assert boxes[0].tolist() == [x, y, x + w, y + h]
+    assert masks.shape == (len(anns), img["height"], img["width"])
+    assert [int(m.sum()) for m in masks] == [int(mask_util.area(mask_util.merge(mask_util.frPyObjects(
+        a["segmentation"], img["height"], img["width"])))) for a in anns]

@@ -1,0 +1,27 @@
+import logging
+import warnings
+
+from mae_det.utils.known_warnings import KNOWN_LOGGERS, KNOWN_WARNINGS, filter_known_warnings
+
+
+def test_known_warnings_are_silenced_and_others_still_shown():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_known_warnings()
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning)
+        warnings.warn("torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument.",
+                      UserWarning)
+        warnings.warn("The given NumPy array is not writable, and PyTorch does not support non-writable tensors.",
+                      UserWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+        # The same text under another category is not one of the known, harmless cases.
+        warnings.warn("`torch.jit.script` is deprecated", DeprecationWarning)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (FutureWarning, "something else is deprecated"), (DeprecationWarning, "`torch.jit.script` is deprecated")]
+
+
+def test_known_loggers_keep_errors_only():
+    filter_known_warnings()
+    for name, why in KNOWN_LOGGERS:
+        assert why and logging.getLogger(name).getEffectiveLevel() == logging.ERROR
+    assert all(why for _, _, why in KNOWN_WARNINGS)
