@@ -28,8 +28,15 @@ Every key, its default and meaning (``add_vit_config`` adds exactly these)::
                                     simple pyramid, "BN" / "SyncBN" / "GN" for the multi_tap FPN, "" for none)
     MODEL.VIT.UPSAMPLE_NORM: "GN"   multi_tap: norm between the two deconvs of the stride-4 branch (simple mode
                                     uses NORM there, as ViTDet)
+    MODEL.VIT.INIT: "vitdet"        random initialization of the encoder: "vitdet" (Detectron2 ViTDet's rules: trunc-
+                                    normal std 0.02 Linear weights and position table, zero biases and relative-
+                                    position tables, PyTorch's default patch conv) or "mae" (the MAE model's: xavier-
+                                    uniform, sin-cos table). Matters only without MODEL.WEIGHTS (INIT_TYPE scratch)
     MODEL.VIT.SQUARE_PAD: 0         > 0: pad every batch to this square size (ViTDet: 1024); 0 = pad only to the
                                     backbone's size divisibility (2 * patch)
+    MODEL.VIT.COMPILE: "auto"       torch.compile the backbone (ViT + pyramid) in place for training: "on", "off"
+                                    or "auto" = on for CUDA with SQUARE_PAD > 0 (fixed input size; other sizes
+                                    recompile); the heads have data-dependent shapes and stay eager
     MODEL.WEIGHTS_FORMAT: "auto"    format of MODEL.WEIGHTS: "auto" (detected from the content), "ours",
                                     "official", "timm", "hf", "d2" (this model's Detectron2 checkpoints) or
                                     "vitdet" (Detectron2's ViTDet model zoo)
@@ -41,8 +48,12 @@ from detectron2.config import CfgNode as CN
 from ..modeling.vit import VIT_SIZES
 
 PYRAMIDS = ("simple", "multi_tap")
+# Backbone builders reading MODEL.VIT: detection (p2-p6 after a pyramid) and semantic segmentation (four raw taps).
+VIT_BACKBONES = ("build_vit_fpn_backbone", "build_vit_multitap_backbone")
+INITS = ("vitdet", "mae")
 WEIGHTS_FORMATS = ("auto", "ours", "official", "timm", "hf", "d2", "vitdet")
 NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def add_vit_config(cfg: CN) -> CN:
@@ -67,7 +78,9 @@ def add_vit_config(cfg: CN) -> CN:
     v.OUT_CHANNELS = 256
     v.NORM = "LN"
     v.UPSAMPLE_NORM = "GN"
+    v.COMPILE = "auto"
     v.SQUARE_PAD = 0
+    v.INIT = "vitdet"
     cfg.MODEL.WEIGHTS_FORMAT = "auto"
     return cfg
 
@@ -153,7 +166,11 @@ def validate_vit_config(cfg: CN) -> None:
         fail("OUT_CHANNELS", v.OUT_CHANNELS, "must be a multiple of 32 with NORM 'GN' (32 groups)")
     if v.PYRAMID == "multi_tap" and v.UPSAMPLE_NORM == "GN" and dim % 32:
         fail("UPSAMPLE_NORM", "GN", f"needs an embed dim divisible by 32 (32 groups), got {dim}")
+    if v.COMPILE not in COMPILE_CHOICES:
+        fail("COMPILE", v.COMPILE, f"expected one of {list(COMPILE_CHOICES)}")
     if v.SQUARE_PAD < 0 or v.SQUARE_PAD % (2 * p):
         fail("SQUARE_PAD", v.SQUARE_PAD, f"expected 0 or a positive multiple of 2 * PATCH_SIZE = {2 * p}")
+    if v.INIT not in INITS:
+        fail("INIT", v.INIT, f"expected one of {list(INITS)}")
     if cfg.MODEL.WEIGHTS_FORMAT not in WEIGHTS_FORMATS:
         raise ValueError(f"MODEL.WEIGHTS_FORMAT = {cfg.MODEL.WEIGHTS_FORMAT!r}: expected one of {list(WEIGHTS_FORMATS)}")

@@ -51,6 +51,7 @@ def build_vit_encoder(cfg: CfgNode) -> VisionTransformer:
         rel_pos_grid=v.INPUT_SIZE // v.PATCH_SIZE,
         use_act_checkpoint=v.ACT_CHECKPOINT,
         learnable_pos_embed=True,
+        init=v.INIT,
     )
     del net.cls_token, net.norm
     return net
@@ -149,14 +150,17 @@ class ViTSimplePyramid(_PaddingMixin, Backbone):
         return out
 
 
-class ViTMultiTap(Backbone):
+class ViTMultiTap(_PaddingMixin, Backbone):
     """Bottom-up half of the ``multi_tap`` pyramid: four block outputs resampled to strides p/4, p/2, p, 2p.
 
     Outputs are named ``tap2``..``tap5`` (by log2 stride, at patch 16) and keep the embed width; the stride-4
-    branch is deconv -> ``upsample_norm`` -> GELU -> deconv.
+    branch is deconv -> ``upsample_norm`` -> GELU -> deconv. Used alone it is the semantic-segmentation backbone
+    (BEiT / mmsegmentation's ViT + Feature2Pyramid), padded as :class:`ViTSimplePyramid`.
     """
 
-    def __init__(self, net: VisionTransformer, tap_indexes: list[int], upsample_norm: str = "GN") -> None:
+    def __init__(
+        self, net: VisionTransformer, tap_indexes: list[int], upsample_norm: str = "GN", square_pad: int = 0
+    ) -> None:
         super().__init__()
         if len(tap_indexes) != 4:
             raise ValueError(f"multi_tap needs 4 tap blocks, got {tap_indexes}")
@@ -170,6 +174,8 @@ class ViTMultiTap(Backbone):
         self._out_feature_strides = strides
         self._out_features = list(strides)
         self._out_feature_channels = {k: dim for k in strides}
+        self._size_divisibility = 2 * p
+        self._square_pad = square_pad
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         taps = self.net.forward_spatial(x, self.tap_indexes)  # 4 x (N, D, H/p, W/p)
@@ -193,7 +199,32 @@ class ViTFPN(_PaddingMixin, FPN):
 
 def encoder_prefix(cfg: CfgNode) -> str:
     """State-dict prefix of the encoder inside a Detectron2 model built from ``cfg``."""
-    return "backbone.net." if cfg.MODEL.VIT.PYRAMID == "simple" else "backbone.bottom_up.net."
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_multitap_backbone" or cfg.MODEL.VIT.PYRAMID == "simple":
+        return "backbone.net."
+    return "backbone.bottom_up.net."
+
+
+def _check_in_chans(cfg: CfgNode, input_shape: ShapeSpec) -> None:
+    if input_shape.channels is not None and input_shape.channels != cfg.MODEL.VIT.IN_CHANS:
+        raise ValueError(
+            f"MODEL.VIT.IN_CHANS = {cfg.MODEL.VIT.IN_CHANS} but the model feeds {input_shape.channels} channels "
+            f"(len(MODEL.PIXEL_MEAN))"
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_vit_multitap_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ViTMultiTap:
+    """Builds the four pre-FPN levels of ``MODEL.VIT`` for semantic segmentation
+    (``MODEL.BACKBONE.NAME: "build_vit_multitap_backbone"``): blocks ``MODEL.VIT.TAP_INDEXES`` resampled to
+    strides p/4 .. 2p with ``UPSAMPLE_NORM`` in the stride-4 branch; ``PYRAMID``, ``NORM`` and ``OUT_CHANNELS``
+    are unused (the head brings its own FPN).
+
+    Returns:
+        A backbone with outputs ``tap2``-``tap5`` (at patch 16) of embed-dim channels.
+    """
+    validate_vit_config(cfg)
+    _check_in_chans(cfg, input_shape)
+    return ViTMultiTap(build_vit_encoder(cfg), tap_indexes(cfg), cfg.MODEL.VIT.UPSAMPLE_NORM, cfg.MODEL.VIT.SQUARE_PAD)
 
 
 @BACKBONE_REGISTRY.register()
@@ -209,11 +240,7 @@ def build_vit_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
     """
     validate_vit_config(cfg)
     v = cfg.MODEL.VIT
-    if input_shape.channels is not None and input_shape.channels != v.IN_CHANS:
-        raise ValueError(
-            f"MODEL.VIT.IN_CHANS = {v.IN_CHANS} but the model feeds {input_shape.channels} channels "
-            f"(len(MODEL.PIXEL_MEAN))"
-        )
+    _check_in_chans(cfg, input_shape)
     net = build_vit_encoder(cfg)
     if v.PYRAMID == "simple":
         return ViTSimplePyramid(net, v.OUT_CHANNELS, v.NORM, v.SQUARE_PAD)

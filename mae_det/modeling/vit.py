@@ -201,6 +201,9 @@ class VisionTransformer(nn.Module):
             input grid, e.g. 64 for 1024 px); defaults to the pretraining grid.
         use_act_checkpoint: recompute block activations in backward to save memory.
         learnable_pos_embed: train the position embedding (timm ViTs) instead of the fixed sin-cos table (MAE).
+        init: "mae" (xavier-uniform Linear and patch weights, sin-cos position table: the official MAE model) or
+            "vitdet" (Detectron2 ViTDet's from-scratch rules: trunc-normal std 0.02 Linear weights and position
+            table, PyTorch's default patch conv; same random draws in the same order as Detectron2's ``ViT``).
     """
 
     def __init__(
@@ -221,6 +224,7 @@ class VisionTransformer(nn.Module):
         rel_pos_grid: int | tuple[int, int] | None = None,
         use_act_checkpoint: bool = False,
         learnable_pos_embed: bool = False,
+        init: str = "mae",
     ) -> None:
         super().__init__()
         img_hw = _pair(img_size)
@@ -257,9 +261,14 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim)
-        self._init_encoder_weights()
+        if init == "mae":
+            self._init_mae_weights()
+        elif init == "vitdet":
+            self._init_vitdet_weights()
+        else:
+            raise ValueError(f"init must be 'mae' or 'vitdet', got {init!r}")
 
-    def _init_encoder_weights(self) -> None:
+    def _init_mae_weights(self) -> None:
         self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True)[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
@@ -267,6 +276,19 @@ class VisionTransformer(nn.Module):
         for m in self.blocks.modules():
             _init_linear_and_norm(m)
         _init_linear_and_norm(self.norm)
+
+    def _init_vitdet_weights(self) -> None:
+        # The patch conv keeps PyTorch's default init (drawn at construction), relative-position tables stay zero
+        # and the cls token stays zero (its input still differs per run through the random cls position slot).
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # ---- shared pieces -------------------------------------------------------------------------------
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:

@@ -49,6 +49,7 @@ def test_window_that_does_not_divide_the_grid_is_valid():
         (dict(NORM="LayerNorm"), r"MODEL.VIT.NORM = 'LayerNorm': expected a Detectron2 norm name"),
         (dict(SQUARE_PAD=1000), r"MODEL.VIT.SQUARE_PAD = 1000: expected 0 or a positive multiple of 2 \* PATCH_SIZE = 32"),
         (dict(DROP_PATH_RATE=1.0), r"MODEL.VIT.DROP_PATH_RATE = 1.0: expected a value in \[0, 1\)"),
+        (dict(INIT="xavier"), r"MODEL.VIT.INIT = 'xavier': expected one of \['vitdet', 'mae'\]"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, match):

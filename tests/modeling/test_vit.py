@@ -302,3 +302,39 @@ def test_bf16_autocast_spatial_forward_runs():
         out = model.forward_spatial(imgs, [2])[0]
     assert dtypes == [torch.bfloat16] and torch.isfinite(out.float()).all()
     assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+@pytest.mark.parametrize("window,globals_", [(0, ()), (2, (1,))])
+def test_vitdet_init_draws_what_detectron2_vit_draws(window, globals_):
+    """init="vitdet" is Detectron2's ViT init rule for rule and draw for draw: the same seed, the same tensors."""
+    from functools import partial
+
+    from detectron2.modeling.backbone.vit import ViT
+
+    kw = dict(patch_size=8, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.1, window_size=window, use_rel_pos=True)
+    torch.manual_seed(7)
+    theirs = ViT(img_size=48, pretrain_img_size=32, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                 window_block_indexes=[i for i in range(3) if i not in globals_], **kw)
+    torch.manual_seed(7)
+    ours = VisionTransformer(img_size=32, global_attn_indexes=globals_, rel_pos_grid=6, learnable_pos_embed=True,
+                             init="vitdet", **kw)
+    expected, got = theirs.state_dict(), ours.state_dict()
+    assert set(got) - set(expected) == {"cls_token", "norm.weight", "norm.bias"}  # unused on the spatial grid
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    assert got["blocks.0.attn.qkv.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    assert not got["blocks.0.attn.qkv.bias"].any() and not got["cls_token"].any()
+
+
+def test_mae_init_is_the_default_and_differs_from_vitdet():
+    torch.manual_seed(0)
+    mae = tiny_vit()
+    torch.manual_seed(0)
+    vitdet = tiny_vit(init="vitdet")
+    torch.testing.assert_close(mae.pos_embed[0], get_2d_sincos_pos_embed(32, 4, cls_token=True).float())
+    assert not torch.equal(mae.pos_embed, vitdet.pos_embed)
+    bound = math.sqrt(6 / (32 + 96))  # xavier-uniform of the fused qkv
+    assert mae.blocks[0].attn.qkv.weight.abs().max() <= bound and mae.blocks[0].attn.qkv.weight.std() > 0.1
+    assert vitdet.blocks[0].attn.qkv.weight.std() < 0.03
+    with pytest.raises(ValueError, match="init must be 'mae' or 'vitdet', got 'normal'"):
+        tiny_vit(init="normal")

@@ -1,0 +1,434 @@
+"""Training parity with Detectron2's own ViTDet: the same Mask R-CNN, built two ways, trained side by side.
+
+*Ours* is the yacs model of ``tools/train_net.py`` (``build_vit_fpn_backbone``, ``simple`` pyramid) with its
+optimizer, schedule and step trainer (:class:`~mae_det.engine.det_trainer.Trainer`). *Theirs* is Detectron2's
+LazyConfig ViTDet (``common/models/mask_rcnn_vitdet.py`` of the installed package) with the encoder, pyramid and
+heads set to the sizes of our config by :func:`vitdet_model_config`, ViTDet's optimizer recipe (``common/optim.py``
+AdamW, ``get_vit_lr_decay_rate``, no decay on ``pos_embed``), its warmup + multi-step schedule and Detectron2's
+``SimpleTrainer``.
+
+:func:`run_parity` copies their initial weights into ours through the checkpoint converter, feeds both the same
+batches for ``k`` iterations (same RNG state before every step: drop path and RoI sampling draw alike) and
+compares losses, gradients, the updated weights, every parameter's lr and weight decay, and the lr schedule over
+the whole run. :data:`DELIBERATE_DEVIATIONS` lists what we do differently on purpose; anything else is a failure.
+
+:func:`run_side_by_side` trains both for the config's full schedule on its datasets with several seeds and
+evaluates both with Detectron2's ``COCOEvaluator``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+from detectron2 import model_zoo
+from detectron2.config import CfgNode, instantiate
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import SimpleTrainer, hooks
+from detectron2.engine.train_loop import HookBase
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.layers import ShapeSpec
+from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.structures import BitMasks, Instances
+from detectron2.utils.env import seed_all_rng
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+from torch import nn
+
+from ..checkpoint.convert import convert_to_detectron2
+from ..config.detection import get_det_cfg, load_det_cfg
+from ..config.vit_backbone import global_attn_indexes, vit_dims
+from ..data.detection import build_detection_mapper, register_datasets
+from ..engine.det_trainer import AP_KEYS, Trainer, build_step_trainer
+
+logger = logging.getLogger(__name__)
+
+# What we do differently from Detectron2's ViTDet on purpose (README, "Parity with ViTDet"). Keys are the kinds
+# of difference :func:`compare_param_groups` reports.
+DELIBERATE_DEVIATIONS = {
+    "weight_decay of channels-first LayerNorm": (
+        "Detectron2's get_default_optimizer_params exempts only torch.nn norm types from weight decay, so the "
+        "channels-first LayerNorms of the pyramid and the LN heads are decayed; ours exempts every norm "
+        "(SOLVER.NORM_NO_DECAY), which is ViTDet's stated intent (weight_decay_norm=0)"
+    ),
+}
+
+
+# ---- the ViTDet side -------------------------------------------------------------------------------------------
+def _strides(features: list[str]) -> list[int]:
+    return [2 ** int(f[1:]) for f in features]  # "p3" -> 8
+
+
+def vitdet_model_config(cfg: CfgNode) -> Any:
+    """Detectron2's LazyConfig ViTDet Mask R-CNN with the sizes of our yacs ``cfg``.
+
+    Only what our configs choose is set (encoder size, windows, relative position, pyramid width and norm,
+    padding, pixel statistics, anchors and feature names, RPN / RoI sampling and NMS limits, head sizes, class
+    count, test thresholds); everything else stays at the LazyConfig's values, so a default that differs between
+    Detectron2's yacs and LazyConfig paths shows up as a parity failure.
+    """
+    m = copy.deepcopy(model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model)
+    v, rpn, roi = cfg.MODEL.VIT, cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+    box, mask = cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_MASK_HEAD
+    dim, depth, heads = vit_dims(cfg)
+    global_blocks = set(global_attn_indexes(cfg)) if v.WINDOW_SIZE > 0 else set(range(depth))
+    m.pixel_mean, m.pixel_std, m.input_format = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD), cfg.INPUT.FORMAT
+    net = m.backbone.net
+    net.update(
+        img_size=v.INPUT_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS, embed_dim=dim, depth=depth,
+        num_heads=heads, drop_path_rate=v.DROP_PATH_RATE, window_size=v.WINDOW_SIZE,
+        window_block_indexes=[i for i in range(depth) if i not in global_blocks], use_rel_pos=v.USE_REL_POS,
+        pretrain_img_size=v.PRETRAIN_IMG_SIZE,
+    )
+    m.backbone.update(out_channels=v.OUT_CHANNELS, norm=v.NORM, square_pad=v.SQUARE_PAD)
+
+    pg = m.proposal_generator
+    anchors = cfg.MODEL.ANCHOR_GENERATOR
+    pg.in_features = list(rpn.IN_FEATURES)
+    pg.head.update(in_channels=v.OUT_CHANNELS, conv_dims=list(rpn.CONV_DIMS),
+                   num_anchors=len(anchors.SIZES[0]) * len(anchors.ASPECT_RATIOS[0]))
+    pg.anchor_generator.update(sizes=[list(s) for s in anchors.SIZES], aspect_ratios=[list(a) for a in anchors.ASPECT_RATIOS],
+                               strides=_strides(rpn.IN_FEATURES))
+    pg.update(batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn.POSITIVE_FRACTION,
+              pre_nms_topk=(rpn.PRE_NMS_TOPK_TRAIN, rpn.PRE_NMS_TOPK_TEST),
+              post_nms_topk=(rpn.POST_NMS_TOPK_TRAIN, rpn.POST_NMS_TOPK_TEST), nms_thresh=rpn.NMS_THRESH)
+
+    rh = m.roi_heads
+    scales = tuple(1.0 / s for s in _strides(roi.IN_FEATURES))
+    rh.update(num_classes=roi.NUM_CLASSES, batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE,
+              positive_fraction=roi.POSITIVE_FRACTION, box_in_features=list(roi.IN_FEATURES),
+              mask_in_features=list(roi.IN_FEATURES))
+    rh.proposal_matcher.thresholds = list(roi.IOU_THRESHOLDS)
+    rh.box_pooler.update(output_size=box.POOLER_RESOLUTION, scales=scales)
+    rh.box_head.update(input_shape=ShapeSpec(channels=v.OUT_CHANNELS, height=box.POOLER_RESOLUTION,
+                                             width=box.POOLER_RESOLUTION),
+                       conv_dims=[box.CONV_DIM] * box.NUM_CONV, fc_dims=[box.FC_DIM] * box.NUM_FC, conv_norm=box.NORM)
+    box_out = box.FC_DIM if box.NUM_FC else box.CONV_DIM * box.POOLER_RESOLUTION ** 2
+    rh.box_predictor.update(input_shape=ShapeSpec(channels=box_out), test_score_thresh=roi.SCORE_THRESH_TEST,
+                            test_nms_thresh=roi.NMS_THRESH_TEST, test_topk_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    rh.mask_pooler.update(output_size=mask.POOLER_RESOLUTION, scales=scales)
+    rh.mask_head.update(input_shape=ShapeSpec(channels=v.OUT_CHANNELS, width=mask.POOLER_RESOLUTION,
+                                              height=mask.POOLER_RESOLUTION),
+                        conv_dims=[mask.CONV_DIM] * (mask.NUM_CONV + 1), conv_norm=mask.NORM)
+    return m
+
+
+def build_vitdet_model(cfg: CfgNode) -> nn.Module:
+    return instantiate(vitdet_model_config(cfg)).to(cfg.MODEL.DEVICE)
+
+
+def build_vitdet_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """ViTDet's optimizer recipe (``projects/ViTDet/configs``): ``common/optim.py`` AdamW with
+    ``get_vit_lr_decay_rate`` layer decay and no weight decay on ``pos_embed``, at our lr / wd / betas."""
+    S = cfg.SOLVER
+    opt = copy.deepcopy(model_zoo.get_config("common/optim.py").AdamW)
+    opt.params.model = model
+    opt.update(lr=S.BASE_LR, weight_decay=S.WEIGHT_DECAY, betas=tuple(S.BETAS))
+    if S.LAYER_DECAY > 0:
+        opt.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=vit_dims(cfg)[1], lr_decay_rate=S.LAYER_DECAY)
+    opt.params.overrides = {"pos_embed": {"weight_decay": 0.0}}
+    return instantiate(opt)
+
+
+def build_vitdet_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> LRMultiplier:
+    """ViTDet's ``lr_multiplier``: multi-step (x GAMMA at SOLVER.STEPS) after a linear warmup."""
+    S = cfg.SOLVER
+    steps = [s for s in S.STEPS if s <= S.MAX_ITER]
+    multiplier = WarmupParamScheduler(
+        MultiStepParamScheduler(values=[S.GAMMA ** k for k in range(len(steps) + 1)], milestones=steps,
+                                num_updates=S.MAX_ITER),
+        warmup_length=S.WARMUP_ITERS / S.MAX_ITER, warmup_factor=S.WARMUP_FACTOR,
+    )
+    return LRMultiplier(optimizer, multiplier, max_iter=S.MAX_ITER)
+
+
+# ---- weights, names and optimizer groups -------------------------------------------------------------------
+def copy_vitdet_weights(theirs: nn.Module, ours: nn.Module) -> dict[str, str]:
+    """Loads ``theirs``' state into ``ours`` through the checkpoint converter (``vitdet`` format), strictly.
+
+    Returns:
+        {our parameter name: their parameter name}.
+    """
+    state = theirs.state_dict(keep_vars=True)
+    converted, info = convert_to_detectron2({"model": state}, ours, fmt="vitdet", source="ViTDet model")
+    if info["dropped"] or info["notes"]:
+        raise RuntimeError(f"ViTDet -> ours conversion was not one to one: dropped {info['dropped']}, {info['notes']}")
+    ours.load_state_dict({k: t.detach() for k, t in converted.items()}, strict=True)
+    by_id = {id(t): k for k, t in state.items()}
+    names = {k: by_id[id(t)] for k, t in converted.items() if id(t) in by_id}
+    missing = [k for k, _ in ours.named_parameters() if k not in names]
+    if missing:
+        raise RuntimeError(f"parameters of ours without a ViTDet counterpart: {missing[:4]}")
+    return names
+
+
+def param_hparams(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr, weight_decay)} as the optimizer's groups hold them now."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+def channels_first_norm_params(model: nn.Module) -> set[str]:
+    return {f"{mn}.{pn}" for mn, mod in model.named_modules() if isinstance(mod, ChannelsFirstLayerNorm)
+            for pn, _ in mod.named_parameters(recurse=False)}
+
+
+@dataclass
+class Difference:
+    kind: str
+    name: str
+    ours: Any
+    theirs: Any
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.name}: ours {self.ours} vs ViTDet {self.theirs}"
+
+
+def compare_param_groups(ours: nn.Module, ours_opt: torch.optim.Optimizer, theirs: nn.Module,
+                         theirs_opt: torch.optim.Optimizer, names: dict[str, str]) -> list[Difference]:
+    """Every parameter's lr and weight decay, ours vs ViTDet's; differences are classified by kind."""
+    mine, other = param_hparams(ours, ours_opt), param_hparams(theirs, theirs_opt)
+    cf_norms = channels_first_norm_params(ours)
+    diffs = []
+    for name, (lr, wd) in mine.items():
+        t_name = names[name]
+        if t_name not in other:
+            diffs.append(Difference("parameter not optimized by ViTDet", name, (lr, wd), None))
+            continue
+        t_lr, t_wd = other[t_name]
+        if not math.isclose(lr, t_lr, rel_tol=1e-9):
+            diffs.append(Difference("lr", name, lr, t_lr))
+        if not math.isclose(wd, t_wd, rel_tol=1e-9):
+            kind = "weight_decay of channels-first LayerNorm" if name in cf_norms else "weight_decay"
+            diffs.append(Difference(kind, name, wd, t_wd))
+    optimized = set(names[n] for n in mine)
+    diffs += [Difference("parameter not optimized by ours", t, None, other[t]) for t in other if t not in optimized]
+    return diffs
+
+
+def regroup_like(theirs: nn.Module, theirs_opt: torch.optim.Optimizer, hparams: dict[str, tuple[float, float]]
+                 ) -> torch.optim.Optimizer:
+    """A fresh optimizer of ``theirs_opt``'s class and defaults, with the per-parameter (lr, wd) of ``hparams``."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in theirs.named_parameters():
+        if name in hparams:
+            groups.setdefault(hparams[name], []).append(p)
+    accepted = inspect.signature(type(theirs_opt)).parameters
+    kwargs = {k: v for k, v in theirs_opt.defaults.items() if k in accepted and k not in ("lr", "weight_decay")}
+    return type(theirs_opt)([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], **kwargs)
+
+
+# ---- the k-iteration comparison ----------------------------------------------------------------------------
+def synthetic_batches(n_iters: int, batch: int, size: int, num_classes: int, device: str, seed: int = 0,
+                      instances: int = 4) -> list[list[dict]]:
+    """Random uint8 images with rectangle objects (boxes, classes, bitmasks): ``n_iters`` batches."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_iters):
+        items = []
+        for _ in range(batch):
+            masks = torch.zeros(instances, size, size, dtype=torch.bool)
+            for k in range(instances):
+                x0, y0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+                w, h = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
+                masks[k, y0:y0 + h, x0:x0 + w] = True
+            inst = Instances((size, size), gt_classes=torch.randint(0, num_classes, (instances,), generator=g),
+                             gt_masks=BitMasks(masks))
+            inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+            items.append({"image": image.to(device), "height": size, "width": size, "instances": inst.to(device)})
+        out.append(items)
+    return out
+
+
+class _Recorder(HookBase):
+    """Seeds torch's RNG before every step (drop path, RoI sampling) and records losses, gradients and lrs."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.losses: list[dict[str, float]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[list[float]] = []
+
+    def before_step(self) -> None:
+        torch.manual_seed(self.seed + self.trainer.iter)
+
+    def after_backward(self) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.trainer.model.named_parameters()
+                           if p.grad is not None})
+
+    def after_step(self) -> None:
+        s = self.trainer.storage
+        self.losses.append({k: v[0] for k, v in s.latest().items() if k.startswith("loss_")})
+        self.lrs.append([g["lr"] for g in self.trainer.optimizer.param_groups])
+
+
+@dataclass
+class ParityReport:
+    iterations: int
+    init_max_diff: float  # same seed, before copying: how far ViTDet's and our initial weights are apart
+    param_group_differences: list[Difference]
+    loss_rows: list[dict[str, tuple[float, float]]]  # per iteration: {loss: (ours, theirs)}
+    grad_max_rel_diff: list[tuple[float, str]]  # per iteration: worst max|dg| / max|g| and its parameter
+    weight_max_diff: tuple[float, str]  # after the k updates: max |diff| and its parameter
+    schedule_max_diff: float  # over MAX_ITER iterations, relative
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def parity_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
+    """Our config for the comparison: fp32 (Detectron2's trainer has no bf16), no checkpoint."""
+    cfg = load_det_cfg(config_file, list(opts or []), training=True) if config_file else get_det_cfg()
+    if not config_file and opts:
+        cfg.merge_from_list(list(opts))
+    cfg.defrost()
+    cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
+    cfg.MODEL.WEIGHTS, cfg.MODEL.INIT_TYPE = "", "scratch"
+    return cfg
+
+
+def tiny_parity_cfg() -> CfgNode:
+    """A CPU-second-sized ViTDet: 64-d 3-block ViT (windows, relative position, drop path), ViTDet's heads
+    shrunk (4conv1fc LN box head, 2-conv RPN, LN mask head), layer decay, warmup + steps."""
+    cfg = get_det_cfg()
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "Base-MaskRCNN-ViT.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.VIT.SIZE", "custom", "MODEL.VIT.EMBED_DIM", 64, "MODEL.VIT.DEPTH", 3,
+        "MODEL.VIT.NUM_HEADS", 2, "MODEL.VIT.PRETRAIN_IMG_SIZE", 64, "MODEL.VIT.INPUT_SIZE", 64,
+        "MODEL.VIT.WINDOW_SIZE", 2, "MODEL.VIT.GLOBAL_ATTN_INDEXES", [1], "MODEL.VIT.DROP_PATH_RATE", 0.1,
+        "MODEL.VIT.OUT_CHANNELS", 32, "MODEL.VIT.SQUARE_PAD", 64,
+        "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
+        "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32, "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
+        "MODEL.ROI_MASK_HEAD.NUM_CONV", 2,
+        "SOLVER.BASE_LR", 1e-3, "SOLVER.WEIGHT_DECAY", 0.1, "SOLVER.LAYER_DECAY", 0.7, "SOLVER.MAX_ITER", 20,
+        "SOLVER.WARMUP_ITERS", 2, "SOLVER.STEPS", (3, 18), "SOLVER.IMS_PER_BATCH", 2,
+    ])
+    return cfg
+
+
+def run_parity(cfg: CfgNode, iters: int = 3, seed: int = 0, batch: int = 2, size: int | None = None,
+               rtol: float = 1e-4) -> ParityReport:
+    """Builds both models from one seed, copies ViTDet's initial weights into ours, trains both ``iters`` steps
+    on the same synthetic batches with their own optimizers and trainers, and compares.
+
+    ViTDet's optimizer gets the lr / weight decay of ours where :data:`DELIBERATE_DEVIATIONS` says we differ on
+    purpose (the differences are still reported), so that the loss and gradient comparison checks the rest.
+
+    Args:
+        rtol: tolerance relative to each quantity's scale (losses; a gradient tensor's max |g|; weights).
+    """
+    size = size or (cfg.MODEL.VIT.SQUARE_PAD or cfg.MODEL.VIT.INPUT_SIZE)
+    seed_all_rng(seed)
+    theirs = build_vitdet_model(cfg)
+    seed_all_rng(seed)
+    ours = Trainer.build_model(cfg)
+    ours_init = {k: v.clone() for k, v in ours.state_dict().items()}
+    names = copy_vitdet_weights(theirs, ours)
+    t_state = theirs.state_dict()
+    init_diff = max(float((ours_init[k] - t_state[names[k]]).abs().max()) for k in names)
+
+    ours_opt = Trainer.build_optimizer(cfg, ours)
+    theirs_opt = build_vitdet_optimizer(cfg, theirs)
+    diffs = compare_param_groups(ours, ours_opt, theirs, theirs_opt, names)
+    deliberate = {d.name for d in diffs if d.kind in DELIBERATE_DEVIATIONS}
+    if deliberate:
+        mine, other = param_hparams(ours, ours_opt), param_hparams(theirs, theirs_opt)
+        other.update({names[n]: mine[n] for n in deliberate})
+        theirs_opt = regroup_like(theirs, theirs_opt, other)
+
+    batches = synthetic_batches(iters, batch, size, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE, seed)
+    recorders = []
+    for model, opt, sched_fn, step_trainer in (
+        (ours, ours_opt, Trainer.build_lr_scheduler, lambda m, d, o: build_step_trainer(cfg, m, d, o)),
+        (theirs, theirs_opt, build_vitdet_lr_scheduler, SimpleTrainer),
+    ):
+        trainer = step_trainer(model.train(), batches, opt)
+        rec = _Recorder(seed)
+        trainer.register_hooks([hooks.LRScheduler(opt, sched_fn(cfg, opt)), rec])
+        trainer.train(0, iters)
+        recorders.append(rec)
+    mine, other = recorders
+
+    failures = [str(d) for d in diffs if d.kind not in DELIBERATE_DEVIATIONS]
+    loss_rows, grad_rows = [], []
+    for i in range(iters):
+        row = {k: (mine.losses[i][k], other.losses[i].get(k, math.nan)) for k in mine.losses[i]}
+        loss_rows.append(row)
+        if set(mine.losses[i]) != set(other.losses[i]):
+            failures.append(f"iteration {i}: loss terms {sorted(mine.losses[i])} vs {sorted(other.losses[i])}")
+        for k, (a, b) in row.items():
+            if not abs(a - b) <= rtol * max(abs(b), 1e-3):
+                failures.append(f"iteration {i}: {k} ours {a:.7g} vs ViTDet {b:.7g}")
+        worst, worst_name = 0.0, ""
+        for name, g in mine.grads[i].items():
+            tg = other.grads[i].get(names[name])
+            if tg is None:
+                failures.append(f"iteration {i}: {name} has a gradient in ours only")
+                continue
+            rel = float((g - tg).abs().max() / tg.abs().max().clamp_min(1e-12))
+            if rel > worst:
+                worst, worst_name = rel, name
+        grad_rows.append((worst, worst_name))
+        if worst > rtol:
+            failures.append(f"iteration {i}: gradient of {worst_name} differs by {worst:.2e} of its scale")
+    t_params = dict(theirs.named_parameters())
+    weight_diff, weight_name = max((float((p.detach() - t_params[names[n]].detach()).abs().max()), n)
+                                   for n, p in ours.named_parameters())
+    # Adam scales every element's step to ~lr, also for gradients near zero whose last digits differ: compare
+    # against 1 % of the largest total step rather than against the weights' scale.
+    if weight_diff > 0.01 * cfg.SOLVER.BASE_LR * iters:
+        failures.append(f"weights after {iters} updates differ by {weight_diff:.2e} ({weight_name})")
+    sched_diff = compare_schedules(cfg)
+    if sched_diff > 1e-9:
+        failures.append(f"lr schedules differ by {sched_diff:.2e} (relative) over SOLVER.MAX_ITER")
+    return ParityReport(iters, init_diff, diffs, loss_rows, grad_rows, (weight_diff, weight_name),
+                        sched_diff, failures)
+
+
+def compare_schedules(cfg: CfgNode) -> float:
+    """Largest relative difference of our and ViTDet's lr multiplier over ``SOLVER.MAX_ITER`` iterations."""
+    def multipliers(build: Callable) -> list[float]:
+        sched = build(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+        return [sched._multiplier(i / cfg.SOLVER.MAX_ITER) for i in range(cfg.SOLVER.MAX_ITER)]
+
+    return max(abs(a - b) / b for a, b in zip(multipliers(Trainer.build_lr_scheduler), multipliers(build_vitdet_lr_scheduler)))
+
+
+def format_parity(report: ParityReport) -> str:
+    """The report printed by ``tools/benchmark_det.py --parity``."""
+    lines = [f"initial weights from the same seed (before copying ViTDet's into ours): max |diff| {report.init_max_diff:.3g}"]
+    lines.append("optimizer, per parameter (lr, weight decay) vs ViTDet's recipe:")
+    if not report.param_group_differences:
+        lines.append("  identical")
+    by_kind: dict[str, list[Difference]] = {}
+    for d in report.param_group_differences:
+        by_kind.setdefault(d.kind, []).append(d)
+    for kind, ds in by_kind.items():
+        if kind in DELIBERATE_DEVIATIONS:
+            names = ", ".join(d.name for d in ds[:3]) + (", ..." if len(ds) > 3 else "")
+            lines.append(f"  [deliberate] {kind}: {len(ds)} parameters ({names}): ours {ds[0].ours} vs ViTDet "
+                         f"{ds[0].theirs}; {DELIBERATE_DEVIATIONS[kind]}")
+        else:
+            lines += [f"  [DIFFERENCE] {d}" for d in ds]
+    lines.append(f"lr schedule over SOLVER.MAX_ITER: max relative difference {report.schedule_max_diff:.3g}")
+    for i, (row, (g, gname)) in enumerate(zip(report.loss_rows, report.grad_max_rel_diff)):
+        terms = ", ".join(f"{k} {a:.6f}/{b:.6f}" for k, (a, b) in row.items())
+        lines.append(f"iteration {i}: losses ours/ViTDet {terms}; worst gradient difference {g:.2e} of scale ({gname})")
+    lines.append(f"weights after {report.iterations} updates: max |diff| {report.weight_max_diff[0]:.3g} "
+                 f"({report.weight_max_diff[1]})")
+    lines.append("PARITY OK" if report.ok else "PARITY FAILED:\n  " + "\n  ".join(report.failures))
+    return "\n".join(lines)
