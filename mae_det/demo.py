@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,9 @@ class Stage:
         command: For tool stages: the argument list after ``sys.executable`` (``--resume`` is added to continue).
         run: For in-process stages: the function doing the work.
         out_dir: Directory the stage owns (wiped when its hash changes).
+        progress: For tool stages: maps one output line to (units done, units in all), or None if it says nothing
+            about progress; drives the stage's progress bar (the lines themselves go to the log only).
+        result: Returns the stage's one-line result (e.g. its AP), printed when it is done.
     """
 
     key: str
@@ -106,6 +110,8 @@ class Stage:
     command: list[str] | None = None
     run: Callable[[], None] | None = None
     out_dir: Path | None = None
+    progress: Callable[[str], tuple[int, int] | None] | None = None
+    result: Callable[[], str] | None = None
 
 
 def config_chain(path: str | os.PathLike) -> dict[str, str]:
@@ -131,12 +137,20 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
+def _bar(done: int, total: int, width: int = 24) -> str:
+    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    filled = int(round(frac * width))
+    return f"|{'#' * filled}{'.' * (width - filled)}| {frac:4.0%} ({done}/{total})"
+
+
 class _ToolProcess:
-    """A running tool stage: the subprocess and a thread copying its output to the log file and, one line at a
-    time with the stage key in front, to the console (progress-bar redraws at most every ``bar_every`` s)."""
+    """A running tool stage: the subprocess and a thread copying its output to the log file. The console gets one
+    progress bar (redrawn as a new line at most every ``bar_every`` s, from :attr:`Stage.progress`), not the
+    output itself; :meth:`poll` reaps the process with ``wait4`` to keep its CPU time."""
 
     def __init__(self, stage: Stage, cmd: list[str], env: dict[str, str], log_path: Path, bar_every: float) -> None:
         self.stage, self.log_path, self.t0 = stage, log_path, time.perf_counter()
+        self.cpu_s = 0.0
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         self._bar_every = bar_every
         self._reader = threading.Thread(target=self._pump, daemon=True)
@@ -144,7 +158,7 @@ class _ToolProcess:
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
-        last_bar, pending = 0.0, b""
+        last_bar, shown, pending = 0.0, None, b""
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== {datetime.now().isoformat(timespec='seconds')} {' '.join(self.proc.args)}\n".encode())
             while chunk := self.proc.stdout.read1(65536):
@@ -152,24 +166,40 @@ class _ToolProcess:
                 logf.flush()
                 pending += chunk
                 *segments, pending = re.split(rb"(\r|\n)", pending)
-                for text, sep in zip(segments[::2], segments[1::2]):
-                    line = text.decode("utf-8", "replace").strip()
-                    if not line:
-                        continue
+                if self.stage.progress is None:
+                    continue
+                for text in segments[::2]:
+                    step = self.stage.progress(text.decode("utf-8", "replace"))
                     now = time.perf_counter()
-                    if sep == b"\r":  # a progress-bar redraw
-                        if now - last_bar < self._bar_every:
-                            continue
-                        last_bar = now
-                    _console(f"[{self.stage.key}] {line}")
+                    if step is None or step == shown or (now - last_bar < self._bar_every and step[0] < step[1]):
+                        continue
+                    last_bar, shown = now, step
+                    _console(f"[{self.stage.key}] {_bar(*step)} {_fmt_time(now - self.t0)}")
+
+    def poll(self) -> int | None:
+        """The exit code once the process has ended (reaping it and recording its CPU time), else None."""
+        if self.proc.returncode is None:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self.cpu_s = usage.ru_utime + usage.ru_stime
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return self.proc.returncode
 
     def wait(self) -> int:
-        code = self.proc.wait()
+        while self.poll() is None:
+            time.sleep(0.1)
         self._reader.join()
-        return code
+        return self.proc.returncode
 
 
 _CONSOLE = threading.Lock()
+
+
+def _cpu_self_and_children() -> float:
+    """CPU seconds of this process and of its reaped children (the dataset generator's worker pool)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _console(line: str) -> None:
@@ -193,7 +223,8 @@ class StageRunner:
         self.log = log
         self.bar_every = bar_every
         self.hashes: dict[str, str] = {}
-        self.wall: dict[str, tuple[str, float, str]] = {}  # key -> (title, seconds, "ran" | "resumed" | "skipped")
+        # key -> (title, wall seconds, CPU seconds, "ran" | "resumed" | "skipped")
+        self.wall: dict[str, tuple[str, float, float, str]] = {}
         self.t0 = time.perf_counter()
 
     def _state(self, key: str) -> dict[str, Any] | None:
@@ -230,7 +261,7 @@ class StageRunner:
                     else:
                         running[stage.key] = started
                 for key, (proc, resume) in list(running.items()):
-                    if proc.proc.poll() is not None:
+                    if proc.poll() is not None:
                         del running[key]
                         self._finish(proc, resume, number[key], n)
                         done.add(key)
@@ -252,7 +283,8 @@ class StageRunner:
         same = state is not None and state.get("hash") == h
         if same and state.get("status") == "done" and all(p.exists() for p in stage.outputs):
             self.log(f"[demo] {stage.key}: up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
-            self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)), "skipped")
+            self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)), float(state.get("cpu_s", 0.0)),
+                                    "skipped")
             return None
         resume = same and stage.command is not None and stage.out_dir is not None and stage.out_dir.exists()
         if not resume and stage.out_dir is not None and stage.out_dir.exists():
@@ -261,16 +293,17 @@ class StageRunner:
             shutil.rmtree(stage.out_dir)
         self._write_state(stage.key, {"hash": h, "status": "started", "title": stage.title})
         if stage.command is None:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_self_and_children()
             stage.run()
-            self._complete(stage, k, n, time.perf_counter() - t0, "ran")
+            self._complete(stage, k, n, time.perf_counter() - t0, _cpu_self_and_children() - cpu0, "ran")
             return None
         # --resume goes before the KEY VALUE overrides, which are the remainder of the tools' argument parsers.
         cmd = [sys.executable, stage.command[0], *(["--resume"] if resume else []), *stage.command[1:]]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage.key}.log"
-        self.log(f"[demo] {stage.key}: {'resuming' if resume else 'running'} {' '.join(cmd[1:])}")
-        self.log(f"[demo] {stage.key}: log {log_path}")
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"\n[demo] {'resuming' if resume else 'running'} {' '.join(cmd[1:])}\n")
+        self.log(f"[demo] {stage.key}: {'resuming' if resume else 'running'}, log {log_path}")
         return _ToolProcess(stage, cmd, self._env(), log_path, self.bar_every), resume
 
     def _finish(self, proc: _ToolProcess, resume: bool, k: int, n: int) -> None:
@@ -279,17 +312,19 @@ class StageRunner:
             tail = proc.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise DemoError(f"stage {k}/{n} '{proc.stage.title}' failed with exit code {code}; log: {proc.log_path}\n"
                             + "\n".join(f"    {line}" for line in tail))
-        self._complete(proc.stage, k, n, time.perf_counter() - proc.t0, "resumed" if resume else "ran")
+        self._complete(proc.stage, k, n, time.perf_counter() - proc.t0, proc.cpu_s, "resumed" if resume else "ran")
 
-    def _complete(self, stage: Stage, k: int, n: int, wall: float, status: str) -> None:
+    def _complete(self, stage: Stage, k: int, n: int, wall: float, cpu: float, status: str) -> None:
         missing = [str(p) for p in stage.outputs if not p.exists()]
         if missing:
             raise DemoError(f"stage {k}/{n} '{stage.title}' finished without writing {', '.join(missing)}"
                             + (f"; log: {self.log_dir / (stage.key + '.log')}" if stage.command else ""))
         self._write_state(stage.key, {"hash": self.hashes[stage.key], "status": "done", "title": stage.title,
-                                      "wall_s": wall})
-        self.wall[stage.key] = (stage.title, wall, status)
-        self.log(f"[demo] {stage.key}: done in {_fmt_time(wall)} (elapsed {_fmt_time(time.perf_counter() - self.t0)})")
+                                      "wall_s": wall, "cpu_s": cpu})
+        self.wall[stage.key] = (stage.title, wall, cpu, status)
+        result = f": {stage.result()}" if stage.result is not None else ""
+        self.log(f"[demo] {stage.key}: done in {_fmt_time(wall)} wall, {_fmt_time(cpu)} CPU{result} "
+                 f"(elapsed {_fmt_time(time.perf_counter() - self.t0)})")
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -331,6 +366,42 @@ def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None
     generate_shapes(data, cfg, overwrite=True, log=log)
 
 
+def _counter(pattern: str, total: int = 0, offset: int = 0) -> Callable[[str], tuple[int, int] | None]:
+    """A :attr:`Stage.progress` parser: group 1 of ``pattern`` (+ ``offset``) is done, group 2 (else ``total``) all."""
+    regex = re.compile(pattern)
+
+    def parse(line: str) -> tuple[int, int] | None:
+        m = regex.search(line)
+        if m is None:
+            return None
+        return int(m.group(1)) + offset, int(m.group(2)) if regex.groups > 1 else total
+
+    return parse
+
+
+def _max_iter(config: Path, args: Sequence[str]) -> int:
+    """SOLVER.MAX_ITER of a detection run: the last command-line override, else the nearest config that sets it."""
+    for key, value in reversed(list(zip(args[::2], args[1::2]))):
+        if key == "SOLVER.MAX_ITER":
+            return int(value)
+    for text in config_chain(config).values():  # the config itself first, then its bases
+        solver = (yaml.safe_load(text) or {}).get("SOLVER") or {}
+        if "MAX_ITER" in solver:
+            return int(solver["MAX_ITER"])
+    return 0
+
+
+def _pretrain_result(run_dir: Path) -> str:
+    s = pretrain_summary(run_dir)
+    knn = "" if s["knn_top1"] is None else f", kNN top-1 {s['knn_top1']:.1f} %"
+    return f"{s['epochs']} epochs, final loss {_num(s['loss'], 3)}{knn}"
+
+
+def _ap_result(run_dir: Path) -> str:
+    ap = json.loads((run_dir / "ap_results.json").read_text(encoding="utf-8"))
+    return f"box AP {ap['bbox']['AP']:.1f}, mask AP {ap['segm']['AP']:.1f}"
+
+
 def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print) -> list[Stage]:
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds."""
     cfg_dir = REPO / "configs" / "shapes"
@@ -350,6 +421,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
             outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
             command=["tools/pretrain.py", "--config-file", str(config), *args], out_dir=out,
+            progress=_counter(r"epoch (\d+)/(\d+) done"), result=lambda: _pretrain_result(out),
         )
 
     def finetune(arm: str, seed: int) -> Stage:
@@ -363,6 +435,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
             outputs=[out / "ap_results.json", out / "run_info.json"],
             command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
+            progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
+            result=lambda: _ap_result(out),
         )
 
     # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
@@ -614,12 +688,14 @@ def write_report(
         f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",
         f"| configs | `configs/shapes/*.yaml` + profile overrides `{' '.join(profile.pretrain_opts) or '-'}` / "
         f"`{' '.join(profile.finetune_opts) or '-'}` |", "",
-        "## Wall time per stage", "",
+        "## Time per stage", "",
         f"Up to {runner.jobs} training runs overlap, so the stages add up to more than the total "
-        f"({_fmt_time(total_s)}).", "",
-        "| stage | this invocation | wall time |", "|---|---|---:|",
+        f"({_fmt_time(total_s)}). CPU time is the stage's processes' user + system time: on a machine shared with "
+        "other work it stays close to what an idle machine needs, while wall time grows.", "",
+        "| stage | this invocation | wall time | CPU time |", "|---|---|---:|---:|",
     ]
-    lines += [f"| {title} | {status} | {_fmt_time(wall)} |" for title, wall, status in runner.wall.values()]
+    lines += [f"| {title} | {status} | {_fmt_time(wall)} | {_fmt_time(cpu)} |"
+              for title, wall, cpu, status in runner.wall.values()]
     lines += ["", f"Logs: `{paths.output / 'logs'}`; per-run outputs: `{paths.output}/<stage>/`.", ""]
     report = paths.output / "REPORT.md"
     report.write_text("\n".join(lines), encoding="utf-8")

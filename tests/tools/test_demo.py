@@ -58,6 +58,9 @@ TOOL = """import sys, pathlib
 out = pathlib.Path(sys.argv[sys.argv.index("OUT") + 1])
 out.mkdir(parents=True, exist_ok=True)
 print("tool says hello", flush=True)
+for k in range(1, 4):
+    print(f"work {k}/3", flush=True)
+sum(i * i for i in range(300000))  # some CPU time to measure
 (out / "args.txt").write_text(" ".join(sys.argv[1:]))
 if "FAIL" in sys.argv:
     sys.exit(3)
@@ -89,11 +92,11 @@ def test_in_process_stage_runs_once_then_is_skipped(tmp_path):
     stage = Stage(key="make", title="make it", params={"a": 1}, outputs=[target], run=work)
     runner, lines = _quiet_runner(tmp_path)
     runner.run_all([stage])
-    assert calls == [1] and runner.wall["make"][2] == "ran"
+    assert calls == [1] and runner.wall["make"][3] == "ran"
     assert any("stage 1/1: make it" in line for line in lines)
     runner2, lines2 = _quiet_runner(tmp_path)
     runner2.run_all([stage])
-    assert calls == [1] and runner2.wall["make"][2] == "skipped" and any("up to date" in x for x in lines2)
+    assert calls == [1] and runner2.wall["make"][3] == "skipped" and any("up to date" in x for x in lines2)
     target.unlink()  # a done stage whose output vanished runs again
     _quiet_runner(tmp_path)[0].run_all([stage])
     assert calls == [1, 1]
@@ -113,7 +116,7 @@ def test_changed_settings_restart_in_a_clean_directory_and_propagate(tmp_path):
     assert not stale.exists() and (changed.out_dir / "result.txt").exists()
     assert any("settings changed" in line for line in lines)
     assert calls == [1, 1]  # its input changed, so the dependent stage ran again
-    assert runner.wall["train"][2] == "ran"
+    assert runner.wall["train"][3] == "ran"
 
 
 def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
@@ -131,7 +134,35 @@ def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
     runner, _ = _quiet_runner(tmp_path)
     runner.run_all([ok])
     assert (ok.out_dir / "args.txt").read_text().startswith("--resume OUT ")
-    assert runner.wall["train"][2] == "resumed"
+    assert runner.wall["train"][3] == "resumed"
+
+
+def test_tool_output_goes_to_the_log_and_the_console_gets_a_bar_and_a_result(tmp_path):
+    import re as re_
+
+    stage = _tool_stage(tmp_path)
+    stage.progress = lambda line: tuple(map(int, m.groups())) if (m := re_.match(r"work (\d+)/(\d+)", line)) else None
+    stage.result = lambda: "answer 42"
+    runner = StageRunner(tmp_path / "out", log=lambda _: None, bar_every=0.0)
+    printed = []
+    import mae_det.demo as demo_module
+
+    real = demo_module._console
+    demo_module._console = printed.append
+    lines = []
+    runner.log = lines.append
+    try:
+        runner.run_all([stage])
+    finally:
+        demo_module._console = real
+    assert "tool says hello" in (tmp_path / "out" / "logs" / "train.log").read_text()
+    assert not any("hello" in line for line in printed + lines)
+    assert [line.split("| ")[1].split()[0] for line in printed] == ["33%", "67%", "100%"]
+    assert printed[-1].startswith("[train] |########################| 100% (3/3)")
+    done = next(line for line in lines if "done in" in line)
+    assert ": answer 42 (elapsed" in done
+    title, wall, cpu, status = runner.wall["train"]
+    assert status == "ran" and 0 < cpu and wall > 0
 
 
 def test_missing_outputs_name_the_stage_and_log(tmp_path):
@@ -165,6 +196,11 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert "MODEL.WEIGHTS" not in by["finetune_scratch_s0"].command
     sup = by["pretrain_supervised"].command
     assert sup[sup.index("DATA.PATH") + 1] == str(paths.data / "annotations" / "instances_pool.json")
+    # Progress bars: epochs of pretraining, iterations (Detectron2 counts from 0) of fine-tuning.
+    assert by["pretrain_mae"].progress("INFO epoch 3/24 done: loss 0.5") == (3, 24)
+    assert by["pretrain_mae"].progress("epoch 3/24:  49%|") is None
+    quick = {s.key: s for s in build_stages(PROFILES["quick"], paths, seeds=1, log=lambda _: None)}
+    assert quick["finetune_mae_s0"].progress(" eta: 0:00:31  iter: 19  total_loss: 2.1") == (20, 30)
 
 
 def test_verdict_states_the_difference_and_its_spread():
