@@ -50,6 +50,7 @@ from ..data.pretrain import (
 from ..modeling.mae import MAE_FACTORIES
 from ..modeling.vit import VisionTransformer
 from ..utils import dist as du
+from .launch import init_distributed, launched_externally, requeue, stop_requested
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
@@ -476,7 +477,9 @@ class Pretrainer:
         return self.epoch_loss_sum / max(self.iter, 1)
 
     def _after_step(self, loss: float, lr: float, img_s: float) -> None:
-        """Metrics every LOG_PERIOD steps; a mid-epoch checkpoint every SOLVER.CHECKPOINT_ITER_PERIOD steps."""
+        """Metrics every LOG_PERIOD steps; a mid-epoch checkpoint every SOLVER.CHECKPOINT_ITER_PERIOD steps; a
+        checkpoint and a requeue when a submitted job was told to stop (preemption or time limit, see
+        ``launch.stop_requested``)."""
         if self.global_step % self.cfg.LOG_PERIOD == 0:
             self._metrics({
                 "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
@@ -486,6 +489,9 @@ class Pretrainer:
         period = self.cfg.SOLVER.CHECKPOINT_ITER_PERIOD
         if period and self.iter % period == 0 and self.iter < self.steps_per_epoch:
             self.save_checkpoint()
+        if stop_requested(self.global_step):
+            self.save_checkpoint()
+            requeue()
 
     # ---- driver --------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -546,7 +552,7 @@ class Pretrainer:
 
 def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains in this process (which may be one rank of a process group); returns the last epoch record."""
-    du.init_from_env("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
+    init_distributed("cuda" if cfg.DEVICE != "cpu" and torch.cuda.is_available() else "cpu")
     out = Path(cfg.OUTPUT_DIR)
     rank = du.get_rank()
     if rank == 0:
@@ -632,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.argv[0], *argv]
     try:
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
-        if du.launched_by_torchrun() or args.num_gpus * args.num_machines == 1:
+        if launched_externally() or args.num_gpus * args.num_machines == 1:
             run_pretrain(cfg, resume=args.resume, argv=command)
         else:
             threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // args.num_gpus)

@@ -1,0 +1,156 @@
+"""Launching inside a scheduler's job: the process group from the job's environment, and preemption-safe stops.
+
+Process group: inside a submitit/SLURM job (one task per GPU) rank, local rank, world size and the master address
+come from the job environment, exported the way ``env://`` reads them; under ``torchrun`` they are there already;
+a single process needs none. The same :func:`init_distributed` serves all three.
+
+Preemption and time limits: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit (submitit asks for it) and,
+where the cluster is configured to, on preemption; otherwise preemption is SIGTERM, then SIGKILL after the grace
+time. submitit's own handler checkpoints on global rank 0 in the middle of a step, and the other ranks then wait
+forever in their next collective. Under :func:`preemption_guard` a signal only sets a flag; the training loops call
+:func:`stop_requested` at every step boundary, where all ranks agree on it with one all-reduce, then write their
+checkpoint and call :func:`requeue`: rank 0 resubmits the job through submitit (the resubmission adds ``--resume``)
+and every rank exits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from ..utils import dist as du
+
+logger = logging.getLogger(__name__)
+
+# Test hook: "SIG:STEP[:RANK]" (e.g. "USR2:3:1") makes that rank send itself SIGSIG at that step boundary.
+TEST_SIGNAL_ENV = "MAE_DET_TEST_SIGNAL"
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def in_submitit_job() -> bool:
+    """True in a task started by submitit (SLURM or its local executor)."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR")) and "SUBMITIT_FOLDER" in os.environ
+
+
+def launched_externally() -> bool:
+    """True when the processes were started by torchrun or a submitit job rather than by our tools."""
+    return du.launched_by_torchrun() or in_submitit_job()
+
+
+def init_distributed(device: torch.device | str) -> None:
+    """Joins the process group of this submitit job or torchrun run (no-op for one process)."""
+    if in_submitit_job() and not du.launched_by_torchrun():
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Device index = local rank (as with torchrun), so every task keeps seeing all GPUs of its node.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    du.init_from_env(device)
+
+
+def init_detectron2_distributed(device: torch.device | str) -> None:
+    """:func:`init_distributed` plus Detectron2's per-machine group (``comm.get_local_rank()`` asserts without it)."""
+    from detectron2.utils import comm
+
+    init_distributed(device)
+    if du.is_dist():
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", du.get_world_size())))
+
+
+class JobRequeued(SystemExit):
+    """Ends a rank after a preemption or time-limit signal: the checkpoint is written and rank 0 requeued the job."""
+
+
+class _Guard:
+    """The state behind :func:`preemption_guard`: the caught signal and submitit's requeue machinery."""
+
+    def __init__(self) -> None:
+        from submitit import JobEnvironment
+        from submitit.core.job_environment import SignalHandler
+        from submitit.core.utils import DelayedSubmission
+
+        self.signum = 0
+        env = JobEnvironment()
+        # Created at the start of the job, as submitit's own, so that it can tell a time-out from a preemption.
+        self.requeuer = SignalHandler(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
+        self.test_signal = _parse_test_signal(os.environ.get(TEST_SIGNAL_ENV, ""))
+        self._group: Any = None
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            logger.warning("caught %s: checkpointing and requeueing at the next step boundary",
+                           signal.Signals(signum).name)
+        self.signum = signum
+
+    def cpu_group(self) -> Any:
+        """A gloo group for the flag, so that agreeing on it never waits for the GPU stream."""
+        if self._group is None:
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._group
+
+
+def _parse_test_signal(spec: str) -> tuple[signal.Signals, int, int] | None:
+    if not spec:
+        return None
+    parts = spec.split(":")
+    try:
+        sig = signal.Signals["SIG" + parts[0]]
+        step, rank = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{TEST_SIGNAL_ENV}: expected SIG:STEP[:RANK] such as USR2:3:1, got {spec!r}") from None
+    return sig, step, rank
+
+
+_guard: _Guard | None = None
+
+
+@contextmanager
+def preemption_guard() -> Iterator[None]:
+    """Within a submitit task: SIGUSR2 and SIGTERM set a flag for :func:`stop_requested` instead of acting."""
+    global _guard
+    _guard = _Guard()
+    previous = {s: signal.signal(s, _guard.on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _guard = None
+
+
+def stop_requested(step: int) -> bool:
+    """At the boundary after ``step``: True on every rank once any rank caught a stop signal.
+
+    A collective within a guarded job: every rank calls it after the same step. Outside :func:`preemption_guard`
+    it is always False and costs nothing.
+    """
+    g = _guard
+    if g is None:
+        return False
+    if g.test_signal is not None and (step, du.get_rank()) == g.test_signal[1:]:
+        os.kill(os.getpid(), g.test_signal[0])
+    flag = torch.tensor([g.signum], dtype=torch.int32)
+    if du.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g.cpu_group())
+    g.signum = int(flag.item())
+    return g.signum != 0
+
+
+def requeue() -> NoReturn:
+    """Ends this rank after its checkpoint was written: rank 0 requeues the job through submitit (whose
+    resubmission resumes), the other ranks exit with 0. Raises submitit's ``UncompletedJobError`` on rank 0 when the
+    job timed out more than ``max_num_timeout`` times."""
+    g = _guard
+    assert g is not None and g.signum, "requeue() follows stop_requested() inside preemption_guard()"
+    if du.get_world_size() > 1:
+        dist.barrier(group=g.cpu_group())  # every rank's part of the checkpoint is done before anyone leaves
+    if du.get_rank() != 0:
+        raise JobRequeued(0)
+    try:
+        g.requeuer.checkpoint_and_try_requeue(g.signum)
+    except SystemExit as e:  # submitit exits after requeueing
+        raise JobRequeued(e.code) from None

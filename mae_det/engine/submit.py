@@ -1,0 +1,281 @@
+"""Cluster submission of the trainers with submitit: the logic behind ``tools/submit.py``.
+
+    tools/submit.py [--nodes N --gpus-per-node G --partition P --timeout MIN ...] TOOL [TOOL ARGS] [KEY VALUE ...]
+
+``TOOL`` is ``pretrain``, ``train_net`` or ``finetune_cls``; its arguments and ``KEY VALUE`` overrides are those of
+``tools/<TOOL>.py``, unchanged. The config (and, unless ``--no-data-check``, the dataset paths) is checked here,
+before anything is submitted. Every task of the job (one per GPU) runs ``tools/<TOOL>.py`` in its own process
+under :func:`mae_det.engine.launch.preemption_guard`, which takes rank and world size from the job and turns the
+time-limit / preemption signal into checkpoint + requeue at a step boundary; the resubmitted job gets ``--resume``.
+
+Writes into the run's OUTPUT_DIR: ``config.yaml`` (the resolved config) and ``submission.json`` (job id, command,
+resources, log paths); submitit's own files (pickles, per-task stdout/stderr) go to ``--job-dir``
+(default ``OUTPUT_DIR/submitit``). Exit codes: 0 submitted (with ``--wait``: finished), 1 the job failed
+(``--wait``), 2 bad arguments, config or data (one ``error:`` line), nothing submitted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..checkpoint import atomic_write_text
+from ..config.pretrain import ConfigError
+
+TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
+TOOLS = ("pretrain", "train_net", "finetune_cls")
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+class SubmitError(ValueError):
+    """The submission was refused (bad arguments, config or data); nothing was submitted."""
+
+
+# ---- what runs in every task -----------------------------------------------------------------------------
+def run_tool(tool: str, argv: Sequence[str]) -> int:
+    """Runs ``tools/<tool>.py argv`` in this process, as its command line would; returns its exit code."""
+    from .launch import JobRequeued
+
+    saved = sys.argv
+    sys.argv = [str(TOOLS_DIR / f"{tool}.py"), *argv]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except JobRequeued:
+        raise
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+class TrainerJob:
+    """The callable submitit pickles for every task: a trainer tool with its arguments.
+
+    submitit calls :meth:`checkpoint` on rank 0 when the job is requeued (see ``launch.requeue``): the resubmitted
+    job is the same one with ``--resume``. Without ``requeue`` it returns None, so the job ends after its checkpoint.
+    """
+
+    def __init__(self, tool: str, argv: Sequence[str], requeue: bool = True) -> None:
+        self.tool, self.argv, self.requeue = tool, list(argv), requeue
+
+    def __call__(self) -> int:
+        from .launch import preemption_guard
+
+        with preemption_guard():
+            code = run_tool(self.tool, self.argv)
+        if code:
+            raise RuntimeError(f"tools/{self.tool}.py exited with code {code}; see the task's stderr for the error line")
+        return code
+
+    def checkpoint(self) -> Any:
+        from submitit.core.utils import DelayedSubmission
+
+        if not self.requeue:
+            return None
+        argv = self.argv if "--resume" in self.argv else ["--resume", *self.argv]
+        return DelayedSubmission(TrainerJob(self.tool, argv, self.requeue))
+
+
+# ---- checks before submitting ----------------------------------------------------------------------------
+def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_check: bool) -> tuple[Any, int]:
+    """Parses and validates the trainer's arguments as the tool will; returns (resolved config, loader workers).
+
+    Raises:
+        SubmitError, ConfigError, or the trainer's data error: one line saying what is wrong.
+    """
+    if tool == "pretrain":
+        from ..config.pretrain import load_pretrain_cfg
+        from ..data.pretrain import build_source
+        from .pretrain import pretrain_argument_parser, resolve_accumulation
+
+        args = _parse(pretrain_argument_parser(), argv)
+        _no_process_options(args)
+        cfg = load_pretrain_cfg(args.config_file or None, args.opts)
+        resolve_accumulation(cfg, world_size)
+        if data_check:
+            build_source(cfg.DATA.SOURCE, cfg.DATA.PATH, cfg.DATA.IMAGE_ROOT)
+        return cfg, cfg.DATA.NUM_WORKERS
+    if tool == "train_net":
+        from detectron2.engine import default_argument_parser
+
+        from ..config.detection import load_det_cfg
+        from ..data.detection import register_datasets
+
+        args = _parse(default_argument_parser(), argv)
+        _no_process_options(args)
+        cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
+        if cfg.SOLVER.IMS_PER_BATCH % world_size:
+            raise SubmitError(f"SOLVER.IMS_PER_BATCH: {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+                              f"{world_size} tasks of the job (--nodes x --gpus-per-node)")
+        if data_check:
+            register_datasets(cfg)
+        return cfg, cfg.DATALOADER.NUM_WORKERS
+    from ..config.classification import load_cls_cfg
+    from .finetune_cls import _argument_parser
+
+    args = _parse(_argument_parser("classification fine-tuning", resume=True), argv)
+    if world_size != 1:
+        raise SubmitError(f"finetune_cls runs in one process; the job asks for {world_size} tasks "
+                          "(use --nodes 1 --gpus-per-node 1)")
+    cfg = load_cls_cfg(args.config_file or None, args.opts)
+    if data_check:
+        for key in ("TRAIN_ROOT", "VAL_ROOT"):
+            if not os.path.isdir(cfg.DATA[key]):
+                raise SubmitError(f"DATA.{key}: {cfg.DATA[key]} is not a folder (--no-data-check if it exists only "
+                                  "on the compute nodes)")
+    return cfg, cfg.DATA.NUM_WORKERS
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(list(argv))
+    except SystemExit as e:  # argparse printed its usage line
+        raise SubmitError(f"the trainer's arguments are invalid: {' '.join(argv)}") from e
+
+
+def _no_process_options(args: argparse.Namespace) -> None:
+    if (args.num_gpus, args.num_machines, args.machine_rank) != (1, 1, 0) or args.dist_url not in ("auto", ""):
+        raise SubmitError("--num-gpus / --num-machines / --machine-rank / --dist-url are for local runs; the job's "
+                          "processes come from --nodes and --gpus-per-node (or --tasks-per-node)")
+
+
+# ---- the executor ----------------------------------------------------------------------------------------
+def parse_sbatch_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` (or a bare ``KEY`` flag such as ``exclusive``) -> submitit's ``additional_parameters``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not key:
+            raise SubmitError(f"--sbatch: expected KEY=VALUE or KEY, got {item!r}")
+        out[key] = value if sep else True
+    return out
+
+
+def build_executor(args: argparse.Namespace, tasks_per_node: int, cpus_per_task: int) -> Any:
+    """A submitit SlurmExecutor (or LocalExecutor for ``--cluster local``) with the job's resources."""
+    import submitit
+
+    if args.cluster == "local":
+        ex = submitit.LocalExecutor(args.job_dir, max_num_timeout=args.max_num_timeout)
+        ex.update_parameters(tasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node,
+                             timeout_min=args.timeout, signal_delay_s=args.signal_delay, setup=list(args.setup))
+        return ex
+    ex = submitit.SlurmExecutor(args.job_dir, max_num_timeout=args.max_num_timeout)
+    params = dict(
+        job_name=args.name, nodes=args.nodes, ntasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=cpus_per_task, mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
+        time=max(1, int(round(args.timeout))), signal_delay_s=args.signal_delay, setup=list(args.setup),
+        additional_parameters=parse_sbatch_options(args.sbatch),
+    )
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+def submit_argument_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Submit pretrain / train_net / finetune_cls as a SLURM job (submitit), requeued on preemption "
+                    "and time limits",
+        usage="tools/submit.py [options] {pretrain,train_net,finetune_cls} [trainer args] [KEY VALUE ...]",
+        epilog="Example:\n  tools/submit.py --nodes 8 --gpus-per-node 8 --partition learn --timeout 4320 \\\n"
+               "      pretrain --config-file configs/pretrain/mae_vit_large_in1k.yaml OUTPUT_DIR /checkpoint/mae_l",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                   help="slurm (sbatch), or local: this machine's processes, with the same signals and requeue")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one task each (0: CPU tasks)")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node (1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="default: the config's loader workers + 1")
+    p.add_argument("--mem", default=None, help="memory per node, e.g. 480G (sbatch --mem)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--timeout", type=float, default=72 * 60, help="time limit of one job in minutes (default 72 h)")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds between SIGUSR2 and the time limit: more than a step plus a checkpoint write")
+    p.add_argument("--job-dir", default="", help="submitit's pickles and task logs (default OUTPUT_DIR/submitit)")
+    p.add_argument("--name", default="", help="job name (default mae_det_<tool>)")
+    p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
+                   help="requeue on preemption / time limit (always checkpoints first)")
+    p.add_argument("--max-num-timeout", type=int, default=30,
+                   help="how many time-limit requeues before the chain stops (submitit's default 3 is too few)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="any other sbatch option, e.g. constraint=volta32gb, gres=gpu:8, exclusive (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run before the tasks start, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--no-data-check", dest="data_check", action="store_false",
+                   help="skip the dataset path checks (data mounted only on the compute nodes)")
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit 0 when it finished, 1 when it failed")
+    p.add_argument("tool", choices=TOOLS)
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help="the trainer's arguments and KEY VALUE overrides")
+    return p
+
+
+def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """Checks and submits the parsed ``tools/submit.py`` arguments; returns (the submitit job, the submission
+    record written to OUTPUT_DIR/submission.json)."""
+    if args.nodes < 1 or args.gpus_per_node < 0 or args.tasks_per_node < 0 or args.timeout <= 0:
+        raise SubmitError("--nodes must be >= 1, --gpus-per-node / --tasks-per-node >= 0 and --timeout > 0")
+    if args.cluster == "local" and args.nodes != 1:
+        raise SubmitError("--cluster local runs on one node (--nodes 1)")
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: submit from a SLURM login node (or --cluster local on this machine)")
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    cfg, workers = check_trainer_args(args.tool, args.tool_args, args.nodes * tasks, args.data_check)
+    cpus = args.cpus_per_task or workers + 1
+    out = Path(cfg.OUTPUT_DIR).resolve()
+    args.job_dir = str(Path(args.job_dir).resolve() if args.job_dir else out / "submitit")
+    args.name = args.name or f"mae_det_{args.tool}"
+
+    executor = build_executor(args, tasks, cpus)
+    job = executor.submit(TrainerJob(args.tool, args.tool_args, args.requeue))
+    record = {
+        "job_id": job.job_id, "cluster": args.cluster, "tool": args.tool,
+        "command": [f"tools/{args.tool}.py", *args.tool_args], "submit_command": ["tools/submit.py", *argv],
+        "resources": {"nodes": args.nodes, "tasks_per_node": tasks, "gpus_per_node": args.gpus_per_node,
+                      "cpus_per_task": cpus, "mem": args.mem, "partition": args.partition, "account": args.account,
+                      "qos": args.qos, "timeout_min": args.timeout, "signal_delay_s": args.signal_delay,
+                      "requeue": args.requeue, "max_num_timeout": args.max_num_timeout,
+                      "sbatch": parse_sbatch_options(args.sbatch), "setup": args.setup},
+        "job_dir": args.job_dir, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+        "output_dir": str(out), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", cfg.dump())
+    atomic_write_text(out / "submission.json", json.dumps(record, indent=2) + "\n")
+    return job, record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tools/submit.py``; see the module docstring for the exit codes."""
+    from ..data.detection import DatasetError
+    from ..data.pretrain import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = submit_argument_parser().parse_args(argv)
+    try:
+        job, record = submit(args, argv)
+    except (SubmitError, ConfigError, DataError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    res = record["resources"]
+    print(f"submitted job {record['job_id']}: {record['tool']} on {res['nodes']} node(s) x {res['tasks_per_node']} "
+          f"task(s)\ntask 0 logs: {record['stdout']}\n             {record['stderr']}\n"
+          f"run folder: {record['output_dir']} (submission.json, config.yaml, log.txt, checkpoints)", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job.results()  # waits for every task (across requeues); raises with the failed task's traceback
+    except Exception as e:
+        print(f"error: job {record['job_id']} failed: {' '.join(str(e).split())[-300:]}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"job {record['job_id']} finished")
+    return 0
