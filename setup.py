@@ -28,5 +28,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout", "hypothesis", "transformers>=4.40"],
+        "cluster": ["submitit>=1.5"],  # tools/submit.py (SLURM); the tests run it with its local executor
     },
 )

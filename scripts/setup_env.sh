@@ -45,9 +45,9 @@ else
   "$vpy" -m pip install --quiet "${d2_runtime[@]}"
 fi
 
-echo "[setup] installing mae_det (editable, with the dev extra)"
+echo "[setup] installing mae_det (editable, with the dev and cluster extras)"
 # pip reports that sal-detectron2's metadata asks for numpy<2 and black: Mask R-CNN trains and evaluates
 # with current numpy (tested in the suite), so that warning is expected.
-"$vpy" -m pip install --quiet -e ".[dev]"
+"$vpy" -m pip install --quiet -e ".[dev,cluster]"
 "$vpy" -c "import mae_det, detectron2, timm; print('[setup] ok: mae_det', mae_det.__version__, '| detectron2', detectron2.__version__, '| timm', timm.__version__)"
 echo "$stamp_key" > "$stamp"

@@ -59,6 +59,9 @@ class ShapesConfig:
         cls_max_size: Largest radius in the classification split.
         min_visible_fraction: An instance whose visible area falls below this fraction of its full area is removed.
         min_visible_pixels: An instance with fewer visible pixels is removed.
+        background_contrast: Scales each background's deviation from its mean color (1: the full textures,
+            0: a flat color). Textures that compete with the shapes make every encoder's features mostly about
+            the background.
         seed: Seed of every random draw.
         workers: Processes used for drawing (0: one per CPU core, at most 8). Does not change the output.
     """
@@ -77,6 +80,7 @@ class ShapesConfig:
     cls_max_size: float = 0.4
     min_visible_fraction: float = 0.25
     min_visible_pixels: int = 16
+    background_contrast: float = 1.0
     seed: int = 0
     workers: int = field(default=0, compare=False)
 
@@ -94,11 +98,14 @@ class ShapesConfig:
             if not 0 < getattr(self, lo) <= getattr(self, hi) <= 0.5:
                 raise ValueError(f"ShapesConfig needs 0 < {lo} <= {hi} <= 0.5, got {getattr(self, lo)}, "
                                  f"{getattr(self, hi)}")
+        if not 0.0 <= self.background_contrast <= 1.0:
+            raise ValueError(f"ShapesConfig.background_contrast must be in [0, 1], got {self.background_contrast}")
 
 
 # ----------------------------------------------------------------------------------------------------- drawing
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured background in [0, 1]: smooth noise, stripes, a gradient or a checkerboard, plus grain."""
+def _background(rng: np.random.Generator, size: int, contrast: float = 1.0) -> np.ndarray:
+    """A textured background in [0, 1]: smooth noise, stripes, a gradient or a checkerboard, plus grain; its
+    deviation from its mean color scaled by ``contrast``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (S, S) each
     c0, c1 = rng.uniform(0.1, 0.9, size=(2, 3)).astype(np.float32)
     kind = rng.integers(4)
@@ -120,7 +127,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
             t = 0.25 + 0.5 * t
         img = c0 + (c1 - c0) * t[..., None]  # (S, S, 3)
     grain = rng.normal(0.0, rng.uniform(0.01, 0.05), size=(size, size, 3)).astype(np.float32)
-    return np.clip(img + grain, 0.0, 1.0)
+    img = img + grain
+    if contrast != 1.0:
+        mean = img.reshape(-1, 3).mean(0)
+        img = mean + contrast * (img - mean)
+    return np.clip(img, 0.0, 1.0)
 
 
 def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.ndarray:
@@ -221,7 +232,7 @@ def _shape_color(rng: np.random.Generator, background: np.ndarray) -> np.ndarray
 
 def render_scene(
     rng: np.random.Generator, size: int, specs: list[ShapeSpec], min_visible_fraction: float,
-    min_visible_pixels: int,
+    min_visible_pixels: int, background_contrast: float = 1.0,
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Draw shapes in order on a textured background, later ones on top.
 
@@ -231,12 +242,13 @@ def render_scene(
         specs: The shapes, in drawing order.
         min_visible_fraction: Instances with less visible area than this fraction of their full area are dropped.
         min_visible_pixels: Instances with fewer visible pixels are dropped.
+        background_contrast: See :class:`ShapesConfig`.
 
     Returns:
         The uint8 image (S, S, 3) in RGB and, for each kept instance in drawing order, its 0-based class index and
         its exact visible mask (S, S) bool.
     """
-    image = _background(rng, size)
+    image = _background(rng, size, background_contrast)
     owner = np.zeros((size, size), dtype=np.int32)  # 0 = background, i + 1 = shape i
     placed = []
     for i, spec in enumerate(specs):
@@ -270,7 +282,8 @@ def detection_sample(cfg: ShapesConfig, split: str, index: int) -> tuple[np.ndar
     kinds = rng.integers(len(CLASS_NAMES), size=n).tolist()
     radii = (rng.uniform(cfg.min_size, cfg.max_size, size=n) * cfg.image_size).tolist()
     specs = random_specs(rng, cfg.image_size, kinds, radii)
-    return render_scene(rng, cfg.image_size, specs, cfg.min_visible_fraction, cfg.min_visible_pixels)
+    return render_scene(rng, cfg.image_size, specs, cfg.min_visible_fraction, cfg.min_visible_pixels,
+                        cfg.background_contrast)
 
 
 def classification_sample(cfg: ShapesConfig, split: str, index: int) -> tuple[np.ndarray, int]:
@@ -279,7 +292,8 @@ def classification_sample(cfg: ShapesConfig, split: str, index: int) -> tuple[np
     kind = index % len(CLASS_NAMES)
     radius = float(rng.uniform(cfg.cls_min_size, cfg.cls_max_size)) * cfg.image_size
     # At least a quarter of the shape lies inside the image (centers >= radius / 2 from the border), so it is kept.
-    image, _ = render_scene(rng, cfg.image_size, random_specs(rng, cfg.image_size, [kind], [radius]), 0.0, 1)
+    image, _ = render_scene(rng, cfg.image_size, random_specs(rng, cfg.image_size, [kind], [radius]), 0.0, 1,
+                            cfg.background_contrast)
     return image, kind
 
 
