@@ -24,6 +24,10 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
     DATASETS.REGISTER [[]]           COCO-format datasets to register: a list of [name, json_file, image_root]
                                      (``~`` and ``$VARS`` are expanded; relative paths are relative to the working
                                      directory). Name them in DATASETS.TRAIN / DATASETS.TEST.
+    DATASETS.MAX_BAD_FRACTION [0.01] image files of a registered training set that are missing, unreadable or not
+                                     the json's height x width (header check at load) are skipped and counted;
+                                     above this fraction loading fails. Test sets allow none (every image is
+                                     decoded before training starts).
 
 Existing Detectron2 keys keep their meaning; notably ``TEST.DETECTIONS_PER_IMAGE`` is also the COCOeval
 max-detections limit, and ``SOLVER.WEIGHT_DECAY_NORM`` only applies to the "SGD" optimizer.
@@ -71,6 +75,7 @@ def add_det_train_config(cfg: CN) -> None:
     cfg.INPUT.LSJ.MAX_SCALE = 2.0
 
     cfg.DATASETS.REGISTER = []
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.01
     cfg.LOG_PERIOD = 20
 
 
@@ -124,6 +129,8 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
                f"DATASETS.REGISTER: each entry must be [name, json_file, image_root] (non-empty strings), got {entry!r}")
         _check(entry[0] not in names, f"DATASETS.REGISTER: dataset name {entry[0]!r} appears twice")
         names.add(entry[0])
+    _check(0.0 <= cfg.DATASETS.MAX_BAD_FRACTION <= 1.0,
+           f"DATASETS.MAX_BAD_FRACTION: expected a value in [0, 1], got {cfg.DATASETS.MAX_BAD_FRACTION}")
     for key in ("TRAIN", "TEST"):
         _check(all(isinstance(n, str) and n for n in cfg.DATASETS.get(key)),
                f"DATASETS.{key}: expected dataset names, got {cfg.DATASETS.get(key)}")

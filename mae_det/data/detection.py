@@ -5,6 +5,13 @@ changes. The json is parsed by :func:`parse_coco_instances`, which turns hostile
 skips (annotations of unknown images, polygons with < 3 points, zero/negative-size boxes, RLEs that do not fit
 their image, ...) or one-line :class:`DatasetError` messages (missing file, invalid json, missing sections).
 Detectron2's builtin names (``coco_2017_train`` ...) are checked for their files under ``DETECTRON2_DATASETS``.
+
+Image files are checked against the json when a dataset is loaded, from their headers (~35 us per file): missing,
+not an image, or not the declared height x width as Detectron2's ``read_image`` will see it (EXIF orientation
+applied). Such images are skipped and named in the load report; more of them than ``DATASETS.MAX_BAD_FRACTION``
+is a one-line :class:`DatasetError`. Test sets are stricter, because skipping an image would change the AP: every
+image is decoded up front and any bad one is an error. A training image whose header is fine but whose data is
+not (truncated) is skipped by :class:`DetectionDatasetMapper` when it fails to decode; the trainer counts it.
 """
 from __future__ import annotations
 
@@ -13,17 +20,27 @@ import logging
 import math
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import pycocotools.mask as mask_util
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from .images import ImageLoadError, image_size
+
 logger = logging.getLogger(__name__)
+
+MISSING_IMAGE = "images whose file is missing"
+UNREADABLE_IMAGE = "unreadable images"
+WRONG_SIZE_IMAGE = "images whose size differs from the json"
+# Key of a mapped training dict that carries the files the mapper skipped since its previous output.
+SKIPPED_IMAGES_KEY = "skipped_images"
+_NAMED_FILES = 3  # bad files named in a log line or an error
 
 
 class DatasetError(ValueError):
@@ -32,19 +49,32 @@ class DatasetError(ValueError):
 
 @dataclass
 class CocoLoadReport:
-    """What :func:`parse_coco_instances` kept and what it skipped (reason -> count)."""
+    """What :func:`parse_coco_instances` kept and what it skipped (reason -> count).
+
+    ``bad_files`` holds one "path: problem" line per image entry skipped for its file (missing, unreadable,
+    wrong size), in json order.
+    """
 
     json_file: str
     images: int = 0
     annotations: int = 0
     skipped: Counter = field(default_factory=Counter)
+    bad_files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         line = f"{self.json_file}: {self.images} images, {self.annotations} annotations"
         if self.skipped:
             reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
             line += f"; skipped {sum(self.skipped.values())}: {reasons}"
+        if self.bad_files:
+            line += f"; first bad files: {first_files(self.bad_files)}"
         return line
+
+
+def first_files(problems: list[str]) -> str:
+    """The first few "path: problem" lines, joined for a one-line message."""
+    more = len(problems) - _NAMED_FILES
+    return " | ".join(problems[:_NAMED_FILES]) + (f" | and {more} more" if more > 0 else "")
 
 
 def _is_int(x: Any) -> bool:
@@ -118,19 +148,87 @@ def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) ->
     return None
 
 
+# (path, mtime_ns, size, decode) -> (width, height) or the problem: a dataset is loaded several times per run
+# (registration check, train loader, every evaluation), its unchanged files are checked once.
+_IMAGE_CHECKS: dict[tuple[str, int, int, bool], tuple[int, int] | str] = {}
+
+
+def image_file_problem(path: str, height: int | None, width: int | None, *, decode: bool = False,
+                       cached: bool = True) -> tuple[str, str] | None:
+    """Why Detectron2's mapper could not use this image as the json declares it, or None when it can.
+
+    Args:
+        path: the image file.
+        height, width: the declared size (None: not checked).
+        decode: decode every pixel instead of reading the header only (finds truncated data).
+        cached: reuse the outcome of an earlier check of the same unchanged file.
+
+    Returns:
+        None, or (reason, one line starting with the path): the file is missing, unreadable (the image
+        loader's message) or, after EXIF orientation, not the declared size.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return MISSING_IMAGE, f"{path}: file not found"
+    except OSError as e:
+        return UNREADABLE_IMAGE, f"{path}: cannot access file ({e.strerror or e})"
+    key = (path, st.st_mtime_ns, st.st_size, decode)
+    size = _IMAGE_CHECKS.get(key) if cached else None
+    if size is None:
+        try:
+            size = image_size(path, decode=decode)
+        except ImageLoadError as e:
+            size = str(e)
+        if cached:
+            _IMAGE_CHECKS[key] = size
+    if isinstance(size, str):
+        return UNREADABLE_IMAGE, size
+    if height is not None and width is not None and size != (width, height):
+        return WRONG_SIZE_IMAGE, (f"{path}: the file is {size[0]}x{size[1]} (width x height, EXIF orientation "
+                                  f"applied) but the json declares {width}x{height}")
+    return None
+
+
+def _check_image_files(images: dict[int, dict], image_root: str, decode: bool, report: CocoLoadReport) -> set[int]:
+    """Removes from ``images`` the entries whose file is missing, unreadable or of another size; counts them and
+    returns their ids."""
+    def check(img: dict) -> tuple[str, str] | None:
+        return image_file_problem(os.path.join(image_root, img["file_name"]), img["height"], img["width"],
+                                  decode=decode)
+
+    entries = list(images.values())
+    if decode:  # PIL decodes without the GIL; header reads are too short to gain from threads
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(check, entries))
+    else:
+        problems = [check(img) for img in entries]
+    bad_ids = set()
+    for img, problem in zip(entries, problems):
+        if problem is not None:
+            report.skipped[problem[0]] += 1
+            report.bad_files.append(problem[1])
+            bad_ids.add(img["id"])
+            del images[img["id"]]
+    return bad_ids
+
+
 def parse_coco_instances(
-    json_file: str, image_root: str, key_hint: str = "set the path in DATASETS.REGISTER"
+    json_file: str, image_root: str, key_hint: str = "set the path in DATASETS.REGISTER", *, decode: bool = False
 ) -> tuple[list[dict], list[str], dict[int, int], CocoLoadReport]:
     """Reads a COCO instances json into Detectron2 dataset dicts, skipping what cannot be trained on.
 
     Category ids may be any distinct integers: they are mapped to ``0..K-1`` in id order (as Detectron2 does);
     images without annotations are kept (training filters them per ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``);
-    crowd annotations (RLE, compressed or not) are kept for evaluation.
+    crowd annotations (RLE, compressed or not) are kept for evaluation. Images whose file is missing,
+    unreadable or not the declared size (see :func:`image_file_problem`) are skipped and named in the report;
+    :func:`check_bad_images` decides whether that many is acceptable.
 
     Args:
         json_file: path of the COCO-format json.
         image_root: folder that ``file_name`` entries are relative to.
         key_hint: what to change when the paths are wrong, appended to the error message.
+        decode: decode every image instead of reading headers (slow: for test sets).
 
     Returns:
         (records, thing_classes, dataset_id_to_contiguous_id, report).
@@ -155,10 +253,9 @@ def parse_coco_instances(
             skipped["malformed image entries"] += 1
         elif img["id"] in images:
             skipped["duplicate image ids"] += 1
-        elif not os.path.isfile(os.path.join(image_root, img["file_name"])):
-            skipped["images whose file is missing"] += 1
         else:
             images[img["id"]] = img
+    bad_ids = _check_image_files(images, image_root, decode, report)
 
     anns = [a for a in data.get("annotations", []) if isinstance(a, dict)]
     if len(anns) < len(data.get("annotations", [])):
@@ -169,7 +266,10 @@ def parse_coco_instances(
     for a in anns:
         img = images.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
         if img is None:
-            skipped["annotations whose image_id is not among the images"] += 1
+            if a.get("image_id") in bad_ids:
+                skipped["annotations of images skipped for their file"] += 1
+            else:
+                skipped["annotations whose image_id is not among the images"] += 1
             continue
         if not _is_int(a.get("category_id")) or a["category_id"] not in id_map:
             skipped["annotations whose category_id is not among the categories"] += 1
@@ -215,29 +315,72 @@ def parse_coco_instances(
     return records, thing_classes, id_map, report
 
 
-def load_coco_dataset(name: str, json_file: str, image_root: str) -> list[dict]:
-    """DatasetCatalog loader: parses, logs the load report and records class names in the metadata."""
+def check_bad_images(report: CocoLoadReport, name: str, max_bad_fraction: float, *, test: bool = False) -> None:
+    """Raises when more image files were bad than ``max_bad_fraction`` of the checked ones (any, for a test set).
+
+    Args:
+        report: the load report of the dataset.
+        name: the dataset name, for the message.
+        max_bad_fraction: ``DATASETS.MAX_BAD_FRACTION`` (ignored for a test set, which allows none).
+        test: the dataset is evaluated.
+
+    Raises:
+        DatasetError: one line naming the dataset, the json and the first bad files.
+    """
+    bad = len(report.bad_files)
+    total = report.images + bad
+    if not bad:
+        return
+    what = f"{bad} of {total} images in {report.json_file} are missing, unreadable or not the size the json declares"
+    if test:
+        raise DatasetError(
+            f"dataset '{name}' (DATASETS.TEST): {what}; a test set must be complete, skipping images would change "
+            f"the AP: {first_files(report.bad_files)}"
+        )
+    allowed = int(max_bad_fraction * total)
+    if bad > allowed:
+        raise DatasetError(
+            f"dataset '{name}': {what}, more than DATASETS.MAX_BAD_FRACTION={max_bad_fraction} allows ({allowed}): "
+            f"{first_files(report.bad_files)}"
+        )
+
+
+def load_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0) -> list[dict]:
+    """DatasetCatalog loader: parses (checking image headers), logs the load report, fails past
+    ``max_bad_fraction`` bad image files and records class names in the metadata."""
     records, thing_classes, id_map, report = parse_coco_instances(
         json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER"
     )
     (logger.warning if report.skipped else logger.info)(f"dataset '{name}': {report.summary()}")
+    check_bad_images(report, name, max_bad_fraction)
     MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
     return records
 
 
-# name -> (json_file, image_root) of the datasets this module registered in this process.
-_REGISTERED: dict[str, tuple[str, str]] = {}
+def check_test_images(name: str) -> None:
+    """Decodes every image of a dataset registered here and fails on any missing, unreadable or wrongly sized
+    one (a test set is evaluated in full, before training starts)."""
+    json_file, image_root, _ = _REGISTERED[name]
+    *_, report = parse_coco_instances(
+        json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True
+    )
+    check_bad_images(report, name, 0.0, test=True)
+
+
+# name -> (json_file, image_root, max_bad_fraction) of the datasets this module registered in this process.
+_REGISTERED: dict[str, tuple[str, str, float]] = {}
 
 
 def _expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
+def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0) -> None:
     """Registers a COCO-format dataset under ``name`` (re-registering our own name with new paths is allowed).
 
     The metadata has no ``json_file``: COCOEvaluator then evaluates against the checked records (converted to
     COCO format in its output folder) rather than against the raw json, whose skipped entries would break it.
+    Loading fails when more than ``max_bad_fraction`` of the image files are bad (1.0: never).
     """
     json_file, image_root = _expand(json_file), _expand(image_root)
     if name in DatasetCatalog.list():
@@ -245,17 +388,18 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
             raise DatasetError(
                 f"DATASETS.REGISTER name '{name}' is already a Detectron2 dataset (builtin?): choose another name"
             )
-        if _REGISTERED[name] == (json_file, image_root):
+        if _REGISTERED[name] == (json_file, image_root, max_bad_fraction):
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, partial(load_coco_dataset, name, json_file, image_root))
+    DatasetCatalog.register(name, partial(load_coco_dataset, name, json_file, image_root, max_bad_fraction))
     MetadataCatalog.get(name).set(image_root=image_root, source_json=json_file, evaluator_type="coco")
-    _REGISTERED[name] = (json_file, image_root)
+    _REGISTERED[name] = (json_file, image_root, max_bad_fraction)
 
 
 def check_dataset_files(name: str, key: str) -> None:
-    """Fails fast, naming the path and what to set, when a dataset's json or image folder is missing.
+    """Fails fast, naming the path and what to set, when a dataset's json or image folder is missing; a test
+    set registered here must also decode in full (:func:`check_test_images`).
 
     Args:
         name: a registered dataset name.
@@ -268,7 +412,7 @@ def check_dataset_files(name: str, key: str) -> None:
         )
     meta = MetadataCatalog.get(name)
     if name in _REGISTERED:
-        json_file, image_root = _REGISTERED[name]
+        json_file, image_root, _ = _REGISTERED[name]
         hint = f"set the paths of '{name}' in DATASETS.REGISTER"
     elif hasattr(meta, "json_file") and hasattr(meta, "image_root"):
         json_file, image_root = meta.json_file, meta.image_root
@@ -283,12 +427,15 @@ def check_dataset_files(name: str, key: str) -> None:
         raise DatasetError(f"dataset '{name}': annotation file not found: {json_file} ({hint})")
     if not os.path.isdir(image_root):
         raise DatasetError(f"dataset '{name}': image folder not found: {image_root} ({hint})")
+    if key == "DATASETS.TEST" and name in _REGISTERED:
+        check_test_images(name)
 
 
 def register_datasets(cfg: CfgNode) -> None:
-    """Registers every ``DATASETS.REGISTER`` entry and checks the files of all train/test datasets."""
+    """Registers every ``DATASETS.REGISTER`` entry and checks the files of all train/test datasets (test sets
+    image by image, see :func:`check_dataset_files`)."""
     for name, json_file, image_root in cfg.DATASETS.REGISTER:
-        register_coco_dataset(name, json_file, image_root)
+        register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION)
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS.get(key):
             check_dataset_files(name, f"DATASETS.{key}")
@@ -314,13 +461,38 @@ def _polygons_to_rle(ann: dict, height: int, width: int) -> dict:
 
 class DetectionDatasetMapper(DatasetMapper):
     """Detectron2's DatasetMapper that, for ``INPUT.MASK_FORMAT bitmask``, rasterizes polygons *before* the
-    augmentations, so crops (LSJ) cut exact pixel masks instead of clipping polygons (which needs shapely)."""
+    augmentations, so crops (LSJ) cut exact pixel masks instead of clipping polygons (which needs shapely).
 
-    def __call__(self, dataset_dict: dict) -> dict:
-        if self.is_train and self.instance_mask_format == "bitmask" and dataset_dict.get("annotations"):
+    In training, an image that fails to decode or is not its declared size (the header check cannot see
+    truncated data) makes the mapper return None, which Detectron2's MapDataset answers with another index. The
+    skipped file's "path: problem" line rides on the mapper's next output under ``SKIPPED_IMAGES_KEY``, so it
+    reaches the training process from loader workers too (the trainer logs and counts it there). Any failure
+    that the image itself does not explain is raised as before.
+    """
+
+    @configurable
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skipped: list[str] = []
+
+    def __call__(self, dataset_dict: dict) -> dict | None:
+        if not self.is_train:
+            return super().__call__(dataset_dict)
+        if self.instance_mask_format == "bitmask" and dataset_dict.get("annotations"):
             h, w = dataset_dict["height"], dataset_dict["width"]
             dataset_dict = {**dataset_dict, "annotations": [_polygons_to_rle(a, h, w) for a in dataset_dict["annotations"]]}
-        return super().__call__(dataset_dict)
+        try:
+            out = super().__call__(dataset_dict)
+        except Exception:
+            problem = image_file_problem(dataset_dict["file_name"], dataset_dict.get("height"),
+                                         dataset_dict.get("width"), decode=True, cached=False)
+            if problem is None:
+                raise
+            self._skipped.append(problem[1])
+            return None
+        if self._skipped:
+            out[SKIPPED_IMAGES_KEY], self._skipped = self._skipped, []
+        return out
 
 
 def build_lsj_augmentations(cfg: CfgNode) -> list[T.Augmentation]:

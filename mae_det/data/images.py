@@ -17,6 +17,9 @@ Memory is bounded by ``max_pixels`` (width x height of the *declared* size, chec
 decoded): a larger JPEG is decoded directly at 1/2, 1/4 or 1/8 scale through libjpeg's DCT scaling (``draft``),
 which never materializes the full-size image; any other format larger than ``max_pixels``, or a JPEG still too
 large at 1/8, is an :class:`ImageLoadError`. PIL's own decompression-bomb check is replaced by this one.
+
+:func:`image_size` answers, from the header alone, which size a reader that applies EXIF orientation (this
+module, Detectron2's ``read_image``) will see; detection datasets check their json against it.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_EXIF_ORIENTATION = 0x0112
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90: width and height swap
 _BOMB_CHECK_LOCK = threading.Lock()
 
 
@@ -147,3 +152,40 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "no details"
+
+
+def image_size(path: str | os.PathLike, *, decode: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file as Detectron2's ``read_image`` returns it: EXIF orientation applied.
+
+    Only the header (and the EXIF block) is read unless ``decode``; then every pixel is decoded too, which finds
+    truncated data that a header cannot show. Like ``read_image``, PIL's own decompression-bomb limit applies and
+    an unreadable EXIF block means no rotation. One difference without ``decode``: a PNG whose EXIF chunk comes
+    after its pixel data reads as unrotated (finding that chunk means decoding the image).
+
+    Raises:
+        ImageLoadError: missing, empty, not an image, unreadable header; with ``decode``, undecodable pixels.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as im:
+            w, h = im.size
+            if decode:
+                im.load()
+            try:
+                # The base method reads only what the header gave; PNG's override decodes the image to look for
+                # an EXIF chunk after the pixels.
+                exif = im.getexif() if decode else Image.Image.getexif(im)
+                orientation = exif.get(_EXIF_ORIENTATION)
+            except Exception:
+                orientation = None
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: file not found") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageLoadError(f"{path}: not a recognized image format") from e
+    except Exception as e:
+        what = "cannot decode image" if decode else "cannot read image header"
+        raise ImageLoadError(f"{path}: {what} ({type(e).__name__}: {_first_line(e)})") from e
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)

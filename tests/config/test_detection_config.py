@@ -97,6 +97,7 @@ def test_recipes_scale_with_the_gpu_count():
     (["INPUT.LSJ.IMAGE_SIZE", "0"], "INPUT.LSJ.IMAGE_SIZE"),
     (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),
     (["DATASETS.REGISTER", "[['a', 'b.json', 'c'], ['a', 'd.json', 'e']]"], "'a' appears twice"),
+    (["DATASETS.MAX_BAD_FRACTION", "1.5"], "DATASETS.MAX_BAD_FRACTION: expected a value in [0, 1], got 1.5"),
     (["MODEL.INIT_TYPE", "MAE!"], "MODEL.INIT_TYPE: expected a lower-case label"),
     (["MODEL.INIT_TYPE", "mae"], "MODEL.WEIGHTS is empty"),
     (["MODEL.WEIGHTS", "x.pth"], "MODEL.INIT_TYPE is 'scratch' but MODEL.WEIGHTS is set"),

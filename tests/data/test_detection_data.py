@@ -7,14 +7,20 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.detection_utils import read_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from mae_det.config.detection import get_det_cfg
 from mae_det.data.detection import (
+    MISSING_IMAGE,
+    SKIPPED_IMAGES_KEY,
+    UNREADABLE_IMAGE,
+    WRONG_SIZE_IMAGE,
     DatasetError,
     build_detection_mapper,
+    check_bad_images,
     check_dataset_files,
     check_num_classes,
     parse_coco_instances,
@@ -93,7 +99,8 @@ def test_hostile_annotations_are_skipped_and_counted(tmp_path):
     records, _, _, report = parse_coco_instances(*_dataset(tmp_path, {
         "images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
     assert report.skipped == {
-        "annotations whose image_id is not among the images": 2,
+        "annotations whose image_id is not among the images": 1,
+        "annotations of images skipped for their file": 1,
         "polygons with < 3 points": 1,
         "zero/negative-size boxes": 2,
         "annotations whose category_id is not among the categories": 1,
@@ -250,3 +257,123 @@ def test_lsj_with_polygon_masks_without_shapely_is_a_clear_error():
     cfg.INPUT.MASK_FORMAT = "polygon"
     with pytest.raises(DatasetError, match="set INPUT.MASK_FORMAT bitmask or install shapely"):
         build_detection_mapper(cfg, is_train=True)
+
+
+# ---- image files checked against the json ------------------------------------------------------------------
+def _save_jpeg(path, orientation=None):
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    img = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(img).save(path, quality=90, exif=exif.tobytes())
+
+
+def _dirty_dataset(tmp_path):
+    """Three good PNGs plus: a JPEG cut in half (its header is intact), a text file named .jpg, a PNG declared
+    50x50, an EXIF-rotated JPEG declared as it reads (kept) and one declared as stored, and a missing file."""
+    root = tmp_path / "images"
+    _write_images(root, ["a.png", "b.png", "c.png", "wrong.png"])
+    _save_jpeg(root / "trunc.jpg")
+    data = (root / "trunc.jpg").read_bytes()
+    (root / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (root / "text.jpg").write_text("not an image")
+    _save_jpeg(root / "rot.jpg", orientation=6)  # rotated 90 degrees on reading: W x H -> H x W
+    _save_jpeg(root / "rot_as_stored.jpg", orientation=6)
+    entries = [("a.png", H, W), ("b.png", H, W), ("c.png", H, W), ("trunc.jpg", H, W), ("text.jpg", H, W),
+               ("wrong.png", 50, 50), ("rot.jpg", W, H), ("rot_as_stored.jpg", H, W), ("gone.png", H, W)]
+    images = [{"id": i + 1, "file_name": f, "height": h, "width": w} for i, (f, h, w) in enumerate(entries)]
+    anns = [_ann(i + 1, i + 1, 1, [2, 2, 20, 20], _rect(2, 2, 20, 20)) for i in range(len(entries))]
+    path = tmp_path / "dirty.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    return str(path), str(root)
+
+
+def test_image_headers_are_checked_against_the_json(tmp_path):
+    json_file, root = _dirty_dataset(tmp_path)
+    records, _, _, report = parse_coco_instances(json_file, root)
+    kept = [os.path.basename(r["file_name"]) for r in records]
+    assert kept == ["a.png", "b.png", "c.png", "trunc.jpg", "rot.jpg"]  # the truncation is not in the header
+    assert report.skipped == {UNREADABLE_IMAGE: 1, WRONG_SIZE_IMAGE: 2, MISSING_IMAGE: 1,
+                              "annotations of images skipped for their file": 4}
+    assert report.images == 5 and report.annotations == 5
+    p = lambda name: os.path.join(root, name)  # noqa: E731
+    assert report.bad_files == [
+        f"{p('text.jpg')}: not a recognized image format",
+        f"{p('wrong.png')}: the file is 96x64 (width x height, EXIF orientation applied) but the json declares 50x50",
+        f"{p('rot_as_stored.jpg')}: the file is 64x96 (width x height, EXIF orientation applied) but the json "
+        "declares 96x64",
+        f"{p('gone.png')}: file not found",
+    ]
+    assert f"first bad files: {report.bad_files[0]} | {report.bad_files[1]} | {report.bad_files[2]} | and 1 more" \
+        in report.summary()
+    # What Detectron2's mapper reads agrees with the check: the kept sizes are the decoded ones (EXIF applied)...
+    for r in records:
+        if not r["file_name"].endswith("trunc.jpg"):
+            assert read_image(r["file_name"], "RGB").shape[:2] == (r["height"], r["width"])
+    # ... and the truncated JPEG fails only when decoded, which decode=True (test sets) does up front.
+    with pytest.raises(OSError, match="truncated"):
+        read_image(p("trunc.jpg"), "RGB")
+    records, _, _, report = parse_coco_instances(json_file, root, decode=True)
+    assert len(records) == 4 and report.skipped[UNREADABLE_IMAGE] == 2
+    assert report.bad_files[0].startswith(f"{p('trunc.jpg')}: cannot decode image (OSError: image file is truncated")
+
+
+def test_bad_image_budget_and_strict_test_sets(tmp_path):
+    json_file, root = _dirty_dataset(tmp_path)
+    *_, report = parse_coco_instances(json_file, root)  # 4 bad of 9
+    check_bad_images(report, "dirty", 4 / 9)
+    with pytest.raises(DatasetError) as e:
+        check_bad_images(report, "dirty", 0.4)
+    msg = str(e.value)
+    assert msg.startswith(f"dataset 'dirty': 4 of 9 images in {json_file} are missing, unreadable or not the size "
+                          "the json declares, more than DATASETS.MAX_BAD_FRACTION=0.4 allows (3): ")
+    assert os.path.join(root, "text.jpg") in msg and "and 1 more" in msg and "\n" not in msg
+    with pytest.raises(DatasetError, match=r"^dataset 'dirty' \(DATASETS.TEST\): 4 of 9 images .* a test set must be "
+                                           "complete, skipping images would change the AP: "):
+        check_bad_images(report, "dirty", 1.0, test=True)
+
+
+def test_registered_sets_skip_or_fail_per_max_bad_fraction_and_test_sets_decode(tmp_path):
+    json_file, root = _dirty_dataset(tmp_path)
+    cfg = _cfg(tmp_path, b2_dirty=(json_file, root))
+    cfg.DATASETS.TRAIN = ("b2_dirty",)
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.5
+    register_datasets(cfg)
+    assert len(DatasetCatalog.get("b2_dirty")) == 5
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.01
+    register_datasets(cfg)  # new budget: re-registered, and now loading fails
+    with pytest.raises(DatasetError, match=r"dataset 'b2_dirty': 4 of 9 images .* DATASETS.MAX_BAD_FRACTION=0.01 allows \(0\)"):
+        DatasetCatalog.get("b2_dirty")
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.5
+    cfg.DATASETS.TEST = ("b2_dirty",)
+    with pytest.raises(DatasetError) as e:  # at registration, before any training
+        register_datasets(cfg)
+    assert str(e.value).startswith("dataset 'b2_dirty' (DATASETS.TEST): 5 of 9 images")
+    assert "trunc.jpg: cannot decode image" in str(e.value)
+
+
+def test_training_mapper_skips_an_image_that_fails_to_decode(tmp_path):
+    json_file, root = _dirty_dataset(tmp_path)
+    records, *_ = parse_coco_instances(json_file, root)
+    good, trunc = records[0], records[3]
+    assert trunc["file_name"].endswith("trunc.jpg")
+    cfg = _lsj_cfg(1.0)
+    mapper = build_detection_mapper(cfg, is_train=True)
+    assert mapper(trunc) is None
+    resized = {**good, "height": H + 1}  # a size the header check did not see: Detectron2's SizeMismatchError
+    assert mapper(resized) is None
+    out = mapper(good)
+    first, second = out[SKIPPED_IMAGES_KEY]
+    assert first.startswith(f"{trunc['file_name']}: cannot decode image (OSError: image file is truncated")
+    assert second == (f"{good['file_name']}: the file is {W}x{H} (width x height, EXIF orientation applied) but the "
+                      f"json declares {W}x{H + 1}")
+    assert tuple(out["image"].shape) == (3, 32, 48) and len(out["instances"]) == 1
+    assert SKIPPED_IMAGES_KEY not in mapper(good)  # each skip is reported once
+    # A failure that the image does not explain is not hidden.
+    broken = {**good, "annotations": [{**good["annotations"][0], "bbox_mode": "not a mode"}]}
+    with pytest.raises(Exception) as e:
+        mapper(broken)
+    assert not isinstance(e.value, DatasetError)
+    # Evaluation never skips (it would change the AP): the decode error propagates.
+    with pytest.raises(OSError, match="truncated"):
+        build_detection_mapper(cfg, is_train=False)(trunc)
