@@ -201,3 +201,30 @@ def test_tool_writes_dataset_and_reports_errors(tmp_path, repo_root, capsys):
         tool.main(argv)
     with pytest.raises(SystemExit, match="min_objects <= max_objects"):
         tool.main(argv + ["--overwrite", "--max-objects", "0"])
+
+
+def test_background_contrast_flattens_only_the_background(dataset, tmp_path):
+    root, cfg = dataset
+    flat_root = tmp_path / "flat"
+    flat = ShapesConfig(**SMALL, seed=3, workers=1, background_contrast=0.2)
+    generate_shapes(flat_root, flat, log=lambda _: None)
+    again = tmp_path / "flat_again"
+    generate_shapes(again, ShapesConfig(**SMALL, seed=3, workers=2, background_contrast=0.2), log=lambda _: None)
+    assert _files(again) == _files(flat_root)  # deterministic
+    for split in ("pool", "train", "val"):
+        # Same draws in the same order: the annotations (exact masks, boxes, areas) are those of contrast 1,
+        # and pycocotools loads them.
+        name = f"annotations/instances_{split}.json"
+        assert (flat_root / name).read_bytes() == (root / name).read_bytes()
+        COCO(str(flat_root / name))
+    spread = {}
+    for c, conf in ((1.0, cfg), (0.2, flat)):
+        stds = []
+        for i in range(cfg.num_train):
+            image, instances = detection_sample(conf, "train", i)
+            background = ~np.any([m for _, m in instances], axis=0) if instances else np.ones(image.shape[:2], bool)
+            stds.append(image[background].astype(float).std(0).mean())
+        spread[c] = np.mean(stds)
+    assert spread[0.2] < 0.5 * spread[1.0]
+    with pytest.raises(ValueError, match="background_contrast"):
+        ShapesConfig(background_contrast=1.5)
