@@ -17,6 +17,9 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     MODEL.ACT_CHECKPOINT: False     recompute block activations in backward (less memory, ~30 % slower)
     MODEL.NUM_CLASSES: 0            supervised mode: number of labels (0 = taken from the dataset)
     MODEL.POOL: "mean"              supervised mode: head input, "mean" of patch tokens or the "cls" token
+    MODEL.MAX_COUNT: 0              supervised mode: 0 = multi-label BCE on which classes are present; N > 0 =
+                                    per-class instance counts, each a softmax over 0..N (N = "N or more"), from a
+                                    COCO json's annotations (a stronger image-level signal than presence)
     DATA.SOURCE: "auto"             "folder" (all images below PATH, recursive), "imagefolder" (class
                                     sub-folders), "coco" (images listed in a COCO json), or "auto": a .json file
                                     is coco, a folder holding only sub-folders is imagefolder, else folder
@@ -109,6 +112,7 @@ def get_pretrain_cfg() -> CN:
     _C.MODEL.ACT_CHECKPOINT = False
     _C.MODEL.NUM_CLASSES = 0
     _C.MODEL.POOL = "mean"
+    _C.MODEL.MAX_COUNT = 0
 
     _C.DATA = CN()
     _C.DATA.SOURCE = "auto"
@@ -320,7 +324,7 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     M, D, S, K = cfg.MODEL, cfg.DATA, cfg.SOLVER, cfg.MONITOR.KNN
     _check(M.MODE in MODES, f"MODEL.MODE: expected one of {MODES}, got {M.MODE!r}")
     for key in ("EMBED_DIM", "DEPTH", "NUM_HEADS", "PATCH_SIZE", "DECODER_EMBED_DIM", "DECODER_DEPTH",
-                "DECODER_NUM_HEADS", "NUM_CLASSES"):
+                "DECODER_NUM_HEADS", "NUM_CLASSES", "MAX_COUNT"):
         _check(M[key] >= 0, f"MODEL.{key}: expected >= 0 (0 = default), got {M[key]}")
     _check(M.MLP_RATIO >= 0, f"MODEL.MLP_RATIO: expected >= 0 (0 = default), got {M.MLP_RATIO}")
     arch = resolve_arch(cfg)

@@ -82,7 +82,8 @@ class ImageSource:
 
     Attributes:
         paths: readable-looking image files, in a fixed order.
-        labels: per image, the tuple of its class indexes (``None`` for unlabeled sources).
+        labels: per image, the sorted tuple of its class indexes, one entry per instance (a COCO image with two
+            circles lists the circle twice; ``None`` for unlabeled sources).
         class_names: names of the contiguous class indexes.
         missing: files listed by the index that do not exist (they count as unreadable images).
         root: the path the source was built from (for messages).
@@ -147,7 +148,7 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{json_path}: malformed 'images' or 'categories' entry ({type(e).__name__}: {e})") from e
     cat_index = {cid: i for i, cid in enumerate(cat_ids)}
-    image_labels: dict[int, set[int]] = {img_id: set() for img_id, _ in images}
+    image_labels: dict[int, list[int]] = {img_id: [] for img_id, _ in images}
     skipped = Counter()
     for ann in data.get("annotations") or []:
         if not isinstance(ann, dict):
@@ -159,7 +160,7 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
         elif cat_id not in cat_index:
             skipped["unknown category_id"] += 1
         else:
-            image_labels[img_id].add(cat_index[cat_id])
+            image_labels[img_id].append(cat_index[cat_id])
     for reason, n in skipped.items():
         logger.warning("%s: skipped %d annotations (%s)", json_path, n, reason)
     paths, labels, missing, seen = [], [], [], set()
@@ -260,7 +261,8 @@ class PretrainDataset(Dataset):
         transform: the augmentation.
         seed: global seed of the per-sample generators.
         num_patches: length of the per-sample mask noise (0 = none, e.g. supervised mode).
-        num_classes: length of the multi-hot ``target`` (0 = no labels).
+        num_classes: length of the ``target`` (0 = no labels): multi-hot, or per-class instance counts.
+        counts: the target counts each class's instances instead of marking it present.
         max_bad: largest number of unreadable images tolerated; after ``max_bad + 1`` consecutive failures the
             sample is a zero image and its ``bad`` list alone proves the limit exceeded.
         max_pixels: decode budget per image.
@@ -268,12 +270,12 @@ class PretrainDataset(Dataset):
 
     def __init__(
         self, source: ImageSource, transform: PretrainTransform, *, seed: int, num_patches: int = 0,
-        num_classes: int = 0, max_bad: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+        num_classes: int = 0, max_bad: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, counts: bool = False,
     ) -> None:
         if num_classes and source.labels is None:
             raise DataError(f"{source.root}: this source has no labels")
         self.source, self.transform, self.seed = source, transform, seed
-        self.num_patches, self.num_classes = num_patches, num_classes
+        self.num_patches, self.num_classes, self.counts = num_patches, num_classes, counts
         self.max_bad, self.max_pixels = max_bad, max_pixels
 
     def __len__(self) -> int:
@@ -302,7 +304,9 @@ class PretrainDataset(Dataset):
             image = self.transform(img, g)  # (C, S, S)
         noise = torch.rand(self.num_patches, generator=g)  # (L,)
         target = torch.zeros(self.num_classes)
-        if self.num_classes:
+        if self.num_classes and self.counts:
+            target += torch.bincount(torch.tensor(self.source.labels[j], dtype=torch.long), minlength=self.num_classes)
+        elif self.num_classes:
             target[list(self.source.labels[j])] = 1.0
         return {"image": image, "noise": noise, "target": target, "bad": bad}
 

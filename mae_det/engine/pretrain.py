@@ -71,25 +71,32 @@ class NonFiniteLossError(PretrainError):
 
 # ---- model -----------------------------------------------------------------------------------------------
 class SupervisedViT(VisionTransformer):
-    """The supervised-pretraining baseline: the MAE encoder plus a linear multi-label head.
+    """The supervised-pretraining baseline: the MAE encoder plus a linear head on image-level labels - which
+    classes are present (multi-label BCE) or, with ``max_count > 0``, how many instances of each (a softmax over
+    0..max_count per class, the last bin meaning "max_count or more").
 
     Its encoder keys (and fixed sin-cos position embedding) are exactly those of the MAE model, so both encoder
     exports load into the detection backbone the same way; the head is ``head.*``.
     """
 
-    def __init__(self, num_classes: int, pool: str = "mean", **vit_kwargs: Any) -> None:
+    def __init__(self, num_classes: int, pool: str = "mean", max_count: int = 0, **vit_kwargs: Any) -> None:
         super().__init__(**vit_kwargs)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        self.pool = pool
-        self.head = nn.Linear(self.embed_dim, num_classes)
+        self.pool, self.num_classes, self.max_count = pool, num_classes, max_count
+        self.head = nn.Linear(self.embed_dim, num_classes * (max_count + 1 if max_count else 1))
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, imgs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (binary cross-entropy averaged over samples and classes, logits (N, K))."""
-        logits = self.head(self.pooled_features(imgs, self.pool))  # (N, K)
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float()), logits
+        """Returns (loss, logits): BCE and (N, K) for presence targets; for count targets (N, K) the cross-entropy
+        averaged over samples and classes and (N, K, max_count + 1)."""
+        logits = self.head(self.pooled_features(imgs, self.pool)).float()  # (N, K) or (N, K * (C + 1))
+        if not self.max_count:
+            return F.binary_cross_entropy_with_logits(logits, targets.float()), logits
+        logits = logits.view(len(imgs), self.num_classes, self.max_count + 1)  # (N, K, C + 1)
+        bins = targets.round().long().clamp_(0, self.max_count)  # (N, K)
+        return F.cross_entropy(logits.flatten(0, 1), bins.flatten()), logits
 
 
 def build_pretrain_model(cfg, num_classes: int = 0) -> nn.Module:
@@ -107,7 +114,7 @@ def build_pretrain_model(cfg, num_classes: int = 0) -> nn.Module:
         )
     if num_classes < 1:
         raise ConfigError("MODEL.MODE supervised needs at least one class (MODEL.NUM_CLASSES or labeled data)")
-    return SupervisedViT(num_classes, cfg.MODEL.POOL, **common)
+    return SupervisedViT(num_classes, cfg.MODEL.POOL, cfg.MODEL.MAX_COUNT, **common)
 
 
 def model_meta(cfg, num_classes: int = 0) -> dict[str, Any]:
@@ -237,6 +244,7 @@ class Pretrainer:
                                       cfg.DATA.MEAN, cfg.DATA.STD)
         self.dataset = PretrainDataset(
             src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
+            counts=cfg.MODEL.MAX_COUNT > 0,
             max_bad=max(self.max_bad - self.missing, 0), max_pixels=cfg.DATA.MAX_PIXELS,
         )
         self.steps_per_epoch = len(self.dataset) // (cfg.SOLVER.BATCH_SIZE * self.world * self.accum)

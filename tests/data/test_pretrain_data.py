@@ -70,8 +70,13 @@ def test_coco_source_multi_hot_labels(tmp_path):
     src = coco_source(_coco(tmp_path, images, anns, cats), tmp_path / "imgs")
     assert src.class_names == ["circle", "square", "star"]
     assert [p.name for p in src.paths] == ["a.png", "b.png", "c.png"]
-    assert src.labels == [(0, 2), (1,), ()]  # c.png has no annotations: all negative
+    assert src.labels == [(0, 2, 2), (1,), ()]  # one entry per instance; c.png has none: all negative
     assert src.missing == [str(tmp_path / "imgs" / "gone.png")]
+    transform = PretrainTransform(16, (1.0, 1.0), (1.0, 1.0), False, (0.5,) * 3, (0.5,) * 3)
+    presence = PretrainDataset(src, transform, seed=0, num_classes=3)
+    counts = PretrainDataset(src, transform, seed=0, num_classes=3, counts=True)
+    assert [presence[(0, i)]["target"].tolist() for i in range(3)] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    assert [counts[(0, i)]["target"].tolist() for i in range(3)] == [[1, 0, 2], [0, 1, 0], [0, 0, 0]]
 
 
 def test_coco_errors_name_the_file(tmp_path):

@@ -304,6 +304,20 @@ def test_supervised_mode_trains_and_exports_like_mae(images, tmp_path, trained):
     assert info_full["dropped"] == ["head.weight", "head.bias"]
 
 
+def test_count_head_is_a_softmax_over_count_bins_per_class():
+    torch.manual_seed(0)
+    model = P.SupervisedViT(3, "mean", max_count=2, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert model.head.out_features == 3 * 3
+    imgs, targets = torch.randn(2, 3, 16, 16), torch.tensor([[0.0, 1.0, 5.0], [2.0, 0.0, 1.0]])
+    loss, logits = model(imgs, targets)
+    assert logits.shape == (2, 3, 3)
+    bins = torch.tensor([[0, 1, 2], [2, 0, 1]])  # 5 instances fall in the last bin, "2 or more"
+    expected = torch.nn.functional.cross_entropy(logits.reshape(6, 3), bins.reshape(6))
+    assert torch.allclose(loss, expected)
+    presence = P.SupervisedViT(3, "mean", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert presence(imgs, (targets > 0).float())[1].shape == (2, 3)
+
+
 def test_supervised_mode_needs_labels(images, tmp_path):
     with pytest.raises(DataError, match="supervised mode needs labels"):
         P.run_pretrain(make_cfg(images, tmp_path, "MODEL.MODE", "supervised"))
@@ -343,3 +357,34 @@ def test_knn_monitor_logs_at_its_period(images, tmp_path):
     assert with_knn == [2, 3]  # every 2 epochs, and after the last
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in epochs if "knn_top1" in r)
     assert "kNN top-1" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_non_finite_loss_skips_every_update_until_the_next_check(images, tmp_path, monkeypatch):
+    # LOG_PERIOD 4: the host sees the losses once per epoch (4 steps); a NaN loss in step 2 must not reach the
+    # weights, nor must the updates of steps 3 and 4 taken before the check, which then names step 2.
+    real_forward, real_step, calls, weights = P.Pretrainer._forward, P.Pretrainer._optimizer_step, {"n": 0}, []
+
+    def forward(self, batch):
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    def step(self):
+        real_step(self)
+        weights.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(P.Pretrainer, "_forward", forward)
+    monkeypatch.setattr(P.Pretrainer, "_optimizer_step", step)
+    t = P.Pretrainer(make_cfg(images, tmp_path, "LOG_PERIOD", "4", "SOLVER.WARMUP_EPOCHS", "0"))
+    t.out.mkdir(parents=True, exist_ok=True)
+    initial = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(P.NonFiniteLossError) as info:
+        t.train()
+    assert str(info.value) == ("loss_mae = nan at epoch 1, iteration 1 (global step 1); the weights were not updated "
+                               "with it nor in the 2 steps until this check; last good checkpoint: none written yet")
+    assert len(weights) == 4  # no host sync stopped the steps in between
+    assert any(not torch.equal(initial[k], weights[0][k]) for k in initial)  # step 1 was a real update
+    for later in weights[1:]:
+        assert all(torch.equal(weights[0][k], later[k]) for k in initial)
+    assert all(int(s["step"]) == 1 for s in t.optimizer.state.values())  # AdamW's count skipped them too
+    assert not (tmp_path / "metrics.jsonl").exists() or not records(tmp_path, "train")
