@@ -21,6 +21,7 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
+import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -30,6 +31,7 @@ from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, build_checkpointer, completed_iterations, run_with_exit_codes, write_det_run_info,
 )
+from mae_det.engine.launch import init_detectron2_distributed, launched_externally  # noqa: E402
 
 
 def main(args):
@@ -54,6 +56,10 @@ def check_inputs(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     run_with_exit_codes(check_inputs, args)
+    if launched_externally():  # torchrun or a submitit job: this process is one rank already
+        init_detectron2_distributed("cuda" if torch.cuda.is_available() else "cpu")
+        run_with_exit_codes(main, args)
+        sys.exit(0)
     try:
         launch(
             run_with_exit_codes, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

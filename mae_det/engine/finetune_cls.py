@@ -46,6 +46,7 @@ from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedu
 from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
+from .launch import requeue, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +364,10 @@ def _train_one_epoch(
         if step % log_period == 0:
             _append_jsonl(metrics_path, {"step": step, "epoch": epoch + (i + 1) / (steps * accum),
                                          "loss": loss_sum / (i + 1), "lr": lr})
+        # A submitted job told to stop: its resubmission resumes from the last epoch checkpoint, exactly, since
+        # every epoch's randomness comes from (SEED, epoch).
+        if stop_requested(step):
+            requeue()
     return {"epoch": epoch + 1, "train_loss": loss_sum / (steps * accum),
             "images_per_s": seen / (time.perf_counter() - t0)}
 

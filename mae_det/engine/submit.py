@@ -95,8 +95,7 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
         from ..data.pretrain import build_source
         from .pretrain import pretrain_argument_parser, resolve_accumulation
 
-        args = _parse(pretrain_argument_parser(), argv)
-        _no_process_options(args)
+        args = _parse(pretrain_argument_parser(), argv, local_launch=True)
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
         resolve_accumulation(cfg, world_size)
         if data_check:
@@ -106,16 +105,14 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
         from detectron2.engine import default_argument_parser
 
         from ..config.detection import load_det_cfg
-        from ..data.detection import register_datasets
 
-        args = _parse(default_argument_parser(), argv)
-        _no_process_options(args)
+        args = _parse(default_argument_parser(), argv, local_launch=True)
         cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
         if cfg.SOLVER.IMS_PER_BATCH % world_size:
             raise SubmitError(f"SOLVER.IMS_PER_BATCH: {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
                               f"{world_size} tasks of the job (--nodes x --gpus-per-node)")
-        if data_check:
-            register_datasets(cfg)
+        if data_check:  # the tool's own check (every kind of dataset it registers)
+            runpy.run_path(str(TOOLS_DIR / "train_net.py"))["check_inputs"](args)
         return cfg, cfg.DATALOADER.NUM_WORKERS
     from ..config.classification import load_cls_cfg
     from .finetune_cls import _argument_parser
@@ -133,17 +130,17 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
     return cfg, cfg.DATA.NUM_WORKERS
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], local_launch: bool = False) -> argparse.Namespace:
+    """The trainer's arguments; with ``local_launch``, its own process options must be left at their defaults."""
     try:
-        return parser.parse_args(list(argv))
+        args = parser.parse_args(list(argv))
     except SystemExit as e:  # argparse printed its usage line
         raise SubmitError(f"the trainer's arguments are invalid: {' '.join(argv)}") from e
-
-
-def _no_process_options(args: argparse.Namespace) -> None:
-    if (args.num_gpus, args.num_machines, args.machine_rank) != (1, 1, 0) or args.dist_url not in ("auto", ""):
+    if local_launch and any(getattr(args, k) != parser.get_default(k)
+                            for k in ("num_gpus", "num_machines", "machine_rank", "dist_url")):
         raise SubmitError("--num-gpus / --num-machines / --machine-rank / --dist-url are for local runs; the job's "
                           "processes come from --nodes and --gpus-per-node (or --tasks-per-node)")
+    return args
 
 
 # ---- the executor ----------------------------------------------------------------------------------------
