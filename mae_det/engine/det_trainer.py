@@ -3,7 +3,9 @@
 :class:`Trainer` is Detectron2's ``DefaultTrainer`` with: AdamW + layer-wise lr decay + ViTDet's weight-decay
 exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU or GPU / fp16 AMPTrainer);
 ``device_ids=None`` DDP for multi-process CPU training; COCO evaluation of boxes and masks written to
-``OUTPUT_DIR/ap_results.json``; a clean stop on a non-finite loss that leaves the last checkpoint untouched.
+``OUTPUT_DIR/ap_results.json``; a clean stop on a non-finite loss that leaves the last checkpoint untouched;
+training images skipped by the mapper (they failed to decode) logged once each and counted as
+``data/skipped_images`` in metrics.json.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import sys
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -34,11 +36,10 @@ from ..checkpoint import CheckpointError, atomic_write_text
 from ..checkpoint.detectron2 import ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
-from ..data.detection import DatasetError, build_detection_mapper, check_num_classes
+from ..data.detection import SKIPPED_IMAGES_KEY, DatasetError, build_detection_mapper, check_num_classes
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
-from .launch import requeue, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,50 @@ def write_ap_results(path: str, results: dict, *, dataset: str, iteration: int |
     return out
 
 
+class SkippedImagesHook(hooks.HookBase):
+    """Logs once and counts the training images that the mapper skipped because they failed to decode.
+
+    :meth:`strip` takes the mapper's notes (``SKIPPED_IMAGES_KEY``) off every batch before the model sees it;
+    they arrive in the training process whether the mapper ran there or in a loader worker. Every step puts the
+    number of distinct skipped files into the storage as ``data/skipped_images`` (hence metrics.json). With
+    several processes the notes are gathered every ``period`` steps, so every rank holds the same set. The set
+    is checkpointed, so a resumed run keeps counting.
+    """
+
+    def __init__(self, period: int) -> None:
+        self.period = period
+        self.files: set[str] = set()
+        self._new: list[str] = []
+
+    def strip(self, loader: Iterable[list[dict]]) -> Iterator[list[dict]]:
+        for batch in loader:
+            for d in batch:
+                self._new.extend(d.pop(SKIPPED_IMAGES_KEY, ()))
+            yield batch
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if comm.get_world_size() == 1:
+            self._record(self._new)
+        elif done % self.period == 0 or done == self.trainer.max_iter:
+            self._record([line for lines in comm.all_gather(self._new) for line in lines])
+        self.trainer.storage.put_scalar("data/skipped_images", len(self.files), smoothing_hint=False)
+
+    def _record(self, lines: list[str]) -> None:
+        self._new = []
+        for line in lines:
+            if line not in self.files:
+                self.files.add(line)
+                logger.warning("skipped a training image that failed to decode (counted in data/skipped_images): %s",
+                               line)
+
+    def state_dict(self) -> dict:
+        return {"files": sorted(self.files)} if self.files else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.files = set(state["files"])
+
+
 class _EvalHook(hooks.EvalHook):
     """EvalHook whose final evaluation runs only when training completed (Detectron2's also runs it after a
     failure in the last iteration)."""
@@ -171,16 +216,6 @@ class _EvalHook(hooks.EvalHook):
     def after_train(self) -> None:
         if self.trainer.iter >= self.trainer.max_iter:
             super().after_train()
-
-
-class _RequeueHook(hooks.HookBase):
-    """In a submitted job told to stop (preemption or time limit, see ``launch.stop_requested``): a checkpoint
-    after this iteration, so that ``resume_or_load`` restarts at the next one, then the requeue."""
-
-    def after_step(self) -> None:
-        if stop_requested(self.trainer.iter):
-            self.trainer.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
-            requeue()
 
 
 # ---- trainer -----------------------------------------------------------------------------------------------
@@ -194,7 +229,8 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        self.skipped_images = SkippedImagesHook(cfg.LOG_PERIOD)
+        data_loader = self.skipped_images.strip(self.build_train_loader(cfg))
         # DistributedDataParallel rejects device_ids for a CPU model; Detectron2 always passes them.
         on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
         model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
@@ -207,17 +243,16 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> list[hooks.HookBase]:
-        """Detectron2's hooks, with the evaluation of :class:`_EvalHook` and writers every ``LOG_PERIOD``."""
+        """Detectron2's hooks, with the evaluation of :class:`_EvalHook`, writers every ``LOG_PERIOD`` and, before
+        the checkpointer, the :class:`SkippedImagesHook`."""
         ret = super().build_hooks()
         for i, h in enumerate(ret):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = _EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=self.cfg.LOG_PERIOD)
-        # After the scheduler (its checkpoint holds this iteration's step), before the writer (which would otherwise
-        # log the same iteration twice, and Detectron2's metric printer divides by the iterations in between).
-        writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
-        ret.insert(writer, _RequeueHook())
+        scheduler = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
+        ret.insert(scheduler + 1, self.skipped_images)
         return ret
 
     def _evaluate(self) -> dict:
