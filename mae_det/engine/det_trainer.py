@@ -40,6 +40,7 @@ from ..data.detection import SKIPPED_IMAGES_KEY, DatasetError, build_detection_m
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
+from .launch import requeue, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,16 @@ class _EvalHook(hooks.EvalHook):
             super().after_train()
 
 
+class _RequeueHook(hooks.HookBase):
+    """In a submitted job told to stop (preemption or time limit, see ``launch.stop_requested``): a checkpoint
+    after this iteration, so that ``resume_or_load`` restarts at the next one, then the requeue."""
+
+    def after_step(self) -> None:
+        if stop_requested(self.trainer.iter):
+            self.trainer.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            requeue()
+
+
 # ---- trainer -----------------------------------------------------------------------------------------------
 class Trainer(DefaultTrainer):
     """DefaultTrainer for the ViT Mask R-CNN configs (see the module docstring)."""
@@ -243,14 +254,18 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> list[hooks.HookBase]:
-        """Detectron2's hooks, with the evaluation of :class:`_EvalHook`, writers every ``LOG_PERIOD`` and, before
-        the checkpointer, the :class:`SkippedImagesHook`."""
+        """Detectron2's hooks, with the evaluation of :class:`_EvalHook`, writers every ``LOG_PERIOD``, the
+        :class:`SkippedImagesHook` before anything that checkpoints, and the requeue hook."""
         ret = super().build_hooks()
         for i, h in enumerate(ret):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = _EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=self.cfg.LOG_PERIOD)
+        # After the scheduler (its checkpoint holds this iteration's step), before the writer (which would otherwise
+        # log the same iteration twice, and Detectron2's metric printer divides by the iterations in between).
+        writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+        ret.insert(writer, _RequeueHook())
         scheduler = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         ret.insert(scheduler + 1, self.skipped_images)
         return ret
