@@ -44,6 +44,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     SOLVER.LAYER_DECAY: 0.65        lr scale LAYER_DECAY ** (depth + 1 - layer id); 1.0 = off
     SOLVER.BETAS: (0.9, 0.999)
     SOLVER.CLIP_GRAD: 0.0           max gradient norm (0 = off)
+    SOLVER.COMPILE: "auto"          fine-tuning: torch.compile the classifier in place for the training step
+                                    ("on", "off", "auto" = on for CUDA only; evaluation stays eager)
     TEST.BATCH_SIZE: 128            evaluation / feature-extraction batch
     TEST.EVAL_PERIOD: 1             fine-tuning: evaluate every N epochs (and after the last)
     LINPROBE.EPOCHS: 90
@@ -77,7 +79,7 @@ from typing import Any, Iterable
 from detectron2.config import CfgNode as CN
 
 from ..modeling.vit import VIT_SIZES
-from .pretrain import ConfigError, _check, _check_types, encoder_arch, merge_config
+from .pretrain import COMPILE_CHOICES, ConfigError, _check, _check_types, encoder_arch, merge_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -137,6 +139,7 @@ def get_cls_cfg() -> CN:
     _C.SOLVER.LAYER_DECAY = 0.65
     _C.SOLVER.BETAS = (0.9, 0.999)
     _C.SOLVER.CLIP_GRAD = 0.0
+    _C.SOLVER.COMPILE = "auto"
 
     _C.TEST = CN()
     _C.TEST.BATCH_SIZE = 128
@@ -239,6 +242,7 @@ def validate_cls_cfg(cfg: CN) -> None:
     _check(len(S.BETAS) == 2 and all(0 <= b < 1 for b in S.BETAS),
            f"SOLVER.BETAS: expected two values in [0, 1), got {tuple(S.BETAS)}")
     _check(S.CLIP_GRAD >= 0, f"SOLVER.CLIP_GRAD: expected >= 0 (0 = off), got {S.CLIP_GRAD}")
+    _check(S.COMPILE in COMPILE_CHOICES, f"SOLVER.COMPILE: expected one of {COMPILE_CHOICES}, got {S.COMPILE!r}")
 
     _check(cfg.TEST.BATCH_SIZE >= 1, f"TEST.BATCH_SIZE: expected >= 1, got {cfg.TEST.BATCH_SIZE}")
     _check(cfg.TEST.EVAL_PERIOD >= 1, f"TEST.EVAL_PERIOD: expected >= 1 epoch, got {cfg.TEST.EVAL_PERIOD}")

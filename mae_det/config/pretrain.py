@@ -33,6 +33,10 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction of the
                                     dataset the run fails
     DATA.MAX_PIXELS: 134217728      decode budget per image (see mae_det.data.images.load_image)
+    DATA.DECODE_DEVICE: "cpu"       "cpu": loader workers decode and augment (PIL); "cuda": workers read the
+                                    bytes, the main process decodes JPEGs on the GPU (nvjpeg) and crops, resizes,
+                                    flips and normalizes there, with the same crops and flips as "cpu"
+                                    (mae_det.data.gpu_decode); other files are decoded on CPU as before
     SOLVER.EPOCHS: 800              training epochs
     SOLVER.BATCH_SIZE: 64           images per process per iteration
     SOLVER.ACCUM_ITER: 1            iterations accumulated per optimizer step
@@ -48,8 +52,13 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     SOLVER.CLIP_GRAD: 0.0           max gradient norm (0 = no clipping)
     SOLVER.CHECKPOINT_ITER_PERIOD: 0   also checkpoint every N optimizer steps inside an epoch (0 = off); only
                                     the newest of these is kept
+    SOLVER.COMPILE: "auto"          torch.compile the model in place for the training step: "on", "off", or
+                                    "auto" = on for CUDA only (on CPU the compile time is not repaid; see
+                                    mae_det.engine.compile); quote on/off in YAML files
     CHECKPOINT_PERIOD: 20           checkpoint every N epochs (and always after the last one); these are kept
-    LOG_PERIOD: 20                  optimizer steps between metrics.jsonl / TensorBoard records
+    LOG_PERIOD: 20                  optimizer steps between metrics.jsonl / TensorBoard records; also the
+                                    period of the host sync that checks the loss (a non-finite loss skips the
+                                    update on the device at once and stops the run at the next such check)
     PRECISION: "auto"               "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler, GPU only) or
                                     "auto": bf16 where the device runs it natively, else fp16 on GPU, fp32 on CPU
     DEVICE: "auto"                  "cpu", "cuda" or "auto" (cuda when available)
@@ -80,6 +89,8 @@ MODES = ("mae", "supervised")
 SOURCES = ("auto", "folder", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+DECODE_DEVICES = ("cpu", "cuda")
+COMPILE_CHOICES = ("auto", "on", "off")
 POOLS = ("cls", "mean")
 _ARCH_RE = re.compile(r"^(?:mae_)?vit_([a-z]+)_patch(\d+)$")
 
@@ -126,6 +137,7 @@ def get_pretrain_cfg() -> CN:
     _C.DATA.STD = (0.229, 0.224, 0.225)
     _C.DATA.MAX_BAD_FRACTION = 0.01
     _C.DATA.MAX_PIXELS = DEFAULT_MAX_PIXELS
+    _C.DATA.DECODE_DEVICE = "cpu"
 
     _C.SOLVER = CN()
     _C.SOLVER.EPOCHS = 800
@@ -141,6 +153,7 @@ def get_pretrain_cfg() -> CN:
     _C.SOLVER.DECAY_TOKENS = True
     _C.SOLVER.CLIP_GRAD = 0.0
     _C.SOLVER.CHECKPOINT_ITER_PERIOD = 0
+    _C.SOLVER.COMPILE = "auto"
 
     _C.CHECKPOINT_PERIOD = 20
     _C.LOG_PERIOD = 20
@@ -357,6 +370,10 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     _check(0.0 <= D.MAX_BAD_FRACTION <= 1.0,
            f"DATA.MAX_BAD_FRACTION: expected a value in [0, 1], got {D.MAX_BAD_FRACTION}")
     _check(D.MAX_PIXELS > 0, f"DATA.MAX_PIXELS: expected > 0, got {D.MAX_PIXELS}")
+    _check(D.DECODE_DEVICE in DECODE_DEVICES,
+           f"DATA.DECODE_DEVICE: expected one of {DECODE_DEVICES}, got {D.DECODE_DEVICE!r}")
+    _check(not (D.DECODE_DEVICE == "cuda" and cfg.DEVICE == "cpu"),
+           "DATA.DECODE_DEVICE: cuda decoding needs DEVICE cuda or auto, got DEVICE cpu")
 
     for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_ITER"):
         _check(S[key] >= 1, f"SOLVER.{key}: expected >= 1, got {S[key]}")
@@ -372,6 +389,7 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     _check(S.CLIP_GRAD >= 0, f"SOLVER.CLIP_GRAD: expected >= 0 (0 = off), got {S.CLIP_GRAD}")
     _check(S.CHECKPOINT_ITER_PERIOD >= 0,
            f"SOLVER.CHECKPOINT_ITER_PERIOD: expected >= 0 (0 = off), got {S.CHECKPOINT_ITER_PERIOD}")
+    _check(S.COMPILE in COMPILE_CHOICES, f"SOLVER.COMPILE: expected one of {COMPILE_CHOICES}, got {S.COMPILE!r}")
 
     _check(cfg.CHECKPOINT_PERIOD >= 1, f"CHECKPOINT_PERIOD: expected >= 1 epoch, got {cfg.CHECKPOINT_PERIOD}")
     _check(cfg.LOG_PERIOD >= 1, f"LOG_PERIOD: expected >= 1, got {cfg.LOG_PERIOD}")

@@ -41,6 +41,7 @@ from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +98,34 @@ class AutocastTrainer(SimpleTrainer):
     Args:
         dtype: autocast dtype, or None for plain fp32.
         device_type: "cpu" or "cuda".
+        compiled: a submodule compiled in place (the backbone): a compile error in the first step makes it eager
+            and redoes the step (see :mod:`mae_det.engine.compile`).
     """
 
     def __init__(self, model: nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer, *,
-                 dtype: torch.dtype | None = None, device_type: str = "cpu") -> None:
+                 dtype: torch.dtype | None = None, device_type: str = "cpu", compiled: nn.Module | None = None) -> None:
         super().__init__(model, data_loader, optimizer)
         self.dtype = dtype
         self.device_type = device_type
+        self.unproven_compiled = compiled
 
     def run_step(self) -> None:
         assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        try:
+            loss_dict = self._forward_backward(data)
+        except Exception as e:
+            if self.unproven_compiled is None or not is_compile_error(e):
+                raise
+            fall_back_to_eager(self.unproven_compiled, e, logger)
+            loss_dict = self._forward_backward(data)
+        self.unproven_compiled = None
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+    def _forward_backward(self, data: list[dict]) -> dict[str, torch.Tensor]:
         ctx = torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
         try:
             with ctx:
@@ -123,19 +139,31 @@ class AutocastTrainer(SimpleTrainer):
         self.optimizer.zero_grad()
         losses.backward()
         self.after_backward()
-        self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        return loss_dict
 
 
 def build_step_trainer(cfg: CfgNode, model: nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer) -> SimpleTrainer:
-    """AMPTrainer for fp16 (CUDA), else :class:`AutocastTrainer` (fp32, or bf16 autocast)."""
+    """AMPTrainer for fp16 (CUDA), else :class:`AutocastTrainer` (fp32, or bf16 autocast); compiles the backbone
+    in place first when :func:`backbone_compile_enabled` (with the eager fallback under AutocastTrainer only)."""
     precision = effective_precision(cfg)
+    backbone = getattr(model, "module", model).backbone
+    compiled = compile_in_place(backbone, dynamic=None) if backbone_compile_enabled(cfg) else None
     if precision == "fp16":
         return AMPTrainer(model, data_loader, optimizer)
     return AutocastTrainer(
         model, data_loader, optimizer, dtype=torch.bfloat16 if precision == "bf16" else None,
-        device_type=torch.device(cfg.MODEL.DEVICE).type,
+        device_type=torch.device(cfg.MODEL.DEVICE).type, compiled=compiled,
     )
+
+
+def backbone_compile_enabled(cfg: CfgNode) -> bool:
+    """``MODEL.VIT.COMPILE``: on, off, or auto = on for CUDA when ``SQUARE_PAD`` fixes the input size."""
+    vit = cfg.MODEL.get("VIT")
+    if vit is None:
+        return False
+    if vit.COMPILE == "auto":
+        return torch.device(cfg.MODEL.DEVICE).type == "cuda" and vit.SQUARE_PAD > 0
+    return vit.COMPILE == "on"
 
 
 def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -> DetectionCheckpointer:

@@ -47,6 +47,7 @@ from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,10 @@ def seed_epoch(seed: int, epoch: int) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, num_classes: int,
              skips: SkipCounter | None = None, progress: bool = True) -> dict[str, float]:
-    """Top-1 (and top-5 with >= 10 classes) in percent and the mean cross-entropy over a loader."""
+    """Top-1 (and top-5 with >= 10 classes) in percent and the mean cross-entropy over a loader.
+
+    Eager even for a compiled model: eval mode, no-grad and the eval batch size would each recompile it.
+    """
     was_training = model.training
     model.eval()
     scores, labels = [], []
@@ -263,7 +267,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
         if skips is not None:
             skips.update(len(y), errors)
         if len(y):
-            with autocast(device, dtype):
+            with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
                 logits = model(imgs.to(device, non_blocking=True))  # (B, C)
             scores.append(logits.float().cpu())
             labels.append(y)
@@ -319,10 +323,23 @@ def _train_one_epoch(
     metrics_path: Path,
     skips: SkipCounter,
     bar: tqdm,
+    compile_unproven: bool = False,
 ) -> dict[str, float]:
-    """``steps`` optimizer steps of ``accum`` iterations each; returns the epoch's record for metrics.jsonl."""
+    """``steps`` optimizer steps of ``accum`` iterations each; returns the epoch's record for metrics.jsonl.
+
+    ``compile_unproven``: the model is compiled and has not yet run an optimizer step; a compile error in this
+    epoch's first step makes it eager and redoes that step (see :mod:`mae_det.engine.compile`).
+    """
     model.train()
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    first_step: list[tuple[torch.Tensor, torch.Tensor]] = []  # a compiled first step's inputs, to redo it eagerly
+
+    def forward_backward(imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            loss = criterion(model(imgs), targets)
+        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        return loss
+
     for i, (imgs, labels, errors) in enumerate(loader):
         if i >= steps * accum:
             break
@@ -334,8 +351,17 @@ def _train_one_epoch(
             targets = labels
             if mixup is not None:
                 imgs, targets = mixup(imgs, labels)
-            with autocast(device, dtype):
-                loss = criterion(model(imgs), targets)
+            if compile_unproven:
+                first_step.append((imgs, targets))
+            try:
+                loss = forward_backward(imgs, targets)
+            except Exception as e:
+                if not (compile_unproven and is_compile_error(e)):
+                    raise
+                fall_back_to_eager(model, e, logger)
+                compile_unproven = False
+                opt.zero_grad(set_to_none=True)
+                loss = [forward_backward(*inputs) for inputs in first_step][-1]
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, iteration {i}; the last good "
@@ -343,9 +369,10 @@ def _train_one_epoch(
                 )
             loss_sum += loss.item()
             seen += len(labels)
-            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
         if (i + 1) % accum:
             continue
+        compile_unproven = False
+        first_step.clear()
         if scaler is not None:
             scaler.unscale_(opt)
         if clip_grad > 0:
@@ -408,6 +435,9 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
 
     torch.manual_seed(cfg.SEED)
     model = build_classifier(cfg, num_classes).to(device)
+    compiled = resolve_compile(S.COMPILE, device)
+    if compiled:
+        compile_in_place(model)
     eff_batch = S.BATCH_SIZE * accum
     lr = S.LR or S.BASE_LR * eff_batch / 256
     groups = build_param_groups(model, S.WEIGHT_DECAY, no_decay_names=("pos_embed", "cls_token"),
@@ -438,9 +468,9 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         logger.info("resumed from %s at epoch %d", last, start_epoch)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
-    logger.info("fine-tuning %d classes, %d train / %d val images, %d steps/epoch, batch %d x %d, lr %.3g, %s",
-                num_classes, len(train_set), len(val_set), steps_per_epoch, S.BATCH_SIZE, accum, lr,
-                f"autocast {dtype}" if dtype else "fp32")
+    logger.info("fine-tuning %d classes, %d train / %d val images, %d steps/epoch, batch %d x %d, lr %.3g, %s, "
+                "compile %s", num_classes, len(train_set), len(val_set), steps_per_epoch, S.BATCH_SIZE, accum, lr,
+                f"autocast {dtype}" if dtype else "fp32", compiled)
 
     val_loader = folder_loader(val_set, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device)
     metrics_path = out / "metrics.jsonl"
@@ -453,7 +483,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         record = _train_one_epoch(
             model, loader, opt, sched, scaler, mixup, criterion, epoch=epoch, steps=steps_per_epoch, accum=accum,
             device=device, dtype=dtype, clip_grad=S.CLIP_GRAD, log_period=cfg.LOG_PERIOD, metrics_path=metrics_path,
-            skips=skips, bar=bar,
+            skips=skips, bar=bar, compile_unproven=compiled and epoch == start_epoch,
         )
         bar.close()
         skips.check()

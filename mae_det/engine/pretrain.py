@@ -16,6 +16,11 @@ A checkpoint is ``{"model", "optimizer", "scheduler", "scaler", "epoch", "iter",
 "rng", "bad_indices", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it loads with
 ``torch.load(weights_only=True)``; ``model`` uses the official MAE key names.
 
+Non-finite losses: the loss is checked on the host only every LOG_PERIOD steps (and before each checkpoint),
+because a check per step would stall an accelerator on every step. In between, a non-finite loss sets a flag on the
+device that makes every following AdamW update a no-op (the fused step's ``found_inf``, as with a gradient scaler),
+so the weights never take it; the check then stops the run naming the first such step.
+
 Determinism: the data order, crops, flips and mask noise derive from (seed, epoch, sample index) (see
 ``mae_det.data.pretrain``), and the global torch RNG (drop path) is reseeded from (seed, epoch, iteration, rank)
 before every iteration, so a resumed run repeats the uninterrupted one exactly, and a run's result does not depend
@@ -52,6 +57,7 @@ from ..modeling.vit import VisionTransformer
 from ..utils import dist as du
 from .launch import init_distributed, launched_externally, requeue, stop_requested
 from ..utils.provenance import write_run_info
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
 
@@ -276,6 +282,17 @@ class Pretrainer:
         warmup = int(round(cfg.SOLVER.WARMUP_EPOCHS * self.steps_per_epoch))
         self.scheduler = build_warmup_cosine_lr(self.optimizer, self.total_steps, warmup, cfg.SOLVER.MIN_LR / self.lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # 1 once a non-finite loss was seen: the fused AdamW then skips its updates on the device (fp16: the scaler
+        # skips them, the loss of every later step being poisoned). See the module docstring.
+        self._found_inf = torch.zeros((), device=self.device)
+        if self.precision != "fp16":
+            self.optimizer.found_inf = self._found_inf
+        self._unchecked: list[tuple[int, int, int, float, list[torch.Tensor]]] = []  # steps since the last check
+        self._checked_at = (time.perf_counter(), 0)  # (time, global step) of the last check
+        self.compiled = resolve_compile(cfg.SOLVER.COMPILE, self.device)
+        if self.compiled:
+            compile_in_place(self.model)
+        self._compile_unproven = self.compiled  # until one optimizer step has run compiled
 
         self.epoch = 0  # completed epochs
         self.iter = 0  # optimizer steps completed inside the current epoch
@@ -357,6 +374,7 @@ class Pretrainer:
         mid_epoch = self.iter > 0
         name = f"checkpoint_{self.epoch:04d}_{self.iter:06d}.pth" if mid_epoch else f"checkpoint_{self.epoch:04d}.pth"
         path = self.out / name
+        self._check_losses()
         broken = [n for n, p in self._bare_model().named_parameters() if not torch.isfinite(p).all()]
         if broken:
             raise NonFiniteLossError(
@@ -419,6 +437,43 @@ class Pretrainer:
                 loss, _ = self.model(imgs, batch["target"].to(self.device, non_blocking=True))
         return loss
 
+    def _micro_step(self, batch: dict, micro: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its loss averaged over processes, on the device."""
+        torch.manual_seed(step_seed(self.cfg.SEED, self.epoch, micro, self.rank))
+        ddp = isinstance(self.model, DistributedDataParallel)
+        with self.model.no_sync() if ddp and not sync else nullcontext():
+            loss = self._forward(batch)
+            if self.precision == "fp16":  # NaN gradients make the scaler skip every step after a non-finite loss
+                loss = loss * torch.where(self._found_inf > 0, float("nan"), 1.0)
+            self.scaler.scale(loss / self.accum).backward()
+        loss = du.all_reduce_mean(loss.detach().float())
+        self._found_inf.copy_(torch.where(torch.isfinite(loss), self._found_inf, 1.0))
+        return loss
+
+    def _check_losses(self) -> float | None:
+        """The host sync: adds the steps since the last check to the epoch's loss sum, or stops the run at the
+        first non-finite loss among them. Returns the loss of the newest step (None when there was none)."""
+        if not self._unchecked:
+            return None
+        values = torch.stack([v for *_, losses in self._unchecked for v in losses]).tolist()  # one copy to the host
+        step_loss = None
+        for n, (epoch, first_micro, step, _, losses) in enumerate(self._unchecked):
+            vals, values = values[: len(losses)], values[len(losses):]
+            bad = [j for j, v in enumerate(vals) if not math.isfinite(v)]
+            if bad:
+                later = len(self._unchecked) - n - 1
+                where = self.last_good if self.last_good is not None else "none written yet"
+                raise NonFiniteLossError(
+                    f"loss_{self.mode} = {vals[bad[0]]} at epoch {epoch + 1}, iteration {first_micro + bad[0]} "
+                    f"(global step {step}); the weights were not updated with it"
+                    + (f" nor in the {later} steps until this check" if later else "")
+                    + f"; last good checkpoint: {where}"
+                )
+            step_loss = sum(vals) / len(vals)
+            self.epoch_loss_sum += step_loss
+        self._unchecked.clear()
+        return step_loss
+
     def _optimizer_step(self) -> None:
         if self.cfg.SOLVER.CLIP_GRAD > 0:
             self.scaler.unscale_(self.optimizer)
@@ -444,51 +499,57 @@ class Pretrainer:
         cfg, accum = self.cfg, self.accum
         start_micro = self.iter * accum
         self.sampler.set_epoch(self.epoch, start_micro)
-        ddp = isinstance(self.model, DistributedDataParallel)
         with pbar_cls(total=self.steps_per_epoch, initial=self.iter, desc=f"epoch {self.epoch + 1}/{cfg.SOLVER.EPOCHS}",
                       unit="step", dynamic_ncols=True, disable=not self.main) as pbar:
-            step_losses: list[float] = []
-            t_step = time.perf_counter()
+            self._pbar = pbar
+            step_losses: list[torch.Tensor] = []
+            first_step: list[tuple[dict, int, bool]] = []  # a compiled first step's batches, to redo it eagerly
             micro = start_micro
             for batch in self.loader:
                 self._note_bad(batch["bad"])
-                torch.manual_seed(step_seed(cfg.SEED, self.epoch, micro, self.rank))
                 sync = (micro + 1) % accum == 0
-                with self.model.no_sync() if ddp and not sync else nullcontext():
-                    loss = self._forward(batch)
-                    self.scaler.scale(loss / accum).backward()
-                loss_value = float(du.all_reduce_mean(loss.detach().float()))
-                if not math.isfinite(loss_value):
-                    where = self.last_good if self.last_good is not None else "none written yet"
-                    raise NonFiniteLossError(
-                        f"loss_{self.mode} = {loss_value} at epoch {self.epoch + 1}, iteration {micro} "
-                        f"(global step {self.global_step}); the weights were not updated with it; "
-                        f"last good checkpoint: {where}"
-                    )
-                step_losses.append(loss_value)
+                if self._compile_unproven:
+                    first_step.append((batch, micro, sync))
+                try:
+                    loss = self._micro_step(batch, micro, sync)
+                except Exception as e:
+                    if not (self._compile_unproven and is_compile_error(e)):
+                        raise
+                    fall_back_to_eager(self._bare_model(), e, logger)
+                    self._compile_unproven = False
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._found_inf.zero_()
+                    step_losses = [self._micro_step(b, m, s) for b, m, s in first_step]
+                    loss = step_losses.pop()
+                step_losses.append(loss)
                 micro += 1
                 if not sync:
                     continue
+                self._compile_unproven = False
+                first_step.clear()
                 lr = max(g["lr"] for g in self.optimizer.param_groups)
                 self._optimizer_step()
+                self._unchecked.append((self.epoch, micro - accum, self.global_step, lr, step_losses))
+                step_losses = []
                 self.iter += 1
                 self.global_step += 1
-                step_loss = sum(step_losses) / len(step_losses)
-                step_losses.clear()
-                self.epoch_loss_sum += step_loss
-                now = time.perf_counter()
-                img_s = self.eff_batch / max(now - t_step, 1e-9)
-                t_step = now
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
-                self._after_step(step_loss, lr, img_s)
+                self._after_step()
+        self._check_losses()
         return self.epoch_loss_sum / max(self.iter, 1)
 
-    def _after_step(self, loss: float, lr: float, img_s: float) -> None:
-        """Metrics every LOG_PERIOD steps; a mid-epoch checkpoint every SOLVER.CHECKPOINT_ITER_PERIOD steps; a
-        checkpoint and a requeue when a submitted job was told to stop (preemption or time limit, see
-        ``launch.stop_requested``)."""
+    def _after_step(self) -> None:
+        """Every LOG_PERIOD steps the loss check and the metrics; a mid-epoch checkpoint every
+        SOLVER.CHECKPOINT_ITER_PERIOD steps; a checkpoint and a requeue when a submitted job was told to stop
+        (preemption or time limit, see ``launch.stop_requested``)."""
         if self.global_step % self.cfg.LOG_PERIOD == 0:
+            lr = self._unchecked[-1][3]
+            loss = self._check_losses()
+            now = time.perf_counter()
+            then, step = self._checked_at
+            img_s = self.eff_batch * (self.global_step - step) / max(now - then, 1e-9)
+            self._checked_at = (now, self.global_step)
+            self._pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
             self._metrics({
                 "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
                 "iter": self.iter, "loss": loss, "lr": lr, "img_per_s": img_s,
@@ -523,11 +584,12 @@ class Pretrainer:
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         logger.info(
             "%s pretraining of %s on %d images (%s): %d processes, effective batch %d (accumulation %d), "
-            "lr %.3g, %d epochs x %d steps, precision %s, device %s",
+            "lr %.3g, %d epochs x %d steps, precision %s, device %s, compile %s",
             self.mode, cfg.MODEL.ARCH, len(self.dataset), self.data_root, self.world, self.eff_batch, self.accum,
-            self.lr, cfg.SOLVER.EPOCHS, self.steps_per_epoch, self.precision, self.device,
+            self.lr, cfg.SOLVER.EPOCHS, self.steps_per_epoch, self.precision, self.device, self.compiled,
         )
         record: dict[str, Any] = {}
+        self._checked_at = (time.perf_counter(), self.global_step)
         self.model.train()
         try:
             while self.epoch < cfg.SOLVER.EPOCHS:

@@ -359,3 +359,32 @@ def test_knn_monitor_logs_at_its_period(images, tmp_path):
     assert "kNN top-1" in (tmp_path / "out" / "log.txt").read_text()
 
 
+def test_non_finite_loss_skips_every_update_until_the_next_check(images, tmp_path, monkeypatch):
+    # LOG_PERIOD 4: the host sees the losses once per epoch (4 steps); a NaN loss in step 2 must not reach the
+    # weights, nor must the updates of steps 3 and 4 taken before the check, which then names step 2.
+    real_forward, real_step, calls, weights = P.Pretrainer._forward, P.Pretrainer._optimizer_step, {"n": 0}, []
+
+    def forward(self, batch):
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    def step(self):
+        real_step(self)
+        weights.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(P.Pretrainer, "_forward", forward)
+    monkeypatch.setattr(P.Pretrainer, "_optimizer_step", step)
+    t = P.Pretrainer(make_cfg(images, tmp_path, "LOG_PERIOD", "4", "SOLVER.WARMUP_EPOCHS", "0"))
+    t.out.mkdir(parents=True, exist_ok=True)
+    initial = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(P.NonFiniteLossError) as info:
+        t.train()
+    assert str(info.value) == ("loss_mae = nan at epoch 1, iteration 1 (global step 1); the weights were not updated "
+                               "with it nor in the 2 steps until this check; last good checkpoint: none written yet")
+    assert len(weights) == 4  # no host sync stopped the steps in between
+    assert any(not torch.equal(initial[k], weights[0][k]) for k in initial)  # step 1 was a real update
+    for later in weights[1:]:
+        assert all(torch.equal(weights[0][k], later[k]) for k in initial)
+    assert all(int(s["step"]) == 1 for s in t.optimizer.state.values())  # AdamW's count skipped them too
+    assert not (tmp_path / "metrics.jsonl").exists() or not records(tmp_path, "train")

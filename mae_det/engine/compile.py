@@ -1,0 +1,64 @@
+"""``torch.compile`` for the training loops: resolved from a config value, applied in place, with an eager fallback.
+
+In place (``nn.Module.compile()``): the module keeps its class and its state-dict keys (no ``_orig_mod.`` prefix),
+so checkpoints written with compile on and off load into each other. Only the module's ``__call__`` is compiled:
+code that calls its methods or submodules directly (the kNN monitor, reconstructions, evaluation) runs eagerly and
+cannot trigger recompiles of the training graph.
+
+Compilation is lazy: Dynamo and Inductor compile the forward graph at the first call and the backward graph at the
+first backward, so a compile error can surface anywhere inside the first optimizer step. The loops therefore run
+that step under :func:`is_compile_error` and, on such an error, :func:`fall_back_to_eager` and redo the whole step.
+
+``auto`` compiles on CUDA only. On CPU it does not pay: a 2-block 192-d MAE at 64 px, batch 4, bf16, one thread
+took 33.5 s for its first (compiling) step and 11.3 ms per later step, against 6.0 ms per step eagerly
+(contended 2-core machine, torch 2.14.1).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+# Plain Inductor: max-autotune would multiply the compile time (minutes per model) for a few percent.
+BACKEND = "inductor"
+
+
+def resolve_compile(value: str, device: torch.device) -> bool:
+    """Whether to compile: ``on``/``off`` as given, ``auto`` = on for CUDA devices only."""
+    if value == "auto":
+        return device.type == "cuda"
+    return value == "on"
+
+
+def compile_in_place(module: nn.Module, dynamic: bool | None = False) -> nn.Module:
+    """Compiles ``module``'s ``__call__`` in place; ``dynamic=False`` (static shapes) suits a pretraining step,
+    whose shapes are fixed; None lets Dynamo mark sizes dynamic after a first change (detection inputs)."""
+    module.compile(backend=BACKEND, dynamic=dynamic)
+    return module
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def is_compile_error(e: BaseException) -> bool:
+    """A Dynamo/Inductor failure (tracing, lowering, C++/Triton compilation), as opposed to an error of the model."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, OperatorIssue
+
+    return isinstance(e, (TorchDynamoException, CppCompileError, InvalidCxxCompiler, OperatorIssue))
+
+
+def fall_back_to_eager(module: nn.Module, error: BaseException, logger: logging.Logger) -> None:
+    """Undoes :func:`compile_in_place` and says so in one warning line."""
+    module._compiled_call_impl = None  # the attribute nn.Module.compile() sets; None is eager __call__
+    root = error
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner  # Dynamo wraps the backend's own error
+    lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+    why = f"{type(root).__name__}: {lines[0] if lines else 'no details'}"
+    if root is not error:
+        why = f"{type(error).__name__} <- {why}"
+    logger.warning("torch.compile failed in the first optimizer step (%s); redoing that step eagerly and training "
+                   "without compile", why)

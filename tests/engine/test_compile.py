@@ -1,0 +1,150 @@
+"""torch.compile in the training loops: same losses as eager, no recompiles after warm-up, interchangeable
+checkpoints, and the eager fallback on a compile error.
+
+Most tests use Dynamo with the ``aot_eager`` backend: the same graph capture, guards, recompiles and AOT-autograd
+forward/backward split as Inductor, without its C++ compilation (tens of seconds per graph on a CPU); the Inductor
+equality test is marked slow.
+"""
+import shutil
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+from mae_det.checkpoint import load_checkpoint
+from mae_det.config.vit_backbone import add_vit_config
+from mae_det.engine import compile as C
+from mae_det.engine import finetune_cls as F
+from mae_det.engine import pretrain as P
+from mae_det.engine.det_trainer import backbone_compile_enabled
+from tests.engine.test_finetune_cls import color_folders, tiny_cfg as cls_cfg
+from tests.engine.test_pretrain import make_cfg, records, write_textures
+from tests.modeling.test_backbone import build as build_backbone, tiny_cfg as backbone_cfg
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every model here is new: Dynamo's cache of earlier tests' models would count as recompiles."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_textures(tmp_path_factory.mktemp("compile_data") / "imgs", 32)
+
+
+def _broken_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler on this machine")
+
+
+def _strict_after_first_step(monkeypatch):
+    """From the second optimizer step on, any recompile raises instead of silently running eagerly."""
+    real, calls = P.Pretrainer._optimizer_step, {"n": 0}
+
+    def step(self):
+        real(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            torch.compiler.set_stance("fail_on_recompile")
+
+    monkeypatch.setattr(P.Pretrainer, "_optimizer_step", step)
+    return calls
+
+
+def test_resolve_compile():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [C.resolve_compile(v, cpu) for v in ("auto", "on", "off")] == [False, True, False]
+    assert [C.resolve_compile(v, cuda) for v in ("auto", "on", "off")] == [True, True, False]
+    cfg = add_vit_config(get_cfg())
+    assert not backbone_compile_enabled(cfg)  # auto on CPU
+    cfg.MODEL.DEVICE, cfg.MODEL.VIT.SQUARE_PAD = "cuda", 1024
+    assert backbone_compile_enabled(cfg)
+    cfg.MODEL.VIT.SQUARE_PAD = 0  # unpadded inputs: every new size would recompile
+    assert not backbone_compile_enabled(cfg)
+    cfg.MODEL.DEVICE, cfg.MODEL.VIT.COMPILE = "cpu", "on"
+    assert backbone_compile_enabled(cfg)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_pretrain_compiled_equals_eager_without_recompiles(images, tmp_path, monkeypatch, backend):
+    for split in ("train", "val"):
+        for cls, seed in (("a", 0), ("b", 50)):
+            write_textures(tmp_path / "knn" / split / cls, 4, size=32, seed=seed + (split == "val"))
+    opts = ["SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "4", "SOLVER.ACCUM_ITER", "2", "MONITOR.KNN.ENABLED", "True",
+            "MONITOR.KNN.PERIOD", "1", "MONITOR.KNN.TRAIN_ROOT", str(tmp_path / "knn" / "train"),
+            "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"), "MONITOR.KNN.K", "3"]
+    P.run_pretrain(make_cfg(images, tmp_path / "eager", *opts, "SOLVER.COMPILE", "off"))
+    monkeypatch.setattr(C, "BACKEND", backend)
+    steps = _strict_after_first_step(monkeypatch)
+    # 8 optimizer steps of 2 micro-batches, a kNN monitor pass (eval mode, other batch size) after each epoch
+    P.run_pretrain(make_cfg(images, tmp_path / "compiled", *opts, "SOLVER.COMPILE", "on"))
+    assert steps["n"] == 8
+    torch.compiler.set_stance("default")
+    eager, compiled = (records(tmp_path / n, "train") for n in ("eager", "compiled"))
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    knn = [[r["knn_top1"] for r in records(tmp_path / n, "epoch")] for n in ("eager", "compiled")]
+    assert knn[0] == knn[1]
+
+    # checkpoints are interchangeable: same keys (no "_orig_mod."), and each side resumes the other's
+    ce, cc = (load_checkpoint(tmp_path / n / "checkpoint_0002.pth")["model"] for n in ("eager", "compiled"))
+    assert list(ce) == list(cc)
+    assert all(torch.allclose(ce[k], cc[k], atol=1e-4) for k in ce)
+    shutil.copytree(tmp_path / "compiled", tmp_path / "resumed")
+    P.run_pretrain(make_cfg(images, tmp_path / "resumed", *opts, "SOLVER.EPOCHS", "3", "SOLVER.COMPILE", "off"),
+                   resume=True)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint_0003.pth")["global_step"] == 12
+    t = P.Pretrainer(make_cfg(images, tmp_path / "eager", *opts, "SOLVER.COMPILE", "on"))
+    assert C.is_compiled(t.model) and t.load_last_checkpoint()
+    assert all(torch.equal(v, ce[k]) for k, v in t.model.state_dict().items())
+
+
+def test_pretrain_compile_error_redoes_the_first_step_eagerly(images, tmp_path, monkeypatch):
+    opts = ["SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "4", "SOLVER.ACCUM_ITER", "2", "MODEL.DROP_PATH", "0.1"]
+    P.run_pretrain(make_cfg(images, tmp_path / "eager", *opts, "SOLVER.COMPILE", "off"))
+    monkeypatch.setattr(C, "BACKEND", _broken_backend)
+    P.run_pretrain(make_cfg(images, tmp_path / "fallback", *opts, "SOLVER.COMPILE", "on"))
+    warnings = [ln for ln in (tmp_path / "fallback" / "log.txt").read_text().splitlines() if "torch.compile" in ln]
+    assert len(warnings) == 1 and "redoing that step eagerly" in warnings[0] and "no C++ compiler" in warnings[0]
+    # the redone step is the eager step: same seeds, same batches, bit for bit
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint_0002.pth") for n in ("eager", "fallback"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["loss"] for r in records(tmp_path / "eager", "train")] == \
+        [r["loss"] for r in records(tmp_path / "fallback", "train")]
+
+
+def test_finetune_compiled_matches_eager_and_falls_back(tmp_path, monkeypatch):
+    color_folders(tmp_path / "data", 8, 2)
+    over = {"SOLVER.EPOCHS": 2, "AUG.RAND_AUGMENT": "", "MODEL.DROP_PATH": 0.0}
+    eager = F.finetune(cls_cfg(tmp_path / "data", tmp_path / "eager", **over, **{"SOLVER.COMPILE": "off"}),
+                       progress=False)
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    compiled = F.finetune(cls_cfg(tmp_path / "data", tmp_path / "compiled", **over, **{"SOLVER.COMPILE": "on"}),
+                          progress=False)
+    assert compiled["finetune_top1"] == eager["finetune_top1"]
+    ke, kc = (load_checkpoint(tmp_path / n / "checkpoint_0002.pth")["model"] for n in ("eager", "compiled"))
+    assert list(ke) == list(kc) and all(torch.allclose(ke[k], kc[k], atol=1e-4) for k in ke)
+    torch._dynamo.reset()
+    monkeypatch.setattr(C, "BACKEND", _broken_backend)
+    F.finetune(cls_cfg(tmp_path / "data", tmp_path / "fallback", **over, **{"SOLVER.COMPILE": "on"}), progress=False)
+    kf = load_checkpoint(tmp_path / "fallback" / "checkpoint_0002.pth")["model"]
+    assert all(torch.allclose(ke[k], kf[k], atol=1e-5) for k in ke)
+
+
+def test_compiled_backbone_same_features_and_keys(monkeypatch):
+    eager, compiled = build_backbone(backbone_cfg()), build_backbone(backbone_cfg())
+    keys = list(compiled.state_dict())
+    monkeypatch.setattr(C, "BACKEND", "aot_eager")
+    C.compile_in_place(compiled, dynamic=None)
+    x = torch.randn(2, 3, 128, 128)
+    a, b = eager(x), compiled(x)
+    assert C.is_compiled(compiled) and a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    sum(v.sum() for v in b.values()).backward()
+    assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
+    assert list(compiled.state_dict()) == keys and type(compiled) is type(eager)
