@@ -27,7 +27,8 @@ from ..utils import dist as du
 
 logger = logging.getLogger(__name__)
 
-# Test hook: "SIG:STEP[:RANK]" (e.g. "USR2:3:1") makes that rank send itself SIGSIG at that step boundary.
+# Test hook: "SIG:STEP[:RANK],..." (e.g. "USR2:3:1,TERM:6") makes that rank (default 0) send itself SIG<SIG> at the
+# boundary after that step (the resumed job repeats no step, so each fires once).
 TEST_SIGNAL_ENV = "MAE_DET_TEST_SIGNAL"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -77,7 +78,7 @@ class _Guard:
         env = JobEnvironment()
         # Created at the start of the job, as submitit's own, so that it can tell a time-out from a preemption.
         self.requeuer = SignalHandler(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
-        self.test_signal = _parse_test_signal(os.environ.get(TEST_SIGNAL_ENV, ""))
+        self.test_signals = _parse_test_signals(os.environ.get(TEST_SIGNAL_ENV, ""))
         self._group: Any = None
 
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -93,16 +94,20 @@ class _Guard:
         return self._group
 
 
-def _parse_test_signal(spec: str) -> tuple[signal.Signals, int, int] | None:
-    if not spec:
-        return None
-    parts = spec.split(":")
-    try:
-        sig = signal.Signals["SIG" + parts[0]]
-        step, rank = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
-    except (KeyError, IndexError, ValueError):
-        raise ValueError(f"{TEST_SIGNAL_ENV}: expected SIG:STEP[:RANK] such as USR2:3:1, got {spec!r}") from None
-    return sig, step, rank
+def _parse_test_signals(spec: str) -> dict[tuple[int, int], signal.Signals]:
+    """``"USR2:3:1,TERM:6"`` -> {(step, rank): signal}."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        parts = item.split(":")
+        try:
+            if len(parts) > 3:
+                raise ValueError
+            out[int(parts[1]), int(parts[2]) if len(parts) > 2 else 0] = signal.Signals["SIG" + parts[0]]
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"{TEST_SIGNAL_ENV}: expected SIG:STEP[:RANK],... such as USR2:3:1,TERM:6, got {spec!r}"
+            ) from None
+    return out
 
 
 _guard: _Guard | None = None
@@ -131,8 +136,8 @@ def stop_requested(step: int) -> bool:
     g = _guard
     if g is None:
         return False
-    if g.test_signal is not None and (step, du.get_rank()) == g.test_signal[1:]:
-        os.kill(os.getpid(), g.test_signal[0])
+    if (step, du.get_rank()) in g.test_signals:
+        os.kill(os.getpid(), g.test_signals[step, du.get_rank()])
     flag = torch.tensor([g.signum], dtype=torch.int32)
     if du.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g.cpu_group())

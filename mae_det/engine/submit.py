@@ -71,7 +71,7 @@ class TrainerJob:
         with preemption_guard():
             code = run_tool(self.tool, self.argv)
         if code:
-            raise RuntimeError(f"tools/{self.tool}.py exited with code {code}; see the task's stderr for the error line")
+            raise RuntimeError(f"tools/{self.tool}.py exited with code {code}; its error line is in the task's stderr")
         return code
 
     def checkpoint(self) -> Any:
@@ -156,6 +156,17 @@ def parse_sbatch_options(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def slurm_parameters(args: argparse.Namespace, tasks_per_node: int, cpus_per_task: int) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters (its names for the sbatch options) for the job's resources."""
+    params = dict(
+        job_name=args.name, nodes=args.nodes, ntasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=cpus_per_task, mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
+        time=max(1, int(round(args.timeout))), signal_delay_s=args.signal_delay, setup=list(args.setup),
+        additional_parameters=parse_sbatch_options(args.sbatch),
+    )
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def build_executor(args: argparse.Namespace, tasks_per_node: int, cpus_per_task: int) -> Any:
     """A submitit SlurmExecutor (or LocalExecutor for ``--cluster local``) with the job's resources."""
     import submitit
@@ -166,13 +177,7 @@ def build_executor(args: argparse.Namespace, tasks_per_node: int, cpus_per_task:
                              timeout_min=args.timeout, signal_delay_s=args.signal_delay, setup=list(args.setup))
         return ex
     ex = submitit.SlurmExecutor(args.job_dir, max_num_timeout=args.max_num_timeout)
-    params = dict(
-        job_name=args.name, nodes=args.nodes, ntasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node or None,
-        cpus_per_task=cpus_per_task, mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
-        time=max(1, int(round(args.timeout))), signal_delay_s=args.signal_delay, setup=list(args.setup),
-        additional_parameters=parse_sbatch_options(args.sbatch),
-    )
-    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    ex.update_parameters(**slurm_parameters(args, tasks_per_node, cpus_per_task))
     return ex
 
 
