@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate Mask R-CNN with the ViT-FPN backbone from a Detectron2 yacs config.
+"""Train or evaluate Mask / Cascade R-CNN or UperNet semantic segmentation with the ViT backbone from a yacs config.
 
     python tools/train_net.py --config-file configs/COCO/mask_rcnn_vit_b_mae.yaml --num-gpus 8 \\
         MODEL.WEIGHTS mae_pretrain_vit_base.pth
@@ -8,7 +8,9 @@
         MODEL.WEIGHTS output/coco/vit_b_mae/model_final.pth
 
 OUTPUT_DIR receives config.yaml, run_info.json, log.txt, metrics.json, TensorBoard events, model_*.pth +
-last_checkpoint, inference/ and ap_results.json. Without a GPU, MODEL.DEVICE falls back to cpu and
+last_checkpoint, inference/ and ap_results.json (COCO datasets) or sem_seg_results.json (semantic datasets:
+mIoU, fwIoU, mean and pixel accuracy, per-class IoU; the evaluator follows the dataset's evaluator_type).
+Without a GPU, MODEL.DEVICE falls back to cpu and
 ``--num-gpus N`` starts N CPU processes (gloo). Exit codes: 0 done, 2 bad config / dataset / checkpoint (one
 ``error:`` line), 3 training stopped on a non-finite loss (the last checkpoint is kept).
 """
@@ -28,6 +30,7 @@ from detectron2.utils import comm  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
+from mae_det.data.semantic import register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, build_checkpointer, completed_iterations, run_with_exit_codes, write_det_run_info,
 )
@@ -36,6 +39,7 @@ from mae_det.engine.launch import init_detectron2_distributed, launched_external
 
 def main(args):
     cfg = setup_det_cfg(args)
+    register_sem_seg_datasets(cfg)
     register_datasets(cfg)
     if comm.is_main_process():
         write_det_run_info(cfg, eval_only=args.eval_only)
@@ -50,7 +54,9 @@ def main(args):
 
 def check_inputs(args):
     """Config and dataset paths, checked once before any process is started."""
-    register_datasets(load_det_cfg(args.config_file, args.opts, training=not args.eval_only))
+    cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
+    register_sem_seg_datasets(cfg)
+    register_datasets(cfg)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .pretrain import ConfigError
-from .vit_backbone import add_vit_config, validate_vit_config
+from .semantic import add_sem_seg_config, validate_sem_seg_config
+from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config
 
 OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -80,10 +81,12 @@ def add_det_train_config(cfg: CN) -> None:
 
 
 def get_det_cfg() -> CN:
-    """Detectron2's ``get_cfg()`` plus :func:`add_vit_config` and :func:`add_det_train_config`."""
+    """Detectron2's ``get_cfg()`` plus :func:`add_vit_config`, :func:`add_det_train_config` and
+    :func:`~mae_det.config.semantic.add_sem_seg_config`."""
     cfg = get_cfg()
     add_vit_config(cfg)
     add_det_train_config(cfg)
+    add_sem_seg_config(cfg)
     return cfg
 
 
@@ -145,11 +148,14 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
                f"MODEL.INIT_TYPE is 'scratch' but MODEL.WEIGHTS is set ({cfg.MODEL.WEIGHTS}): clear one of them")
         _check(init == "scratch" or bool(cfg.MODEL.WEIGHTS),
                f"MODEL.INIT_TYPE is {init!r} but MODEL.WEIGHTS is empty: give the initialization checkpoint")
-    if cfg.MODEL.BACKBONE.NAME == "build_vit_fpn_backbone":
-        try:
+    try:
+        validate_sem_seg_config(cfg)
+        if cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES:
             validate_vit_config(cfg)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    clash = names & {entry[0] for entry in cfg.DATASETS.REGISTER_SEM_SEG}
+    _check(not clash, f"DATASETS.REGISTER and DATASETS.REGISTER_SEM_SEG both name {sorted(clash)}")
 
 
 def _merge(cfg: CN, config_file: str, opts: list[str]) -> None:

@@ -423,3 +423,62 @@ def generate_shapes(
     }
     _write_json(info_path, info)
     return info
+
+
+# ------------------------------------------------------------------------------------------ semantic split
+SEMANTIC_SPLITS: tuple[str, ...] = ("train", "val")
+
+
+def semantic_label_map(annotations: list[dict[str, Any]], rank: dict[int, int], height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 label map of one image from its COCO annotations: 0 = background, ``rank[category_id]`` on
+    every instance pixel (the stored masks are the visible pixels, so instances do not overlap)."""
+    label = np.zeros((height, width), dtype=np.uint8)
+    for a in annotations:
+        label[mask_utils.decode(a["segmentation"]).astype(bool)] = rank[a["category_id"]]
+    return label
+
+
+def write_semantic_split(root: str | os.PathLike, splits: tuple[str, ...] = SEMANTIC_SPLITS,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Writes the semantic-segmentation view of a generated dataset: one label PNG per detection image.
+
+    The labels come from the instance masks of ``annotations/instances_<split>.json`` (exactly the shapes drawn),
+    so the images stay those of ``images/<split>/``. Background is a class (value 0, "background"), so every
+    pixel is labelled and mIoU includes it; shape classes follow the json's categories in id order (values
+    1..K). Layout (rewritten on every call)::
+
+        semantic/<split>/NNNNNN.png   mode "L" label maps, same file names as images/<split>/
+        semantic/classes.txt          one class name per line, line k = value k
+
+    Returns:
+        ``{"classes": [...], "counts": {split: images}}``.
+    """
+    root = Path(root)
+    out_root = root / "semantic"
+    if out_root.exists():
+        shutil.rmtree(out_root)
+    classes: list[str] = []
+    counts = {}
+    for split in splits:
+        t0 = time.perf_counter()
+        coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text(encoding="utf-8"))
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        rank = {c["id"]: i + 1 for i, c in enumerate(cats)}
+        split_classes = ["background", *(c["name"] for c in cats)]
+        if classes and split_classes != classes:
+            raise ValueError(f"instances_{split}.json has categories {split_classes[1:]}, other splits {classes[1:]}")
+        classes = split_classes
+        per_image: dict[int, list[dict[str, Any]]] = {}
+        for a in coco["annotations"]:
+            per_image.setdefault(a["image_id"], []).append(a)
+        out_dir = out_root / split
+        out_dir.mkdir(parents=True)
+        for img in coco["images"]:
+            label = semantic_label_map(per_image.get(img["id"], []), rank, img["height"], img["width"])
+            path = out_dir / f"{Path(img['file_name']).stem}.png"
+            if not cv2.imwrite(str(path), label, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+                raise OSError(f"could not write label map {path}")
+        counts[split] = len(coco["images"])
+        log(f"[shapes] semantic {split}: {counts[split]} label maps in {time.perf_counter() - t0:.1f}s")
+    atomic_write_text(out_root / "classes.txt", "\n".join(classes) + "\n")
+    return {"classes": classes, "counts": counts}

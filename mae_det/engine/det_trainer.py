@@ -1,4 +1,4 @@
-"""Detectron2 training of Mask R-CNN with the ViT backbone (the yacs path of ``tools/train_net.py``).
+"""Detectron2 training of Mask / Cascade R-CNN and UperNet with the ViT backbone (the yacs path of ``tools/train_net.py``).
 
 :class:`Trainer` is Detectron2's ``DefaultTrainer`` with: AdamW + layer-wise lr decay + ViTDet's weight-decay
 exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU or GPU / fp16 AMPTrainer);
@@ -6,6 +6,10 @@ exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU
 ``OUTPUT_DIR/ap_results.json``; a clean stop on a non-finite loss that leaves the last checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
 ``data/skipped_images`` in metrics.json.
+
+Semantic segmentation (a ``SemanticSegmentor`` meta-architecture) uses the semantic mapper, a test dataset of
+``evaluator_type`` "sem_seg" is scored by Detectron2's SemSegEvaluator into ``sem_seg_results.json``, and
+``SOLVER.LR_SCHEDULER_NAME`` "WarmupPolyLR" gives mmsegmentation's poly decay.
 """
 from __future__ import annotations
 
@@ -25,19 +29,26 @@ from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator
 from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as build_d2_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_text
 from ..checkpoint.detectron2 import ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
-from ..data.detection import SKIPPED_IMAGES_KEY, DatasetError, build_detection_mapper, check_num_classes
-from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
+from ..data.detection import SKIPPED_IMAGES_KEY, DatasetError, check_num_classes
+from ..config.vit_backbone import VIT_BACKBONES
+from ..data.semantic import build_mapper, check_sem_seg_classes, is_semantic, load_label_map
+from ..modeling import backbone as _backbone  # noqa: F401  (registers the ViT backbones)
+from ..modeling import semantic_seg as _semantic_seg  # noqa: F401  (registers SlidingWindowSegmentor)
+from ..modeling import upernet as _upernet  # noqa: F401  (registers UperNetHead)
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
@@ -169,7 +180,7 @@ def backbone_compile_enabled(cfg: CfgNode) -> bool:
 def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -> DetectionCheckpointer:
     """Checkpointer saving to OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
     ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones."""
-    if cfg.MODEL.BACKBONE.NAME == "build_vit_fpn_backbone":
+    if cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES:
         return ViTDetCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, **checkpointables)
     return DetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
@@ -236,6 +247,37 @@ class SkippedImagesHook(hooks.HookBase):
 
     def load_state_dict(self, state: dict) -> None:
         self.files = set(state["files"])
+
+
+SEM_SEG_KEYS = ("mIoU", "fwIoU", "mACC", "pACC")
+
+
+def write_sem_seg_results(path: str, results: dict, *, dataset: str, iteration: int | None) -> dict:
+    """Writes ``{"sem_seg": {mIoU, fwIoU, mACC, pACC, "IoU": {class: IoU}}, "dataset", "iteration"}`` atomically
+    (values in %; a class absent from both labels and predictions has IoU null)."""
+    res = results["sem_seg"]
+    out = {
+        "sem_seg": {
+            **{k: _json_number(res[k]) for k in SEM_SEG_KEYS},
+            "IoU": {k[len("IoU-"):]: _json_number(v) for k, v in res.items() if k.startswith("IoU-")},
+        },
+        "dataset": dataset, "iteration": iteration,
+    }
+    atomic_write_text(path, json.dumps(out, indent=2))
+    return out
+
+
+def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Detectron2's schedules plus "WarmupPolyLR" (mmsegmentation's poly decay: ``(1 - t / T) ** POLY_LR_POWER``
+    after Detectron2's warmup of ``WARMUP_ITERS``)."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return build_d2_lr_scheduler(cfg, optimizer)
+    S = cfg.SOLVER
+    sched = WarmupParamScheduler(
+        PolynomialDecayParamScheduler(1.0, S.POLY_LR_POWER), S.WARMUP_FACTOR, min(S.WARMUP_ITERS / S.MAX_ITER, 1.0),
+        S.WARMUP_METHOD, S.RESCALE_INTERVAL,
+    )
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=S.MAX_ITER)
 
 
 class _EvalHook(hooks.EvalHook):
@@ -326,7 +368,7 @@ class Trainer(DefaultTrainer):
         if not cfg.DATASETS.TRAIN:
             raise DatasetError("DATASETS.TRAIN: training needs at least one dataset name, got ()")
         try:
-            loader = build_detection_train_loader(cfg, mapper=build_detection_mapper(cfg, is_train=True))
+            loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
         except AssertionError as e:  # Detectron2 asserts when filtering leaves no image to train on
             if "No valid data found" not in str(e):
                 raise
@@ -334,17 +376,28 @@ class Trainer(DefaultTrainer):
                 f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: no image with a usable annotation to train on "
                 "(every image was filtered: no annotations, or all of them skipped as invalid)"
             ) from e
-        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        (check_sem_seg_classes if is_semantic(cfg) else check_num_classes)(cfg, cfg.DATASETS.TRAIN)
         return loader
 
     @classmethod
-    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_detection_mapper(cfg, is_train=False))
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> COCOEvaluator:
-        """COCO AP of boxes (and masks with MASK_ON) with the official pycocotools code, at most
-        ``TEST.DETECTIONS_PER_IMAGE`` detections per image."""
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
+        """By the dataset's ``evaluator_type``: "sem_seg" -> Detectron2's SemSegEvaluator (mIoU, pixel accuracy,
+        per-class IoU); otherwise COCO AP of boxes (and masks with MASK_ON) with the official pycocotools code, at
+        most ``TEST.DETECTIONS_PER_IMAGE`` detections per image."""
+        from detectron2.data import MetadataCatalog
+
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "sem_seg":
+            check_sem_seg_classes(cfg, [dataset_name])
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir, sem_seg_loading_fn=load_label_map)
         return COCOEvaluator(
             dataset_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",), distributed=True,
             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"), max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
@@ -353,15 +406,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None, iteration: int | None = None) -> dict:
-        """Detectron2's evaluation, then (main process) ``ap_results.json`` for the first test dataset and
-        ``ap_results_<name>.json`` for every further one."""
+        """Detectron2's evaluation, then (main process) ``ap_results.json`` (COCO) or ``sem_seg_results.json``
+        (semantic) for the first test dataset and ``<stem>_<name>.json`` for every further one."""
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and cfg.DATASETS.TEST:
             per_dataset = results if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: results}
             for i, (name, res) in enumerate(per_dataset.items()):
                 if res:
-                    filename = "ap_results.json" if i == 0 else f"ap_results_{name}.json"
-                    write_ap_results(os.path.join(cfg.OUTPUT_DIR, filename), res, dataset=name, iteration=iteration)
+                    stem, write = ("sem_seg_results", write_sem_seg_results) if "sem_seg" in res else ("ap_results", write_ap_results)
+                    filename = f"{stem}.json" if i == 0 else f"{stem}_{name}.json"
+                    write(os.path.join(cfg.OUTPUT_DIR, filename), res, dataset=name, iteration=iteration)
         return results
 
 
@@ -400,7 +454,7 @@ def write_det_run_info(cfg: CfgNode, *, eval_only: bool, argv: Sequence[str] | N
     return write_run_info(
         cfg.OUTPUT_DIR, cfg, seed=cfg.SEED, init_type=cfg.MODEL.INIT_TYPE, init_checkpoint=cfg.MODEL.WEIGHTS or None,
         argv=argv, extra={
-            "task": "detection",
+            "task": "semantic_segmentation" if is_semantic(cfg) else "detection",
             "mode": "eval_only" if eval_only else "train",
             "world_size": comm.get_world_size(),
             "precision": effective_precision(cfg),

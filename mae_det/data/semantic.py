@@ -1,0 +1,275 @@
+"""Semantic-segmentation data: checked registration of label-PNG datasets, ADE20K's label conversion, the mapper.
+
+A dataset in Detectron2's semantic format (an image folder and a folder of single-channel label PNGs with the
+image's stem, values ``0..K-1`` or the ignore value) listed in ``DATASETS.REGISTER_SEM_SEG`` becomes a Detectron2
+dataset without code, with ``evaluator_type`` "sem_seg". Label maps are checked when a dataset is first loaded -
+for our entries and for Detectron2's builtin semantic datasets (``ade20k_sem_seg_*``) named in DATASETS.TRAIN /
+TEST - because ``SemSegEvaluator`` reads them itself: a label map that is not mode "L" (a palette PNG would be
+read as luminance by the mapper and as palette indices by the evaluator), whose size differs from its image, or
+that holds values >= K other than the ignore value, is a one-line :class:`DatasetError` naming the file.
+
+ADE20K's raw labels are 0 = "other" and 1..150; Detectron2 trains on ``annotations_detectron2/`` where 0 became
+255 (ignored) and the rest moved down by one (:func:`convert_ade20k`, ``tools/convert_ade20k.py``). Raw labels would
+train a 151st class and shift every other one: they are refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
+from PIL import Image
+
+from ..config.semantic import SEM_SEG_KEY
+from .detection import DatasetError, build_detection_mapper
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+ADE20K_SPLITS = ("training", "validation")
+ADE20K_NUM_CLASSES = 150
+_CONVERT_HINT = "convert ADE20K-style labels (0 = other, 1..K) with tools/convert_ade20k.py"
+
+
+# ---- label maps ----------------------------------------------------------------------------------------------
+def check_label_map(label_file: str, image_file: str, num_classes: int, ignore_value: int) -> None:
+    """Raises a one-line :class:`DatasetError` naming ``label_file`` unless it is a mode-"L" PNG of the image's
+    size whose values are in ``0..num_classes-1`` or equal ``ignore_value``."""
+    try:
+        with Image.open(label_file) as lab:
+            mode, size = lab.mode, lab.size
+            values = np.unique(np.asarray(lab)) if mode == "L" else None
+        with Image.open(image_file) as img:
+            image_size = img.size
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{label_file}: cannot read the label map or its image {image_file}: {e}") from e
+    if mode != "L":
+        raise DatasetError(
+            f"{label_file}: label maps must be single-channel 8-bit PNGs (mode 'L'), got mode {mode!r} "
+            "(a palette PNG is read as luminance by the mapper but as indices by SemSegEvaluator)"
+        )
+    if size != image_size:
+        raise DatasetError(f"{label_file}: size {size[0]}x{size[1]} differs from its image {image_file} "
+                           f"({image_size[0]}x{image_size[1]})")
+    bad = [int(v) for v in values if v >= num_classes and v != ignore_value]
+    if bad:
+        hint = f"; {_CONVERT_HINT}" if max(bad) == num_classes and ignore_value not in values else ""
+        raise DatasetError(f"{label_file}: label values {bad[:5]} are >= the {num_classes} classes and not the "
+                           f"ignore value {ignore_value}{hint}")
+
+
+def load_label_map(filename: str, dtype: type = int) -> np.ndarray:
+    """(H, W) label map as SemSegEvaluator reads it (its own reader asks NumPy 2 for a no-copy array and fails)."""
+    with Image.open(filename) as im:
+        return np.asarray(im, dtype=dtype)
+
+
+def validate_records(records: list[dict], num_classes: int, ignore_value: int, name: str) -> None:
+    """Checks every record's label map (:func:`check_label_map`; several files read at once) and logs the time."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda r: check_label_map(r["sem_seg_file_name"], r["file_name"], num_classes, ignore_value),
+                      records))
+    logger.info(f"dataset '{name}': {len(records)} label maps checked ({num_classes} classes, ignore "
+                f"{ignore_value}) in {time.perf_counter() - t0:.1f}s")
+
+
+def refuse_raw_ade20k(label_root: str, key: str) -> None:
+    """Raises when ``label_root`` is ADE20K's raw ``annotations/`` folder rather than ``annotations_detectron2/``."""
+    parts = Path(label_root).resolve().parts
+    if "ADEChallengeData2016" in parts and "annotations_detectron2" not in parts:
+        raise DatasetError(f"{key}: {label_root} holds ADE20K's raw labels; {_CONVERT_HINT} and point at "
+                           "annotations_detectron2/ instead")
+
+
+# ---- registration ----------------------------------------------------------------------------------------
+def read_class_names(classes_file: str, key: str = SEM_SEG_KEY) -> list[str]:
+    """Class names, one per non-empty line of ``classes_file``."""
+    if not os.path.isfile(classes_file):
+        raise DatasetError(f"{key}: classes file not found: {classes_file} (one class name per line)")
+    names = [line.strip() for line in Path(classes_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DatasetError(f"{key}: classes file {classes_file} lists no class")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{key}: classes file {classes_file} repeats a class name")
+    return names
+
+
+def list_sem_seg_files(image_root: str, label_root: str, key: str = SEM_SEG_KEY) -> list[dict]:
+    """Records ``{file_name, sem_seg_file_name, height, width}`` for every image with its ``<stem>.png`` label."""
+    for what, folder in (("image", image_root), ("label", label_root)):
+        if not os.path.isdir(folder):
+            raise DatasetError(f"{key}: {what} folder not found: {folder}")
+    images = sorted(p for p in Path(image_root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"{key}: no image files in {image_root}")
+    records = []
+    for p in images:
+        label = Path(label_root) / f"{p.stem}.png"
+        if not label.is_file():
+            raise DatasetError(f"{label}: label map of image {p} not found")
+        with Image.open(p) as im:
+            width, height = im.size
+        records.append({"file_name": str(p), "sem_seg_file_name": str(label), "height": height, "width": width})
+    return records
+
+
+# name -> checked records, so the label maps are read once per process.
+_CHECKED: dict[str, list[dict]] = {}
+_REGISTERED: dict[str, tuple[str, str, str]] = {}
+
+
+def load_sem_seg_dataset(name: str, image_root: str, label_root: str, num_classes: int, ignore_value: int) -> list[dict]:
+    """DatasetCatalog loader of a ``DATASETS.REGISTER_SEM_SEG`` entry: lists and checks the files (once)."""
+    if name not in _CHECKED:
+        records = list_sem_seg_files(image_root, label_root, key=f"dataset '{name}' in {SEM_SEG_KEY}")
+        validate_records(records, num_classes, ignore_value, name)
+        _CHECKED[name] = records
+    return [dict(r) for r in _CHECKED[name]]
+
+
+def register_sem_seg_dataset(name: str, image_root: str, label_root: str, classes_file: str,
+                             ignore_value: int = 255) -> None:
+    """Registers a semantic dataset (re-registering our own name with new paths is allowed)."""
+    expand = lambda p: os.path.expanduser(os.path.expandvars(p))  # noqa: E731
+    image_root, label_root, classes_file = expand(image_root), expand(label_root), expand(classes_file)
+    key = f"dataset '{name}' in {SEM_SEG_KEY}"
+    refuse_raw_ade20k(label_root, key)
+    classes = read_class_names(classes_file, key)
+    paths = (image_root, label_root, classes_file)
+    if name in DatasetCatalog.list():
+        if name not in _REGISTERED:
+            raise DatasetError(f"{SEM_SEG_KEY} name '{name}' is already a Detectron2 dataset (builtin?): choose another")
+        if _REGISTERED[name] == paths:
+            return
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        _CHECKED.pop(name, None)
+    DatasetCatalog.register(name, partial(load_sem_seg_dataset, name, image_root, label_root, len(classes), ignore_value))
+    MetadataCatalog.get(name).set(stuff_classes=classes, image_root=image_root, sem_seg_root=label_root,
+                                  evaluator_type="sem_seg", ignore_label=ignore_value)
+    _REGISTERED[name] = paths
+
+
+def check_sem_seg_dataset(name: str, key: str) -> None:
+    """Loads a registered semantic dataset once and checks its label maps (builtin ones too); raw ADE20K is
+    refused with the conversion to run."""
+    meta = MetadataCatalog.get(name)
+    if name in _CHECKED or meta.get("evaluator_type") != "sem_seg":
+        return
+    label_root = meta.get("sem_seg_root")
+    if label_root and not os.path.isdir(label_root):
+        raw = Path(label_root).parent.parent / "annotations"
+        hint = f"; {_CONVERT_HINT}" if "annotations_detectron2" in label_root and raw.is_dir() else ""
+        raise DatasetError(f"dataset '{name}' in {key}: label folder not found: {label_root}{hint}")
+    if label_root:
+        refuse_raw_ade20k(label_root, f"dataset '{name}' in {key}")
+    try:
+        records = DatasetCatalog.get(name)
+    except (AssertionError, FileNotFoundError) as e:  # Detectron2's load_sem_seg asserts on unmatched files
+        raise DatasetError(f"dataset '{name}' in {key}: {' '.join(str(e).split()) or type(e).__name__}") from e
+    if name not in _CHECKED:  # a builtin loader: check its records here
+        validate_records(records, len(meta.stuff_classes), meta.get("ignore_label", 255), name)
+        _CHECKED[name] = records
+
+
+def register_sem_seg_datasets(cfg: CfgNode) -> None:
+    """Registers every ``DATASETS.REGISTER_SEM_SEG`` entry and checks the semantic datasets of TRAIN / TEST."""
+    for name, image_root, label_root, classes_file in cfg.DATASETS.REGISTER_SEM_SEG:
+        register_sem_seg_dataset(name, image_root, label_root, classes_file, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+    for key in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS.get(key):
+            if name in DatasetCatalog.list():
+                check_sem_seg_dataset(name, f"DATASETS.{key}")
+
+
+def check_sem_seg_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:
+    """Raises unless a semantic dataset's class count equals ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` (SemSegEvaluator
+    counts the dataset's classes; a larger model would predict ids it cannot score)."""
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("stuff_classes")
+        if classes is not None and len(classes) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+            raise DatasetError(f"dataset '{name}' has {len(classes)} classes but MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
+                               f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: set it to {len(classes)}")
+
+
+# ---- ADE20K ------------------------------------------------------------------------------------------------
+def convert_ade20k_label(label: np.ndarray) -> np.ndarray:
+    """Raw ADE20K labels (0 = other, 1..150) -> Detectron2's (0 -> 255 ignored, k -> k - 1), uint8."""
+    return (label.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255
+
+
+def convert_ade20k(root: str | os.PathLike, overwrite: bool = False) -> dict[str, int]:
+    """Writes ``root/annotations_detectron2/{training,validation}/*.png`` from ``root/annotations/...``.
+
+    Args:
+        root: the ``ADEChallengeData2016`` folder.
+        overwrite: replace existing converted files.
+
+    Returns:
+        Files written per split.
+
+    Raises:
+        DatasetError: a missing split folder, or a raw label outside 0..150 (already converted?).
+    """
+    root = Path(root)
+    counts = {}
+    for split in ADE20K_SPLITS:
+        src, dst = root / "annotations" / split, root / "annotations_detectron2" / split
+        if not src.is_dir():
+            raise DatasetError(f"ADE20K raw label folder not found: {src} (expected ADEChallengeData2016/annotations/{split})")
+        dst.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for f in sorted(src.glob("*.png")):
+            out = dst / f.name
+            if out.exists() and not overwrite:
+                continue
+            label = np.asarray(Image.open(f))
+            if label.ndim != 2 or label.max() > ADE20K_NUM_CLASSES:
+                raise DatasetError(f"{f}: expected a raw ADE20K label map (one channel, values 0..150), got shape "
+                                   f"{label.shape} max {label.max()} - already converted?")
+            Image.fromarray(convert_ade20k_label(label), mode="L").save(out)
+            n += 1
+        counts[split] = n
+    return counts
+
+
+# ---- mapper ---------------------------------------------------------------------------------------------
+def is_semantic(cfg: CfgNode) -> bool:
+    """True when ``MODEL.META_ARCHITECTURE`` is a ``SemanticSegmentor`` (or a subclass)."""
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    return isinstance(arch, type) and issubclass(arch, SemanticSegmentor)
+
+
+def build_sem_seg_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:
+    """Detectron2's DatasetMapper with semantic augmentations: training resizes the short side to one of
+    ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``MAX_SIZE_TRAIN``), crops ``INPUT.CROP.SIZE`` with no class over
+    ``CROP.SINGLE_CATEGORY_MAX_AREA`` of it (when ``CROP.ENABLED``), and flips; testing resizes as
+    ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``."""
+    if not is_train:
+        return DatasetMapper(cfg, False, augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)])
+    augs: list[T.Augmentation] = [T.ResizeShortestEdge(
+        cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+    )]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(T.RandomCrop_CategoryAreaConstraint(
+            cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+            cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        ))
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    return DatasetMapper(cfg, True, augmentations=augs)
+
+
+def build_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:
+    """The semantic mapper for a ``SemanticSegmentor`` config, the detection mapper otherwise."""
+    return build_sem_seg_mapper(cfg, is_train) if is_semantic(cfg) else build_detection_mapper(cfg, is_train)
