@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import pycocotools.mask as mask_util
 from detectron2.config import CfgNode, configurable
@@ -51,8 +51,8 @@ class DatasetError(ValueError):
 class CocoLoadReport:
     """What :func:`parse_coco_instances` kept and what it skipped (reason -> count).
 
-    ``bad_files`` holds one "path: problem" line per image entry skipped for its file (missing, unreadable,
-    wrong size), in json order.
+    ``bad_files`` holds one "path: problem" line per image skipped for its file (missing, unreadable, wrong
+    size), in image id order.
     """
 
     json_file: str
@@ -190,27 +190,34 @@ def image_file_problem(path: str, height: int | None, width: int | None, *, deco
     return None
 
 
-def _check_image_files(images: dict[int, dict], image_root: str, decode: bool, report: CocoLoadReport) -> set[int]:
-    """Removes from ``images`` the entries whose file is missing, unreadable or of another size; counts them and
-    returns their ids."""
-    def check(img: dict) -> tuple[str, str] | None:
-        return image_file_problem(os.path.join(image_root, img["file_name"]), img["height"], img["width"],
-                                  decode=decode)
+def filter_image_files(records: list[dict], report: CocoLoadReport, *, decode: bool = False) -> list[dict]:
+    """The dataset dicts whose image file the mapper can read at the declared size; the others are counted in
+    ``report`` (by reason, with their annotations) and named in ``report.bad_files``.
 
-    entries = list(images.values())
-    if decode:  # PIL decodes without the GIL; header reads are too short to gain from threads
+    Args:
+        records: Detectron2 dataset dicts (``file_name``, and ``height``/``width`` when declared).
+        report: the load report to count in.
+        decode: decode every image (threads: PIL decodes without the GIL) instead of reading headers (inline:
+            ~35 us each, too short to gain from a pool).
+    """
+    def check(r: dict) -> tuple[str, str] | None:
+        return image_file_problem(r["file_name"], r.get("height"), r.get("width"), decode=decode)
+
+    if decode:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            problems = list(pool.map(check, entries))
+            problems = list(pool.map(check, records))
     else:
-        problems = [check(img) for img in entries]
-    bad_ids = set()
-    for img, problem in zip(entries, problems):
-        if problem is not None:
-            report.skipped[problem[0]] += 1
-            report.bad_files.append(problem[1])
-            bad_ids.add(img["id"])
-            del images[img["id"]]
-    return bad_ids
+        problems = [check(r) for r in records]
+    kept = []
+    for r, problem in zip(records, problems):
+        if problem is None:
+            kept.append(r)
+            continue
+        report.skipped[problem[0]] += 1
+        report.bad_files.append(problem[1])
+        if r.get("annotations"):
+            report.skipped["annotations of images skipped for their file"] += len(r["annotations"])
+    return kept
 
 
 def parse_coco_instances(
@@ -255,7 +262,6 @@ def parse_coco_instances(
             skipped["duplicate image ids"] += 1
         else:
             images[img["id"]] = img
-    bad_ids = _check_image_files(images, image_root, decode, report)
 
     anns = [a for a in data.get("annotations", []) if isinstance(a, dict)]
     if len(anns) < len(data.get("annotations", [])):
@@ -266,10 +272,7 @@ def parse_coco_instances(
     for a in anns:
         img = images.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
         if img is None:
-            if a.get("image_id") in bad_ids:
-                skipped["annotations of images skipped for their file"] += 1
-            else:
-                skipped["annotations whose image_id is not among the images"] += 1
+            skipped["annotations whose image_id is not among the images"] += 1
             continue
         if not _is_int(a.get("category_id")) or a["category_id"] not in id_map:
             skipped["annotations whose category_id is not among the categories"] += 1
@@ -310,6 +313,7 @@ def parse_coco_instances(
             "image_id": image_id,
             "annotations": per_image[image_id],
         })
+    records = filter_image_files(records, report, decode=decode)
     report.images = len(records)
     report.annotations = sum(len(r["annotations"]) for r in records)
     return records, thing_classes, id_map, report
@@ -358,17 +362,45 @@ def load_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fracti
 
 
 def check_test_images(name: str) -> None:
-    """Decodes every image of a dataset registered here and fails on any missing, unreadable or wrongly sized
-    one (a test set is evaluated in full, before training starts)."""
-    json_file, image_root, _ = _REGISTERED[name]
-    *_, report = parse_coco_instances(
-        json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True
-    )
+    """Decodes every image of a test set (registered here, or a Detectron2 builtin COCO set) and fails on any
+    missing, unreadable or wrongly sized one: a test set is evaluated in full, so this runs before training."""
+    if name in _REGISTERED:
+        json_file, image_root, _ = _REGISTERED[name]
+        *_, report = parse_coco_instances(
+            json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True
+        )
+    else:
+        report = _check_builtin_records(name, _BUILTIN_LOADERS[name](), decode=True)[1]
     check_bad_images(report, name, 0.0, test=True)
 
 
 # name -> (json_file, image_root, max_bad_fraction) of the datasets this module registered in this process.
 _REGISTERED: dict[str, tuple[str, str, float]] = {}
+# name -> Detectron2's own loader of a builtin COCO dataset that this module put the image checks in front of.
+_BUILTIN_LOADERS: dict[str, Callable[[], list[dict]]] = {}
+
+
+def _check_builtin_records(name: str, records: list[dict], decode: bool) -> tuple[list[dict], CocoLoadReport]:
+    report = CocoLoadReport(MetadataCatalog.get(name).json_file)
+    records = filter_image_files(records, report, decode=decode)
+    report.images = len(records)
+    report.annotations = sum(len(r.get("annotations", ())) for r in records)
+    return records, report
+
+
+def _load_builtin_checked(name: str, max_bad_fraction: float) -> list[dict]:
+    records, report = _check_builtin_records(name, _BUILTIN_LOADERS[name](), decode=False)
+    (logger.warning if report.skipped else logger.info)(f"dataset '{name}': {report.summary()}")
+    check_bad_images(report, name, max_bad_fraction)
+    return records
+
+
+def check_builtin_images(name: str, max_bad_fraction: float) -> None:
+    """Puts the header check of :func:`filter_image_files` and the ``max_bad_fraction`` budget in front of the
+    loader of a Detectron2 builtin COCO dataset (``coco_2017_train`` ...), as for the sets registered here."""
+    _BUILTIN_LOADERS.setdefault(name, DatasetCatalog[name])
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, partial(_load_builtin_checked, name, max_bad_fraction))
 
 
 def _expand(path: str) -> str:
@@ -397,13 +429,15 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fr
     _REGISTERED[name] = (json_file, image_root, max_bad_fraction)
 
 
-def check_dataset_files(name: str, key: str) -> None:
-    """Fails fast, naming the path and what to set, when a dataset's json or image folder is missing; a test
-    set registered here must also decode in full (:func:`check_test_images`).
+def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0) -> None:
+    """Fails fast, naming the path and what to set, when a dataset's json or image folder is missing. Images
+    are checked against the json when the dataset is loaded (a Detectron2 builtin COCO set gets that check
+    here, see :func:`check_builtin_images`); a test set must decode in full now (:func:`check_test_images`).
 
     Args:
         name: a registered dataset name.
         key: the config key that named it (for the message), e.g. ``"DATASETS.TRAIN"``.
+        max_bad_fraction: ``DATASETS.MAX_BAD_FRACTION``, for a builtin COCO set.
     """
     if name not in DatasetCatalog.list():
         raise DatasetError(
@@ -427,7 +461,11 @@ def check_dataset_files(name: str, key: str) -> None:
         raise DatasetError(f"dataset '{name}': annotation file not found: {json_file} ({hint})")
     if not os.path.isdir(image_root):
         raise DatasetError(f"dataset '{name}': image folder not found: {image_root} ({hint})")
-    if key == "DATASETS.TEST" and name in _REGISTERED:
+    if name not in _REGISTERED and meta.get("evaluator_type") != "coco":
+        return  # LVIS and others: Detectron2's loader as it is
+    if name not in _REGISTERED:
+        check_builtin_images(name, max_bad_fraction)
+    if key == "DATASETS.TEST":
         check_test_images(name)
 
 
@@ -438,7 +476,7 @@ def register_datasets(cfg: CfgNode) -> None:
         register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION)
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS.get(key):
-            check_dataset_files(name, f"DATASETS.{key}")
+            check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION)
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:

@@ -377,3 +377,24 @@ def test_training_mapper_skips_an_image_that_fails_to_decode(tmp_path):
     # Evaluation never skips (it would change the AP): the decode error propagates.
     with pytest.raises(OSError, match="truncated"):
         build_detection_mapper(cfg, is_train=False)(trunc)
+
+
+def test_detectron2_registered_coco_sets_get_the_same_checks(tmp_path):
+    from detectron2.data.datasets import register_coco_instances
+
+    json_file, root = _dirty_dataset(tmp_path)
+    register_coco_instances("b2_d2_dirty", {}, json_file, root)  # how Detectron2 registers coco_2017_train & co.
+    cfg = get_det_cfg()
+    cfg.DATASETS.TRAIN = ("b2_d2_dirty",)
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.5
+    register_datasets(cfg)
+    records = DatasetCatalog.get("b2_d2_dirty")
+    assert [os.path.basename(r["file_name"]) for r in records] == ["a.png", "b.png", "c.png", "trunc.jpg", "rot.jpg"]
+    cfg.DATASETS.MAX_BAD_FRACTION = 0.1
+    register_datasets(cfg)
+    with pytest.raises(DatasetError, match=r"^dataset 'b2_d2_dirty': 4 of 9 images in .*dirty.json are missing"):
+        DatasetCatalog.get("b2_d2_dirty")
+    cfg.DATASETS.TEST = ("b2_d2_dirty",)
+    with pytest.raises(DatasetError, match=r"^dataset 'b2_d2_dirty' \(DATASETS.TEST\): 5 of 9 images .*trunc.jpg: "
+                                           "cannot decode image"):
+        register_datasets(cfg)

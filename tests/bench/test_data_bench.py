@@ -1,0 +1,24 @@
+"""The registration-check benchmark (mae_det.bench.data) on a few files: its generated data passes the check."""
+import json
+
+from PIL import Image
+
+from mae_det.bench.data import format_report, make_dataset, run
+
+
+def test_generated_dataset_declares_sizes_as_read(tmp_path):
+    ann = make_dataset(tmp_path, 21, (12, 8))
+    images = json.loads(ann.read_text())["images"]
+    rotated = [i for i in images if (i["width"], i["height"]) == (8, 12)]
+    assert [i["file_name"] for i in rotated] == ["000000.jpg", "000020.jpg"]  # EXIF-rotated: declared as read
+    with Image.open(tmp_path / "images" / "000020.jpg") as im:
+        assert im.size == (12, 8) and im.getexif()[0x0112] == 6
+    assert sum(i["file_name"].endswith(".png") for i in images) == 10
+
+
+def test_run_times_both_checks_and_extrapolates(tmp_path):
+    result = run(tmp_path, header_images=12, decode_images=3, decode_size=(32, 24))
+    assert result["header"]["images"] == 12 and result["decode"]["images"] == 3
+    assert all(result[k][t] > 0 for k in ("header", "decode") for t in ("check_s", "parse_s"))
+    report = format_report(result)
+    assert "COCO train2017, 118,287 images" in report and "COCO val2017, 5,000 images" in report
