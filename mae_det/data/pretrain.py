@@ -22,7 +22,7 @@ import os
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -204,11 +204,22 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return float(torch.empty(()).uniform_(lo, hi, generator=g))
 
 
+class CropFlip(NamedTuple):
+    """One sample's augmentation parameters: the crop box in the (EXIF-oriented) image and the flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
 class PretrainTransform:
     """RandomResizedCrop (bicubic) + optional horizontal flip + normalization, with an explicit generator.
 
     The crop sampling follows torchvision's RandomResizedCrop (10 tries of area and log-uniform aspect ratio,
-    then a centre crop clamped to the ratio range).
+    then a centre crop clamped to the ratio range). :meth:`sample` is the one sampling of the parameters: the
+    PIL path here and the GPU tensor path (:mod:`mae_det.data.gpu_decode`) both apply what it draws.
     """
 
     def __init__(
@@ -240,13 +251,22 @@ class PretrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
+    def sample(self, width: int, height: int, g: torch.Generator) -> CropFlip:
+        """The crop of a ``width`` x ``height`` image, then the flip, drawn from ``g`` in this order."""
+        top, left, h, w = self.crop_params(width, height, g)
+        return CropFlip(top, left, h, w, self.hflip and float(torch.rand((), generator=g)) < 0.5)
+
     def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
         """RGB PIL image -> (C, img_size, img_size) float tensor; C = len(mean) (1 converts to grayscale)."""
+        return self.apply(img, self.sample(img.width, img.height, g))
+
+    def apply(self, img: Image.Image, p: CropFlip) -> torch.Tensor:
+        """The crop, resize, flip and normalization of :meth:`__call__` with given parameters."""
         if len(self.mean) == 1:
             img = img.convert("L")
-        top, left, h, w = self.crop_params(img.width, img.height, g)
-        img = TF.resized_crop(img, top, left, h, w, [self.img_size, self.img_size], InterpolationMode.BICUBIC)
-        if self.hflip and float(torch.rand((), generator=g)) < 0.5:
+        img = TF.resized_crop(img, p.top, p.left, p.height, p.width, [self.img_size, self.img_size],
+                              InterpolationMode.BICUBIC)
+        if p.flip:
             img = TF.hflip(img)
         x = TF.pil_to_tensor(img).float().div_(255.0)  # (C, S, S)
         return TF.normalize(x, self.mean, self.std)
@@ -288,7 +308,7 @@ class PretrainDataset(Dataset):
         for attempt in range(min(self.max_bad + 1, n)):
             j = (index + attempt) % n
             try:
-                img = load_image(self.source.paths[j], self.max_pixels)
+                img = self.read(j)
                 break
             except ImageLoadError as e:
                 bad.append((j, str(e)))
@@ -298,17 +318,24 @@ class PretrainDataset(Dataset):
             # worker would bury in a traceback.
             img = None
         g = sample_generator(self.seed, epoch, index)
-        if img is None:
-            image = torch.zeros(len(self.transform.mean), self.transform.img_size, self.transform.img_size)
-        else:
-            image = self.transform(img, g)  # (C, S, S)
+        sample = self.augment(img, g)
         noise = torch.rand(self.num_patches, generator=g)  # (L,)
         target = torch.zeros(self.num_classes)
         if self.num_classes and self.counts:
             target += torch.bincount(torch.tensor(self.source.labels[j], dtype=torch.long), minlength=self.num_classes)
         elif self.num_classes:
             target[list(self.source.labels[j])] = 1.0
-        return {"image": image, "noise": noise, "target": target, "bad": bad}
+        return {**sample, "noise": noise, "target": target, "bad": bad}
+
+    def read(self, index: int) -> Any:
+        """File ``index``, decoded (a PIL image); raises :class:`ImageLoadError`."""
+        return load_image(self.source.paths[index], self.max_pixels)
+
+    def augment(self, item: Any, g: torch.Generator) -> dict:
+        """``{"image": (C, S, S)}`` of what :meth:`read` returned (None: no readable image, a zero image)."""
+        if item is None:
+            return {"image": torch.zeros(len(self.transform.mean), self.transform.img_size, self.transform.img_size)}
+        return {"image": self.transform(item, g)}
 
 
 def collate_pretrain(samples: list[dict]) -> dict:

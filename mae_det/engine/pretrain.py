@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
+from ..data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from ..data.images import ImageLoadError
 from ..data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
@@ -248,7 +249,12 @@ class Pretrainer:
         num_patches = (cfg.MODEL.IMG_SIZE // arch["patch_size"]) ** 2 if self.mode == "mae" else 0
         transform = PretrainTransform(cfg.MODEL.IMG_SIZE, cfg.DATA.SCALE, cfg.DATA.RATIO, cfg.DATA.HFLIP,
                                       cfg.DATA.MEAN, cfg.DATA.STD)
-        self.dataset = PretrainDataset(
+        gpu_decode = cfg.DATA.DECODE_DEVICE == "cuda"
+        if gpu_decode and self.device.type != "cuda":
+            raise ConfigError("DATA.DECODE_DEVICE: cuda decoding needs a GPU, and DEVICE resolved to cpu")
+        if gpu_decode and cfg.MODEL.IN_CHANS != 3:
+            raise ConfigError(f"DATA.DECODE_DEVICE: cuda decoding gives RGB images, MODEL.IN_CHANS is {cfg.MODEL.IN_CHANS}")
+        self.dataset = (EncodedPretrainDataset if gpu_decode else PretrainDataset)(
             src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
             counts=cfg.MODEL.MAX_COUNT > 0,
             max_bad=max(self.max_bad - self.missing, 0), max_pixels=cfg.DATA.MAX_PIXELS,
@@ -265,9 +271,11 @@ class Pretrainer:
         )
         workers = cfg.DATA.NUM_WORKERS
         self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_pretrain,
+            self.dataset, batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_encoded if gpu_decode else collate_pretrain,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
         )
+        self.batches = CudaPrefetcher(self.loader, GpuAugment(transform, self.device)) if gpu_decode else self.loader
 
         torch.manual_seed(cfg.SEED)  # the initial weights: the same on every rank and in every run
         self.model = build_pretrain_model(cfg, self.num_classes).to(self.device)
@@ -505,7 +513,7 @@ class Pretrainer:
             step_losses: list[torch.Tensor] = []
             first_step: list[tuple[dict, int, bool]] = []  # a compiled first step's batches, to redo it eagerly
             micro = start_micro
-            for batch in self.loader:
+            for batch in self.batches:
                 self._note_bad(batch["bad"])
                 sync = (micro + 1) % accum == 0
                 if self._compile_unproven:
