@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PROFILE ?= full
 
-.PHONY: setup test test-fast demo demo-quick experiment clean-demo
+.PHONY: setup test test-fast demo demo-quick experiment parity clean-demo
 
 setup:
 	bash scripts/setup_env.sh
@@ -21,6 +21,19 @@ demo-quick: setup
 
 experiment: setup
 	$(PY) tools/demo.py --profile full --seeds 3 --output output/experiment
+
+# Ours vs Detectron2's own ViTDet, trained side by side (3 seeds each) on the demo's shapes data (generated into
+# output/parity/shapes when missing; the demo's full-profile settings). PARITY_CONFIG / PARITY_OPTS choose another
+# config or dataset (e.g. PARITY_OPTS="DATASETS.REGISTER [[...]]").
+PARITY_CONFIG ?= configs/shapes/mask_rcnn_vit_scratch.yaml
+PARITY_DATA := output/parity/shapes
+PARITY_OPTS ?= DATASETS.REGISTER "[['shapes_train','$(PARITY_DATA)/annotations/instances_train.json','$(PARITY_DATA)/images/train'],['shapes_val','$(PARITY_DATA)/annotations/instances_val.json','$(PARITY_DATA)/images/val']]"
+
+parity: setup
+	test -f $(PARITY_DATA)/dataset_info.json || $(PY) tools/generate_shapes.py --root $(PARITY_DATA) --image-size 64 \
+		--num-pool 8 --num-train 160 --num-val 300 --num-cls-train 6 --num-cls-val 6 --max-objects 4 --min-size 0.12 --max-size 0.3
+	OMP_NUM_THREADS=1 $(PY) tools/benchmark_det.py --side-by-side --config-file $(PARITY_CONFIG) --seeds 3 --jobs 2 \
+		--output output/parity/runs $(PARITY_OPTS)
 
 clean-demo:
 	rm -rf output/demo output/demo_quick datasets/shapes

@@ -3,9 +3,18 @@
 
     python tools/benchmark_det.py --size base --img-size 1024 --device cuda --precision fp16 --iters 10
     python tools/benchmark_det.py --quick          # a tiny run that only checks the script
+    python tools/benchmark_det.py --parity [--config-file C.yaml] [--iters 3]     # training parity, see below
+    python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_scratch.yaml \
+        --seeds 3 --output output/parity [--jobs 2] [KEY VALUE ...]
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
 peak memory (CUDA: max_memory_allocated; CPU: sampled RSS growth), parameter counts, and ours/theirs ratios.
+
+--parity builds our Mask R-CNN and Detectron2's LazyConfig ViTDet at the config's sizes (default: a tiny one),
+copies ViTDet's initial weights into ours, trains both --iters steps on the same batches and compares losses,
+gradients, weights, every parameter's lr / weight decay and the lr schedule (exit 1 on any difference that is
+not a listed deliberate one). --side-by-side trains both for the config's schedule on its datasets, --seeds
+seeds each, and prints box / mask AP mean +- std and s/iter (mae_det/bench/parity.py).
 """
 import argparse
 import sys
@@ -18,9 +27,34 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
 from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
-from mae_det.utils.benchmark_det import (  # noqa: E402
+from mae_det.bench.det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,
 )
+from mae_det.bench import parity  # noqa: E402
+
+
+def run_parity(a) -> int:
+    cfg = parity.parity_cfg(a.config_file, a.opts)
+    report = parity.run_parity(cfg, iters=a.iters)
+    print(parity.format_parity(report))
+    return 0 if report.ok else 1
+
+
+def run_side_by_side(a) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    runs = [(side, seed) for seed in range(a.seeds) for side in parity.SIDES]
+    args = [(a.config_file, a.opts, side, seed, a.output) for side, seed in runs]
+    if a.jobs > 1:  # both sides at once: load changes on a shared machine hit them alike
+        with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=parity.single_thread_worker) as pool:
+            results = list(pool.map(parity.run_one, *zip(*args)))
+    else:
+        results = [parity.run_one(*x) for x in args]
+    print(f"{a.config_file} {' '.join(a.opts)}, {device_name('cpu')}")
+    print(parity.format_side_by_side(results))
+    return 0
 
 
 def main(argv=None):
@@ -32,7 +66,20 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISION_DTYPES))
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny encoder and heads at 128 px, 1 iteration")
+    p.add_argument("--parity", action="store_true", help="training parity with Detectron2's ViTDet (--iters steps)")
+    p.add_argument("--side-by-side", action="store_true", help="train ours and ViTDet on the config's data")
+    p.add_argument("--config-file", default="", help="--parity / --side-by-side: our yacs detection config")
+    p.add_argument("--seeds", type=int, default=3, help="--side-by-side: seeds 0..N-1 per side")
+    p.add_argument("--jobs", type=int, default=1, help="--side-by-side: runs at a time (one thread each when > 1)")
+    p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")
     a = p.parse_args(argv)
+    if a.parity:
+        sys.exit(run_parity(a))
+    if a.side_by_side:
+        if not a.config_file:
+            p.error("--side-by-side needs --config-file")
+        sys.exit(run_side_by_side(a))
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,
                           1 if a.quick else a.iters, a.quick)
     results = run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True))

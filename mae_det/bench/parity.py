@@ -18,21 +18,24 @@ evaluates both with Detectron2's ``COCOEvaluator``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
-import logging
 import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, instantiate
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetMapper, build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts,
+)
+from detectron2.data import transforms as T
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
@@ -51,7 +54,6 @@ from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..data.detection import build_detection_mapper, register_datasets
 from ..engine.det_trainer import AP_KEYS, Trainer, build_step_trainer
 
-logger = logging.getLogger(__name__)
 
 # What we do differently from Detectron2's ViTDet on purpose (README, "Parity with ViTDet"). Keys are the kinds
 # of difference :func:`compare_param_groups` reports.
@@ -124,7 +126,10 @@ def vitdet_model_config(cfg: CfgNode) -> Any:
 
 
 def build_vitdet_model(cfg: CfgNode) -> nn.Module:
-    return instantiate(vitdet_model_config(cfg)).to(cfg.MODEL.DEVICE)
+    model = instantiate(vitdet_model_config(cfg))
+    # LastLevelMaxPool reads "p5" (an attribute, not an argument); at patch 8 the last pyramid level is p4
+    model.backbone.top_block.in_feature = f"p{int(math.log2(2 * cfg.MODEL.VIT.PATCH_SIZE))}"
+    return model.to(cfg.MODEL.DEVICE)
 
 
 def build_vitdet_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
@@ -290,11 +295,13 @@ class ParityReport:
 
 
 def parity_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
-    """Our config for the comparison: fp32 (Detectron2's trainer has no bf16), no checkpoint."""
-    cfg = load_det_cfg(config_file, list(opts or []), training=True) if config_file else get_det_cfg()
-    if not config_file and opts:
-        cfg.merge_from_list(list(opts))
-    cfg.defrost()
+    """Our config for the comparison (``config_file`` or :func:`tiny_parity_cfg`, then ``opts``), in fp32
+    (Detectron2's trainers have no CPU bf16), from scratch."""
+    if config_file:
+        cfg = load_det_cfg(config_file, list(opts or []), training=True)
+    else:
+        cfg = tiny_parity_cfg()
+        cfg.merge_from_list(list(opts or []))
     cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
     cfg.MODEL.WEIGHTS, cfg.MODEL.INIT_TYPE = "", "scratch"
     return cfg
@@ -432,3 +439,140 @@ def format_parity(report: ParityReport) -> str:
                  f"({report.weight_max_diff[1]})")
     lines.append("PARITY OK" if report.ok else "PARITY FAILED:\n  " + "\n  ".join(report.failures))
     return "\n".join(lines)
+
+
+# ---- the side-by-side training run ---------------------------------------------------------------------------
+SIDES = ("ours", "vitdet")
+
+
+def side_by_side_cfg(config_file: str, opts: list[str] | None = None) -> CfgNode:
+    """Our config for a side-by-side run: fp32 on both sides (Detectron2's own trainers have no CPU bf16), and,
+    with LSJ, batches square-padded to the LSJ size on both sides as ViTDet does (``square_pad`` = LSJ size;
+    without it ViTDet's misspelled ``padding_constraints`` key leaves its inputs unpadded to the patch)."""
+    cfg = load_det_cfg(config_file, list(opts or []), training=True)
+    cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
+    if cfg.INPUT.LSJ.ENABLED and not cfg.MODEL.VIT.SQUARE_PAD:
+        cfg.MODEL.VIT.SQUARE_PAD = cfg.INPUT.LSJ.IMAGE_SIZE
+    return cfg
+
+
+@dataclass
+class RunResult:
+    side: str
+    seed: int
+    bbox: dict[str, float]
+    segm: dict[str, float]
+    s_per_iter: float  # median over the iterations after the first 3 (Detectron2's IterationTimer)
+    final_loss: float  # mean total loss over the last 20 iterations
+    wall_s: float
+
+
+def _timing(storage: Any, last: int = 20) -> tuple[float, float]:
+    times = storage.history("time").values()
+    losses = storage.history("total_loss").values()[-last:]
+    return statistics.median(v for v, _ in times), statistics.fmean(v for v, _ in losses)
+
+
+def _ap(results: dict) -> tuple[dict[str, float], dict[str, float]]:
+    return tuple({k: float(results.get(task, {}).get(k, math.nan)) for k in AP_KEYS} for task in ("bbox", "segm"))
+
+
+def train_ours(cfg: CfgNode, seed: int, output_dir: str) -> RunResult:
+    """``tools/train_net.py``'s trainer (model, AdamW groups, schedule, step trainer, hooks, COCO evaluation)."""
+    cfg = cfg.clone()
+    cfg.SEED, cfg.OUTPUT_DIR = seed, output_dir
+    cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.MAX_ITER + 1  # only model_final
+    cfg.freeze()
+    seed_all_rng(seed)
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    s_iter, loss = _timing(trainer.storage)
+    bbox, segm = _ap(trainer._last_eval_results)
+    return RunResult("ours", seed, bbox, segm, s_iter, loss, time.perf_counter() - start)
+
+
+def train_vitdet(cfg: CfgNode, seed: int, output_dir: str) -> RunResult:
+    """Detectron2's ViTDet as its LazyConfig recipe trains it: the LazyConfig model at our sizes, ViTDet's AdamW
+    groups and schedule, ``SimpleTrainer`` with ``IterationTimer`` and ``LRScheduler`` hooks, the same training
+    data and LSJ mapper, ViTDet's test resize (shortest edge = LSJ size) and ``COCOEvaluator``."""
+    seed_all_rng(seed)
+    start = time.perf_counter()
+    model = build_vitdet_model(cfg)
+    optimizer = build_vitdet_optimizer(cfg, model)
+    loader = build_detection_train_loader(
+        dataset=get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS),
+        mapper=build_detection_mapper(cfg, is_train=True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
+    trainer = SimpleTrainer(model, loader, optimizer)
+    trainer.register_hooks([hooks.IterationTimer(), hooks.LRScheduler(optimizer, build_vitdet_lr_scheduler(cfg, optimizer))])
+    trainer.train(0, cfg.SOLVER.MAX_ITER)
+    s_iter, loss = _timing(trainer.storage)
+    name = cfg.DATASETS.TEST[0]
+    size = cfg.INPUT.LSJ.IMAGE_SIZE if cfg.INPUT.LSJ.ENABLED else cfg.INPUT.MIN_SIZE_TEST
+    test_loader = build_detection_test_loader(
+        dataset=get_detection_dataset_dicts(name, filter_empty=False),
+        mapper=DatasetMapper(is_train=False, augmentations=[T.ResizeShortestEdge(size, max_size=size)],
+                             image_format=cfg.INPUT.FORMAT),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
+    evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False, output_dir=output_dir,
+                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, use_fast_impl=False,
+                              allow_cached_coco=False)
+    bbox, segm = _ap(inference_on_dataset(model, test_loader, evaluator))
+    return RunResult("vitdet", seed, bbox, segm, s_iter, loss, time.perf_counter() - start)
+
+
+def single_thread_worker() -> None:
+    """Initializer of the worker processes of a parallel side-by-side run: one torch thread each."""
+    torch.set_num_threads(1)
+
+
+def run_one(config_file: str, opts: list[str], side: str, seed: int, output_dir: str) -> RunResult:
+    """One (side, seed) training run into ``output_dir/<side>_seed<seed>_<config hash>``; its result is kept as
+    result.json there and reused when present (an interrupted comparison resumes run by run; another config or
+    override gets other folders)."""
+    cfg = side_by_side_cfg(config_file, opts)
+    digest = hashlib.sha256(cfg.dump().encode()).hexdigest()[:10]
+    out = os.path.join(output_dir, f"{side}_seed{seed}_{digest}")
+    path = os.path.join(out, "result.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return RunResult(**json.load(f))
+    os.makedirs(out, exist_ok=True)
+    register_datasets(cfg)
+    result = (train_ours if side == "ours" else train_vitdet)(cfg, seed, out)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result.__dict__, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def format_side_by_side(results: list[RunResult]) -> str:
+    """Mean ± sample std over seeds per side: box / mask AP (and AP50 / AP75), s/iter, final loss; per-seed rows."""
+    by_side = {s: [r for r in results if r.side == s] for s in SIDES}
+    head = "| | seeds | box AP | box AP50 | box AP75 | mask AP | mask AP50 | mask AP75 | s/iter (median) | final loss |"
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for side, rs in by_side.items():
+        if not rs:
+            continue
+        cols = [_mean_std([r.bbox[k] for r in rs]) for k in ("AP", "AP50", "AP75")]
+        cols += [_mean_std([r.segm[k] for r in rs]) for k in ("AP", "AP50", "AP75")]
+        s_iter = statistics.fmean(r.s_per_iter for r in rs)
+        loss = statistics.fmean(r.final_loss for r in rs)
+        label = "ours (tools/train_net.py trainer)" if side == "ours" else "Detectron2 ViTDet (LazyConfig, SimpleTrainer)"
+        rows.append(f"| {label} | {len(rs)} | " + " | ".join(cols) + f" | {s_iter:.3f} | {loss:.3f} |")
+    ours, theirs = by_side["ours"], by_side["vitdet"]
+    if ours and theirs:
+        ratio = statistics.fmean(r.s_per_iter for r in ours) / statistics.fmean(r.s_per_iter for r in theirs)
+        rows.append(f"\ntime per iteration, ours / ViTDet: {ratio:.2f}")
+    rows.append("\nper run: " + "; ".join(
+        f"{r.side} seed {r.seed}: box {r.bbox['AP']:.1f} mask {r.segm['AP']:.1f} {r.s_per_iter:.3f} s/iter"
+        for r in sorted(results, key=lambda r: (r.seed, r.side))))
+    return "\n".join(rows)

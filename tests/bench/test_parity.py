@@ -37,3 +37,52 @@ def test_a_difference_fails_the_parity(key, value, expected):
     report = run_parity(cfg, iters=2)
     assert not report.ok
     assert any(expected in f for f in report.failures), report.failures
+
+
+def _tool(*args, timeout=600):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(root / "tools" / "benchmark_det.py"), *args], cwd=root,
+                          capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow  # two interpreter starts, ~20 s
+def test_parity_tool_exit_codes():
+    ok = _tool("--parity", "--iters", "2")
+    assert ok.returncode == 0 and "PARITY OK" in ok.stdout, ok.stderr[-2000:]
+    assert "[deliberate] weight_decay of channels-first LayerNorm: 30 parameters" in ok.stdout
+    bad = _tool("--parity", "--iters", "2", "SOLVER.BIAS_NO_DECAY", "True")
+    assert bad.returncode == 1 and "PARITY FAILED" in bad.stdout
+    assert "weight_decay: backbone.net.blocks.0.attn.qkv.bias: ours 0.0 vs ViTDet 0.1" in bad.stdout
+
+
+@pytest.mark.slow  # generates 12 images, trains and evaluates both sides for 4 iterations, ~40 s
+def test_side_by_side_trains_and_evaluates_both_and_reuses_finished_runs(tmp_path):
+    from mae_det.data.shapes import ShapesConfig, generate_shapes
+
+    data = tmp_path / "shapes"
+    generate_shapes(data, ShapesConfig(image_size=64, num_pool=2, num_train=8, num_val=4, num_cls_train=6,
+                                       num_cls_val=6, max_objects=3, workers=1), log=lambda s: None)
+    reg = (f"[['t','{data}/annotations/instances_train.json','{data}/images/train'],"
+           f"['v','{data}/annotations/instances_val.json','{data}/images/val']]")
+    args = ["--side-by-side", "--config-file", "configs/shapes/mask_rcnn_vit_scratch.yaml", "--seeds", "1",
+            "--output", str(tmp_path / "runs"), "DATASETS.REGISTER", reg, "DATASETS.TRAIN", "('t',)",
+            "DATASETS.TEST", "('v',)", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)",
+            "SOLVER.IMS_PER_BATCH", "2"]
+    first = _tool(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ours") or line.startswith("| Detectron2")]
+    assert len(rows) == 2 and all(row.split("|")[2].strip() == "1" for row in rows)
+    assert "time per iteration, ours / ViTDet:" in first.stdout
+    folders = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "runs").iterdir())
+    assert folders == ["ours_seed0", "vitdet_seed0"]
+    assert all((p / "result.json").is_file() for p in (tmp_path / "runs").iterdir())
+    again = _tool(*args, timeout=120)  # finished runs are reused: same table, no training
+
+    def table(out: str) -> str:
+        return out[out.index("| | seeds"):]
+
+    assert again.returncode == 0 and table(again.stdout) == table(first.stdout)
