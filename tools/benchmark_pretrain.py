@@ -4,6 +4,11 @@
 Prints a table, then one JSON line with every figure. Example:
     python tools/benchmark_pretrain.py --batch-size 8 --iters 3
     python tools/benchmark_pretrain.py --device cuda --batch-size 64 --iters 20 --warmup 5
+
+Side by side with the official code (your clone of facebookresearch/mae; see mae_det/bench/official.py):
+    python tools/benchmark_pretrain.py --against-official ~/mae --batch-size 8 --rounds 5
+    python tools/benchmark_pretrain.py --against-official ~/mae --device cuda --batch-size 64 --compile \
+        --jpeg-folder /tmp/jpegs --workers 16
 """
 import argparse
 import json
@@ -12,7 +17,8 @@ import sys
 import torch
 
 from mae_det.modeling import MAE_FACTORIES
-from mae_det.utils.benchmark import format_report, run_benchmark
+from mae_det.bench.official import format_against_official, run_against_official, write_jpeg_imagefolder
+from mae_det.bench.pretrain import format_report, run_benchmark
 from mae_det.utils.known_warnings import filter_known_warnings
 
 filter_known_warnings()
@@ -33,6 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke test of the script")
+    parser.add_argument("--against-official", metavar="PATH", default="",
+                        help="a facebookresearch/mae checkout: time its model and loop against ours instead")
+    parser.add_argument("--rounds", type=int, default=5, help="--against-official: interleaved rounds (median)")
+    parser.add_argument("--compile", action="store_true", help="--against-official: add our compiled variant")
+    parser.add_argument("--jpeg-folder", default="", help="--against-official: also time end to end through each "
+                        "side's loader on this ImageFolder of JPEGs (created with --jpeg-images if missing)")
+    parser.add_argument("--jpeg-images", type=int, default=2000, help="images generated into --jpeg-folder")
+    parser.add_argument("--workers", type=int, default=4, help="--against-official: loader workers per side")
     return parser.parse_args(argv)
 
 
@@ -42,10 +56,36 @@ def main(argv=None) -> None:
         sys.exit("--device cuda: no CUDA device is available")
     kwargs = dict(model_name=args.model, batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
                   device=args.device, img_size=args.img_size, mask_ratio=args.mask_ratio)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.against_official:
+        return against_official(args, log)
     if args.quick:
         kwargs.update(QUICK)
-    result = run_benchmark(**kwargs, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = run_benchmark(**kwargs, log=log)
     print(format_report(result))
+    print(json.dumps(result))
+
+
+def against_official(args: argparse.Namespace, log) -> None:
+    arch = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                decoder_num_heads=16)
+    kwargs = dict(img_size=args.img_size, batch_size=args.batch_size, rounds=args.rounds, steps=args.iters,
+                  warmup=args.warmup, device=args.device, mask_ratio=args.mask_ratio, compile_ours=args.compile,
+                  workers=args.workers)
+    if args.quick:
+        arch.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+        kwargs.update(img_size=32, batch_size=2, steps=1, matmul_sizes=(128,), matmul_seconds=0.05)
+    if args.jpeg_folder:
+        n = 8 if args.quick else args.jpeg_images
+        size = (48, 40) if args.quick else (500, 375)
+        log(f"{args.jpeg_folder}: {n} JPEGs, mean {write_jpeg_imagefolder(args.jpeg_folder, n, size):.0f} KB")
+        kwargs["jpeg_root"] = args.jpeg_folder
+    try:
+        result = run_against_official(args.against_official, arch=arch, log=log, **kwargs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_against_official(result))
     print(json.dumps(result))
 
 

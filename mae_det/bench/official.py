@@ -1,0 +1,419 @@
+"""Side by side with the official MAE code (``tools/benchmark_pretrain.py --against-official PATH``).
+
+The user points at their own clone of facebookresearch/mae; nothing of it is copied here. Only two of its files
+are imported, ``models_mae.py`` and ``util/pos_embed.py``, through a shim for today's timm/torch:
+
+- ``models_mae.py`` builds timm's ``Block(..., qk_scale=None, ...)``: timm >= 0.5 has no ``qk_scale``. While the
+  file is imported, ``timm.models.vision_transformer.Block`` is a subclass that accepts ``qk_scale=None`` (the
+  default scale ``head_dim ** -0.5``, what timm applies anyway) and rejects any other value. Under timm >= 0.9 that
+  Block uses fused attention (SDPA), which makes the official model faster than the 2021 code it was published with;
+  the timm version is printed with the figures.
+- ``util/pos_embed.py`` calls ``np.float``, removed in numpy 1.24: that module alone sees a copy of numpy where
+  ``float`` is the builtin (what the alias meant).
+- ``util/misc.py`` (``torch._six``, gone from torch) and ``main_pretrain.py`` (``assert timm.__version__ ==
+  "0.3.2"``) are not imported: their training loop and data loader are rebuilt here from their settings.
+
+The official training step, as ``engine_pretrain.train_one_epoch`` runs it: the per-step lr assignment, the batch
+moved with ``non_blocking=True``, the forward under fp16 autocast, ``loss.item()`` and its finiteness check, the
+backward through the grad scaler with ``unscale_``, the gradient norm of every parameter (``get_grad_norm_``), the
+scaler's step and update, ``zero_grad()``, then ``torch.cuda.synchronize()``, with ``torch.optim.AdamW`` (betas
+0.9/0.95) over timm's weight-decay groups. On CPU the same loop without the scaler (no fp16 on CPU): fp32, and
+for reference under bf16 autocast. Its loader: ``ImageFolder`` + RandomResizedCrop(0.2, 1) bicubic + flip +
+ToTensor + Normalize, ``RandomSampler``, ``pin_memory``, ``drop_last``.
+
+Ours: the model of :mod:`mae_det.modeling`, the fused AdamW and the step of :class:`mae_det.engine.pretrain.
+Pretrainer` (no host sync per step), in the default recipe and with compile / bf16 / fp16 switched; end to end
+through our loader (PIL on CPU workers, or with ``gpu_decode`` the nvjpeg path of ``DATA.DECODE_DEVICE cuda``).
+
+Timing: every variant runs ``steps`` steps per round after its warm-up (which includes compilation, timed and
+printed separately); the rounds interleave the variants, and a figure is the median over rounds, printed with
+its spread (min-max). MFU uses the formula and matmul peak of :mod:`mae_det.bench.pretrain`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import timm
+import timm.optim
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from mae_det.bench.pretrain import _sync, bf16_native, measure_matmul_peak
+from mae_det.data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
+from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
+from mae_det.engine.compile import compile_in_place
+from mae_det.modeling import MAE_FACTORIES
+from mae_det.solver.optim import adamw
+from mae_det.utils.flops import count_forward_macs
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ---- importing the user's checkout -------------------------------------------------------------------------
+class _BlockWithQkScale(timm.models.vision_transformer.Block):
+    """timm's Block, accepting the ``qk_scale=None`` that models_mae.py passes (timm 0.3.2's signature)."""
+
+    def __init__(self, *args: Any, qk_scale: float | None = None, **kwargs: Any) -> None:
+        if qk_scale is not None:
+            raise ValueError(f"qk_scale={qk_scale}: current timm applies only the default head_dim ** -0.5")
+        super().__init__(*args, **kwargs)
+
+
+def _exec_module(name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_official(checkout: str | os.PathLike) -> types.ModuleType:
+    """Imports ``models_mae.py`` of a facebookresearch/mae checkout with the shim (see the module docstring).
+
+    Raises:
+        FileNotFoundError: one line naming the missing file of the checkout.
+    """
+    root = Path(checkout)
+    for rel in ("models_mae.py", "util/pos_embed.py"):
+        if not (root / rel).is_file():
+            raise FileNotFoundError(f"{root / rel}: not found; --against-official expects a clone of "
+                                    "facebookresearch/mae")
+    vt = timm.models.vision_transformer
+    saved_block = vt.Block
+    saved_modules = {k: sys.modules.get(k) for k in ("util", "util.pos_embed")}
+    util = types.ModuleType("util")
+    util.__path__ = [str(root / "util")]  # a bare package: its __init__ and misc.py stay unimported
+    sys.modules["util"] = util
+    vt.Block = _BlockWithQkScale
+    try:
+        util.pos_embed = _exec_module("util.pos_embed", root / "util" / "pos_embed.py")
+        numpy_with_float = types.ModuleType("numpy")
+        numpy_with_float.__dict__.update(vars(np), float=float)
+        util.pos_embed.np = numpy_with_float
+        return _exec_module("official_models_mae", root / "models_mae.py")
+    finally:
+        vt.Block = saved_block
+        for k, v in saved_modules.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+# ---- the two training steps --------------------------------------------------------------------------------
+def official_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """What ``optim_factory.add_weight_decay`` (timm 0.3.2) gives: no decay on 1-D tensors and biases."""
+    return timm.optim.param_groups_weight_decay(model, weight_decay)
+
+
+class OfficialStep:
+    """One iteration of the official loop (see the module docstring), on ``imgs`` already batched on the host."""
+
+    def __init__(self, model: nn.Module, device: str, precision: str, lr: float = 1.5e-4 * 4096 / 256) -> None:
+        self.model, self.device, self.lr = model, device, lr
+        self.optimizer = torch.optim.AdamW(official_param_groups(model), lr=lr, betas=(0.9, 0.95))
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.it = 0
+
+    def __call__(self, samples: torch.Tensor, mask_ratio: float) -> None:
+        for g in self.optimizer.param_groups:  # lr_sched.adjust_learning_rate: every iteration
+            g["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * (self.it % 1000) / 1000))
+        self.it += 1
+        samples = samples.to(self.device, non_blocking=True)
+        with torch.autocast(self.device, dtype=self.dtype) if self.dtype else nullcontext():
+            loss, _, _ = self.model(samples, mask_ratio=mask_ratio)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"official model: loss is {loss_value}")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params]), 2.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        _sync(self.device)
+
+
+class OurStep:
+    """Our pretraining step: fused AdamW, optional compile, autocast per ``precision``, no host sync."""
+
+    def __init__(self, model: nn.Module, device: str, precision: str) -> None:
+        self.model, self.device, self.dtype = model, device, DTYPES[precision]
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
+                               weight_decay=0.05)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def __call__(self, samples: torch.Tensor, mask_ratio: float) -> None:
+        samples = samples.to(self.device, non_blocking=True)
+        with torch.autocast(self.device, dtype=self.dtype) if self.dtype else nullcontext():
+            loss = self.model(samples, mask_ratio=mask_ratio)[0]
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+def write_jpeg_imagefolder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375), quality: int = 90,
+                           classes: int = 10, seed: int = 0) -> float:
+    """``n`` JPEGs (4:2:0, baseline) in ``classes`` sub-folders; textured like photos, so that at 500x375 px and
+    quality 90 a file is ~110 KB as in ImageNet. Returns the mean file size in KB. Existing files are kept."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    total = 0
+    for i in range(n):
+        d = root / f"class_{i % classes:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{i:06d}.jpg"
+        if not path.exists():
+            base = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 4) * xx + rng.uniform(0.5, 4) * yy)
+                                    + rng.uniform(0, 6)) for _ in range(3)], -1)
+            img = np.clip((base + 1) * 100 + 28 + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(path, quality=quality, subsampling="4:2:0")
+        total += path.stat().st_size
+    return total / max(n, 1) / 1024
+
+
+def official_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int) -> DataLoader:
+    """``main_pretrain.py``'s loader, rebuilt from its settings."""
+    from torchvision import datasets, transforms
+
+    t = transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    ds = datasets.ImageFolder(str(root), transform=t)
+    return DataLoader(ds, sampler=RandomSampler(ds), batch_size=batch, num_workers=workers, pin_memory=True,
+                      drop_last=True, persistent_workers=workers > 0)
+
+
+def our_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int, device: str,
+               gpu_decode: bool) -> Any:
+    """Our pretraining loader on ``root`` (PIL on workers, or the nvjpeg path); yields batch dicts."""
+    src = folder_source(root)
+    t = PretrainTransform(img_size)
+    num_patches = (img_size // 16) ** 2
+    cls, collate = (EncodedPretrainDataset, collate_encoded) if gpu_decode else (PretrainDataset, collate_pretrain)
+    ds = cls(src, t, seed=0, num_patches=num_patches)
+    loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), batch), num_workers=workers,
+                        collate_fn=collate, pin_memory=device == "cuda", persistent_workers=workers > 0)
+    return CudaPrefetcher(loader, GpuAugment(t, device)) if gpu_decode else loader
+
+
+def _forever(loader: Any, images: Callable[[Any], torch.Tensor]) -> Iterator[torch.Tensor]:
+    for epoch in itertools.count():
+        sampler = getattr(getattr(loader, "loader", loader), "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield images(batch)
+
+
+# ---- the comparison ----------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str  # e.g. "official fp16", "ours bf16 compiled"
+    side: str  # "official" or "ours"
+    precision: str
+    compiled: bool
+    data: str  # "synthetic" or "jpeg" (end to end)
+    step: Callable[[torch.Tensor, float], None] | None = None
+    batches: Iterator[torch.Tensor] | None = None
+    warmup_s: float = 0.0
+    img_s: list[float] = field(default_factory=list)
+    peak_mem_gib: float | None = None
+
+
+def _build(official: types.ModuleType, kind: str, arch: dict, img_size: int, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "official":
+        return official.MaskedAutoencoderViT(
+            img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
+            num_heads=arch["num_heads"], decoder_embed_dim=arch["decoder_embed_dim"],
+            decoder_depth=arch["decoder_depth"], decoder_num_heads=arch["decoder_num_heads"], mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6)).to(device)
+    return MAE_FACTORIES["mae_vit_base_patch16"](
+        img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
+        num_heads=arch["num_heads"], decoder_embed_dim=arch["decoder_embed_dim"],
+        decoder_depth=arch["decoder_depth"], decoder_num_heads=arch["decoder_num_heads"]).to(device)
+
+
+@contextmanager
+def _peak_memory(device: str) -> Iterator[list[float]]:
+    out: list[float] = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    yield out
+    if device == "cuda":
+        out.append(torch.cuda.max_memory_allocated() / 2**30)
+
+
+def default_variants(device: str, compile_ours: bool, e2e: bool) -> list[tuple[str, str, bool, str]]:
+    """(side, precision, compiled, data) rows: the official recipe and ours with each switch flipped."""
+    if device == "cuda":
+        rows = [("official", "fp16", False, "synthetic"), ("official", "fp32", False, "synthetic"),
+                ("ours", "bf16", compile_ours, "synthetic"), ("ours", "bf16", False, "synthetic"),
+                ("ours", "fp16", False, "synthetic"), ("ours", "fp32", False, "synthetic")]
+        if e2e:
+            rows += [("official", "fp16", False, "jpeg"), ("ours", "bf16", compile_ours, "jpeg"),
+                     ("ours", "bf16", compile_ours, "jpeg-gpu")]
+    else:
+        bf16 = bf16_native("cpu")
+        rows = [("official", "fp32", False, "synthetic")] + ([("official", "bf16", False, "synthetic")] if bf16 else [])
+        rows += [("ours", "fp32", False, "synthetic")] + ([("ours", "bf16", False, "synthetic")] if bf16 else [])
+        if compile_ours:
+            rows.append(("ours", "bf16" if bf16 else "fp32", True, "synthetic"))
+        if e2e:
+            p = "bf16" if bf16 else "fp32"
+            rows += [("official", "fp32", False, "jpeg"), ("ours", p, False, "jpeg")]
+    return rows
+
+
+def run_against_official(
+    checkout: str | os.PathLike, *, arch: dict, img_size: int = 224, batch_size: int = 8, rounds: int = 5,
+    steps: int = 3, warmup: int = 1, device: str = "cpu", mask_ratio: float = 0.75, compile_ours: bool = False,
+    jpeg_root: str | None = None, workers: int = 4, matmul_sizes: tuple[int, ...] = (2048, 4096),
+    matmul_seconds: float = 1.0, log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Times the official model and loop against ours, interleaved; returns a JSON-serializable dict."""
+    official = load_official(checkout)
+    our_model = _build(official, "ours", arch, img_size, device)
+    ref = _build(official, "official", arch, img_size, device)
+    ref.load_state_dict(our_model.state_dict())  # the same architecture, key for key, or this raises
+    one = torch.randn(1, 3, img_size, img_size, device=device)
+    flops = count_forward_macs(our_model, one, mask_ratio=mask_ratio).training_flops
+    del ref, one
+    synthetic = torch.randn(batch_size, 3, img_size, img_size)
+    if device == "cuda":
+        synthetic = synthetic.pin_memory()
+    variants = []
+    for side, precision, compiled, data in default_variants(device, compile_ours, jpeg_root is not None):
+        name = f"{side} {precision}" + (" compiled" if compiled else "") + ("" if data == "synthetic" else f" [{data}]")
+        variants.append(Variant(name, side, precision, compiled, data))
+    peaks = {}
+    for p in sorted({v.precision for v in variants}):
+        log(f"measuring the {p} matmul peak ...")
+        peaks[p] = measure_matmul_peak(DTYPES[p] or torch.float32, device, matmul_sizes, matmul_seconds)
+
+    def setup(v: Variant) -> None:
+        model = _build(official, v.side, arch, img_size, device)
+        if v.compiled:
+            compile_in_place(model)
+        v.step = (OfficialStep if v.side == "official" else OurStep)(model, device, v.precision)
+        if v.data == "synthetic":
+            v.batches = itertools.repeat(synthetic)
+        elif v.side == "official":
+            v.batches = _forever(official_loader(jpeg_root, img_size, batch_size, workers), lambda b: b[0])
+        else:
+            v.batches = _forever(our_loader(jpeg_root, img_size, batch_size, workers, device, v.data == "jpeg-gpu"),
+                                 lambda b: b["image"])
+        start = time.perf_counter()
+        for _ in range(warmup):
+            v.step(next(v.batches), mask_ratio)
+        _sync(device)
+        v.warmup_s = time.perf_counter() - start
+
+    for r in range(rounds):
+        for v in variants:
+            if v.step is None:
+                log(f"warm-up {v.name} ...")
+                setup(v)
+            with _peak_memory(device) as peak:
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    v.step(next(v.batches), mask_ratio)
+                _sync(device)
+                v.img_s.append(batch_size * steps / (time.perf_counter() - start))
+            if peak:
+                v.peak_mem_gib = max(v.peak_mem_gib or 0.0, peak[0])
+        log(f"round {r + 1}/{rounds} done")
+    rows = []
+    for v in variants:
+        med = statistics.median(v.img_s)
+        rows.append({"variant": v.name, "side": v.side, "precision": v.precision, "compiled": v.compiled,
+                     "data": v.data, "img_s": med, "img_s_min": min(v.img_s), "img_s_max": max(v.img_s),
+                     "ms_per_step": batch_size / med * 1e3, "mfu": flops * med / 1e9 / peaks[v.precision],
+                     "peak_mem_gib": v.peak_mem_gib,
+                     "mem_per_image_mib": v.peak_mem_gib * 1024 / batch_size if v.peak_mem_gib else None,
+                     "warmup_s": v.warmup_s})
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
+                  f"{torch.backends.cpu.get_cpu_capability()})",
+        "torch": torch.__version__, "timm": timm.__version__, "checkout": str(checkout), "arch": arch,
+        "img_size": img_size, "batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
+        "warmup_steps": warmup, "mask_ratio": mask_ratio, "train_gflop_per_image": flops / 1e9,
+        "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows,
+        "ratios": _ratios(rows),
+    }
+
+
+def _ratios(rows: list[dict]) -> dict[str, float]:
+    """Every row of ours vs the official best and the official fp32 row of the same data kind; every end-to-end
+    row vs its step-only row."""
+    out = {}
+    for data in sorted({r["data"] for r in rows}):
+        off = {r["precision"]: r["img_s"] for r in rows if r["side"] == "official" and r["data"] == data}
+        ours = [r for r in rows if r["side"] == "ours" and (r["data"] == data or r["data"].startswith(data))]
+        if not off or not ours:
+            continue
+        best_off = max(off.values())
+        for r in ours:
+            out[f"{r['variant']} / official best"] = r["img_s"] / best_off
+            if "fp32" in off:
+                out[f"{r['variant']} / official fp32"] = r["img_s"] / off["fp32"]
+    for r in rows:  # end to end vs the same variant on synthetic tensors (target: >= 0.85 on the GPU machine)
+        same = [s for s in rows if s["data"] == "synthetic" and (s["side"], s["precision"], s["compiled"]) ==
+                (r["side"], r["precision"], r["compiled"])]
+        if r["data"] != "synthetic" and same:
+            out[f"{r['variant']} / its step-only"] = r["img_s"] / same[0]["img_s"]
+    return out
+
+
+def format_against_official(res: dict[str, Any]) -> str:
+    a = res["arch"]
+    lines = [
+        f"device: {res['device']} | torch {res['torch']} | timm {res['timm']} (timm >= 0.9: the official Block "
+        f"uses fused attention, faster than in 2021) | load average {res['load_avg_1min']:.1f}",
+        f"model: ViT {a['embed_dim']}-d x {a['depth']}, decoder {a['decoder_embed_dim']}-d x {a['decoder_depth']}, "
+        f"{res['img_size']} px, mask {res['mask_ratio']} | batch {res['batch_size']} per step | "
+        f"{res['train_gflop_per_image']:.2f} train GFLOP/img",
+        f"median of {res['rounds']} interleaved rounds of {res['steps_per_round']} steps (spread min-max), after "
+        f"{res['warmup_steps']} warm-up steps (compile included, timed in 'warm-up s')",
+        "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in res["matmul_peak_gflops"].items()),
+    ]
+    header = (f"{'variant':<34}{'img/s':>9}{'spread':>17}{'ms/step':>10}{'MFU':>7}{'peak GiB':>10}{'MiB/img':>9}"
+              f"{'warm-up s':>11}")
+    lines += [header, "-" * len(header)]
+    for r in res["rows"]:
+        mem = f"{r['peak_mem_gib']:>10.2f}{r['mem_per_image_mib']:>9.1f}" if r["peak_mem_gib"] else f"{'n/a':>10}{'n/a':>9}"
+        lines.append(f"{r['variant']:<34}{r['img_s']:>9.2f}{r['img_s_min']:>8.2f}-{r['img_s_max']:<8.2f}"
+                     f"{r['ms_per_step']:>10.1f}{r['mfu']:>7.1%}{mem}{r['warmup_s']:>11.1f}")
+    lines += [f"ratio {k}: {v:.2f}x" for k, v in res["ratios"].items()]
+    return "\n".join(lines)

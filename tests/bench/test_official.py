@@ -1,0 +1,142 @@
+"""tools/benchmark_pretrain.py --against-official, driven by a stand-in checkout written here.
+
+CI has no clone of facebookresearch/mae, so the test writes a ``models_mae.py`` + ``util/pos_embed.py`` of the same
+interface and the same habits the shim exists for (timm's ``Block(..., qk_scale=None, ...)``, ``np.float``): a
+compact MAE of our own, with the official key names so that our weights load into it.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+
+from mae_det.bench.official import load_official
+
+ROOT = Path(__file__).resolve().parents[2]
+
+POS_EMBED = '''
+import numpy as np
+
+
+def get_2d_sincos_pos_embed(dim, grid, cls_token=False):
+    """(grid*grid [+1], dim): column index in the first half of the channels, row index in the second."""
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float), np.arange(grid, dtype=np.float), indexing="ij")
+    halves = []
+    for pos in (cols.reshape(-1), rows.reshape(-1)):
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float) / (dim / 4.0))
+        angles = np.outer(pos, omega)
+        halves.append(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+    emb = np.concatenate(halves, axis=1)
+    return np.concatenate([np.zeros([1, dim]), emb], axis=0) if cls_token else emb
+'''
+
+MODELS_MAE = '''
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from util.pos_embed import get_2d_sincos_pos_embed
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, qk_scale=None,
+                                           norm_layer=norm_layer) for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                                                   qk_scale=None, norm_layer=norm_layer) for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        grid = int(n ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid, True)).float()[None])
+        self.decoder_pos_embed.data.copy_(
+            torch.from_numpy(get_2d_sincos_pos_embed(decoder_embed_dim, grid, True)).float()[None])
+        self.p = patch_size
+
+    def forward(self, imgs, mask_ratio=0.75):
+        N, C, H, W = imgs.shape
+        p, h, w = self.p, H // self.p, W // self.p
+        target = imgs.reshape(N, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, p * p * C)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        L, keep = x.shape[1], int(x.shape[1] * (1 - mask_ratio))
+        order = torch.argsort(torch.rand(N, L, device=x.device), dim=1)
+        restore = torch.argsort(order, dim=1)
+        x = torch.gather(x, 1, order[:, :keep, None].expand(-1, -1, x.shape[2]))
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(N, -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        y = torch.cat([x[:, 1:], self.mask_token.expand(N, L - keep, -1)], dim=1)
+        y = torch.gather(y, 1, restore[..., None].expand(-1, -1, y.shape[2]))
+        x = torch.cat([x[:, :1], y], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        mask = torch.ones(N, L, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, restore)
+        loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+        return loss, pred, mask
+'''
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mae_checkout")
+    (root / "util").mkdir()
+    (root / "util" / "pos_embed.py").write_text(textwrap.dedent(POS_EMBED))
+    (root / "models_mae.py").write_text(textwrap.dedent(MODELS_MAE))
+    return root
+
+
+def test_shim_imports_the_checkout_and_restores_timm(checkout):
+    block = timm.models.vision_transformer.Block
+    mod = load_official(checkout)
+    assert timm.models.vision_transformer.Block is block and "util" not in sys.modules
+    model = mod.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                     decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    assert isinstance(model.blocks[0], block)
+    with pytest.raises(ValueError, match="qk_scale=0.5"):
+        type(model.blocks[0])(32, 2, qk_scale=0.5)
+
+
+def test_quick_side_by_side_prints_every_row_and_ratio(checkout, tmp_path):
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(checkout),
+                           "--quick", "--rounds", "3", "--jpeg-folder", str(tmp_path / "jpegs"), "--workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    *table, last = proc.stdout.strip().splitlines()
+    res = json.loads(last)
+    text = "\n".join(table)
+    assert f"timm {timm.__version__}" in text and "median of 3 interleaved rounds" in text
+    names = [r["variant"] for r in res["rows"]]
+    assert {"official fp32", "ours fp32", "official fp32 [jpeg]"} <= set(names)
+    assert any(n.startswith("ours") and n.endswith("[jpeg]") for n in names)
+    for r in res["rows"]:
+        assert r["img_s_min"] <= r["img_s"] <= r["img_s_max"] and r["mfu"] > 0
+        assert any(line.startswith(f"{r['variant']:<34}") for line in table)
+    assert res["ratios"]["ours fp32 / official fp32"] == pytest.approx(
+        res["rows"][names.index("ours fp32")]["img_s"] / res["rows"][names.index("official fp32")]["img_s"])
+    assert any(k.endswith("[jpeg] / its step-only") for k in res["ratios"])
+    assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 8
+
+
+def test_missing_checkout_file_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(tmp_path),
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'models_mae.py'}: not found; "
+                                                    "--against-official expects a clone of facebookresearch/mae")
