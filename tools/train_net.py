@@ -53,10 +53,10 @@ def main(args):
 
 
 def check_inputs(args):
-    """Config and dataset paths, checked once before any process is started."""
+    """Config, dataset paths and every test image, checked once before any process is started."""
     cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
     register_sem_seg_datasets(cfg)
-    register_datasets(cfg)
+    register_datasets(cfg, decode_test_sets=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ skips (annotations of unknown images, polygons with < 3 points, zero/negative-si
 their image, ...) or one-line :class:`DatasetError` messages (missing file, invalid json, missing sections).
 Detectron2's builtin names (``coco_2017_train`` ...) are checked for their files under ``DETECTRON2_DATASETS``.
 
-Image files are checked against the json when a dataset is loaded, from their headers (~35 us per file): missing,
-not an image, or not the declared height x width as Detectron2's ``read_image`` will see it (EXIF orientation
-applied). Such images are skipped and named in the load report; more of them than ``DATASETS.MAX_BAD_FRACTION``
-is a one-line :class:`DatasetError`. Test sets are stricter, because skipping an image would change the AP: every
-image is decoded up front and any bad one is an error. A training image whose header is fine but whose data is
-not (truncated) is skipped by :class:`DetectionDatasetMapper` when it fails to decode; the trainer counts it.
+Image files are checked against the json when a dataset is loaded (ours, and Detectron2's builtin COCO sets),
+from their headers (~0.1 ms per file): missing, not an image, or not the declared height x width as Detectron2's
+``read_image`` will see it (EXIF orientation applied). Such images are skipped and named in the load report;
+more of them than ``DATASETS.MAX_BAD_FRACTION`` is a one-line :class:`DatasetError`. Test sets are stricter,
+because skipping an image would change the AP: every image is decoded up front and any bad one is an error. A
+training image whose header is fine but whose data is not (truncated) is skipped by
+:class:`DetectionDatasetMapper` when it fails to decode; the trainer counts it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import logging
 import math
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -169,7 +169,7 @@ def image_file_problem(path: str, height: int | None, width: int | None, *, deco
     """
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the json's file_name
         return MISSING_IMAGE, f"{path}: file not found"
     except OSError as e:
         return UNREADABLE_IMAGE, f"{path}: cannot access file ({e.strerror or e})"
@@ -197,19 +197,11 @@ def filter_image_files(records: list[dict], report: CocoLoadReport, *, decode: b
     Args:
         records: Detectron2 dataset dicts (``file_name``, and ``height``/``width`` when declared).
         report: the load report to count in.
-        decode: decode every image (threads: PIL decodes without the GIL) instead of reading headers (inline:
-            ~35 us each, too short to gain from a pool).
+        decode: decode every image instead of reading its header.
     """
-    def check(r: dict) -> tuple[str, str] | None:
-        return image_file_problem(r["file_name"], r.get("height"), r.get("width"), decode=decode)
-
-    if decode:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            problems = list(pool.map(check, records))
-    else:
-        problems = [check(r) for r in records]
     kept = []
-    for r, problem in zip(records, problems):
+    for r in records:
+        problem = image_file_problem(r["file_name"], r.get("height"), r.get("width"), decode=decode)
         if problem is None:
             kept.append(r)
             continue
@@ -429,15 +421,16 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fr
     _REGISTERED[name] = (json_file, image_root, max_bad_fraction)
 
 
-def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0) -> None:
+def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0, *, decode_test_set: bool = False) -> None:
     """Fails fast, naming the path and what to set, when a dataset's json or image folder is missing. Images
     are checked against the json when the dataset is loaded (a Detectron2 builtin COCO set gets that check
-    here, see :func:`check_builtin_images`); a test set must decode in full now (:func:`check_test_images`).
+    here, see :func:`check_builtin_images`).
 
     Args:
         name: a registered dataset name.
         key: the config key that named it (for the message), e.g. ``"DATASETS.TRAIN"``.
         max_bad_fraction: ``DATASETS.MAX_BAD_FRACTION``, for a builtin COCO set.
+        decode_test_set: for ``DATASETS.TEST``, also decode every image now (:func:`check_test_images`).
     """
     if name not in DatasetCatalog.list():
         raise DatasetError(
@@ -465,18 +458,25 @@ def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0) -> N
         return  # LVIS and others: Detectron2's loader as it is
     if name not in _REGISTERED:
         check_builtin_images(name, max_bad_fraction)
-    if key == "DATASETS.TEST":
+    if key == "DATASETS.TEST" and decode_test_set:
         check_test_images(name)
 
 
-def register_datasets(cfg: CfgNode) -> None:
-    """Registers every ``DATASETS.REGISTER`` entry and checks the files of all train/test datasets (test sets
-    image by image, see :func:`check_dataset_files`)."""
+def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
+    """Registers every ``DATASETS.REGISTER`` entry and checks the files of all train/test datasets.
+
+    Args:
+        cfg: the config.
+        decode_test_sets: decode every image of the ``DATASETS.TEST`` sets and fail on any bad one (before a
+            training or evaluation run: skipping a test image would change the AP); inference and data
+            pictures, which only need the class names, leave it off.
+    """
     for name, json_file, image_root in cfg.DATASETS.REGISTER:
         register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION)
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS.get(key):
-            check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION)
+            check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION,
+                                decode_test_set=decode_test_sets and key == "TEST")
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:

@@ -346,8 +346,9 @@ def test_registered_sets_skip_or_fail_per_max_bad_fraction_and_test_sets_decode(
         DatasetCatalog.get("b2_dirty")
     cfg.DATASETS.MAX_BAD_FRACTION = 0.5
     cfg.DATASETS.TEST = ("b2_dirty",)
-    with pytest.raises(DatasetError) as e:  # at registration, before any training
-        register_datasets(cfg)
+    register_datasets(cfg)  # inference and data pictures do not decode the test set
+    with pytest.raises(DatasetError) as e:  # training and evaluation runs do, before anything else
+        register_datasets(cfg, decode_test_sets=True)
     assert str(e.value).startswith("dataset 'b2_dirty' (DATASETS.TEST): 5 of 9 images")
     assert "trunc.jpg: cannot decode image" in str(e.value)
 
@@ -397,4 +398,4 @@ def test_detectron2_registered_coco_sets_get_the_same_checks(tmp_path):
     cfg.DATASETS.TEST = ("b2_d2_dirty",)
     with pytest.raises(DatasetError, match=r"^dataset 'b2_d2_dirty' \(DATASETS.TEST\): 5 of 9 images .*trunc.jpg: "
                                            "cannot decode image"):
-        register_datasets(cfg)
+        register_datasets(cfg, decode_test_sets=True)
