@@ -57,6 +57,8 @@ class Profile:
         finetune_opts: ``KEY VALUE`` overrides for every Mask R-CNN run.
         knn_monitor: Log the kNN top-1 during pretraining (the accuracy curve of the report).
         reconstructions: Number of validation images shown in the reconstruction figure.
+        cls_opts: ``KEY VALUE`` overrides for the encoder checks on the classification split (kNN, linear probe,
+            fine-tuning; ``configs/classification/shapes_finetune.yaml``).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Profile:
     finetune_opts: tuple[str, ...] = ()
     knn_monitor: bool = True
     reconstructions: int = 4
+    cls_opts: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -79,6 +82,8 @@ PROFILES: dict[str, Profile] = {
                             num_cls_val=60, max_objects=4, min_size=0.12, max_size=0.3),
         pretrain_opts=("SOLVER.EPOCHS", "2", "SOLVER.WARMUP_EPOCHS", "1", "MONITOR.KNN.PERIOD", "1"),
         finetune_opts=("SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "(25,)"),
+        cls_opts=("SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0", "LINPROBE.EPOCHS", "2",
+                  "LINPROBE.WARMUP_EPOCHS", "0"),
     ),
 }
 
@@ -339,10 +344,11 @@ class DemoPaths:
         return self.output / key
 
 
-def _data_opts(data: Path) -> dict[str, list[str]]:
-    """Command-line overrides pointing each tool at the generated dataset under ``data``."""
+def _data_opts(data: Path, train_json: Path | None = None) -> dict[str, list[str]]:
+    """Command-line overrides pointing each tool at the generated dataset under ``data`` (detection training on
+    ``train_json``, default the whole train split)."""
     ann, img, cls = data / "annotations", data / "images", data / "classification"
-    register = [["shapes_train", str(ann / "instances_train.json"), str(img / "train")],
+    register = [["shapes_train", str(train_json or ann / "instances_train.json"), str(img / "train")],
                 ["shapes_val", str(ann / "instances_val.json"), str(img / "val")]]
     knn = ["MONITOR.KNN.TRAIN_ROOT", str(cls / "train"), "MONITOR.KNN.VAL_ROOT", str(cls / "val")]
     return {
@@ -364,6 +370,121 @@ def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None
     except (OSError, json.JSONDecodeError):
         pass
     generate_shapes(data, cfg, overwrite=True, log=log)
+
+
+def _pct(fraction: float) -> str:
+    return f"{round(100 * fraction)}"
+
+
+def nested_subsets(coco_json: Path, out_dir: Path, fractions: Sequence[float], seed: int) -> dict[float, Path]:
+    """Nested labeled subsets of a COCO split: one permutation of its images drawn with ``seed``, subset ``f`` its
+    first ``max(1, round(f * N))`` images (so 25 % is inside 50 %, inside 100 %), written as
+    ``<out_dir>/instances_train_<pct>pct_seed<seed>.json`` with the images' annotations."""
+    import numpy as np
+
+    data = json.loads(coco_json.read_text(encoding="utf-8"))
+    order = np.random.default_rng(seed).permutation(len(data["images"]))
+    out = {}
+    for f in fractions:
+        keep = {data["images"][i]["id"] for i in order[:max(1, round(f * len(order)))]}
+        subset = {**data, "images": [im for im in data["images"] if im["id"] in keep],
+                  "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
+        out[f] = out_dir / f"instances_train_{_pct(f)}pct_seed{seed}.json"
+        atomic_write_text(out[f], json.dumps(subset, separators=(",", ":")))
+    return out
+
+
+def _average_precision(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Non-interpolated AP of one class: mean precision at the rank of each positive (scores sorted down)."""
+    ranked = [pos for _, pos in sorted(zip(scores, positives), key=lambda sp: -sp[0])]
+    hits, precisions = 0, []
+    for rank, pos in enumerate(ranked, 1):
+        if pos:
+            hits += 1
+            precisions.append(hits / rank)
+    return sum(precisions) / len(precisions) if precisions else float("nan")
+
+
+@torch.no_grad()
+def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_json: Path) -> dict[str, float]:
+    """The supervised baseline's own task on held-out images: per-class instance-count accuracy (count targets)
+    and multi-label presence mAP, in %, from the run's last checkpoint; with the accuracy of the best constant
+    prediction (each class's most frequent count on ``train_json``) for reference."""
+    import numpy as np
+    from PIL import Image
+
+    from .checkpoint import load_checkpoint
+    from .config.pretrain import load_pretrain_cfg
+    from .engine.pretrain import build_pretrain_model
+
+    cfg = load_pretrain_cfg(run_dir / "config.yaml")
+    state = load_checkpoint(last_checkpoint(run_dir))
+    data = json.loads(coco_json.read_text(encoding="utf-8"))
+    cat_ids = sorted(c["id"] for c in data["categories"])
+    model = build_pretrain_model(cfg, len(cat_ids))
+    model.load_state_dict(state["model"])
+    model.eval()
+
+    def counts_of(coco: dict) -> dict[int, list[int]]:
+        per = {im["id"]: [0] * len(cat_ids) for im in coco["images"]}
+        for a in coco["annotations"]:
+            per[a["image_id"]][cat_ids.index(a["category_id"])] += 1
+        return per
+
+    true = counts_of(data)
+    mean, std = np.array(cfg.DATA.MEAN, np.float32), np.array(cfg.DATA.STD, np.float32)
+    size = cfg.MODEL.IMG_SIZE
+    scores, hits = [], []
+    cap = max(cfg.MODEL.MAX_COUNT, 1)
+    for im in data["images"]:
+        with Image.open(image_dir / im["file_name"]) as pil:
+            x = np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0
+        x = torch.from_numpy(((x - mean) / std).transpose(2, 0, 1).copy())[None]  # (1, 3, S, S)
+        logits = model.head(model.pooled_features(x, model.pool)).float()[0]
+        if cfg.MODEL.MAX_COUNT:
+            probs = logits.view(len(cat_ids), cfg.MODEL.MAX_COUNT + 1).softmax(-1)  # (K, C + 1)
+            scores.append((1 - probs[:, 0]).tolist())
+            hits += [int(p) == min(c, cap) for p, c in zip(probs.argmax(-1).tolist(), true[im["id"]])]
+        else:
+            scores.append(logits.sigmoid().tolist())
+    truth = [true[im["id"]] for im in data["images"]]
+    aps = [_average_precision([s[k] for s in scores], [c[k] > 0 for c in truth]) for k in range(len(cat_ids))]
+    result = {"presence_map": 100 * float(np.nanmean(aps)), "num_images": len(truth)}
+    if cfg.MODEL.MAX_COUNT:
+        train = list(counts_of(json.loads(train_json.read_text(encoding="utf-8"))).values())
+        mode = [max(range(cap + 1), key=[min(c[k], cap) for c in train].count) for k in range(len(cat_ids))]
+        result["count_accuracy"] = 100 * sum(hits) / len(hits)
+        result["count_accuracy_constant"] = 100 * sum(min(c[k], cap) == mode[k] for c in truth
+                                                      for k in range(len(cat_ids))) / len(hits)
+    return result
+
+
+def _supervised_result(path: Path) -> str:
+    r = json.loads(path.read_text(encoding="utf-8"))
+    count = (f"count accuracy {r['count_accuracy']:.1f} % (constant prediction {r['count_accuracy_constant']:.1f} %), "
+             if "count_accuracy" in r else "")
+    return f"held-out {count}presence mAP {r['presence_map']:.1f} % on {r['num_images']} images"
+
+
+# tool -> the top-1 it writes into cls_results.json
+ENCODER_CHECKS: dict[str, str] = {"knn_eval": "knn_top1", "linear_probe": "linear_top1", "finetune_cls": "finetune_top1"}
+ENCODER_COLUMNS = ("init", "knn_top1", "linear_top1", "finetune_top1", "heldout_count_accuracy",
+                   "heldout_presence_map")
+
+
+def encoder_rows(paths: DemoPaths) -> list[dict]:
+    """Per init: the classification checks' top-1 (%), and for the supervised baseline its held-out own-task
+    metrics (%)."""
+    heldout = json.loads((paths.output / "supervised_heldout.json").read_text(encoding="utf-8"))
+    rows = []
+    for arm in ARMS:
+        row = {"init": arm}
+        for kind, metric in ENCODER_CHECKS.items():
+            row[metric] = json.loads((paths.run(f"cls_{kind}_{arm}") / "cls_results.json").read_text())[metric]
+        row["heldout_count_accuracy"] = heldout.get("count_accuracy", "") if arm == "supervised" else ""
+        row["heldout_presence_map"] = heldout["presence_map"] if arm == "supervised" else ""
+        rows.append(row)
+    return rows
 
 
 def _counter(pattern: str, total: int = 0, offset: int = 0) -> Callable[[str], tuple[int, int] | None]:
@@ -402,8 +523,10 @@ def _ap_result(run_dir: Path) -> str:
     return f"box AP {ap['bbox']['AP']:.1f}, mask AP {ap['segm']['AP']:.1f}"
 
 
-def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print) -> list[Stage]:
-    """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds."""
+def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print,
+                 fractions: Sequence[float] = (1.0,), subset_seed: int = 0) -> list[Stage]:
+    """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
+    train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction)."""
     cfg_dir = REPO / "configs" / "shapes"
     opts = _data_opts(paths.data)
     knn = ["MONITOR.KNN.ENABLED", str(profile.knn_monitor)]
@@ -424,15 +547,40 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             progress=_counter(r"epoch (\d+)/(\d+) done"), result=lambda: _pretrain_result(out),
         )
 
-    def finetune(arm: str, seed: int) -> Stage:
-        out = paths.run(f"finetune_{arm}_s{seed}")
-        config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
-        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
-        args = [*opts["finetune"], *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+    subsets = paths.output / "subsets"
+
+    def check(kind: str, arm: str) -> Stage:
+        out = paths.run(f"cls_{kind}_{arm}")
+        config = REPO / "configs" / "classification" / "shapes_finetune.yaml"
+        cls = paths.data / "classification"
+        weights = str(paths.run(f"pretrain_{arm}") / "encoder.pth") if arm != "scratch" else ""
+        args = ["DATA.TRAIN_ROOT", str(cls / "train"), "DATA.VAL_ROOT", str(cls / "val"), "DATA.NUM_WORKERS", "0",
+                "MODEL.WEIGHTS", weights, *profile.cls_opts, "OUTPUT_DIR", str(out)]
+        metric = ENCODER_CHECKS[kind]
         return Stage(
-            key=f"finetune_{arm}_s{seed}", title=f"Mask R-CNN from {arm} init, seed {seed} (train + COCO eval)",
+            key=f"cls_{kind}_{arm}", title=f"{kind} on the classification split, {arm} init",
             params={"config": config_chain(config), "args": args},
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
+            outputs=[out / "cls_results.json"],
+            command=[f"tools/{kind}.py", "--config-file", str(config), *args], out_dir=out,
+            progress=_counter(r"epoch (\d+)/(\d+)") if kind == "finetune_cls" else None,
+            result=lambda: f"{metric} {json.loads((out / 'cls_results.json').read_text())[metric]:.1f} %",
+        )
+
+    def finetune(arm: str, seed: int, fraction: float = 1.0) -> Stage:
+        key = f"finetune_{arm}_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}")
+        out = paths.run(key)
+        config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
+        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
+        train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
+        data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
+        args = [*data_opts, *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+        share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
+        return Stage(
+            key=key, title=f"Mask R-CNN from {arm} init, seed {seed}{share} (train + COCO eval)",
+            params={"config": config_chain(config), "args": args},
+            deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else [])
+                 + (["subsets"] if fraction != 1.0 else []),
             outputs=[out / "ap_results.json", out / "run_info.json"],
             command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
             progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
@@ -441,8 +589,29 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
 
     # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
     # MAE pretrains, and the two pretrainings do not both hold the cores while nothing else can start.
+    partial = sorted(f for f in set(fractions) if f != 1.0)
+    if partial:
+        stages.append(Stage(
+            key="subsets", title=f"nested labeled subsets {', '.join(_pct(f) + ' %' for f in partial)} "
+                                 f"(subset seed {subset_seed})",
+            params={"fractions": partial, "seed": subset_seed}, deps=["dataset"],
+            outputs=[subsets / f"instances_train_{_pct(f)}pct_seed{subset_seed}.json" for f in partial],
+            run=lambda: nested_subsets(paths.data / "annotations" / "instances_train.json", subsets, partial,
+                                       subset_seed),
+        ))
     stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
     stages += [finetune(arm, s) for s in range(seeds) for arm in ("mae", "supervised")]
+    heldout = paths.output / "supervised_heldout.json"
+    stages.append(Stage(
+        key="supervised_eval", title="the supervised baseline's own task on the held-out val images",
+        params={}, deps=["pretrain_supervised"], outputs=[heldout],
+        run=lambda: atomic_write_text(heldout, json.dumps(evaluate_supervised(
+            paths.run("pretrain_supervised"), paths.data / "annotations" / "instances_val.json",
+            paths.data / "images" / "val", paths.data / "annotations" / "instances_pool.json"), indent=1)),
+        result=lambda: _supervised_result(heldout),
+    ))
+    stages += [check(kind, arm) for arm in ARMS for kind in ENCODER_CHECKS]
+    stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
     detections = paths.output / "detections.png"
     stages.append(Stage(
         key="detections", title="detections of each initialization on validation images",
@@ -619,14 +788,81 @@ def _verdict(groups: list, metric: str, name: str) -> str:
     return f"- {name} ({header(metric)}): " + "; ".join(parts) + "."
 
 
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.1f}"
+    m = sum(values) / len(values)
+    return f"{m:.1f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.1f}"
+
+
 def _num(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+EXPERIMENT_COLUMNS = ("init", "seed", "label_fraction", "num_labeled", "box_AP", "box_AP50", "mask_AP", "mask_AP50")
+
+
+def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], subset_seed: int) -> list[dict]:
+    """One row per init x seed x label fraction (COCO AP in %), in :data:`EXPERIMENT_COLUMNS` order."""
+    n_train = len(json.loads((paths.data / "annotations" / "instances_train.json").read_text())["images"])
+    rows = []
+    for f in sorted(set(fractions), reverse=True):
+        suffix = "" if f == 1.0 else f"_f{_pct(f)}"
+        n = n_train if f == 1.0 else len(json.loads((paths.output / "subsets" / (
+            f"instances_train_{_pct(f)}pct_seed{subset_seed}.json")).read_text())["images"])
+        for arm in ARMS:
+            for s in range(seeds):
+                ap = json.loads((paths.run(f"finetune_{arm}_s{s}{suffix}") / "ap_results.json").read_text())
+                rows.append(dict(zip(EXPERIMENT_COLUMNS, (
+                    arm, s, f, n, ap["bbox"]["AP"], ap["bbox"]["AP50"], ap["segm"]["AP"], ap["segm"]["AP50"]))))
+    return rows
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: f"{v:.2f}" if isinstance(v, float) and k not in ("label_fraction",) else v for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def label_efficiency_figure(rows: list[dict], out: Path) -> None:
+    """Box and mask AP against the number of labeled images, one line per init, mean and std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, name in zip(axes, ("box_AP", "mask_AP"), ("box AP", "mask AP")):
+        for k, arm in enumerate(ARMS):
+            ns = sorted({r["num_labeled"] for r in rows if r["init"] == arm})
+            vals = [[r[metric] for r in rows if r["init"] == arm and r["num_labeled"] == n] for n in ns]
+            ax.errorbar(ns, [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                        marker="o", capsize=4, color=f"C{k}", label=f"{arm} init")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("labeled training images (nested subsets)")
+        ax.set_ylabel(f"{name} (COCO, %)")
+        ax.set_title(f"{name} vs labels (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def write_report(
-    profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float
+    profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
+    fractions: Sequence[float] = (1.0,), subset_seed: int = 0,
 ) -> Path:
-    """Comparison table and chart, curves figure and ``REPORT.md`` in the output directory."""
+    """Comparison table and chart, curves and label-efficiency figures, ``demo_experiment.csv`` and ``REPORT.md``
+    in the output directory."""
     run_dirs = [paths.run(f"finetune_{arm}_s{s}") for s in range(seeds) for arm in ARMS]
     labels = {str(d): arm for s in range(seeds) for arm, d in zip(ARMS, run_dirs[s * 3:(s + 1) * 3])}
     table = compare(run_dirs, paths.output, labels=labels, baseline="scratch",
@@ -641,6 +877,27 @@ def write_report(
     M, S, V = pre_cfg["MODEL"], pre_cfg["SOLVER"], det_cfg["MODEL"]["VIT"]
     D = det_cfg["SOLVER"]
     mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in ("mae", "supervised"))
+    rows = experiment_rows(paths, seeds, fractions, subset_seed)
+    write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
+    encoders = encoder_rows(paths)
+    write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
+    efficiency = []
+    if len(set(fractions)) > 1:
+        label_efficiency_figure(rows, paths.output / "label_efficiency.png")
+        efficiency = [
+            "## Label efficiency", "",
+            f"Each init fine-tuned on nested subsets of the train split (subset seed {subset_seed}, separate from the "
+            f"fine-tuning seeds; {D['MAX_ITER']} iterations whatever the subset size), {seeds} seed(s) each. Rows: "
+            "`demo_experiment.csv`.", "",
+            "| init | labeled images | box AP | mask AP |", "|---|---:|---:|---:|",
+            *[f"| {arm} | {n} | {_mean_std([r['box_AP'] for r in g])} | {_mean_std([r['mask_AP'] for r in g])} |"
+              for arm in ARMS for n in sorted({r['num_labeled'] for r in rows}, reverse=True)
+              if (g := [r for r in rows if r["init"] == arm and r["num_labeled"] == n])], "",
+            "![Label efficiency](label_efficiency.png)", "",
+        ]
+    heldout = json.loads((paths.output / "supervised_heldout.json").read_text(encoding="utf-8"))
+    sup_loss = ("cross-entropy over per-class counts" if M.get("MAX_COUNT") else
+                f"BCE; a constant prediction scores {chance_bce(paths.data / 'annotations' / 'instances_pool.json'):.3f}")
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
@@ -655,6 +912,17 @@ def write_report(
         _verdict(groups, "bbox/AP", "boxes"), _verdict(groups, "segm/AP", "masks"), "",
         table_md.replace("## ", "### "),
         "![AP chart](ap_table.png)", "",
+        f"The supervised baseline on its own task, {_supervised_result(paths.output / 'supervised_heldout.json')} "
+        "(val images it never saw).", "",
+        *efficiency,
+        "## Encoder checks on the classification split", "",
+        f"Single-object images, {len(info['classes'])} classes (chance {100 / len(info['classes']):.1f} %), "
+        f"{info['counts']['cls_train']} train / {info['counts']['cls_val']} val; "
+        "`configs/classification/shapes_finetune.yaml`"
+        + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "") + ". Rows: `demo_encoders.csv`.", "",
+        "| init | kNN top-1 (%) | linear top-1 (%) | fine-tune top-1 (%) |", "|---|---:|---:|---:|",
+        *[f"| {r['init']} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} | {r['finetune_top1']:.1f} |"
+          for r in encoders], "",
         "## Detections", "",
         f"The ground truth and the same validation images through the seed-0 model of each initialization "
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",
@@ -668,8 +936,7 @@ def write_report(
                                            "split" if has_knn else " (the kNN monitor was off)") + ".", "",
         "| run | epochs | final loss | last kNN top-1 (%) |", "|---|---:|---:|---:|",
         f"| MAE | {mae['epochs']} | {_num(mae['loss'], 3)} (norm-pix MSE) | {_num(mae['knn_top1'], 1)} |",
-        f"| supervised | {sup['epochs']} | {_num(sup['loss'], 3)} (BCE; a constant prediction scores "
-        f"{chance_bce(paths.data / 'annotations' / 'instances_pool.json'):.3f}) | {_num(sup['knn_top1'], 1)} |", "",
+        f"| supervised | {sup['epochs']} | {_num(sup['loss'], 3)} ({sup_loss}) | {_num(sup['knn_top1'], 1)} |", "",
         f"kNN chance level: {100 / len(info['classes']):.1f} %.", "",
         "![Pretraining curves](pretrain_curves.png)", "",
         "## Settings", "",
@@ -682,7 +949,9 @@ def write_report(
         f"{M['MASK_RATIO']}, norm-pix {M['NORM_PIX_LOSS']}, decoder {M['DECODER_EMBED_DIM']}-d x "
         f"{M['DECODER_DEPTH']} |",
         f"| supervised pretraining | same encoder, images and optimizer, {sup['epochs']} epochs (about the MAE run's "
-        "compute); multi-label BCE on the per-image multi-hot shape labels |",
+        "compute); " + (f"per-class instance counts of each pool image (softmax over 0..{M['MAX_COUNT']}), never "
+                        "boxes or masks |" if M.get("MAX_COUNT") else "multi-label BCE on the per-image multi-hot "
+                                                                        "shape labels |"),
         f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
         f"{D['LAYER_DECAY']}, simple pyramid ({V['OUT_CHANNELS']} channels), "
         f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",
@@ -703,7 +972,8 @@ def write_report(
 
 
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
-             data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = ()) -> Path:
+             data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
+             fractions: Sequence[float] = (1.0,), subset_seed: int = 0) -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
 
     Args:
@@ -713,6 +983,8 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         data_root: Dataset directory (default ``datasets/shapes/<profile>``).
         jobs: Tool stages run at once; each gets ``cpu_count // jobs`` threads (unless OMP_NUM_THREADS is set).
         argv: The command line, for the report.
+        fractions: Labeled fractions of the train split to fine-tune on (1.0 always included).
+        subset_seed: Seed of the nested subsets (independent of the fine-tuning seeds).
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -731,11 +1003,14 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     runner = StageRunner(paths.output, jobs=jobs, threads=threads)
-    stages = build_stages(profile, paths, seeds)
+    if any(not 0 < f <= 1 for f in fractions):
+        raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
+    fractions = sorted(set(fractions) | {1.0})
+    stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
-    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0)
+    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

@@ -30,10 +30,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=None, help="dataset directory (default datasets/shapes/<profile>)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="training runs at once, each with cpu_count/jobs threads (default: 2)")
+    parser.add_argument("--label-fractions", default="1", help="comma-separated fractions of the labeled train "
+                        "split to fine-tune on, nested subsets (default: 1; make experiment: 0.25,0.5,1)")
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the nested subsets (not of training)")
     args = parser.parse_args(argv)
     try:
+        fractions = [float(f) for f in args.label_fractions.split(",")]
+    except ValueError:
+        sys.exit(f"demo: --label-fractions: expected comma-separated numbers, got {args.label_fractions!r}")
+    try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
-                 argv=argv)
+                 argv=argv, fractions=fractions, subset_seed=args.subset_seed)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

@@ -17,7 +17,10 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
            "--data-root", str(data)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stage 1/8" in done.stdout and "stage 8/8" in done.stdout
+    assert "stage 1/17" in done.stdout and "stage 17/17" in done.stdout
+    # The console holds progress bars and result lines, not the tools' output (that is in the logs).
+    assert "d2.utils.events" not in done.stdout and "Warning" not in done.stdout + done.stderr
+    assert re.search(r"\[demo\] finetune_mae_s0: done in \d+:\d\d wall, \d+:\d\d CPU: box AP \d+\.\d, mask AP", done.stdout)
 
     report = (out / "REPORT.md").read_text()
     for arm in ARMS:
@@ -27,17 +30,32 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
         ap = json.loads((out / f"finetune_{arm}_s0" / "ap_results.json").read_text())
         assert f"{ap['bbox']['AP']:.1f}" == box_ap and f"{ap['segm']['AP']:.1f}" == mask_ap
         assert json.loads((out / f"finetune_{arm}_s0" / "run_info.json").read_text())["init_type"] == arm
-    assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \|", report)
+    assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \| \d+:\d\d \|", report)
+    # The supervised baseline's own held-out metric and the encoder checks, also as CSV rows.
+    m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), presence mAP "
+                  r"(\d+\.\d) %", report)
+    assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
+    encoders = (out / "demo_encoders.csv").read_text().splitlines()
+    assert encoders[0] == "init,knn_top1,linear_top1,finetune_top1,heldout_count_accuracy,heldout_presence_map"
+    for arm, line in zip(ARMS, encoders[1:]):
+        fields = line.split(",")
+        assert fields[0] == arm and all(0 <= float(v) <= 100 for v in fields[1:4]), line
+        assert re.search(rf"\| {arm} \| {float(fields[1]):.1f} \| {float(fields[2]):.1f} \| {float(fields[3]):.1f} \|",
+                         report)
+    rows = (out / "demo_experiment.csv").read_text().splitlines()
+    assert rows[0].startswith("init,seed,label_fraction,num_labeled,box_AP,box_AP50,mask_AP,mask_AP50") and len(rows) == 4
     for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png", "detections.png"):
         with Image.open(out / png) as img:
             assert img.width > 200 and img.height > 100, png
+    with Image.open(out / "detections.png") as img:
+        assert img.width >= 4 * 256  # ground truth + three inits, panels of at least 256 px
     assert (out / "ap_table.csv").read_text().startswith("kind,init,seed,run,")
     assert (out / "logs" / "finetune_mae_s0.log").stat().st_size > 0
 
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count(": up to date (ran in") == 8
+    assert again.stdout.count(": up to date (ran in") == 17
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
 
@@ -186,7 +204,8 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert keys[:6] == ["dataset", "pretrain_mae", "finetune_scratch_s0", "finetune_scratch_s1",
                         "finetune_scratch_s2", "pretrain_supervised"]
     assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
-    assert keys[12:] == ["detections", "reconstruction"]
+    checks = [f"cls_{k}_{a}" for a in ARMS for k in ("knn_eval", "linear_probe", "finetune_cls")]
+    assert keys[12:] == ["supervised_eval", *checks, "detections", "reconstruction"]
     by = {s.key: s for s in stages}
     assert by["finetune_scratch_s1"].deps == ["dataset"]
     assert by["finetune_mae_s2"].deps == ["dataset", "pretrain_mae"]
@@ -196,6 +215,10 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert "MODEL.WEIGHTS" not in by["finetune_scratch_s0"].command
     sup = by["pretrain_supervised"].command
     assert sup[sup.index("DATA.PATH") + 1] == str(paths.data / "annotations" / "instances_pool.json")
+    assert by["cls_knn_eval_scratch"].deps == ["dataset"]
+    assert by["cls_finetune_cls_mae"].deps == ["dataset", "pretrain_mae"]
+    knn = by["cls_knn_eval_scratch"].command
+    assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
     # Progress bars: epochs of pretraining, iterations (Detectron2 counts from 0) of fine-tuning.
     assert by["pretrain_mae"].progress("INFO epoch 3/24 done: loss 0.5") == (3, 24)
     assert by["pretrain_mae"].progress("epoch 3/24:  49%|") is None
@@ -266,3 +289,44 @@ def test_verdict_calls_a_difference_that_rounds_to_zero_a_tie():
     one = aggregate([RunResult("/r/m", "mae", 0, {"segm/AP": 2.01}), RunResult("/r/s", "scratch", 0, {"segm/AP": 2.04})])
     assert _verdict(one, "segm/AP", "masks") == (
         "- masks (mask AP): MAE tied with scratch init (+0.0 AP; one seed: no spread measured).")
+
+
+def test_label_fractions_add_nested_subsets_and_their_runs(tmp_path):
+    from mae_det.demo import nested_subsets
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    stages = build_stages(PROFILES["full"], paths, seeds=2, log=lambda _: None, fractions=[0.25, 0.5, 1.0],
+                          subset_seed=7)
+    by = {s.key: s for s in stages}
+    assert by["subsets"].deps == ["dataset"] and by["subsets"].params == {"fractions": [0.25, 0.5], "seed": 7}
+    subset_runs = [k for k in by if k.endswith(("_f25", "_f50"))]
+    assert len(subset_runs) == 2 * 2 * 3  # fractions x seeds x inits
+    run = by["finetune_mae_s1_f25"]
+    assert run.deps == ["dataset", "pretrain_mae", "subsets"]
+    register = run.command[run.command.index("DATASETS.REGISTER") + 1]
+    assert "instances_train_25pct_seed7.json" in register and "instances_val.json" in register
+    assert "instances_train.json" in by["finetune_mae_s1"].command[by["finetune_mae_s1"].command.index(
+        "DATASETS.REGISTER") + 1]
+
+    images = [{"id": i, "file_name": f"{i:06d}.png", "width": 8, "height": 8} for i in range(1, 11)]
+    anns = [{"id": 100 + i, "image_id": i, "category_id": 1} for i in range(1, 11) for _ in range(i % 3)]
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    out = nested_subsets(src, tmp_path / "subsets", [0.25, 0.5, 1.0], seed=7)
+    sets = {f: json.loads(p.read_text()) for f, p in out.items()}
+    ids = {f: {im["id"] for im in s["images"]} for f, s in sets.items()}
+    assert [len(ids[f]) for f in (0.25, 0.5, 1.0)] == [2, 5, 10]  # round(2.5) = 2
+    assert ids[0.25] < ids[0.5] < ids[1.0]
+    for f, s in sets.items():
+        assert sorted(a["id"] for a in s["annotations"]) == sorted(a["id"] for a in anns if a["image_id"] in ids[f])
+    other = nested_subsets(src, tmp_path / "other", [0.5], seed=8)
+    assert {im["id"] for im in json.loads(other[0.5].read_text())["images"]} != ids[0.5]
+    assert nested_subsets(src, tmp_path / "again", [0.5], seed=7)[0.5].read_text() == out[0.5].read_text()
+
+
+def test_average_precision_of_a_ranking():
+    from mae_det.demo import _average_precision
+
+    assert _average_precision([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert _average_precision([0.9, 0.8, 0.1], [False, True, True]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert math.isnan(_average_precision([0.5], [False]))
