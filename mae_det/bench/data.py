@@ -46,12 +46,12 @@ def make_dataset(root: Path, n: int, size: tuple[int, int], *, png: bool = True,
 
 
 def time_checks(json_file: Path, image_root: Path, *, decode: bool) -> dict[str, float]:
-    """Seconds for the per-image check alone (uncached) and for the whole registration parse (json and checks);
-    raises if the generated data did not pass."""
+    """Seconds for the per-image check alone and for the whole registration parse (json and checks); raises if
+    the generated data did not pass."""
     entries = json.loads(json_file.read_text())["images"]
     t0 = time.perf_counter()
-    problems = [image_file_problem(str(image_root / e["file_name"]), e["height"], e["width"], decode=decode,
-                                   cached=False) for e in entries]
+    problems = [image_file_problem(str(image_root / e["file_name"]), e["height"], e["width"], decode=decode)
+                for e in entries]
     check_s = time.perf_counter() - t0
     if any(problems):
         raise RuntimeError(f"generated data failed its own check: {next(p for p in problems if p)}")

@@ -148,42 +148,29 @@ def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) ->
     return None
 
 
-# (path, mtime_ns, size, decode) -> (width, height) or the problem: a dataset is loaded several times per run
-# (registration check, train loader, every evaluation), its unchanged files are checked once.
-_IMAGE_CHECKS: dict[tuple[str, int, int, bool], tuple[int, int] | str] = {}
-
-
-def image_file_problem(path: str, height: int | None, width: int | None, *, decode: bool = False,
-                       cached: bool = True) -> tuple[str, str] | None:
+def image_file_problem(path: str, height: int | None, width: int | None, *,
+                       decode: bool = False) -> tuple[str, str] | None:
     """Why Detectron2's mapper could not use this image as the json declares it, or None when it can.
 
     Args:
         path: the image file.
         height, width: the declared size (None: not checked).
         decode: decode every pixel instead of reading the header only (finds truncated data).
-        cached: reuse the outcome of an earlier check of the same unchanged file.
 
     Returns:
         None, or (reason, one line starting with the path): the file is missing, unreadable (the image
         loader's message) or, after EXIF orientation, not the declared size.
     """
     try:
-        st = os.stat(path)
+        os.stat(path)
     except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the json's file_name
         return MISSING_IMAGE, f"{path}: file not found"
     except OSError as e:
         return UNREADABLE_IMAGE, f"{path}: cannot access file ({e.strerror or e})"
-    key = (path, st.st_mtime_ns, st.st_size, decode)
-    size = _IMAGE_CHECKS.get(key) if cached else None
-    if size is None:
-        try:
-            size = image_size(path, decode=decode)
-        except ImageLoadError as e:
-            size = str(e)
-        if cached:
-            _IMAGE_CHECKS[key] = size
-    if isinstance(size, str):
-        return UNREADABLE_IMAGE, size
+    try:
+        size = image_size(path, decode=decode)
+    except ImageLoadError as e:
+        return UNREADABLE_IMAGE, str(e)
     if height is not None and width is not None and size != (width, height):
         return WRONG_SIZE_IMAGE, (f"{path}: the file is {size[0]}x{size[1]} (width x height, EXIF orientation "
                                   f"applied) but the json declares {width}x{height}")
@@ -523,7 +510,7 @@ class DetectionDatasetMapper(DatasetMapper):
             out = super().__call__(dataset_dict)
         except Exception:
             problem = image_file_problem(dataset_dict["file_name"], dataset_dict.get("height"),
-                                         dataset_dict.get("width"), decode=True, cached=False)
+                                         dataset_dict.get("width"), decode=True)
             if problem is None:
                 raise
             self._skipped.append(problem[1])
