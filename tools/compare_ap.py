@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Compare runs of tools/train_net.py (and classification results): Markdown + CSV table and a bar chart.
+"""Compare runs of tools/train_net.py (AP and mIoU; and classification results): Markdown + CSV table and a chart.
 
     python tools/compare_ap.py output/ft_mae_s* output/ft_scratch_s* --baseline scratch --output output/compare
     python tools/compare_ap.py runA runB --label runA=mae_800ep --label runB=mae_1600ep --baseline none
 
-Each run directory holds run_info.json (init_type, seed) and ap_results.json and/or cls_results.json.
+Each run directory holds run_info.json (init_type, seed) and ap_results.json, sem_seg_results.json (mIoU, pixel
+accuracy, per-class IoU) and/or cls_results.json.
 Runs are grouped by init_type (or --label), with mean ± sample std over seeds and deltas against --baseline.
 """
 

@@ -8,6 +8,8 @@
 Writes into --output: ``<image stem>.png`` per image, ``results.json`` (COCO results: bbox xywh, score,
 category_id, segmentation RLE) and ``images.json`` (the COCO images/categories they refer to, for
 ``COCO("images.json").loadRes("results.json")``). Unreadable inputs are reported by path and skipped.
+A semantic-segmentation config (UperNet) draws the predicted class regions instead and also writes
+``<image stem>_labels.png`` (mode "L" class map); results.json then maps image_id to that file.
 Exit codes: 0 done (some inputs may have been skipped), 1 no input could be read, 2 bad config or weights.
 """
 import argparse
@@ -42,10 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_predict_cfg(args.config_file, args.opts, args.confidence_threshold)
-    summary = predict_to_dir(Predictor(cfg), args.input, args.output, args.batch_size, progress=not args.no_progress)
+    predictor = Predictor(cfg)
+    summary = predict_to_dir(predictor, args.input, args.output, args.batch_size, progress=not args.no_progress)
     log = logging.getLogger("mae_det.predict")
     log.info(
-        f"{len(summary.images)} images, {summary.num_detections} detections -> {args.output} "
+        f"{len(summary.images)} images, {summary.num_detections} "
+        f"{'class maps' if predictor.semantic else 'detections'} -> {args.output} "
         f"(results.json, images.json); {len(summary.failures)} inputs skipped (reported above)"
     )
     return 0 if summary.images else 1

@@ -58,6 +58,9 @@ def validate_sem_seg_config(cfg: CN) -> None:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.DROPOUT = {h.DROPOUT}: expected a value in [0, 1)")
     if h.AUX_LOSS_WEIGHT < 0:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT = {h.AUX_LOSS_WEIGHT}: expected >= 0 (0 = no auxiliary head)")
+    if h.NORM == "GN" and (h.CONVS_DIM % 32 or h.AUX_CONVS_DIM % 32):
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM 'GN' (32 groups) needs CONVS_DIM and AUX_CONVS_DIM divisible by 32, "
+                         f"got {h.CONVS_DIM}, {h.AUX_CONVS_DIM}")
     if h.AUX_IN_FEATURE and h.AUX_IN_FEATURE not in h.IN_FEATURES:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE = {h.AUX_IN_FEATURE!r}: expected one of "
                          f"MODEL.SEM_SEG_HEAD.IN_FEATURES {list(h.IN_FEATURES)} or ''")

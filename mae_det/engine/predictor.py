@@ -1,11 +1,11 @@
-"""Inference with a trained detector: predictions, pictures of detections, COCO-format results.
+"""Inference with a trained detector or semantic segmenter: predictions, pictures, COCO-format results / label maps.
 
 Detectron2's ``DefaultPredictor`` loads weights with the plain ``DetectionCheckpointer`` (which knows none of the
 formats :class:`~mae_det.checkpoint.detectron2.ViTDetCheckpointer` converts and maps keys by suffix guesswork),
 takes one BGR image at a time and leaves outputs on the model's device. :class:`Predictor` keeps its
 preprocessing - ``INPUT.FORMAT`` and the evaluation mapper's test resize - but loads weights with the trainer's
 checkpointer, takes a batch of RGB arrays (what :func:`~mae_det.data.images.load_image` decodes) and returns
-CPU ``Instances``.
+CPU ``Instances`` - or, for a semantic-segmentation config, (H, W) class maps.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ..config.detection import load_det_cfg
-from ..data.detection import DatasetError, build_detection_mapper, register_datasets
+from ..data.detection import DatasetError, register_datasets
+from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
 from ..data.images import ImageLoadError, load_image
 from .det_trainer import build_checkpointer
 
@@ -113,6 +114,29 @@ def dataset_metadata(cfg: CfgNode) -> Metadata:
         id_map[next_id] = k
         next_id += 1
     return Metadata(name=source or "__unnamed__", thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
+
+
+def sem_seg_metadata(cfg: CfgNode) -> Metadata:
+    """``stuff_classes`` for the model's ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` outputs: the first registered
+    TEST / TRAIN dataset's names (``DATASETS.REGISTER_SEM_SEG`` entries are registered here, their label maps not
+    read), else "class k"."""
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for name, image_root, label_root, classes_file in cfg.DATASETS.REGISTER_SEM_SEG:
+        try:
+            register_sem_seg_dataset(name, image_root, label_root, classes_file, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        except DatasetError as e:
+            logger.warning(f"{e}; class names may be unavailable")
+    for name in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]:
+        classes = MetadataCatalog.get(name).get("stuff_classes") if name in DatasetCatalog.list() else None
+        if classes is not None and len(classes) == num_classes:
+            return Metadata(name=name, stuff_classes=list(classes))
+    logger.warning(f"no registered dataset in DATASETS.TEST/TRAIN with {num_classes} classes: labelling 'class k'")
+    return Metadata(name="__unnamed__", stuff_classes=[f"class {k}" for k in range(num_classes)])
+
+
+def draw_sem_seg(image: np.ndarray, labels: torch.Tensor, metadata: Metadata) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with each predicted class region tinted and named by Detectron2's Visualizer."""
+    return Visualizer(image, metadata).draw_sem_seg(labels).get_image()
 
 
 def coco_categories(metadata: Metadata) -> list[dict]:
@@ -198,12 +222,13 @@ def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> 
 
 
 class Predictor:
-    """A detection model built from a yacs config, with ``MODEL.WEIGHTS`` loaded, in eval mode.
+    """A detection or semantic-segmentation model built from a yacs config, ``MODEL.WEIGHTS`` loaded, in eval mode.
 
     Attributes:
         cfg: the (cloned) config.
         model: the Detectron2 model on ``MODEL.DEVICE``.
-        metadata: :func:`dataset_metadata` of the config.
+        semantic: the model is a ``SemanticSegmentor`` (it returns class maps, not ``Instances``).
+        metadata: :func:`sem_seg_metadata` or :func:`dataset_metadata` of the config.
     """
 
     def __init__(self, cfg: CfgNode) -> None:
@@ -213,9 +238,10 @@ class Predictor:
             logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialized weights")
         build_checkpointer(self.cfg, self.model).load(cfg.MODEL.WEIGHTS)
         # The evaluation mapper's augmentations, so predictions here equal those of `train_net --eval-only`.
-        self.augmentations = build_detection_mapper(self.cfg, is_train=False).augmentations
+        self.augmentations = build_mapper(self.cfg, is_train=False).augmentations
         self.input_format = cfg.INPUT.FORMAT
-        self.metadata = dataset_metadata(self.cfg)
+        self.semantic = is_semantic(self.cfg)
+        self.metadata = sem_seg_metadata(self.cfg) if self.semantic else dataset_metadata(self.cfg)
 
     def preprocess(self, image: np.ndarray) -> dict:
         """(H, W, 3) uint8 RGB -> the model's input dict (``INPUT.FORMAT`` channels, test resize)."""
@@ -230,11 +256,14 @@ class Predictor:
         return {"image": torch.from_numpy(np.array(x.transpose(2, 0, 1), order="C")), "height": height, "width": width}
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> list[Instances]:
-        """Detections of a batch of (H, W, 3) uint8 RGB images, in input-image coordinates, on the CPU."""
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Instances] | list[torch.Tensor]:
+        """Detections (or, when :attr:`semantic`, (H, W) int64 class maps) of a batch of (H, W, 3) uint8 RGB
+        images, in input-image coordinates, on the CPU."""
         if not images:
             return []
         outputs = self.model([self.preprocess(im) for im in images])
+        if self.semantic:
+            return [out["sem_seg"].argmax(dim=0).cpu() for out in outputs]
         return [out["instances"].to("cpu") for out in outputs]
 
 
@@ -307,6 +336,9 @@ def predict_to_dir(
     ``image_id``, ``category_id`` (dataset ids), ``bbox`` xywh, ``score``, ``segmentation`` RLE) and
     ``images.json`` (``images`` with ids 1..N and their paths, ``categories``, empty ``annotations``), so that
     ``COCO("images.json").loadRes("results.json")`` works. Unreadable images are logged by path and skipped.
+    A semantic model writes instead, per image, the class regions drawn (``<stem>.png``) and its class map
+    (``<stem>_labels.png``, mode "L", values = class index); ``results.json`` then lists ``image_id`` ->
+    ``label_map`` and ``images.json`` the class names as ``categories`` (id = class index).
 
     Args:
         predictor: the model.
@@ -337,8 +369,14 @@ def predict_to_dir(
         for (path, image), instances in zip(batch, predictor([im for _, im in batch])):
             image_id = len(summary.images) + 1
             png = unique_png_name(path, used)
-            Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
-            results += instances_to_coco_results(instances, image_id, predictor.metadata)
+            if predictor.semantic:
+                Image.fromarray(draw_sem_seg(image, instances, predictor.metadata)).save(out / png)
+                label_png = png.removesuffix(".png") + "_labels.png"
+                Image.fromarray(instances.numpy().astype(np.uint8), mode="L").save(out / label_png)
+                results.append({"image_id": image_id, "label_map": label_png})
+            else:
+                Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
+                results += instances_to_coco_results(instances, image_id, predictor.metadata)
             summary.images.append({
                 "id": image_id, "file_name": str(path.resolve()), "height": image.shape[0], "width": image.shape[1],
                 "visualization": png,
@@ -352,7 +390,8 @@ def predict_to_dir(
     summary.images_json.write_text(json.dumps({
         "info": {"description": "images of mae_det predict", "weights": predictor.cfg.MODEL.WEIGHTS},
         "images": summary.images,
-        "categories": coco_categories(predictor.metadata),
+        "categories": ([{"id": k, "name": n} for k, n in enumerate(predictor.metadata.stuff_classes)]
+                       if predictor.semantic else coco_categories(predictor.metadata)),
         "annotations": [],
     }, indent=1))
     return summary

@@ -1,9 +1,11 @@
-"""Comparison tables: AP (and classification top-1) of many runs, grouped by initialization, as Markdown/CSV/PNG.
+"""Comparison tables: AP, mIoU and classification top-1 of many runs, grouped by initialization, as Markdown/CSV/PNG.
 
 A run directory is what ``tools/train_net.py`` leaves behind: ``ap_results.json`` (``{"bbox": {"AP", "AP50",
 "AP75", "APs", "APm", "APl"}, "segm": {...}}``, values in %, ``null`` where COCOeval had nothing to measure) and
 ``run_info.json`` (``init_type``, ``seed``). A directory may instead (or also) hold ``cls_results.json`` with
-``*_top1`` accuracies in % (kNN, linear probe, fine-tuning) - those become extra columns of the same table.
+``*_top1`` accuracies in % (kNN, linear probe, fine-tuning), and a semantic-segmentation run holds
+``sem_seg_results.json`` (``{"sem_seg": {"mIoU", "fwIoU", "mACC", "pACC", "IoU": {class: IoU}}}``) - those become
+extra columns of the same table (``seg mIoU``, ..., ``seg IoU-<class>``).
 Runs are grouped by ``init_type`` unless a label is given for the directory. Problems with a file are errors that
 name the file; with ``skip_invalid`` they are collected and listed in the report instead, never dropped silently.
 """
@@ -25,6 +27,8 @@ METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CLS_HEADERS: dict[str, str] = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1",
                                "finetune_top1": "fine-tune top-1"}
 AP_FILE, INFO_FILE, CLS_FILE = "ap_results.json", "run_info.json", "cls_results.json"
+SEG_FILE, SEG_TASK = "sem_seg_results.json", "sem_seg"
+SEG_METRICS: tuple[str, ...] = ("mIoU", "fwIoU", "mACC", "pACC")
 
 # Published COCO val2017 Mask R-CNN results (box AP, mask AP), reported, not measured by this toolkit.
 PUBLISHED: tuple[tuple[str, str, str, float, float], ...] = (
@@ -39,6 +43,21 @@ PUBLISHED: tuple[tuple[str, str, str, float, float], ...] = (
     ("ViTDet README", "ViT-B", "MAE", 51.6, 45.9),
     ("ViTDet README", "ViT-L", "MAE", 55.5, 49.2),
 )
+
+
+# Published ADE20K val UperNet results (mIoU, single scale), reported, not measured by this toolkit.
+PUBLISHED_SEG: tuple[tuple[str, str, str, float], ...] = (
+    ("MAE paper Table 5", "ViT-B", "MAE", 48.1),
+    ("MAE paper Table 5", "ViT-L", "MAE", 53.6),
+    ("mmsegmentation (MAE ViT-B recipe)", "ViT-B", "MAE", 48.1),
+)
+
+
+def kind_of(key: str) -> str:
+    """What a column measures: "seg" (``sem_seg/...``), "det" (``bbox/...``, ``segm/...``) or "cls"."""
+    if key.startswith(f"{SEG_TASK}/"):
+        return "seg"
+    return "det" if "/" in key else "cls"
 
 
 class ResultError(ValueError):
@@ -88,8 +107,8 @@ class GroupSummary:
     reported: dict[str, int]
 
     def count(self, kind: str) -> int:
-        """Runs with detection results (``kind="det"``) or with classification results (``kind="cls"``)."""
-        return sum(1 for r in self.runs if any(("/" in k) == (kind == "det") for k in r.values))
+        """Runs with detection (``kind="det"``), semantic segmentation ("seg") or classification ("cls") results."""
+        return sum(1 for r in self.runs if any(kind_of(k) == kind for k in r.values))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -141,11 +160,28 @@ def _read_cls(path: Path) -> dict[str, float | None]:
     return {k: _number(path, k, data[k]) for k in keys}
 
 
+def _read_seg(path: Path) -> dict[str, float | None]:
+    data = _read_json(path)
+    res = data.get(SEG_TASK) if isinstance(data, dict) else None
+    if not isinstance(res, dict):
+        raise ResultError(f"{path}: expected a JSON object with a '{SEG_TASK}' object")
+    missing = [m for m in SEG_METRICS if m not in res]
+    if missing:
+        raise ResultError(f"{path}: '{SEG_TASK}' lacks {', '.join(missing)} (expected {', '.join(SEG_METRICS)})")
+    per_class = res.get("IoU", {})
+    if not isinstance(per_class, dict):
+        raise ResultError(f"{path}: '{SEG_TASK}.IoU' must be an object of class -> IoU")
+    values = {f"{SEG_TASK}/{m}": _number(path, f"{SEG_TASK}.{m}", res[m]) for m in SEG_METRICS}
+    values.update({f"{SEG_TASK}/IoU-{c}": _number(path, f"{SEG_TASK}.IoU.{c}", v) for c, v in per_class.items()})
+    return values
+
+
 def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     """Read one run directory.
 
     Args:
-        run_dir: A directory with ``run_info.json`` and ``ap_results.json`` and/or ``cls_results.json``.
+        run_dir: A directory with ``run_info.json`` and at least one of ``ap_results.json``,
+            ``sem_seg_results.json``, ``cls_results.json``.
         label: Group name overriding ``run_info.json``'s ``init_type``.
 
     Raises:
@@ -165,11 +201,13 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     if not isinstance(group, str) or not group:
         raise ResultError(f"{info_path}: 'init_type' must be a non-empty string, got {group!r} "
                           f"(or pass a label: --label {d}=NAME)")
-    if not (d / AP_FILE).exists() and not (d / CLS_FILE).exists():
-        raise ResultError(f"{d / AP_FILE}: file not found (and no {CLS_FILE} either)")
+    if not any((d / f).exists() for f in (AP_FILE, SEG_FILE, CLS_FILE)):
+        raise ResultError(f"{d / AP_FILE}: file not found (and no {SEG_FILE} or {CLS_FILE} either)")
     values: dict[str, float | None] = {}
     if (d / AP_FILE).exists():
         values.update(_read_ap(d / AP_FILE))
+    if (d / SEG_FILE).exists():
+        values.update(_read_seg(d / SEG_FILE))
     if (d / CLS_FILE).exists():
         values.update(_read_cls(d / CLS_FILE))
     return RunResult(path=str(run_dir), group=group, seed=seed, values=values)
@@ -218,15 +256,21 @@ def summarize(values: Iterable[float | None]) -> Stat | None:
 
 
 def columns(runs: Iterable[RunResult]) -> list[str]:
-    """Column keys present in any run: box and mask metrics first, then the known top-1 keys, then other ones."""
+    """Column keys present in any run: box and mask metrics first, then mIoU & co. and per-class IoU (in order of
+    appearance), then the known top-1 keys, then other ones."""
+    runs = list(runs)
     present = {k for r in runs for k in r.values}
     ap = [f"{t}/{m}" for t in TASKS for m in METRICS if f"{t}/{m}" in present]
-    cls = [k for k in CLS_HEADERS if k in present] + sorted(present - set(ap) - set(CLS_HEADERS))
-    return ap + cls
+    seg = [f"{SEG_TASK}/{m}" for m in SEG_METRICS if f"{SEG_TASK}/{m}" in present]
+    seg += list(dict.fromkeys(k for r in runs for k in r.values if kind_of(k) == "seg" and k not in seg))
+    cls = [k for k in CLS_HEADERS if k in present] + sorted(present - set(ap) - set(seg) - set(CLS_HEADERS))
+    return ap + seg + cls
 
 
 def header(key: str) -> str:
-    """Human column name: ``bbox/AP50`` -> ``box AP50``, ``knn_top1`` -> ``kNN top-1``."""
+    """Human column name: ``bbox/AP50`` -> ``box AP50``, ``sem_seg/mIoU`` -> ``seg mIoU``, ``knn_top1`` -> ``kNN top-1``."""
+    if kind_of(key) == "seg":
+        return f"seg {key.split('/', 1)[1]}"
     if "/" in key:
         task, metric = key.split("/")
         return f"{TASKS[task]} {metric}"
@@ -301,7 +345,7 @@ def render_markdown(
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
     heads = [header(c) for c in cols]
-    kinds = [k for k in ("det", "cls") if any(("/" in c) == (k == "det") for c in cols)]
+    kinds = [k for k in ("det", "seg", "cls") if any(kind_of(c) == k for c in cols)]
     lines = [f"# {title}", "",
              f"Measured: {len(runs)} runs in {len(groups)} groups. Values in %; mean ± sample std over the runs of a "
              "group (\"(n=k)\": only k of them have a value); \"-\" = not available.", ""]
@@ -325,6 +369,10 @@ def render_markdown(
                   ""]
         lines += _md_table(["source", "model", "init", "box AP", "mask AP"],
                            [[s, m, i, f"{b:.1f}", f"{k:.1f}"] for s, m, i, b, k in PUBLISHED], 3)
+        if "seg" in kinds:
+            lines += ["", "## Published reference (ADE20K val, UperNet, single scale; reported, not measured here)", ""]
+            lines += _md_table(["source", "model", "init", "mIoU"],
+                               [[s, m, i, f"{v:.1f}"] for s, m, i, v in PUBLISHED_SEG], 3)
     return "\n".join(lines) + "\n"
 
 
@@ -359,11 +407,16 @@ def render_csv(groups: list[GroupSummary], baseline: str | None = None, publishe
         for source, model, init, box, mask in PUBLISHED:
             row = {"bbox/AP": box, "segm/AP": mask}
             w.writerow(["published", init, "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
+        if any(kind_of(c) == "seg" for c in cols):
+            for source, model, init, miou in PUBLISHED_SEG:
+                row = {f"{SEG_TASK}/mIoU": miou}
+                w.writerow(["published", init, "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
     return buf.getvalue()
 
 
 def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = "") -> None:
-    """Bar chart, one panel per task (box, mask, classification), bars per group with std error bars."""
+    """Bar chart, one panel per task (box, mask, segmentation, classification), bars per group with std error
+    bars; the segmentation panel shows the summary metrics (mIoU, fwIoU, mACC, pACC), not per-class IoU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,19 +426,20 @@ def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = 
     cols = columns([r for g in groups for r in g.runs])
     cols = [c for c in cols if any(g.stats[c] is not None for g in groups)]  # no empty bar slots (e.g. APl)
     panels = [(TASKS[t], [c for c in cols if c.startswith(f"{t}/")]) for t in TASKS]
-    panels.append(("classification", [c for c in cols if "/" not in c]))
+    panels.append(("segmentation", [c for c in cols if c in {f"{SEG_TASK}/{m}" for m in SEG_METRICS}]))
+    panels.append(("classification", [c for c in cols if kind_of(c) == "cls"]))
     panels = [(name, cs) for name, cs in panels if cs]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     width = 0.8 / max(len(groups), 1)
     for ax, (name, cs) in zip(axes[0], panels):
-        kind = "cls" if name == "classification" else "det"
+        kind = {"classification": "cls", "segmentation": "seg"}.get(name, "det")
         x = np.arange(len(cs))
         for i, g in enumerate(groups):
             means = [g.stats[c].mean if g.stats[c] else np.nan for c in cs]
             errs = [(g.stats[c].std or 0.0) if g.stats[c] else 0.0 for c in cs]
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
                    label=f"{g.group} (n={g.count(kind)})")
-        ax.set_xticks(x, [header(c).split(" ", 1)[1] if "/" in c else header(c) for c in cs])
+        ax.set_xticks(x, [header(c).split(" ", 1)[1] if kind != "cls" else header(c) for c in cs])
         ax.set_title(name)
         ax.set_ylabel("%")
         ax.grid(axis="y", alpha=0.3)
