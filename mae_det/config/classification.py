@@ -16,6 +16,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     MODEL.DROP_PATH: 0.1            stochastic depth of the fine-tuned encoder
     MODEL.GLOBAL_POOL: True         fine-tuning head on the mean of the patch tokens + fc_norm (MAE recipe);
                                     False: on the cls token after the encoder's final norm
+    MODEL.TRAIN_BLOCKS: -1          fine-tuning: -1 = every parameter; k >= 0 = partial fine-tuning (MAE paper
+                                    Fig. 9): only the last k blocks, the final norm and the head learn
     DATA.TRAIN_ROOT / VAL_ROOT: ""  ImageFolder trees: <root>/<class_name>/<images>
     DATA.CROP_PCT: 0.875            eval transform: resize to IMG_SIZE / CROP_PCT, center crop IMG_SIZE
     DATA.NUM_WORKERS: 4             loader worker processes (0 = in the main process)
@@ -105,6 +107,7 @@ def get_cls_cfg() -> CN:
     _C.MODEL.INIT_TYPE = ""
     _C.MODEL.DROP_PATH = 0.1
     _C.MODEL.GLOBAL_POOL = True
+    _C.MODEL.TRAIN_BLOCKS = -1
 
     _C.DATA = CN()
     _C.DATA.TRAIN_ROOT = ""
@@ -207,6 +210,8 @@ def validate_cls_cfg(cfg: CN) -> None:
     _check(arch["embed_dim"] % arch["num_heads"] == 0,
            f"MODEL.EMBED_DIM: {arch['embed_dim']} is not divisible by MODEL.NUM_HEADS {arch['num_heads']}")
     _check(0.0 <= M.DROP_PATH < 1.0, f"MODEL.DROP_PATH: expected a value in [0, 1), got {M.DROP_PATH}")
+    _check(-1 <= M.TRAIN_BLOCKS <= arch["depth"],
+           f"MODEL.TRAIN_BLOCKS: expected -1 (all) or 0..{arch['depth']} (the depth), got {M.TRAIN_BLOCKS}")
     if M.WEIGHTS:
         _check(os.path.isfile(M.WEIGHTS), f"MODEL.WEIGHTS: checkpoint {M.WEIGHTS} not found")
 

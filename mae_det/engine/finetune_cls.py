@@ -160,7 +160,18 @@ def build_classifier(cfg: CfgNode, num_classes: int) -> ViTClassifier:
     )
     if cfg.MODEL.WEIGHTS:
         load_encoder_weights(model, cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.TRAIN_BLOCKS >= 0:
+        freeze_all_but_last_blocks(model, cfg.MODEL.TRAIN_BLOCKS)
     return model
+
+
+def freeze_all_but_last_blocks(model: ViTClassifier, k: int) -> None:
+    """Partial fine-tuning: only the last ``k`` blocks, the final norms (``norm``, ``fc_norm``) and the head keep
+    ``requires_grad``; patch and position embeddings, cls token and the earlier blocks are frozen."""
+    first = len(model.blocks) - k
+    for name, p in model.named_parameters():
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        p.requires_grad = block >= first if block is not None else name.startswith(("norm.", "fc_norm.", "head."))
 
 
 # ---- results --------------------------------------------------------------------------------------------

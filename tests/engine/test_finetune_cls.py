@@ -180,3 +180,23 @@ def test_results_merge_per_init(tmp_path):
         "knn_top1": 50.0, "linear_top1": 60.0, "init": "a.pth"}
     # Another initialization in the same folder replaces the file rather than mixing two encoders' numbers.
     assert write_results(tmp_path, {"knn_top1": 40.0, "init": "b.pth"}) == {"knn_top1": 40.0, "init": "b.pth"}
+
+
+def test_partial_finetuning_trains_only_the_last_blocks_norm_and_head(tmp_path):
+    color_folders(tmp_path / "data", n_train=12, n_val=6)
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "out", **{"MODEL.TRAIN_BLOCKS": 1, "SOLVER.EPOCHS": 2,
+                                                           "SOLVER.WARMUP_EPOCHS": 0.0})
+    model = build_classifier(cfg, 3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("blocks.1.", "fc_norm.", "head."))}
+    torch.manual_seed(cfg.SEED)
+    before = build_classifier(cfg, 3).state_dict()
+    finetune(cfg, progress=False)
+    out = tmp_path / "out"
+    after = load_checkpoint(out / (out / "last_checkpoint").read_text().strip())["model"]
+    for k, v in before.items():
+        learned = k.startswith(("blocks.1.", "fc_norm.", "head."))
+        assert torch.equal(v, after[k]) != learned, k
+    with pytest.raises(Exception, match="MODEL.TRAIN_BLOCKS: expected -1 \\(all\\) or 0..2"):
+        tiny_cfg(tmp_path / "data", tmp_path / "o2", **{"MODEL.TRAIN_BLOCKS": 3})
