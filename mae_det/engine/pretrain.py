@@ -253,7 +253,8 @@ class Pretrainer:
         if gpu_decode and self.device.type != "cuda":
             raise ConfigError("DATA.DECODE_DEVICE: cuda decoding needs a GPU, and DEVICE resolved to cpu")
         if gpu_decode and cfg.MODEL.IN_CHANS != 3:
-            raise ConfigError(f"DATA.DECODE_DEVICE: cuda decoding gives RGB images, MODEL.IN_CHANS is {cfg.MODEL.IN_CHANS}")
+            raise ConfigError(f"DATA.DECODE_DEVICE: cuda decoding gives RGB images, MODEL.IN_CHANS is "
+                              f"{cfg.MODEL.IN_CHANS}")
         self.dataset = (EncodedPretrainDataset if gpu_decode else PretrainDataset)(
             src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
             counts=cfg.MODEL.MAX_COUNT > 0,

@@ -107,3 +107,23 @@ def test_other_checks(data_dir):
     assert "MONITOR.KNN.TRAIN_ROOT is empty" in _error(_cfg, data_dir, "MONITOR.KNN.ENABLED", "True")
     assert "odd list" in _error(_cfg, data_dir, "SEED")
     assert "config file not found" in _error(load_pretrain_cfg, "/no/such.yaml", [])
+
+
+def test_large_batch_recipe_is_the_paper_recipe_with_fewer_accumulation_steps(data_dir):
+    from mae_det.engine.pretrain import resolve_accumulation
+
+    base = load_pretrain_cfg(CONFIGS / "mae_vit_base_in1k.yaml", ["DATA.PATH", data_dir])
+    large = load_pretrain_cfg(CONFIGS / "mae_vit_base_in1k_large_batch.yaml", ["DATA.PATH", data_dir])
+    assert (large.SOLVER.BATCH_SIZE, large.DATA.DECODE_DEVICE, large.SOLVER.COMPILE) == (512, "cuda", "auto")
+    for key in ("EPOCHS", "WARMUP_EPOCHS", "EFFECTIVE_BATCH_SIZE", "BASE_LR", "BETAS", "WEIGHT_DECAY"):
+        assert large.SOLVER[key] == base.SOLVER[key], key
+    assert [resolve_accumulation(large, n) for n in (1, 8)] == [(8, 4096), (1, 4096)]
+    assert [resolve_accumulation(base, n) for n in (1, 8)] == [(64, 4096), (8, 4096)]
+
+
+def test_compile_and_decode_device_values(data_dir):
+    assert "SOLVER.COMPILE: expected one of ('auto', 'on', 'off'), got 'yes'" in _error(
+        _cfg, data_dir, "SOLVER.COMPILE", "yes")
+    assert "DATA.DECODE_DEVICE: expected one of ('cpu', 'cuda'), got 'gpu'" in _error(
+        _cfg, data_dir, "DATA.DECODE_DEVICE", "gpu")
+    assert _cfg(data_dir, "SOLVER.COMPILE", "off", "DATA.DECODE_DEVICE", "cuda").SOLVER.COMPILE == "off"

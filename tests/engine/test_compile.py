@@ -148,3 +148,35 @@ def test_compiled_backbone_same_features_and_keys(monkeypatch):
     sum(v.sum() for v in b.values()).backward()
     assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
     assert list(compiled.state_dict()) == keys and type(compiled) is type(eager)
+
+
+def test_detection_step_trainer_redoes_a_failed_compiled_step_eagerly(monkeypatch, caplog):
+    import copy
+    import itertools
+
+    from detectron2.utils.events import EventStorage
+
+    from mae_det.engine.det_trainer import AutocastTrainer
+
+    class Detector(torch.nn.Module):  # the trainer's contract: data list in, dict of losses out
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(4, 4)
+
+        def forward(self, data):
+            return {"loss_x": self.backbone(torch.stack([d["x"] for d in data])).pow(2).mean()}
+
+    torch.manual_seed(0)
+    model, data = Detector(), [{"x": torch.randn(4)} for _ in range(2)]
+    eager = copy.deepcopy(model)
+    monkeypatch.setattr(C, "BACKEND", _broken_backend)
+    C.compile_in_place(model.backbone)
+    trainers = [AutocastTrainer(m, itertools.repeat(data), torch.optim.SGD(m.parameters(), lr=0.1), compiled=c)
+                for m, c in ((model, model.backbone), (eager, None))]
+    with EventStorage(0):
+        for t in trainers:
+            t.iter = 0
+            t.run_step()
+    assert not C.is_compiled(model.backbone) and trainers[0].unproven_compiled is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+    assert [r.message for r in caplog.records if "torch.compile failed" in r.message]
