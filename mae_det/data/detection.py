@@ -334,10 +334,29 @@ def load_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fracti
     records, thing_classes, id_map, report = parse_coco_instances(
         json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER"
     )
-    (logger.warning if report.skipped else logger.info)(f"dataset '{name}': {report.summary()}")
-    check_bad_images(report, name, max_bad_fraction)
+    _report_load(name, report, max_bad_fraction)
     MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
     return records
+
+
+# name -> the report of the latest load of a dataset whose image files this module checked.
+_LOAD_REPORTS: dict[str, CocoLoadReport] = {}
+
+
+def _report_load(name: str, report: CocoLoadReport, max_bad_fraction: float) -> None:
+    (logger.warning if report.skipped else logger.info)(f"dataset '{name}': {report.summary()}")
+    check_bad_images(report, name, max_bad_fraction)
+    _LOAD_REPORTS[name] = report
+
+
+def remaining_bad_images(names: list[str] | tuple[str, ...], max_bad_fraction: float) -> int | None:
+    """How many images of these (loaded) training sets may still fail to decode in training before the bad
+    ones exceed ``max_bad_fraction`` of all of them; None when one of them was not loaded through this module."""
+    reports = [_LOAD_REPORTS.get(n) for n in names]
+    if not reports or None in reports:
+        return None
+    bad = sum(len(r.bad_files) for r in reports)
+    return int(max_bad_fraction * (sum(r.images for r in reports) + bad)) - bad
 
 
 def check_test_images(name: str) -> None:
@@ -369,8 +388,7 @@ def _check_builtin_records(name: str, records: list[dict], decode: bool) -> tupl
 
 def _load_builtin_checked(name: str, max_bad_fraction: float) -> list[dict]:
     records, report = _check_builtin_records(name, _BUILTIN_LOADERS[name](), decode=False)
-    (logger.warning if report.skipped else logger.info)(f"dataset '{name}': {report.summary()}")
-    check_bad_images(report, name, max_bad_fraction)
+    _report_load(name, report, max_bad_fraction)
     return records
 
 

@@ -43,7 +43,9 @@ from ..checkpoint import CheckpointError, atomic_write_text
 from ..checkpoint.detectron2 import ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
-from ..data.detection import SKIPPED_IMAGES_KEY, DatasetError, check_num_classes
+from ..data.detection import (
+    SKIPPED_IMAGES_KEY, DatasetError, check_num_classes, first_files, remaining_bad_images,
+)
 from ..config.vit_backbone import VIT_BACKBONES
 from ..data.semantic import build_mapper, check_sem_seg_classes, is_semantic, load_label_map
 from ..modeling import backbone as _backbone  # noqa: F401  (registers the ViT backbones)
@@ -212,11 +214,18 @@ class SkippedImagesHook(hooks.HookBase):
     they arrive in the training process whether the mapper ran there or in a loader worker. Every step puts the
     number of distinct skipped files into the storage as ``data/skipped_images`` (hence metrics.json). With
     several processes the notes are gathered every ``period`` steps, so every rank holds the same set. The set
-    is checkpointed, so a resumed run keeps counting.
+    is checkpointed, so a resumed run keeps counting. More skipped files than ``budget`` (what
+    ``DATASETS.MAX_BAD_FRACTION`` leaves after the load check; None: no limit) stop the run with a DatasetError.
+
+    Args:
+        period: steps between gathers across processes (``LOG_PERIOD``).
+        max_bad_fraction: ``DATASETS.MAX_BAD_FRACTION``, for the message.
     """
 
-    def __init__(self, period: int) -> None:
+    def __init__(self, period: int, max_bad_fraction: float) -> None:
         self.period = period
+        self.max_bad_fraction = max_bad_fraction
+        self.budget: int | None = None
         self.files: set[str] = set()
         self._new: list[str] = []
 
@@ -241,6 +250,12 @@ class SkippedImagesHook(hooks.HookBase):
                 self.files.add(line)
                 logger.warning("skipped a training image that failed to decode (counted in data/skipped_images): %s",
                                line)
+        if self.budget is not None and len(self.files) > self.budget:
+            raise DatasetError(
+                f"{len(self.files)} training images failed to decode, more than the {self.budget} that "
+                f"DATASETS.MAX_BAD_FRACTION={self.max_bad_fraction} leaves after the load check: "
+                f"{first_files(sorted(self.files))}"
+            )
 
     def state_dict(self) -> dict:
         return {"files": sorted(self.files)} if self.files else {}
@@ -310,8 +325,9 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        self.skipped_images = SkippedImagesHook(cfg.LOG_PERIOD)
+        self.skipped_images = SkippedImagesHook(cfg.LOG_PERIOD, cfg.DATASETS.MAX_BAD_FRACTION)
         data_loader = self.skipped_images.strip(self.build_train_loader(cfg))
+        self.skipped_images.budget = remaining_bad_images(cfg.DATASETS.TRAIN, cfg.DATASETS.MAX_BAD_FRACTION)
         # DistributedDataParallel rejects device_ids for a CPU model; Detectron2 always passes them.
         on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
         model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))

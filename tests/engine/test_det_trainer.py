@@ -9,12 +9,15 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.structures import BitMasks, Instances
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from mae_det.config.detection import get_det_cfg
+from mae_det.data.detection import SKIPPED_IMAGES_KEY, DatasetError
 from mae_det.engine.det_trainer import (
     AutocastTrainer,
+    SkippedImagesHook,
     Trainer,
     build_step_trainer,
     det_param_groups,
@@ -177,3 +180,36 @@ def test_ap_results_file_writes_null_for_undefined_ap(tmp_path):
     assert out == {"bbox": {"AP": 12.5, "AP50": 30.0, "AP75": 10.0, "APs": None, "APm": 5.0, "APl": 1.0},
                    "segm": {"AP": 11.0, "AP50": 28.0, "AP75": 9.0, "APs": 0.0, "APm": None, "APl": 2.0},
                    "dataset": "val", "iteration": 40}
+
+
+class _StripLoop(TrainerBase):
+    """Detectron2's training loop with the SkippedImagesHook and a step that only draws a batch."""
+
+    def __init__(self, batches, hook):
+        super().__init__()
+        self.batches = hook.strip(batches)
+        self.drawn = []
+        self.register_hooks([hook])
+
+    def run_step(self):
+        self.drawn.append(next(self.batches))
+
+
+def test_skipped_images_are_counted_once_checkpointed_and_bounded():
+    notes = [[], ["x.jpg: cannot decode image"], [], ["x.jpg: cannot decode image", "y.jpg: file not found"]]
+    batches = [[{"image_id": i, **({SKIPPED_IMAGES_KEY: list(n)} if n else {})}] for i, n in enumerate(notes)]
+    hook = SkippedImagesHook(period=20, max_bad_fraction=0.1)
+    loop = _StripLoop(batches, hook)
+    loop.train(0, 4)
+    assert all(SKIPPED_IMAGES_KEY not in d for batch in loop.drawn for d in batch)  # the model never sees them
+    assert [v for v, _ in loop.storage.history("data/skipped_images").values()] == [0, 1, 1, 2]
+    assert hook.state_dict() == {"files": ["x.jpg: cannot decode image", "y.jpg: file not found"]}
+    resumed = SkippedImagesHook(period=20, max_bad_fraction=0.1)
+    resumed.load_state_dict(hook.state_dict())
+    resumed.budget = 2
+    _StripLoop([[{SKIPPED_IMAGES_KEY: ["y.jpg: file not found"]}]], resumed).train(0, 1)  # known file: still 2
+    resumed.budget = 1
+    with pytest.raises(DatasetError, match=r"^2 training images failed to decode, more than the 1 that "
+                                           r"DATASETS.MAX_BAD_FRACTION=0.1 leaves after the load check: x.jpg: "):
+        _StripLoop([[{}]], resumed).train(0, 1)
+    assert SkippedImagesHook(period=20, max_bad_fraction=0.1).state_dict() == {}

@@ -46,8 +46,9 @@ def test_training_on_dirty_data_completes_with_the_bad_files_named_and_counted(d
     data, json_file, (trunc, notes, wrong) = dirty
     out = tmp_path / "out"
     # 2 of 11 images are bad at load; the truncated one passes the header check and fails in the loader worker.
+    # 0.3 allows 3 bad images in all (at 0.2 the third, found in training, would stop the run).
     cfg = tiny_config(tmp_path / "dirty.yaml", data, out, test=False, **{
-        "DATASETS.MAX_BAD_FRACTION": 0.2, "DATALOADER.NUM_WORKERS": 1, "SOLVER.CHECKPOINT_PERIOD": 100})
+        "DATASETS.MAX_BAD_FRACTION": 0.3, "DATALOADER.NUM_WORKERS": 1, "SOLVER.CHECKPOINT_PERIOD": 100})
     r = run_tool("--config-file", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "log.txt").read_text()
