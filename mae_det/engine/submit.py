@@ -277,7 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job.results()  # waits for every task (across requeues); raises with the failed task's traceback
     except Exception as e:
-        print(f"error: job {record['job_id']} failed: {' '.join(str(e).split())[-300:]}", file=sys.stderr)
+        # submitit's message: a title, the task's traceback and where the logs are, separated by lines of dashes.
+        parts = str(e).split("-" * 22)
+        lines = (parts[1] if len(parts) > 2 else parts[0]).strip().splitlines() or [type(e).__name__]
+        print(f"error: job {record['job_id']} failed: {lines[-1].strip()} (see {record['stderr']})", file=sys.stderr)
         return EXIT_FAILED
     print(f"job {record['job_id']} finished")
     return 0

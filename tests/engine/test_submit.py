@@ -1,0 +1,35 @@
+"""mae_det.engine.submit without a cluster: the resubmission, the sbatch script submitit writes from our options."""
+from submitit.slurm.slurm import _make_sbatch_string
+
+from mae_det.engine.submit import TrainerJob, parse_sbatch_options, slurm_parameters, submit_argument_parser
+
+
+def test_the_resubmission_resumes_and_no_requeue_ends_the_chain():
+    job = TrainerJob("pretrain", ["--config-file", "c.yaml", "SOLVER.EPOCHS", "4"])
+    again = job.checkpoint()
+    assert again.function.tool == "pretrain" and again.args == () and again.kwargs == {}
+    assert again.function.argv == ["--resume", "--config-file", "c.yaml", "SOLVER.EPOCHS", "4"]
+    assert again.function.checkpoint().function.argv == again.function.argv  # --resume only once
+    assert TrainerJob("train_net", ["--config-file", "c.yaml"], requeue=False).checkpoint() is None
+
+
+def test_sbatch_options():
+    assert parse_sbatch_options(["constraint=volta32gb", "--exclusive", "gres=gpu:8", "mail-type=END"]) == {
+        "constraint": "volta32gb", "exclusive": True, "gres": "gpu:8", "mail_type": "END"}
+
+
+def test_sbatch_script_of_the_paper_recipe(tmp_path):
+    args = submit_argument_parser().parse_args([
+        "--nodes", "8", "--gpus-per-node", "8", "--partition", "learn", "--account", "vision", "--qos", "high",
+        "--mem", "480G", "--timeout", "4320", "--sbatch", "constraint=volta32gb", "--sbatch", "exclusive",
+        "--setup", "module load cuda/12.4", "pretrain", "--config-file", "x.yaml",
+    ])
+    args.name = "mae_det_pretrain"
+    script = _make_sbatch_string(command="python -m submitit.core._submit", folder=tmp_path,
+                                 **slurm_parameters(args, tasks_per_node=8, cpus_per_task=11))
+    for line in ("--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=11", "--mem=480G",
+                 "--partition=learn", "--account=vision", "--qos=high", "--time=4320", "--signal=USR2@120",
+                 "--constraint=volta32gb", "--exclusive", "--job-name=mae_det_pretrain"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "\nmodule load cuda/12.4\n" in script
+    assert args.max_num_timeout == 30 and args.requeue
