@@ -240,3 +240,38 @@ def test_delta_format_rounds_and_never_shows_minus_zero():
 
     assert format_delta(1.25) == "+1.2" and format_delta(-0.31) == "-0.3" and format_delta(None) == "-"
     assert format_delta(-0.004) == "+0.0" and format_delta(0.04) == "+0.0"
+
+
+def _seg(d: str, miou: float, per_class: dict) -> str:
+    (Path(d) / "sem_seg_results.json").write_text(json.dumps(
+        {"sem_seg": {"mIoU": miou, "fwIoU": 80.0, "mACC": miou + 5, "pACC": 90.0, "IoU": per_class}, "iteration": 3}))
+    return d
+
+
+def test_miou_is_tabled_next_to_ap_with_mean_std_and_deltas(tmp_path):
+    runs = [
+        _seg(_run(tmp_path, "mae_s0", "mae", 0, _ap([40] * 6, [35] * 6)), 50.0, {"background": 90.0, "ring": None}),
+        _seg(_run(tmp_path, "mae_s1", "mae", 1), 54.0, {"background": 92.0, "ring": 10.0}),
+        _seg(_run(tmp_path, "scratch_s0", "scratch", 0), 41.0, {"background": 88.0, "ring": 2.0}),
+    ]
+    groups = aggregate(collect_runs(runs)[0])
+    md = render_markdown(groups, baseline="scratch", published=True).splitlines()
+    header = next(line for line in md if line.startswith("| init | det runs"))
+    assert header.endswith("| seg mIoU | seg fwIoU | seg mACC | seg pACC | seg IoU-background | seg IoU-ring |")
+    assert "| init | det runs | seg runs |" in header
+    mae = next(line for line in md if line.startswith("| mae | 1 | 2 |"))
+    assert mae.endswith("| 52.0 ± 2.8 | 80.0 ± 0.0 | 57.0 ± 2.8 | 90.0 ± 0.0 | 91.0 ± 1.4 | 10.0 (n=1) |")
+    delta = next(line for line in md if line.startswith("| mae | ") and "+11.0" in line)
+    assert delta.endswith("| +11.0 | +0.0 | +11.0 | +0.0 | +3.0 | +8.0 |")
+    assert "| MAE paper Table 5 | ViT-B | MAE | 48.1 |" in md
+    csv_text = render_csv(groups, baseline="scratch")
+    assert csv_text.splitlines()[0].endswith("seg_mIoU,seg_fwIoU,seg_mACC,seg_pACC,seg_IoU-background,seg_IoU-ring")
+    paths = compare(runs, tmp_path / "out", baseline="scratch")
+    assert matplotlib.image.imread(paths["chart"]).shape[1] > 3 * 5.5 * 100  # box, mask, segmentation panels
+
+
+def test_malformed_sem_seg_results_name_the_file(tmp_path):
+    d = _run(tmp_path, "bad", "mae", 0)
+    (Path(d) / "sem_seg_results.json").write_text(json.dumps({"sem_seg": {"mIoU": 1.0}}))
+    with pytest.raises(ResultError, match=r"bad/sem_seg_results.json: 'sem_seg' lacks fwIoU, mACC, pACC"):
+        load_run(d)

@@ -1,0 +1,155 @@
+"""Semantic datasets: registration from the config, label-map checks, ADE20K conversion and refusal, the
+evaluator chosen by evaluator_type and its mIoU on a known prediction, the shapes semantic split."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import SemSegEvaluator
+from PIL import Image
+
+from mae_det.config.detection import load_det_cfg
+from mae_det.data.detection import DatasetError
+from mae_det.data.semantic import (
+    check_label_map, convert_ade20k, register_sem_seg_dataset, register_sem_seg_datasets,
+)
+from mae_det.data.shapes import ShapesConfig, generate_shapes, write_semantic_split
+from mae_det.engine.det_trainer import Trainer, write_sem_seg_results
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = str(ROOT / "configs" / "shapes" / "sem_seg_vit_scratch.yaml")
+
+
+def make_semantic(root: Path, labels: list[np.ndarray], classes=("bg", "a", "b")) -> Path:
+    """Images (gray) and mode-"L" label PNGs with the given label maps, plus classes.txt."""
+    (root / "img").mkdir(parents=True)
+    (root / "lab").mkdir()
+    for i, lab in enumerate(labels):
+        Image.fromarray(np.full((*lab.shape, 3), 100, np.uint8)).save(root / "img" / f"{i:03d}.jpg")
+        Image.fromarray(lab.astype(np.uint8), mode="L").save(root / "lab" / f"{i:03d}.png")
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def entry(name: str, root: Path) -> list[str]:
+    return [name, str(root / "img"), str(root / "lab"), str(root / "classes.txt")]
+
+
+def cfg_with(*entries, train=(), test=()):
+    return load_det_cfg(CFG, ["DATASETS.REGISTER_SEM_SEG", [list(e) for e in entries], "DATASETS.TRAIN", tuple(train),
+                              "DATASETS.TEST", tuple(test), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3], training=False)
+
+
+# ---- registration and checks -------------------------------------------------------------------------------
+def test_register_from_config_gives_checked_records_and_sem_seg_metadata(tmp_path):
+    labels = [np.array([[0, 1], [2, 255]]), np.zeros((2, 2))]
+    root = make_semantic(tmp_path / "d", labels)
+    register_sem_seg_datasets(cfg_with(entry("sem_ok_a", root), train=["sem_ok_a"]))
+    records = DatasetCatalog.get("sem_ok_a")
+    assert [Path(r["sem_seg_file_name"]).name for r in records] == ["000.png", "001.png"]
+    assert (records[0]["height"], records[0]["width"]) == (2, 2)
+    meta = MetadataCatalog.get("sem_ok_a")
+    assert meta.evaluator_type == "sem_seg" and meta.stuff_classes == ["bg", "a", "b"] and meta.ignore_label == 255
+
+
+@pytest.mark.parametrize("case, message", [
+    ("value", r"000\.png: label values \[3\] are >= the 3 classes and not the ignore value 255"),
+    ("size", r"000\.png: size 3x2 differs from its image"),
+    ("palette", r"000\.png: label maps must be single-channel 8-bit PNGs \(mode 'L'\), got mode 'P'"),
+    ("missing", r"001\.png: label map of image .*001\.jpg not found"),
+])
+def test_bad_label_maps_are_one_line_errors_naming_the_file(tmp_path, case, message):
+    root = make_semantic(tmp_path / case, [np.array([[0, 1], [2, 3 if case == "value" else 0]]), np.zeros((2, 2))])
+    lab = root / "lab" / "000.png"
+    if case == "size":
+        Image.fromarray(np.zeros((2, 3), np.uint8), mode="L").save(lab)
+    elif case == "palette":
+        Image.fromarray(np.zeros((2, 2), np.uint8), mode="L").convert("P").save(lab)
+    elif case == "missing":
+        (root / "lab" / "001.png").unlink()
+    with pytest.raises(DatasetError, match=message) as err:
+        register_sem_seg_datasets(cfg_with(entry(f"sem_bad_{case}", root), train=[f"sem_bad_{case}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_ade20k_style_one_based_labels_point_at_the_conversion(tmp_path):
+    labels = [np.array([[0, 1], [2, 3]])]  # raw ADE20K-like: 0 = other, classes 1..K with K = 3
+    root = make_semantic(tmp_path / "d", labels)
+    with pytest.raises(DatasetError, match=r"label values \[3\].*tools/convert_ade20k.py"):
+        check_label_map(str(root / "lab" / "000.png"), str(root / "img" / "000.jpg"), 3, 255)
+
+
+def test_raw_ade20k_folder_is_refused(tmp_path):
+    raw = tmp_path / "ADEChallengeData2016" / "annotations" / "training"
+    raw.mkdir(parents=True)
+    (tmp_path / "classes.txt").write_text("a\n")
+    with pytest.raises(DatasetError, match=r"holds ADE20K's raw labels; convert .*tools/convert_ade20k.py"):
+        register_sem_seg_dataset("sem_raw_ade", str(tmp_path), str(raw), str(tmp_path / "classes.txt"))
+
+
+def test_convert_ade20k_maps_other_to_ignore_and_shifts_classes(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.array([[0, 1], [75, 150]], np.uint8), mode="L").save(root / "annotations" / split / "a.png")
+    assert convert_ade20k(root) == {"training": 1, "validation": 1}
+    out = np.asarray(Image.open(root / "annotations_detectron2" / "validation" / "a.png"))
+    assert out.tolist() == [[255, 0], [74, 149]]
+    assert convert_ade20k(root) == {"training": 0, "validation": 0}  # kept unless overwrite
+    Image.fromarray(out, mode="L").save(root / "annotations" / "training" / "b.png")  # already converted
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "convert_ade20k.py"), str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "b.png: expected a raw ADE20K label map" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+def test_evaluator_follows_evaluator_type_and_scores_a_known_prediction(tmp_path):
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255], [2, 2, 2, 255]])
+    root = make_semantic(tmp_path / "d", [gt])
+    cfg = cfg_with(entry("sem_eval", root), test=["sem_eval"])
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    register_sem_seg_datasets(cfg)
+    evaluator = Trainer.build_evaluator(cfg, "sem_eval")
+    assert isinstance(evaluator, SemSegEvaluator)
+    pred = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [2, 2, 1, 0], [2, 2, 2, 1]])  # 2 of 14 labelled pixels wrong
+    logits = torch.nn.functional.one_hot(torch.as_tensor(pred), 3).permute(2, 0, 1).float()
+    evaluator.reset()
+    evaluator.process([{"file_name": DatasetCatalog.get("sem_eval")[0]["file_name"]}], [{"sem_seg": logits}])
+    res = evaluator.evaluate()
+    # class 0: tp 4, gt 4, pred 5 -> 4/5; class 1: tp 3, gt 4, pred 4 -> 3/5; class 2: tp 5, gt 6, pred 5 -> 5/6
+    iou = [4 / 5, 3 / 5, 5 / 6]
+    assert res["sem_seg"]["mIoU"] == pytest.approx(100 * sum(iou) / 3)
+    assert res["sem_seg"]["pACC"] == pytest.approx(100 * 12 / 14)
+    out = write_sem_seg_results(str(tmp_path / "sem_seg_results.json"), res, dataset="sem_eval", iteration=7)
+    on_disk = json.loads((tmp_path / "sem_seg_results.json").read_text())
+    assert on_disk == out and on_disk["iteration"] == 7
+    assert on_disk["sem_seg"]["IoU"] == pytest.approx({"bg": 80.0, "a": 60.0, "b": 100 * 5 / 6})
+
+
+# ---- shapes ------------------------------------------------------------------------------------------------
+def test_shapes_semantic_split_paints_each_instance_with_its_class(tmp_path):
+    cfg = ShapesConfig(image_size=32, num_pool=0, num_train=3, num_val=2, num_cls_train=0, num_cls_val=0, workers=1)
+    generate_shapes(tmp_path, cfg, log=lambda _: None)
+    info = write_semantic_split(tmp_path, log=lambda _: None)
+    assert info["classes"][0] == "background" and info["counts"] == {"train": 3, "val": 2}
+    assert (tmp_path / "semantic" / "classes.txt").read_text().split() == info["classes"]
+    from pycocotools import mask as mask_utils
+
+    coco = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    rank = {c["id"]: i + 1 for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    assert info["classes"][1:] == [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    for img in coco["images"]:
+        label = Image.open(tmp_path / "semantic" / "val" / img["file_name"])
+        assert label.mode == "L"
+        label = np.asarray(label)
+        expected = np.zeros_like(label)
+        for a in coco["annotations"]:
+            if a["image_id"] == img["id"]:
+                expected[mask_utils.decode(a["segmentation"]).astype(bool)] = rank[a["category_id"]]
+        assert np.array_equal(label, expected)
+    assert any(np.asarray(Image.open(p)).max() > 0 for p in (tmp_path / "semantic" / "val").iterdir())
