@@ -466,10 +466,17 @@ def _supervised_result(path: Path) -> str:
     return f"held-out {count}presence mAP {r['presence_map']:.1f} % on {r['num_images']} images"
 
 
-# tool -> the top-1 it writes into cls_results.json
-ENCODER_CHECKS: dict[str, str] = {"knn_eval": "knn_top1", "linear_probe": "linear_top1", "finetune_cls": "finetune_top1"}
-ENCODER_COLUMNS = ("init", "knn_top1", "linear_top1", "finetune_top1", "heldout_count_accuracy",
-                   "heldout_presence_map")
+PARTIAL_BLOCKS = 2  # partial fine-tuning trains the last 2 of the 6 blocks (+ norm and head)
+# check -> (tool, its extra overrides, the top-1 it writes into cls_results.json, column of demo_encoders.csv)
+ENCODER_CHECKS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "knn_eval": ("knn_eval", (), "knn_top1", "knn_top1"),
+    "linear_probe": ("linear_probe", (), "linear_top1", "linear_top1"),
+    "finetune_cls": ("finetune_cls", (), "finetune_top1", "finetune_top1"),
+    "partial_finetune": ("finetune_cls", ("MODEL.TRAIN_BLOCKS", str(PARTIAL_BLOCKS)), "finetune_top1",
+                         "partial_finetune_top1"),
+}
+ENCODER_COLUMNS = ("init", "knn_top1", "linear_top1", "finetune_top1", "partial_finetune_top1",
+                   "heldout_count_accuracy", "heldout_presence_map")
 
 
 def encoder_rows(paths: DemoPaths) -> list[dict]:
@@ -479,8 +486,8 @@ def encoder_rows(paths: DemoPaths) -> list[dict]:
     rows = []
     for arm in ARMS:
         row = {"init": arm}
-        for kind, metric in ENCODER_CHECKS.items():
-            row[metric] = json.loads((paths.run(f"cls_{kind}_{arm}") / "cls_results.json").read_text())[metric]
+        for kind, (_, _, metric, column) in ENCODER_CHECKS.items():
+            row[column] = json.loads((paths.run(f"cls_{kind}_{arm}") / "cls_results.json").read_text())[metric]
         row["heldout_count_accuracy"] = heldout.get("count_accuracy", "") if arm == "supervised" else ""
         row["heldout_presence_map"] = heldout["presence_map"] if arm == "supervised" else ""
         rows.append(row)
@@ -554,16 +561,16 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         config = REPO / "configs" / "classification" / "shapes_finetune.yaml"
         cls = paths.data / "classification"
         weights = str(paths.run(f"pretrain_{arm}") / "encoder.pth") if arm != "scratch" else ""
+        tool, extra, metric, _ = ENCODER_CHECKS[kind]
         args = ["DATA.TRAIN_ROOT", str(cls / "train"), "DATA.VAL_ROOT", str(cls / "val"), "DATA.NUM_WORKERS", "0",
-                "MODEL.WEIGHTS", weights, *profile.cls_opts, "OUTPUT_DIR", str(out)]
-        metric = ENCODER_CHECKS[kind]
+                "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, "OUTPUT_DIR", str(out)]
         return Stage(
             key=f"cls_{kind}_{arm}", title=f"{kind} on the classification split, {arm} init",
             params={"config": config_chain(config), "args": args},
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
             outputs=[out / "cls_results.json"],
-            command=[f"tools/{kind}.py", "--config-file", str(config), *args], out_dir=out,
-            progress=_counter(r"epoch (\d+)/(\d+)") if kind == "finetune_cls" else None,
+            command=[f"tools/{tool}.py", "--config-file", str(config), *args], out_dir=out,
+            progress=_counter(r"epoch (\d+)/(\d+)") if tool == "finetune_cls" else None,
             result=lambda: f"{metric} {json.loads((out / 'cls_results.json').read_text())[metric]:.1f} %",
         )
 
@@ -920,9 +927,10 @@ def write_report(
         f"{info['counts']['cls_train']} train / {info['counts']['cls_val']} val; "
         "`configs/classification/shapes_finetune.yaml`"
         + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "") + ". Rows: `demo_encoders.csv`.", "",
-        "| init | kNN top-1 (%) | linear top-1 (%) | fine-tune top-1 (%) |", "|---|---:|---:|---:|",
-        *[f"| {r['init']} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} | {r['finetune_top1']:.1f} |"
-          for r in encoders], "",
+        f"| init | kNN top-1 (%) | linear top-1 (%) | fine-tune top-1 (%) | partial fine-tune, last "
+        f"{PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|",
+        *[f"| {r['init']} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} | {r['finetune_top1']:.1f} | "
+          f"{r['partial_finetune_top1']:.1f} |" for r in encoders], "",
         "## Detections", "",
         f"The ground truth and the same validation images through the seed-0 model of each initialization "
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",

@@ -17,7 +17,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
            "--data-root", str(data)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stage 1/17" in done.stdout and "stage 17/17" in done.stdout
+    assert "stage 1/20" in done.stdout and "stage 20/20" in done.stdout
     # The console holds progress bars and result lines, not the tools' output (that is in the logs).
     assert "d2.utils.events" not in done.stdout and "Warning" not in done.stdout + done.stderr
     assert re.search(r"\[demo\] finetune_mae_s0: done in \d+:\d\d wall, \d+:\d\d CPU: box AP \d+\.\d, mask AP", done.stdout)
@@ -36,12 +36,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
                   r"(\d+\.\d) %", report)
     assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
-    assert encoders[0] == "init,knn_top1,linear_top1,finetune_top1,heldout_count_accuracy,heldout_presence_map"
+    assert encoders[0] == ("init,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,heldout_count_accuracy,"
+                           "heldout_presence_map")
     for arm, line in zip(ARMS, encoders[1:]):
         fields = line.split(",")
-        assert fields[0] == arm and all(0 <= float(v) <= 100 for v in fields[1:4]), line
-        assert re.search(rf"\| {arm} \| {float(fields[1]):.1f} \| {float(fields[2]):.1f} \| {float(fields[3]):.1f} \|",
-                         report)
+        assert fields[0] == arm and all(0 <= float(v) <= 100 for v in fields[1:5]), line
+        assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[1:5]) + " |" in report
     rows = (out / "demo_experiment.csv").read_text().splitlines()
     assert rows[0].startswith("init,seed,label_fraction,num_labeled,box_AP,box_AP50,mask_AP,mask_AP50") and len(rows) == 4
     for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png", "detections.png"):
@@ -55,7 +55,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count(": up to date (ran in") == 17
+    assert again.stdout.count(": up to date (ran in") == 20
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
 
@@ -204,7 +204,7 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert keys[:6] == ["dataset", "pretrain_mae", "finetune_scratch_s0", "finetune_scratch_s1",
                         "finetune_scratch_s2", "pretrain_supervised"]
     assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
-    checks = [f"cls_{k}_{a}" for a in ARMS for k in ("knn_eval", "linear_probe", "finetune_cls")]
+    checks = [f"cls_{k}_{a}" for a in ARMS for k in ("knn_eval", "linear_probe", "finetune_cls", "partial_finetune")]
     assert keys[12:] == ["supervised_eval", *checks, "detections", "reconstruction"]
     by = {s.key: s for s in stages}
     assert by["finetune_scratch_s1"].deps == ["dataset"]
@@ -219,6 +219,8 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert by["cls_finetune_cls_mae"].deps == ["dataset", "pretrain_mae"]
     knn = by["cls_knn_eval_scratch"].command
     assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
+    partial = by["cls_partial_finetune_mae"].command
+    assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
     # Progress bars: epochs of pretraining, iterations (Detectron2 counts from 0) of fine-tuning.
     assert by["pretrain_mae"].progress("INFO epoch 3/24 done: loss 0.5") == (3, 24)
     assert by["pretrain_mae"].progress("epoch 3/24:  49%|") is None
