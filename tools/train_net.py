@@ -52,11 +52,15 @@ def main(args):
     return trainer.train()
 
 
-def check_inputs(args):
-    """Config, dataset paths and every test image, checked once before any process is started."""
-    cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
+def check_datasets(cfg):
+    """Dataset paths and every test image (also checked by tools/submit.py before it submits a job)."""
     register_sem_seg_datasets(cfg)
     register_datasets(cfg, decode_test_sets=True)
+
+
+def check_inputs(args):
+    """Config, dataset paths and every test image, checked once before any process is started."""
+    check_datasets(load_det_cfg(args.config_file, args.opts, training=not args.eval_only))
 
 
 if __name__ == "__main__":

@@ -178,14 +178,16 @@ def get_cls_cfg() -> CN:
     return _C
 
 
-def load_cls_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults, then ``config_file`` (``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
+def load_cls_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = (), *,
+                 check_paths: bool = True) -> CN:
+    """Defaults, then ``config_file`` (``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated
+    (``check_paths=False``: all but the existence of MODEL.WEIGHTS, e.g. on a filesystem of the compute nodes).
 
     Raises:
         ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
     """
     cfg = merge_config(get_cls_cfg(), config_file, opts)
-    validate_cls_cfg(cfg)
+    validate_cls_cfg(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -194,8 +196,9 @@ def resolve_vit_arch(cfg: CN) -> dict[str, Any]:
     return encoder_arch(cfg.MODEL, [f"vit_{k}_patch{v[3]}" for k, v in VIT_SIZES.items()])
 
 
-def validate_cls_cfg(cfg: CN) -> None:
-    """Checks types and ranges (data folders are checked by the datasets, which name the folder).
+def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
+    """Checks types, ranges and (with ``check_paths``) that MODEL.WEIGHTS exists; data folders are checked by the
+    datasets, which name the folder.
 
     Raises:
         ConfigError: one line naming the offending key and what was expected.
@@ -212,7 +215,7 @@ def validate_cls_cfg(cfg: CN) -> None:
     _check(0.0 <= M.DROP_PATH < 1.0, f"MODEL.DROP_PATH: expected a value in [0, 1), got {M.DROP_PATH}")
     _check(-1 <= M.TRAIN_BLOCKS <= arch["depth"],
            f"MODEL.TRAIN_BLOCKS: expected -1 (all) or 0..{arch['depth']} (the depth), got {M.TRAIN_BLOCKS}")
-    if M.WEIGHTS:
+    if M.WEIGHTS and check_paths:
         _check(os.path.isfile(M.WEIGHTS), f"MODEL.WEIGHTS: checkpoint {M.WEIGHTS} not found")
 
     _check(0.0 < D.CROP_PCT <= 1.0, f"DATA.CROP_PCT: expected a value in (0, 1], got {D.CROP_PCT}")

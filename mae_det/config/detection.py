@@ -181,18 +181,19 @@ def _first_line(e: Exception) -> str:
     return f"unknown config key {unknown.group(1)}" if unknown else line
 
 
-def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, training: bool = True) -> CN:
+def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, training: bool = True,
+                 gpu_elsewhere: bool = False) -> CN:
     """Defaults, then ``config_file`` (``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
 
     ``MODEL.DEVICE`` "cuda" falls back to "cpu" (with a warning) when no GPU is visible, so the COCO configs
-    written for GPUs run unchanged on a CPU machine.
+    written for GPUs run unchanged on a CPU machine; not with ``gpu_elsewhere`` (a job submitted to GPU nodes).
 
     Raises:
         ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
     """
     cfg = get_det_cfg()
     _merge(cfg, config_file, list(opts or []))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available() and not gpu_elsewhere:
         logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible: running on cpu")
         cfg.MODEL.DEVICE = "cpu"
     validate_det_cfg(cfg, training=training)

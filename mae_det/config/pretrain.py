@@ -251,14 +251,16 @@ def merge_config(cfg: CN, config_file: str | os.PathLike | None = None, opts: It
     return cfg
 
 
-def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = ()) -> CN:
-    """Defaults, then ``config_file`` (with ``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated.
+def load_pretrain_cfg(config_file: str | os.PathLike | None = None, opts: Iterable[str] = (), *,
+                      check_paths: bool = True) -> CN:
+    """Defaults, then ``config_file`` (with ``_BASE_`` inheritance), then ``KEY VALUE`` overrides; validated
+    (``check_paths=False``: all but the existence of the data folders, e.g. mounted only on compute nodes).
 
     Raises:
         ConfigError: missing file, unknown key, wrong type or invalid value, in one line.
     """
     cfg = merge_config(get_pretrain_cfg(), config_file, opts)
-    validate_pretrain_cfg(cfg)
+    validate_pretrain_cfg(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -327,8 +329,8 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate_pretrain_cfg(cfg: CN) -> None:
-    """Checks types, ranges and paths.
+def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
+    """Checks types, ranges and (with ``check_paths``) that the data folders exist.
 
     Raises:
         ConfigError: one line naming the offending key and what was expected.
@@ -355,8 +357,8 @@ def validate_pretrain_cfg(cfg: CN) -> None:
 
     _check(D.SOURCE in SOURCES, f"DATA.SOURCE: expected one of {SOURCES}, got {D.SOURCE!r}")
     _check(bool(D.PATH), "DATA.PATH is empty: set it to an image folder or a COCO json file")
-    _check(os.path.exists(D.PATH), f"DATA.PATH: {D.PATH} does not exist")
-    if D.IMAGE_ROOT:
+    _check(not check_paths or os.path.exists(D.PATH), f"DATA.PATH: {D.PATH} does not exist")
+    if D.IMAGE_ROOT and check_paths:
         _check(os.path.isdir(D.IMAGE_ROOT), f"DATA.IMAGE_ROOT: {D.IMAGE_ROOT} is not a folder")
     _check(D.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS: expected >= 0, got {D.NUM_WORKERS}")
     _check(len(D.SCALE) == 2 and 0 < D.SCALE[0] <= D.SCALE[1] <= 1,
@@ -403,7 +405,7 @@ def validate_pretrain_cfg(cfg: CN) -> None:
     if K.ENABLED:
         for key in ("TRAIN_ROOT", "VAL_ROOT"):
             _check(bool(K[key]), f"MONITOR.KNN.{key} is empty: set it to a labeled ImageFolder tree")
-            _check(os.path.isdir(K[key]), f"MONITOR.KNN.{key}: {K[key]} is not a folder")
+            _check(not check_paths or os.path.isdir(K[key]), f"MONITOR.KNN.{key}: {K[key]} is not a folder")
         _check(K.PERIOD >= 1, f"MONITOR.KNN.PERIOD: expected >= 1 epoch, got {K.PERIOD}")
         _check(K.K >= 1, f"MONITOR.KNN.K: expected >= 1, got {K.K}")
         _check(K.TEMPERATURE > 0, f"MONITOR.KNN.TEMPERATURE: expected > 0, got {K.TEMPERATURE}")

@@ -84,8 +84,10 @@ class TrainerJob:
 
 
 # ---- checks before submitting ----------------------------------------------------------------------------
-def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_check: bool) -> tuple[Any, int]:
-    """Parses and validates the trainer's arguments as the tool will; returns (resolved config, loader workers).
+def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_check: bool,
+                       gpus: bool = False) -> tuple[Any, int]:
+    """Parses and validates the trainer's arguments as the tool will on the job's nodes (``gpus``: GPU nodes,
+    whatever this machine has); returns (resolved config, loader workers).
 
     Raises:
         SubmitError, ConfigError, or the trainer's data error: one line saying what is wrong.
@@ -96,7 +98,7 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
         from .pretrain import pretrain_argument_parser, resolve_accumulation
 
         args = _parse(pretrain_argument_parser(), argv, local_launch=True)
-        cfg = load_pretrain_cfg(args.config_file or None, args.opts)
+        cfg = load_pretrain_cfg(args.config_file or None, args.opts, check_paths=data_check)
         resolve_accumulation(cfg, world_size)
         if data_check:
             build_source(cfg.DATA.SOURCE, cfg.DATA.PATH, cfg.DATA.IMAGE_ROOT)
@@ -107,12 +109,12 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
         from ..config.detection import load_det_cfg
 
         args = _parse(default_argument_parser(), argv, local_launch=True)
-        cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
+        cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only, gpu_elsewhere=gpus)
         if cfg.SOLVER.IMS_PER_BATCH % world_size:
             raise SubmitError(f"SOLVER.IMS_PER_BATCH: {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
                               f"{world_size} tasks of the job (--nodes x --gpus-per-node)")
-        if data_check:  # the tool's own check (every kind of dataset it registers)
-            runpy.run_path(str(TOOLS_DIR / "train_net.py"))["check_inputs"](args)
+        if data_check:  # the tool's own check, on the config as the GPU nodes will resolve it
+            runpy.run_path(str(TOOLS_DIR / "train_net.py"))["check_datasets"](cfg)
         return cfg, cfg.DATALOADER.NUM_WORKERS
     from ..config.classification import load_cls_cfg
     from .finetune_cls import _argument_parser
@@ -121,7 +123,7 @@ def check_trainer_args(tool: str, argv: Sequence[str], world_size: int, data_che
     if world_size != 1:
         raise SubmitError(f"finetune_cls runs in one process; the job asks for {world_size} tasks "
                           "(use --nodes 1 --gpus-per-node 1)")
-    cfg = load_cls_cfg(args.config_file or None, args.opts)
+    cfg = load_cls_cfg(args.config_file or None, args.opts, check_paths=data_check)
     if data_check:
         for key in ("TRAIN_ROOT", "VAL_ROOT"):
             if not os.path.isdir(cfg.DATA[key]):
@@ -231,7 +233,8 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
     if args.cluster == "slurm" and shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: submit from a SLURM login node (or --cluster local on this machine)")
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-    cfg, workers = check_trainer_args(args.tool, args.tool_args, args.nodes * tasks, args.data_check)
+    cfg, workers = check_trainer_args(args.tool, args.tool_args, args.nodes * tasks, args.data_check,
+                                      gpus=args.gpus_per_node > 0)
     cpus = args.cpus_per_task or workers + 1
     out = Path(cfg.OUTPUT_DIR).resolve()
     args.job_dir = str(Path(args.job_dir).resolve() if args.job_dir else out / "submitit")

@@ -1,4 +1,7 @@
 """mae_det.engine.submit without a cluster: the resubmission, the sbatch script submitit writes from our options."""
+from pathlib import Path
+
+import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
 from mae_det.engine.submit import TrainerJob, parse_sbatch_options, slurm_parameters, submit_argument_parser
@@ -33,3 +36,26 @@ def test_sbatch_script_of_the_paper_recipe(tmp_path):
         assert f"#SBATCH {line}\n" in script, line
     assert "\nmodule load cuda/12.4\n" in script
     assert args.max_num_timeout == 30 and args.requeue
+
+
+def test_data_checks_and_their_opt_out(tmp_path):
+    from mae_det.config.pretrain import ConfigError
+    from mae_det.data.detection import DatasetError
+    from mae_det.engine.submit import check_trainer_args
+    from tests.tools.test_train_net import tiny_config
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "mae_vit_base_in1k.yaml")
+    pretrain = ["--config-file", config, "DATA.PATH", str(tmp_path / "imagenet")]
+    with pytest.raises(ConfigError, match=f"DATA.PATH: {tmp_path / 'imagenet'} does not exist"):
+        check_trainer_args("pretrain", pretrain, 64, data_check=True)
+    cfg, workers = check_trainer_args("pretrain", pretrain, 64, data_check=False)  # mounted on the nodes only
+    assert cfg.SOLVER.EFFECTIVE_BATCH_SIZE == 4096 and workers == cfg.DATA.NUM_WORKERS
+
+    # A GPU recipe (fp16) submitted from a machine without a GPU keeps its device; its datasets are checked by
+    # the tool's own check.
+    det = tiny_config(tmp_path / "det.yaml", tmp_path / "coco", tmp_path / "out",
+                      **{"MODEL.DEVICE": "cuda", "SOLVER.PRECISION": "fp16"})
+    with pytest.raises(DatasetError, match="annotation file not found"):
+        check_trainer_args("train_net", ["--config-file", str(det)], 2, data_check=True, gpus=True)
+    cfg, _ = check_trainer_args("train_net", ["--config-file", str(det)], 2, data_check=False, gpus=True)
+    assert cfg.MODEL.DEVICE == "cuda"
