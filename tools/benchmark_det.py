@@ -3,12 +3,16 @@
 
     python tools/benchmark_det.py --size base --img-size 1024 --device cuda --precision fp16 --iters 10
     python tools/benchmark_det.py --quick          # a tiny run that only checks the script
+    python tools/benchmark_det.py --device cuda --precision bf16 --batch 4 --compile --real-data /tmp/shapes_det
     python tools/benchmark_det.py --parity [--config-file C.yaml] [--iters 3]     # training parity, see below
     python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_scratch.yaml \
-        --seeds 3 --output output/parity [--jobs 2] [KEY VALUE ...]
+        --seeds 3 --output output/parity [--jobs 2] [--sides ours,vitdet,ours_bf16] [KEY VALUE ...]
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
 peak memory (CUDA: max_memory_allocated; CPU: sampled RSS growth), parameter counts, and ours/theirs ratios.
+--compile adds rows of ours with the backbone compiled in place (and its first, compiling iteration);
+--real-data DIR adds a training iteration through Detectron2's loader with LSJ at --img-size on shapes images
+generated into DIR (mae_det/bench/det.py).
 
 --parity builds our Mask R-CNN and Detectron2's LazyConfig ViTDet at the config's sizes (default: a tiny one),
 copies ViTDet's initial weights into ours, trains both --iters steps on the same batches and compares losses,
@@ -44,7 +48,12 @@ def run_side_by_side(a) -> int:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
-    runs = [(side, seed) for seed in range(a.seeds) for side in parity.SIDES]
+    sides = a.sides.split(",") if a.sides else parity.default_sides()
+    bad = [s for s in sides if s not in parity.SIDES]
+    if bad:
+        print(f"error: --sides: unknown side(s) {bad}; expected some of {list(parity.SIDES)}", file=sys.stderr)
+        return 2
+    runs = [(side, seed) for seed in range(a.seeds) for side in sides]
     args = [(a.config_file, a.opts, side, seed, a.output) for side, seed in runs]
     if a.jobs > 1:  # both sides at once: load changes on a shared machine hit them alike
         with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -66,10 +75,16 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISION_DTYPES))
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny encoder and heads at 128 px, 1 iteration")
+    p.add_argument("--compile", action="store_true", help="also time ours with the backbone compiled")
+    p.add_argument("--real-data", default="", metavar="DIR", help="also time training through the D2 loader + LSJ "
+                   "on images generated into DIR")
+    p.add_argument("--workers", type=int, default=4, help="--real-data: data-loader workers")
     p.add_argument("--parity", action="store_true", help="training parity with Detectron2's ViTDet (--iters steps)")
     p.add_argument("--side-by-side", action="store_true", help="train ours and ViTDet on the config's data")
     p.add_argument("--config-file", default="", help="--parity / --side-by-side: our yacs detection config")
     p.add_argument("--seeds", type=int, default=3, help="--side-by-side: seeds 0..N-1 per side")
+    p.add_argument("--sides", default="", help="--side-by-side: comma-separated, of ours, vitdet, ours_bf16 (default: "
+                   "ours,vitdet, plus ours_bf16 where the CPU has native bf16)")
     p.add_argument("--jobs", type=int, default=1, help="--side-by-side: runs at a time (one thread each when > 1)")
     p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")
@@ -81,7 +96,7 @@ def main(argv=None):
             p.error("--side-by-side needs --config-file")
         sys.exit(run_side_by_side(a))
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,
-                          1 if a.quick else a.iters, a.quick)
+                          1 if a.quick else a.iters, a.quick, a.compile, a.real_data, a.workers)
     results = run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_results(s, results, device_name(s.device)))
 

@@ -5,10 +5,17 @@ shared encoder with fused SDPA attention), theirs is ``detectron2.modeling.backb
 ``SimpleFeaturePyramid`` from the installed Detectron2, with the same width, depth, windows, global blocks,
 relative position and square padding. Measurements alternate between the two models each iteration (so load
 changes on a shared machine hit both alike) and report medians.
+
+``compile``: a third model, ours with the backbone compiled in place (``MODEL.VIT.COMPILE``; the heads have
+data-dependent shapes and stay eager), gives the "ours compiled" rows against Detectron2's eager model, and the
+time of its first (compiling) iteration. ``real_data``: a training iteration through Detectron2's data loader with
+our LSJ mapper at ``img_size`` on generated shapes images (loading included; each model draws its own batches).
+ViTDet's published 0.314 s/img is printed for orientation only: 64 A100s with one image each under DDP.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import threading
@@ -19,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
@@ -27,11 +35,15 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from ..config.detection import get_det_cfg
+from ..data.detection import build_detection_mapper, register_coco_dataset
+from ..data.shapes import ShapesConfig, generate_shapes
+from ..engine.compile import compile_in_place
 from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
 
 BASE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "Base-MaskRCNN-ViT.yaml")
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VITDET_PUBLISHED = "ViTDet's published ViT-B training: 0.314 s/img (64 A100s x 1 image, DDP) - not comparable"
 
 
 @dataclass
@@ -43,6 +55,9 @@ class BenchmarkSettings:
     precision: str = "fp32"
     iters: int = 3
     quick: bool = False  # a 96-d 4-block ViT, light heads: checks the script runs, not a measurement
+    compile: bool = False  # add "ours compiled" rows (backbone compiled in place)
+    real_data: str = ""  # folder of the generated images (made if missing): adds the real-data training rows
+    workers: int = 4  # data-loader workers of the real-data rows
 
 
 def benchmark_cfg(s: BenchmarkSettings) -> CfgNode:
@@ -181,9 +196,9 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print) -> d
         sum(v.float().mean() for v in out.values()).backward()
         m.zero_grad(set_to_none=True)
 
-    def train_step(m: nn.Module) -> None:
+    def train_step(m: nn.Module, data: list[dict] | None = None) -> None:
         with EventStorage(0), autocast():  # the heads log their statistics to an EventStorage
-            losses = m(batch)
+            losses = m(batch if data is None else data)
         sum(losses.values()).backward()
         opts[m].step()
         opts[m].zero_grad(set_to_none=True)
@@ -192,27 +207,73 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print) -> d
         with torch.no_grad(), autocast():
             m([{"image": b["image"], "height": b["height"], "width": b["width"]} for b in batch])
 
+    models = [ours, theirs]
+    if s.compile:
+        compiled = copy.deepcopy(ours)
+        compile_in_place(compiled.backbone, dynamic=None)
+        models.append(compiled)
+        opts[compiled] = torch.optim.AdamW(compiled.parameters(), lr=1e-5)
     phases = [("backbone fwd+bwd (s/iter)", backbone_step, True), ("train iteration (s/img)", train_step, True),
               ("inference (s/img)", infer, False)]
     results: dict[str, dict[str, float | None]] = {}
     for name, fn, train in phases:
-        times: dict[nn.Module, list[float]] = {ours: [], theirs: []}
+        times: dict[nn.Module, list[float]] = {m: [] for m in models}
+        first: dict[nn.Module, float] = {}
         peaks: dict[nn.Module, float | None] = {}
-        for it in range(s.iters + 1):  # iteration 0 warms up: memory only, no time
-            for m in (ours, theirs):
+        for it in range(s.iters + 1):  # iteration 0 warms up (and compiles): memory only, no time
+            for m in models:
                 m.train(train)
                 with PeakMemory(s.device) as mem:
                     t = _timed(lambda: fn(m), s.device)
                 if it:
                     times[m].append(t)
+                else:
+                    first[m] = t
                 peaks[m] = max((v for v in (peaks.get(m), mem.mb) if v is not None), default=None)
         per = s.batch if "s/img" in name else 1
         results[name] = _pair(statistics.median(times[ours]) / per, statistics.median(times[theirs]) / per)
         results[f"peak memory, {name.split(' (')[0]} (MB)"] = _pair(peaks[ours], peaks[theirs])
+        if s.compile:
+            stem = name.split(" (")[0]
+            results[f"{stem}, ours compiled ({name.split(' (')[1]}"] = _pair(
+                statistics.median(times[compiled]) / per, statistics.median(times[theirs]) / per)
+            results[f"first {stem} incl. compile, ours compiled (s)"] = _pair(first[compiled], first[theirs])
+        log(f"  measured {name}")
+    if s.real_data:
+        data = real_data_batches(s, cfg, log)
+        times = {m: [] for m in models}
+        for it in range(s.iters + 1):
+            for m in models:
+                m.train()
+                t = _timed(lambda: train_step(m, next(data)), s.device)
+                if it:
+                    times[m].append(t)
+        name = f"train iteration, D2 loader + LSJ {s.img_size} (s/img)"
+        results[name] = _pair(statistics.median(times[ours]) / s.batch, statistics.median(times[theirs]) / s.batch)
+        if s.compile:
+            results[name.replace(" (s/img)", ", ours compiled (s/img)")] = _pair(
+                statistics.median(times[compiled]) / s.batch, statistics.median(times[theirs]) / s.batch)
         log(f"  measured {name}")
     results["backbone params (M)"] = _pair(_params(ours.backbone), _params(theirs.backbone))
     results["model params (M)"] = _pair(_params(ours), _params(theirs))
     return results
+
+
+def real_data_batches(s: BenchmarkSettings, cfg: CfgNode, log: Callable[[str], None]):
+    """Batches of ``s.batch`` from Detectron2's train loader with our LSJ mapper, on shapes images generated into
+    ``s.real_data`` (640 px, up to 12 objects; LSJ rescales them to ``s.img_size`` x U(0.1, 2) and crops)."""
+    root = os.path.abspath(s.real_data)
+    if not os.path.exists(os.path.join(root, "dataset_info.json")):
+        generate_shapes(root, ShapesConfig(image_size=640, num_pool=0, num_train=max(64, 8 * s.batch), num_val=0,
+                                           num_cls_train=0, num_cls_val=0, max_objects=12, min_size=0.04,
+                                           max_size=0.2), log=log)
+    register_coco_dataset("benchmark_det_shapes_train", os.path.join(root, "annotations", "instances_train.json"),
+                          os.path.join(root, "images", "train"))
+    c = cfg.clone()
+    c.DATASETS.TRAIN = ("benchmark_det_shapes_train",)
+    c.INPUT.LSJ.ENABLED, c.INPUT.LSJ.IMAGE_SIZE = True, s.img_size
+    c.SOLVER.IMS_PER_BATCH, c.DATALOADER.NUM_WORKERS = s.batch, s.workers
+    return iter(build_detection_train_loader(c, mapper=build_detection_mapper(c, is_train=True)))
 
 
 def _params(m: nn.Module) -> float:
@@ -231,8 +292,11 @@ def format_results(s: BenchmarkSettings, results: dict[str, dict[str, float | No
 
     head = (f"Mask R-CNN, ViT-{s.size if not s.quick else 'quick(96d x4)'}, {s.img_size} px, batch {s.batch}, "
             f"{s.precision}, median of {s.iters}, on {device_name}")
-    rows = [f"{'metric':<40}{'ours':>12}{'detectron2':>12}{'ours/theirs':>13}"]
-    rows += [f"{k:<40}{f(v['ours']):>12}{f(v['theirs']):>12}{f(v['ratio']):>13}" for k, v in results.items()]
+    w = max(40, *(len(k) + 2 for k in results))
+    rows = [f"{'metric':<{w}}{'ours':>12}{'detectron2':>12}{'ours/theirs':>13}"]
+    rows += [f"{k:<{w}}{f(v['ours']):>12}{f(v['theirs']):>12}{f(v['ratio']):>13}" for k, v in results.items()]
+    if any("D2 loader" in k for k in results):
+        rows.append(VITDET_PUBLISHED)
     return "\n".join([head, *rows])
 
 
