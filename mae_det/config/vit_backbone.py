@@ -50,8 +50,6 @@ from ..modeling.vit import VIT_SIZES
 PYRAMIDS = ("simple", "multi_tap")
 # Backbone builders reading MODEL.VIT: detection (p2-p6 after a pyramid) and semantic segmentation (four raw taps).
 VIT_BACKBONES = ("build_vit_fpn_backbone", "build_vit_multitap_backbone")
-# Backbone builders reading MODEL.VIT: detection (p2-p6 after a pyramid) and semantic segmentation (four raw taps).
-VIT_BACKBONES = ("build_vit_fpn_backbone", "build_vit_multitap_backbone")
 INITS = ("vitdet", "mae")
 WEIGHTS_FORMATS = ("auto", "ours", "official", "timm", "hf", "d2", "vitdet")
 NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
