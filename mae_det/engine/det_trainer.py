@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator
@@ -408,8 +408,6 @@ class Trainer(DefaultTrainer):
         """By the dataset's ``evaluator_type``: "sem_seg" -> Detectron2's SemSegEvaluator (mIoU, pixel accuracy,
         per-class IoU); otherwise COCO AP of boxes (and masks with MASK_ON) with the official pycocotools code, at
         most ``TEST.DETECTIONS_PER_IMAGE`` detections per image."""
-        from detectron2.data import MetadataCatalog
-
         output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
         if MetadataCatalog.get(dataset_name).get("evaluator_type") == "sem_seg":
             check_sem_seg_classes(cfg, [dataset_name])
