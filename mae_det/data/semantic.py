@@ -139,8 +139,8 @@ def load_sem_seg_dataset(name: str, image_root: str, label_root: str, num_classe
 def register_sem_seg_dataset(name: str, image_root: str, label_root: str, classes_file: str,
                              ignore_value: int = 255) -> None:
     """Registers a semantic dataset (re-registering our own name with new paths is allowed)."""
-    expand = lambda p: os.path.expanduser(os.path.expandvars(p))  # noqa: E731
-    image_root, label_root, classes_file = expand(image_root), expand(label_root), expand(classes_file)
+    image_root, label_root, classes_file = (os.path.expanduser(os.path.expandvars(p))
+                                            for p in (image_root, label_root, classes_file))
     key = f"dataset '{name}' in {SEM_SEG_KEY}"
     refuse_raw_ade20k(label_root, key)
     classes = read_class_names(classes_file, key)
