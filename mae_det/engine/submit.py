@@ -4,9 +4,10 @@
 
 ``TOOL`` is ``pretrain``, ``train_net`` or ``finetune_cls``; its arguments and ``KEY VALUE`` overrides are those of
 ``tools/<TOOL>.py``, unchanged. The config (and, unless ``--no-data-check``, the dataset paths) is checked here,
-before anything is submitted. Every task of the job (one per GPU) runs ``tools/<TOOL>.py`` in its own process
-under :func:`mae_det.engine.launch.preemption_guard`, which takes rank and world size from the job and turns the
-time-limit / preemption signal into checkpoint + requeue at a step boundary; the resubmitted job gets ``--resume``.
+before anything is submitted. Every task of the job (one per GPU) runs ``tools/<TOOL>.py`` in its own process, which
+takes rank and world size from the job (:func:`mae_det.engine.launch.init_distributed`), under
+:func:`mae_det.engine.launch.preemption_guard`, which turns the time-limit / preemption signal into checkpoint +
+requeue at a step boundary; the resubmitted job gets ``--resume``.
 
 Writes into the run's OUTPUT_DIR: ``config.yaml`` (the resolved config) and ``submission.json`` (job id, command,
 resources, log paths); submitit's own files (pickles, per-task stdout/stderr) go to ``--job-dir``
