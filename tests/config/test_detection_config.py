@@ -31,11 +31,14 @@ def test_defaults_of_the_added_keys():
 
 
 def test_every_coco_leaf_config_loads_and_states_published_ap():
-    assert len(LEAVES) == 13
+    assert len(LEAVES) == 19  # 12 Mask R-CNN ViT + 1 ResNet-50 + 6 Cascade
     for path in LEAVES:
         cfg = load_det_cfg(path, [], training=False)
         assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
-        assert "Published (not measured here)" in open(path).read(), path
+        text = open(path).read()
+        # Published Cascade rows exist for MAE init only; the other Cascade configs say so.
+        assert "Published (not measured here)" in text or (
+            "cascade" in path and "No published Cascade row" in text), path
         assert cfg.OUTPUT_DIR.endswith(os.path.basename(path)[:-5])
 
 
