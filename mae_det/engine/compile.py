@@ -16,12 +16,15 @@ took 33.5 s for its first (compiling) step and 11.3 ms per later step, against 6
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
 
 # Plain Inductor: max-autotune would multiply the compile time (minutes per model) for a few percent.
-BACKEND = "inductor"
+# MAE_DET_COMPILE_BACKEND=aot_eager keeps Dynamo's capture and guards without Inductor's code generation (seconds
+# instead of minutes on a CPU): to check plumbing, e.g. scripts/gpu_benchmark.sh --dry-run.
+BACKEND = os.environ.get("MAE_DET_COMPILE_BACKEND", "inductor")
 
 
 def resolve_compile(value: str, device: torch.device) -> bool:
