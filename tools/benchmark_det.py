@@ -6,7 +6,7 @@
     python tools/benchmark_det.py --device cuda --precision bf16 --batch 4 --compile --real-data /tmp/shapes_det
     python tools/benchmark_det.py --parity [--config-file C.yaml] [--iters 3]     # training parity, see below
     python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_scratch.yaml \
-        --seeds 3 --output output/parity [--jobs 2] [KEY VALUE ...]
+        --seeds 3 --output output/parity [--jobs 2] [--sides ours,vitdet,ours_bf16] [KEY VALUE ...]
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
 peak memory (CUDA: max_memory_allocated; CPU: sampled RSS growth), parameter counts, and ours/theirs ratios.
@@ -48,7 +48,12 @@ def run_side_by_side(a) -> int:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
-    runs = [(side, seed) for seed in range(a.seeds) for side in parity.SIDES]
+    sides = a.sides.split(",") if a.sides else parity.default_sides()
+    bad = [s for s in sides if s not in parity.SIDES]
+    if bad:
+        print(f"error: --sides: unknown side(s) {bad}; expected some of {list(parity.SIDES)}", file=sys.stderr)
+        return 2
+    runs = [(side, seed) for seed in range(a.seeds) for side in sides]
     args = [(a.config_file, a.opts, side, seed, a.output) for side, seed in runs]
     if a.jobs > 1:  # both sides at once: load changes on a shared machine hit them alike
         with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -78,6 +83,8 @@ def main(argv=None):
     p.add_argument("--side-by-side", action="store_true", help="train ours and ViTDet on the config's data")
     p.add_argument("--config-file", default="", help="--parity / --side-by-side: our yacs detection config")
     p.add_argument("--seeds", type=int, default=3, help="--side-by-side: seeds 0..N-1 per side")
+    p.add_argument("--sides", default="", help="--side-by-side: comma-separated, of ours, vitdet, ours_bf16 (default: "
+                   "ours,vitdet, plus ours_bf16 where the CPU has native bf16)")
     p.add_argument("--jobs", type=int, default=1, help="--side-by-side: runs at a time (one thread each when > 1)")
     p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")

@@ -287,6 +287,7 @@ class ParityReport:
     grad_max_rel_diff: list[tuple[float, str]]  # per iteration: worst max|dg| / max|g| and its parameter
     weight_max_diff: tuple[float, str]  # after the k updates: max |diff| and its parameter
     schedule_max_diff: float  # over MAX_ITER iterations, relative
+    inference_max_diff: float | None  # after the k updates: boxes (px) and scores; None = other detections
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -399,11 +400,34 @@ def run_parity(cfg: CfgNode, iters: int = 3, seed: int = 0, batch: int = 2, size
     # against 1 % of the largest total step rather than against the weights' scale.
     if weight_diff > 0.01 * cfg.SOLVER.BASE_LR * iters:
         failures.append(f"weights after {iters} updates differ by {weight_diff:.2e} ({weight_name})")
+    inference_diff = compare_inference(ours, theirs, batches[0])
+    if inference_diff is None:
+        failures.append("inference after training: different numbers of detections or classes")
+    elif inference_diff > rtol * size:
+        failures.append(f"inference after training: boxes / scores differ by {inference_diff:.2e}")
     sched_diff = compare_schedules(cfg)
     if sched_diff > 1e-9:
         failures.append(f"lr schedules differ by {sched_diff:.2e} (relative) over SOLVER.MAX_ITER")
     return ParityReport(iters, init_diff, diffs, loss_rows, grad_rows, (weight_diff, weight_name),
-                        sched_diff, failures)
+                        sched_diff, inference_diff, failures)
+
+
+def compare_inference(ours: nn.Module, theirs: nn.Module, batch: list[dict]) -> float | None:
+    """Largest difference of the detections (box coordinates in pixels, scores; mask pixels count as 1) of the
+    two models in eval mode on ``batch``; None when the number of detections or their classes differ."""
+    inputs = [{k: x[k] for k in ("image", "height", "width")} for x in batch]
+    with torch.no_grad():
+        mine, other = ours.eval()(inputs), theirs.eval()(inputs)
+    ours.train(), theirs.train()
+    worst = 0.0
+    for a, b in zip(mine, other):
+        a, b = a["instances"], b["instances"]
+        if len(a) != len(b) or not torch.equal(a.pred_classes, b.pred_classes):
+            return None
+        if len(a):
+            worst = max(worst, float((a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max()),
+                        float((a.scores - b.scores).abs().max()), float((a.pred_masks != b.pred_masks).float().max()))
+    return worst
 
 
 def compare_schedules(cfg: CfgNode) -> float:
@@ -435,6 +459,8 @@ def format_parity(report: ParityReport) -> str:
     for i, (row, (g, gname)) in enumerate(zip(report.loss_rows, report.grad_max_rel_diff)):
         terms = ", ".join(f"{k} {a:.6f}/{b:.6f}" for k, (a, b) in row.items())
         lines.append(f"iteration {i}: losses ours/ViTDet {terms}; worst gradient difference {g:.2e} of scale ({gname})")
+    inference = "different detections" if report.inference_max_diff is None else f"max |diff| {report.inference_max_diff:.3g}"
+    lines.append(f"inference after the updates (boxes in px, scores, mask pixels): {inference}")
     lines.append(f"weights after {report.iterations} updates: max |diff| {report.weight_max_diff[0]:.3g} "
                  f"({report.weight_max_diff[1]})")
     lines.append("PARITY OK" if report.ok else "PARITY FAILED:\n  " + "\n  ".join(report.failures))
@@ -442,7 +468,19 @@ def format_parity(report: ParityReport) -> str:
 
 
 # ---- the side-by-side training run ---------------------------------------------------------------------------
-SIDES = ("ours", "vitdet")
+# "ours_bf16": our trainer with SOLVER.PRECISION bf16 (CPU autocast; Detectron2's trainers have no CPU bf16).
+SIDES = ("ours", "vitdet", "ours_bf16")
+SIDE_LABELS = {
+    "ours": "ours (tools/train_net.py trainer), fp32",
+    "vitdet": "Detectron2 ViTDet (LazyConfig, SimpleTrainer), fp32",
+    "ours_bf16": "ours, bf16 autocast (SOLVER.PRECISION bf16)",
+}
+
+
+def default_sides() -> tuple[str, ...]:
+    """Both fp32 sides, plus our bf16 trainer where the CPU has native bf16 (elsewhere it is ~65x slower)."""
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return SIDES if native_bf16 else SIDES[:2]
 
 
 def side_by_side_cfg(config_file: str, opts: list[str] | None = None) -> CfgNode:
@@ -477,10 +515,10 @@ def _ap(results: dict) -> tuple[dict[str, float], dict[str, float]]:
     return tuple({k: float(results.get(task, {}).get(k, math.nan)) for k in AP_KEYS} for task in ("bbox", "segm"))
 
 
-def train_ours(cfg: CfgNode, seed: int, output_dir: str) -> RunResult:
+def train_ours(cfg: CfgNode, seed: int, output_dir: str, precision: str = "fp32") -> RunResult:
     """``tools/train_net.py``'s trainer (model, AdamW groups, schedule, step trainer, hooks, COCO evaluation)."""
     cfg = cfg.clone()
-    cfg.SEED, cfg.OUTPUT_DIR = seed, output_dir
+    cfg.SEED, cfg.OUTPUT_DIR, cfg.SOLVER.PRECISION = seed, output_dir, precision
     cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.MAX_ITER + 1  # only model_final
     cfg.freeze()
     seed_all_rng(seed)
@@ -490,7 +528,8 @@ def train_ours(cfg: CfgNode, seed: int, output_dir: str) -> RunResult:
     trainer.train()
     s_iter, loss = _timing(trainer.storage)
     bbox, segm = _ap(trainer._last_eval_results)
-    return RunResult("ours", seed, bbox, segm, s_iter, loss, time.perf_counter() - start)
+    side = "ours" if precision == "fp32" else f"ours_{precision}"
+    return RunResult(side, seed, bbox, segm, s_iter, loss, time.perf_counter() - start)
 
 
 def train_vitdet(cfg: CfgNode, seed: int, output_dir: str) -> RunResult:
@@ -543,7 +582,10 @@ def run_one(config_file: str, opts: list[str], side: str, seed: int, output_dir:
             return RunResult(**json.load(f))
     os.makedirs(out, exist_ok=True)
     register_datasets(cfg)
-    result = (train_ours if side == "ours" else train_vitdet)(cfg, seed, out)
+    if side == "vitdet":
+        result = train_vitdet(cfg, seed, out)
+    else:
+        result = train_ours(cfg, seed, out, "bf16" if side == "ours_bf16" else "fp32")
     with open(path + ".tmp", "w") as f:
         json.dump(result.__dict__, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -566,13 +608,13 @@ def format_side_by_side(results: list[RunResult]) -> str:
         cols += [_mean_std([r.segm[k] for r in rs]) for k in ("AP", "AP50", "AP75")]
         s_iter = statistics.fmean(r.s_per_iter for r in rs)
         loss = statistics.fmean(r.final_loss for r in rs)
-        label = "ours (tools/train_net.py trainer)" if side == "ours" else "Detectron2 ViTDet (LazyConfig, SimpleTrainer)"
-        rows.append(f"| {label} | {len(rs)} | " + " | ".join(cols) + f" | {s_iter:.3f} | {loss:.3f} |")
-    ours, theirs = by_side["ours"], by_side["vitdet"]
-    if ours and theirs:
-        ratio = statistics.fmean(r.s_per_iter for r in ours) / statistics.fmean(r.s_per_iter for r in theirs)
-        rows.append(f"\ntime per iteration, ours / ViTDet: {ratio:.2f}")
-    rows.append("\nper run: " + "; ".join(
+        rows.append(f"| {SIDE_LABELS[side]} | {len(rs)} | " + " | ".join(cols) + f" | {s_iter:.3f} | {loss:.3f} |")
+    theirs = by_side["vitdet"]
+    for side in ("ours", "ours_bf16"):
+        if by_side[side] and theirs:
+            ratio = statistics.fmean(r.s_per_iter for r in by_side[side]) / statistics.fmean(r.s_per_iter for r in theirs)
+            rows.append(f"time per iteration, {side} / ViTDet: {ratio:.2f}")
+    rows.append("per run: " + "; ".join(
         f"{r.side} seed {r.seed}: box {r.bbox['AP']:.1f} mask {r.segm['AP']:.1f} {r.s_per_iter:.3f} s/iter"
         for r in sorted(results, key=lambda r: (r.seed, r.side))))
     return "\n".join(rows)

@@ -21,6 +21,7 @@ def test_training_matches_vitdet_to_fp_tolerance():
         for ours, theirs in row.values():
             assert ours == pytest.approx(theirs, rel=1e-5)
     assert report.schedule_max_diff == 0.0
+    assert report.inference_max_diff is not None and report.inference_max_diff < 1e-3  # px / score / mask pixel
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -69,7 +70,7 @@ def test_side_by_side_trains_and_evaluates_both_and_reuses_finished_runs(tmp_pat
     reg = (f"[['t','{data}/annotations/instances_train.json','{data}/images/train'],"
            f"['v','{data}/annotations/instances_val.json','{data}/images/val']]")
     args = ["--side-by-side", "--config-file", "configs/shapes/mask_rcnn_vit_scratch.yaml", "--seeds", "1",
-            "--output", str(tmp_path / "runs"), "DATASETS.REGISTER", reg, "DATASETS.TRAIN", "('t',)",
+            "--sides", "ours,vitdet", "--output", str(tmp_path / "runs"), "DATASETS.REGISTER", reg, "DATASETS.TRAIN", "('t',)",
             "DATASETS.TEST", "('v',)", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)",
             "SOLVER.IMS_PER_BATCH", "2"]
     first = _tool(*args)
