@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+# Before anything imports Detectron2 (the registrations below do): its modules warn at import time about things that
+# are harmless here. Narrow, documented filters - see mae_det/utils/known_warnings.py.
+from .utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only in broken environments

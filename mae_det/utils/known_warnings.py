@@ -1,8 +1,10 @@
 """Silences the third-party warnings known to be harmless here, so that what still reaches the console matters.
 
 Every ``tools/*.py`` entry point calls :func:`filter_known_warnings` before it imports Detectron2 (the demo's stages
-are subprocesses, so a filter set in one process does not reach the others). Each entry names where the warning
-comes from and why it is harmless; a warning raised at one of this project's own call sites is fixed there instead.
+are subprocesses, so a filter set in one process does not reach the others), and so does ``mae_det/__init__.py``,
+because importing the package registers its Detectron2 builders, which imports the warning modules. Each entry
+names where the warning comes from and why it is harmless; a warning raised at one of this project's own call sites
+is fixed there instead.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
            "--data-root", str(data)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stage 1/20" in done.stdout and "stage 20/20" in done.stdout
+    assert "stage 1/21" in done.stdout and "stage 21/21" in done.stdout
     # The console holds progress bars and result lines, not the tools' output (that is in the logs).
     assert "d2.utils.events" not in done.stdout and "Warning" not in done.stdout + done.stderr
     assert re.search(r"\[demo\] finetune_mae_s0: done in \d+:\d\d wall, \d+:\d\d CPU: box AP \d+\.\d, mask AP", done.stdout)
@@ -55,7 +55,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count(": up to date (ran in") == 20
+    assert again.stdout.count(": up to date (ran in") == 21
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
 
