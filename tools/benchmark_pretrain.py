@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "side's loader on this ImageFolder of JPEGs (created with --jpeg-images if missing)")
     parser.add_argument("--jpeg-images", type=int, default=2000, help="images generated into --jpeg-folder")
     parser.add_argument("--workers", type=int, default=4, help="--against-official: loader workers per side")
+    parser.add_argument("--max-seconds", type=float, default=0.0,
+                        help="--against-official: start no round after this many seconds (0 = no limit)")
     return parser.parse_args(argv)
 
 
@@ -71,7 +73,7 @@ def against_official(args: argparse.Namespace, log) -> None:
                 decoder_num_heads=16)
     kwargs = dict(img_size=args.img_size, batch_size=args.batch_size, rounds=args.rounds, steps=args.iters,
                   warmup=args.warmup, device=args.device, mask_ratio=args.mask_ratio, compile_ours=args.compile,
-                  workers=args.workers)
+                  workers=args.workers, max_seconds=args.max_seconds)
     if args.quick:
         arch.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
         kwargs.update(img_size=32, batch_size=2, steps=1, matmul_sizes=(128,), matmul_seconds=0.05)

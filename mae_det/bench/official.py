@@ -299,9 +299,14 @@ def run_against_official(
     checkout: str | os.PathLike, *, arch: dict, img_size: int = 224, batch_size: int = 8, rounds: int = 5,
     steps: int = 3, warmup: int = 1, device: str = "cpu", mask_ratio: float = 0.75, compile_ours: bool = False,
     jpeg_root: str | None = None, workers: int = 4, matmul_sizes: tuple[int, ...] = (2048, 4096),
-    matmul_seconds: float = 1.0, log: Callable[[str], None] = lambda s: None,
+    matmul_seconds: float = 1.0, max_seconds: float = 0.0, log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Times the official model and loop against ours, interleaved; returns a JSON-serializable dict."""
+    """Times the official model and loop against ours, interleaved; returns a JSON-serializable dict.
+
+    ``max_seconds`` > 0: no new round starts after that time (at least one round runs); the result says how many
+    rounds ran.
+    """
+    t_start = time.perf_counter()
     official = load_official(checkout)
     our_model = _build(official, "ours", arch, img_size, device)
     ref = _build(official, "official", arch, img_size, device)
@@ -322,10 +327,15 @@ def run_against_official(
         peaks[p] = measure_matmul_peak(DTYPES[p] or torch.float32, device, matmul_sizes, matmul_seconds)
 
     def setup(v: Variant) -> None:
-        model = _build(official, v.side, arch, img_size, device)
-        if v.compiled:
-            compile_in_place(model)
-        v.step = (OfficialStep if v.side == "official" else OurStep)(model, device, v.precision)
+        same = [u for u in variants if u.step is not None and (u.side, u.precision, u.compiled) ==
+                (v.side, v.precision, v.compiled)]
+        if same:  # the end-to-end rows reuse the step-only row's model: no second compilation
+            v.step = same[0].step
+        else:
+            model = _build(official, v.side, arch, img_size, device)
+            if v.compiled:
+                compile_in_place(model)
+            v.step = (OfficialStep if v.side == "official" else OurStep)(model, device, v.precision)
         if v.data == "synthetic":
             v.batches = itertools.repeat(synthetic)
         elif v.side == "official":
@@ -339,7 +349,12 @@ def run_against_official(
         _sync(device)
         v.warmup_s = time.perf_counter() - start
 
+    done = 0
     for r in range(rounds):
+        if r and max_seconds and time.perf_counter() - t_start > max_seconds:
+            log(f"stopping after {r} rounds: past --max-seconds {max_seconds:.0f}")
+            break
+        done = r + 1
         for v in variants:
             if v.step is None:
                 log(f"warm-up {v.name} ...")
@@ -367,7 +382,7 @@ def run_against_official(
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
                   f"{torch.backends.cpu.get_cpu_capability()})",
         "torch": torch.__version__, "timm": timm.__version__, "checkout": str(checkout), "arch": arch,
-        "img_size": img_size, "batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
+        "img_size": img_size, "batch_size": batch_size, "rounds": done, "steps_per_round": steps,
         "warmup_steps": warmup, "mask_ratio": mask_ratio, "train_gflop_per_image": flops / 1e9,
         "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows,
         "ratios": _ratios(rows),

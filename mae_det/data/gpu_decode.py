@@ -184,8 +184,8 @@ def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequenc
 class GpuAugment:
     """A collated encoded batch -> its ``(B, C, S, S)`` float images on ``device`` (see the module docstring).
 
-    Also sets ``batch["cpu_decoded"]`` (files the device decoder refused, decoded on the CPU here) and appends to
-    ``batch["bad"]`` the files no decoder could read.
+    Also sets ``batch["cpu_decoded"]`` (the files decoded on the CPU: by the workers, or here after the device
+    decoder refused them) and appends to ``batch["bad"]`` the files no decoder could read.
     """
 
     def __init__(self, transform: PretrainTransform, device: torch.device | str) -> None:
@@ -197,7 +197,7 @@ class GpuAugment:
         for i, img in batch["image"].items():
             out[i] = img.to(self.device, non_blocking=True)
         slots = [i for i, d in enumerate(batch["jpeg"]) if d is not None]
-        batch["cpu_decoded"] = 0
+        batch["cpu_decoded"] = len(batch["image"])  # on the workers: not JPEGs, CMYK, oversized
         for i, img in zip(slots, decode_jpegs([batch["jpeg"][i] for i in slots], self.device)):
             if img is None:
                 img = self._decode_on_cpu(batch, *batch["file"][i])

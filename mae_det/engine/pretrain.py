@@ -277,6 +277,7 @@ class Pretrainer:
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
         )
         self.batches = CudaPrefetcher(self.loader, GpuAugment(transform, self.device)) if gpu_decode else self.loader
+        self.cpu_decoded = 0  # DATA.DECODE_DEVICE cuda: images of this process decoded on the CPU after all
 
         torch.manual_seed(cfg.SEED)  # the initial weights: the same on every rank and in every run
         self.model = build_pretrain_model(cfg, self.num_classes).to(self.device)
@@ -516,6 +517,7 @@ class Pretrainer:
             micro = start_micro
             for batch in self.batches:
                 self._note_bad(batch["bad"])
+                self.cpu_decoded += batch.get("cpu_decoded", 0)
                 sync = (micro + 1) % accum == 0
                 if self._compile_unproven:
                     first_step.append((batch, micro, sync))
@@ -563,6 +565,7 @@ class Pretrainer:
                 "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
                 "iter": self.iter, "loss": loss, "lr": lr, "img_per_s": img_s,
                 "bad_images": len(self.bad) + self.missing, "time": time.time(),
+                **({"cpu_decoded_images": self.cpu_decoded} if self.cfg.DATA.DECODE_DEVICE == "cuda" else {}),
             })
         period = self.cfg.SOLVER.CHECKPOINT_ITER_PERIOD
         if period and self.iter % period == 0 and self.iter < self.steps_per_epoch:

@@ -141,6 +141,7 @@ def test_prefetcher_yields_every_batch_augmented(folder):
     loader = DataLoader(enc, batch_sampler=sampler, collate_fn=G.collate_encoded)
     batches = list(G.CudaPrefetcher(loader, G.GpuAugment(t, "cpu")))
     assert len(batches) == len(sampler) == 3
+    assert sum(b["cpu_decoded"] for b in batches) == 2  # the CMYK JPEG and the PNG, on the worker
     ref = list(DataLoader(cpu, batch_sampler=sampler, collate_fn=collate_pretrain))
     for got, want in zip(batches, ref):
         assert got["image"].shape == want["image"].shape and torch.equal(got["noise"], want["noise"])
