@@ -6,7 +6,7 @@
 
 The trainer's arguments and overrides are those of tools/<trainer>.py, unchanged. See ``mae_det.engine.submit``
 and the README section "Running on a cluster". Exit codes: 0 submitted (with --wait: finished), 1 the job failed
-(--wait), 2 bad arguments, config or data (one ``error:`` line; nothing was submitted).
+(--wait) or sbatch refused the job, 2 bad arguments, config or data (one ``error:`` line; nothing was submitted).
 """
 import sys
 from pathlib import Path

@@ -11,8 +11,8 @@ requeue at a step boundary; the resubmitted job gets ``--resume``.
 
 Writes into the run's OUTPUT_DIR: ``config.yaml`` (the resolved config) and ``submission.json`` (job id, command,
 resources, log paths); submitit's own files (pickles, per-task stdout/stderr) go to ``--job-dir``
-(default ``OUTPUT_DIR/submitit``). Exit codes: 0 submitted (with ``--wait``: finished), 1 the job failed
-(``--wait``), 2 bad arguments, config or data (one ``error:`` line), nothing submitted.
+(default ``OUTPUT_DIR/submitit``). Exit codes: 0 submitted (with ``--wait``: finished), 1 sbatch refused the job or
+(with ``--wait``) the job failed, 2 bad arguments, config or data (one ``error:`` line), nothing submitted.
 """
 from __future__ import annotations
 
@@ -241,6 +241,8 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
     args.job_dir = str(Path(args.job_dir).resolve() if args.job_dir else out / "submitit")
     args.name = args.name or f"mae_det_{args.tool}"
 
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", cfg.dump())  # before the job starts: the trainer rewrites it
     executor = build_executor(args, tasks, cpus)
     job = executor.submit(TrainerJob(args.tool, args.tool_args, args.requeue))
     record = {
@@ -254,14 +256,14 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
         "job_dir": args.job_dir, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
         "output_dir": str(out), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", cfg.dump())
     atomic_write_text(out / "submission.json", json.dumps(record, indent=2) + "\n")
     return job, record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tools/submit.py``; see the module docstring for the exit codes."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     from ..data.detection import DatasetError
     from ..data.pretrain import DataError
 
@@ -272,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SubmitError, ConfigError, DataError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (FailedJobError, FailedSubmissionError) as e:  # sbatch refused the job (its message, e.g. a bad option)
+        print(f"error: the job was not submitted: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILED
     res = record["resources"]
     print(f"submitted job {record['job_id']}: {record['tool']} on {res['nodes']} node(s) x {res['tasks_per_node']} "
           f"task(s)\ntask 0 logs: {record['stdout']}\n             {record['stderr']}\n"

@@ -2,6 +2,8 @@
 processes, the executor's own time-limit signal and requeue loop): completion, preemption by SIGUSR2 / SIGTERM
 at chosen steps, time limits, and detection resuming at its saved iteration."""
 import json
+import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -64,6 +66,42 @@ def test_bad_submissions_exit_2_with_one_line(images, tmp_path, capsys, submit_o
 def test_slurm_without_sbatch_is_refused(images, tmp_path, capsys):  # noqa: F811
     assert main(["pretrain", *opts(images, tmp_path / "out")]) == 2
     assert "sbatch not found" in capsys.readouterr().err
+
+
+def _fake_slurm(tmp_path: Path, monkeypatch, sbatch_body: str) -> None:
+    """srun and sbatch stand-ins on PATH: submitit's SlurmExecutor checks for srun and submits with sbatch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", sbatch_body)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_submission(images, tmp_path, monkeypatch, capsys):  # noqa: F811
+    _fake_slurm(tmp_path, monkeypatch, f'cp "$1" {tmp_path / "job.sh"}; echo "Submitted batch job 4242"')
+    out = tmp_path / "out"
+    assert main(["--nodes", "2", "--gpus-per-node", "4", "--partition", "learn", "--sbatch", "constraint=a100",
+                 "pretrain", *opts(images, out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "submission.json").read_text())
+    assert record["job_id"] == "4242" and record["stdout"] == str(out / "submitit" / "4242_0_log.out")
+    assert f"submitted job 4242: pretrain on 2 node(s) x 4 task(s)\ntask 0 logs: {record['stdout']}" in printed
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=1", "--partition=learn",
+                 "--constraint=a100", "--signal=USR2@120", "--time=4320"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "\nsrun " in script and "submitit.core._submit" in script
+    job = pickle.loads((out / "submitit" / "4242_submitted.pkl").read_bytes())
+    assert (job.function.tool, job.function.argv) == ("pretrain", opts(images, out))
+    assert job._timeout_countdown == 30  # --max-num-timeout
+
+
+def test_sbatch_refusal_is_one_line(images, tmp_path, monkeypatch, capsys):  # noqa: F811
+    _fake_slurm(tmp_path, monkeypatch, 'echo "sbatch: error: invalid partition specified: nope" >&2; exit 1')
+    assert main(["--partition", "nope", "pretrain", *opts(images, tmp_path / "out")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (sbatch's own stderr passes through above it)
+    assert last == "error: the job was not submitted: sbatch: error: invalid partition specified: nope", last
 
 
 # ---- jobs on the local executor --------------------------------------------------------------------------
