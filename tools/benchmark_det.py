@@ -53,6 +53,14 @@ def run_side_by_side(a) -> int:
     if bad:
         print(f"error: --sides: unknown side(s) {bad}; expected some of {list(parity.SIDES)}", file=sys.stderr)
         return 2
+    if a.step_times:
+        medians = parity.interleaved_step_times(a.config_file, a.opts, tuple(sides), iters=a.step_times)
+        print(f"{a.config_file} {' '.join(a.opts)}, {device_name('cpu')}: median s per training step, "
+              f"{a.step_times} steps of each side, interleaved")
+        for side, t in medians.items():
+            ratio = f" ({t / medians['vitdet']:.2f} x ViTDet)" if "vitdet" in medians else ""
+            print(f"  {parity.SIDE_LABELS[side]}: {t:.3f}{ratio}")
+        return 0
     runs = [(side, seed) for seed in range(a.seeds) for side in sides]
     args = [(a.config_file, a.opts, side, seed, a.output) for side, seed in runs]
     if a.jobs > 1:  # both sides at once: load changes on a shared machine hit them alike
@@ -85,6 +93,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="--side-by-side: seeds 0..N-1 per side")
     p.add_argument("--sides", default="", help="--side-by-side: comma-separated, of ours, vitdet, ours_bf16 (default: "
                    "ours,vitdet, plus ours_bf16 where the CPU has native bf16)")
+    p.add_argument("--step-times", type=int, default=0, metavar="N", help="--side-by-side: instead of training, "
+                   "time N steps of each side, interleaved (fair on a shared machine)")
     p.add_argument("--jobs", type=int, default=1, help="--side-by-side: runs at a time (one thread each when > 1)")
     p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")

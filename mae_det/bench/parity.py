@@ -45,6 +45,7 @@ from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
@@ -618,3 +619,39 @@ def format_side_by_side(results: list[RunResult]) -> str:
         f"{r.side} seed {r.seed}: box {r.bbox['AP']:.1f} mask {r.segm['AP']:.1f} {r.s_per_iter:.3f} s/iter"
         for r in sorted(results, key=lambda r: (r.seed, r.side))))
     return "\n".join(rows)
+
+
+def interleaved_step_times(config_file: str, opts: list[str], sides: tuple[str, ...], iters: int = 30,
+                           warmup: int = 3) -> dict[str, float]:
+    """Median seconds per training step of each side, measured by alternating one step of each (each with its
+    own model, optimizer and data loader from seed 0), so that load changes on a shared machine hit all alike."""
+    cfg = side_by_side_cfg(config_file, opts)
+    register_datasets(cfg)
+    trainers = {}
+    for side in sides:
+        seed_all_rng(0)
+        if side == "vitdet":
+            model = build_vitdet_model(cfg)
+            opt = build_vitdet_optimizer(cfg, model)
+            loader = build_detection_train_loader(
+                dataset=get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS),
+                mapper=build_detection_mapper(cfg, is_train=True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                num_workers=cfg.DATALOADER.NUM_WORKERS)
+            trainers[side] = SimpleTrainer(model, loader, opt)
+        else:
+            c = cfg.clone()
+            c.SOLVER.PRECISION = "bf16" if side == "ours_bf16" else "fp32"
+            model = Trainer.build_model(c)
+            opt = Trainer.build_optimizer(c, model)
+            trainers[side] = build_step_trainer(c, model, Trainer.build_train_loader(c), opt)
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    with EventStorage(0) as storage:
+        for i in range(warmup + iters):
+            storage.iter = i
+            for side, trainer in trainers.items():
+                trainer.iter, trainer.storage = i, storage
+                start = time.perf_counter()
+                trainer.run_step()
+                if i >= warmup:
+                    times[side].append(time.perf_counter() - start)
+    return {s: statistics.median(t) for s, t in times.items()}
