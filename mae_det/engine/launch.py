@@ -28,7 +28,7 @@ from ..utils import dist as du
 logger = logging.getLogger(__name__)
 
 # Test hook: "SIG:STEP[:RANK],..." (e.g. "USR2:3:1,TERM:6") makes that rank (default 0) send itself SIG<SIG> at the
-# boundary after that step (the resumed job repeats no step, so each fires once).
+# boundary after that step, once per job (a resumed fine-tuning repeats steps).
 TEST_SIGNAL_ENV = "MAE_DET_TEST_SIGNAL"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -79,6 +79,10 @@ class _Guard:
         # Created at the start of the job, as submitit's own, so that it can tell a time-out from a preemption.
         self.requeuer = SignalHandler(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
         self.test_signals = _parse_test_signals(os.environ.get(TEST_SIGNAL_ENV, ""))
+        self._fired = env.paths.folder / f"{env.job_id}_{env.global_rank}_test_signals_fired"
+        if self._fired.is_file():  # by an earlier run of this job
+            for step in self._fired.read_text().split():
+                self.test_signals.pop((int(step), env.global_rank), None)
         self._group: Any = None
 
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -86,6 +90,13 @@ class _Guard:
             logger.warning("caught %s: checkpointing and requeueing at the next step boundary",
                            signal.Signals(signum).name)
         self.signum = signum
+
+    def fire_test_signal(self, step: int) -> None:
+        sig = self.test_signals.pop((step, du.get_rank()), None)
+        if sig is not None:
+            with open(self._fired, "a", encoding="utf-8") as f:
+                f.write(f"{step}\n")
+            os.kill(os.getpid(), sig)
 
     def cpu_group(self) -> Any:
         """A gloo group for the flag, so that agreeing on it never waits for the GPU stream."""
@@ -136,8 +147,7 @@ def stop_requested(step: int) -> bool:
     g = _guard
     if g is None:
         return False
-    if (step, du.get_rank()) in g.test_signals:
-        os.kill(os.getpid(), g.test_signals[step, du.get_rank()])
+    g.fire_test_signal(step)
     flag = torch.tensor([g.signum], dtype=torch.int32)
     if du.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g.cpu_group())

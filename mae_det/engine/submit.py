@@ -286,10 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job.results()  # waits for every task (across requeues); raises with the failed task's traceback
     except Exception as e:
-        # submitit's message: a title, the task's traceback and where the logs are, separated by lines of dashes.
-        parts = str(e).split("-" * 22)
-        lines = (parts[1] if len(parts) > 2 else parts[0]).strip().splitlines() or [type(e).__name__]
-        print(f"error: job {record['job_id']} failed: {lines[-1].strip()} (see {record['stderr']})", file=sys.stderr)
+        # submitit's message: a task's traceback between lines of dashes (its last line says what failed), or
+        # two lines saying that a task ended without a result (e.g. it was killed), then its stderr.
+        text = str(e)
+        if "failed during processing" in text:
+            what = text.split("-" * 22)[1].strip().splitlines()[-1]
+        else:
+            what = " ".join(text.splitlines()[:2])
+        print(f"error: job {record['job_id']} failed: {what.strip()} (see {record['stderr']})", file=sys.stderr)
         return EXIT_FAILED
     print(f"job {record['job_id']} finished")
     return 0
