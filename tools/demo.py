@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         fractions = [float(f) for f in args.label_fractions.split(",")]
     except ValueError:
-        sys.exit(f"demo: --label-fractions: expected comma-separated numbers, got {args.label_fractions!r}")
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        parser.error(f"--label-fractions: expected comma-separated numbers in (0, 1], got {args.label_fractions!r}")
     try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
                  argv=argv, fractions=fractions, subset_seed=args.subset_seed)
