@@ -355,7 +355,8 @@ def generate_shapes(
     """
     root = Path(root)
     info_path = root / "dataset_info.json"
-    owned = [root / "images", root / "annotations", root / "classification", info_path]
+    # semantic/ is derived from annotations/ (write_semantic_split): a new dataset must not keep stale label maps.
+    owned = [root / "images", root / "annotations", root / "classification", root / "semantic", info_path]
     if any(p.exists() for p in owned):
         if not overwrite:
             raise FileExistsError(f"{root} already holds a shapes dataset (found {info_path.name} or its folders); "
