@@ -163,11 +163,12 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
-def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, transform: PretrainTransform
-                   ) -> torch.Tensor:
+def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, transform: PretrainTransform,
+                   mean_std: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(3, H, W) uint8 as stored -> (3, S, S) float: what ``transform.apply`` does to the PIL image.
 
-    PIL resizes to 8 bits, so the resized values are rounded and clipped before the normalization.
+    PIL resizes to 8 bits, so the resized values are rounded and clipped before the normalization. ``mean_std``:
+    ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
     """
     top, left, h, w, flip = crop
     x = apply_orientation(img, orientation)[:, top:top + h, left:left + w]
@@ -176,9 +177,12 @@ def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequenc
     x = x.round_().clamp_(0, 255)
     if flip:
         x = x.flip(-1)
-    mean = torch.tensor(transform.mean, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(transform.std, device=x.device).view(-1, 1, 1)
+    mean, std = mean_std if mean_std is not None else _mean_std(transform, x.device)
     return (x / 255.0 - mean) / std
+
+
+def _mean_std(transform: PretrainTransform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (transform.mean, transform.std))
 
 
 class GpuAugment:
@@ -190,6 +194,8 @@ class GpuAugment:
 
     def __init__(self, transform: PretrainTransform, device: torch.device | str) -> None:
         self.transform, self.device = transform, torch.device(device)
+        # made once: a tensor built from host data per image would make the host wait for the side stream
+        self.mean_std = _mean_std(transform, self.device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         t, n = self.transform, len(batch["jpeg"])
@@ -204,7 +210,7 @@ class GpuAugment:
             if img is None:
                 out[i] = 0.0
             else:
-                out[i] = augment_tensor(img, batch["orientation"][i], batch["crop"][i], t)
+                out[i] = augment_tensor(img, batch["orientation"][i], batch["crop"][i], t, self.mean_std)
         return out
 
     def _decode_on_cpu(self, batch: dict, index: int, path: str) -> torch.Tensor | None:
