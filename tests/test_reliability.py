@@ -44,13 +44,7 @@ PRETRAIN = ["MODEL.ARCH", "mae_vit_tiny_patch16", "MODEL.EMBED_DIM", "64", "MODE
             "SOLVER.EPOCHS", "3", "SOLVER.WARMUP_EPOCHS", "1", "SOLVER.LR", "1e-3", "CHECKPOINT_PERIOD", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same kernels in this process as in the one-thread subprocesses (bit-exact comparisons)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _run_python(code: str, *args: str, **kw) -> subprocess.CompletedProcess:

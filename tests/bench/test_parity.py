@@ -6,13 +6,7 @@ from mae_det.bench.parity import DELIBERATE_DEVIATIONS, channels_first_norm_para
 from mae_det.engine.det_trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: a second intra-op thread only adds barrier waits (minutes on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_matches_vitdet_to_fp_tolerance():

@@ -17,13 +17,7 @@ TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4)
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a loaded 2-core machine, OpenMP hand-offs between two threads cost ~10x the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def color_folders(root: Path, n_train: int, n_val: int) -> None:

@@ -9,7 +9,9 @@ import torch
 
 from mae_det.engine import launch
 from mae_det.engine.pretrain import main
-from tests.tools.test_pretrain_tool import ENV, ROOT, TOOL, final_model, images, one_thread, opts  # noqa: F401
+from tests.tools.test_pretrain_tool import ENV, ROOT, TOOL, final_model, images, opts  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def test_test_signal_spec():

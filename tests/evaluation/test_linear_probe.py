@@ -20,16 +20,6 @@ def _color_folders(root: Path, n_train: int, n_val: int) -> None:
                 Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
 
 
-@pytest.fixture
-def one_thread():
-    """The head-only tests run thousands of tiny ops; on a loaded 2-core machine, OpenMP hand-offs between two
-    threads cost more than the ops themselves."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(4, 24, generator=torch.Generator().manual_seed(99)) * 2 + 5  # offset: BN must center

@@ -15,13 +15,7 @@ from mae_det.engine.finetune_cls import finetune_main, knn_main, linear_probe_ma
 from mae_det.modeling.vit import VisionTransformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a loaded 2-core machine, OpenMP hand-offs between two threads cost ~10x the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folders(root: Path, n_train: int = 8, n_val: int = 3) -> None:

@@ -15,8 +15,10 @@ import torch
 import yaml
 
 from mae_det.engine.submit import main
-from tests.tools.test_pretrain_tool import CONFIG, ENV, ROOT, final_model, images, one_thread, opts  # noqa: F401
+from tests.tools.test_pretrain_tool import CONFIG, ENV, ROOT, final_model, images, opts  # noqa: F401
 from tests.tools.test_train_net import make_coco, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 SUBMIT = str(ROOT / "tools" / "submit.py")
 LOCAL = ["--cluster", "local", "--gpus-per-node", "0", "--timeout", "5", "--wait"]
