@@ -8,7 +8,7 @@ Detectron2's own ``MODEL.SEM_SEG_HEAD`` keys keep their meaning (``NAME``, ``IN_
     MODEL.SEM_SEG_HEAD.DROPOUT [0.1]               dropout before each classifier
     MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT [0.4]       weight of the auxiliary FCN head's loss; 0 = no auxiliary head
     MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE [""]         level the auxiliary head reads; "" = the third of IN_FEATURES
-                                                   (the stride-``patch`` map, the encoder's native resolution)
+                                                   (with the four default levels: the stride-``patch`` map)
     MODEL.SEM_SEG_HEAD.AUX_CONVS_DIM [256]         channels of the auxiliary head's 3x3 conv
     INPUT.CROP.SINGLE_CATEGORY_MAX_AREA [1.0]      training crops are redrawn (up to 10 times) while one class covers more
                                                    than this fraction of the crop; 1.0 = off (mmsegmentation ADE20K: 0.75)
