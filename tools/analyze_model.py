@@ -9,7 +9,7 @@
 
 FLOPs: forward pass, one multiply-add = one flop (fvcore's unit), fused attention included. The detection model
 is measured on one image of the configured test size with its heads at full load (score threshold 0); see
-``mae_det.utils.analysis``. Exit code 2 with one ``error:`` line on a bad config.
+``mae_det.analysis.model``. Exit code 2 with one ``error:`` line on a bad config.
 """
 import argparse
 import sys
@@ -22,7 +22,7 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
 from mae_det.engine.det_trainer import run_with_exit_codes  # noqa: E402
-from mae_det.utils.analysis import MODEL_TYPES, TASKS, analyze, build_target  # noqa: E402
+from mae_det.analysis.model import MODEL_TYPES, TASKS, analyze, build_target  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg  # noqa: E402
 from mae_det.engine.det_trainer import run_with_exit_codes  # noqa: E402
-from mae_det.utils.visualize_data import SOURCES, visualize_dataset  # noqa: E402
+from mae_det.analysis.data import SOURCES, visualize_dataset  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
