@@ -105,17 +105,21 @@ def build_pair(cfg: CfgNode) -> tuple[nn.Module, nn.Module]:
     return ours, theirs
 
 
-def synthetic_batch(n: int, size: int, device: str, instances: int = 8, seed: int = 0) -> list[dict]:
-    """``n`` random images with ``instances`` rectangle objects each (boxes, classes, bitmasks)."""
-    g = torch.Generator().manual_seed(seed)
+def synthetic_batch(n: int, size: int, device: str, instances: int = 8, seed: int = 0, *, num_classes: int = 80,
+                    min_side: int | None = None, generator: torch.Generator | None = None) -> list[dict]:
+    """``n`` random images with ``instances`` rectangle objects each (boxes, classes, bitmasks); sides from
+    ``min_side`` (default ``size // 16``) to ``size // 2``. A shared ``generator`` continues one stream across calls."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    min_side = size // 16 if min_side is None else min_side
     batch = []
     for _ in range(n):
         masks = torch.zeros(instances, size, size, dtype=torch.bool)
         for k in range(instances):
             x0, y0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
-            w, h = torch.randint(size // 16, size // 2, (2,), generator=g).tolist()
+            w, h = torch.randint(min_side, size // 2, (2,), generator=g).tolist()
             masks[k, y0:y0 + h, x0:x0 + w] = True
-        inst = Instances((size, size), gt_classes=torch.randint(0, 80, (instances,), generator=g), gt_masks=BitMasks(masks))
+        inst = Instances((size, size), gt_classes=torch.randint(0, num_classes, (instances,), generator=g),
+                         gt_masks=BitMasks(masks))
         inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
         image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
         batch.append({"image": image.to(device), "height": size, "width": size, "instances": inst.to(device)})

@@ -43,7 +43,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import LayerNorm as ChannelsFirstLayerNorm
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
-from detectron2.structures import BitMasks, Instances
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -54,6 +53,7 @@ from ..config.detection import get_det_cfg, load_det_cfg
 from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..data.detection import build_detection_mapper, register_datasets
 from ..engine.det_trainer import AP_KEYS, Trainer, build_step_trainer
+from .det import synthetic_batch
 
 
 # What we do differently from Detectron2's ViTDet on purpose (README, "Parity with ViTDet"). Keys are the kinds
@@ -237,24 +237,10 @@ def regroup_like(theirs: nn.Module, theirs_opt: torch.optim.Optimizer, hparams: 
 # ---- the k-iteration comparison ----------------------------------------------------------------------------
 def synthetic_batches(n_iters: int, batch: int, size: int, num_classes: int, device: str, seed: int = 0,
                       instances: int = 4) -> list[list[dict]]:
-    """Random uint8 images with rectangle objects (boxes, classes, bitmasks): ``n_iters`` batches."""
+    """``n_iters`` batches of :func:`synthetic_batch` images drawn from one generator."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_iters):
-        items = []
-        for _ in range(batch):
-            masks = torch.zeros(instances, size, size, dtype=torch.bool)
-            for k in range(instances):
-                x0, y0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
-                w, h = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
-                masks[k, y0:y0 + h, x0:x0 + w] = True
-            inst = Instances((size, size), gt_classes=torch.randint(0, num_classes, (instances,), generator=g),
-                             gt_masks=BitMasks(masks))
-            inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
-            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
-            items.append({"image": image.to(device), "height": size, "width": size, "instances": inst.to(device)})
-        out.append(items)
-    return out
+    return [synthetic_batch(batch, size, device, instances, num_classes=num_classes, min_side=size // 8, generator=g)
+            for _ in range(n_iters)]
 
 
 class _Recorder(HookBase):
