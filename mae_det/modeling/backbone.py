@@ -16,6 +16,7 @@ backbone (``backbone.net.blocks.0...`` as in ViTDet for ``simple``; ``backbone.b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -159,15 +160,23 @@ class ViTMultiTap(_PaddingMixin, Backbone):
     """
 
     def __init__(
-        self, net: VisionTransformer, tap_indexes: list[int], upsample_norm: str = "GN", square_pad: int = 0
+        self, net: VisionTransformer, tap_indexes: list[int], upsample_norm: str = "GN", square_pad: int = 0,
+        out_features: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if len(tap_indexes) != 4:
             raise ValueError(f"multi_tap needs 4 tap blocks, got {tap_indexes}")
         self.net = net
-        self.tap_indexes = list(tap_indexes)
         p, dim = net.patch_size, net.embed_dim
-        strides = {f"tap{int(math.log2(s))}": s for s in (p // 4, p // 2, p, 2 * p)}
+        levels = {f"tap{int(math.log2(s))}": (s, i) for s, i in zip((p // 4, p // 2, p, 2 * p), tap_indexes)}
+        wanted = list(levels) if out_features is None else list(out_features)
+        unknown = [f for f in wanted if f not in levels]
+        if unknown:
+            raise ValueError(f"multi_tap levels at patch {p} are {list(levels)}; {unknown} requested")
+        # Only the levels a head reads are built and run: an unused branch costs compute and, having no gradient,
+        # would make multi-process DDP fail without find_unused_parameters.
+        self.tap_indexes = [i for f, (_, i) in levels.items() if f in wanted]
+        strides = {f: s for f, (s, _) in levels.items() if f in wanted}
         self.resample = nn.ModuleDict(
             {name: _resampler(s, dim, p, upsample_norm, halve_channels=False)[0] for name, s in strides.items()}
         )
@@ -220,11 +229,13 @@ def build_vit_multitap_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ViTMult
     are unused (the head brings its own FPN).
 
     Returns:
-        A backbone with outputs ``tap2``-``tap5`` (at patch 16) of embed-dim channels.
+        A backbone with the levels of ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` among ``tap2``-``tap5`` (names at patch 16),
+        of embed-dim channels; the levels the head does not read are not built.
     """
     validate_vit_config(cfg)
     _check_in_chans(cfg, input_shape)
-    return ViTMultiTap(build_vit_encoder(cfg), tap_indexes(cfg), cfg.MODEL.VIT.UPSAMPLE_NORM, cfg.MODEL.VIT.SQUARE_PAD)
+    return ViTMultiTap(build_vit_encoder(cfg), tap_indexes(cfg), cfg.MODEL.VIT.UPSAMPLE_NORM, cfg.MODEL.VIT.SQUARE_PAD,
+                       out_features=cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
 
 
 @BACKBONE_REGISTRY.register()

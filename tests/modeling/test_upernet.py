@@ -83,13 +83,24 @@ def _shapes_cfg(*opts):
 
 
 def test_multitap_backbone_levels_and_padding():
-    model = build_model(_shapes_cfg())
+    model = build_model(_shapes_cfg("MODEL.SEM_SEG_HEAD.IN_FEATURES", ["tap1", "tap2", "tap3", "tap4"]))
     shapes = model.backbone.output_shape()
     assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
         "tap1": (192, 2), "tap2": (192, 4), "tap3": (192, 8), "tap4": (192, 16)}
     assert model.backbone.size_divisibility == 16 and model.backbone.net.depth == 6
     out = model.backbone(torch.zeros(1, 3, 48, 80))
     assert out["tap1"].shape == (1, 192, 24, 40) and out["tap4"].shape == (1, 192, 3, 5)
+
+
+def test_multitap_backbone_builds_only_the_levels_the_head_reads():
+    model = build_model(_shapes_cfg()).train()  # the config's head reads tap2-tap4
+    assert list(model.backbone.resample) == ["tap2", "tap3", "tap4"] and model.backbone.tap_indexes == [2, 3, 5]
+    image = torch.randint(0, 256, (3, 64, 64)).float()
+    losses = model([{"image": image, "sem_seg": torch.randint(0, 7, (64, 64))}] * 2)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=r"multi_tap levels at patch 8 are \['tap1', 'tap2', 'tap3', 'tap4'\]"):
+        build_model(_shapes_cfg("MODEL.SEM_SEG_HEAD.IN_FEATURES", ["tap3", "tap5"]))
 
 
 def test_window_starts_cover_the_image_and_end_at_the_border():
