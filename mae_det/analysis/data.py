@@ -20,7 +20,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from ..data.detection import DatasetError, register_datasets
+from ..data.detection import DatasetError, load_report, register_datasets
 from ..data.images import ImageLoadError, load_image
 from ..engine.det_trainer import Trainer
 from ..engine.predictor import unique_png_name
@@ -54,6 +54,10 @@ def _save(image: np.ndarray, path: Path, summary: DataVisSummary) -> None:
 def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSummary) -> None:
     records = DatasetCatalog.get(name)
     metadata = MetadataCatalog.get(name)
+    report = load_report(name)
+    for line in report.bad_files if report else ():  # skipped at load by the header check: named, not drawn
+        path, _, problem = line.partition(": ")
+        summary.failures.append((path, problem))
     used: set[str] = set()
     for record in records:
         if len(summary.written) >= num_images:
@@ -116,6 +120,9 @@ def visualize_dataset(
         raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.MAX_BAD_FRACTION = 1.0  # a data check shows what it can and names every bad file instead of stopping
     register_datasets(cfg)
     name = _dataset_name(cfg, dataset)
     if name not in DatasetCatalog.list():

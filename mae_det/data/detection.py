@@ -349,6 +349,11 @@ def _report_load(name: str, report: CocoLoadReport, max_bad_fraction: float) -> 
     _LOAD_REPORTS[name] = report
 
 
+def load_report(name: str) -> CocoLoadReport | None:
+    """The report of the latest load of ``name`` by this module (None if it was not loaded through it)."""
+    return _LOAD_REPORTS.get(name)
+
+
 def remaining_bad_images(names: list[str] | tuple[str, ...], max_bad_fraction: float) -> int | None:
     """How many images of these (loaded) training sets may still fail to decode in training before the bad
     ones exceed ``max_bad_fraction`` of all of them; None when one of them was not loaded through this module."""
