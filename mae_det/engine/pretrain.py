@@ -55,12 +55,12 @@ from ..data.pretrain import (
 )
 from ..modeling.mae import MAE_FACTORIES
 from ..modeling.vit import VisionTransformer
-from ..utils import dist as du
-from .launch import init_distributed, launched_externally, requeue, stop_requested
-from ..utils.provenance import write_run_info
-from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
+from ..utils import dist as du
+from ..utils.provenance import write_run_info
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
+from .launch import init_distributed, launched_externally, requeue, stop_requested
 
 logger = logging.getLogger("mae_det.pretrain")
 
