@@ -35,6 +35,7 @@ from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, build_checkpointer, completed_iterations, run_with_exit_codes, write_det_run_info,
 )
 from mae_det.engine.launch import init_detectron2_distributed, launched_externally  # noqa: E402
+from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 
 def main(args):
@@ -46,10 +47,13 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         extra = build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model, iteration=completed_iterations(extra))
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+        results = Trainer.test(cfg, model, iteration=completed_iterations(extra))
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    leave_process_group()
+    return results
 
 
 def check_datasets(cfg):

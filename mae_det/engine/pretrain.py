@@ -646,7 +646,9 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
             write_run_info(out, cfg, seed=cfg.SEED, init_type="random", argv=argv,
                            extra={"mode": cfg.MODEL.MODE, "resume": resume, "world_size": du.get_world_size()})
-        return Pretrainer(cfg, resume=resume).train()
+        record = Pretrainer(cfg, resume=resume).train()
+        du.leave_process_group()
+        return record
     finally:
         if handler is not None:
             logging.getLogger("mae_det").removeHandler(handler)

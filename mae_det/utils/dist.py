@@ -42,6 +42,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Waits for every rank, then destroys the group.
+
+    A rank that exits while another still holds gloo connections to it can abort in the group's destructor
+    ("terminate called without an active exception"), which turns a finished run into a failed one.
+    """
+    if is_dist():
+        barrier()
+        dist.destroy_process_group()
+
+
 def backend_for(device: torch.device | str) -> str:
     """NCCL for CUDA devices, gloo for CPU."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
