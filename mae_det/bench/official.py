@@ -53,13 +53,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from mae_det.bench.pretrain import _sync, bf16_native, measure_matmul_peak
+from mae_det.bench.pretrain import _sync, measure_matmul_peak
 from mae_det.data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from mae_det.engine.compile import compile_in_place
 from mae_det.modeling import MAE_FACTORIES
 from mae_det.solver.optim import adamw
 from mae_det.utils.flops import count_forward_macs
+from mae_det.utils.precision import bf16_native
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

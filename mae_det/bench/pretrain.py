@@ -23,6 +23,7 @@ from torch import nn
 from mae_det.solver.optim import adamw
 from mae_det.modeling import MAE_FACTORIES, MaskedAutoencoderViT
 from mae_det.utils.flops import count_forward_macs
+from mae_det.utils.precision import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -80,12 +81,6 @@ def machine_info(device: str) -> dict[str, Any]:
         info["card"] = torch.cuda.get_device_name()
         info["fp32_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
-
-
-def bf16_native(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def skip_reason(precision: str, device: str) -> str | None:

@@ -15,7 +15,9 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
                                      False decays biases, as ViTDet does
     SOLVER.NO_DECAY_NAMES [["pos_embed"]]  parameter-name substrings without weight decay (ViTDet: pos_embed)
     SOLVER.PRECISION ["fp32"]        "fp32"; "bf16" (autocast trainer, CPU or GPU); "fp16" (Detectron2's AMPTrainer,
-                                     CUDA only). SOLVER.AMP.ENABLED True with "fp32" means "fp16", as in Detectron2.
+                                     CUDA only); "auto": bf16 where MODEL.DEVICE runs it natively (AVX512-bf16/AMX
+                                     CPUs, Ampere+ GPUs), else fp16 on GPU, fp32 on CPU. SOLVER.AMP.ENABLED True with
+                                     "fp32" means "fp16", as in Detectron2.
     INPUT.LSJ.ENABLED [False]        Large Scale Jitter for training (replaces MIN_SIZE_TRAIN resizing)
     INPUT.LSJ.IMAGE_SIZE [1024]      output side; images are resized to IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE)
     INPUT.LSJ.MIN_SCALE [0.1]        and cropped to at most IMAGE_SIZE x IMAGE_SIZE
@@ -46,12 +48,13 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..utils.precision import auto_precision
 from .pretrain import ConfigError
 from .semantic import add_sem_seg_config, validate_sem_seg_config
 from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config
 
 OPTIMIZERS = ("ADAMW", "SGD")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _UNKNOWN_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
 logger = logging.getLogger(__name__)
@@ -96,9 +99,12 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def effective_precision(cfg: CN) -> str:
-    """``SOLVER.PRECISION``, with Detectron2's ``SOLVER.AMP.ENABLED`` read as "fp16" when PRECISION is "fp32"."""
+    """``SOLVER.PRECISION`` with "auto" resolved for MODEL.DEVICE, and Detectron2's ``SOLVER.AMP.ENABLED`` read as
+    "fp16" when PRECISION is "fp32"."""
     if cfg.SOLVER.PRECISION == "fp32" and cfg.SOLVER.AMP.ENABLED:
         return "fp16"
+    if cfg.SOLVER.PRECISION == "auto":
+        return auto_precision(torch.device(cfg.MODEL.DEVICE).type)
     return cfg.SOLVER.PRECISION
 
 

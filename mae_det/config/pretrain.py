@@ -14,6 +14,10 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     MODEL.MASK_RATIO: 0.75          fraction of patches removed, in [0, 1) (mae mode)
     MODEL.NORM_PIX_LOSS: False      per-patch normalized pixel targets (mae mode)
     MODEL.DROP_PATH: 0.0            stochastic depth rate of the encoder
+    MODEL.INIT: "mae"               random initialization of the encoder before pretraining: "mae" (the official
+                                    code's: xavier-uniform Linear weights) or "vitdet" (trunc-normal std 0.02, the
+                                    detection scratch arm's; the fixed sin-cos position table stays), so that a
+                                    comparison against that arm differs only by the pretraining
     MODEL.ACT_CHECKPOINT: False     recompute block activations in backward (less memory, ~30 % slower)
     MODEL.NUM_CLASSES: 0            supervised mode: number of labels (0 = taken from the dataset)
     MODEL.POOL: "mean"              supervised mode: head input, "mean" of patch tokens or the "cls" token
@@ -84,6 +88,7 @@ from detectron2.config import CfgNode as CN
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..modeling.mae import MAE_FACTORIES
 from ..modeling.vit import VIT_SIZES
+from .vit_backbone import INITS
 
 MODES = ("mae", "supervised")
 SOURCES = ("auto", "folder", "imagefolder", "coco")
@@ -120,6 +125,7 @@ def get_pretrain_cfg() -> CN:
     _C.MODEL.MASK_RATIO = 0.75
     _C.MODEL.NORM_PIX_LOSS = False
     _C.MODEL.DROP_PATH = 0.0
+    _C.MODEL.INIT = "mae"
     _C.MODEL.ACT_CHECKPOINT = False
     _C.MODEL.NUM_CLASSES = 0
     _C.MODEL.POOL = "mean"
@@ -354,6 +360,7 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(0.0 <= M.DROP_PATH < 1.0, f"MODEL.DROP_PATH: expected a value in [0, 1), got {M.DROP_PATH}")
     _check(M.IN_CHANS in (1, 3), f"MODEL.IN_CHANS: expected 1 or 3 for image files, got {M.IN_CHANS}")
     _check(M.POOL in POOLS, f"MODEL.POOL: expected one of {POOLS}, got {M.POOL!r}")
+    _check(M.INIT in INITS, f"MODEL.INIT: expected one of {INITS}, got {M.INIT!r}")
 
     _check(D.SOURCE in SOURCES, f"DATA.SOURCE: expected one of {SOURCES}, got {D.SOURCE!r}")
     _check(bool(D.PATH), "DATA.PATH is empty: set it to an image folder or a COCO json file")

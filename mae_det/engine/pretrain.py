@@ -58,6 +58,7 @@ from ..modeling.vit import VisionTransformer
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
 from ..utils import dist as du
+from ..utils.precision import auto_precision
 from ..utils.provenance import write_run_info
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import init_distributed, launched_externally, requeue, stop_requested
@@ -112,7 +113,7 @@ def build_pretrain_model(cfg, num_classes: int = 0) -> nn.Module:
     common = dict(
         img_size=cfg.MODEL.IMG_SIZE, in_chans=cfg.MODEL.IN_CHANS, drop_path_rate=cfg.MODEL.DROP_PATH,
         use_act_checkpoint=cfg.MODEL.ACT_CHECKPOINT, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-        depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
+        depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], init=cfg.MODEL.INIT,
     )
     if cfg.MODEL.MODE == "mae":
         return MAE_FACTORIES[cfg.MODEL.ARCH](
@@ -159,15 +160,9 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 where the device runs it natively, else fp16 on GPU and fp32 on CPU."""
-    if device.type == "cuda":
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return precision
-    if precision == "fp16":
+    if precision == "fp16" and device.type != "cuda":
         raise ConfigError("PRECISION: fp16 needs a GPU (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
-    if precision == "auto":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return precision
+    return auto_precision(device.type) if precision == "auto" else precision
 
 
 def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:

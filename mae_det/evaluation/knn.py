@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.classification import ImageFolderDataset, SkipCounter, collate_skipping, eval_transform
+from ..utils.precision import bf16_native
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,7 @@ def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch
     if precision == "fp32":
         return None
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        if device.type == "cpu":
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        return None
+        return torch.bfloat16 if bf16_native(device.type) else None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":

@@ -280,7 +280,11 @@ class VisionTransformer(nn.Module):
     def _init_vitdet_weights(self) -> None:
         # The patch conv keeps PyTorch's default init (drawn at construction), relative-position tables stay zero
         # and the cls token stays zero (its input still differs per run through the random cls position slot).
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # A frozen position table (MAE pretraining) must carry positions, so it stays sin-cos.
+        if self.pos_embed.requires_grad:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True)[None])
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -150,3 +150,15 @@ def test_setup_resolves_a_random_seed_and_records_it(tmp_path):
     assert cfg.SEED >= 0 and cfg.is_frozen()
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["SEED"] == cfg.SEED
+
+
+def test_auto_precision_is_bf16_exactly_where_the_device_runs_it_natively():
+    import torch
+
+    from mae_det.config.detection import effective_precision
+
+    cfg = load_det_cfg("", ["SOLVER.PRECISION", "auto", "MODEL.DEVICE", "cpu"], training=False)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert effective_precision(cfg) == ("bf16" if native else "fp32")
+    cfg = load_det_cfg("", ["SOLVER.PRECISION", "bf16", "MODEL.DEVICE", "cpu"], training=False)
+    assert effective_precision(cfg) == "bf16"  # explicit settings stay as given

@@ -127,3 +127,10 @@ def test_compile_and_decode_device_values(data_dir):
     assert "DATA.DECODE_DEVICE: expected one of ('cpu', 'cuda'), got 'gpu'" in _error(
         _cfg, data_dir, "DATA.DECODE_DEVICE", "gpu")
     assert _cfg(data_dir, "SOLVER.COMPILE", "off", "DATA.DECODE_DEVICE", "cuda").SOLVER.COMPILE == "off"
+
+
+def test_encoder_init_choice_is_validated(data_dir):
+    assert _cfg(data_dir).MODEL.INIT == "mae"
+    assert _cfg(data_dir, "MODEL.INIT", "vitdet").MODEL.INIT == "vitdet"
+    with pytest.raises(ConfigError, match=r"MODEL.INIT: expected one of \('vitdet', 'mae'\), got 'xavier'"):
+        _cfg(data_dir, "MODEL.INIT", "xavier")

@@ -355,3 +355,16 @@ def test_act_checkpointing_gives_identical_loss_and_grads():
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_vitdet_init_draws_encoder_linears_trunc_normal_and_keeps_the_frozen_sincos_table_and_decoder():
+    torch.manual_seed(13)
+    model = tiny_mae(embed_dim=192, num_heads=3, decoder_embed_dim=512, decoder_num_heads=8, init="vitdet")
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            if name.startswith("decoder"):  # MAE's decoder init whatever the encoder's
+                assert m.weight.abs().max() <= math.sqrt(6 / sum(m.weight.shape)), name
+            else:
+                assert 0.018 < m.weight.std().item() < 0.022, name  # torch trunc_normal_ cuts at +-2 (absolute)
+    assert not model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed[0], get_2d_sincos_pos_embed(192, 4, cls_token=True), atol=0, rtol=0)

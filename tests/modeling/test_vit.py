@@ -330,9 +330,11 @@ def test_mae_init_is_the_default_and_differs_from_vitdet():
     torch.manual_seed(0)
     mae = tiny_vit()
     torch.manual_seed(0)
-    vitdet = tiny_vit(init="vitdet")
+    vitdet = tiny_vit(init="vitdet", learnable_pos_embed=True)
     torch.testing.assert_close(mae.pos_embed[0], get_2d_sincos_pos_embed(32, 4, cls_token=True).float())
-    assert not torch.equal(mae.pos_embed, vitdet.pos_embed)
+    assert not torch.equal(mae.pos_embed, vitdet.pos_embed) and 0.015 < vitdet.pos_embed.std() < 0.025
+    frozen = tiny_vit(init="vitdet")  # a table nobody trains must carry positions: it stays sin-cos
+    assert torch.equal(mae.pos_embed, frozen.pos_embed)
     bound = math.sqrt(6 / (32 + 96))  # xavier-uniform of the fused qkv
     assert mae.blocks[0].attn.qkv.weight.abs().max() <= bound and mae.blocks[0].attn.qkv.weight.std() > 0.1
     assert vitdet.blocks[0].attn.qkv.weight.std() < 0.03

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from mae_det.modeling import MaskedAutoencoderViT
-from mae_det.bench.pretrain import AllTokensMAE, bf16_native
+from mae_det.bench.pretrain import AllTokensMAE
+from mae_det.utils.precision import bf16_native
 from mae_det.utils.flops import count_forward_macs
 
 ROOT = Path(__file__).resolve().parents[2]
