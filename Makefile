@@ -26,7 +26,7 @@ experiment: setup
 # Ours vs Detectron2's own ViTDet, trained side by side (3 seeds each) on the demo's shapes data (generated into
 # output/parity/shapes when missing; the demo's full-profile settings). PARITY_CONFIG / PARITY_OPTS choose another
 # config or dataset (e.g. PARITY_OPTS="DATASETS.REGISTER [[...]]").
-PARITY_CONFIG ?= configs/shapes/mask_rcnn_vit_scratch.yaml
+PARITY_CONFIG ?= configs/shapes/mask_rcnn_vit_parity.yaml
 PARITY_DATA := output/parity/shapes
 PARITY_OPTS ?= DATASETS.REGISTER "[['shapes_train','$(PARITY_DATA)/annotations/instances_train.json','$(PARITY_DATA)/images/train'],['shapes_val','$(PARITY_DATA)/annotations/instances_val.json','$(PARITY_DATA)/images/val']]"
 

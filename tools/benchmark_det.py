@@ -5,7 +5,7 @@
     python tools/benchmark_det.py --quick          # a tiny run that only checks the script
     python tools/benchmark_det.py --device cuda --precision bf16 --batch 4 --compile --real-data /tmp/shapes_det
     python tools/benchmark_det.py --parity [--config-file C.yaml] [--iters 3]     # training parity, see below
-    python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_scratch.yaml \
+    python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_parity.yaml \
         --seeds 3 --output output/parity [--jobs 2] [--sides ours,vitdet,ours_bf16] [KEY VALUE ...]
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
