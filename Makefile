@@ -20,8 +20,9 @@ demo-quick: setup
 	$(PY) tools/demo.py --profile quick
 
 experiment: setup
-	$(PY) tools/demo.py --profile full --seeds 3 --label-fractions 0.25,0.5,1 --output output/experiment
-	mkdir -p docs/results && cp output/experiment/demo_experiment.csv output/experiment/demo_encoders.csv docs/results/
+	$(PY) tools/demo.py --profile full --seeds 3 --label-fractions 0.25,0.5,1 --semantic --output output/experiment
+	mkdir -p docs/results && cp output/experiment/demo_experiment.csv output/experiment/demo_encoders.csv \
+		output/experiment/demo_semantic.csv docs/results/
 
 # Ours vs Detectron2's own ViTDet, trained side by side (3 seeds each) on the demo's shapes data (generated into
 # output/parity/shapes when missing; the demo's full-profile settings). PARITY_CONFIG / PARITY_OPTS choose another

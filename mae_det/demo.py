@@ -32,8 +32,8 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_text
-from .data.shapes import ShapesConfig, generate_shapes
-from .evaluation.compare import aggregate, collect_runs, compare, format_delta, header
+from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
+from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
@@ -59,6 +59,8 @@ class Profile:
         reconstructions: Number of validation images shown in the reconstruction figure.
         cls_opts: ``KEY VALUE`` overrides for the encoder checks on the classification split (kNN, linear probe,
             fine-tuning; ``configs/classification/shapes_finetune.yaml``).
+        semantic_opts: ``KEY VALUE`` overrides for the UperNet runs on the semantic split
+            (``configs/shapes/sem_seg_vit_*.yaml``; only with ``semantic``).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Profile:
     knn_monitor: bool = True
     reconstructions: int = 4
     cls_opts: tuple[str, ...] = ()
+    semantic_opts: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -75,6 +78,8 @@ PROFILES: dict[str, Profile] = {
         name="full",
         shapes=ShapesConfig(image_size=64, num_pool=2400, num_train=160, num_val=300, num_cls_train=600,
                             num_cls_val=300, max_objects=4, min_size=0.12, max_size=0.3),
+        # 9 UperNet runs (3 inits x 3 seeds) within make experiment's 15 extra minutes on 2 cores.
+        semantic_opts=("SOLVER.MAX_ITER", "1000", "SOLVER.PRECISION", "auto"),
     ),
     "quick": Profile(
         name="quick",
@@ -84,6 +89,7 @@ PROFILES: dict[str, Profile] = {
         finetune_opts=("SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "(25,)"),
         cls_opts=("SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0", "LINPROBE.EPOCHS", "2",
                   "LINPROBE.WARMUP_EPOCHS", "0"),
+        semantic_opts=("SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "2"),
     ),
 }
 
@@ -347,15 +353,18 @@ class DemoPaths:
 def _data_opts(data: Path, train_json: Path | None = None) -> dict[str, list[str]]:
     """Command-line overrides pointing each tool at the generated dataset under ``data`` (detection training on
     ``train_json``, default the whole train split)."""
-    ann, img, cls = data / "annotations", data / "images", data / "classification"
+    ann, img, cls, sem = data / "annotations", data / "images", data / "classification", data / "semantic"
     register = [["shapes_train", str(train_json or ann / "instances_train.json"), str(img / "train")],
                 ["shapes_val", str(ann / "instances_val.json"), str(img / "val")]]
+    register_sem = [[f"shapes_sem_{split}", str(img / split), str(sem / split), str(sem / "classes.txt")]
+                    for split in ("train", "val")]
     knn = ["MONITOR.KNN.TRAIN_ROOT", str(cls / "train"), "MONITOR.KNN.VAL_ROOT", str(cls / "val")]
     return {
         "mae": ["DATA.PATH", str(img / "pool"), *knn],
         "supervised": ["DATA.SOURCE", "coco", "DATA.PATH", str(ann / "instances_pool.json"),
                        "DATA.IMAGE_ROOT", str(img / "pool"), *knn],
         "finetune": ["DATASETS.REGISTER", repr(register)],
+        "semantic": ["DATASETS.REGISTER_SEM_SEG", repr(register_sem)],
     }
 
 
@@ -531,9 +540,10 @@ def _ap_result(run_dir: Path) -> str:
 
 
 def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print,
-                 fractions: Sequence[float] = (1.0,), subset_seed: int = 0) -> list[Stage]:
+                 fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False) -> list[Stage]:
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
-    train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction)."""
+    train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction), and with
+    ``semantic`` UperNet on the semantic split from each init, ``seeds`` seeds each."""
     cfg_dir = REPO / "configs" / "shapes"
     opts = _data_opts(paths.data)
     knn = ["MONITOR.KNN.ENABLED", str(profile.knn_monitor)]
@@ -594,6 +604,21 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             result=lambda: _ap_result(out),
         )
 
+    def segment(arm: str, seed: int) -> Stage:
+        out = paths.run(f"semseg_{arm}_s{seed}")
+        config = cfg_dir / f"sem_seg_vit_{arm}.yaml"
+        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
+        args = [*opts["semantic"], *weights, *profile.semantic_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+        return Stage(
+            key=f"semseg_{arm}_s{seed}", title=f"UperNet semantic segmentation from {arm} init, seed {seed}",
+            params={"config": config_chain(config), "args": args},
+            deps=["semantic_split"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
+            outputs=[out / SEG_FILE, out / "run_info.json"],
+            command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
+            progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
+            result=lambda: f"mIoU {json.loads((out / SEG_FILE).read_text())['sem_seg']['mIoU']:.1f}",
+        )
+
     # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
     # MAE pretrains, and the two pretrainings do not both hold the cores while nothing else can start.
     partial = sorted(f for f in set(fractions) if f != 1.0)
@@ -619,6 +644,13 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     ))
     stages += [check(kind, arm) for arm in ARMS for kind in ENCODER_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
+    if semantic:
+        stages.append(Stage(
+            key="semantic_split", title="semantic label maps of the train and val splits",
+            params={}, deps=["dataset"], outputs=[paths.data / "semantic" / "classes.txt"],
+            run=lambda: write_semantic_split(paths.data, log=log),
+        ))
+        stages += [segment(arm, s) for s in range(seeds) for arm in ARMS]
     detections = paths.output / "detections.png"
     stages.append(Stage(
         key="detections", title="detections of each initialization on validation images",
@@ -825,6 +857,39 @@ def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], su
     return rows
 
 
+SEMANTIC_COLUMNS = ("init", "seed", "mIoU", "pixel_acc")
+
+
+def semantic_rows(paths: DemoPaths, seeds: int) -> list[dict]:
+    """One row per init x seed of the UperNet runs (mIoU and pixel accuracy in %, background included)."""
+    rows = []
+    for arm in ARMS:
+        for s in range(seeds):
+            seg = json.loads((paths.run(f"semseg_{arm}_s{s}") / SEG_FILE).read_text())["sem_seg"]
+            rows.append(dict(zip(SEMANTIC_COLUMNS, (arm, s, seg["mIoU"], seg["pACC"]))))
+    return rows
+
+
+def _semantic_section(paths: DemoPaths, seeds: int, profile: Profile) -> list[str]:
+    """The report's semantic-segmentation section; writes ``demo_semantic.csv`` and ``sem_seg_table.*``."""
+    rows = semantic_rows(paths, seeds)
+    write_csv(paths.output / "demo_semantic.csv", SEMANTIC_COLUMNS, rows)
+    run_dirs = [paths.run(f"semseg_{arm}_s{s}") for arm in ARMS for s in range(seeds)]
+    table = compare(run_dirs, paths.output, labels={str(d): d.name.split("_")[1] for d in run_dirs},
+                    baseline="scratch", name="sem_seg_table", title="UperNet on the shapes semantic split")
+    classes = (paths.data / "semantic" / "classes.txt").read_text(encoding="utf-8").split()
+    return [
+        "## Semantic segmentation (UperNet)", "",
+        f"The same three encoders under UperNet on the semantic split ({len(classes)} classes, background = class 0 "
+        f"and counted in mIoU), `configs/shapes/sem_seg_vit_<init>.yaml` + `{' '.join(profile.semantic_opts) or '-'}`, "
+        f"{seeds} seed(s) each; per-class IoU in each run's `{SEG_FILE}`. Rows: `demo_semantic.csv`.", "",
+        "| init | mIoU (%) | pixel accuracy (%) |", "|---|---:|---:|",
+        *[f"| {arm} | {_mean_std([r['mIoU'] for r in rows if r['init'] == arm])} | "
+          f"{_mean_std([r['pixel_acc'] for r in rows if r['init'] == arm])} |" for arm in ARMS], "",
+        f"![mIoU chart]({table['chart'].name})", "",
+    ]
+
+
 def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     import csv
     import io
@@ -866,7 +931,7 @@ def label_efficiency_figure(rows: list[dict], out: Path) -> None:
 
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
-    fractions: Sequence[float] = (1.0,), subset_seed: int = 0,
+    fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
 ) -> Path:
     """Comparison table and chart, curves and label-efficiency figures, ``demo_experiment.csv`` and ``REPORT.md``
     in the output directory."""
@@ -922,6 +987,7 @@ def write_report(
         f"The supervised baseline on its own task, {_supervised_result(paths.output / 'supervised_heldout.json')} "
         "(val images it never saw).", "",
         *efficiency,
+        *(_semantic_section(paths, seeds, profile) if semantic else []),
         "## Encoder checks on the classification split", "",
         f"Single-object images, {len(info['classes'])} classes (chance {100 / len(info['classes']):.1f} %), "
         f"{info['counts']['cls_train']} train / {info['counts']['cls_val']} val; "
@@ -981,7 +1047,7 @@ def write_report(
 
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
-             fractions: Sequence[float] = (1.0,), subset_seed: int = 0) -> Path:
+             fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False) -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
 
     Args:
@@ -993,6 +1059,7 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         argv: The command line, for the report.
         fractions: Labeled fractions of the train split to fine-tune on (1.0 always included).
         subset_seed: Seed of the nested subsets (independent of the fine-tuning seeds).
+        semantic: Also train UperNet on the semantic split from each init, ``seeds`` seeds each.
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -1014,11 +1081,12 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     if any(not 0 < f <= 1 for f in fractions):
         raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
     fractions = sorted(set(fractions) | {1.0})
-    stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed)
+    stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
-    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed)
+    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed,
+                          semantic)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

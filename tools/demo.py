@@ -4,7 +4,8 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
 
     python tools/demo.py --profile full                 # make demo        (output/demo/)
     python tools/demo.py --profile quick                # make demo-quick  (output/demo_quick/)
-    python tools/demo.py --profile full --seeds 3 --output output/experiment   # make experiment
+    python tools/demo.py --profile full --seeds 3 --label-fractions 0.25,0.5,1 --semantic --output output/experiment
+                                                        # make experiment
 """
 
 import argparse
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-fractions", default="1", help="comma-separated fractions of the labeled train "
                         "split to fine-tune on, nested subsets (default: 1; make experiment: 0.25,0.5,1)")
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the nested subsets (not of training)")
+    parser.add_argument("--semantic", action="store_true", help="also UperNet on the semantic split from each init, "
+                        "--seeds seeds each (make experiment)")
     args = parser.parse_args(argv)
     try:
         fractions = [float(f) for f in args.label_fractions.split(",")]
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--label-fractions: expected comma-separated numbers in (0, 1], got {args.label_fractions!r}")
     try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
-                 argv=argv, fractions=fractions, subset_seed=args.subset_seed)
+                 argv=argv, fractions=fractions, subset_seed=args.subset_seed, semantic=args.semantic)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

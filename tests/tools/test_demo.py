@@ -62,6 +62,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
 # ---- the stage machinery (fast) ----------------------------------------------------------------------------
 from mae_det.demo import (  # noqa: E402
     PROFILES,
+    REPO,
     DemoError,
     DemoPaths,
     Stage,
@@ -332,3 +333,44 @@ def test_average_precision_of_a_ranking():
     assert _average_precision([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert _average_precision([0.9, 0.8, 0.1], [False, True, True]) == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert math.isnan(_average_precision([0.5], [False]))
+
+
+def test_semantic_rows_are_opt_in_stages_with_their_own_label_maps(tmp_path):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    plain = [s.key for s in build_stages(PROFILES["full"], paths, seeds=3, log=lambda _: None)]
+    assert not [k for k in plain if k.startswith(("semseg", "semantic"))]
+    by = {s.key: s for s in build_stages(PROFILES["full"], paths, seeds=3, log=lambda _: None, semantic=True)}
+    assert set(by) - set(plain) == {"semantic_split", *(f"semseg_{a}_s{s}" for a in ARMS for s in range(3))}
+    assert by["semantic_split"].deps == ["dataset"]
+    assert by["semseg_scratch_s2"].deps == ["semantic_split"]
+    assert by["semseg_mae_s1"].deps == ["semantic_split", "pretrain_mae"]
+    cmd = by["semseg_supervised_s1"].command
+    assert cmd[:3] == ["tools/train_net.py", "--config-file", str(REPO / "configs/shapes/sem_seg_vit_supervised.yaml")]
+    assert cmd[cmd.index("SEED") + 1] == "1" and cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "1000"
+    assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == str(paths.output / "pretrain_supervised" / "encoder.pth")
+    register = cmd[cmd.index("DATASETS.REGISTER_SEM_SEG") + 1]
+    assert str(paths.data / "semantic" / "val") in register and str(paths.data / "images" / "train") in register
+    assert "MODEL.WEIGHTS" not in by["semseg_scratch_s0"].command
+    assert by["semseg_mae_s0"].progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 1000)
+
+
+def test_semantic_section_tables_mean_and_spread_and_writes_the_rows(tmp_path):
+    from mae_det.demo import _semantic_section
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    (paths.data / "semantic").mkdir(parents=True)
+    (paths.data / "semantic" / "classes.txt").write_text("background\ncircle\nsquare\n")
+    miou = {"mae": (30.0, 32.0, 34.0), "supervised": (20.0, 21.0, 22.0), "scratch": (18.0, 18.0, 18.0)}
+    for arm, values in miou.items():
+        for s, v in enumerate(values):
+            run = paths.run(f"semseg_{arm}_s{s}")
+            run.mkdir(parents=True)
+            (run / "sem_seg_results.json").write_text(json.dumps({"sem_seg": {
+                "mIoU": v, "fwIoU": v, "mACC": v, "pACC": 90.0 + s, "IoU": {"circle": v, "square": v}}}))
+            (run / "run_info.json").write_text(json.dumps({"init_type": arm, "seed": s}))
+    lines = _semantic_section(paths, 3, PROFILES["full"])
+    assert "| mae | 32.0 ± 2.0 | 91.0 ± 1.0 |" in lines and "| scratch | 18.0 ± 0.0 | 91.0 ± 1.0 |" in lines
+    assert any("3 classes" in line for line in lines)
+    rows = (paths.output / "demo_semantic.csv").read_text().splitlines()
+    assert rows[0] == "init,seed,mIoU,pixel_acc" and rows[1] == "mae,0,30.00,90.00" and len(rows) == 10
+    assert (paths.output / "sem_seg_table.md").exists() and (paths.output / "sem_seg_table.png").exists()
