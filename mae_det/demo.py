@@ -79,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         shapes=ShapesConfig(image_size=64, num_pool=2400, num_train=160, num_val=300, num_cls_train=600,
                             num_cls_val=300, max_objects=4, min_size=0.12, max_size=0.3),
         # 9 UperNet runs (3 inits x 3 seeds) within make experiment's 15 extra minutes on 2 cores.
-        semantic_opts=("SOLVER.MAX_ITER", "1000", "SOLVER.PRECISION", "auto"),
+        semantic_opts=("SOLVER.MAX_ITER", "1200", "SOLVER.PRECISION", "auto"),
     ),
     "quick": Profile(
         name="quick",

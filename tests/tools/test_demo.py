@@ -346,12 +346,12 @@ def test_semantic_rows_are_opt_in_stages_with_their_own_label_maps(tmp_path):
     assert by["semseg_mae_s1"].deps == ["semantic_split", "pretrain_mae"]
     cmd = by["semseg_supervised_s1"].command
     assert cmd[:3] == ["tools/train_net.py", "--config-file", str(REPO / "configs/shapes/sem_seg_vit_supervised.yaml")]
-    assert cmd[cmd.index("SEED") + 1] == "1" and cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "1000"
+    assert cmd[cmd.index("SEED") + 1] == "1" and cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "1200"
     assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == str(paths.output / "pretrain_supervised" / "encoder.pth")
     register = cmd[cmd.index("DATASETS.REGISTER_SEM_SEG") + 1]
     assert str(paths.data / "semantic" / "val") in register and str(paths.data / "images" / "train") in register
     assert "MODEL.WEIGHTS" not in by["semseg_scratch_s0"].command
-    assert by["semseg_mae_s0"].progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 1000)
+    assert by["semseg_mae_s0"].progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 1200)
 
 
 def test_semantic_section_tables_mean_and_spread_and_writes_the_rows(tmp_path):
