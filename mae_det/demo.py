@@ -584,39 +584,39 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             result=lambda: f"{metric} {json.loads((out / 'cls_results.json').read_text())[metric]:.1f} %",
         )
 
-    def finetune(arm: str, seed: int, fraction: float = 1.0) -> Stage:
-        key = f"finetune_{arm}_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}")
+    def train_net(key: str, title: str, config: Path, arm: str, seed: int, data_opts: list[str],
+                  tool_opts: Sequence[str], deps: list[str], result_file: str, result: Callable[[Path], str]) -> Stage:
+        """A tools/train_net.py run from ``arm``'s encoder (none for scratch), after ``deps``."""
         out = paths.run(key)
-        config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
-        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
-        train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
-        data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
-        args = [*data_opts, *weights, *profile.finetune_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
-        share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
+        pretrained = arm != "scratch"
+        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if pretrained else []
+        args = [*data_opts, *weights, *tool_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
         return Stage(
-            key=key, title=f"Mask R-CNN from {arm} init, seed {seed}{share} (train + COCO eval)",
-            params={"config": config_chain(config), "args": args},
-            deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else [])
-                 + (["subsets"] if fraction != 1.0 else []),
-            outputs=[out / "ap_results.json", out / "run_info.json"],
+            key=key, title=title, params={"config": config_chain(config), "args": args},
+            deps=deps[:1] + ([f"pretrain_{arm}"] if pretrained else []) + deps[1:],
+            outputs=[out / result_file, out / "run_info.json"],
             command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
             progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
-            result=lambda: _ap_result(out),
+            result=lambda: result(out),
+        )
+
+    def finetune(arm: str, seed: int, fraction: float = 1.0) -> Stage:
+        train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
+        data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
+        share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
+        return train_net(
+            f"finetune_{arm}_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"),
+            f"Mask R-CNN from {arm} init, seed {seed}{share} (train + COCO eval)", cfg_dir / f"mask_rcnn_vit_{arm}.yaml",
+            arm, seed, data_opts, profile.finetune_opts, ["dataset"] + (["subsets"] if fraction != 1.0 else []),
+            "ap_results.json", _ap_result,
         )
 
     def segment(arm: str, seed: int) -> Stage:
-        out = paths.run(f"semseg_{arm}_s{seed}")
-        config = cfg_dir / f"sem_seg_vit_{arm}.yaml"
-        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if arm != "scratch" else []
-        args = [*opts["semantic"], *weights, *profile.semantic_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
-        return Stage(
-            key=f"semseg_{arm}_s{seed}", title=f"UperNet semantic segmentation from {arm} init, seed {seed}",
-            params={"config": config_chain(config), "args": args},
-            deps=["semantic_split"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
-            outputs=[out / SEG_FILE, out / "run_info.json"],
-            command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
-            progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
-            result=lambda: f"mIoU {json.loads((out / SEG_FILE).read_text())['sem_seg']['mIoU']:.1f}",
+        return train_net(
+            f"semseg_{arm}_s{seed}", f"UperNet semantic segmentation from {arm} init, seed {seed}",
+            cfg_dir / f"sem_seg_vit_{arm}.yaml", arm, seed, opts["semantic"], profile.semantic_opts,
+            ["semantic_split"], SEG_FILE,
+            lambda out: f"mIoU {json.loads((out / SEG_FILE).read_text())['sem_seg']['mIoU']:.1f}",
         )
 
     # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
@@ -874,8 +874,8 @@ def _semantic_section(paths: DemoPaths, seeds: int, profile: Profile) -> list[st
     """The report's semantic-segmentation section; writes ``demo_semantic.csv`` and ``sem_seg_table.*``."""
     rows = semantic_rows(paths, seeds)
     write_csv(paths.output / "demo_semantic.csv", SEMANTIC_COLUMNS, rows)
-    run_dirs = [paths.run(f"semseg_{arm}_s{s}") for arm in ARMS for s in range(seeds)]
-    table = compare(run_dirs, paths.output, labels={str(d): d.name.split("_")[1] for d in run_dirs},
+    labels = {str(paths.run(f"semseg_{arm}_s{s}")): arm for arm in ARMS for s in range(seeds)}
+    table = compare(list(labels), paths.output, labels=labels,
                     baseline="scratch", name="sem_seg_table", title="UperNet on the shapes semantic split")
     classes = (paths.data / "semantic" / "classes.txt").read_text(encoding="utf-8").split()
     return [
