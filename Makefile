@@ -20,7 +20,7 @@ demo-quick: setup
 	$(PY) tools/demo.py --profile quick
 
 experiment: setup
-	$(PY) tools/demo.py --profile full --seeds 3 --label-fractions 0.25,0.5,1 --semantic --output output/experiment
+	$(PY) tools/demo.py --profile experiment --seeds 3 --label-fractions 0.25,0.5,1 --semantic --output output/experiment
 	mkdir -p docs/results && cp output/experiment/demo_experiment.csv output/experiment/demo_encoders.csv \
 		output/experiment/demo_semantic.csv docs/results/
 

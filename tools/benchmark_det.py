@@ -99,12 +99,16 @@ def main(argv=None):
     p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")
     a = p.parse_args(argv)
-    if a.parity:
-        sys.exit(run_parity(a))
-    if a.side_by_side:
-        if not a.config_file:
-            p.error("--side-by-side needs --config-file")
-        sys.exit(run_side_by_side(a))
+    try:
+        if a.parity:
+            sys.exit(run_parity(a))
+        if a.side_by_side:
+            if not a.config_file:
+                p.error("--side-by-side needs --config-file")
+            sys.exit(run_side_by_side(a))
+    except ValueError as e:  # a config the comparison cannot run: one line, not a traceback
+        print(f"benchmark_det: {e}", file=sys.stderr)
+        sys.exit(2)
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,
                           1 if a.quick else a.iters, a.quick, a.compile, a.real_data, a.workers)
     results = run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True))

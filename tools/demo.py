@@ -4,8 +4,8 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
 
     python tools/demo.py --profile full                 # make demo        (output/demo/)
     python tools/demo.py --profile quick                # make demo-quick  (output/demo_quick/)
-    python tools/demo.py --profile full --seeds 3 --label-fractions 0.25,0.5,1 --semantic --output output/experiment
-                                                        # make experiment
+    python tools/demo.py --profile experiment --seeds 3 --label-fractions 0.25,0.5,1 --semantic \
+        --output output/experiment                      # make experiment (the full profile, 2x pretraining)
 """
 
 import argparse

@@ -292,6 +292,14 @@ def parity_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
         cfg.merge_from_list(list(opts or []))
     cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
     cfg.MODEL.WEIGHTS, cfg.MODEL.INIT_TYPE = "", "scratch"
+    return _require_simple_pyramid(cfg, config_file)
+
+
+def _require_simple_pyramid(cfg: CfgNode, config_file: str) -> CfgNode:
+    """ViTDet has only the simple pyramid: another one would compare two different detectors."""
+    if cfg.MODEL.VIT.PYRAMID != "simple":
+        raise ValueError(f"{config_file or 'parity config'}: MODEL.VIT.PYRAMID is {cfg.MODEL.VIT.PYRAMID!r}; the "
+                         f"comparison with ViTDet needs 'simple' (e.g. configs/shapes/mask_rcnn_vit_parity.yaml)")
     return cfg
 
 
@@ -478,7 +486,7 @@ def side_by_side_cfg(config_file: str, opts: list[str] | None = None) -> CfgNode
     cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
     if cfg.INPUT.LSJ.ENABLED and not cfg.MODEL.VIT.SQUARE_PAD:
         cfg.MODEL.VIT.SQUARE_PAD = cfg.INPUT.LSJ.IMAGE_SIZE
-    return cfg
+    return _require_simple_pyramid(cfg, config_file)
 
 
 @dataclass

@@ -62,6 +62,10 @@ def test_parity_tool_exit_codes():
     bad = _tool("--parity", "--iters", "2", "SOLVER.BIAS_NO_DECAY", "True")
     assert bad.returncode == 1 and "PARITY FAILED" in bad.stdout
     assert "weight_decay: backbone.net.blocks.0.attn.qkv.bias: ours 0.0 vs ViTDet 0.1" in bad.stdout
+    other = _tool("--side-by-side", "--config-file", "configs/shapes/mask_rcnn_vit_scratch.yaml")
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == (
+        "benchmark_det: configs/shapes/mask_rcnn_vit_scratch.yaml: MODEL.VIT.PYRAMID is 'multi_tap'; the comparison "
+        "with ViTDet needs 'simple' (e.g. configs/shapes/mask_rcnn_vit_parity.yaml)")
 
 
 @pytest.mark.slow  # generates 12 images, trains and evaluates both sides for 4 iterations, ~40 s
@@ -73,7 +77,7 @@ def test_side_by_side_trains_and_evaluates_both_and_reuses_finished_runs(tmp_pat
                                        num_cls_val=6, max_objects=3, workers=1), log=lambda s: None)
     reg = (f"[['t','{data}/annotations/instances_train.json','{data}/images/train'],"
            f"['v','{data}/annotations/instances_val.json','{data}/images/val']]")
-    args = ["--side-by-side", "--config-file", "configs/shapes/mask_rcnn_vit_scratch.yaml", "--seeds", "1",
+    args = ["--side-by-side", "--config-file", "configs/shapes/mask_rcnn_vit_parity.yaml", "--seeds", "1",
             "--sides", "ours,vitdet", "--output", str(tmp_path / "runs"), "DATASETS.REGISTER", reg, "DATASETS.TRAIN", "('t',)",
             "DATASETS.TEST", "('v',)", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)",
             "SOLVER.IMS_PER_BATCH", "2"]

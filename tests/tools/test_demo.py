@@ -229,6 +229,24 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert quick["finetune_mae_s0"].progress(" eta: 0:00:31  iter: 19  total_loss: 2.1") == (20, 30)
 
 
+def test_experiment_profile_doubles_both_pretrainings_and_nothing_else(tmp_path, repo_root):
+    from mae_det.config.pretrain import load_pretrain_cfg
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    full = {s.key: s for s in build_stages(PROFILES["full"], paths, seeds=1, log=lambda _: None)}
+    exp = {s.key: s for s in build_stages(PROFILES["experiment"], paths, seeds=1, log=lambda _: None)}
+    assert full.keys() == exp.keys()
+    for arm in ("mae", "supervised"):
+        solver = load_pretrain_cfg(repo_root / f"configs/shapes/pretrain_{arm}.yaml", check_paths=False).SOLVER
+        assert "SOLVER.EPOCHS" not in full[f"pretrain_{arm}"].command
+        cmd = exp[f"pretrain_{arm}"].command
+        assert cmd[cmd.index("SOLVER.EPOCHS") + 1] == str(2 * solver.EPOCHS)
+        assert cmd[cmd.index("SOLVER.WARMUP_EPOCHS") + 1] == str(2 * solver.WARMUP_EPOCHS)
+        # A changed pretraining re-runs its stage (and, through the hash, everything fine-tuned from it).
+        assert exp[f"pretrain_{arm}"].params != full[f"pretrain_{arm}"].params
+    assert exp["finetune_scratch_s0"].command == full["finetune_scratch_s0"].command
+
+
 def test_verdict_states_the_difference_and_its_spread():
     def run(group, seed, ap):
         return RunResult(f"/r/{group}{seed}", group, seed, {"bbox/AP": ap})
