@@ -51,7 +51,7 @@ class Profile:
     command-line overrides on top of them (the same for every arm, so the comparison stays fair).
 
     Attributes:
-        name: "quick" or "full".
+        name: "quick", "full" or "experiment".
         shapes: The dataset to generate.
         pretrain_opts: ``KEY VALUE`` overrides for both pretraining runs.
         pretrain_scale: Multiplies each pretraining config's ``SOLVER.EPOCHS`` and ``SOLVER.WARMUP_EPOCHS``, so
