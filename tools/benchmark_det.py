@@ -35,6 +35,7 @@ from mae_det.bench.det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,
 )
 from mae_det.bench import parity  # noqa: E402
+from mae_det.config.pretrain import ConfigError  # noqa: E402
 
 
 def run_parity(a) -> int:
@@ -106,7 +107,7 @@ def main(argv=None):
             if not a.config_file:
                 p.error("--side-by-side needs --config-file")
             sys.exit(run_side_by_side(a))
-    except ValueError as e:  # a config the comparison cannot run: one line, not a traceback
+    except ConfigError as e:  # a config the comparison cannot run: one line, not a traceback
         print(f"benchmark_det: {e}", file=sys.stderr)
         sys.exit(2)
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..checkpoint.convert import convert_to_detectron2
 from ..config.detection import get_det_cfg, load_det_cfg
+from ..config.pretrain import ConfigError
 from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..data.detection import build_detection_mapper, register_datasets
 from ..engine.det_trainer import AP_KEYS, Trainer, build_step_trainer
@@ -298,7 +299,7 @@ def parity_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
 def _require_simple_pyramid(cfg: CfgNode, config_file: str) -> CfgNode:
     """ViTDet has only the simple pyramid: another one would compare two different detectors."""
     if cfg.MODEL.VIT.PYRAMID != "simple":
-        raise ValueError(f"{config_file or 'parity config'}: MODEL.VIT.PYRAMID is {cfg.MODEL.VIT.PYRAMID!r}; the "
+        raise ConfigError(f"{config_file or 'parity config'}: MODEL.VIT.PYRAMID is {cfg.MODEL.VIT.PYRAMID!r}; the "
                          f"comparison with ViTDet needs 'simple' (e.g. configs/shapes/mask_rcnn_vit_parity.yaml)")
     return cfg
 
