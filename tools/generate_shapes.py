@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--semantic-only", action="store_true",
                         help="only (re)write the label maps of the dataset already in --root")
     for f in dataclasses.fields(ShapesConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=float if f.default is None else type(f.default),
+                            default=f.default,
                             help=f"(default {f.default})")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from mae_det.data.shapes import (
     CLASS_NAMES,
     ShapesConfig,
     ShapeSpec,
+    classification_sample,
     detection_sample,
     generate_shapes,
     render_scene,
@@ -192,11 +193,12 @@ def test_tool_writes_dataset_and_reports_errors(tmp_path, repo_root, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     argv = ["--root", str(tmp_path / "d"), "--image-size", "32", "--num-pool", "3", "--num-train", "2", "--num-val",
-            "2", "--num-cls-train", "6", "--num-cls-val", "6", "--workers", "1"]
+            "2", "--num-cls-train", "6", "--num-cls-val", "6", "--workers", "1", "--cls-background-contrast", "0.5"]
     tool.main(argv)
     assert "wrote 19 images" in capsys.readouterr().out
     info = json.loads((tmp_path / "d/dataset_info.json").read_text())
     assert info["image_size"] == 32 and info["counts"]["cls_val"] == 6
+    assert info["config"]["cls_background_contrast"] == 0.5 and info["config"]["background_contrast"] == 1.0
     with pytest.raises(SystemExit, match="--overwrite"):
         tool.main(argv)
     with pytest.raises(SystemExit, match="min_objects <= max_objects"):
@@ -228,3 +230,37 @@ def test_background_contrast_flattens_only_the_background(dataset, tmp_path):
     assert spread[0.2] < 0.5 * spread[1.0]
     with pytest.raises(ValueError, match="background_contrast"):
         ShapesConfig(background_contrast=1.5)
+
+
+def test_cls_background_contrast_flattens_only_the_classification_backgrounds(dataset, tmp_path):
+    root, cfg = dataset
+    flat = ShapesConfig(**SMALL, seed=3, workers=1, cls_background_contrast=0.0)
+    generate_shapes(tmp_path / "a", flat, log=lambda _: None)
+    generate_shapes(tmp_path / "b", ShapesConfig(**SMALL, seed=3, workers=2, cls_background_contrast=0.0),
+                    log=lambda _: None)
+    files = _files(tmp_path / "a")
+    assert _files(tmp_path / "b") == files  # deterministic, whatever the number of workers
+    before = _files(root)
+    detection = [k for k in files if not k.startswith("classification/") and k != "dataset_info.json"]
+    assert detection and all(files[k] == before[k] for k in detection)  # detection splits untouched
+    cls_files = [k for k in files if k.startswith("classification/")]
+    assert cls_files and all(files[k] != before[k] for k in cls_files)
+    spread = {"textured": [], "plain": []}
+    for i in range(cfg.num_cls_train):
+        textured, kind = classification_sample(cfg, "train", i)
+        plain, same_kind = classification_sample(flat, "train", i)
+        assert kind == same_kind
+        # The shape's color is drawn far from the background's: pixels near the flat image's median are background.
+        background = np.abs(plain.astype(int) - np.median(plain.reshape(-1, 3), 0)).max(-1) < 20  # (S, S)
+        assert background.mean() > 0.4
+        for name, image in (("textured", textured), ("plain", plain)):
+            spread[name].append(image[background].astype(float).std(0).mean())
+    # What is left of a flat background is the final grain (std 0.015 * 255 ~ 4).
+    assert np.mean(spread["plain"]) < 6 < np.mean(spread["textured"])
+    # None follows background_contrast; the option is validated like it.
+    assert np.array_equal(classification_sample(ShapesConfig(**SMALL, background_contrast=0.0), "val", 1)[0],
+                          classification_sample(ShapesConfig(**SMALL, cls_background_contrast=0.0), "val", 1)[0])
+    with pytest.raises(ValueError, match="cls_background_contrast must be in"):
+        ShapesConfig(cls_background_contrast=-0.5)
+    info = json.loads((tmp_path / "a" / "dataset_info.json").read_text())
+    assert info["config"]["cls_background_contrast"] == 0.0

@@ -262,15 +262,19 @@ def test_verdict_states_the_difference_and_its_spread():
     assert _verdict(clear, "bbox/AP", "boxes") == "- boxes (box AP): MAE beat scratch init (+1.9 AP; seed std 0.3)."
 
 
-def test_chance_bce_is_the_mean_binary_entropy_of_class_frequencies(tmp_path):
-    from mae_det.demo import chance_bce
+def test_chance_loss_is_the_mean_entropy_of_each_class_label_distribution(tmp_path):
+    from mae_det.demo import chance_loss
 
     coco = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 1}, {"id": 2}, {"id": 3}],
             "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 1},
                             {"image_id": 2, "category_id": 1}, {"image_id": 1, "category_id": 2}]}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(coco))
-    assert chance_bce(path) == pytest.approx(math.log(2) / 3)  # p = 1, 1/2, 0 -> entropies 0, ln 2, 0
+    assert chance_loss(path) == pytest.approx(math.log(2) / 3)  # p = 1, 1/2, 0 -> entropies 0, ln 2, 0
+    # Counts: class 1 has 1 and 2 instances (two equally frequent bins: ln 2), class 2 has 1 and 0 (ln 2), class 3
+    # none (0); capped at 1 class 1 is always present (0).
+    assert chance_loss(path, max_count=3) == pytest.approx(2 * math.log(2) / 3)
+    assert chance_loss(path, max_count=1) == pytest.approx(chance_loss(path))
 
 
 def test_independent_tool_stages_run_in_parallel_with_one_thread_each(tmp_path, monkeypatch):
