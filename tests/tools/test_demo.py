@@ -35,6 +35,11 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), presence mAP "
                   r"(\d+\.\d) %", report)
     assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
+    # Its label kind and reference loss come from its own config (counts), not from the MAE config.
+    (pool_json,) = data.rglob("instances_pool.json")
+    assert "per-class instance counts of each pool image (softmax over 0..3)" in report
+    assert (f"(cross-entropy over per-class counts; a constant prediction scores "
+            f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
     assert encoders[0] == ("init,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,heldout_count_accuracy,"
                            "heldout_presence_map")
@@ -69,6 +74,7 @@ from mae_det.demo import (  # noqa: E402
     StageRunner,
     _verdict,
     build_stages,
+    chance_loss,
     config_chain,
 )
 from mae_det.evaluation.compare import RunResult, aggregate  # noqa: E402
@@ -263,8 +269,6 @@ def test_verdict_states_the_difference_and_its_spread():
 
 
 def test_chance_loss_is_the_mean_entropy_of_each_class_label_distribution(tmp_path):
-    from mae_det.demo import chance_loss
-
     coco = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 1}, {"id": 2}, {"id": 3}],
             "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 1},
                             {"image_id": 2, "category_id": 1}, {"image_id": 1, "category_id": 2}]}
