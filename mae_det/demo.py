@@ -423,6 +423,15 @@ def _average_precision(scores: Sequence[float], positives: Sequence[bool]) -> fl
 
 
 @torch.no_grad()
+def class_counts(coco: dict) -> dict[int, list[int]]:
+    """Image id -> instances of each category (in sorted category-id order) of a COCO dict."""
+    index = {cid: k for k, cid in enumerate(sorted(c["id"] for c in coco["categories"]))}
+    per = {im["id"]: [0] * len(index) for im in coco["images"]}
+    for a in coco["annotations"]:
+        per[a["image_id"]][index[a["category_id"]]] += 1
+    return per
+
+
 def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_json: Path) -> dict[str, float]:
     """The supervised baseline's own task on held-out images: per-class instance-count accuracy (count targets)
     and multi-label presence mAP, in %, from the run's last checkpoint; with the accuracy of the best constant
@@ -442,13 +451,7 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
     model.load_state_dict(state["model"])
     model.eval()
 
-    def counts_of(coco: dict) -> dict[int, list[int]]:
-        per = {im["id"]: [0] * len(cat_ids) for im in coco["images"]}
-        for a in coco["annotations"]:
-            per[a["image_id"]][cat_ids.index(a["category_id"])] += 1
-        return per
-
-    true = counts_of(data)
+    true = class_counts(data)
     mean, std = np.array(cfg.DATA.MEAN, np.float32), np.array(cfg.DATA.STD, np.float32)
     size = cfg.MODEL.IMG_SIZE
     scores, hits = [], []
@@ -468,7 +471,7 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
     aps = [_average_precision([s[k] for s in scores], [c[k] > 0 for c in truth]) for k in range(len(cat_ids))]
     result = {"presence_map": 100 * float(np.nanmean(aps)), "num_images": len(truth)}
     if cfg.MODEL.MAX_COUNT:
-        train = list(counts_of(json.loads(train_json.read_text(encoding="utf-8"))).values())
+        train = list(class_counts(json.loads(train_json.read_text(encoding="utf-8"))).values())
         mode = [max(range(cap + 1), key=[min(c[k], cap) for c in train].count) for k in range(len(cat_ids))]
         result["count_accuracy"] = 100 * sum(hits) / len(hits)
         result["count_accuracy_constant"] = 100 * sum(min(c[k], cap) == mode[k] for c in truth
@@ -806,17 +809,15 @@ def chance_loss(coco_json: Path, max_count: int = 0) -> float:
     nothing reaches. Multi-hot labels (``max_count`` 0): the BCE of each class's image frequency; count labels: the
     cross-entropy of each class's count distribution (counts capped at ``max_count``); averaged over classes."""
     data = json.loads(coco_json.read_text(encoding="utf-8"))
-    counts = {c["id"]: dict.fromkeys((im["id"] for im in data["images"]), 0) for c in data["categories"]}
-    for a in data["annotations"]:
-        counts[a["category_id"]][a["image_id"]] += 1
-    n = len(data["images"])
+    per_image = list(class_counts(data).values())  # (images, K)
+    n, num_classes = len(per_image), len(data["categories"])
 
     def entropy(freqs: list[float]) -> float:
         return -sum(p * math.log(p) for p in freqs if p > 0)
 
     cap = max_count or 1  # presence is a count capped at 1
-    h = [entropy([sum(min(c, cap) == b for c in per_image.values()) / n for b in range(cap + 1)])
-         for per_image in counts.values()]
+    h = [entropy([sum(min(c[k], cap) == b for c in per_image) / n for b in range(cap + 1)])
+         for k in range(num_classes)]
     return sum(h) / len(h)
 
 
