@@ -32,11 +32,15 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_text
+from .utils.precision import auto_precision, bf16_native
 from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
+# "auto": what each config says (bf16 autocast where the CPU has it natively, fp32 elsewhere); "fp32" gives a
+# bf16 machine the numbers a CPU without native bf16 gets (its time differs: bf16 matmuls are 2-3x faster there).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 STATE_DIR = ".stages"
 
 
@@ -561,13 +565,20 @@ def _ap_result(run_dir: Path) -> str:
 
 
 def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print,
-                 fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False) -> list[Stage]:
+                 fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
+                 precision: str = "auto") -> list[Stage]:
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
     train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction), and with
-    ``semantic`` UperNet on the semantic split from each init, ``seeds`` seeds each."""
+    ``semantic`` UperNet on the semantic split from each init, ``seeds`` seeds each. ``precision`` other than
+    "auto" is forced on every training stage (the configs say "auto")."""
+    if precision not in PRECISIONS:
+        raise DemoError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     cfg_dir = REPO / "configs" / "shapes"
     opts = _data_opts(paths.data)
     knn = ["MONITOR.KNN.ENABLED", str(profile.knn_monitor)]
+    # Appended only when forced, so that "auto" keeps the stage hashes (and finished outputs) of earlier runs.
+    forced = [] if precision == "auto" else ["PRECISION", precision]
+    forced_det = [] if precision == "auto" else ["SOLVER.PRECISION", precision]
     stages = [Stage(
         key="dataset", title=f"generate the shapes dataset ({paths.data})",
         params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
@@ -577,7 +588,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         out = paths.run(f"pretrain_{arm}")
         config = cfg_dir / f"pretrain_{arm}.yaml"
         args = [*opts[arm], *knn, *_scaled_epochs(config, profile.pretrain_scale), *profile.pretrain_opts,
-                "OUTPUT_DIR", str(out)]
+                *forced, "OUTPUT_DIR", str(out)]
         return Stage(
             key=f"pretrain_{arm}", title=f"{'MAE' if arm == 'mae' else 'supervised'} pretraining",
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
@@ -595,7 +606,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         weights = str(paths.run(f"pretrain_{arm}") / "encoder.pth") if arm != "scratch" else ""
         tool, extra, metric, _ = ENCODER_CHECKS[kind]
         args = ["DATA.TRAIN_ROOT", str(cls / "train"), "DATA.VAL_ROOT", str(cls / "val"), "DATA.NUM_WORKERS", "0",
-                "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, "OUTPUT_DIR", str(out)]
+                "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, *forced, "OUTPUT_DIR", str(out)]
         return Stage(
             key=f"cls_{kind}_{arm}", title=f"{kind} on the classification split, {arm} init",
             params={"config": config_chain(config), "args": args},
@@ -612,7 +623,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         out = paths.run(key)
         pretrained = arm != "scratch"
         weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if pretrained else []
-        args = [*data_opts, *weights, *tool_opts, "SEED", str(seed), "OUTPUT_DIR", str(out)]
+        args = [*data_opts, *weights, *tool_opts, *forced_det, "SEED", str(seed), "OUTPUT_DIR", str(out)]
         return Stage(
             key=key, title=title, params={"config": config_chain(config), "args": args},
             deps=deps[:1] + ([f"pretrain_{arm}"] if pretrained else []) + deps[1:],
@@ -957,7 +968,7 @@ def label_efficiency_figure(rows: list[dict], out: Path) -> None:
 
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
-    fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
+    fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False, precision: str = "auto",
 ) -> Path:
     """Comparison table and chart, curves and label-efficiency figures, ``demo_experiment.csv`` and ``REPORT.md``
     in the output directory."""
@@ -999,13 +1010,15 @@ def write_report(
     max_count = sup_model.get("MAX_COUNT", 0)
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
                 f"{chance_loss(paths.data / 'annotations' / 'instances_pool.json', max_count):.3f}")
+    trained_in = f"auto ({auto_precision('cpu')} here)" if precision == "auto" else f"{precision} (forced)"
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
         f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
         f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
-        f"bf16 {'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not native'}.  ",
+        f"bf16 {'native' if bf16_native('cpu') else 'not native'}, training precision "
+        f"{trained_in}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
         "Mask R-CNN fine-tuned on the label-scarce train split from three initializations of the same ViT, same "
@@ -1077,7 +1090,8 @@ def write_report(
 
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
-             fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False) -> Path:
+             fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
+             precision: str = "auto") -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
 
     Args:
@@ -1090,6 +1104,7 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         fractions: Labeled fractions of the train split to fine-tune on (1.0 always included).
         subset_seed: Seed of the nested subsets (independent of the fine-tuning seeds).
         semantic: Also train UperNet on the semantic split from each init, ``seeds`` seeds each.
+        precision: One of :data:`PRECISIONS`, forced on every training stage unless "auto".
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -1111,12 +1126,13 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     if any(not 0 < f <= 1 for f in fractions):
         raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
     fractions = sorted(set(fractions) | {1.0})
-    stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic)
+    stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic,
+                          precision=precision)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
     report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed,
-                          semantic)
+                          semantic, precision)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

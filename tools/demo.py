@@ -19,7 +19,7 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
-from mae_det.demo import PROFILES, DemoError, run_demo  # noqa: E402
+from mae_det.demo import PRECISIONS, PROFILES, DemoError, run_demo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the nested subsets (not of training)")
     parser.add_argument("--semantic", action="store_true", help="also UperNet on the semantic split from each init, "
                         "--seeds seeds each (make experiment)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="training precision of every stage: auto = bf16 where the CPU has it natively, else fp32 "
+                        "(default); fp32 reproduces a CPU without native bf16 (numbers, not time)")
     args = parser.parse_args(argv)
     try:
         fractions = [float(f) for f in args.label_fractions.split(",")]
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--label-fractions: expected comma-separated numbers in (0, 1], got {args.label_fractions!r}")
     try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
-                 argv=argv, fractions=fractions, subset_seed=args.subset_seed, semantic=args.semantic)
+                 argv=argv, fractions=fractions, subset_seed=args.subset_seed, semantic=args.semantic,
+                 precision=args.precision)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

@@ -400,3 +400,30 @@ def test_semantic_section_tables_mean_and_spread_and_writes_the_rows(tmp_path):
     rows = (paths.output / "demo_semantic.csv").read_text().splitlines()
     assert rows[0] == "init,seed,mIoU,pixel_acc" and rows[1] == "mae,0,30.00,90.00" and len(rows) == 10
     assert (paths.output / "sem_seg_table.md").exists() and (paths.output / "sem_seg_table.png").exists()
+
+
+def test_forced_precision_reaches_every_training_stage_and_auto_keeps_the_hashes(tmp_path, repo_root):
+    from mae_det.config.pretrain import load_pretrain_cfg
+
+    def last_value(cmd, flag):  # yacs keeps the last value given for a key
+        return cmd[len(cmd) - cmd[::-1].index(flag)]
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    auto = {s.key: s for s in build_stages(PROFILES["full"], paths, seeds=1, log=lambda _: None, semantic=True)}
+    fp32 = {s.key: s for s in build_stages(PROFILES["full"], paths, seeds=1, log=lambda _: None, semantic=True,
+                                           precision="fp32")}
+    assert auto.keys() == fp32.keys()
+    trained = [k for k, s in auto.items() if s.command]
+    assert {k.split("_")[0] for k in trained} == {"pretrain", "cls", "finetune", "semseg"}
+    for key in trained:
+        flag = "SOLVER.PRECISION" if key.startswith(("finetune", "semseg")) else "PRECISION"
+        assert last_value(fp32[key].command, flag) == "fp32", key  # after the profile's "SOLVER.PRECISION auto"
+        assert "fp32" not in auto[key].command and fp32[key].params != auto[key].params, key
+    # "auto" adds nothing: the stages (and outputs) of runs made before the option stay up to date.
+    assert "PRECISION" not in auto["pretrain_mae"].command
+    cmd = fp32["pretrain_mae"].command
+    cfg = load_pretrain_cfg(repo_root / "configs/shapes/pretrain_mae.yaml", check_paths=False)
+    cfg.merge_from_list(cmd[cmd.index("PRECISION"):cmd.index("PRECISION") + 2])
+    assert cfg.PRECISION == "fp32"
+    with pytest.raises(DemoError, match="--precision: expected one of auto, fp32, bf16, got 'fp16'"):
+        build_stages(PROFILES["full"], paths, seeds=1, log=lambda _: None, precision="fp16")
