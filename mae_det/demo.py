@@ -499,22 +499,31 @@ ENCODER_CHECKS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     "partial_finetune": ("finetune_cls", ("MODEL.TRAIN_BLOCKS", str(PARTIAL_BLOCKS)), "finetune_top1",
                          "partial_finetune_top1"),
 }
-ENCODER_COLUMNS = ("init", "knn_top1", "linear_top1", "finetune_top1", "partial_finetune_top1",
+# kNN has no randomness: one run per init whatever the number of seeds (its value repeats on each seed's row).
+SEEDLESS_CHECKS = frozenset({"knn_eval"})
+ENCODER_COLUMNS = ("init", "seed", "knn_top1", "linear_top1", "finetune_top1", "partial_finetune_top1",
                    "heldout_count_accuracy", "heldout_presence_map")
 
 
-def encoder_rows(paths: DemoPaths) -> list[dict]:
-    """Per init: the classification checks' top-1 (%), and for the supervised baseline its held-out own-task
-    metrics (%)."""
+def check_key(kind: str, arm: str, seed: int = 0) -> str:
+    """Stage key (and run directory) of one encoder check; seed 0 keeps the unseeded name of earlier runs."""
+    return f"cls_{kind}_{arm}" + (f"_s{seed}" if seed and kind not in SEEDLESS_CHECKS else "")
+
+
+def encoder_rows(paths: DemoPaths, seeds: int = 1) -> list[dict]:
+    """Per init and seed: the classification checks' top-1 (%), and for the supervised baseline its held-out
+    own-task metrics (%; one pretrained encoder, so the same on each of its rows)."""
     heldout = json.loads((paths.output / "supervised_heldout.json").read_text(encoding="utf-8"))
     rows = []
     for arm in ARMS:
-        row = {"init": arm}
-        for kind, (_, _, metric, column) in ENCODER_CHECKS.items():
-            row[column] = json.loads((paths.run(f"cls_{kind}_{arm}") / "cls_results.json").read_text())[metric]
-        row["heldout_count_accuracy"] = heldout.get("count_accuracy", "") if arm == "supervised" else ""
-        row["heldout_presence_map"] = heldout["presence_map"] if arm == "supervised" else ""
-        rows.append(row)
+        for seed in range(seeds):
+            row = {"init": arm, "seed": seed}
+            for kind, (_, _, metric, column) in ENCODER_CHECKS.items():
+                result = paths.run(check_key(kind, arm, seed)) / "cls_results.json"
+                row[column] = json.loads(result.read_text(encoding="utf-8"))[metric]
+            row["heldout_count_accuracy"] = heldout.get("count_accuracy", "") if arm == "supervised" else ""
+            row["heldout_presence_map"] = heldout["presence_map"] if arm == "supervised" else ""
+            rows.append(row)
     return rows
 
 
@@ -599,16 +608,18 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
 
     subsets = paths.output / "subsets"
 
-    def check(kind: str, arm: str) -> Stage:
-        out = paths.run(f"cls_{kind}_{arm}")
+    def check(kind: str, arm: str, seed: int = 0) -> Stage:
+        out = paths.run(check_key(kind, arm, seed))
         config = REPO / "configs" / "classification" / "shapes_finetune.yaml"
         cls = paths.data / "classification"
         weights = str(paths.run(f"pretrain_{arm}") / "encoder.pth") if arm != "scratch" else ""
         tool, extra, metric, _ = ENCODER_CHECKS[kind]
         args = ["DATA.TRAIN_ROOT", str(cls / "train"), "DATA.VAL_ROOT", str(cls / "val"), "DATA.NUM_WORKERS", "0",
-                "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, *forced, "OUTPUT_DIR", str(out)]
+                "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, *forced,
+                *(["SEED", str(seed)] if seed else []), "OUTPUT_DIR", str(out)]
         return Stage(
-            key=f"cls_{kind}_{arm}", title=f"{kind} on the classification split, {arm} init",
+            key=check_key(kind, arm, seed),
+            title=f"{kind} on the classification split, {arm} init" + (f", seed {seed}" if seed else ""),
             params={"config": config_chain(config), "args": args},
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
             outputs=[out / "cls_results.json"],
@@ -676,6 +687,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         result=lambda: _supervised_result(heldout),
     ))
     stages += [check(kind, arm) for arm in ARMS for kind in ENCODER_CHECKS]
+    stages += [check(kind, arm, s) for s in range(1, seeds) for arm in ARMS for kind in ENCODER_CHECKS
+               if kind not in SEEDLESS_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
     if semantic:
         stages.append(Stage(
@@ -990,7 +1003,7 @@ def write_report(
     mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in ("mae", "supervised"))
     rows = experiment_rows(paths, seeds, fractions, subset_seed)
     write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
-    encoders = encoder_rows(paths)
+    encoders = encoder_rows(paths, seeds)
     write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
     efficiency = []
     if len(set(fractions)) > 1:
@@ -1034,11 +1047,13 @@ def write_report(
         f"Single-object images, {len(info['classes'])} classes (chance {100 / len(info['classes']):.1f} %), "
         f"{info['counts']['cls_train']} train / {info['counts']['cls_val']} val; "
         "`configs/classification/shapes_finetune.yaml`"
-        + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "") + ". Rows: `demo_encoders.csv`.", "",
+        + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "")
+        + (f"; linear probe and fine-tunings: mean ± std over {seeds} seeds (kNN has no seed)" if seeds > 1 else "")
+        + ". Rows: `demo_encoders.csv`.", "",
         f"| init | kNN top-1 (%) | linear top-1 (%) | fine-tune top-1 (%) | partial fine-tune, last "
         f"{PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|",
-        *[f"| {r['init']} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} | {r['finetune_top1']:.1f} | "
-          f"{r['partial_finetune_top1']:.1f} |" for r in encoders], "",
+        *["| " + " | ".join([arm, *(_mean_std([r[c] for r in encoders if r["init"] == arm])
+                                    for c in ENCODER_COLUMNS[2:6])]) + " |" for arm in ARMS], "",
         "## Detections", "",
         f"The ground truth and the same validation images through the seed-0 model of each initialization "
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",

@@ -41,12 +41,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert (f"(cross-entropy over per-class counts; a constant prediction scores "
             f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
-    assert encoders[0] == ("init,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,heldout_count_accuracy,"
-                           "heldout_presence_map")
+    assert encoders[0] == ("init,seed,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,"
+                           "heldout_count_accuracy,heldout_presence_map")
     for arm, line in zip(ARMS, encoders[1:]):
         fields = line.split(",")
-        assert fields[0] == arm and all(0 <= float(v) <= 100 for v in fields[1:5]), line
-        assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[1:5]) + " |" in report
+        assert fields[:2] == [arm, "0"] and all(0 <= float(v) <= 100 for v in fields[2:6]), line
+        assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[2:6]) + " |" in report
     rows = (out / "demo_experiment.csv").read_text().splitlines()
     assert rows[0].startswith("init,seed,label_fraction,num_labeled,box_AP,box_AP50,mask_AP,mask_AP50") and len(rows) == 4
     for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png", "detections.png"):
@@ -212,7 +212,10 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
                         "finetune_scratch_s2", "pretrain_supervised"]
     assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
     checks = [f"cls_{k}_{a}" for a in ARMS for k in ("knn_eval", "linear_probe", "finetune_cls", "partial_finetune")]
-    assert keys[12:] == ["supervised_eval", *checks, "detections", "reconstruction"]
+    # The linear probe and fine-tunings repeat over the seeds; kNN has no randomness and runs once.
+    seeded = [f"cls_{k}_{a}_s{s}" for s in (1, 2) for a in ARMS for k in ("linear_probe", "finetune_cls",
+                                                                          "partial_finetune")]
+    assert keys[12:] == ["supervised_eval", *checks, *seeded, "detections", "reconstruction"]
     by = {s.key: s for s in stages}
     assert by["finetune_scratch_s1"].deps == ["dataset"]
     assert by["finetune_mae_s2"].deps == ["dataset", "pretrain_mae"]
@@ -228,6 +231,11 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
     partial = by["cls_partial_finetune_mae"].command
     assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
+    # Seed 0 keeps the command of a one-seed run (its outputs stay up to date); the others set SEED.
+    assert "SEED" not in partial
+    seed2 = by["cls_partial_finetune_mae_s2"].command
+    assert seed2[seed2.index("SEED") + 1] == "2" and seed2[seed2.index("OUTPUT_DIR") + 1].endswith("_s2")
+    assert by["cls_partial_finetune_mae_s2"].deps == ["dataset", "pretrain_mae"]
     # Progress bars: epochs of pretraining, iterations (Detectron2 counts from 0) of fine-tuning.
     assert by["pretrain_mae"].progress("INFO epoch 3/24 done: loss 0.5") == (3, 24)
     assert by["pretrain_mae"].progress("epoch 3/24:  49%|") is None
@@ -427,3 +435,26 @@ def test_forced_precision_reaches_every_training_stage_and_auto_keeps_the_hashes
     assert cfg.PRECISION == "fp32"
     with pytest.raises(DemoError, match="--precision: expected one of auto, fp32, bf16, got 'fp16'"):
         build_stages(PROFILES["full"], paths, seeds=1, log=lambda _: None, precision="fp16")
+
+
+def test_encoder_rows_one_per_init_and_seed_with_the_seedless_knn_repeated(tmp_path):
+    from mae_det.demo import encoder_rows
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    paths.output.mkdir(parents=True)
+    (paths.output / "supervised_heldout.json").write_text(json.dumps({"count_accuracy": 66.0, "presence_map": 50.0}))
+    metric = {"knn_eval": "knn_top1", "linear_probe": "linear_top1", "finetune_cls": "finetune_top1",
+              "partial_finetune": "finetune_top1"}
+    for a, arm in enumerate(ARMS):
+        for k, (kind, key) in enumerate(metric.items()):
+            for s in range(1 if kind == "knn_eval" else 2):
+                run = paths.run(f"cls_{kind}_{arm}" + (f"_s{s}" if s else ""))
+                run.mkdir(parents=True)
+                (run / "cls_results.json").write_text(json.dumps({key: 10.0 * a + k + 0.5 * s}))
+    rows = encoder_rows(paths, seeds=2)
+    assert [(r["init"], r["seed"]) for r in rows] == [(arm, s) for arm in ARMS for s in (0, 1)]
+    assert rows[1] == {"init": "mae", "seed": 1, "knn_top1": 0.0, "linear_top1": 1.5, "finetune_top1": 2.5,
+                       "partial_finetune_top1": 3.5, "heldout_count_accuracy": "", "heldout_presence_map": ""}
+    assert rows[3]["knn_top1"] == 10.0 and rows[3]["heldout_count_accuracy"] == 66.0  # supervised, seed 1
+    with pytest.raises(FileNotFoundError, match="cls_linear_probe_mae_s2"):
+        encoder_rows(paths, seeds=3)
