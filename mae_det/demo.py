@@ -1004,6 +1004,11 @@ def write_report(
     rows = experiment_rows(paths, seeds, fractions, subset_seed)
     write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
     encoders = encoder_rows(paths, seeds)
+    seedless = {ENCODER_CHECKS[kind][3] for kind in SEEDLESS_CHECKS}
+
+    def encoder_cell(arm: str, column: str) -> str:
+        values = [r[column] for r in encoders if r["init"] == arm]
+        return _mean_std(values[:1] if column in seedless else values)  # a seedless check: one run, no spread
     write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
     efficiency = []
     if len(set(fractions)) > 1:
@@ -1052,8 +1057,7 @@ def write_report(
         + ". Rows: `demo_encoders.csv`.", "",
         f"| init | kNN top-1 (%) | linear top-1 (%) | fine-tune top-1 (%) | partial fine-tune, last "
         f"{PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|",
-        *["| " + " | ".join([arm, *(_mean_std([r[c] for r in encoders if r["init"] == arm])
-                                    for c in ENCODER_COLUMNS[2:6])]) + " |" for arm in ARMS], "",
+        *["| " + " | ".join([arm, *(encoder_cell(arm, c) for c in ENCODER_COLUMNS[2:6])]) + " |" for arm in ARMS], "",
         "## Detections", "",
         f"The ground truth and the same validation images through the seed-0 model of each initialization "
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",
