@@ -997,7 +997,8 @@ def write_report(
     info = json.loads((paths.data / "dataset_info.json").read_text(encoding="utf-8"))
     table_md = table["markdown"].read_text(encoding="utf-8").split("\n", 2)[2]  # without its title line
     # The supervised run's own config: its label kind (MODEL.MAX_COUNT) is not in the MAE config.
-    sup_model = yaml.safe_load((paths.run("pretrain_supervised") / "config.yaml").read_text(encoding="utf-8"))["MODEL"]
+    sup_cfg = yaml.safe_load((paths.run("pretrain_supervised") / "config.yaml").read_text(encoding="utf-8"))
+    sup_model = sup_cfg["MODEL"]
     M, S, V = pre_cfg["MODEL"], pre_cfg["SOLVER"], det_cfg["MODEL"]["VIT"]
     D = det_cfg["SOLVER"]
     mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in ("mae", "supervised"))
@@ -1083,8 +1084,8 @@ def write_report(
         f"| MAE pretraining | {S['EPOCHS']} epochs, batch {S['BATCH_SIZE']}, base lr {S['BASE_LR']}, mask ratio "
         f"{M['MASK_RATIO']}, norm-pix {M['NORM_PIX_LOSS']}, decoder {M['DECODER_EMBED_DIM']}-d x "
         f"{M['DECODER_DEPTH']} |",
-        f"| supervised pretraining | same encoder, images and optimizer, {sup['epochs']} epochs (about the MAE run's "
-        "compute); " + (f"per-class instance counts of each pool image (softmax over 0..{max_count}), never "
+        f"| supervised pretraining | same encoder, images and optimizer (AdamW), {sup['epochs']} epochs (about the MAE "
+        f"run's compute), batch {sup_cfg['SOLVER']['BATCH_SIZE']}, base lr {sup_cfg['SOLVER']['BASE_LR']}; " + (f"per-class instance counts of each pool image (softmax over 0..{max_count}), never "
                         "boxes or masks |" if max_count else "multi-label BCE on the per-image multi-hot "
                                                                         "shape labels |"),
         f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
