@@ -32,9 +32,9 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_text
-from .utils.precision import auto_precision, bf16_native
 from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
+from .utils.precision import auto_precision, bf16_native
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
@@ -1005,12 +1005,13 @@ def write_report(
     rows = experiment_rows(paths, seeds, fractions, subset_seed)
     write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
     encoders = encoder_rows(paths, seeds)
+    write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
     seedless = {ENCODER_CHECKS[kind][3] for kind in SEEDLESS_CHECKS}
 
     def encoder_cell(arm: str, column: str) -> str:
         values = [r[column] for r in encoders if r["init"] == arm]
         return _mean_std(values[:1] if column in seedless else values)  # a seedless check: one run, no spread
-    write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
+
     efficiency = []
     if len(set(fractions)) > 1:
         label_efficiency_figure(rows, paths.output / "label_efficiency.png")
@@ -1036,8 +1037,7 @@ def write_report(
         f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
         f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
-        f"bf16 {'native' if bf16_native('cpu') else 'not native'}, training precision "
-        f"{trained_in}.  ",
+        f"bf16 {'native' if bf16_native('cpu') else 'not native'}, training precision {trained_in}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
         "Mask R-CNN fine-tuned on the label-scarce train split from three initializations of the same ViT, same "
@@ -1085,9 +1085,9 @@ def write_report(
         f"{M['MASK_RATIO']}, norm-pix {M['NORM_PIX_LOSS']}, decoder {M['DECODER_EMBED_DIM']}-d x "
         f"{M['DECODER_DEPTH']} |",
         f"| supervised pretraining | same encoder, images and optimizer (AdamW), {sup['epochs']} epochs (about the MAE "
-        f"run's compute), batch {sup_cfg['SOLVER']['BATCH_SIZE']}, base lr {sup_cfg['SOLVER']['BASE_LR']}; " + (f"per-class instance counts of each pool image (softmax over 0..{max_count}), never "
-                        "boxes or masks |" if max_count else "multi-label BCE on the per-image multi-hot "
-                                                                        "shape labels |"),
+        f"run's compute), batch {sup_cfg['SOLVER']['BATCH_SIZE']}, base lr {sup_cfg['SOLVER']['BASE_LR']}; "
+        + (f"per-class instance counts of each pool image (softmax over 0..{max_count}), never boxes or masks |"
+           if max_count else "multi-label BCE on the per-image multi-hot shape labels |"),
         f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
         f"{D['LAYER_DECAY']}, {V['PYRAMID']} pyramid ({V['OUT_CHANNELS']} channels), "
         f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",
