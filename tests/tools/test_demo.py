@@ -243,7 +243,7 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert quick["finetune_mae_s0"].progress(" eta: 0:00:31  iter: 19  total_loss: 2.1") == (20, 30)
 
 
-def test_experiment_profile_doubles_both_pretrainings_and_nothing_else(tmp_path, repo_root):
+def test_experiment_profile_doubles_both_pretrainings_and_fine_tunes_2000_iterations(tmp_path, repo_root):
     from mae_det.config.pretrain import load_pretrain_cfg
 
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
@@ -258,7 +258,13 @@ def test_experiment_profile_doubles_both_pretrainings_and_nothing_else(tmp_path,
         assert cmd[cmd.index("SOLVER.WARMUP_EPOCHS") + 1] == str(2 * solver.WARMUP_EPOCHS)
         # A changed pretraining re-runs its stage (and, through the hash, everything fine-tuned from it).
         assert exp[f"pretrain_{arm}"].params != full[f"pretrain_{arm}"].params
-    assert exp["finetune_scratch_s0"].command == full["finetune_scratch_s0"].command
+    # Mask R-CNN: the same run with 2000 iterations and lr steps at the config's 80 % / 93 % of them.
+    scratch_full, scratch_exp = full["finetune_scratch_s0"].command, exp["finetune_scratch_s0"].command
+    assert "SOLVER.MAX_ITER" not in scratch_full
+    added = [a for a in scratch_exp if a not in scratch_full]
+    assert added == ["SOLVER.MAX_ITER", "2000", "SOLVER.STEPS", "(1600, 1867)"]
+    assert [a for a in scratch_exp if a not in added] == scratch_full
+    assert PROFILES["experiment"].subset_epochs and not PROFILES["full"].subset_epochs
 
 
 def test_verdict_states_the_difference_and_its_spread():
@@ -359,6 +365,31 @@ def test_label_fractions_add_nested_subsets_and_their_runs(tmp_path):
     other = nested_subsets(src, tmp_path / "other", [0.5], seed=8)
     assert {im["id"] for im in json.loads(other[0.5].read_text())["images"]} != ids[0.5]
     assert nested_subsets(src, tmp_path / "again", [0.5], seed=7)[0.5].read_text() == out[0.5].read_text()
+
+
+def test_subset_epochs_scale_iterations_warmup_and_steps_by_the_label_fraction(tmp_path):
+    from dataclasses import replace
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+
+    def schedule(profile, key):
+        stage = {s.key: s for s in build_stages(profile, paths, seeds=1, log=lambda _: None,
+                                                  fractions=[0.25, 0.5, 1.0])}[key]
+        args = stage.command
+        last = {k: v for k, v in zip(args[3::2], args[4::2])}  # after tools/train_net.py --config-file PATH
+        return last.get("SOLVER.MAX_ITER"), last.get("SOLVER.WARMUP_ITERS"), last.get("SOLVER.STEPS"), stage.progress
+
+    # The config's own schedule (1200 iterations, warmup 50, steps 960 / 1120): kept, or scaled by the fraction.
+    assert schedule(PROFILES["full"], "finetune_mae_s0_f25")[:3] == (None, None, None)
+    epochs = replace(PROFILES["full"], subset_epochs=True)
+    assert schedule(epochs, "finetune_mae_s0_f25")[:3] == ("300", "12", "(240, 280)")
+    assert schedule(epochs, "finetune_scratch_s0_f50")[:3] == ("600", "25", "(480, 560)")
+    assert schedule(epochs, "finetune_mae_s0")[:3] == (None, None, None)
+    # A profile's own overrides are what gets scaled, and the progress bar counts the scaled iterations.
+    longer = replace(epochs, finetune_opts=("SOLVER.MAX_ITER", "2000", "SOLVER.STEPS", "(1600, 1867)"))
+    *values, progress = schedule(longer, "finetune_supervised_s0_f25")
+    assert values == ["500", "12", "(400, 467)"]
+    assert progress("[12/02 18:24:05 d2.utils.events]:  eta: 0:03:26  iter: 99  total_loss: 2.4") == (100, 500)
 
 
 def test_average_precision_of_a_ranking():
