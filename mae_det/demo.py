@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_text
+from .config.vit_backbone import PYRAMIDS
 from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 from .utils.precision import auto_precision, bf16_native
@@ -547,9 +548,9 @@ def _counter(pattern: str, total: int = 0, offset: int = 0) -> Callable[[str], t
     return parse
 
 
-def _solver_value(config: Path, args: Sequence[str], key: str) -> Any:
-    """``SOLVER.<key>`` of a detection run: the last command-line override, else the nearest config that sets it
-    (None if neither does). Strings are parsed as yacs parses them: a Python literal if they are one."""
+def _config_value(config: Path, args: Sequence[str], key: str) -> Any:
+    """``key`` (dotted, e.g. ``SOLVER.MAX_ITER``) of a run: the last command-line override, else the nearest config
+    that sets it (None if neither does). Strings are parsed as yacs parses them: a Python literal if they are one."""
     def literal(value: Any) -> Any:
         try:
             return ast.literal_eval(value) if isinstance(value, str) else value
@@ -557,17 +558,20 @@ def _solver_value(config: Path, args: Sequence[str], key: str) -> Any:
             return value
 
     for k, value in reversed(list(zip(args[::2], args[1::2]))):
-        if k == f"SOLVER.{key}":
+        if k == key:
             return literal(value)
+    *parents, leaf = key.split(".")
     for text in config_chain(config).values():  # the config itself first, then its bases
-        solver = (yaml.safe_load(text) or {}).get("SOLVER") or {}
-        if key in solver:
-            return literal(solver[key])
+        node = yaml.safe_load(text) or {}
+        for name in parents:
+            node = node.get(name) or {}
+        if leaf in node:
+            return literal(node[leaf])
     return None
 
 
 def _max_iter(config: Path, args: Sequence[str]) -> int:
-    return int(_solver_value(config, args, "MAX_ITER") or 0)
+    return int(_config_value(config, args, "SOLVER.MAX_ITER") or 0)
 
 
 def _subset_schedule(config: Path, args: Sequence[str], fraction: float) -> list[str]:
@@ -576,9 +580,9 @@ def _subset_schedule(config: Path, args: Sequence[str], fraction: float) -> list
     def scaled(n: int) -> int:
         return max(1, round(n * fraction))
 
-    steps = _solver_value(config, args, "STEPS") or ()
+    steps = _config_value(config, args, "SOLVER.STEPS") or ()
     return ["SOLVER.MAX_ITER", str(scaled(_max_iter(config, args))),
-            "SOLVER.WARMUP_ITERS", str(scaled(int(_solver_value(config, args, "WARMUP_ITERS") or 0))),
+            "SOLVER.WARMUP_ITERS", str(scaled(int(_config_value(config, args, "SOLVER.WARMUP_ITERS") or 0))),
             "SOLVER.STEPS", str(tuple(scaled(int(x)) for x in steps))]
 
 
@@ -603,17 +607,37 @@ def _ap_result(run_dir: Path) -> str:
     return f"box AP {ap['bbox']['AP']:.1f}, mask AP {ap['segm']['AP']:.1f}"
 
 
+def finetune_key(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None) -> str:
+    """Stage key (and run directory) of a Mask R-CNN run; the configs' pyramid has no tag in it."""
+    return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + f"_s{seed}"
+            + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
+
+
+def detection_pyramid(cfg_dir: Path) -> str:
+    """``MODEL.VIT.PYRAMID`` of the demo's Mask R-CNN configs (one value: the inits differ only in their weights)."""
+    values = {_config_value(cfg_dir / f"mask_rcnn_vit_{arm}.yaml", [], "MODEL.VIT.PYRAMID") for arm in ARMS}
+    if len(values) != 1:
+        raise DemoError(f"{cfg_dir}/mask_rcnn_vit_<init>.yaml: expected one MODEL.VIT.PYRAMID, got {sorted(values)}")
+    return values.pop()
+
+
 def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print,
                  fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
-                 precision: str = "auto") -> list[Stage]:
+                 precision: str = "auto", reference_pyramid: str | None = None) -> list[Stage]:
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
     train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction, or the same
-    epochs with ``profile.subset_epochs``), and with
-    ``semantic`` UperNet on the semantic split from each init, ``seeds`` seeds each. ``precision`` other than
-    "auto" is forced on every training stage (the configs say "auto")."""
+    epochs with ``profile.subset_epochs``), with ``semantic`` UperNet on the semantic split from each init,
+    ``seeds`` seeds each, and with ``reference_pyramid`` every init's Mask R-CNN again (all labels, ``seeds``
+    seeds) with that pyramid instead of the configs' one. ``precision`` other than "auto" is forced on every
+    training stage (the configs say "auto")."""
     if precision not in PRECISIONS:
         raise DemoError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     cfg_dir = REPO / "configs" / "shapes"
+    if reference_pyramid is not None:
+        configured = detection_pyramid(cfg_dir)
+        if reference_pyramid not in PYRAMIDS or reference_pyramid == configured:
+            raise DemoError(f"--reference-pyramid: expected one of {sorted(set(PYRAMIDS) - {configured})} (the "
+                            f"configs use {configured}), got {reference_pyramid!r}")
     opts = _data_opts(paths.data)
     knn = ["MONITOR.KNN.ENABLED", str(profile.knn_monitor)]
     # Appended only when forced, so that "auto" keeps the stage hashes (and finished outputs) of earlier runs.
@@ -675,7 +699,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             result=lambda: result(out),
         )
 
-    def finetune(arm: str, seed: int, fraction: float = 1.0) -> Stage:
+    def finetune(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None) -> Stage:
         train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
         data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
         share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
@@ -683,9 +707,12 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         tool_opts = list(profile.finetune_opts)
         if profile.subset_epochs and fraction != 1.0:
             tool_opts += _subset_schedule(config, tool_opts, fraction)
+        if pyramid is not None:
+            tool_opts += ["MODEL.VIT.PYRAMID", pyramid]
         return train_net(
-            f"finetune_{arm}_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"),
-            f"Mask R-CNN from {arm} init, seed {seed}{share} (train + COCO eval)", config,
+            finetune_key(arm, seed, fraction, pyramid),
+            f"Mask R-CNN from {arm} init, seed {seed}{share}"
+            + (f", {pyramid} pyramid" if pyramid else "") + " (train + COCO eval)", config,
             arm, seed, data_opts, tool_opts, ["dataset"] + (["subsets"] if fraction != 1.0 else []),
             "ap_results.json", _ap_result,
         )
@@ -725,6 +752,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     stages += [check(kind, arm, s) for s in range(1, seeds) for arm in ARMS for kind in ENCODER_CHECKS
                if kind not in SEEDLESS_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
+    if reference_pyramid is not None:
+        stages += [finetune(arm, s, pyramid=reference_pyramid) for s in range(seeds) for arm in ARMS]
     if semantic:
         stages.append(Stage(
             key="semantic_split", title="semantic label maps of the train and val splits",
@@ -931,15 +960,63 @@ def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], su
     n_train = len(json.loads((paths.data / "annotations" / "instances_train.json").read_text())["images"])
     rows = []
     for f in sorted(set(fractions), reverse=True):
-        suffix = "" if f == 1.0 else f"_f{_pct(f)}"
         n = n_train if f == 1.0 else len(json.loads((paths.output / "subsets" / (
             f"instances_train_{_pct(f)}pct_seed{subset_seed}.json")).read_text())["images"])
         for arm in ARMS:
             for s in range(seeds):
-                ap = json.loads((paths.run(f"finetune_{arm}_s{s}{suffix}") / "ap_results.json").read_text())
+                ap = json.loads((paths.run(finetune_key(arm, s, f)) / "ap_results.json").read_text())
                 rows.append(dict(zip(EXPERIMENT_COLUMNS, (
                     arm, s, f, n, ap["bbox"]["AP"], ap["bbox"]["AP50"], ap["segm"]["AP"], ap["segm"]["AP50"]))))
     return rows
+
+
+PYRAMID_COLUMNS = ("init", "pyramid", "seed", "box_AP", "mask_AP")
+
+
+def pyramid_rows(paths: DemoPaths, seeds: int, configured: str, reference: str) -> list[dict]:
+    """One row per init x pyramid x seed of the all-label Mask R-CNN runs (COCO AP in %)."""
+    rows = []
+    for arm in ARMS:
+        for pyramid, tag in ((configured, None), (reference, reference)):
+            for s in range(seeds):
+                ap = json.loads((paths.run(finetune_key(arm, s, pyramid=tag)) / "ap_results.json").read_text())
+                rows.append(dict(zip(PYRAMID_COLUMNS, (arm, pyramid, s, ap["bbox"]["AP"], ap["segm"]["AP"]))))
+    return rows
+
+
+def _pyramid_section(paths: DemoPaths, seeds: int, configured: str, reference: str) -> list[str]:
+    """The report's check of the pyramid choice: every init with both pyramids, and MAE's margin when each init
+    gets its best one (per metric); writes ``demo_pyramid.csv``."""
+    rows = pyramid_rows(paths, seeds, configured, reference)
+    write_csv(paths.output / "demo_pyramid.csv", PYRAMID_COLUMNS, rows)
+
+    def values(arm: str, pyramid: str, metric: str) -> list[float]:
+        return [r[metric] for r in rows if r["init"] == arm and r["pyramid"] == pyramid]
+
+    def best(arm: str, metric: str) -> str:
+        return max((configured, reference), key=lambda p: sum(values(arm, p, metric)))
+
+    margins = []
+    for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP")):
+        mine = values("mae", best("mae", metric), metric)
+        parts = []
+        for other in ("scratch", "supervised"):
+            theirs = values(other, best(other, metric), metric)
+            every = "every MAE seed above every seed" if min(mine) > max(theirs) else "not every MAE seed above"
+            parts.append(f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): "
+                         f"{format_delta(sum(mine) / len(mine) - sum(theirs) / len(theirs))}, {every}")
+        margins.append(f"- {name}: MAE ({best('mae', metric)}, {_mean_std(mine)}) against " + "; ".join(parts) + ".")
+    cell = " | ".join(f"{p} box AP | {p} mask AP" for p in (configured, reference))
+    return [
+        "## Pyramid check", "",
+        f"The same all-label Mask R-CNN runs with the `{reference}` pyramid instead of the configs' `{configured}`, "
+        f"{seeds} seed(s) each, so that no init is compared through a design that suits only MAE. Rows: "
+        "`demo_pyramid.csv`.", "",
+        f"| init | {cell} |", "|---|---:|---:|---:|---:|",
+        *[f"| {arm} | " + " | ".join(_mean_std(values(arm, p, m)) for p in (configured, reference)
+                                    for m in ("box_AP", "mask_AP")) + " |" for arm in ARMS], "",
+        "Each init with its best pyramid (by mean, per metric):", "", *margins, "",
+    ]
 
 
 SEMANTIC_COLUMNS = ("init", "seed", "mIoU", "pixel_acc")
@@ -1017,6 +1094,7 @@ def label_efficiency_figure(rows: list[dict], out: Path) -> None:
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
     fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False, precision: str = "auto",
+    reference_pyramid: str | None = None,
 ) -> Path:
     """Comparison table and chart, curves and label-efficiency figures, ``demo_experiment.csv`` and ``REPORT.md``
     in the output directory."""
@@ -1086,6 +1164,7 @@ def write_report(
         "![AP chart](ap_table.png)", "",
         f"The supervised baseline on its own task, {_supervised_result(paths.output / 'supervised_heldout.json')} "
         "(val images it never saw).", "",
+        *(_pyramid_section(paths, seeds, V["PYRAMID"], reference_pyramid) if reference_pyramid else []),
         *efficiency,
         *(_semantic_section(paths, seeds, profile) if semantic else []),
         "## Encoder checks on the classification split", "",
@@ -1150,7 +1229,7 @@ def write_report(
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
              fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
-             precision: str = "auto") -> Path:
+             precision: str = "auto", reference_pyramid: str | None = None) -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
 
     Args:
@@ -1164,6 +1243,8 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         subset_seed: Seed of the nested subsets (independent of the fine-tuning seeds).
         semantic: Also train UperNet on the semantic split from each init, ``seeds`` seeds each.
         precision: One of :data:`PRECISIONS`, forced on every training stage unless "auto".
+        reference_pyramid: Also fine-tune every init (all labels, ``seeds`` seeds) with this pyramid instead of the
+            configs' one, and report MAE's margin with each init at its best pyramid.
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -1186,12 +1267,12 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
     fractions = sorted(set(fractions) | {1.0})
     stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic,
-                          precision=precision)
+                          precision=precision, reference_pyramid=reference_pyramid)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
     report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed,
-                          semantic, precision)
+                          semantic, precision, reference_pyramid)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

@@ -6,6 +6,7 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
     python tools/demo.py --profile quick                # make demo-quick  (output/demo_quick/)
     python tools/demo.py --profile experiment --seeds 3 --label-fractions 0.25,0.5,1 --semantic \
         --output output/experiment                      # make experiment (the full profile, 2x pretraining)
+    ... the same --reference-pyramid simple             # make experiment-pyramid (+ every init, simple pyramid)
 """
 
 import argparse
@@ -19,6 +20,7 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
+from mae_det.config.vit_backbone import PYRAMIDS  # noqa: E402
 from mae_det.demo import PRECISIONS, PROFILES, DemoError, run_demo  # noqa: E402
 
 
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="training precision of every stage: auto = bf16 where the CPU has it natively, else fp32 "
                         "(default); fp32 reproduces a CPU without native bf16 (numbers, not time)")
+    parser.add_argument("--reference-pyramid", choices=PYRAMIDS, default=None,
+                        help="also fine-tune every init with this pyramid instead of the configs' one (all labels, "
+                        "--seeds seeds each) and report MAE's margin with each init at its best pyramid")
     args = parser.parse_args(argv)
     try:
         fractions = [float(f) for f in args.label_fractions.split(",")]
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
                  argv=argv, fractions=fractions, subset_seed=args.subset_seed, semantic=args.semantic,
-                 precision=args.precision)
+                 precision=args.precision, reference_pyramid=args.reference_pyramid)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

@@ -419,6 +419,57 @@ def test_semantic_rows_are_opt_in_stages_with_their_own_label_maps(tmp_path):
     assert by["semseg_mae_s0"].progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 1200)
 
 
+def test_reference_pyramid_adds_one_run_per_init_and_seed_and_leaves_the_others_alone(tmp_path):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    exp = PROFILES["experiment"]
+    plain = {s.key: s for s in build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0])}
+    by = {s.key: s for s in build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0],
+                                         reference_pyramid="simple")}
+    assert set(by) - set(plain) == {f"finetune_{a}_simple_s{s}" for a in ARMS for s in range(2)}
+    # The existing stages keep their hashes, so a finished experiment resumes with only the new runs.
+    assert all(by[k].params == stage.params for k, stage in plain.items())
+    run = by["finetune_mae_simple_s1"]
+    cmd = run.command
+    assert cmd[:3] == ["tools/train_net.py", "--config-file", str(REPO / "configs/shapes/mask_rcnn_vit_mae.yaml")]
+    assert cmd[cmd.index("MODEL.VIT.PYRAMID") + 1] == "simple" and cmd[cmd.index("SEED") + 1] == "1"
+    # The profile's schedule on all labels (no subset), from the MAE encoder, into its own directory.
+    assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "2000" and "subsets" not in " ".join(cmd)
+    assert cmd[cmd.index("OUTPUT_DIR") + 1] == str(paths.output / "finetune_mae_simple_s1")
+    assert run.deps == ["dataset", "pretrain_mae"] and "MODEL.WEIGHTS" not in by["finetune_scratch_simple_s0"].command
+    assert run.progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 2000)
+    for bad in ("multi_tap", "fpn"):  # the configs' own pyramid, or none at all
+        with pytest.raises(DemoError, match=r"--reference-pyramid: expected one of \['simple'\] \(the configs use "
+                                            rf"multi_tap\), got '{bad}'"):
+            build_stages(exp, paths, seeds=1, log=lambda _: None, reference_pyramid=bad)
+
+
+def test_pyramid_section_gives_each_init_its_best_pyramid_and_writes_the_rows(tmp_path):
+    from mae_det.demo import _pyramid_section, finetune_key
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    # (box, mask) AP per seed: random init is better with the reference pyramid on boxes, not on masks.
+    ap = {("mae", None): [(33.0, 27.0), (32.0, 28.0)], ("mae", "simple"): [(28.0, 22.0), (29.0, 23.0)],
+          ("supervised", None): [(19.0, 15.0), (20.0, 16.0)], ("supervised", "simple"): [(18.0, 14.0), (18.0, 14.0)],
+          ("scratch", None): [(25.0, 22.0), (26.0, 22.0)], ("scratch", "simple"): [(30.0, 21.0), (33.0, 21.0)]}
+    for (arm, pyramid), runs in ap.items():
+        for s, (box, mask) in enumerate(runs):
+            run = paths.run(finetune_key(arm, s, pyramid=pyramid))
+            run.mkdir(parents=True)
+            (run / "ap_results.json").write_text(json.dumps({"bbox": {"AP": box}, "segm": {"AP": mask}}))
+    lines = _pyramid_section(paths, 2, "multi_tap", "simple")
+    assert "| init | multi_tap box AP | multi_tap mask AP | simple box AP | simple mask AP |" in lines
+    assert "| scratch | 25.5 ± 0.7 | 22.0 ± 0.0 | 31.5 ± 2.1 | 21.0 ± 0.0 |" in lines
+    assert ("- box AP: MAE (multi_tap, 32.5 ± 0.7) against scratch init (simple, 31.5 ± 2.1): +1.0, not every MAE "
+            "seed above; supervised init (multi_tap, 19.5 ± 0.7): +13.0, every MAE seed above every seed.") in lines
+    assert ("- mask AP: MAE (multi_tap, 27.5 ± 0.7) against scratch init (multi_tap, 22.0 ± 0.0): +5.5, every MAE "
+            "seed above every seed; supervised init (multi_tap, 15.5 ± 0.7): +12.0, every MAE seed above every "
+            "seed.") in lines
+    rows = (paths.output / "demo_pyramid.csv").read_text().splitlines()
+    assert rows[0] == "init,pyramid,seed,box_AP,mask_AP" and len(rows) == 1 + 12
+    assert rows[1:3] == ["mae,multi_tap,0,33.00,27.00", "mae,multi_tap,1,32.00,28.00"]
+    assert "scratch,simple,1,33.00,21.00" in rows
+
+
 def test_semantic_section_tables_mean_and_spread_and_writes_the_rows(tmp_path):
     from mae_det.demo import _semantic_section
 
