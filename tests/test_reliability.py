@@ -92,9 +92,13 @@ def test_pretraining_killed_while_writing_a_checkpoint_resumes_bit_exact(tmp_pat
     assert not (cut / "checkpoint_0002.pth").exists()
     (stale,) = cut.glob(".checkpoint_0002.pth.*.tmp")
     assert stale.read_bytes().startswith(b"PK\x03\x04 half")
+    # What a kill between the pointer's write and its rename leaves (the CI's kill-9 test once landed there).
+    pointer_tmp = cut / ".last_checkpoint.k9x2z.tmp"
+    pointer_tmp.write_text("checkpoint_0002.pth\n")
 
     P.run_pretrain(load_pretrain_cfg(None, opts(cut)), resume=True)
-    assert not stale.exists()
+    assert not stale.exists() and not pointer_tmp.exists()
+    assert not list(cut.glob(".*.tmp"))
     ref, got = (load_checkpoint(d / "checkpoint_0003.pth") for d in (tmp_path / "ref", cut))
     assert got["global_step"] == ref["global_step"] == 12
     for k, v in ref["model"].items():

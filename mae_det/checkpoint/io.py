@@ -66,6 +66,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")), "file")
 
 
+def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files a kill in the middle of an atomic write left in ``folder``; returns them.
+
+    Only for the single writer of ``folder``, before it writes again: another writer's file in flight would go too.
+    """
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 # Globals that official MAE training checkpoints pickle next to tensors; nothing that can run code.
 _TORCH_SAFE_GLOBALS = [argparse.Namespace]
 

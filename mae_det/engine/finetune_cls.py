@@ -30,7 +30,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
 from ..checkpoint.convert import load_encoder_state
 from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
 from ..data.classification import (
@@ -45,6 +45,7 @@ from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_f
 from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
 from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import write_run_info
+from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
@@ -467,6 +468,8 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         criterion = nn.CrossEntropyLoss()
 
     start_epoch, history = 0, []
+    if stale := remove_partial_writes(out):
+        logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
     last = _last_checkpoint(out) if resume else None
     if last is not None:
         ckpt = load_checkpoint(last)
@@ -543,19 +546,6 @@ def _argument_parser(description: str, resume: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(output_dir: str | os.PathLike) -> list[logging.Handler]:
-    root = logging.getLogger("mae_det")
-    root.setLevel(logging.INFO)
-    fmt = logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%m/%d %H:%M:%S")
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr),
-                                       logging.FileHandler(Path(output_dir) / "log.txt")]
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    return handlers
-
-
 def _main(task: str, argv: Sequence[str] | None) -> int:
     """Shared body of the three tools; returns the exit code (0 ok, 1 failed, 2 bad config)."""
     descriptions = {
@@ -571,21 +561,17 @@ def _main(task: str, argv: Sequence[str] | None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handlers = _setup_logging(cfg.OUTPUT_DIR)
     try:
-        if task == "finetune":
-            res = finetune(cfg, resume=args.resume, argv=command)
-        elif task == "linear_probe":
-            res = run_linear_probe(cfg, argv=command)
-        else:
-            res = run_knn(cfg, argv=command)
+        with run_logging(cfg.OUTPUT_DIR):
+            if task == "finetune":
+                res = finetune(cfg, resume=args.resume, argv=command)
+            elif task == "linear_probe":
+                res = run_linear_probe(cfg, argv=command)
+            else:
+                res = run_knn(cfg, argv=command)
     except (ClassificationDataError, CheckpointError, ConfigError, ImageLoadError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        for h in handlers:
-            logging.getLogger("mae_det").removeHandler(h)
-            h.close()
     print(json.dumps(res, indent=2))
     print(f"results: {Path(cfg.OUTPUT_DIR) / RESULTS_FILE}")
     return 0

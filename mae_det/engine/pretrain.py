@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from ..data.images import ImageLoadError
@@ -60,6 +60,7 @@ from ..solver.schedule import build_warmup_cosine_lr
 from ..utils import dist as du
 from ..utils.precision import auto_precision
 from ..utils.provenance import write_run_info
+from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import init_distributed, launched_externally, requeue, stop_requested
 
@@ -186,26 +187,6 @@ def resolve_accumulation(cfg, world_size: int) -> tuple[int, int]:
 def step_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
     """Seed of the global torch RNG for one iteration of one rank."""
     return int(torch.randint(0, 2**62, (), generator=sample_generator(seed, epoch, iteration * 4096 + rank)))
-
-
-def _setup_logging(output_dir: Path, rank: int) -> logging.Handler | None:
-    """Console (once per process) and ``log.txt`` (rank 0, removed again by the caller) on the mae_det logger."""
-    root = logging.getLogger("mae_det")
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    fmt = logging.Formatter("[%(asctime)s %(name)s] %(levelname)s %(message)s", "%m/%d %H:%M:%S")
-    if not any(getattr(h, "_mae_det_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(fmt)
-        console._mae_det_console = True  # type: ignore[attr-defined]
-        root.addHandler(console)
-    if rank != 0:
-        root.setLevel(logging.WARNING)
-        return None
-    fh = logging.FileHandler(output_dir / "log.txt")
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    return fh
 
 
 # ---- the trainer -----------------------------------------------------------------------------------------
@@ -582,8 +563,8 @@ class Pretrainer:
             logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
                            "instead); they are overwritten as this run proceeds", self.out)
         if self.main:
-            for stale in [*self.out.glob(".checkpoint_*.tmp"), *self.out.glob(".encoder.pth.*.tmp")]:
-                stale.unlink(missing_ok=True)  # left by a kill during a write
+            if stale := remove_partial_writes(self.out):
+                logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
             self._truncate_metrics()
             self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step or None)
         if self.world > 1:
@@ -635,8 +616,9 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     du.barrier()
-    handler = _setup_logging(out, rank)
-    try:
+    # Other ranks log warnings only, to the console: one log.txt, written by rank 0.
+    with run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
+                     propagate=False):
         if rank == 0:
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
             write_run_info(out, cfg, seed=cfg.SEED, init_type="random", argv=argv,
@@ -644,10 +626,6 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
         record = Pretrainer(cfg, resume=resume).train()
         du.leave_process_group()
         return record
-    finally:
-        if handler is not None:
-            logging.getLogger("mae_det").removeHandler(handler)
-            handler.close()
 
 
 # ---- command line ----------------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Atomic writes and the clean-up of what a killed writer leaves behind."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mae_det.checkpoint import CheckpointError, atomic_write_text, remove_partial_writes
+
+
+def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path):
+    atomic_write_text(tmp_path / "last_checkpoint", "checkpoint_0001.pth\n")
+    for name in (".last_checkpoint.a1b2.tmp", ".checkpoint_0002.pth.zz9.tmp", "notes.tmp", ".hidden", "run.log"):
+        (tmp_path / name).write_text("x")
+    removed = remove_partial_writes(tmp_path)
+    assert [p.name for p in removed] == [".checkpoint_0002.pth.zz9.tmp", ".last_checkpoint.a1b2.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "last_checkpoint", "notes.tmp", "run.log"]
+    assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0001.pth\n"
+    assert remove_partial_writes(tmp_path) == []
+
+
+def test_failed_text_write_names_the_path_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "taken").mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(CheckpointError, match="taken"):
+        atomic_write_text(tmp_path / "taken", "x")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
