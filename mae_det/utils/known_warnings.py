@@ -21,6 +21,9 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"The given NumPy array is not writable",
      "Detectron2's ResizeTransform returns np.asarray(PIL image) masks (read-only) and detection_utils only "
      "stacks them into a new tensor; nothing writes through the shared memory"),
+    (UserWarning, r"pkg_resources is deprecated as an API",
+     "detectron2.model_zoo imports pkg_resources to find its bundled configs; scripts/setup_env.sh pins "
+     "setuptools<81, which still ships it"),
 )
 
 # (logger, why its WARNING records are noise here): torch's own loggers, not the warnings module.

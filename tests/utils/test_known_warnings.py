@@ -13,6 +13,7 @@ def test_known_warnings_are_silenced_and_others_still_shown():
                       UserWarning)
         warnings.warn("The given NumPy array is not writable, and PyTorch does not support non-writable tensors.",
                       UserWarning)
+        warnings.warn("pkg_resources is deprecated as an API. See https://setuptools.pypa.io/en/latest/", UserWarning)
         warnings.warn("something else is deprecated", FutureWarning)
         # The same text under another category is not one of the known, harmless cases.
         warnings.warn("`torch.jit.script` is deprecated", DeprecationWarning)
