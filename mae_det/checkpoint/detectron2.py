@@ -10,7 +10,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
 from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
-from .io import atomic_save, atomic_write_text
+from .io import atomic_save, atomic_write_text, remove_partial_writes
 
 
 class ViTDetCheckpointer(DetectionCheckpointer):
@@ -22,7 +22,8 @@ class ViTDetCheckpointer(DetectionCheckpointer):
       width or depth, and logs a :class:`~mae_det.checkpoint.convert.LoadReport` (kept in ``last_report``).
     * Resuming reads this run's own checkpoints whatever ``weights_format`` says; optimizer, scheduler and
       iteration come back as Detectron2 saved them.
-    * Saving writes atomically: a crash mid-write leaves the previous checkpoint and ``last_checkpoint`` valid.
+    * Saving writes atomically: a crash mid-write leaves the previous checkpoint and ``last_checkpoint`` valid;
+      resuming removes the temporaries such a crash left.
 
     Args:
         model, save_dir, checkpointables: as ``DetectionCheckpointer``.
@@ -45,6 +46,11 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         self._info: dict[str, Any] | None = None
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        if resume and self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir):
+            # Only a resumed training run owns its folder: an --eval-only run pointed at a folder whose training
+            # is still running must not delete that run's checkpoint in flight.
+            if stale := remove_partial_writes(self.save_dir):
+                self.logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
         forced = self.weights_format
         if resume and self.has_checkpoint():
             self.weights_format = "auto"  # this run's last checkpoint is always in our Detectron2 format

@@ -332,6 +332,18 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
 
 
+def test_resume_removes_partial_writes_and_loading_alone_keeps_them(tmp_path):
+    model = backbone_model(vit_cfg())
+    ViTDetCheckpointer(model, str(tmp_path)).save("model_0000003", iteration=3)
+    stale = tmp_path / ".model_0000007.pth.k9x2z.tmp"  # what a kill in the middle of the next save leaves
+    stale.write_bytes(b"PK half a checkpoint")
+    # Without resuming (an --eval-only run beside a running training) the folder is not this run's to clean.
+    ViTDetCheckpointer(model, str(tmp_path)).resume_or_load(str(tmp_path / "model_0000003.pth"), resume=False)
+    assert stale.exists()
+    assert ViTDetCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000003.pth"]
+
+
 def test_encoder_moves_between_pyramid_modes():
     simple = backbone_model(vit_cfg("custom", "simple"))
     target = target_of(backbone_model(vit_cfg("custom", "multi_tap")))
