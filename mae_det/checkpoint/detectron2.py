@@ -49,8 +49,7 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         if resume and self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir):
             # Only a resumed training run owns its folder: an --eval-only run pointed at a folder whose training
             # is still running must not delete that run's checkpoint in flight.
-            if stale := remove_partial_writes(self.save_dir):
-                self.logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
+            remove_partial_writes(self.save_dir)
         forced = self.weights_format
         if resume and self.has_checkpoint():
             self.weights_format = "auto"  # this run's last checkpoint is always in our Detectron2 format

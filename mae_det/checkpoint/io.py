@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import logging
 import os
 import pickle
 import tempfile
@@ -16,6 +17,8 @@ import torch
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, written or interpreted; the message names the file."""
 
+
+logger = logging.getLogger(__name__)
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -67,13 +70,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
-    """Deletes the temporary files a kill in the middle of an atomic write left in ``folder``; returns them.
+    """Deletes (and logs) the temporary files a kill in the middle of an atomic write left in ``folder``; returns
+    them.
 
     Only for the single writer of ``folder``, before it writes again: another writer's file in flight would go too.
     """
     stale = sorted(Path(folder).glob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d partial writes of a killed run in %s: %s", len(stale), folder, [p.name for p in stale])
     return stale
 
 

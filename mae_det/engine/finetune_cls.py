@@ -468,8 +468,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         criterion = nn.CrossEntropyLoss()
 
     start_epoch, history = 0, []
-    if stale := remove_partial_writes(out):
-        logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
+    remove_partial_writes(out)
     last = _last_checkpoint(out) if resume else None
     if last is not None:
         ckpt = load_checkpoint(last)

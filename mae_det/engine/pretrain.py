@@ -563,8 +563,7 @@ class Pretrainer:
             logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
                            "instead); they are overwritten as this run proceeds", self.out)
         if self.main:
-            if stale := remove_partial_writes(self.out):
-                logger.info("removed %d partial writes of a killed run: %s", len(stale), [p.name for p in stale])
+            remove_partial_writes(self.out)
             self._truncate_metrics()
             self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step or None)
         if self.world > 1:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOG_FORMAT = "[%(asctime)s %(name)s] %(levelname)s %(message)s"
-LOG_DATEFMT = "%m/%d %H:%M:%S"
+_LOG_FORMAT = "[%(asctime)s %(name)s] %(levelname)s %(message)s"
+_LOG_DATEFMT = "%m/%d %H:%M:%S"
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -40,7 +40,7 @@ def run_logging(output_dir: str | os.PathLike | None, *, level: int = logging.IN
     """
     logger = logging.getLogger("mae_det")
     saved = logger.level, logger.propagate
-    fmt = logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
+    fmt = logging.Formatter(_LOG_FORMAT, _LOG_DATEFMT)
     handlers: list[logging.Handler] = [_CurrentStderr()]
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

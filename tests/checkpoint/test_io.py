@@ -1,6 +1,7 @@
 """Atomic writes and the clean-up of what a killed writer leaves behind."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -8,12 +9,16 @@ import pytest
 from mae_det.checkpoint import CheckpointError, atomic_write_text, remove_partial_writes
 
 
-def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path):
+def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path, caplog):
     atomic_write_text(tmp_path / "last_checkpoint", "checkpoint_0001.pth\n")
     for name in (".last_checkpoint.a1b2.tmp", ".checkpoint_0002.pth.zz9.tmp", "notes.tmp", ".hidden", "run.log"):
         (tmp_path / name).write_text("x")
-    removed = remove_partial_writes(tmp_path)
+    with caplog.at_level(logging.INFO, logger="mae_det"):
+        removed = remove_partial_writes(tmp_path)
     assert [p.name for p in removed] == [".checkpoint_0002.pth.zz9.tmp", ".last_checkpoint.a1b2.tmp"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed 2 partial writes of a killed run in {tmp_path}: "
+        "['.checkpoint_0002.pth.zz9.tmp', '.last_checkpoint.a1b2.tmp']"]
     assert sorted(os.listdir(tmp_path)) == [".hidden", "last_checkpoint", "notes.tmp", "run.log"]
     assert (tmp_path / "last_checkpoint").read_text() == "checkpoint_0001.pth\n"
     assert remove_partial_writes(tmp_path) == []
