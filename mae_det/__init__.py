@@ -17,10 +17,11 @@ except ImportError as e:  # pragma: no cover - exercised only in broken environm
     ) from e
 
 # As in Detectron2 projects, one import makes the builders known to Detectron2's registries (the ViT backbones,
-# the UperNet head, the sliding-window segmentor) and gives the config functions a user's own script needs.
+# the RoI heads with a configurable level rule, the UperNet head, the sliding-window segmentor) and gives the
+# config functions a user's own script needs.
 from .config.detection import add_det_train_config  # noqa: E402
 from .config.semantic import add_sem_seg_config  # noqa: E402
 from .config.vit_backbone import add_vit_config  # noqa: E402
-from .modeling import backbone, semantic_seg, upernet  # noqa: E402, F401
+from .modeling import backbone, roi_heads, semantic_seg, upernet  # noqa: E402, F401
 
 __all__ = ["add_det_train_config", "add_sem_seg_config", "add_vit_config"]

@@ -5,6 +5,10 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
     MODEL.INIT_TYPE ["scratch"]      how the backbone starts, recorded in run_info.json and grouped by the comparison
                                      tables: "mae", "supervised", "scratch" or another lower-case label. "scratch"
                                      must have an empty MODEL.WEIGHTS, any other label a non-empty one (training).
+    MODEL.ROI_HEADS.CANONICAL_BOX_SIZE [224]  FPN level rule of the RoI poolers: a RoI of size s = sqrt(area) pools
+    MODEL.ROI_HEADS.CANONICAL_LEVEL [4]       from level floor(LEVEL + log2(s / BOX_SIZE)), clamped to the
+                                     ROI_HEADS.IN_FEATURES levels. Detectron2's constants are the defaults; other
+                                     values need ROI_HEADS.NAME "LevelMappedROIHeads" (the only heads that read them)
     SOLVER.OPTIMIZER ["ADAMW"]       "ADAMW" (param groups below) or "SGD" (Detectron2's own builder, unchanged)
     SOLVER.BETAS [(0.9, 0.999)]      AdamW betas
     SOLVER.LAYER_DECAY [0.0]         ViT layer-wise lr decay: group lr = BASE_LR * rate ** (depth + 1 - layer_id);
@@ -63,6 +67,8 @@ logger = logging.getLogger(__name__)
 def add_det_train_config(cfg: CN) -> None:
     """Adds the detection training keys (documented in the module docstring) to a Detectron2 config."""
     cfg.MODEL.INIT_TYPE = "scratch"
+    cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224
+    cfg.MODEL.ROI_HEADS.CANONICAL_LEVEL = 4
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BETAS = (0.9, 0.999)
@@ -127,6 +133,11 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     _check(S.LAYER_DECAY == 0.0 or S.OPTIMIZER == "ADAMW", "SOLVER.LAYER_DECAY: only supported with SOLVER.OPTIMIZER ADAMW")
     _check(all(isinstance(n, str) and n for n in S.NO_DECAY_NAMES),
            f"SOLVER.NO_DECAY_NAMES: expected non-empty strings, got {S.NO_DECAY_NAMES}")
+    R = cfg.MODEL.ROI_HEADS
+    _check(R.CANONICAL_BOX_SIZE > 0, f"MODEL.ROI_HEADS.CANONICAL_BOX_SIZE: expected > 0, got {R.CANONICAL_BOX_SIZE}")
+    _check((R.CANONICAL_BOX_SIZE, R.CANONICAL_LEVEL) == (224, 4) or R.NAME == "LevelMappedROIHeads",
+           f"MODEL.ROI_HEADS.CANONICAL_BOX_SIZE / CANONICAL_LEVEL ({R.CANONICAL_BOX_SIZE}, {R.CANONICAL_LEVEL}) are "
+           f"only read by MODEL.ROI_HEADS.NAME LevelMappedROIHeads, got {R.NAME!r}")
     _check(cfg.LOG_PERIOD > 0, f"LOG_PERIOD: expected > 0, got {cfg.LOG_PERIOD}")
     _check(L.IMAGE_SIZE > 0, f"INPUT.LSJ.IMAGE_SIZE: expected > 0, got {L.IMAGE_SIZE}")
     _check(0.0 < L.MIN_SCALE <= L.MAX_SCALE,
