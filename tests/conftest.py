@@ -6,12 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from mae_det.utils.known_warnings import filter_known_warnings
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Two cores: keep intra-op threads bounded and identical between runs that are compared bit for bit.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _known_warnings_filtered():
+    """pytest resets the warning filters for every test: install the tools' own filters again, so that the
+    summary lists only warnings nobody has explained yet."""
+    filter_known_warnings()
 
 
 @pytest.fixture
