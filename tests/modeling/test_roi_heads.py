@@ -1,4 +1,6 @@
 """LevelMappedROIHeads: Detectron2's StandardROIHeads at the defaults, the configured level rule otherwise."""
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -8,7 +10,7 @@ from detectron2.structures import Boxes, Instances
 from mae_det.config.detection import load_det_cfg
 from mae_det.config.pretrain import ConfigError
 
-SHAPES = "configs/shapes/mask_rcnn_vit_scratch.yaml"
+SHAPES = str(Path(__file__).resolve().parents[2] / "configs/shapes/mask_rcnn_vit_scratch.yaml")
 STRIDES = {"p1": 2, "p2": 4, "p3": 8, "p4": 16}
 CHANNELS = 64
 
