@@ -16,10 +16,16 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# pytest resets the warning filters for collection and for every test: install the tools' own filters in each, so
+# that the summary lists only warnings nobody has explained yet (test modules import Detectron2 while collected).
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    filter_known_warnings()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _known_warnings_filtered():
-    """pytest resets the warning filters for every test: install the tools' own filters again, so that the
-    summary lists only warnings nobody has explained yet."""
     filter_known_warnings()
 
 
