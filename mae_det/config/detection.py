@@ -59,6 +59,8 @@ from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config
 
 OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+# Detectron2's ROIPooler constants (canonical box size, level): what every other RoI heads class uses.
+_D2_CANONICAL_RULE = (224, 4)
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _UNKNOWN_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
 logger = logging.getLogger(__name__)
@@ -67,8 +69,7 @@ logger = logging.getLogger(__name__)
 def add_det_train_config(cfg: CN) -> None:
     """Adds the detection training keys (documented in the module docstring) to a Detectron2 config."""
     cfg.MODEL.INIT_TYPE = "scratch"
-    cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224
-    cfg.MODEL.ROI_HEADS.CANONICAL_LEVEL = 4
+    cfg.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE, cfg.MODEL.ROI_HEADS.CANONICAL_LEVEL = _D2_CANONICAL_RULE
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BETAS = (0.9, 0.999)
@@ -135,7 +136,7 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
            f"SOLVER.NO_DECAY_NAMES: expected non-empty strings, got {S.NO_DECAY_NAMES}")
     R = cfg.MODEL.ROI_HEADS
     _check(R.CANONICAL_BOX_SIZE > 0, f"MODEL.ROI_HEADS.CANONICAL_BOX_SIZE: expected > 0, got {R.CANONICAL_BOX_SIZE}")
-    _check((R.CANONICAL_BOX_SIZE, R.CANONICAL_LEVEL) == (224, 4) or R.NAME == "LevelMappedROIHeads",
+    _check((R.CANONICAL_BOX_SIZE, R.CANONICAL_LEVEL) == _D2_CANONICAL_RULE or R.NAME == "LevelMappedROIHeads",
            f"MODEL.ROI_HEADS.CANONICAL_BOX_SIZE / CANONICAL_LEVEL ({R.CANONICAL_BOX_SIZE}, {R.CANONICAL_LEVEL}) are "
            f"only read by MODEL.ROI_HEADS.NAME LevelMappedROIHeads, got {R.NAME!r}")
     _check(cfg.LOG_PERIOD > 0, f"LOG_PERIOD: expected > 0, got {cfg.LOG_PERIOD}")
