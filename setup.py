@@ -27,7 +27,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "hypothesis", "transformers>=4.40"],
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis", "transformers>=4.40"],
         "cluster": ["submitit>=1.5"],  # tools/submit.py (SLURM); the tests run it with its local executor
     },
 )

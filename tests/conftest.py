@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Two cores: keep intra-op threads bounded and identical between runs that are compared bit for bit.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep intra-op threads bounded and identical between runs that are compared bit for bit. Under
+# pytest-xdist (`make test` runs one worker per core) each worker and the tools it starts get one thread, so that
+# the workers do not oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 # pytest resets the warning filters for collection and for every test: install the tools' own filters in each, so
