@@ -20,6 +20,7 @@ that differs from the model's is an error naming the file (never a partial load)
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ from torch import nn
 from ..modeling.vit import VisionTransformer, resize_rel_pos
 from .hf import hf_to_mae
 from .io import CheckpointError, load_checkpoint
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("ours", "official", "timm", "hf", "d2", "vitdet")
 PRETRAINING_FORMATS = ("ours", "official", "timm", "hf")
@@ -282,6 +285,67 @@ def load_encoder_state(
         dropped=dropped + sorted(rest), notes=[n for n in notes if n],
     )
     return enc, info
+
+
+def load_encoder_weights(
+    model: VisionTransformer, path_or_dict: str | os.PathLike | Mapping, *, source: str | None = None
+) -> dict[str, Any]:
+    """Loads the encoder of any checkpoint :func:`load_encoder_state` reads into ``model``: a bare encoder or a
+    :class:`VisionTransformer` subclass with parts of its own (a classifier, an MAE decoder).
+
+    The position embedding is resampled to the model's grid; a checkpoint's classifier (``head``, ``fc_norm``) is
+    never loaded, nor its final ``norm`` into a global-pool classifier (which has none). The model's own parts
+    outside the encoder (``_NOT_ENCODER`` names) keep their values.
+
+    Returns:
+        The converter's info plus ``ignored``: the checkpoint keys the model did not take.
+
+    Raises:
+        CheckpointError: naming the file, when its width, patch size or depth differ from the model's.
+    """
+    sd, info = load_encoder_state(path_or_dict, grid=model.grid_size, source=source)
+    src = info["source"]
+    if info["embed_dim"] != model.embed_dim:
+        raise CheckpointError(
+            f"{src}: encoder width {info['embed_dim']} does not match the model's embed_dim {model.embed_dim} "
+            f"(set MODEL.ARCH / MODEL.EMBED_DIM to the checkpoint's size)"
+        )
+    if info["patch_size"] != model.patch_size:
+        raise CheckpointError(
+            f"{src}: patch size {info['patch_size']} does not match the model's {model.patch_size} (set MODEL.PATCH_SIZE)"
+        )
+    if info["depth"] != model.depth:
+        raise CheckpointError(f"{src}: {info['depth']} blocks but the model has depth {model.depth} (set MODEL.DEPTH)")
+    for note in info["notes"]:
+        logger.info("%s: %s", src, note)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not _NOT_ENCODER.match(k)]
+    if any(k.startswith("norm.") for k in missing):
+        # Global-pool fine-tuned and detection checkpoints have no final norm; LayerNorm's identity init stands in.
+        logger.warning("%s: no final 'norm' in the checkpoint; the encoder's norm keeps its initial values", src)
+        missing = [k for k in missing if not k.startswith("norm.")]
+    if missing:
+        raise CheckpointError(f"{src}: encoder weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        logger.info("%s: %d key(s) not used by this model, e.g. %s", src, len(unexpected), unexpected[:3])
+    return info | {"ignored": list(unexpected)}
+
+
+def load_decoder_state(
+    path_or_dict: str | os.PathLike | Mapping, fmt: str = "auto", *, source: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The MAE decoder of a pretraining checkpoint (``mask_token`` and ``decoder_*``, official key names): this
+    project's full checkpoints, the official ``*_full.pth`` / ``mae_visualize_*.pth`` releases, HF
+    ``ViTMAEForPreTraining``. Empty for encoder-only checkpoints (official ``mae_pretrain_vit_*.pth``, exports,
+    timm, detection checkpoints)."""
+    ckpt, src = _open(path_or_dict, source)
+    detected, sd = _detect(ckpt, src)
+    fmt = detected if fmt == "auto" else fmt
+    if fmt in ("d2", "vitdet", "timm"):
+        return {}
+    if fmt == "hf":
+        sd = hf_to_mae(sd)
+    return {k: _tensor(v) for k, v in sd.items() if k == "mask_token" or k.startswith("decoder_")}
 
 
 # ---- Detectron2 targets ----------------------------------------------------------------------------------

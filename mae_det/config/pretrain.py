@@ -18,6 +18,11 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
                                     code's: xavier-uniform Linear weights) or "vitdet" (trunc-normal std 0.02, the
                                     detection scratch arm's; the fixed sin-cos position table stays), so that a
                                     comparison against that arm differs only by the pretraining
+    MODEL.WEIGHTS: ""               start from a checkpoint instead of MODEL.INIT (continued pretraining, e.g. the
+                                    official ImageNet MAE on your own images): its encoder (any format
+                                    tools/convert_checkpoint.py reads) and, for MAE, its decoder when it has one;
+                                    the fixed position tables stay exact for MODEL.IMG_SIZE; --resume of a run
+                                    that has a checkpoint continues that run instead
     MODEL.ACT_CHECKPOINT: False     recompute block activations in backward (less memory, ~30 % slower)
     MODEL.NUM_CLASSES: 0            supervised mode: number of labels (0 = taken from the dataset)
     MODEL.POOL: "mean"              supervised mode: head input, "mean" of patch tokens or the "cls" token
@@ -126,6 +131,7 @@ def get_pretrain_cfg() -> CN:
     _C.MODEL.NORM_PIX_LOSS = False
     _C.MODEL.DROP_PATH = 0.0
     _C.MODEL.INIT = "mae"
+    _C.MODEL.WEIGHTS = ""
     _C.MODEL.ACT_CHECKPOINT = False
     _C.MODEL.NUM_CLASSES = 0
     _C.MODEL.POOL = "mean"
@@ -361,6 +367,8 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(M.IN_CHANS in (1, 3), f"MODEL.IN_CHANS: expected 1 or 3 for image files, got {M.IN_CHANS}")
     _check(M.POOL in POOLS, f"MODEL.POOL: expected one of {POOLS}, got {M.POOL!r}")
     _check(M.INIT in INITS, f"MODEL.INIT: expected one of {INITS}, got {M.INIT!r}")
+    if check_paths and M.WEIGHTS:
+        _check(os.path.isfile(M.WEIGHTS), f"MODEL.WEIGHTS: checkpoint file {M.WEIGHTS!r} not found")
 
     _check(D.SOURCE in SOURCES, f"DATA.SOURCE: expected one of {SOURCES}, got {D.SOURCE!r}")
     _check(bool(D.PATH), "DATA.PATH is empty: set it to an image folder or a COCO json file")

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
-from ..checkpoint.convert import load_encoder_state
+from ..checkpoint.convert import load_encoder_weights
 from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
 from ..data.classification import (
     ClassificationDataError,
@@ -103,46 +103,6 @@ def init_label(cfg: CfgNode) -> tuple[str, str]:
     if not cfg.MODEL.WEIGHTS:
         return cfg.MODEL.INIT_TYPE or "random", "random"
     return cfg.MODEL.INIT_TYPE or "pretrained", cfg.MODEL.WEIGHTS
-
-
-def load_encoder_weights(model: VisionTransformer, path: str | os.PathLike) -> dict[str, Any]:
-    """Loads encoder weights of any format :func:`load_encoder_state` reads into ``model`` (an encoder or a
-    :class:`ViTClassifier`).
-
-    The position embedding is resampled to the model's grid; a checkpoint's classifier (``head``,
-    ``fc_norm``) is never loaded, nor its final ``norm`` into a global-pool classifier (which has none).
-
-    Returns:
-        The converter's info plus ``ignored``: the checkpoint keys the model did not take.
-
-    Raises:
-        CheckpointError: naming the file, when its width, patch size or depth differ from the model's.
-    """
-    sd, info = load_encoder_state(path, grid=model.grid_size)
-    if info["embed_dim"] != model.embed_dim:
-        raise CheckpointError(
-            f"{path}: encoder width {info['embed_dim']} does not match the model's embed_dim {model.embed_dim} "
-            f"(set MODEL.ARCH / MODEL.EMBED_DIM to the checkpoint's size)"
-        )
-    if info["patch_size"] != model.patch_size:
-        raise CheckpointError(
-            f"{path}: patch size {info['patch_size']} does not match the model's {model.patch_size} (set MODEL.PATCH_SIZE)"
-        )
-    if info["depth"] != model.depth:
-        raise CheckpointError(f"{path}: {info['depth']} blocks but the model has depth {model.depth} (set MODEL.DEPTH)")
-    for note in info["notes"]:
-        logger.info("%s: %s", path, note)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-    if any(k.startswith("norm.") for k in missing):
-        # Global-pool fine-tuned and detection checkpoints have no final norm; LayerNorm's identity init stands in.
-        logger.warning("%s: no final 'norm' in the checkpoint; the encoder's norm keeps its initial values", path)
-        missing = [k for k in missing if not k.startswith("norm.")]
-    if missing:
-        raise CheckpointError(f"{path}: encoder weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        logger.info("%s: %d key(s) not used by this model, e.g. %s", path, len(unexpected), unexpected[:3])
-    return info | {"ignored": list(unexpected)}
 
 
 def build_encoder(cfg: CfgNode, device: torch.device) -> VisionTransformer:

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
+from ..checkpoint.convert import FORMAT_NAMES, load_decoder_state, load_encoder_weights, read_checkpoint
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from ..data.images import ImageLoadError
@@ -53,7 +54,7 @@ from ..data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
     sample_generator,
 )
-from ..modeling.mae import MAE_FACTORIES
+from ..modeling.mae import MAE_FACTORIES, MaskedAutoencoderViT
 from ..modeling.vit import VisionTransformer
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
@@ -148,6 +149,52 @@ def export_encoder(state: dict[str, torch.Tensor], meta: dict[str, Any], path: s
     """Writes ``{"model": encoder state dict, "meta": meta}`` atomically (what detection fine-tuning loads)."""
     atomic_save({"model": {k: v.detach().cpu().clone() for k, v in encoder_state_dict(state).items()},
                  "meta": dict(meta)}, path)
+
+
+def load_initial_weights(model: VisionTransformer, path: str | os.PathLike) -> dict[str, Any]:
+    """``MODEL.WEIGHTS``: starts a pretraining run from a checkpoint instead of random init, e.g. continued MAE
+    pretraining of the official ImageNet weights on a user's own images, or a supervised run from an MAE encoder.
+
+    The encoder comes from any format :func:`~mae_det.checkpoint.convert.load_encoder_weights` reads; an MAE model
+    also takes the checkpoint's decoder and mask token when it has them (else they keep their random init, which
+    is logged). Frozen parameters (the fixed sin-cos position tables) keep the model's own values: they are exact
+    for its grid, where a checkpoint's would be resampled. A supervised model's head stays random.
+
+    Returns:
+        The encoder loader's info plus ``decoder``: "loaded", "random" or "-" (not an MAE model).
+
+    Raises:
+        CheckpointError: naming the file and key, when the encoder or a present decoder does not fit the model.
+    """
+    ckpt = read_checkpoint(path)
+    fixed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    info = load_encoder_weights(model, ckpt, source=str(path))
+    decoder = "-"
+    if isinstance(model, MaskedAutoencoderViT):
+        state = model.state_dict()
+        theirs = {k: v for k, v in load_decoder_state(ckpt, source=str(path)).items() if k not in fixed}
+        ours = {k for k in state if k == "mask_token" or k.startswith("decoder_")} - fixed.keys()
+        if not theirs:
+            logger.info("%s has no MAE decoder: the decoder starts from random init", path)
+            decoder = "random"
+        else:
+            if theirs.keys() != ours:
+                odd = sorted(theirs.keys() ^ ours)
+                raise CheckpointError(f"{path}: its MAE decoder does not match the model's ({len(odd)} keys differ, "
+                                      f"e.g. '{odd[0]}'; set MODEL.DECODER_DEPTH / DECODER_EMBED_DIM to its size)")
+            for k, v in theirs.items():
+                if v.shape != state[k].shape:
+                    raise CheckpointError(f"{path}: decoder key '{k}' has shape {tuple(v.shape)}, the model's is "
+                                          f"{tuple(state[k].shape)} (set MODEL.DECODER_EMBED_DIM / DECODER_NUM_HEADS)")
+            model.load_state_dict(theirs, strict=False)
+            decoder = "loaded"
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in fixed:
+                p.copy_(fixed[n])
+    logger.info("initial weights: %s (%s; encoder %d blocks, decoder %s)", path, FORMAT_NAMES[info["format"]],
+                info["depth"], decoder)
+    return info | {"decoder": decoder}
 
 
 # ---- runtime choices -------------------------------------------------------------------------------------
@@ -557,11 +604,12 @@ class Pretrainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        if self.resume:
-            self.load_last_checkpoint()
-        elif (self.out / LAST_CHECKPOINT).is_file():
+        resumed = self.resume and self.load_last_checkpoint()
+        if not self.resume and (self.out / LAST_CHECKPOINT).is_file():
             logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
                            "instead); they are overwritten as this run proceeds", self.out)
+        if cfg.MODEL.WEIGHTS and not resumed:  # a resumed run already holds them, trained further
+            load_initial_weights(self._bare_model(), cfg.MODEL.WEIGHTS)
         if self.main:
             remove_partial_writes(self.out)
             self._truncate_metrics()
@@ -620,7 +668,8 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
                      propagate=False):
         if rank == 0:
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
-            write_run_info(out, cfg, seed=cfg.SEED, init_type="random", argv=argv,
+            write_run_info(out, cfg, seed=cfg.SEED, init_type="pretrained" if cfg.MODEL.WEIGHTS else "random",
+                           init_checkpoint=cfg.MODEL.WEIGHTS or None, argv=argv,
                            extra={"mode": cfg.MODEL.MODE, "resume": resume, "world_size": du.get_world_size()})
         record = Pretrainer(cfg, resume=resume).train()
         du.leave_process_group()

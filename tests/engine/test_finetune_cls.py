@@ -9,7 +9,8 @@ from PIL import Image
 
 from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
-from mae_det.engine.finetune_cls import ViTClassifier, build_classifier, build_encoder, finetune, load_encoder_weights
+from mae_det.checkpoint.convert import load_encoder_weights
+from mae_det.engine.finetune_cls import ViTClassifier, build_classifier, build_encoder, finetune
 from mae_det.modeling.mae import MaskedAutoencoderViT
 from mae_det.modeling.vit import VisionTransformer
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mae_det.checkpoint import CheckpointError, load_checkpoint
 from mae_det.checkpoint.convert import load_encoder_state
+from mae_det.checkpoint.hf import mae_to_hf
 from mae_det.config.pretrain import load_pretrain_cfg
 from mae_det.data.pretrain import DataError
 from mae_det.engine import pretrain as P
@@ -382,3 +383,74 @@ def test_non_finite_loss_skips_every_update_until_the_next_check(images, tmp_pat
         assert all(torch.equal(weights[0][k], later[k]) for k in initial)
     assert all(int(s["step"]) == 1 for s in t.optimizer.state.values())  # AdamW's count skipped them too
     assert not (tmp_path / "metrics.jsonl").exists() or not records(tmp_path, "train")
+
+
+# ---- MODEL.WEIGHTS: a run that starts from a checkpoint ------------------------------------------------------
+def _mae(seed: int, **over):
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+              decoder_num_heads=2) | over
+    torch.manual_seed(seed)
+    return P.MAE_FACTORIES["mae_vit_tiny_patch16"](**kw)
+
+
+def test_initial_weights_take_encoder_and_decoder_and_keep_the_fixed_tables(trained, tmp_path):
+    full = torch.load(trained / "checkpoint_0008.pth", weights_only=True)["model"]
+    model = _mae(1)
+    info = P.load_initial_weights(model, trained / "checkpoint_0008.pth")
+    assert info["format"] == "ours" and info["decoder"] == "loaded"
+    assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
+    # the same weights as a Hugging Face ViTMAEForPreTraining state dict
+    torch.save(mae_to_hf(full), tmp_path / "pytorch_model.bin")
+    model = _mae(2)
+    assert P.load_initial_weights(model, tmp_path / "pytorch_model.bin")["format"] == "hf"
+    assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
+    # an encoder-only release (the official mae_pretrain_vit_*.pth layout): the decoder keeps its random init
+    torch.save({"model": P.encoder_state_dict(full)}, tmp_path / "official_encoder.pth")
+    model, fresh = _mae(1), _mae(1).state_dict()
+    assert P.load_initial_weights(model, tmp_path / "official_encoder.pth")["decoder"] == "random"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full[k] if k in P.encoder_state_dict(full) else fresh[k]), k
+    # another image size: the weights load, the fixed sin-cos tables stay exact for the model's own grid
+    model, fresh = _mae(1, img_size=48), _mae(1, img_size=48).state_dict()
+    P.load_initial_weights(model, trained / "checkpoint_0008.pth")
+    assert model.pos_embed.shape == (1, 37, 64)
+    assert torch.equal(model.pos_embed, fresh["pos_embed"]) and torch.equal(model.decoder_pos_embed,
+                                                                             fresh["decoder_pos_embed"])
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, full["blocks.1.mlp.fc2.weight"])
+
+
+def test_initial_weights_that_do_not_fit_are_one_line_errors(trained):
+    path = trained / "checkpoint_0008.pth"
+    with pytest.raises(CheckpointError, match=r"checkpoint_0008.pth: decoder key 'mask_token' has shape \(1, 1, 32\), the "
+                                             r"model's is \(1, 1, 48\)"):
+        P.load_initial_weights(_mae(0, decoder_embed_dim=48, decoder_num_heads=2), path)
+    with pytest.raises(CheckpointError, match=r"checkpoint_0008.pth: its MAE decoder does not match .* 'decoder_blocks\.1"):
+        P.load_initial_weights(_mae(0, decoder_depth=2), path)
+    with pytest.raises(CheckpointError, match=r"checkpoint_0008.pth: 2 blocks but the model has depth 3"):
+        P.load_initial_weights(_mae(0, depth=3), path)
+
+
+def test_supervised_run_from_mae_weights_and_resume_precedence(images, tmp_path, trained):
+    ann = _coco_pool(tmp_path, images)
+    mae_enc = torch.load(trained / "encoder.pth", weights_only=True)["model"]
+    opts = ("MODEL.MODE", "supervised", "DATA.IMAGE_ROOT", str(images), "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0",
+            "MODEL.WEIGHTS", str(trained / "checkpoint_0008.pth"))
+    out = tmp_path / "sup"
+    P.run_pretrain(make_cfg(ann, out, *opts, "SOLVER.LR", "1e-12"))  # steps too small to move the weights
+    got = torch.load(out / "encoder.pth", weights_only=True)["model"]
+    assert all(torch.allclose(got[k], mae_enc[k], rtol=0, atol=1e-8) for k in mae_enc)
+    P.run_pretrain(make_cfg(ann, out, *opts))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["init_type"] == "pretrained" and info["init_checkpoint"].endswith("checkpoint_0008.pth")
+    assert len(info["init_checkpoint_sha256"]) == 64
+    trained_once = torch.load(out / "checkpoint_0001.pth", weights_only=True)["model"]
+    assert not torch.equal(trained_once["blocks.0.attn.qkv.weight"], mae_enc["blocks.0.attn.qkv.weight"])
+    # --resume of that finished run to 2 epochs continues from its checkpoint, not from MODEL.WEIGHTS again
+    P.run_pretrain(make_cfg(ann, out, *opts, "SOLVER.EPOCHS", "2"), resume=True)
+    assert "resumed from" in (out / "log.txt").read_text()
+    assert "initial weights" not in (out / "log.txt").read_text().split("resumed from")[-1]
+
+
+def test_missing_initial_weights_file_is_a_config_error(images, tmp_path):
+    with pytest.raises(Exception, match=r"MODEL.WEIGHTS: checkpoint file '.*nope.pth' not found"):
+        make_cfg(images, tmp_path, "MODEL.WEIGHTS", str(tmp_path / "nope.pth"))
