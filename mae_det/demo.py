@@ -446,8 +446,9 @@ def class_counts(coco: dict) -> dict[int, list[int]]:
 
 def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_json: Path) -> dict[str, float]:
     """The supervised baseline's own task on held-out images: per-class instance-count accuracy (count targets)
-    and multi-label presence mAP, in %, from the run's last checkpoint; with the accuracy of the best constant
-    prediction (each class's most frequent count on ``train_json``) for reference."""
+    and multi-label presence mAP, in %, from the run's last checkpoint; for reference, the accuracy of the best
+    constant prediction (each class's most frequent count on ``train_json``) and the presence mAP of a random
+    ranking (the mean class frequency on the held-out images)."""
     import numpy as np
     from PIL import Image
 
@@ -481,7 +482,10 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
             scores.append(logits.sigmoid().tolist())
     truth = [true[im["id"]] for im in data["images"]]
     aps = [_average_precision([s[k] for s in scores], [c[k] > 0 for c in truth]) for k in range(len(cat_ids))]
-    result = {"presence_map": 100 * float(np.nanmean(aps)), "num_images": len(truth)}
+    # A random ranking's AP is the class's frequency: the level presence mAP has to beat to show any learning.
+    prevalence = [np.mean([c[k] > 0 for c in truth]) for k in range(len(cat_ids))]
+    result = {"presence_map": 100 * float(np.nanmean(aps)), "presence_map_chance": 100 * float(np.mean(prevalence)),
+              "num_images": len(truth)}
     if cfg.MODEL.MAX_COUNT:
         train = list(class_counts(json.loads(train_json.read_text(encoding="utf-8"))).values())
         mode = [max(range(cap + 1), key=[min(c[k], cap) for c in train].count) for k in range(len(cat_ids))]
@@ -495,7 +499,8 @@ def _supervised_result(path: Path) -> str:
     r = json.loads(path.read_text(encoding="utf-8"))
     count = (f"count accuracy {r['count_accuracy']:.1f} % (constant prediction {r['count_accuracy_constant']:.1f} %), "
              if "count_accuracy" in r else "")
-    return f"held-out {count}presence mAP {r['presence_map']:.1f} % on {r['num_images']} images"
+    chance = f" (random ranking {r['presence_map_chance']:.1f} %)" if "presence_map_chance" in r else ""
+    return f"held-out {count}presence mAP {r['presence_map']:.1f} %{chance} on {r['num_images']} images"
 
 
 PARTIAL_BLOCKS = 2  # partial fine-tuning trains the last 2 of the 6 blocks (+ norm and head)

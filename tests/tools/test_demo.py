@@ -33,8 +33,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \| \d+:\d\d \|", report)
     # The supervised baseline's own held-out metric and the encoder checks, also as CSV rows.
     m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), presence mAP "
-                  r"(\d+\.\d) %", report)
+                  r"(\d+\.\d) % \(random ranking (\d+\.\d) %\)", report)
     assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
+    (val_json,) = data.rglob("instances_val.json")
+    val = json.loads(val_json.read_text())
+    has = {(a["image_id"], a["category_id"]) for a in val["annotations"]}
+    freq = [sum((im["id"], c["id"]) in has for im in val["images"]) / len(val["images"]) for c in val["categories"]]
+    assert m.group(4) == f"{100 * sum(freq) / len(freq):.1f}"
     # Its label kind and reference loss come from its own config (counts), not from the MAE config.
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
