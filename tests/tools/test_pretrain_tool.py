@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mae_det.engine.pretrain import main
+from mae_det.modeling.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = str(ROOT / "tools" / "pretrain.py")
@@ -87,6 +88,15 @@ def test_data_errors_exit_2(tmp_path, capsys):
     assert main(opts(tmp_path / "empty", tmp_path / "out")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"error: {tmp_path / 'empty'}: no images found (source folder)"
+
+
+def test_initial_weights_of_another_width_exit_2_with_one_line(images, tmp_path, capsys):
+    narrow = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": narrow.state_dict()}, tmp_path / "mae_pretrain_narrow.pth")  # the official release layout
+    assert main(opts(images, tmp_path / "out", "MODEL.WEIGHTS", str(tmp_path / "mae_pretrain_narrow.pth"))) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: {tmp_path / 'mae_pretrain_narrow.pth'}: encoder width 32 does not match the model's "
+                    f"embed_dim 64 (set MODEL.ARCH / MODEL.EMBED_DIM to the checkpoint's size)")
 
 
 def test_rank_failures_map_to_one_line_and_exit_codes():
