@@ -1148,7 +1148,6 @@ def write_report(
               if (g := [r for r in rows if r["init"] == arm and r["num_labeled"] == n])], "",
             "![Label efficiency](label_efficiency.png)", "",
         ]
-    heldout = json.loads((paths.output / "supervised_heldout.json").read_text(encoding="utf-8"))
     max_count = sup_model.get("MAX_COUNT", 0)
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
                 f"{chance_loss(paths.data / 'annotations' / 'instances_pool.json', max_count):.3f}")
