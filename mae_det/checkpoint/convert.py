@@ -331,21 +331,23 @@ def load_encoder_weights(
     return info | {"ignored": list(unexpected)}
 
 
-def load_decoder_state(
-    path_or_dict: str | os.PathLike | Mapping, fmt: str = "auto", *, source: str | None = None
-) -> dict[str, torch.Tensor]:
+def is_mae_decoder_key(key: str) -> bool:
+    """``mask_token`` and the ``decoder_*`` entries: the MAE parts outside the encoder, in official key names."""
+    return key == "mask_token" or key.startswith("decoder_")
+
+
+def load_decoder_state(path_or_dict: str | os.PathLike | Mapping, *, source: str | None = None) -> dict[str, torch.Tensor]:
     """The MAE decoder of a pretraining checkpoint (``mask_token`` and ``decoder_*``, official key names): this
     project's full checkpoints, the official ``*_full.pth`` / ``mae_visualize_*.pth`` releases, HF
     ``ViTMAEForPreTraining``. Empty for encoder-only checkpoints (official ``mae_pretrain_vit_*.pth``, exports,
     timm, detection checkpoints)."""
     ckpt, src = _open(path_or_dict, source)
-    detected, sd = _detect(ckpt, src)
-    fmt = detected if fmt == "auto" else fmt
+    fmt, sd = _detect(ckpt, src)
     if fmt in ("d2", "vitdet", "timm"):
         return {}
     if fmt == "hf":
         sd = hf_to_mae(sd)
-    return {k: _tensor(v) for k, v in sd.items() if k == "mask_token" or k.startswith("decoder_")}
+    return {k: _tensor(v) for k, v in sd.items() if is_mae_decoder_key(k)}
 
 
 # ---- Detectron2 targets ----------------------------------------------------------------------------------

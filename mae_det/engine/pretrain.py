@@ -46,7 +46,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
-from ..checkpoint.convert import FORMAT_NAMES, load_decoder_state, load_encoder_weights, read_checkpoint
+from ..checkpoint.convert import (
+    FORMAT_NAMES, is_mae_decoder_key, load_decoder_state, load_encoder_weights, read_checkpoint,
+)
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from ..data.images import ImageLoadError
@@ -173,7 +175,7 @@ def load_initial_weights(model: VisionTransformer, path: str | os.PathLike) -> d
     if isinstance(model, MaskedAutoencoderViT):
         state = model.state_dict()
         theirs = {k: v for k, v in load_decoder_state(ckpt, source=str(path)).items() if k not in fixed}
-        ours = {k for k in state if k == "mask_token" or k.startswith("decoder_")} - fixed.keys()
+        ours = {k for k in state if is_mae_decoder_key(k)} - fixed.keys()
         if not theirs:
             logger.info("%s has no MAE decoder: the decoder starts from random init", path)
             decoder = "random"
