@@ -38,6 +38,9 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     DATA.SCALE: (0.2, 1.0)          RandomResizedCrop area range
     DATA.RATIO: (0.75, 1.3333)      RandomResizedCrop aspect-ratio range
     DATA.HFLIP: True                random horizontal flip (p = 0.5)
+    DATA.ROT90: False               random rotation by 0, 90, 180 or 270 degrees (with HFLIP: the 8 symmetries of
+                                    the square), for data without an up direction (aerial, microscopy, shapes)
+    DATA.CHANNEL_SHUFFLE: False     random order of the RGB channels, for data whose classes do not depend on color
     DATA.MEAN / DATA.STD            normalization, ImageNet's RGB values; one entry per input channel
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction of the
                                     dataset the run fails
@@ -145,6 +148,8 @@ def get_pretrain_cfg() -> CN:
     _C.DATA.SCALE = (0.2, 1.0)
     _C.DATA.RATIO = (3.0 / 4.0, 4.0 / 3.0)
     _C.DATA.HFLIP = True
+    _C.DATA.ROT90 = False
+    _C.DATA.CHANNEL_SHUFFLE = False
     _C.DATA.MEAN = (0.485, 0.456, 0.406)
     _C.DATA.STD = (0.229, 0.224, 0.225)
     _C.DATA.MAX_BAD_FRACTION = 0.01
@@ -384,6 +389,8 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"DATA.MEAN/DATA.STD: expected {M.IN_CHANS} values each (MODEL.IN_CHANS), "
            f"got {len(D.MEAN)} and {len(D.STD)}")
     _check(all(s > 0 for s in D.STD), f"DATA.STD: expected positive values, got {tuple(D.STD)}")
+    _check(not D.CHANNEL_SHUFFLE or M.IN_CHANS == 3,
+           f"DATA.CHANNEL_SHUFFLE: needs RGB input (MODEL.IN_CHANS 3), got MODEL.IN_CHANS {M.IN_CHANS}")
     _check(0.0 <= D.MAX_BAD_FRACTION <= 1.0,
            f"DATA.MAX_BAD_FRACTION: expected a value in [0, 1], got {D.MAX_BAD_FRACTION}")
     _check(D.MAX_PIXELS > 0, f"DATA.MAX_PIXELS: expected > 0, got {D.MAX_PIXELS}")

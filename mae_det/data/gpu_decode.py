@@ -4,14 +4,14 @@ and the MAE augmentation on GPU tensors in the main process.
 Split of the work:
 
 - loader workers (CPU): :class:`EncodedPretrainDataset` reads a file's bytes and its header (size, EXIF
-  orientation) and draws the sample's crop and flip with the same :meth:`PretrainTransform.sample` and the same
-  (seed, epoch, index) generator as the CPU path, then the mask noise, so both paths train on the same crops,
-  flips and masks. Files the GPU decoder cannot take - not a JPEG, CMYK/YCCK JPEGs, anything larger than
+  orientation) and draws the sample's crop, flip (and quarter turns and channel order, when enabled) with the
+  same :meth:`PretrainTransform.sample` and the same (seed, epoch, index) generator as the CPU path, then the mask
+  noise, so both paths train on the same crops, flips and masks. Files the GPU decoder cannot take - not a JPEG, CMYK/YCCK JPEGs, anything larger than
   ``max_pixels`` (the CPU path decodes those downscaled) - are decoded and augmented on the worker exactly as on
   the CPU path; unreadable files are skipped and counted as there.
 - main process (GPU): :class:`GpuAugment` decodes a batch's JPEGs in one call of :func:`decode_jpegs`, applies the
-  orientation, crops, resizes (bicubic with antialiasing: PIL's filter, which the CPU path uses), flips and
-  normalizes. CUDA cannot run in forked loader workers, hence the main process; :class:`CudaPrefetcher` does it on
+  orientation, crops, resizes (bicubic with antialiasing: PIL's filter, which the CPU path uses), flips, turns,
+  reorders the channels and normalizes. CUDA cannot run in forked loader workers, hence the main process; :class:`CudaPrefetcher` does it on
   a side stream for the next batch while the model trains on the current one.
 
 A file that passes the header check but fails on the GPU is decoded on the CPU in the main process (counted in
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import ImageLoadError, _open_unchecked, load_image
-from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pretrain
+from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pretrain, turn_and_shuffle
 
 try:  # the maintained decoder; torchvision's is deprecated since 0.29
     from torchcodec.decoders import decode_jpeg as _torchcodec_decode_jpeg
@@ -170,15 +170,15 @@ def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequenc
     PIL resizes to 8 bits, so the resized values are rounded and clipped before the normalization. ``mean_std``:
     ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
     """
-    top, left, h, w, flip = crop
-    x = apply_orientation(img, orientation)[:, top:top + h, left:left + w]
+    p = CropFlip(*crop)
+    x = apply_orientation(img, orientation)[:, p.top:p.top + p.height, p.left:p.left + p.width]
     s = transform.img_size
     x = F.interpolate(x[None].float(), size=(s, s), mode="bicubic", antialias=True, align_corners=False)[0]
     x = x.round_().clamp_(0, 255)
-    if flip:
+    if p.flip:
         x = x.flip(-1)
     mean, std = mean_std if mean_std is not None else _mean_std(transform, x.device)
-    return (x / 255.0 - mean) / std
+    return (turn_and_shuffle(x, p) / 255.0 - mean) / std
 
 
 def _mean_std(transform: PretrainTransform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

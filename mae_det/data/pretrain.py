@@ -205,13 +205,16 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 
 
 class CropFlip(NamedTuple):
-    """One sample's augmentation parameters: the crop box in the (EXIF-oriented) image and the flip."""
+    """One sample's augmentation parameters: the crop box in the (EXIF-oriented) image, the flip, then the
+    counter-clockwise quarter turns and the order of the RGB channels (None: as stored)."""
 
     top: int
     left: int
     height: int
     width: int
     flip: bool
+    quarter_turns: int = 0
+    channels: tuple[int, ...] | None = None
 
 
 class PretrainTransform:
@@ -220,13 +223,21 @@ class PretrainTransform:
     The crop sampling follows torchvision's RandomResizedCrop (10 tries of area and log-uniform aspect ratio,
     then a centre crop clamped to the ratio range). :meth:`sample` is the one sampling of the parameters: the
     PIL path here and the GPU tensor path (:mod:`mae_det.data.gpu_decode`) both apply what it draws.
+
+    ``rot90`` (a random number of quarter turns; with ``hflip`` the 8 symmetries of the square) and
+    ``channel_shuffle`` (a random order of the RGB channels) preserve what an image contains, so they suit
+    image-level labels such as instance counts on data without a canonical orientation or class colors.
     """
 
     def __init__(
         self, img_size: int, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: bool = True, mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+        rot90: bool = False, channel_shuffle: bool = False,
     ) -> None:
+        if channel_shuffle and len(mean) != 3:
+            raise ValueError(f"channel_shuffle needs 3 channels, got mean {tuple(mean)}")
         self.img_size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
+        self.rot90, self.channel_shuffle = rot90, channel_shuffle
         self.mean, self.std = list(mean), list(std)
 
     def crop_params(self, width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
@@ -252,16 +263,21 @@ class PretrainTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def sample(self, width: int, height: int, g: torch.Generator) -> CropFlip:
-        """The crop of a ``width`` x ``height`` image, then the flip, drawn from ``g`` in this order."""
+        """The crop of a ``width`` x ``height`` image, the flip, the quarter turns and the channel order, drawn
+        from ``g`` in this order (nothing is drawn for a disabled option, so the defaults keep their draws)."""
         top, left, h, w = self.crop_params(width, height, g)
-        return CropFlip(top, left, h, w, self.hflip and float(torch.rand((), generator=g)) < 0.5)
+        flip = self.hflip and float(torch.rand((), generator=g)) < 0.5
+        turns = int(torch.randint(0, 4, (), generator=g)) if self.rot90 else 0
+        channels = tuple(torch.randperm(3, generator=g).tolist()) if self.channel_shuffle else None
+        return CropFlip(top, left, h, w, flip, turns, channels)
 
     def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
         """RGB PIL image -> (C, img_size, img_size) float tensor; C = len(mean) (1 converts to grayscale)."""
         return self.apply(img, self.sample(img.width, img.height, g))
 
     def apply(self, img: Image.Image, p: CropFlip) -> torch.Tensor:
-        """The crop, resize, flip and normalization of :meth:`__call__` with given parameters."""
+        """The crop, resize, flip, rotation, channel order and normalization of :meth:`__call__` with given
+        parameters."""
         if len(self.mean) == 1:
             img = img.convert("L")
         img = TF.resized_crop(img, p.top, p.left, p.height, p.width, [self.img_size, self.img_size],
@@ -269,7 +285,14 @@ class PretrainTransform:
         if p.flip:
             img = TF.hflip(img)
         x = TF.pil_to_tensor(img).float().div_(255.0)  # (C, S, S)
-        return TF.normalize(x, self.mean, self.std)
+        return TF.normalize(turn_and_shuffle(x, p), self.mean, self.std)
+
+
+def turn_and_shuffle(x: torch.Tensor, p: CropFlip) -> torch.Tensor:
+    """(C, S, S) -> the same turned by ``p.quarter_turns`` (counter-clockwise) with channels in ``p.channels``."""
+    if p.quarter_turns:
+        x = torch.rot90(x, p.quarter_turns, dims=(1, 2))
+    return x[list(p.channels)] if p.channels is not None else x
 
 
 # ---- dataset ---------------------------------------------------------------------------------------------

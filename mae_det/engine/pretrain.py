@@ -273,7 +273,7 @@ class Pretrainer:
         arch = resolve_arch(cfg)
         num_patches = (cfg.MODEL.IMG_SIZE // arch["patch_size"]) ** 2 if self.mode == "mae" else 0
         transform = PretrainTransform(cfg.MODEL.IMG_SIZE, cfg.DATA.SCALE, cfg.DATA.RATIO, cfg.DATA.HFLIP,
-                                      cfg.DATA.MEAN, cfg.DATA.STD)
+                                      cfg.DATA.MEAN, cfg.DATA.STD, cfg.DATA.ROT90, cfg.DATA.CHANNEL_SHUFFLE)
         gpu_decode = cfg.DATA.DECODE_DEVICE == "cuda"
         if gpu_decode and self.device.type != "cuda":
             raise ConfigError("DATA.DECODE_DEVICE: cuda decoding needs a GPU, and DEVICE resolved to cpu")

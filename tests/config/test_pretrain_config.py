@@ -104,6 +104,9 @@ def test_other_checks(data_dir):
     msg = _error(_cfg, data_dir, "MODEL.EMBED_DIM", "64")
     assert msg == "MODEL.EMBED_DIM: 64 is not divisible by MODEL.NUM_HEADS 12"
     assert "DATA.MEAN/DATA.STD" in _error(_cfg, data_dir, "MODEL.IN_CHANS", "1")
+    msg = _error(_cfg, data_dir, "MODEL.IN_CHANS", "1", "DATA.MEAN", "(0.5,)", "DATA.STD", "(0.5,)",
+                 "DATA.CHANNEL_SHUFFLE", "True")
+    assert msg == "DATA.CHANNEL_SHUFFLE: needs RGB input (MODEL.IN_CHANS 3), got MODEL.IN_CHANS 1"
     assert "MONITOR.KNN.TRAIN_ROOT is empty" in _error(_cfg, data_dir, "MONITOR.KNN.ENABLED", "True")
     assert "odd list" in _error(_cfg, data_dir, "SEED")
     assert "config file not found" in _error(load_pretrain_cfg, "/no/such.yaml", [])

@@ -52,9 +52,9 @@ def folder(tmp_path_factory) -> Path:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _datasets(folder: Path, **kw):
+def _datasets(folder: Path, transform: PretrainTransform | None = None, **kw):
     src = folder_source(folder)
-    t = PretrainTransform(48, scale=(0.2, 1.0))
+    t = transform or PretrainTransform(48, scale=(0.2, 1.0))
     return (PretrainDataset(src, t, seed=3, num_patches=9, **kw), G.EncodedPretrainDataset(src, t, seed=3,
                                                                                            num_patches=9, **kw), t)
 
@@ -63,8 +63,10 @@ def _to_255(x: torch.Tensor, t: PretrainTransform) -> torch.Tensor:
     return (x * torch.tensor(t.std).view(-1, 1, 1) + torch.tensor(t.mean).view(-1, 1, 1)) * 255
 
 
-def test_both_paths_draw_the_same_crops_flips_and_masks(folder):
-    cpu, enc, t = _datasets(folder)
+@pytest.mark.parametrize("turns_and_channels", [False, True], ids=["crop_flip", "crop_flip_turn_shuffle"])
+def test_both_paths_draw_the_same_crops_flips_and_masks(folder, turns_and_channels):
+    t = PretrainTransform(48, scale=(0.2, 1.0), rot90=turns_and_channels, channel_shuffle=turns_and_channels)
+    cpu, enc, t = _datasets(folder, t)
     names = [p.name for p in cpu.source.paths]
     flips = set()
     for epoch in (0, 1, 2):

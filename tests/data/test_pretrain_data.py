@@ -1,4 +1,5 @@
 """Pretraining sources, augmentation determinism, corrupt-image handling and the global-batch sampler."""
+import itertools
 import json
 
 import numpy as np
@@ -112,6 +113,35 @@ def test_transform_shapes_normalization_and_determinism():
     assert not torch.equal(a, t(img, sample_generator(0, 4, 7)))
     gray = PretrainTransform(32, mean=(0.5,), std=(0.5,))(img, sample_generator(0, 0, 0))
     assert gray.shape == (1, 32, 32)
+
+
+def test_quarter_turns_and_channel_orders_cover_the_group_and_keep_crop_and_flip_draws():
+    plain = PretrainTransform(32, hflip=True)
+    both = PretrainTransform(32, hflip=True, rot90=True, channel_shuffle=True)
+    turns, orders = set(), set()
+    for i in range(120):
+        a, b = plain.sample(100, 60, sample_generator(2, 0, i)), both.sample(100, 60, sample_generator(2, 0, i))
+        assert a[:5] == b[:5] and (a.quarter_turns, a.channels) == (0, None)  # drawn after crop and flip
+        turns.add(b.quarter_turns)
+        orders.add(b.channels)
+    assert turns == {0, 1, 2, 3} and orders == set(itertools.permutations(range(3)))
+
+
+def test_turned_and_shuffled_sample_is_the_plain_sample_turned_and_shuffled():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    kw = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    plain = PretrainTransform(16, **kw)(img, sample_generator(0, 0, 0))
+    both = PretrainTransform(16, rot90=True, channel_shuffle=True, **kw)
+    seen = 0
+    for i in range(40):
+        p = both.sample(40, 40, sample_generator(0, 0, i))
+        # the whole image, no flip: only the quarter turns and the channel order differ from ``plain``
+        expected = torch.rot90(plain, p.quarter_turns, dims=(1, 2))[list(p.channels)]
+        assert torch.equal(both(img, sample_generator(0, 0, i)), expected)
+        seen += p.quarter_turns != 0 and p.channels != (0, 1, 2)
+    assert seen > 10
+    with pytest.raises(ValueError, match="channel_shuffle needs 3 channels"):
+        PretrainTransform(16, mean=(0.5,), std=(0.5,), channel_shuffle=True)
 
 
 def test_crop_params_respect_scale_and_bounds():
