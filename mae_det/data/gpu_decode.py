@@ -6,13 +6,13 @@ Split of the work:
 - loader workers (CPU): :class:`EncodedPretrainDataset` reads a file's bytes and its header (size, EXIF
   orientation) and draws the sample's crop, flip (and quarter turns and channel order, when enabled) with the
   same :meth:`PretrainTransform.sample` and the same (seed, epoch, index) generator as the CPU path, then the mask
-  noise, so both paths train on the same crops, flips and masks. Files the GPU decoder cannot take - not a JPEG, CMYK/YCCK JPEGs, anything larger than
-  ``max_pixels`` (the CPU path decodes those downscaled) - are decoded and augmented on the worker exactly as on
-  the CPU path; unreadable files are skipped and counted as there.
+  noise, so both paths train on the same crops, flips and masks. Files the GPU decoder cannot take - not a JPEG,
+  CMYK/YCCK JPEGs, anything larger than ``max_pixels`` (the CPU path decodes those downscaled) - are decoded and
+  augmented on the worker exactly as on the CPU path; unreadable files are skipped and counted as there.
 - main process (GPU): :class:`GpuAugment` decodes a batch's JPEGs in one call of :func:`decode_jpegs`, applies the
   orientation, crops, resizes (bicubic with antialiasing: PIL's filter, which the CPU path uses), flips, turns,
-  reorders the channels and normalizes. CUDA cannot run in forked loader workers, hence the main process; :class:`CudaPrefetcher` does it on
-  a side stream for the next batch while the model trains on the current one.
+  reorders the channels and normalizes. CUDA cannot run in forked loader workers, hence the main process;
+  :class:`CudaPrefetcher` does it on a side stream for the next batch while the model trains on the current one.
 
 A file that passes the header check but fails on the GPU is decoded on the CPU in the main process (counted in
 the batch's ``"cpu_decoded"``); one that fails there too becomes a zero image reported in ``"bad"`` (counted like
