@@ -137,3 +137,15 @@ def test_encoder_init_choice_is_validated(data_dir):
     assert _cfg(data_dir, "MODEL.INIT", "vitdet").MODEL.INIT == "vitdet"
     with pytest.raises(ConfigError, match=r"MODEL.INIT: expected one of \('vitdet', 'mae'\), got 'xavier'"):
         _cfg(data_dir, "MODEL.INIT", "xavier")
+
+
+def test_demo_supervised_arm_uses_only_count_preserving_augmentation():
+    # A crop would change the per-class counts it learns from; flips, quarter turns and channel orders keep them
+    # and stop it memorizing the 2,400-image pool (README pilot p55).
+    shapes = CONFIGS.parent / "shapes"
+    cfg = load_pretrain_cfg(shapes / "pretrain_supervised.yaml", check_paths=False)
+    assert cfg.MODEL.MODE == "supervised" and cfg.MODEL.MAX_COUNT == 3
+    assert tuple(cfg.DATA.SCALE) == (1.0, 1.0) and tuple(cfg.DATA.RATIO) == (1.0, 1.0)
+    assert cfg.DATA.HFLIP and cfg.DATA.ROT90 and cfg.DATA.CHANNEL_SHUFFLE
+    mae = load_pretrain_cfg(shapes / "pretrain_mae.yaml", check_paths=False)
+    assert not mae.DATA.ROT90 and not mae.DATA.CHANNEL_SHUFFLE
