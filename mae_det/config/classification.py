@@ -49,7 +49,7 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     SOLVER.COMPILE: "auto"          fine-tuning: torch.compile the classifier in place for the training step
                                     ("on", "off", "auto" = on for CUDA only; evaluation stays eager)
     TEST.BATCH_SIZE: 128            evaluation / feature-extraction batch
-    TEST.EVAL_PERIOD: 1             fine-tuning: evaluate every N epochs (and after the last)
+    TEST.EVAL_PERIOD: 1             fine-tuning: evaluate every N epochs and after the last (0 = after the last only)
     LINPROBE.EPOCHS: 90
     LINPROBE.BATCH_SIZE: 16384      capped at the number of training images
     LINPROBE.BASE_LR: 0.1           lr = BASE_LR * batch / 256
@@ -253,7 +253,8 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(S.COMPILE in COMPILE_CHOICES, f"SOLVER.COMPILE: expected one of {COMPILE_CHOICES}, got {S.COMPILE!r}")
 
     _check(cfg.TEST.BATCH_SIZE >= 1, f"TEST.BATCH_SIZE: expected >= 1, got {cfg.TEST.BATCH_SIZE}")
-    _check(cfg.TEST.EVAL_PERIOD >= 1, f"TEST.EVAL_PERIOD: expected >= 1 epoch, got {cfg.TEST.EVAL_PERIOD}")
+    _check(cfg.TEST.EVAL_PERIOD >= 0,
+           f"TEST.EVAL_PERIOD: expected >= 0 epochs (0 = after the last only), got {cfg.TEST.EVAL_PERIOD}")
 
     for key in ("EPOCHS", "BATCH_SIZE"):
         _check(L[key] >= 1, f"LINPROBE.{key}: expected >= 1, got {L[key]}")

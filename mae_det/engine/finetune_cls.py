@@ -460,7 +460,8 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         )
         bar.close()
         skips.check()
-        if (epoch + 1) % cfg.TEST.EVAL_PERIOD == 0 or epoch + 1 == S.EPOCHS:
+        period = cfg.TEST.EVAL_PERIOD
+        if (period and (epoch + 1) % period == 0) or epoch + 1 == S.EPOCHS:
             val_skips = SkipCounter(str(cfg.DATA.VAL_ROOT), cfg.DATA.MAX_BAD_FRACTION)
             ev = evaluate(model, val_loader, device, dtype, num_classes, val_skips, progress)
             val_skips.check()

@@ -1,4 +1,5 @@
 """Classification fine-tuning: learns, resumes exactly, loads every encoder format, rejects a wrong width."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,23 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     assert straight["finetune_top1"] == resumed["finetune_top1"]
     assert [r["epoch"] for r in sb["history"]] == [1, 2]
+
+
+def test_eval_period_zero_scores_only_the_last_epoch_with_the_same_top1(tmp_path):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 8, "AUG.MIXUP": 0.8}
+    every = finetune(tiny_cfg(tmp_path / "data", tmp_path / "every", **over), progress=False)
+    last = finetune(tiny_cfg(tmp_path / "data", tmp_path / "last", **over, **{"TEST.EVAL_PERIOD": 0}), progress=False)
+
+    def evaluated(out: Path) -> list[int]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["epoch"] for r in records if "val_top1" in r]
+
+    assert evaluated(tmp_path / "every") == [1, 2, 3] and evaluated(tmp_path / "last") == [3]
+    # Every epoch reseeds its randomness: skipping the evaluations leaves training, and the top-1, unchanged.
+    assert last["finetune_top1"] == every["finetune_top1"]
+    with pytest.raises(Exception, match=r"TEST.EVAL_PERIOD: expected >= 0 epochs \(0 = after the last only\), got -1"):
+        tiny_cfg(tmp_path / "data", tmp_path / "bad", **{"TEST.EVAL_PERIOD": -1})
 
 
 def _official_full(img_size: int) -> dict:

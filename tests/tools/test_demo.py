@@ -236,6 +236,9 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
     partial = by["cls_partial_finetune_mae"].command
     assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
+    # The tables read the last epoch's top-1: both fine-tunings score the val images once, after the last epoch.
+    full = by["cls_finetune_cls_scratch"].command
+    assert partial[partial.index("TEST.EVAL_PERIOD") + 1] == full[full.index("TEST.EVAL_PERIOD") + 1] == "0"
     # Seed 0 keeps the command of a one-seed run (its outputs stay up to date); the others set SEED.
     assert "SEED" not in partial
     seed2 = by["cls_partial_finetune_mae_s2"].command
