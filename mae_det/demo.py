@@ -434,7 +434,6 @@ def _average_precision(scores: Sequence[float], positives: Sequence[bool]) -> fl
     return sum(precisions) / len(precisions) if precisions else float("nan")
 
 
-@torch.no_grad()
 def class_counts(coco: dict) -> dict[int, list[int]]:
     """Image id -> instances of each category (in sorted category-id order) of a COCO dict."""
     index = {cid: k for k, cid in enumerate(sorted(c["id"] for c in coco["categories"]))}
@@ -444,11 +443,26 @@ def class_counts(coco: dict) -> dict[int, list[int]]:
     return per
 
 
+def constant_loss(fit: Sequence[Sequence[int]], held: Sequence[Sequence[int]], cap: int) -> float:
+    """Cross-entropy on the per-class counts ``held`` (images x classes) of the constant prediction fitted on
+    ``fit``: each class's frequency of each count 0..``cap`` (counts capped at ``cap``; 1 = presence, the BCE),
+    averaged over classes. What a model that learned only the label frequencies scores; a count never seen in
+    ``fit`` gets the frequency of one image, so the loss stays finite."""
+    n, loss = len(fit), 0.0
+    num_classes = len(fit[0])
+    for k in range(num_classes):
+        freq = [max(sum(min(c[k], cap) == b for c in fit), 1) / n for b in range(cap + 1)]
+        loss -= sum(math.log(freq[min(c[k], cap)]) for c in held) / len(held)
+    return loss / num_classes
+
+
+@torch.no_grad()
 def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_json: Path) -> dict[str, float]:
-    """The supervised baseline's own task on held-out images: per-class instance-count accuracy (count targets)
-    and multi-label presence mAP, in %, from the run's last checkpoint; for reference, the accuracy of the best
-    constant prediction (each class's most frequent count on ``train_json``) and the presence mAP of a random
-    ranking (the mean class frequency on the held-out images)."""
+    """The supervised baseline's own task on held-out images: per-class instance-count accuracy and the count
+    cross-entropy (its training loss; count targets), multi-label presence mAP (%), from the run's last checkpoint;
+    for reference, the best constant prediction's accuracy (each class's most frequent count on ``train_json``)
+    and cross-entropy (the count frequencies on ``train_json``), and the presence mAP of a random ranking (the
+    mean class frequency on the held-out images)."""
     import numpy as np
     from PIL import Image
 
@@ -467,7 +481,7 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
     true = class_counts(data)
     mean, std = np.array(cfg.DATA.MEAN, np.float32), np.array(cfg.DATA.STD, np.float32)
     size = cfg.MODEL.IMG_SIZE
-    scores, hits = [], []
+    scores, hits, losses = [], [], []
     cap = max(cfg.MODEL.MAX_COUNT, 1)
     for im in data["images"]:
         with Image.open(image_dir / im["file_name"]) as pil:
@@ -475,9 +489,10 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
         x = torch.from_numpy(((x - mean) / std).transpose(2, 0, 1).copy())[None]  # (1, 3, S, S)
         logits = model.head(model.pooled_features(x, model.pool)).float()[0]
         if cfg.MODEL.MAX_COUNT:
-            probs = logits.view(len(cat_ids), cfg.MODEL.MAX_COUNT + 1).softmax(-1)  # (K, C + 1)
-            scores.append((1 - probs[:, 0]).tolist())
-            hits += [int(p) == min(c, cap) for p, c in zip(probs.argmax(-1).tolist(), true[im["id"]])]
+            log_probs = logits.view(len(cat_ids), cfg.MODEL.MAX_COUNT + 1).log_softmax(-1)  # (K, C + 1)
+            scores.append((1 - log_probs[:, 0].exp()).tolist())
+            hits += [int(p) == min(c, cap) for p, c in zip(log_probs.argmax(-1).tolist(), true[im["id"]])]
+            losses += [-float(lp[min(c, cap)]) for lp, c in zip(log_probs, true[im["id"]])]
         else:
             scores.append(logits.sigmoid().tolist())
     truth = [true[im["id"]] for im in data["images"]]
@@ -492,6 +507,8 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
         result["count_accuracy"] = 100 * sum(hits) / len(hits)
         result["count_accuracy_constant"] = 100 * sum(min(c[k], cap) == mode[k] for c in truth
                                                       for k in range(len(cat_ids))) / len(hits)
+        result["count_loss"] = sum(losses) / len(losses)
+        result["count_loss_constant"] = constant_loss(train, truth, cap)
     return result
 
 
@@ -499,6 +516,8 @@ def _supervised_result(path: Path) -> str:
     r = json.loads(path.read_text(encoding="utf-8"))
     count = (f"count accuracy {r['count_accuracy']:.1f} % (constant prediction {r['count_accuracy_constant']:.1f} %), "
              if "count_accuracy" in r else "")
+    if "count_loss" in r:  # held-out files of earlier runs lack it
+        count += f"count cross-entropy {r['count_loss']:.3f} (constant prediction {r['count_loss_constant']:.3f}), "
     chance = f" (random ranking {r['presence_map_chance']:.1f} %)" if "presence_map_chance" in r else ""
     return f"held-out {count}presence mAP {r['presence_map']:.1f} %{chance} on {r['num_images']} images"
 
@@ -904,17 +923,8 @@ def chance_loss(coco_json: Path, max_count: int = 0) -> float:
     """Loss of the best constant prediction on the labels of a COCO json: what a supervised run that learned
     nothing reaches. Multi-hot labels (``max_count`` 0): the BCE of each class's image frequency; count labels: the
     cross-entropy of each class's count distribution (counts capped at ``max_count``); averaged over classes."""
-    data = json.loads(coco_json.read_text(encoding="utf-8"))
-    per_image = list(class_counts(data).values())  # (images, K)
-    n, num_classes = len(per_image), len(data["categories"])
-
-    def entropy(freqs: list[float]) -> float:
-        return -sum(p * math.log(p) for p in freqs if p > 0)
-
-    cap = max_count or 1  # presence is a count capped at 1
-    h = [entropy([sum(min(c[k], cap) == b for c in per_image) / n for b in range(cap + 1)])
-         for k in range(num_classes)]
-    return sum(h) / len(h)
+    per_image = list(class_counts(json.loads(coco_json.read_text(encoding="utf-8"))).values())  # (images, K)
+    return constant_loss(per_image, per_image, max_count or 1)  # presence is a count capped at 1
 
 
 def pretrain_summary(run_dir: Path) -> dict[str, Any]:

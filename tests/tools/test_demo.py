@@ -32,14 +32,17 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
         assert json.loads((out / f"finetune_{arm}_s0" / "run_info.json").read_text())["init_type"] == arm
     assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \| \d+:\d\d \|", report)
     # The supervised baseline's own held-out metric and the encoder checks, also as CSV rows.
-    m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), presence mAP "
-                  r"(\d+\.\d) % \(random ranking (\d+\.\d) %\)", report)
+    m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), count cross-entropy "
+                  r"(\d+\.\d{3}) \(constant prediction (\d+\.\d{3})\), presence mAP (\d+\.\d) % \(random ranking "
+                  r"(\d+\.\d) %\)", report)
     assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
+    heldout = json.loads((out / "supervised_heldout.json").read_text())
+    assert m.group(3) == f"{heldout['count_loss']:.3f}" and heldout["count_loss"] > 0
     (val_json,) = data.rglob("instances_val.json")
     val = json.loads(val_json.read_text())
     has = {(a["image_id"], a["category_id"]) for a in val["annotations"]}
     freq = [sum((im["id"], c["id"]) in has for im in val["images"]) / len(val["images"]) for c in val["categories"]]
-    assert m.group(4) == f"{100 * sum(freq) / len(freq):.1f}"
+    assert m.group(6) == f"{100 * sum(freq) / len(freq):.1f}"
     # Its label kind and reference loss come from its own config (counts), not from the MAE config.
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
@@ -80,6 +83,7 @@ from mae_det.demo import (  # noqa: E402
     _verdict,
     build_stages,
     chance_loss,
+    constant_loss,
     config_chain,
 )
 from mae_det.evaluation.compare import RunResult, aggregate  # noqa: E402
@@ -301,6 +305,17 @@ def test_chance_loss_is_the_mean_entropy_of_each_class_label_distribution(tmp_pa
     # none (0); capped at 1 class 1 is always present (0).
     assert chance_loss(path, max_count=3) == pytest.approx(2 * math.log(2) / 3)
     assert chance_loss(path, max_count=1) == pytest.approx(chance_loss(path))
+
+
+def test_constant_loss_is_the_cross_entropy_of_the_fitted_frequencies_on_held_out_counts():
+    fit = [[0, 2], [1, 0], [1, 0], [3, 0]]  # class 0: counts 0, 1, 1, 3+ (cap 2); class 1: 0, 0, 0, 2
+    held = [[1, 0], [2, 1]]
+    # class 0: p(1) = 2/4, p(2+) = 1/4; class 1: p(0) = 3/4, count 1 never seen -> the frequency of one image, 1/4
+    expected = (-(math.log(2 / 4) + math.log(1 / 4)) / 2 - (math.log(3 / 4) + math.log(1 / 4)) / 2) / 2
+    assert constant_loss(fit, held, cap=2) == pytest.approx(expected)
+    # Fitted and scored on the same labels: the mean entropy of each class's count distribution.
+    assert constant_loss(fit, fit, cap=1) == pytest.approx(
+        (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) * 2) / 2)
 
 
 def test_independent_tool_stages_run_in_parallel_with_one_thread_each(tmp_path, monkeypatch):
