@@ -443,17 +443,37 @@ def class_counts(coco: dict) -> dict[int, list[int]]:
     return per
 
 
+def count_frequencies(fit: Sequence[Sequence[int]], cap: int) -> list[list[float]]:
+    """The constant prediction fitted on the per-class counts ``fit`` (images x classes): each class's frequency
+    of each count 0..``cap`` (counts capped at ``cap``; 1 = presence). A count never seen gets the frequency of
+    one image, so that its cross-entropy stays finite."""
+    return [[max(sum(min(c[k], cap) == b for c in fit), 1) / len(fit) for b in range(cap + 1)]
+            for k in range(len(fit[0]))]
+
+
+def constant_image_losses(fit: Sequence[Sequence[int]], held: Sequence[Sequence[int]], cap: int) -> list[float]:
+    """Per image of ``held``: the cross-entropy of the constant prediction fitted on ``fit``, averaged over classes
+    (with ``cap`` 1 the BCE of presence)."""
+    freq = count_frequencies(fit, cap)
+    return [-sum(math.log(f[min(n, cap)]) for f, n in zip(freq, c)) / len(freq) for c in held]
+
+
 def constant_loss(fit: Sequence[Sequence[int]], held: Sequence[Sequence[int]], cap: int) -> float:
-    """Cross-entropy on the per-class counts ``held`` (images x classes) of the constant prediction fitted on
-    ``fit``: each class's frequency of each count 0..``cap`` (counts capped at ``cap``; 1 = presence, the BCE),
-    averaged over classes. What a model that learned only the label frequencies scores; a count never seen in
-    ``fit`` gets the frequency of one image, so the loss stays finite."""
-    n, loss = len(fit), 0.0
-    num_classes = len(fit[0])
-    for k in range(num_classes):
-        freq = [max(sum(min(c[k], cap) == b for c in fit), 1) / n for b in range(cap + 1)]
-        loss -= sum(math.log(freq[min(c[k], cap)]) for c in held) / len(held)
-    return loss / num_classes
+    """Cross-entropy on ``held`` of the constant prediction fitted on ``fit`` (:func:`count_frequencies`), averaged
+    over images and classes: what a model that learned only the label frequencies scores."""
+    losses = constant_image_losses(fit, held, cap)
+    return sum(losses) / len(losses)
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, fixed seed)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 @torch.no_grad()
@@ -461,8 +481,9 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
     """The supervised baseline's own task on held-out images: per-class instance-count accuracy and the count
     cross-entropy (its training loss; count targets), multi-label presence mAP (%), from the run's last checkpoint;
     for reference, the best constant prediction's accuracy (each class's most frequent count on ``train_json``)
-    and cross-entropy (the count frequencies on ``train_json``), and the presence mAP of a random ranking (the
-    mean class frequency on the held-out images)."""
+    and cross-entropy (the count frequencies on ``train_json``) with a 95 % bootstrap interval (over images) of the
+    model's cross-entropy minus the constant's, and the presence mAP of a random ranking (the mean class frequency
+    on the held-out images)."""
     import numpy as np
     from PIL import Image
 
@@ -492,7 +513,7 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
             log_probs = logits.view(len(cat_ids), cfg.MODEL.MAX_COUNT + 1).log_softmax(-1)  # (K, C + 1)
             scores.append((1 - log_probs[:, 0].exp()).tolist())
             hits += [int(p) == min(c, cap) for p, c in zip(log_probs.argmax(-1).tolist(), true[im["id"]])]
-            losses += [-float(lp[min(c, cap)]) for lp, c in zip(log_probs, true[im["id"]])]
+            losses.append(-sum(float(lp[min(c, cap)]) for lp, c in zip(log_probs, true[im["id"]])) / len(cat_ids))
         else:
             scores.append(logits.sigmoid().tolist())
     truth = [true[im["id"]] for im in data["images"]]
@@ -507,8 +528,10 @@ def evaluate_supervised(run_dir: Path, coco_json: Path, image_dir: Path, train_j
         result["count_accuracy"] = 100 * sum(hits) / len(hits)
         result["count_accuracy_constant"] = 100 * sum(min(c[k], cap) == mode[k] for c in truth
                                                       for k in range(len(cat_ids))) / len(hits)
+        constant = constant_image_losses(train, truth, cap)
         result["count_loss"] = sum(losses) / len(losses)
-        result["count_loss_constant"] = constant_loss(train, truth, cap)
+        result["count_loss_constant"] = sum(constant) / len(constant)
+        result["count_loss_difference_interval"] = bootstrap_interval([m - c for m, c in zip(losses, constant)])
     return result
 
 
@@ -517,7 +540,10 @@ def _supervised_result(path: Path) -> str:
     count = (f"count accuracy {r['count_accuracy']:.1f} % (constant prediction {r['count_accuracy_constant']:.1f} %), "
              if "count_accuracy" in r else "")
     if "count_loss" in r:  # held-out files of earlier runs lack it
-        count += f"count cross-entropy {r['count_loss']:.3f} (constant prediction {r['count_loss_constant']:.3f}), "
+        lo, hi = r["count_loss_difference_interval"]
+        count += (f"count cross-entropy {r['count_loss']:.3f} (constant prediction {r['count_loss_constant']:.3f}; "
+                  f"difference {r['count_loss'] - r['count_loss_constant']:+.3f}, 95 % interval {lo:+.3f} to "
+                  f"{hi:+.3f} over images), ")
     chance = f" (random ranking {r['presence_map_chance']:.1f} %)" if "presence_map_chance" in r else ""
     return f"held-out {count}presence mAP {r['presence_map']:.1f} %{chance} on {r['num_images']} images"
 

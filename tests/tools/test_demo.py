@@ -33,16 +33,18 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \| \d+:\d\d \|", report)
     # The supervised baseline's own held-out metric and the encoder checks, also as CSV rows.
     m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), count cross-entropy "
-                  r"(\d+\.\d{3}) \(constant prediction (\d+\.\d{3})\), presence mAP (\d+\.\d) % \(random ranking "
+                  r"(\d+\.\d{3}) \(constant prediction (\d+\.\d{3}); difference ([+-]\d+\.\d{3}), 95 % interval "
+                  r"([+-]\d+\.\d{3}) to ([+-]\d+\.\d{3}) over images\), presence mAP (\d+\.\d) % \(random ranking "
                   r"(\d+\.\d) %\)", report)
-    assert m and all(0 <= float(v) <= 100 for v in m.groups()), report
+    assert m and all(0 <= float(m.group(i)) <= 100 for i in (1, 2, 3, 4, 8, 9)), report
     heldout = json.loads((out / "supervised_heldout.json").read_text())
     assert m.group(3) == f"{heldout['count_loss']:.3f}" and heldout["count_loss"] > 0
+    assert float(m.group(6)) <= float(m.group(5)) <= float(m.group(7)), report
     (val_json,) = data.rglob("instances_val.json")
     val = json.loads(val_json.read_text())
     has = {(a["image_id"], a["category_id"]) for a in val["annotations"]}
     freq = [sum((im["id"], c["id"]) in has for im in val["images"]) / len(val["images"]) for c in val["categories"]]
-    assert m.group(6) == f"{100 * sum(freq) / len(freq):.1f}"
+    assert m.group(9) == f"{100 * sum(freq) / len(freq):.1f}"
     # Its label kind and reference loss come from its own config (counts), not from the MAE config.
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
@@ -81,10 +83,11 @@ from mae_det.demo import (  # noqa: E402
     Stage,
     StageRunner,
     _verdict,
+    bootstrap_interval,
     build_stages,
     chance_loss,
-    constant_loss,
     config_chain,
+    constant_loss,
 )
 from mae_det.evaluation.compare import RunResult, aggregate  # noqa: E402
 
@@ -305,6 +308,16 @@ def test_chance_loss_is_the_mean_entropy_of_each_class_label_distribution(tmp_pa
     # none (0); capped at 1 class 1 is always present (0).
     assert chance_loss(path, max_count=3) == pytest.approx(2 * math.log(2) / 3)
     assert chance_loss(path, max_count=1) == pytest.approx(chance_loss(path))
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    assert bootstrap_interval([0.5] * 20) == (0.5, 0.5)
+    values = [float(v) for v in range(-10, 31)]  # mean 10
+    lo, hi = bootstrap_interval(values)
+    assert lo < 10 < hi and (lo, hi) == bootstrap_interval(values)
+    # The interval narrows as the level drops, and a 95 % interval of 41 values with std ~12 spans about +-3.7.
+    lo80, hi80 = bootstrap_interval(values, level=0.8)
+    assert lo < lo80 < hi80 < hi and 6 < hi - lo < 9
 
 
 def test_constant_loss_is_the_cross_entropy_of_the_fitted_frequencies_on_held_out_counts():
