@@ -124,6 +124,8 @@ def test_eval_period_zero_scores_only_the_last_epoch_with_the_same_top1(tmp_path
     assert evaluated(tmp_path / "every") == [1, 2, 3] and evaluated(tmp_path / "last") == [3]
     # Every epoch reseeds its randomness: skipping the evaluations leaves training, and the top-1, unchanged.
     assert last["finetune_top1"] == every["finetune_top1"]
+    wa, wb = (load_checkpoint(tmp_path / d / "checkpoint_0003.pth")["model"] for d in ("every", "last"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(Exception, match=r"TEST.EVAL_PERIOD: expected >= 0 epochs \(0 = after the last only\), got -1"):
         tiny_cfg(tmp_path / "data", tmp_path / "bad", **{"TEST.EVAL_PERIOD": -1})
 
