@@ -40,6 +40,7 @@ from .utils.precision import auto_precision, bf16_native
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
+PRETRAINED_ARMS = ARMS[:2]  # the inits that have a pretraining stage (scratch is random init)
 # "auto": what each config says (bf16 autocast where the CPU has it natively, fp32 elsewhere); "fp32" gives a
 # bf16 machine the numbers a CPU without native bf16 gets (its time differs: bf16 matmuls are 2-3x faster there).
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -660,10 +661,21 @@ def _ap_result(run_dir: Path) -> str:
     return f"box AP {ap['bbox']['AP']:.1f}, mask AP {ap['segm']['AP']:.1f}"
 
 
-def finetune_key(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None) -> str:
-    """Stage key (and run directory) of a Mask R-CNN run; the configs' pyramid has no tag in it."""
-    return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + f"_s{seed}"
-            + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
+def pretrain_key(arm: str, pretrain_seed: int = 0) -> str:
+    """Stage key (and run directory) of a pretraining run; seed 0 keeps the unseeded name of earlier runs."""
+    return f"pretrain_{arm}" + (f"_p{pretrain_seed}" if pretrain_seed else "")
+
+
+def finetune_key(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None,
+                 pretrain_seed: int = 0) -> str:
+    """Stage key (and run directory) of a Mask R-CNN run; the configs' pyramid and pretraining seed 0 have no tag."""
+    return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + (f"_p{pretrain_seed}" if pretrain_seed else "")
+            + f"_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
+
+
+def heldout_file(paths: DemoPaths, pretrain_seed: int = 0) -> Path:
+    """The supervised baseline's held-out own-task metrics of its encoder pretrained with ``pretrain_seed``."""
+    return paths.output / ("supervised_heldout" + (f"_p{pretrain_seed}" if pretrain_seed else "") + ".json")
 
 
 def detection_pyramid(cfg_dir: Path) -> str:
@@ -676,15 +688,20 @@ def detection_pyramid(cfg_dir: Path) -> str:
 
 def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[str], None] = print,
                  fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
-                 precision: str = "auto", reference_pyramid: str | None = None) -> list[Stage]:
+                 precision: str = "auto", reference_pyramid: str | None = None,
+                 pretrain_seeds: int = 1) -> list[Stage]:
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
     train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction, or the same
     epochs with ``profile.subset_epochs``), with ``semantic`` UperNet on the semantic split from each init,
     ``seeds`` seeds each, and with ``reference_pyramid`` every init's Mask R-CNN again (all labels, ``seeds``
-    seeds) with that pyramid instead of the configs' one. ``precision`` other than "auto" is forced on every
-    training stage (the configs say "auto")."""
+    seeds) with that pyramid instead of the configs' one. With ``pretrain_seeds`` > 1 both pretrainings are
+    repeated with ``SEED`` 1, 2, ..., each followed by its held-out check (supervised) and the all-label Mask
+    R-CNN runs (``seeds`` seeds each); every other stage reads the seed-0 encoders. ``precision`` other than
+    "auto" is forced on every training stage (the configs say "auto")."""
     if precision not in PRECISIONS:
         raise DemoError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if pretrain_seeds < 1:
+        raise DemoError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
     cfg_dir = REPO / "configs" / "shapes"
     if reference_pyramid is not None:
         configured = detection_pyramid(cfg_dir)
@@ -701,13 +718,15 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
         outputs=[paths.data / "dataset_info.json"], run=lambda: _generate(paths.data, profile.shapes, log),
     )]
-    def pretrain(arm: str) -> Stage:
-        out = paths.run(f"pretrain_{arm}")
+    def pretrain(arm: str, pretrain_seed: int = 0) -> Stage:
+        out = paths.run(pretrain_key(arm, pretrain_seed))
         config = cfg_dir / f"pretrain_{arm}.yaml"
         args = [*opts[arm], *knn, *_scaled_epochs(config, profile.pretrain_scale), *profile.pretrain_opts,
-                *forced, "OUTPUT_DIR", str(out)]
+                *forced, *(["SEED", str(pretrain_seed)] if pretrain_seed else []), "OUTPUT_DIR", str(out)]
         return Stage(
-            key=f"pretrain_{arm}", title=f"{'MAE' if arm == 'mae' else 'supervised'} pretraining",
+            key=pretrain_key(arm, pretrain_seed),
+            title=f"{'MAE' if arm == 'mae' else 'supervised'} pretraining"
+            + (f", seed {pretrain_seed}" if pretrain_seed else ""),
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
             outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
             command=["tools/pretrain.py", "--config-file", str(config), *args], out_dir=out,
@@ -737,22 +756,25 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         )
 
     def train_net(key: str, title: str, config: Path, arm: str, seed: int, data_opts: list[str],
-                  tool_opts: Sequence[str], deps: list[str], result_file: str, result: Callable[[Path], str]) -> Stage:
-        """A tools/train_net.py run from ``arm``'s encoder (none for scratch), after ``deps``."""
+                  tool_opts: Sequence[str], deps: list[str], result_file: str, result: Callable[[Path], str],
+                  pretrain_seed: int = 0) -> Stage:
+        """A tools/train_net.py run from ``arm``'s encoder of ``pretrain_seed`` (none for scratch), after ``deps``."""
         out = paths.run(key)
         pretrained = arm != "scratch"
-        weights = ["MODEL.WEIGHTS", str(paths.run(f"pretrain_{arm}") / "encoder.pth")] if pretrained else []
+        encoder = pretrain_key(arm, pretrain_seed)
+        weights = ["MODEL.WEIGHTS", str(paths.run(encoder) / "encoder.pth")] if pretrained else []
         args = [*data_opts, *weights, *tool_opts, *forced_det, "SEED", str(seed), "OUTPUT_DIR", str(out)]
         return Stage(
             key=key, title=title, params={"config": config_chain(config), "args": args},
-            deps=deps[:1] + ([f"pretrain_{arm}"] if pretrained else []) + deps[1:],
+            deps=deps[:1] + ([encoder] if pretrained else []) + deps[1:],
             outputs=[out / result_file, out / "run_info.json"],
             command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
             progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
             result=lambda: result(out),
         )
 
-    def finetune(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None) -> Stage:
+    def finetune(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None,
+                 pretrain_seed: int = 0) -> Stage:
         train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
         data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
         share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
@@ -763,11 +785,11 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         if pyramid is not None:
             tool_opts += ["MODEL.VIT.PYRAMID", pyramid]
         return train_net(
-            finetune_key(arm, seed, fraction, pyramid),
-            f"Mask R-CNN from {arm} init, seed {seed}{share}"
-            + (f", {pyramid} pyramid" if pyramid else "") + " (train + COCO eval)", config,
+            finetune_key(arm, seed, fraction, pyramid, pretrain_seed),
+            f"Mask R-CNN from {arm} init" + (f" (pretraining seed {pretrain_seed})" if pretrain_seed else "")
+            + f", seed {seed}{share}" + (f", {pyramid} pyramid" if pyramid else "") + " (train + COCO eval)", config,
             arm, seed, data_opts, tool_opts, ["dataset"] + (["subsets"] if fraction != 1.0 else []),
-            "ap_results.json", _ap_result,
+            "ap_results.json", _ap_result, pretrain_seed,
         )
 
     def segment(arm: str, seed: int) -> Stage:
@@ -791,22 +813,30 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
                                        subset_seed),
         ))
     stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
-    stages += [finetune(arm, s) for s in range(seeds) for arm in ("mae", "supervised")]
-    heldout = paths.output / "supervised_heldout.json"
-    stages.append(Stage(
-        key="supervised_eval", title="the supervised baseline's own task on the held-out val images",
-        params={}, deps=["pretrain_supervised"], outputs=[heldout],
-        run=lambda: atomic_write_text(heldout, json.dumps(evaluate_supervised(
-            paths.run("pretrain_supervised"), paths.data / "annotations" / "instances_val.json",
-            paths.data / "images" / "val", paths.data / "annotations" / "instances_pool.json"), indent=1)),
-        result=lambda: _supervised_result(heldout),
-    ))
+    stages += [finetune(arm, s) for s in range(seeds) for arm in PRETRAINED_ARMS]
+    def supervised_eval(pretrain_seed: int = 0) -> Stage:
+        heldout, encoder = heldout_file(paths, pretrain_seed), pretrain_key("supervised", pretrain_seed)
+        return Stage(
+            key="supervised_eval" + (f"_p{pretrain_seed}" if pretrain_seed else ""),
+            title="the supervised baseline's own task on the held-out val images"
+            + (f", pretraining seed {pretrain_seed}" if pretrain_seed else ""),
+            params={}, deps=[encoder], outputs=[heldout],
+            run=lambda: atomic_write_text(heldout, json.dumps(evaluate_supervised(
+                paths.run(encoder), paths.data / "annotations" / "instances_val.json",
+                paths.data / "images" / "val", paths.data / "annotations" / "instances_pool.json"), indent=1)),
+            result=lambda: _supervised_result(heldout),
+        )
+
+    stages.append(supervised_eval())
     stages += [check(kind, arm) for arm in ARMS for kind in ENCODER_CHECKS]
     stages += [check(kind, arm, s) for s in range(1, seeds) for arm in ARMS for kind in ENCODER_CHECKS
                if kind not in SEEDLESS_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
     if reference_pyramid is not None:
         stages += [finetune(arm, s, pyramid=reference_pyramid) for s in range(seeds) for arm in ARMS]
+    for p in range(1, pretrain_seeds):
+        stages += [pretrain("mae", p), pretrain("supervised", p), supervised_eval(p)]
+        stages += [finetune(arm, s, pretrain_seed=p) for s in range(seeds) for arm in PRETRAINED_ARMS]
     if semantic:
         stages.append(Stage(
             key="semantic_split", title="semantic label maps of the train and val splits",
@@ -1014,6 +1044,13 @@ def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], su
     return rows
 
 
+def _margin(mine: Sequence[float], theirs: Sequence[float], unit: str) -> str:
+    """MAE's mean margin over another arm's runs, and whether every MAE ``unit`` (seed, run) beats every one of
+    theirs."""
+    every = f"every MAE {unit} above every {unit}" if min(mine) > max(theirs) else f"not every MAE {unit} above"
+    return f"{format_delta(sum(mine) / len(mine) - sum(theirs) / len(theirs))}, {every}"
+
+
 PYRAMID_COLUMNS = ("init", "pyramid", "seed", "box_AP", "mask_AP")
 
 
@@ -1043,12 +1080,8 @@ def _pyramid_section(paths: DemoPaths, seeds: int, configured: str, reference: s
     margins = []
     for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP")):
         mine = values("mae", best("mae", metric), metric)
-        parts = []
-        for other in ("scratch", "supervised"):
-            theirs = values(other, best(other, metric), metric)
-            every = "every MAE seed above every seed" if min(mine) > max(theirs) else "not every MAE seed above"
-            parts.append(f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): "
-                         f"{format_delta(sum(mine) / len(mine) - sum(theirs) / len(theirs))}, {every}")
+        parts = [f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): {_margin(mine, theirs, 'seed')}"
+                 for other in ("scratch", "supervised") if (theirs := values(other, best(other, metric), metric))]
         margins.append(f"- {name}: MAE ({best('mae', metric)}, {_mean_std(mine)}) against " + "; ".join(parts) + ".")
     cell = " | ".join(f"{p} box AP | {p} mask AP" for p in (configured, reference))
     return [
@@ -1060,6 +1093,49 @@ def _pyramid_section(paths: DemoPaths, seeds: int, configured: str, reference: s
         *[f"| {arm} | " + " | ".join(_mean_std(values(arm, p, m)) for p in (configured, reference)
                                     for m in ("box_AP", "mask_AP")) + " |" for arm in ARMS], "",
         "Each init with its best pyramid (by mean, per metric):", "", *margins, "",
+    ]
+
+
+PRETRAIN_SEED_COLUMNS = ("init", "pretrain_seed", "seed", "box_AP", "mask_AP")
+
+
+def pretrain_seed_rows(paths: DemoPaths, seeds: int, pretrain_seeds: int) -> list[dict]:
+    """One row per init x pretraining seed x fine-tuning seed of the all-label Mask R-CNN runs (COCO AP in %);
+    random init has no pretraining seed (empty)."""
+    rows = []
+    for arm in ARMS:
+        for p in range(pretrain_seeds) if arm in PRETRAINED_ARMS else [""]:
+            for s in range(seeds):
+                ap = json.loads((paths.run(finetune_key(arm, s, pretrain_seed=p or 0)) / "ap_results.json").read_text())
+                rows.append(dict(zip(PRETRAIN_SEED_COLUMNS, (arm, p, s, ap["bbox"]["AP"], ap["segm"]["AP"]))))
+    return rows
+
+
+def _pretrain_seed_section(paths: DemoPaths, seeds: int, pretrain_seeds: int) -> list[str]:
+    """The report's spread over pretraining seeds: each encoder's Mask R-CNN runs, MAE's margin over all runs of
+    the other arms, and the supervised baseline's held-out metrics per encoder; writes ``demo_pretrain_seeds.csv``."""
+    rows = pretrain_seed_rows(paths, seeds, pretrain_seeds)
+    write_csv(paths.output / "demo_pretrain_seeds.csv", PRETRAIN_SEED_COLUMNS, rows)
+
+    def values(arm: str, metric: str, p: int | str | None = None) -> list[float]:
+        return [r[metric] for r in rows if r["init"] == arm and p in (None, r["pretrain_seed"])]
+
+    table = [f"| {arm} | {'all' if p is None else p} | {_mean_std(values(arm, 'box_AP', p))} | "
+             f"{_mean_std(values(arm, 'mask_AP', p))} |" for arm in PRETRAINED_ARMS for p in [*range(pretrain_seeds), None]]
+    return [
+        "## Pretraining seeds", "",
+        f"Both pretrainings repeated with `SEED` 0 to {pretrain_seeds - 1} (weight init, masks, data order), each "
+        f"encoder fine-tuned on all labels with {seeds} seed(s); random init has no pretraining. Rows: "
+        "`demo_pretrain_seeds.csv`.", "",
+        "| init | pretraining seed | box AP | mask AP |", "|---|---|---:|---:|",
+        *table,
+        f"| scratch | - | {_mean_std(values('scratch', 'box_AP'))} | {_mean_std(values('scratch', 'mask_AP'))} |", "",
+        "MAE over all its runs against every run of the other inits:", "",
+        *[f"- {name}: " + "; ".join(f"{other} init {_margin(values('mae', metric), values(other, metric), 'run')}"
+                                    for other in ("scratch", "supervised")) + "."
+          for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP"))], "",
+        "The supervised baseline on its own task, per pretraining seed:", "",
+        *[f"- seed {p}: {_supervised_result(heldout_file(paths, p))}." for p in range(pretrain_seeds)], "",
     ]
 
 
@@ -1138,7 +1214,7 @@ def label_efficiency_figure(rows: list[dict], out: Path) -> None:
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
     fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False, precision: str = "auto",
-    reference_pyramid: str | None = None,
+    reference_pyramid: str | None = None, pretrain_seeds: int = 1,
 ) -> Path:
     """Comparison table and chart, curves and label-efficiency figures, ``demo_experiment.csv`` and ``REPORT.md``
     in the output directory."""
@@ -1148,7 +1224,7 @@ def write_report(
                     title=f"Mask R-CNN on the shapes dataset, {profile.name} profile")
     groups = aggregate(collect_runs(run_dirs, labels)[0])
     curves = paths.output / "pretrain_curves.png"
-    has_knn = curves_figure({arm: paths.run(f"pretrain_{arm}") for arm in ("mae", "supervised")}, curves)
+    has_knn = curves_figure({arm: paths.run(f"pretrain_{arm}") for arm in PRETRAINED_ARMS}, curves)
     pre_cfg = yaml.safe_load((paths.run("pretrain_mae") / "config.yaml").read_text(encoding="utf-8"))
     det_cfg = yaml.safe_load((run_dirs[0] / "config.yaml").read_text(encoding="utf-8"))
     info = json.loads((paths.data / "dataset_info.json").read_text(encoding="utf-8"))
@@ -1158,7 +1234,7 @@ def write_report(
     sup_model = sup_cfg["MODEL"]
     M, S, V = pre_cfg["MODEL"], pre_cfg["SOLVER"], det_cfg["MODEL"]["VIT"]
     D = det_cfg["SOLVER"]
-    mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in ("mae", "supervised"))
+    mae, sup = (pretrain_summary(paths.run(f"pretrain_{arm}")) for arm in PRETRAINED_ARMS)
     rows = experiment_rows(paths, seeds, fractions, subset_seed)
     write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
     encoders = encoder_rows(paths, seeds)
@@ -1208,6 +1284,7 @@ def write_report(
         f"The supervised baseline on its own task, {_supervised_result(paths.output / 'supervised_heldout.json')} "
         "(val images it never saw).", "",
         *(_pyramid_section(paths, seeds, V["PYRAMID"], reference_pyramid) if reference_pyramid else []),
+        *(_pretrain_seed_section(paths, seeds, pretrain_seeds) if pretrain_seeds > 1 else []),
         *efficiency,
         *(_semantic_section(paths, seeds, profile) if semantic else []),
         "## Encoder checks on the classification split", "",
@@ -1272,7 +1349,7 @@ def write_report(
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
              fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
-             precision: str = "auto", reference_pyramid: str | None = None) -> Path:
+             precision: str = "auto", reference_pyramid: str | None = None, pretrain_seeds: int = 1) -> Path:
     """Run (or resume) the whole demo; returns the path of ``REPORT.md``.
 
     Args:
@@ -1288,6 +1365,8 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         precision: One of :data:`PRECISIONS`, forced on every training stage unless "auto".
         reference_pyramid: Also fine-tune every init (all labels, ``seeds`` seeds) with this pyramid instead of the
             configs' one, and report MAE's margin with each init at its best pyramid.
+        pretrain_seeds: Pretrain each arm this many times (``SEED`` 0, 1, ...) and fine-tune every encoder on all
+            labels, ``seeds`` seeds each; the report adds the spread over pretraining seeds.
 
     Raises:
         DemoError: a stage failed (the message names it and its log).
@@ -1310,12 +1389,12 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
     fractions = sorted(set(fractions) | {1.0})
     stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic,
-                          precision=precision, reference_pyramid=reference_pyramid)
+                          precision=precision, reference_pyramid=reference_pyramid, pretrain_seeds=pretrain_seeds)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)
     report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed,
-                          semantic, precision, reference_pyramid)
+                          semantic, precision, reference_pyramid, pretrain_seeds)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

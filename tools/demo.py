@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-pyramid", choices=PYRAMIDS, default=None,
                         help="also fine-tune every init with this pyramid instead of the configs' one (all labels, "
                         "--seeds seeds each) and report MAE's margin with each init at its best pyramid")
+    parser.add_argument("--pretrain-seeds", type=int, default=1,
+                        help="pretrain each arm this many times (SEED 0, 1, ...) and fine-tune every encoder on all "
+                        "labels, --seeds seeds each; the report adds the spread over pretraining seeds (default: 1)")
     args = parser.parse_args(argv)
     try:
         fractions = [float(f) for f in args.label_fractions.split(",")]
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_demo(args.profile, seeds=args.seeds, output=args.output, data_root=args.data_root, jobs=args.jobs,
                  argv=argv, fractions=fractions, subset_seed=args.subset_seed, semantic=args.semantic,
-                 precision=args.precision, reference_pyramid=args.reference_pyramid)
+                 precision=args.precision, reference_pyramid=args.reference_pyramid,
+                 pretrain_seeds=args.pretrain_seeds)
     except DemoError as e:
         sys.exit(f"demo: {e}")
 

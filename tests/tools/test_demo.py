@@ -73,6 +73,18 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert again.stdout.count(": up to date (ran in") == 21
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
+    # A second pretraining seed adds only its own stages: both encoders, the held-out check, two Mask R-CNN runs.
+    more = subprocess.run(cmd + ["--pretrain-seeds", "2"], cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert more.stdout.count(": up to date (ran in") == 21 and "stage 26/26" in more.stdout
+    report = (out / "REPORT.md").read_text()
+    assert "## Pretraining seeds" in report and re.search(r"\| mae \| 1 \| \d+\.\d \| \d+\.\d \|", report)
+    assert re.search(r"- seed 1: held-out count accuracy \d+\.\d %", report)
+    rows = (out / "demo_pretrain_seeds.csv").read_text().splitlines()
+    assert rows[0] == "init,pretrain_seed,seed,box_AP,mask_AP" and len(rows) == 1 + 5
+    ap = json.loads((out / "finetune_supervised_p1_s0" / "ap_results.json").read_text())
+    assert f"supervised,1,0,{ap['bbox']['AP']:.2f},{ap['segm']['AP']:.2f}" in rows
+
 
 # ---- the stage machinery (fast) ----------------------------------------------------------------------------
 from mae_det.demo import (  # noqa: E402
@@ -577,3 +589,64 @@ def test_encoder_rows_one_per_init_and_seed_with_the_seedless_knn_repeated(tmp_p
     assert rows[3]["knn_top1"] == 10.0 and rows[3]["heldout_count_accuracy"] == 66.0  # supervised, seed 1
     with pytest.raises(FileNotFoundError, match="cls_linear_probe_mae_s2"):
         encoder_rows(paths, seeds=3)
+
+
+def test_pretrain_seeds_add_seeded_encoders_and_their_runs_and_leave_the_others_alone(tmp_path):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    exp = PROFILES["experiment"]
+    plain = {s.key: s for s in build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0])}
+    stages = build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0], pretrain_seeds=3)
+    by = {s.key: s for s in stages}
+    assert set(by) - set(plain) == {
+        *(f"pretrain_{a}_p{p}" for a in ("mae", "supervised") for p in (1, 2)),
+        *(f"supervised_eval_p{p}" for p in (1, 2)),
+        *(f"finetune_{a}_p{p}_s{s}" for a in ("mae", "supervised") for p in (1, 2) for s in range(2))}
+    # The seed-0 stages keep their hashes, so a finished experiment resumes with only the new runs.
+    assert all(by[k].params == stage.params for k, stage in plain.items())
+    # A seeded pretraining differs from seed 0 only by its SEED and its directory.
+    cmd, cmd0 = by["pretrain_supervised_p2"].command, by["pretrain_supervised"].command
+    assert cmd[cmd.index("SEED") + 1] == "2" and "SEED" not in cmd0
+    assert cmd[cmd.index("OUTPUT_DIR") + 1] == str(paths.output / "pretrain_supervised_p2")
+    assert [a for a in cmd if a not in ("SEED", "2")][:-1] == cmd0[:-1]
+    run = by["finetune_mae_p1_s1"]
+    assert run.deps == ["dataset", "pretrain_mae_p1"]
+    assert run.command[run.command.index("MODEL.WEIGHTS") + 1] == str(paths.output / "pretrain_mae_p1" / "encoder.pth")
+    assert run.command[run.command.index("SEED") + 1] == "1"
+    assert run.command[run.command.index("SOLVER.MAX_ITER") + 1] == "2000" and "subsets" not in " ".join(run.command)
+    ev = by["supervised_eval_p2"]
+    assert ev.deps == ["pretrain_supervised_p2"] and ev.outputs == [paths.output / "supervised_heldout_p2.json"]
+    # Every stage comes after the stages it reads.
+    seen = set()
+    for s in stages:
+        assert set(s.deps) <= seen, s.key
+        seen.add(s.key)
+    with pytest.raises(DemoError, match=r"--pretrain-seeds must be >= 1, got 0"):
+        build_stages(exp, paths, seeds=1, log=lambda _: None, pretrain_seeds=0)
+
+
+def test_pretrain_seed_section_spreads_over_encoders_and_writes_the_rows(tmp_path):
+    from mae_det.demo import _pretrain_seed_section, finetune_key, heldout_file
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    # (box, mask) AP per fine-tuning seed, per pretraining seed; random init has one set of runs.
+    ap = {("mae", 0): [(33.0, 27.0), (31.0, 27.0)], ("mae", 1): [(30.0, 26.0), (30.0, 24.0)],
+          ("supervised", 0): [(24.0, 20.0), (24.0, 20.0)], ("supervised", 1): [(22.0, 19.0), (26.0, 21.0)],
+          ("scratch", 0): [(25.0, 22.0), (31.0, 22.0)]}
+    for (arm, p), runs in ap.items():
+        for s, (box, mask) in enumerate(runs):
+            run = paths.run(finetune_key(arm, s, pretrain_seed=p))
+            run.mkdir(parents=True)
+            (run / "ap_results.json").write_text(json.dumps({"bbox": {"AP": box}, "segm": {"AP": mask}}))
+    for p in range(2):
+        heldout_file(paths, p).write_text(json.dumps({"presence_map": 50.0 + p, "num_images": 300}))
+    lines = _pretrain_seed_section(paths, 2, 2)
+    assert "| mae | 0 | 32.0 ± 1.4 | 27.0 ± 0.0 |" in lines and "| mae | 1 | 30.0 ± 0.0 | 25.0 ± 1.4 |" in lines
+    assert "| mae | all | 31.0 ± 1.4 | 26.0 ± 1.4 |" in lines
+    assert "| supervised | all | 24.0 ± 1.6 | 20.0 ± 0.8 |" in lines and "| scratch | - | 28.0 ± 4.2 | 22.0 ± 0.0 |" in lines
+    assert ("- box AP: scratch init +3.0, not every MAE run above; supervised init +7.0, every MAE run above every "
+            "run.") in lines
+    assert "- mask AP: scratch init +4.0, every MAE run above every run; supervised init +6.0, every MAE run above every run." in lines
+    assert "- seed 1: held-out presence mAP 51.0 % on 300 images." in lines
+    rows = (paths.output / "demo_pretrain_seeds.csv").read_text().splitlines()
+    assert rows[0] == "init,pretrain_seed,seed,box_AP,mask_AP" and len(rows) == 1 + 10
+    assert rows[1] == "mae,0,0,33.00,27.00" and "supervised,1,1,26.00,21.00" in rows and rows[-1] == "scratch,,1,31.00,22.00"
