@@ -564,7 +564,7 @@ ENCODER_CHECKS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
 # kNN has no randomness: one run per init whatever the number of seeds (its value repeats on each seed's row).
 SEEDLESS_CHECKS = frozenset({"knn_eval"})
 ENCODER_COLUMNS = ("init", "seed", "knn_top1", "linear_top1", "finetune_top1", "partial_finetune_top1",
-                   "heldout_count_accuracy", "heldout_presence_map")
+                   "heldout_count_accuracy", "heldout_presence_map", "heldout_count_loss", "heldout_count_loss_constant")
 
 
 def check_key(kind: str, arm: str, seed: int = 0) -> str:
@@ -583,8 +583,9 @@ def encoder_rows(paths: DemoPaths, seeds: int = 1) -> list[dict]:
             for kind, (_, _, metric, column) in ENCODER_CHECKS.items():
                 result = paths.run(check_key(kind, arm, seed)) / "cls_results.json"
                 row[column] = json.loads(result.read_text(encoding="utf-8"))[metric]
-            row["heldout_count_accuracy"] = heldout.get("count_accuracy", "") if arm == "supervised" else ""
-            row["heldout_presence_map"] = heldout["presence_map"] if arm == "supervised" else ""
+            for column, key in (("heldout_count_accuracy", "count_accuracy"), ("heldout_presence_map", "presence_map"),
+                                ("heldout_count_loss", "count_loss"), ("heldout_count_loss_constant", "count_loss_constant")):
+                row[column] = heldout.get(key, "") if arm == "supervised" else ""  # earlier runs lack the losses
             rows.append(row)
     return rows
 
@@ -1179,8 +1180,9 @@ def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
-    for r in rows:
-        w.writerow({k: f"{v:.2f}" if isinstance(v, float) and k not in ("label_fraction",) else v for k, v in r.items()})
+    for r in rows:  # percentages to 2 decimals, losses (nats, below 1 here) to 3
+        w.writerow({k: (f"{v:.3f}" if "loss" in k else f"{v:.2f}") if isinstance(v, float) and k != "label_fraction"
+                    else v for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
 
 

@@ -52,11 +52,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
             f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
     assert encoders[0] == ("init,seed,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,"
-                           "heldout_count_accuracy,heldout_presence_map")
+                           "heldout_count_accuracy,heldout_presence_map,heldout_count_loss,heldout_count_loss_constant")
     for arm, line in zip(ARMS, encoders[1:]):
         fields = line.split(",")
         assert fields[:2] == [arm, "0"] and all(0 <= float(v) <= 100 for v in fields[2:6]), line
         assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[2:6]) + " |" in report
+        assert fields[8:] == ([f"{heldout['count_loss']:.3f}", f"{heldout['count_loss_constant']:.3f}"]
+                              if arm == "supervised" else ["", ""]), line
     rows = (out / "demo_experiment.csv").read_text().splitlines()
     assert rows[0].startswith("init,seed,label_fraction,num_labeled,box_AP,box_AP50,mask_AP,mask_AP50") and len(rows) == 4
     for png in ("ap_table.png", "mae_reconstruction.png", "pretrain_curves.png", "detections.png"):
@@ -573,7 +575,8 @@ def test_encoder_rows_one_per_init_and_seed_with_the_seedless_knn_repeated(tmp_p
 
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
     paths.output.mkdir(parents=True)
-    (paths.output / "supervised_heldout.json").write_text(json.dumps({"count_accuracy": 66.0, "presence_map": 50.0}))
+    (paths.output / "supervised_heldout.json").write_text(json.dumps(
+        {"count_accuracy": 66.0, "presence_map": 50.0, "count_loss": 0.75, "count_loss_constant": 0.82}))
     metric = {"knn_eval": "knn_top1", "linear_probe": "linear_top1", "finetune_cls": "finetune_top1",
               "partial_finetune": "finetune_top1"}
     for a, arm in enumerate(ARMS):
@@ -585,8 +588,10 @@ def test_encoder_rows_one_per_init_and_seed_with_the_seedless_knn_repeated(tmp_p
     rows = encoder_rows(paths, seeds=2)
     assert [(r["init"], r["seed"]) for r in rows] == [(arm, s) for arm in ARMS for s in (0, 1)]
     assert rows[1] == {"init": "mae", "seed": 1, "knn_top1": 0.0, "linear_top1": 1.5, "finetune_top1": 2.5,
-                       "partial_finetune_top1": 3.5, "heldout_count_accuracy": "", "heldout_presence_map": ""}
+                       "partial_finetune_top1": 3.5, "heldout_count_accuracy": "", "heldout_presence_map": "",
+                       "heldout_count_loss": "", "heldout_count_loss_constant": ""}
     assert rows[3]["knn_top1"] == 10.0 and rows[3]["heldout_count_accuracy"] == 66.0  # supervised, seed 1
+    assert rows[3]["heldout_count_loss"] == 0.75 and rows[3]["heldout_count_loss_constant"] == 0.82
     with pytest.raises(FileNotFoundError, match="cls_linear_probe_mae_s2"):
         encoder_rows(paths, seeds=3)
 
