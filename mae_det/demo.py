@@ -815,6 +815,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         ))
     stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
     stages += [finetune(arm, s) for s in range(seeds) for arm in PRETRAINED_ARMS]
+
     def supervised_eval(pretrain_seed: int = 0) -> Stage:
         heldout, encoder = heldout_file(paths, pretrain_seed), pretrain_key("supervised", pretrain_seed)
         return Stage(
