@@ -7,6 +7,7 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
     python tools/demo.py --profile experiment --seeds 3 --label-fractions 0.25,0.5,1 --semantic \
         --output output/experiment                      # make experiment (the full profile, 2x pretraining)
     ... the same --reference-pyramid simple             # make experiment-pyramid (+ every init, simple pyramid)
+    ... the same --pretrain-seeds 2                     # make experiment-pretrain-seeds (+ pretraining seed 1)
 """
 
 import argparse
