@@ -662,21 +662,26 @@ def _ap_result(run_dir: Path) -> str:
     return f"box AP {ap['bbox']['AP']:.1f}, mask AP {ap['segm']['AP']:.1f}"
 
 
+def _pretrain_tag(pretrain_seed: int) -> str:
+    """Name suffix of everything made from an encoder of ``pretrain_seed``; seed 0 keeps the untagged names of
+    earlier runs."""
+    return f"_p{pretrain_seed}" if pretrain_seed else ""
+
+
 def pretrain_key(arm: str, pretrain_seed: int = 0) -> str:
-    """Stage key (and run directory) of a pretraining run; seed 0 keeps the unseeded name of earlier runs."""
-    return f"pretrain_{arm}" + (f"_p{pretrain_seed}" if pretrain_seed else "")
+    """Stage key (and run directory) of a pretraining run."""
+    return f"pretrain_{arm}{_pretrain_tag(pretrain_seed)}"
 
 
 def finetune_key(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None,
                  pretrain_seed: int = 0) -> str:
     """Stage key (and run directory) of a Mask R-CNN run; the configs' pyramid and pretraining seed 0 have no tag."""
-    return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + (f"_p{pretrain_seed}" if pretrain_seed else "")
-            + f"_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
+    return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + _pretrain_tag(pretrain_seed) + f"_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
 
 
 def heldout_file(paths: DemoPaths, pretrain_seed: int = 0) -> Path:
     """The supervised baseline's held-out own-task metrics of its encoder pretrained with ``pretrain_seed``."""
-    return paths.output / ("supervised_heldout" + (f"_p{pretrain_seed}" if pretrain_seed else "") + ".json")
+    return paths.output / f"supervised_heldout{_pretrain_tag(pretrain_seed)}.json"
 
 
 def detection_pyramid(cfg_dir: Path) -> str:
@@ -819,7 +824,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     def supervised_eval(pretrain_seed: int = 0) -> Stage:
         heldout, encoder = heldout_file(paths, pretrain_seed), pretrain_key("supervised", pretrain_seed)
         return Stage(
-            key="supervised_eval" + (f"_p{pretrain_seed}" if pretrain_seed else ""),
+            key=f"supervised_eval{_pretrain_tag(pretrain_seed)}",
             title="the supervised baseline's own task on the held-out val images"
             + (f", pretraining seed {pretrain_seed}" if pretrain_seed else ""),
             params={}, deps=[encoder], outputs=[heldout],
@@ -1082,8 +1087,10 @@ def _pyramid_section(paths: DemoPaths, seeds: int, configured: str, reference: s
     margins = []
     for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP")):
         mine = values("mae", best("mae", metric), metric)
-        parts = [f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): {_margin(mine, theirs, 'seed')}"
-                 for other in ("scratch", "supervised") if (theirs := values(other, best(other, metric), metric))]
+        parts = []
+        for other in ("scratch", "supervised"):
+            theirs = values(other, best(other, metric), metric)
+            parts.append(f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): {_margin(mine, theirs, 'seed')}")
         margins.append(f"- {name}: MAE ({best('mae', metric)}, {_mean_std(mine)}) against " + "; ".join(parts) + ".")
     cell = " | ".join(f"{p} box AP | {p} mask AP" for p in (configured, reference))
     return [
