@@ -750,10 +750,15 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         args = ["DATA.TRAIN_ROOT", str(cls / "train"), "DATA.VAL_ROOT", str(cls / "val"), "DATA.NUM_WORKERS", "0",
                 "MODEL.WEIGHTS", weights, *extra, *profile.cls_opts, *forced,
                 *(["SEED", str(seed)] if seed else []), "OUTPUT_DIR", str(out)]
+        params = {"config": config_chain(config), "args": args}
+        if tool == "finetune_cls":
+            # Its augmentation draws come per sample from (SEED, epoch, index) since 2026-12-04 (they came from the
+            # loading process's stream before): outputs of earlier code are not this stage's result, so they rerun.
+            params["augmentation_draws"] = "per_sample"
         return Stage(
             key=check_key(kind, arm, seed),
             title=f"{kind} on the classification split, {arm} init" + (f", seed {seed}" if seed else ""),
-            params={"config": config_chain(config), "args": args},
+            params=params,
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
             outputs=[out / "cls_results.json"],
             command=[f"tools/{tool}.py", "--config-file", str(config), *args], out_dir=out,

@@ -4,21 +4,28 @@ Layout: ``root/<class_name>/**/<image>``; class indexes follow the sorted folder
 ``ImageFolder`` and the official MAE fine-tuning code do, so label ids agree across tools and runs. Images are
 decoded with :func:`mae_det.data.images.load_image`; an unreadable image never stops a run: it is skipped, logged
 and counted (see :func:`collate_skipping`), and only a class left without any readable image is an error.
+
+Training augmentation is reproducible across loader worker counts: with a ``seed``, every sample's transform runs
+with python's, numpy's and torch's global generators seeded from (seed, epoch, index) (:func:`seeded_global_rngs`),
+so its crop, flip, RandAugment and erasing draws do not depend on which worker (or how many) loaded it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .images import ImageLoadError, load_image
-from .pretrain import IMG_EXTENSIONS
+from .pretrain import IMG_EXTENSIONS, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ class ImageFolderDataset(Dataset):
         classes: the label set of another split (its ``classes``); this folder's class sub-folders must be
             among them and take their indexes, so a validation split may hold a subset of the classes.
         progress: show the verification progress bar.
+        seed: draw each sample's transform randomness from (seed, epoch, index) (see :meth:`set_epoch`) instead
+            of the loading process's global generators; ``None`` keeps them (deterministic transforms).
 
     Attributes:
         classes: sorted class folder names; ``classes[label]`` names a label.
@@ -54,9 +63,12 @@ class ImageFolderDataset(Dataset):
         verify: bool = False,
         classes: Sequence[str] | None = None,
         progress: bool = True,
+        seed: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         if not self.root.is_dir():
             raise ClassificationDataError(f"classification folder not found: {self.root}")
         present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -123,13 +135,41 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch of the per-sample seeds; call it before the epoch's loader starts its workers."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[object | None, int, str]:
         path, label = self.samples[index]
         try:
             img = load_image(path)
         except ImageLoadError as e:
             return None, label, str(e)
-        return (self.transform(img) if self.transform is not None else img), label, path
+        if self.transform is None:
+            return img, label, path
+        if self.seed is None:
+            return self.transform(img), label, path
+        with seeded_global_rngs(sample_seed(self.seed, self.epoch, index)):
+            return self.transform(img), label, path
+
+
+@contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seeds python's, numpy's and torch's CPU generator with ``seed`` and restores all three on exit.
+
+    timm's and torchvision's transforms draw from these global generators. Restoring them keeps the caller's
+    streams (drop path, mixup) as they were when a loader with ``num_workers=0`` transforms in the main process.
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's generators too
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def collate_skipping(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

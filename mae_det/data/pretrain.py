@@ -194,10 +194,15 @@ def build_source(source: str, path: str, image_root: str = "") -> ImageSource:
 
 
 # ---- augmentation ----------------------------------------------------------------------------------------
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch, index) only: the same draws in any process or worker."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends on (seed, epoch, index) only: the same in any process or worker."""
     digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator seeded with :func:`sample_seed`."""
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:

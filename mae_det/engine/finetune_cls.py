@@ -6,8 +6,9 @@ drop path, RandAugment, mixup/cutmix, label smoothing, a global-average-pooling 
 ``fc_norm``, ``head``; the encoder's final norm is dropped as in the official code), AdamW with linear warmup +
 half-cosine decay per step. Every run writes ``OUTPUT_DIR/cls_results.json`` and ``run_info.json``.
 
-Resuming is exact at epoch boundaries: all randomness of an epoch (data order, augmentation, mixup, drop path)
-is reseeded from ``(SEED, epoch)``, so a resumed run continues as the uninterrupted one would have.
+Resuming is exact at epoch boundaries: all randomness of an epoch (data order, mixup, drop path) is reseeded from
+``(SEED, epoch)`` and each sample's augmentation from ``(SEED, epoch, index)``, so a resumed run continues as the
+uninterrupted one would have, and ``DATA.NUM_WORKERS`` changes the speed, never the result.
 """
 from __future__ import annotations
 
@@ -391,7 +392,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     accum = _accum_iter(cfg)
     verify = cfg.DATA.VERIFY_IMAGES
     train_set = ImageFolderDataset(
-        cfg.DATA.TRAIN_ROOT, verify=verify, progress=progress,
+        cfg.DATA.TRAIN_ROOT, verify=verify, progress=progress, seed=cfg.SEED,
         transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
                                   rand_augment=A.RAND_AUGMENT, reprob=A.REPROB),
     )
@@ -449,6 +450,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     metrics_path = out / "metrics.jsonl"
     for epoch in range(start_epoch, S.EPOCHS):
         gen = torch.Generator().manual_seed(seed_epoch(cfg.SEED, epoch))
+        train_set.set_epoch(epoch)
         loader = folder_loader(train_set, S.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device, shuffle=True, drop_last=True,
                                generator=gen)
         skips = SkipCounter(f"{cfg.DATA.TRAIN_ROOT} (epoch {epoch + 1})", cfg.DATA.MAX_BAD_FRACTION)

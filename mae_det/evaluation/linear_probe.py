@@ -247,6 +247,7 @@ def _probe_augmented(
     **recipe,
 ) -> tuple[dict, int]:
     train_set.transform = create_transform(img_size, is_training=True, color_jitter=None, interpolation="bicubic")
+    train_set.seed = seed
     batch = min(batch_size, len(train_set))
     gen = torch.Generator().manual_seed(seed)
     loader = folder_loader(train_set, batch, num_workers, device, shuffle=True, drop_last=True, generator=gen)
@@ -257,6 +258,7 @@ def _probe_augmented(
     head.to(device)
 
     def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        train_set.set_epoch(epoch)
         for imgs, labels, errors in loader:
             skips.update(len(labels), errors)
             if len(labels) > 1:

@@ -99,3 +99,39 @@ def test_default_rand_augment_survives_many_draws():
     tf = train_transform(16, reprob=0.0)
     for _ in range(1500):
         tf(img)
+
+
+def _noise_folders(root: Path, per_class: int) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(per_class):
+            d = root / name
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def _epoch_images(ds: ImageFolderDataset, epoch: int, workers: int) -> torch.Tensor:
+    ds.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers, collate_fn=collate_skipping,
+                                         generator=torch.Generator().manual_seed(0))  # else it draws a base seed
+    return torch.cat([imgs for imgs, _, _ in loader])
+
+
+def test_seeded_augmentation_does_not_depend_on_workers_and_leaves_global_rngs_alone(tmp_path):
+    import random
+
+    _noise_folders(tmp_path, per_class=4)
+    tf = train_transform(16, scale=(0.2, 1.0), reprob=0.5)  # crop, flip, RandAugment and erasing all draw
+    ds = ImageFolderDataset(tmp_path, tf, seed=7)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = random.random(), np.random.rand(), torch.rand(()).item()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    in_process = _epoch_images(ds, 3, workers=0)
+    # The per-sample seeding restores the main process's generators (drop path and mixup draw from them).
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == before
+    assert torch.equal(in_process, _epoch_images(ds, 3, workers=2))
+    assert not torch.equal(in_process, _epoch_images(ds, 4, workers=0))  # a new epoch draws anew
+    assert not torch.equal(in_process, _epoch_images(ImageFolderDataset(tmp_path, tf, seed=8), 3, workers=0))
+    # Each sample's draws depend on its index, not on its neighbours in the batch.
+    ds.set_epoch(3)
+    assert torch.equal(ds[5][0], in_process[5])
