@@ -323,7 +323,14 @@ class StageRunner:
             if state is not None:
                 self.log(f"[demo] {stage.key}: settings changed since the last run, starting {stage.out_dir} over")
             shutil.rmtree(stage.out_dir)
-        self._write_state(stage.key, {"hash": h, "status": "started", "title": stage.title})
+        threads = self._env().get("OMP_NUM_THREADS", "default")
+        if resume and state.get("threads", threads) != threads:
+            # The thread count changes the summation order of torch's matmuls: the run stays valid, not bit-exact.
+            self.log(f"[demo] {stage.key}: resuming with {threads} thread(s) per tool, started with "
+                     f"{state['threads']}: its numbers can differ in the last digits from an uninterrupted run "
+                     f"(delete {stage.out_dir} to start it over)")
+            threads = state["threads"]  # the record keeps the first count, so every later resume still warns
+        self._write_state(stage.key, {"hash": h, "status": "started", "title": stage.title, "threads": threads})
         if stage.command is None:
             t0, cpu0 = time.perf_counter(), _cpu_self_and_children()
             stage.run()

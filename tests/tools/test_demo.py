@@ -188,6 +188,31 @@ def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
     assert runner.wall["train"][3] == "resumed"
 
 
+def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    stage = _tool_stage(tmp_path, "FAIL")
+    with pytest.raises(DemoError):
+        StageRunner(tmp_path / "out", threads=2, log=lambda line: None).run_all([stage])
+    assert json.loads((tmp_path / "out" / ".stages" / "train.json").read_text())["threads"] == "2"
+    stage.command = [c for c in stage.command if c != "FAIL"]
+    lines = []
+    runner = StageRunner(tmp_path / "out", threads=1, log=lines.append)
+    runner.run_all([stage])
+    assert runner.wall["train"][3] == "resumed"
+    assert [line for line in lines if "thread" in line] == [
+        f"[demo] train: resuming with 1 thread(s) per tool, started with 2: its numbers can differ in the last "
+        f"digits from an uninterrupted run (delete {stage.out_dir} to start it over)"]
+    # The same count says nothing.
+    (tmp_path / "b").mkdir()
+    again = _tool_stage(tmp_path / "b", "FAIL")
+    with pytest.raises(DemoError):
+        StageRunner(tmp_path / "b" / "out", threads=1, log=lambda line: None).run_all([again])
+    again.command = [c for c in again.command if c != "FAIL"]
+    lines.clear()
+    StageRunner(tmp_path / "b" / "out", threads=1, log=lines.append).run_all([again])
+    assert not [line for line in lines if "thread" in line]
+
+
 def test_tool_output_goes_to_the_log_and_the_console_gets_a_bar_and_a_result(tmp_path):
     import re as re_
 
