@@ -327,7 +327,7 @@ class StageRunner:
         if resume and state.get("threads", threads) != threads:
             # The thread count changes the summation order of torch's matmuls: the run stays valid, not bit-exact.
             self.log(f"[demo] {stage.key}: resuming with {threads} thread(s) per tool, started with "
-                     f"{state['threads']}: its numbers can differ in the last digits from an uninterrupted run "
+                     f"{state['threads']}: its numbers will differ from an uninterrupted run's, rounding grows over training "
                      f"(delete {stage.out_dir} to start it over)")
             threads = state["threads"]  # the record keeps the first count, so every later resume still warns
         self._write_state(stage.key, {"hash": h, "status": "started", "title": stage.title, "threads": threads})

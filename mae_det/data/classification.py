@@ -46,7 +46,7 @@ class ImageFolderDataset(Dataset):
             among them and take their indexes, so a validation split may hold a subset of the classes.
         progress: show the verification progress bar.
         seed: draw each sample's transform randomness from (seed, epoch, index) (see :meth:`set_epoch`) instead
-            of the loading process's global generators; ``None`` keeps them (deterministic transforms).
+            of the loading process's global generators (``None``: those, as torchvision's folders do).
 
     Attributes:
         classes: sorted class folder names; ``classes[label]`` names a label.

@@ -200,8 +200,8 @@ def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path, m
     runner.run_all([stage])
     assert runner.wall["train"][3] == "resumed"
     assert [line for line in lines if "thread" in line] == [
-        f"[demo] train: resuming with 1 thread(s) per tool, started with 2: its numbers can differ in the last "
-        f"digits from an uninterrupted run (delete {stage.out_dir} to start it over)"]
+        f"[demo] train: resuming with 1 thread(s) per tool, started with 2: its numbers will differ from an "
+        f"uninterrupted run's, rounding grows over training (delete {stage.out_dir} to start it over)"]
     # The same count says nothing.
     (tmp_path / "b").mkdir()
     again = _tool_stage(tmp_path / "b", "FAIL")
