@@ -80,6 +80,7 @@ from typing import Any, Iterable
 
 from detectron2.config import CfgNode as CN
 
+from ..data.classification import auto_augment_problem
 from ..modeling.vit import VIT_SIZES
 from .pretrain import COMPILE_CHOICES, ConfigError, _check, _check_types, encoder_arch, merge_config
 
@@ -231,8 +232,10 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(A.MIXUP_MODE in ("batch", "pair", "elem"),
            f"AUG.MIXUP_MODE: expected 'batch', 'pair' or 'elem', got {A.MIXUP_MODE!r}")
     _check(not A.RAND_AUGMENT or A.RAND_AUGMENT.startswith(("rand", "augmix", "original", "v0", "3a")),
-           f"AUG.RAND_AUGMENT: expected a timm auto-augment string such as 'rand-m9-mstd0.5-inc1', "
+           f"AUG.RAND_AUGMENT: expected a timm auto-augment string such as 'rand-m9-mstd0.5-inc1-mmax9', "
            f"got {A.RAND_AUGMENT!r}")
+    problem = auto_augment_problem(A.RAND_AUGMENT)
+    _check(problem is None, f"AUG.RAND_AUGMENT: {problem}")
 
     for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_ITER"):
         _check(S[key] >= 1, f"SOLVER.{key}: expected >= 1, got {S[key]}")

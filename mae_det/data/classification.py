@@ -219,6 +219,43 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = 
     )
 
 
+def auto_augment_problem(spec: str) -> str | None:
+    """Why timm's auto-augment ``spec`` would fail mid-epoch, or None if it cannot.
+
+    timm maps a posterize magnitude of 10 (increasing variant) or below 2.5 (plain variant) to 0 bits, which
+    Pillow >= 13 rejects with a ValueError; with a noisy magnitude (``mstd``) that happens on a few images per
+    epoch, so a run dies minutes in. The reachable magnitudes are checked here, before anything trains.
+    """
+    if not spec:
+        return None
+    built = create_transform(32, is_training=True, auto_augment=spec)
+    ops = [op for t in getattr(built, "transforms", [built])
+           for op in _augment_ops(t) if op.name.startswith("Posterize")]
+    for op in ops:
+        upper = op.magnitude_max or 10.0  # timm clips every drawn magnitude to [0, mmax or 10]
+        if op.magnitude_std == float("inf"):
+            reach = (0.0, op.magnitude)
+        elif op.magnitude_std > 0:  # Gaussian draws: beyond 6 std is one draw in 10^9
+            reach = (op.magnitude - 6 * op.magnitude_std, op.magnitude + 6 * op.magnitude_std)
+        else:
+            reach = (op.magnitude, op.magnitude)
+        for magnitude in reach:
+            magnitude = max(0.0, min(magnitude, upper))
+            bits = op.level_fn(magnitude, op.hparams)[0]
+            if bits < 1:
+                return (f"{spec!r} can draw {op.name} at magnitude {magnitude:g}, which keeps {bits} bits and "
+                        f"makes Pillow >= 13 raise mid-epoch; use magnitudes whose posterize keeps >= 1 bit, "
+                        f"e.g. 'rand-m9-mstd0.5-inc1-mmax9' (the paper's RandAugment capped at 9)")
+    return None
+
+
+def _augment_ops(transform: object) -> list:
+    """The timm ``AugmentOp``s of a RandAugment / AutoAugment / AugMix transform (none for other transforms)."""
+    if hasattr(transform, "policy"):  # AutoAugment: a list of sub-policies, each a list of ops
+        return [op for sub in transform.policy for op in sub]
+    return list(getattr(transform, "ops", []))
+
+
 def train_transform(
     img_size: int,
     *,

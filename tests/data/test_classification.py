@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.auto_augment import AugmentOp
 
+from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
+from mae_det.config.pretrain import ConfigError
 from mae_det.data.classification import (
     ClassificationDataError,
     ImageFolderDataset,
     SkipCounter,
+    auto_augment_problem,
     collate_skipping,
     eval_transform,
     train_transform,
@@ -135,3 +139,24 @@ def test_seeded_augmentation_does_not_depend_on_workers_and_leaves_global_rngs_a
     # Each sample's draws depend on its index, not on its neighbours in the batch.
     ds.set_epoch(3)
     assert torch.equal(ds[5][0], in_process[5])
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m2", "v0"])
+def test_auto_augment_that_reaches_a_zero_bit_posterize_is_refused_before_training(spec):
+    problem = auto_augment_problem(spec)
+    assert problem is not None and "0 bits" in problem and repr(spec) in problem
+    # What the check predicts is what Pillow does: that posterize raises on a real image.
+    op_name, magnitude = problem.split(" can draw ")[1].split(", which")[0].split(" at magnitude ")
+    op = AugmentOp(op_name, prob=1.0, magnitude=float(magnitude))
+    with pytest.raises(ValueError, match="bits"):
+        op(Image.new("RGB", (8, 8)))
+    cfg = get_cls_cfg()
+    cfg.AUG.RAND_AUGMENT = spec
+    with pytest.raises(ConfigError, match=r"^AUG\.RAND_AUGMENT: "):
+        validate_cls_cfg(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize("spec", ["", "rand-m9-mstd0.5-inc1-mmax9", "rand-m9-mstd0.5", "rand-m9-mstd101-inc1",
+                                  "original", "augmix-m5-w3"])
+def test_auto_augment_whose_posterize_keeps_a_bit_passes(spec):
+    assert auto_augment_problem(spec) is None
