@@ -7,7 +7,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="${MAE_DET_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
-torch_pins=(torch==2.14.1 torchvision==0.29.1)
+# TorchCodec: the maintained JPEG decoder of DATA.DECODE_DEVICE cuda (torchvision's warns on every call since 0.29);
+# its CPU kernel lets the suite test that path's decoder here.
+torch_pins=(torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0)
 d2_dist="sal-detectron2==0.7.2"
 d2_runtime=(fvcore iopath pycocotools yacs termcolor tabulate cloudpickle tqdm tensorboard
             "omegaconf>=2.1,<2.4" hydra-core matplotlib Pillow packaging "setuptools<81")

@@ -30,16 +30,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import ImageLoadError, _open_unchecked, load_image
+from .images import _EXIF_ORIENTATION, ImageLoadError, _open_unchecked, load_image
 from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pretrain, turn_and_shuffle
 
 try:  # the maintained decoder; torchvision's is deprecated since 0.29
     from torchcodec.decoders import decode_jpeg as _torchcodec_decode_jpeg
 except ImportError:
     _torchcodec_decode_jpeg = None
-
-_EXIF_ORIENTATION = 0x0112
-
 
 class EncodedJpeg(NamedTuple):
     """A JPEG left for the GPU: its bytes, its size after the EXIF orientation, the orientation (1-8)."""
@@ -69,15 +66,31 @@ def read_encoded(path: Path, max_pixels: int) -> EncodedJpeg | Image.Image:
             orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
         except Exception:
             orientation = 1  # a broken EXIF block: the pixels are used as stored, as on the CPU path
-    if orientation not in range(1, 9):
-        orientation = 1
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        raw = bytearray(path.read_bytes())
     except OSError as e:
         raise ImageLoadError(f"{path}: cannot read file ({e.strerror or e})") from e
+    # TorchCodec's decoder applies the EXIF orientation (torchvision's, as called, does not), and the first APP1
+    # segment it parses, even one PIL finds corrupt: with the segments hidden, every decoder returns the pixels as
+    # stored and apply_orientation turns them once, as PIL reads the tag.
+    hide_exif(raw)
+    if orientation not in range(1, 9):
+        orientation = 1
     if orientation >= 5:  # transposing orientations swap width and height
         w, h = h, w
-    return EncodedJpeg(data, w, h, orientation, str(path))
+    return EncodedJpeg(torch.frombuffer(raw, dtype=torch.uint8), w, h, orientation, str(path))
+
+
+def hide_exif(jpeg: bytearray) -> int:
+    """Turns every APP1 segment (EXIF, XMP) into an APP15 one in place, which decoders skip unread; returns how
+    many it turned. The orientation was read with PIL before, as the CPU path reads it."""
+    pos, hidden = 2, 0  # after the start-of-image marker
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and jpeg[pos + 1] not in (0xD9, 0xDA):  # headers end at a scan
+        if jpeg[pos + 1] == 0xE1:
+            jpeg[pos + 1] = 0xEF
+            hidden += 1
+        pos += 2 + int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+    return hidden
 
 
 class EncodedPretrainDataset(PretrainDataset):

@@ -52,6 +52,17 @@ def folder(tmp_path_factory) -> Path:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(params=["torchvision", "torchcodec"])
+def decoder(request, monkeypatch):
+    """Each JPEG decoder the GPU path can use; the CPU kernels stand in for nvjpeg. TorchCodec applies the EXIF
+    orientation itself, torchvision (as called) does not: both must give the same pixels."""
+    if request.param == "torchvision":
+        monkeypatch.setattr(G, "_torchcodec_decode_jpeg", None)
+    elif G._torchcodec_decode_jpeg is None:
+        pytest.skip("TorchCodec is not installed")
+    return request.param
+
+
 def _datasets(folder: Path, transform: PretrainTransform | None = None, **kw):
     src = folder_source(folder)
     t = transform or PretrainTransform(48, scale=(0.2, 1.0))
@@ -64,7 +75,7 @@ def _to_255(x: torch.Tensor, t: PretrainTransform) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("turns_and_channels", [False, True], ids=["crop_flip", "crop_flip_turn_shuffle"])
-def test_both_paths_draw_the_same_crops_flips_and_masks(folder, turns_and_channels):
+def test_both_paths_draw_the_same_crops_flips_and_masks(folder, turns_and_channels, decoder):
     t = PretrainTransform(48, scale=(0.2, 1.0), rot90=turns_and_channels, channel_shuffle=turns_and_channels)
     cpu, enc, t = _datasets(folder, t)
     names = [p.name for p in cpu.source.paths]
@@ -98,7 +109,45 @@ def test_orientation_matches_pil(tmp_path):
         assert torch.equal(G.apply_orientation(stored, o), shown), o
 
 
-def test_batched_decode_retries_file_by_file(folder, tmp_path):
+def test_exif_is_hidden_from_the_decoders_in_the_bytes_only(tmp_path):
+    from torchvision.io import decode_jpeg
+
+    for o in (1, 3, 6, 8, 9):
+        path = _jpeg(tmp_path / f"o{o}.jpg", 30, 20, o, orientation=o)
+        before = path.read_bytes()
+        with Image.open(path) as im:
+            stored = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        enc = G.read_encoded(path, 10**8)
+        assert enc.orientation == (o if o <= 8 else 1) and path.read_bytes() == before  # the file is untouched
+        data = bytes(enc.data.numpy())
+        changed = [i for i, (a, b) in enumerate(zip(data, before)) if a != b]  # the APP1 marker byte alone
+        assert len(data) == len(before) and len(changed) == 1 and before[changed[0] - 1:changed[0] + 1] == b"\xff\xe1"
+        # a decoder that honours the tag returns the stored pixels, as one that ignores it
+        assert torch.equal(decode_jpeg(enc.data, apply_exif_orientation=True), decode_jpeg(enc.data))
+        assert (decode_jpeg(enc.data).int() - stored.int()).abs().max() <= 1
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(_smooth(30, 20, 0)).save(plain)
+    assert G.hide_exif(bytearray(before)) == 1 and G.hide_exif(bytearray(plain.read_bytes())) == 0
+
+
+@pytest.mark.parametrize("offset,value", [(0, b"XX"), (4, (5000).to_bytes(4, "big")), (12, b"\0\x4d")],
+                         ids=["byte_order", "ifd_offset", "tag_type"])
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_corrupt_exif_block_leaves_the_pixels_as_stored(tmp_path, offset, value):
+    from torchvision.io import decode_jpeg
+
+    path = _jpeg(tmp_path / "x.jpg", 30, 20, 0, orientation=6)
+    raw = bytearray(path.read_bytes())
+    tiff = raw.index(b"Exif\0\0") + 6
+    raw[tiff + offset:tiff + offset + len(value)] = value
+    path.write_bytes(bytes(raw))
+    enc = G.read_encoded(path, 10**8)
+    assert load_image(path).size == (30, 20)  # the CPU path: no rotation
+    assert enc.orientation == 1 and (enc.width, enc.height) == (30, 20)
+    assert decode_jpeg(enc.data, apply_exif_orientation=True).shape == (3, 20, 30)
+
+
+def test_batched_decode_retries_file_by_file(folder, tmp_path, decoder):
     good = [torch.frombuffer(bytearray((folder / f"a{i}.jpg").read_bytes()), dtype=torch.uint8) for i in range(2)]
     broken = good[0][:300].clone()  # a header and no scan: undecodable
     out = G.decode_jpegs([good[0], broken, good[1]], "cpu")
@@ -112,11 +161,12 @@ def test_device_refusals_go_to_the_cpu_and_unreadable_files_are_reported(folder,
         _jpeg(tmp_path / f"{i}.jpg", w, h, i)
     data = (tmp_path / "2.jpg").read_bytes()
     (tmp_path / "2.jpg").write_bytes(data[: len(data) // 3])  # the header reads, the pixels do not
-    refused = (tmp_path / "1.jpg").read_bytes()
+    refused = bytearray((tmp_path / "1.jpg").read_bytes())
+    G.hide_exif(refused)  # as the worker sends it
     real = G._decode_batch
 
     def device_decoder(data, device):  # as nvjpeg refusing a file PIL reads (e.g. an unsupported coding)
-        if any(bytes(d.numpy()) == refused for d in data):
+        if any(bytes(d.numpy()) == bytes(refused) for d in data):
             raise RuntimeError("nvjpeg: unsupported JPEG")
         return real(data, device)
 
