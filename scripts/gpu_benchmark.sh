@@ -11,8 +11,9 @@
 #
 # Written for a fresh machine: the Inductor cache starts empty (compile times are measured and printed as
 # "warm-up s" / "first ... incl. compile"), one compiled variant per section, default Inductor (no max-autotune).
-# Sections, each under its own time limit, most important first; a section whose limit would end past 590 s is
-# skipped, and the side-by-side runs start no round past their --max-seconds:
+# Sections, each under its own time limit, most important first; a section whose limit would end past BUDGET
+# (560 s from the start, wheel install included) is skipped, and the side-by-side runs start no round past their
+# --max-seconds:
 #   1. machine and versions
 #   2. ours vs official, ViT-B batch 64, step-only and end to end (2,000 JPEGs of 500x375, 16 workers; our loader
 #      with PIL workers and with nvjpeg): img/s, MFU, peak memory per image, ratios, compile time
@@ -20,9 +21,16 @@
 #   4. detection ViT-B 1024 px fp16: backbone fwd+bwd eager/compiled vs Detectron2's ViTDet, training iteration at
 #      batch 4 through the Detectron2 loader with LSJ (s/img)
 #   5. ours, visible-only vs all-tokens, every precision, batch 64 (the FLOP-ratio target; today's 17 % bf16 MFU)
+#
+# On a machine without this project's .venv (a GPU machine with PyTorch and no internet), python3 runs it and
+# WHEELHOUSE=DIR names the wheels made beforehand with `bash scripts/wheelhouse.sh download DIR 3.12 0.16.0` (for
+# torch 2.11 there): they are installed into a temporary folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET=560  # s, wheel install included: a 600 s run limit leaves room for the copy of the log
 PY=${PYTHON:-.venv/bin/python}
+[[ -x "$PY" ]] || PY=python3
 DRY=0
 OUT=docs/benchmarks
 if [[ "${1:-}" == "--dry-run" ]]; then
@@ -33,13 +41,17 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_benchmark_$(date -u +%Y-%m-%d).txt"
 WORK=$(mktemp -d)
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # cold: the compile times printed are a fresh machine's
-START=$SECONDS
+if [[ -n "${WHEELHOUSE:-}" ]]; then
+    PYTHON="$PY" bash scripts/wheelhouse.sh install "$WHEELHOUSE" "$WORK/site" \
+        || { echo "wheelhouse install failed" >&2; exit 1; }
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 section() {  # NAME LIMIT_S COMMAND... : runs it with its output appended to $LOG, unless past the budget
     local name=$1 limit=$2
     shift 2
-    if (( SECONDS - START + limit > 590 )); then
-        printf '\n### %s\nskipped: its %d s limit would end past 590 s\n' "$name" "$limit" >> "$LOG"
+    if (( SECONDS - START + limit > BUDGET )); then
+        printf '\n### %s\nskipped: its %d s limit would end past %d s\n' "$name" "$limit" "$BUDGET" >> "$LOG"
         return
     fi
     printf '\n### %s\n$ %s\n' "$name" "$*" >> "$LOG"
@@ -63,7 +75,7 @@ fi
 
 {
     echo "# scripts/gpu_benchmark.sh $*"
-    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), git ${MAE_DET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 } > "$LOG"
 section "1. machine" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null \
     || echo 'no nvidia-smi'; nproc; $PY -c 'import torch, torchvision, timm; print(\"torch\", torch.__version__, \

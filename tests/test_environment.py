@@ -1,4 +1,5 @@
 """The environment the setup script builds: imports, versions, and that tools/ is the project's."""
+import os
 import subprocess
 import sys
 import sysconfig
@@ -47,7 +48,7 @@ def test_missing_detectron2_message(tmp_path):
     (tmp_path / "detectron2" / "__init__.py").write_text("raise ImportError('no detectron2 here')\n")
     proc = subprocess.run(
         [sys.executable, "-c", "import mae_det"], cwd=tmp_path, capture_output=True, text=True,
-        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PATH": ""},  # with or without pip -e
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

@@ -12,6 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()
+
 from mae_det.bench.data import format_report, run  # noqa: E402
 
 

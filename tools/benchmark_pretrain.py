@@ -10,18 +10,25 @@ Side by side with the official code (your clone of facebookresearch/mae; see mae
     python tools/benchmark_pretrain.py --against-official ~/mae --device cuda --batch-size 64 --compile \
         --jpeg-folder /tmp/jpegs --workers 16
 """
-import argparse
-import json
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a clone without `pip install -e`
 
-from mae_det.modeling import MAE_FACTORIES
-from mae_det.bench.official import format_against_official, run_against_official, write_jpeg_imagefolder
-from mae_det.bench.pretrain import format_report, run_benchmark
-from mae_det.utils.known_warnings import filter_known_warnings
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from mae_det.bench.official import (  # noqa: E402
+    format_against_official, run_against_official, write_jpeg_imagefolder,
+)
+from mae_det.bench.pretrain import format_report, run_benchmark  # noqa: E402
+from mae_det.modeling import MAE_FACTORIES  # noqa: E402
 
 # --quick: a tiny MAE and small matmuls, for smoke tests (seconds, figures not meaningful).
 QUICK = dict(model_name="mae_vit_tiny_patch16", img_size=64, batch_size=2, iters=2, warmup=1,

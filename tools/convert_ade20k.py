@@ -13,6 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()
+
 from mae_det.data.detection import DatasetError  # noqa: E402
 from mae_det.data.semantic import convert_ade20k  # noqa: E402
 

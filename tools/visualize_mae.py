@@ -4,14 +4,20 @@
 Example:
     python tools/visualize_mae.py --checkpoint output/pretrain/checkpoint_last.pth --input images/ --output vis/
 """
-import argparse
-import logging
+import sys
+from pathlib import Path
 
-from mae_det.modeling import MAE_FACTORIES
-from mae_det.utils.visualize import visualize_images
-from mae_det.utils.known_warnings import filter_known_warnings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a clone without `pip install -e`
+
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from mae_det.modeling import MAE_FACTORIES  # noqa: E402
+from mae_det.utils.visualize import visualize_images  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

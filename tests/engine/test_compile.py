@@ -158,10 +158,18 @@ def test_detection_step_trainer_redoes_a_failed_compiled_step_eagerly(monkeypatc
 
     from mae_det.engine.det_trainer import AutocastTrainer
 
+    class Backbone(torch.nn.Module):  # a module of its own: torch 2.11's Dynamo skips compiling a bare nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
     class Detector(torch.nn.Module):  # the trainer's contract: data list in, dict of losses out
         def __init__(self):
             super().__init__()
-            self.backbone = torch.nn.Linear(4, 4)
+            self.backbone = Backbone()
 
         def forward(self, data):
             return {"loss_x": self.backbone(torch.stack([d["x"] for d in data])).pow(2).mean()}
