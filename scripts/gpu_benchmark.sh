@@ -24,7 +24,9 @@
 #
 # On a machine without this project's .venv (a GPU machine with PyTorch and no internet), python3 runs it and
 # WHEELHOUSE=DIR names the wheels made beforehand with `bash scripts/wheelhouse.sh download DIR 3.12 0.16.0` (for
-# torch 2.11 there): they are installed into a temporary folder first.
+# torch 2.11 there): they are installed into a temporary folder first. GPU_BENCHMARK_LOG_DIR=DIR writes the log
+# (and the sections' stderr) there instead of docs/benchmarks, e.g. a folder that comes back from a remote run even
+# when it is stopped at its time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -32,14 +34,16 @@ BUDGET=560  # s, wheel install included: a 600 s run limit leaves room for the c
 PY=${PYTHON:-.venv/bin/python}
 [[ -x "$PY" ]] || PY=python3
 DRY=0
-OUT=docs/benchmarks
+OUT=${GPU_BENCHMARK_LOG_DIR:-docs/benchmarks}
 if [[ "${1:-}" == "--dry-run" ]]; then
     DRY=1
     OUT=${2:?--dry-run needs an output folder}
 fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_benchmark_$(date -u +%Y-%m-%d).txt"
+ERR="$OUT/gpu_benchmark_stderr.txt"
 WORK=$(mktemp -d)
+[[ -n "${GPU_BENCHMARK_LOG_DIR:-}" ]] || ERR="$WORK/stderr.txt"
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # cold: the compile times printed are a fresh machine's
 if [[ -n "${WHEELHOUSE:-}" ]]; then
     PYTHON="$PY" bash scripts/wheelhouse.sh install "$WHEELHOUSE" "$WORK/site" \
@@ -56,7 +60,7 @@ section() {  # NAME LIMIT_S COMMAND... : runs it with its output appended to $LO
     fi
     printf '\n### %s\n$ %s\n' "$name" "$*" >> "$LOG"
     local t0=$SECONDS rc=0
-    timeout "$limit" "$@" >> "$LOG" 2>> "$WORK/stderr.txt" || rc=$?
+    timeout "$limit" "$@" >> "$LOG" 2>> "$ERR" || rc=$?
     printf '[%s: exit %d after %d s%s]\n' "$name" "$rc" $((SECONDS - t0)) \
         "$( ((rc == 124)) && echo ", stopped at its $limit s limit")" >> "$LOG"
 }
@@ -96,5 +100,5 @@ section "5. visible-only vs all-tokens, batch 64" 50 "$PY" tools/benchmark_pretr
 printf '\n[total %d s]\n' $((SECONDS - START)) >> "$LOG"
 cat "$LOG"
 echo "written: $LOG" >&2
-grep -q "exit [1-9]" "$LOG" && { echo "some sections failed; their errors:" >&2; tail -n 40 "$WORK/stderr.txt" >&2; exit 1; }
+grep -q "exit [1-9]" "$LOG" && { echo "some sections failed; their errors:" >&2; tail -n 40 "$ERR" >&2; exit 1; }
 exit 0
