@@ -37,7 +37,7 @@ else
   purelib="$("$vpy" -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')"
   if ! "$vpy" -c "import detectron2" 2>/dev/null; then
     echo "[setup] installing pure-Python Detectron2 from PyPI ($d2_dist) into $purelib"
-    # --target + --python-version: the wheel is tagged cp310 but its Python part runs on 3.11-3.13 too (suite run on each).
+    # --target + --python-version: the wheel is tagged cp310; its Python part runs on 3.11-3.13 too (suite run on each).
     "$vpy" -m pip install --quiet --no-deps --upgrade --target "$purelib" \
       --python-version 3.10 --only-binary=:all: "$d2_dist"
     touch "$venv/.mae_det_sal_detectron2"
