@@ -176,22 +176,40 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
+def resize_crop(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 as stored -> (3, size, size) float in [0, 255] (before rounding): the EXIF orientation, the
+    crop, and the resize with antialiased bicubic, PIL's filter, which the CPU path uses."""
+    p = CropFlip(*crop)
+    x = apply_orientation(img, orientation)[:, p.top:p.top + p.height, p.left:p.left + p.width]
+    return F.interpolate(x[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def finish_batch(x: torch.Tensor, crops: Sequence[CropFlip | Sequence],
+                 mean_std: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(N, 3, S, S) outputs of :func:`resize_crop` -> the normalized images, in place where it can: PIL resizes to 8
+    bits, so the values are rounded and clipped, then flipped, turned, reordered and normalized. One call per batch
+    rather than per image: on a GPU each elementwise step is a kernel launch of the host thread that also drives the
+    training step."""
+    x = x.round_().clamp_(0, 255)
+    crops = [CropFlip(*c) for c in crops]
+    flips = [k for k, p in enumerate(crops) if p.flip]
+    if flips:
+        x[flips] = x[flips].flip(-1)
+    for k, p in enumerate(crops):
+        if p.quarter_turns or p.channels is not None:
+            x[k] = turn_and_shuffle(x[k], p)
+    mean, std = mean_std
+    return x.div_(255.0).sub_(mean).div_(std)
+
+
 def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, transform: PretrainTransform,
                    mean_std: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(3, H, W) uint8 as stored -> (3, S, S) float: what ``transform.apply`` does to the PIL image.
 
-    PIL resizes to 8 bits, so the resized values are rounded and clipped before the normalization. ``mean_std``:
-    ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
+    ``mean_std``: ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
     """
-    p = CropFlip(*crop)
-    x = apply_orientation(img, orientation)[:, p.top:p.top + p.height, p.left:p.left + p.width]
-    s = transform.img_size
-    x = F.interpolate(x[None].float(), size=(s, s), mode="bicubic", antialias=True, align_corners=False)[0]
-    x = x.round_().clamp_(0, 255)
-    if p.flip:
-        x = x.flip(-1)
-    mean, std = mean_std if mean_std is not None else _mean_std(transform, x.device)
-    return (turn_and_shuffle(x, p) / 255.0 - mean) / std
+    x = resize_crop(img, orientation, crop, transform.img_size)[None]
+    return finish_batch(x, [crop], mean_std if mean_std is not None else _mean_std(transform, x.device))[0]
 
 
 def _mean_std(transform: PretrainTransform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,13 +235,20 @@ class GpuAugment:
             out[i] = img.to(self.device, non_blocking=True)
         slots = [i for i, d in enumerate(batch["jpeg"]) if d is not None]
         batch["cpu_decoded"] = len(batch["image"])  # on the workers: not JPEGs, CMYK, oversized
+        resized = []  # slots whose pixels are resized, not yet rounded and normalized
         for i, img in zip(slots, decode_jpegs([batch["jpeg"][i] for i in slots], self.device)):
             if img is None:
                 img = self._decode_on_cpu(batch, *batch["file"][i])
             if img is None:
                 out[i] = 0.0
             else:
-                out[i] = augment_tensor(img, batch["orientation"][i], batch["crop"][i], t, self.mean_std)
+                out[i] = resize_crop(img, batch["orientation"][i], batch["crop"][i], t.img_size)
+                resized.append(i)
+        crops = [batch["crop"][i] for i in resized]
+        if len(resized) == n:
+            return finish_batch(out, crops, self.mean_std)
+        if resized:
+            out[resized] = finish_batch(out[resized], crops, self.mean_std)
         return out
 
     def _decode_on_cpu(self, batch: dict, index: int, path: str) -> torch.Tensor | None:

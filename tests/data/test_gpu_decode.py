@@ -13,7 +13,7 @@ from mae_det.config.pretrain import ConfigError
 from mae_det.data import gpu_decode as G
 from mae_det.data.images import load_image
 from mae_det.data.pretrain import (
-    GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source, sample_generator,
+    CropFlip, GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source, sample_generator,
 )
 
 SIZES = [(120, 90), (90, 120), (200, 64), (64, 64), (47, 33)]
@@ -180,6 +180,24 @@ def test_device_refusals_go_to_the_cpu_and_unreadable_files_are_reported(folder,
     assert torch.equal(images[2], torch.zeros(3, 48, 48))
     ref = collate_pretrain([cpu[k] for k in keys[:2]])["image"]
     assert (_to_255(images[1], t) - _to_255(ref[1], t)).abs().max() <= 2
+
+
+@pytest.mark.parametrize("turns_and_channels", [False, True], ids=["crop_flip", "crop_flip_turn_shuffle"])
+def test_batch_finishing_equals_each_image_alone(folder, turns_and_channels, monkeypatch):
+    """GpuAugment rounds, flips and normalizes once per batch (fewer kernel launches): bit for bit what each image
+    gets alone, also around a slot no decoder could read."""
+    t = PretrainTransform(48, scale=(0.2, 1.0), rot90=turns_and_channels, channel_shuffle=turns_and_channels)
+    _, enc, t = _datasets(folder, t)
+    samples = [enc[(e, i)] for e in (0, 1) for i in range(len(enc))]
+    samples = [s for s in samples if s["jpeg"] is not None]
+    assert {CropFlip(*s["crop"]).flip for s in samples} == {True, False}
+    alone = [G.augment_tensor(G.decode_jpegs([s["jpeg"]], "cpu")[0], s["orientation"], s["crop"], t) for s in samples]
+    assert torch.equal(G.GpuAugment(t, "cpu")(G.collate_encoded(samples)), torch.stack(alone))
+    broken = dict(samples[1], jpeg=samples[1]["jpeg"][:200].clone(), file=(1, str(folder / "missing.jpg")))
+    batch = G.collate_encoded([samples[0], broken, samples[2]])
+    got = G.GpuAugment(t, "cpu")(batch)
+    assert [b[0] for b in batch["bad"]] == [1] and torch.equal(got[1], torch.zeros_like(got[1]))
+    assert torch.equal(got[0], alone[0]) and torch.equal(got[2], alone[2])
 
 
 def test_prefetcher_yields_every_batch_augmented(folder):
