@@ -20,6 +20,7 @@ any unreadable image) - unlike the CPU path, which can still swap in the next re
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,8 +36,12 @@ from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pret
 
 try:  # the maintained decoder; torchvision's is deprecated since 0.29
     from torchcodec.decoders import decode_jpeg as _torchcodec_decode_jpeg
-except ImportError:
+except ImportError:  # not installed, or a release without JPEG decoding
     _torchcodec_decode_jpeg = None
+except Exception as e:  # installed, but its native libraries do not load (no FFmpeg, built for another torch)
+    _torchcodec_decode_jpeg = None
+    logging.getLogger(__name__).warning("TorchCodec does not load (%s: %s); DATA.DECODE_DEVICE cuda decodes with "
+                                        "torchvision", type(e).__name__, (str(e).strip().splitlines() or [""])[0])
 
 class EncodedJpeg(NamedTuple):
     """A JPEG left for the GPU: its bytes, its size after the EXIF orientation, the orientation (1-8)."""

@@ -109,6 +109,24 @@ def test_orientation_matches_pil(tmp_path):
         assert torch.equal(G.apply_orientation(stored, o), shown), o
 
 
+def test_a_torchcodec_that_does_not_load_falls_back_to_torchvision_with_one_warning(tmp_path):
+    import subprocess
+    import sys
+
+    # as a TorchCodec built for another torch, or without FFmpeg, fails: at import, with a RuntimeError
+    (tmp_path / "torchcodec").mkdir()
+    (tmp_path / "torchcodec" / "__init__.py").write_text(
+        "raise RuntimeError('Could not load libtorchcodec. Likely causes:\\n  1. FFmpeg is not installed')\n")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", "import mae_det.data.gpu_decode as G; print(G._torchcodec_decode_jpeg)"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": f"{tmp_path}:{root}", "PATH": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if "TorchCodec" in ln]
+    assert len(lines) == 1 and "RuntimeError: Could not load libtorchcodec. Likely causes:" in lines[0]
+    assert "decodes with torchvision" in lines[0]
+
+
 def test_exif_is_hidden_from_the_decoders_in_the_bytes_only(tmp_path):
     from torchvision.io import decode_jpeg
 
