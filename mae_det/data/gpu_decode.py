@@ -43,6 +43,7 @@ except Exception as e:  # installed, but its native libraries do not load (no FF
     logging.getLogger(__name__).warning("TorchCodec does not load (%s: %s); DATA.DECODE_DEVICE cuda decodes with "
                                         "torchvision", type(e).__name__, (str(e).strip().splitlines() or [""])[0])
 
+
 class EncodedJpeg(NamedTuple):
     """A JPEG left for the GPU: its bytes, its size after the EXIF orientation, the orientation (1-8)."""
 
