@@ -21,6 +21,7 @@ filter_known_warnings()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -75,6 +76,10 @@ def main(argv=None) -> None:
     print(json.dumps(result))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def against_official(args: argparse.Namespace, log) -> None:
     arch = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
                 decoder_num_heads=16)
@@ -89,6 +94,8 @@ def against_official(args: argparse.Namespace, log) -> None:
         size = (48, 40) if args.quick else (500, 375)
         log(f"{args.jpeg_folder}: {n} JPEGs, mean {write_jpeg_imagefolder(args.jpeg_folder, n, size):.0f} KB")
         kwargs["jpeg_root"] = args.jpeg_folder
+    # `timeout` (scripts/gpu_benchmark.sh) sends SIGTERM: the rounds measured so far are still printed
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_against_official(args.against_official, arch=arch, log=log, **kwargs)
     except FileNotFoundError as e:

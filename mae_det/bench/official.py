@@ -305,7 +305,8 @@ def run_against_official(
     """Times the official model and loop against ours, interleaved; returns a JSON-serializable dict.
 
     ``max_seconds`` > 0: no new round starts after that time (at least one round runs); the result says how many
-    rounds ran.
+    rounds ran. A KeyboardInterrupt (the tool turns SIGTERM, e.g. from ``timeout``, into one) ends the rounds early:
+    the result holds what was measured so far and ``"interrupted": True``.
     """
     t_start = time.perf_counter()
     official = load_official(checkout)
@@ -350,28 +351,32 @@ def run_against_official(
         _sync(device)
         v.warmup_s = time.perf_counter() - start
 
-    done = 0
-    for r in range(rounds):
-        if r and max_seconds and time.perf_counter() - t_start > max_seconds:
-            log(f"stopping after {r} rounds: past --max-seconds {max_seconds:.0f}")
-            break
-        done = r + 1
-        for v in variants:
-            if v.step is None:
-                log(f"warm-up {v.name} ...")
-                setup(v)
-            with _peak_memory(device) as peak:
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    v.step(next(v.batches), mask_ratio)
-                _sync(device)
-                v.img_s.append(batch_size * steps / (time.perf_counter() - start))
-            if peak:
-                v.peak_mem_gib = max(v.peak_mem_gib or 0.0, peak[0])
-        log(f"round {r + 1}/{rounds} done")
+    done, interrupted = 0, False
+    try:
+        for r in range(rounds):
+            if r and max_seconds and time.perf_counter() - t_start > max_seconds:
+                log(f"stopping after {r} rounds: past --max-seconds {max_seconds:.0f}")
+                break
+            done = r + 1
+            for v in variants:
+                if v.step is None:
+                    log(f"warm-up {v.name} ...")
+                    setup(v)
+                with _peak_memory(device) as peak:
+                    _sync(device)
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        v.step(next(v.batches), mask_ratio)
+                    _sync(device)
+                    v.img_s.append(batch_size * steps / (time.perf_counter() - start))
+                if peak:
+                    v.peak_mem_gib = max(v.peak_mem_gib or 0.0, peak[0])
+            log(f"round {r + 1}/{rounds} done")
+    except KeyboardInterrupt:  # a time limit: what was measured is worth more than nothing
+        interrupted = True
+        log(f"interrupted in round {done}: reporting the rounds measured so far")
     rows = []
-    for v in variants:
+    for v in (v for v in variants if v.img_s):
         med = statistics.median(v.img_s)
         rows.append({"variant": v.name, "side": v.side, "precision": v.precision, "compiled": v.compiled,
                      "data": v.data, "img_s": med, "img_s_min": min(v.img_s), "img_s_max": max(v.img_s),
@@ -383,7 +388,8 @@ def run_against_official(
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
                   f"{torch.backends.cpu.get_cpu_capability()})",
         "torch": torch.__version__, "timm": timm.__version__, "checkout": str(checkout), "arch": arch,
-        "img_size": img_size, "batch_size": batch_size, "rounds": done, "steps_per_round": steps,
+        "img_size": img_size, "batch_size": batch_size, "rounds": done, "interrupted": interrupted,
+        "steps_per_round": steps,
         "warmup_steps": warmup, "mask_ratio": mask_ratio, "train_gflop_per_image": flops / 1e9,
         "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows,
         "ratios": _ratios(rows),
@@ -424,6 +430,9 @@ def format_against_official(res: dict[str, Any]) -> str:
         f"{res['warmup_steps']} warm-up steps (compile included, timed in 'warm-up s')",
         "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in res["matmul_peak_gflops"].items()),
     ]
+    if res.get("interrupted"):
+        lines.append(f"STOPPED by a signal in round {res['rounds']}: each row is the median of the rounds it "
+                     f"completed; a variant never measured has no row")
     header = (f"{'variant':<34}{'img/s':>9}{'spread':>17}{'ms/step':>10}{'MFU':>7}{'peak GiB':>10}{'MiB/img':>9}"
               f"{'warm-up s':>11}")
     lines += [header, "-" * len(header)]

@@ -134,6 +134,30 @@ def test_quick_side_by_side_prints_every_row_and_ratio(checkout, tmp_path):
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 8
 
 
+def test_a_sigterm_still_prints_the_rounds_measured_so_far(checkout):
+    """scripts/gpu_benchmark.sh runs each section under `timeout`, which sends SIGTERM: a section stopped at its
+    limit keeps its figures instead of losing them all."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(checkout),
+                             "--quick", "--rounds", "1000000", "--workers", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:  # progress lines; round 2 done: every variant has a figure
+        if line.startswith("round 2/") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    *table, last = out.strip().splitlines()
+    res = json.loads(last)
+    assert res["interrupted"] is True and 2 <= res["rounds"] < 1000000
+    assert any(line.startswith(f"STOPPED by a signal in round {res['rounds']}") for line in table)
+    names = [r["variant"] for r in res["rows"]]
+    assert {"official fp32", "ours fp32"} <= set(names) and "ours fp32 / official fp32" in res["ratios"]
+
+
 def test_missing_checkout_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(tmp_path),
                            "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120)
