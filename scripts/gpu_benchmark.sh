@@ -60,7 +60,7 @@ section() {  # NAME LIMIT_S COMMAND... : runs it with its output appended to $LO
     fi
     printf '\n### %s\n$ %s\n' "$name" "$*" >> "$LOG"
     local t0=$SECONDS rc=0
-    # SIGTERM at the limit: benchmark_pretrain.py --against-official then prints the rounds it measured; KILL 20 s on
+    # SIGTERM at the limit: the benchmark tools then print what they measured so far; KILL 20 s later
     timeout -k 20 "$limit" "$@" >> "$LOG" 2>> "$ERR" || rc=$?
     printf '[%s: exit %d after %d s%s]\n' "$name" "$rc" $((SECONDS - t0)) \
         "$( ((rc == 124)) && echo ", stopped at its $limit s limit")" >> "$LOG"

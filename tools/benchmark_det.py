@@ -34,7 +34,7 @@ from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
 from mae_det.bench.det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,
 )
-from mae_det.bench import parity  # noqa: E402
+from mae_det.bench import parity, stop_on_sigterm  # noqa: E402
 from mae_det.config.pretrain import ConfigError  # noqa: E402
 
 
@@ -112,7 +112,12 @@ def main(argv=None):
         sys.exit(2)
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,
                           1 if a.quick else a.iters, a.quick, a.compile, a.real_data, a.workers)
-    results = run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results: dict = {}
+    stop_on_sigterm()
+    try:
+        run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True), results=results)
+    except KeyboardInterrupt:  # a time limit (scripts/gpu_benchmark.sh): the rows measured so far are printed
+        print("STOPPED by a signal: the rows measured before it")
     print(format_results(s, results, device_name(s.device)))
 
 

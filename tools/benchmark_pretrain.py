@@ -21,10 +21,10 @@ filter_known_warnings()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 
 import torch  # noqa: E402
 
+from mae_det.bench import stop_on_sigterm  # noqa: E402
 from mae_det.bench.official import (  # noqa: E402
     format_against_official, run_against_official, write_jpeg_imagefolder,
 )
@@ -76,10 +76,6 @@ def main(argv=None) -> None:
     print(json.dumps(result))
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def against_official(args: argparse.Namespace, log) -> None:
     arch = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
                 decoder_num_heads=16)
@@ -95,7 +91,7 @@ def against_official(args: argparse.Namespace, log) -> None:
         log(f"{args.jpeg_folder}: {n} JPEGs, mean {write_jpeg_imagefolder(args.jpeg_folder, n, size):.0f} KB")
         kwargs["jpeg_root"] = args.jpeg_folder
     # `timeout` (scripts/gpu_benchmark.sh) sends SIGTERM: the rounds measured so far are still printed
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         result = run_against_official(args.against_official, arch=arch, log=log, **kwargs)
     except FileNotFoundError as e:

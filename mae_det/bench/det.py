@@ -183,8 +183,12 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print) -> dict[str, dict[str, float | None]]:
-    """Measures both detectors; returns ``{metric: {"ours", "theirs", "ratio"}}`` (ratio = ours / theirs)."""
+def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print,
+                  results: dict[str, dict[str, float | None]] | None = None) -> dict[str, dict[str, float | None]]:
+    """Measures both detectors; returns ``{metric: {"ours", "theirs", "ratio"}}`` (ratio = ours / theirs).
+
+    ``results``: filled in place as each phase is measured, so a caller interrupted midway keeps the rows so far.
+    """
     cfg = benchmark_cfg(s)
     ours, theirs = build_pair(cfg)
     dtype = PRECISION_DTYPES[s.precision]
@@ -219,7 +223,7 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print) -> d
         opts[compiled] = torch.optim.AdamW(compiled.parameters(), lr=1e-5)
     phases = [("backbone fwd+bwd (s/iter)", backbone_step, True), ("train iteration (s/img)", train_step, True),
               ("inference (s/img)", infer, False)]
-    results: dict[str, dict[str, float | None]] = {}
+    results = {} if results is None else results
     for name, fn, train in phases:
         times: dict[nn.Module, list[float]] = {m: [] for m in models}
         first: dict[nn.Module, float] = {}
@@ -296,7 +300,7 @@ def format_results(s: BenchmarkSettings, results: dict[str, dict[str, float | No
 
     head = (f"Mask R-CNN, ViT-{s.size if not s.quick else 'quick(96d x4)'}, {s.img_size} px, batch {s.batch}, "
             f"{s.precision}, median of {s.iters}, on {device_name}")
-    w = max(40, *(len(k) + 2 for k in results))
+    w = max([40, *(len(k) + 2 for k in results)])
     rows = [f"{'metric':<{w}}{'ours':>12}{'detectron2':>12}{'ours/theirs':>13}"]
     rows += [f"{k:<{w}}{f(v['ours']):>12}{f(v['theirs']):>12}{f(v['ratio']):>13}" for k, v in results.items()]
     if any("D2 loader" in k for k in results):

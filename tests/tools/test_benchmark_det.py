@@ -27,3 +27,23 @@ def test_quick_benchmark_prints_both_columns_and_ratios():
     # Same architecture on both sides: identical parameter counts.
     assert rows["backbone params (M)"][0] == rows["backbone params (M)"][1] and rows["backbone params (M)"][2] == "1"
     assert rows["model params (M)"][0] == rows["model params (M)"][1]
+
+
+def test_a_sigterm_still_prints_the_phases_measured_so_far():
+    """scripts/gpu_benchmark.sh runs it under `timeout` (SIGTERM at the limit): the measured rows are kept."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", str(ROOT / "tools" / "benchmark_det.py"), "--quick"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        if "measured backbone fwd+bwd" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    lines = out.strip().splitlines()
+    assert lines[0] == "STOPPED by a signal: the rows measured before it"
+    assert any(ln.startswith("backbone fwd+bwd (s/iter)") for ln in lines)
+    assert not any(ln.startswith("model params (M)") for ln in lines)  # the run did not reach its end
