@@ -118,6 +118,10 @@ def main(argv=None):
         run_benchmark(s, log=lambda msg: print(msg, file=sys.stderr, flush=True), results=results)
     except KeyboardInterrupt:  # a time limit (scripts/gpu_benchmark.sh): the rows measured so far are printed
         print("STOPPED by a signal: the rows measured before it")
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: the rows measured before it are still printed
+        print(format_results(s, results, device_name(s.device)))
+        sys.exit(f"benchmark_det: FAILED after the rows above: {type(e).__name__}: "
+                 f"{(str(e).strip().splitlines() or [''])[0]}")
     print(format_results(s, results, device_name(s.device)))
 
 

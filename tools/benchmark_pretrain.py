@@ -71,6 +71,7 @@ def main(argv=None) -> None:
         return against_official(args, log)
     if args.quick:
         kwargs.update(QUICK)
+    stop_on_sigterm()  # as below: a time limit still prints the rows measured
     result = run_benchmark(**kwargs, log=log)
     print(format_report(result))
     print(json.dumps(result))
@@ -88,7 +89,8 @@ def against_official(args: argparse.Namespace, log) -> None:
     if args.jpeg_folder:
         n = 8 if args.quick else args.jpeg_images
         size = (48, 40) if args.quick else (500, 375)
-        log(f"{args.jpeg_folder}: {n} JPEGs, mean {write_jpeg_imagefolder(args.jpeg_folder, n, size):.0f} KB")
+        kb = write_jpeg_imagefolder(args.jpeg_folder, n, size, workers=args.workers)
+        log(f"{args.jpeg_folder}: {n} JPEGs, mean {kb:.0f} KB")
         kwargs["jpeg_root"] = args.jpeg_folder
     # `timeout` (scripts/gpu_benchmark.sh) sends SIGTERM: the rounds measured so far are still printed
     stop_on_sigterm()

@@ -215,24 +215,42 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print,
         with torch.no_grad(), autocast():
             m([{"image": b["image"], "height": b["height"], "width": b["width"]} for b in batch])
 
+    results = {} if results is None else results
     models = [ours, theirs]
+    compiled = None
+
+    def compile_failed(e: Exception) -> None:
+        """A compile error ends the compiled rows only: the eager comparison goes on, the table says why."""
+        models.remove(compiled)
+        results[f"ours compiled FAILED: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:60]}"] = \
+            _pair(None, None)
+        log(f"  the compiled backbone failed, its rows are skipped: {type(e).__name__}")
+
     if s.compile:
         compiled = copy.deepcopy(ours)
-        compile_in_place(compiled.backbone, dynamic=None)
-        models.append(compiled)
         opts[compiled] = torch.optim.AdamW(compiled.parameters(), lr=1e-5)
+        models.append(compiled)
+        try:
+            compile_in_place(compiled.backbone, dynamic=None)
+        except Exception as e:  # noqa: BLE001 - e.g. a backend Dynamo does not know
+            compile_failed(e)
     phases = [("backbone fwd+bwd (s/iter)", backbone_step, True), ("train iteration (s/img)", train_step, True),
               ("inference (s/img)", infer, False)]
-    results = {} if results is None else results
     for name, fn, train in phases:
         times: dict[nn.Module, list[float]] = {m: [] for m in models}
         first: dict[nn.Module, float] = {}
         peaks: dict[nn.Module, float | None] = {}
         for it in range(s.iters + 1):  # iteration 0 warms up (and compiles): memory only, no time
-            for m in models:
+            for m in list(models):
                 m.train(train)
-                with PeakMemory(s.device) as mem:
-                    t = _timed(lambda: fn(m), s.device)
+                try:
+                    with PeakMemory(s.device) as mem:
+                        t = _timed(lambda: fn(m), s.device)
+                except Exception as e:  # noqa: BLE001 - only the compiled model's failures are survivable
+                    if m is not compiled:
+                        raise
+                    compile_failed(e)
+                    continue
                 if it:
                     times[m].append(t)
                 else:
@@ -241,7 +259,7 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print,
         per = s.batch if "s/img" in name else 1
         results[name] = _pair(statistics.median(times[ours]) / per, statistics.median(times[theirs]) / per)
         results[f"peak memory, {name.split(' (')[0]} (MB)"] = _pair(peaks[ours], peaks[theirs])
-        if s.compile:
+        if compiled in models:
             stem = name.split(" (")[0]
             results[f"{stem}, ours compiled ({name.split(' (')[1]}"] = _pair(
                 statistics.median(times[compiled]) / per, statistics.median(times[theirs]) / per)
@@ -258,7 +276,7 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print,
                     times[m].append(t)
         name = f"train iteration, D2 loader + LSJ {s.img_size} (s/img)"
         results[name] = _pair(statistics.median(times[ours]) / s.batch, statistics.median(times[theirs]) / s.batch)
-        if s.compile:
+        if compiled in models:
             results[name.replace(" (s/img)", ", ours compiled (s/img)")] = _pair(
                 statistics.median(times[compiled]) / s.batch, statistics.median(times[theirs]) / s.batch)
         log(f"  measured {name}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -54,7 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from mae_det.bench.pretrain import _sync, measure_matmul_peak
-from mae_det.data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
+from mae_det.data.gpu_decode import (CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded,
+                                    jpeg_decoder_name)
 from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from mae_det.engine.compile import compile_in_place
 from mae_det.modeling import MAE_FACTORIES
@@ -126,16 +128,21 @@ def official_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[
 class OfficialStep:
     """One iteration of the official loop (see the module docstring), on ``imgs`` already batched on the host."""
 
-    def __init__(self, model: nn.Module, device: str, precision: str, lr: float = 1.5e-4 * 4096 / 256) -> None:
+    def __init__(self, model: nn.Module, device: str, precision: str, lr: float = 1.5e-4 * 4096 / 256,
+                 steps_per_epoch: int = 312, warmup_epochs: int = 40) -> None:
         self.model, self.device, self.lr = model, device, lr
+        self.steps_per_epoch, self.warmup_epochs = steps_per_epoch, warmup_epochs
         self.optimizer = torch.optim.AdamW(official_param_groups(model), lr=lr, betas=(0.9, 0.95))
         self.dtype = DTYPES[precision]
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.it = 0
 
     def __call__(self, samples: torch.Tensor, mask_ratio: float) -> None:
-        for g in self.optimizer.param_groups:  # lr_sched.adjust_learning_rate: every iteration
-            g["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * (self.it % 1000) / 1000))
+        # lr_sched.adjust_learning_rate, every iteration, in its linear warm-up (ImageNet at batch 4096: 312 steps
+        # an epoch, 40 warm-up epochs), where a run starts: the full lr on a fresh model diverges in fp16
+        epoch = self.it / self.steps_per_epoch
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr * min(1.0, epoch / self.warmup_epochs)
         self.it += 1
         samples = samples.to(self.device, non_blocking=True)
         with torch.autocast(self.device, dtype=self.dtype) if self.dtype else nullcontext():
@@ -181,25 +188,35 @@ class OurStep:
 
 
 # ---- data --------------------------------------------------------------------------------------------------
+def _write_jpeg(path: Path, i: int, size: tuple[int, int], quality: int, seed: int) -> int:
+    """File ``i`` of :func:`write_jpeg_imagefolder` (its own generator: the same bytes in any process); its size."""
+    if not path.exists():
+        rng = np.random.default_rng([seed, i])
+        w, h = size
+        yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+        base = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 4) * xx + rng.uniform(0.5, 4) * yy)
+                                + rng.uniform(0, 6)) for _ in range(3)], -1)
+        img = np.clip((base + 1) * 100 + 28 + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(path, quality=quality, subsampling="4:2:0")
+    return path.stat().st_size
+
+
 def write_jpeg_imagefolder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375), quality: int = 90,
-                           classes: int = 10, seed: int = 0) -> float:
+                           classes: int = 10, seed: int = 0, workers: int = 0) -> float:
     """``n`` JPEGs (4:2:0, baseline) in ``classes`` sub-folders; textured like photos, so that at 500x375 px and
-    quality 90 a file is ~110 KB as in ImageNet. Returns the mean file size in KB. Existing files are kept."""
-    root, rng = Path(root), np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    total = 0
-    for i in range(n):
-        d = root / f"class_{i % classes:02d}"
+    quality 90 a file is ~110 KB as in ImageNet. Returns the mean file size in KB. Existing files are kept.
+    ``workers`` > 0 writes with that many processes (2,000 files take ~35 s in one), the same bytes."""
+    root = Path(root)
+    paths = [root / f"class_{i % classes:02d}" / f"{i:06d}.jpg" for i in range(n)]
+    for d in {p.parent for p in paths}:
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{i:06d}.jpg"
-        if not path.exists():
-            base = np.stack([np.sin(2 * np.pi * (rng.uniform(0.5, 4) * xx + rng.uniform(0.5, 4) * yy)
-                                    + rng.uniform(0, 6)) for _ in range(3)], -1)
-            img = np.clip((base + 1) * 100 + 28 + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(path, quality=quality, subsampling="4:2:0")
-        total += path.stat().st_size
-    return total / max(n, 1) / 1024
+    args = [(p, i, size, quality, seed) for i, p in enumerate(paths)]
+    if workers > 0:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            sizes = pool.starmap(_write_jpeg, args, chunksize=16)
+    else:
+        sizes = list(itertools.starmap(_write_jpeg, args))
+    return sum(sizes) / max(n, 1) / 1024
 
 
 def official_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int) -> DataLoader:
@@ -248,7 +265,11 @@ class Variant:
     batches: Iterator[torch.Tensor] | None = None
     warmup_s: float = 0.0
     img_s: list[float] = field(default_factory=list)
-    peak_mem_gib: float | None = None
+    peak_mem_gib: float | None = None  # this variant's own weights and optimizer state + its step's peak above them
+    step_mem_gib: float | None = None  # the step's peak above what was resident before it: what grows with the batch
+    prefetched: int = 0  # batches a loader holds ready between visits: taken untimed before each timed visit
+    cpu_decoded: int = 0  # jpeg-gpu: files the nvjpeg path left to the CPU decoder (not JPEG, CMYK, unreadable)
+    error: str | None = None  # the first line of what stopped this variant; its later rounds are skipped
 
 
 def _build(official: types.ModuleType, kind: str, arch: dict, img_size: int, device: str) -> nn.Module:
@@ -267,12 +288,23 @@ def _build(official: types.ModuleType, kind: str, arch: dict, img_size: int, dev
 
 @contextmanager
 def _peak_memory(device: str) -> Iterator[list[float]]:
+    """Yields a list that gets the peak GiB allocated in the block *above* what was allocated when it began: the
+    other variants' models, resident between their turns, do not count."""
     out: list[float] = []
     if device == "cuda":
+        _sync(device)
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     yield out
     if device == "cuda":
-        out.append(torch.cuda.max_memory_allocated() / 2**30)
+        out.append((torch.cuda.max_memory_allocated() - before) / 2**30)
+
+
+def _state_gib(step: Any) -> float:
+    """Weights and optimizer state of a step's model (its gradients are freed after each step), in GiB."""
+    tensors = [*step.model.parameters(), *(t for st in step.optimizer.state.values() for t in st.values()
+                                          if torch.is_tensor(t))]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
 def default_variants(device: str, compile_ours: bool, e2e: bool) -> list[tuple[str, str, bool, str]]:
@@ -315,7 +347,7 @@ def run_against_official(
     ref.load_state_dict(our_model.state_dict())  # the same architecture, key for key, or this raises
     one = torch.randn(1, 3, img_size, img_size, device=device)
     flops = count_forward_macs(our_model, one, mask_ratio=mask_ratio).training_flops
-    del ref, one
+    del our_model, ref, one
     synthetic = torch.randn(batch_size, 3, img_size, img_size)
     if device == "cuda":
         synthetic = synthetic.pin_memory()
@@ -338,18 +370,53 @@ def run_against_official(
             if v.compiled:
                 compile_in_place(model)
             v.step = (OfficialStep if v.side == "official" else OurStep)(model, device, v.precision)
+        def our_images(batch: dict) -> torch.Tensor:
+            v.cpu_decoded += batch.get("cpu_decoded", 0)
+            return batch["image"]
+
         if v.data == "synthetic":
             v.batches = itertools.repeat(synthetic)
         elif v.side == "official":
             v.batches = _forever(official_loader(jpeg_root, img_size, batch_size, workers), lambda b: b[0])
         else:
             v.batches = _forever(our_loader(jpeg_root, img_size, batch_size, workers, device, v.data == "jpeg-gpu"),
-                                 lambda b: b["image"])
+                                 our_images)
+        if v.data != "synthetic":  # the DataLoader's default prefetch_factor 2, + 1 batch on the GPU path's side stream
+            v.prefetched = 2 * workers + (v.data == "jpeg-gpu")
         start = time.perf_counter()
         for _ in range(warmup):
             v.step(next(v.batches), mask_ratio)
         _sync(device)
         v.warmup_s = time.perf_counter() - start
+
+    def measure(v: Variant) -> None:
+        """One timed visit (set up at the first); an exception (a compile error, out of memory, a non-finite
+        official loss) ends this variant, not the run."""
+        try:
+            if v.step is None:
+                log(f"warm-up {v.name} ...")
+                setup(v)
+            # Between visits the loader's workers fill their queue while other variants run: drain it, so that the
+            # timed steps wait for the loader as a training run would
+            for _ in range(v.prefetched):
+                next(v.batches)
+            with _peak_memory(device) as peak:
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    v.step(next(v.batches), mask_ratio)
+                _sync(device)
+                v.img_s.append(batch_size * steps / (time.perf_counter() - start))
+            if peak:
+                v.step_mem_gib = max(v.step_mem_gib or 0.0, peak[0])
+                v.peak_mem_gib = _state_gib(v.step) + v.step_mem_gib
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other variants go on
+            v.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+            log(f"{v.name} failed, skipped from now on: {v.error}")
+            if v.step is not None:
+                v.step.optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
     done, interrupted = 0, False
     try:
@@ -359,18 +426,8 @@ def run_against_official(
                 break
             done = r + 1
             for v in variants:
-                if v.step is None:
-                    log(f"warm-up {v.name} ...")
-                    setup(v)
-                with _peak_memory(device) as peak:
-                    _sync(device)
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        v.step(next(v.batches), mask_ratio)
-                    _sync(device)
-                    v.img_s.append(batch_size * steps / (time.perf_counter() - start))
-                if peak:
-                    v.peak_mem_gib = max(v.peak_mem_gib or 0.0, peak[0])
+                if v.error is None:
+                    measure(v)
             log(f"round {r + 1}/{rounds} done")
     except KeyboardInterrupt:  # a time limit: what was measured is worth more than nothing
         interrupted = True
@@ -382,8 +439,11 @@ def run_against_official(
                      "data": v.data, "img_s": med, "img_s_min": min(v.img_s), "img_s_max": max(v.img_s),
                      "ms_per_step": batch_size / med * 1e3, "mfu": flops * med / 1e9 / peaks[v.precision],
                      "peak_mem_gib": v.peak_mem_gib,
-                     "mem_per_image_mib": v.peak_mem_gib * 1024 / batch_size if v.peak_mem_gib else None,
-                     "warmup_s": v.warmup_s})
+                     "mem_per_image_mib": v.step_mem_gib * 1024 / batch_size if v.step_mem_gib else None,
+                     "warmup_s": v.warmup_s, "error": v.error})
+        if v.data == "jpeg-gpu":
+            rows[-1].update(decoder=jpeg_decoder_name(), cpu_decoded=v.cpu_decoded)
+    failed = [{"variant": v.name, "error": v.error} for v in variants if v.error and not v.img_s]
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
                   f"{torch.backends.cpu.get_cpu_capability()})",
@@ -391,7 +451,7 @@ def run_against_official(
         "img_size": img_size, "batch_size": batch_size, "rounds": done, "interrupted": interrupted,
         "steps_per_round": steps,
         "warmup_steps": warmup, "mask_ratio": mask_ratio, "train_gflop_per_image": flops / 1e9,
-        "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows,
+        "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows, "failed": failed,
         "ratios": _ratios(rows),
     }
 
@@ -440,5 +500,16 @@ def format_against_official(res: dict[str, Any]) -> str:
         mem = f"{r['peak_mem_gib']:>10.2f}{r['mem_per_image_mib']:>9.1f}" if r["peak_mem_gib"] else f"{'n/a':>10}{'n/a':>9}"
         lines.append(f"{r['variant']:<34}{r['img_s']:>9.2f}{r['img_s_min']:>8.2f}-{r['img_s_max']:<8.2f}"
                      f"{r['ms_per_step']:>10.1f}{r['mfu']:>7.1%}{mem}{r['warmup_s']:>11.1f}")
+        if r.get("error"):
+            lines.append(f"  ^ failed in a later round (median of the rounds before): {r['error']}")
+    lines += [f"{r['variant']:<34}FAILED: {r['error']}" for r in res.get("failed", [])]
+    if any(r["peak_mem_gib"] for r in res["rows"]):
+        lines.append("peak GiB: the variant's weights and AdamW state + its step's peak above what was resident "
+                     "(other variants' models excluded); MiB/img: that step peak per image (what grows with the batch)")
+    lines += [f"{r['variant']}: decoded with {r['decoder']}, {r['cpu_decoded']} file(s) left to the CPU decoder"
+              for r in res["rows"] if r.get("decoder")]
+    if any(r["data"] != "synthetic" for r in res["rows"]):
+        lines.append("end-to-end rows: the batches a loader prefetched while other variants ran are taken untimed "
+                     "before each visit")
     lines += [f"ratio {k}: {v:.2f}x" for k, v in res["ratios"].items()]
     return "\n".join(lines)

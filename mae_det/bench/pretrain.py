@@ -198,21 +198,24 @@ def run_benchmark(
     one = torch.randn(1, mae.in_chans, img_size, img_size, device=device)
     flops = {name: count_forward_macs(m, one, mask_ratio=mask_ratio).training_flops for name, m in variants.items()}
     imgs = torch.randn(batch_size, mae.in_chans, img_size, img_size, device=device)
-    rows = []
-    for precision in precisions:
-        for name, model in variants.items():
-            log(f"timing {name} {precision} ...")
-            seconds = time_training_step(model, imgs, precision, device, iters, warmup, mask_ratio)
-            ips = batch_size / seconds
-            achieved = flops[name] * ips / 1e9
-            rows.append(StepResult(name, precision, ips, seconds * 1e3, flops[name] / 1e9, achieved,
-                                   achieved / peaks[precision]))
+    rows, interrupted = [], False
+    try:
+        for precision in precisions:
+            for name, model in variants.items():
+                log(f"timing {name} {precision} ...")
+                seconds = time_training_step(model, imgs, precision, device, iters, warmup, mask_ratio)
+                ips = batch_size / seconds
+                achieved = flops[name] * ips / 1e9
+                rows.append(StepResult(name, precision, ips, seconds * 1e3, flops[name] / 1e9, achieved,
+                                       achieved / peaks[precision]))
+    except KeyboardInterrupt:  # a time limit (the tool turns SIGTERM into this): keep the rows measured
+        interrupted = True
+        log(f"interrupted after {len(rows)} row(s): reporting those")
     by = {(r.variant, r.precision): r.images_per_s for r in rows}
-    speedups = {
-        "visible_vs_all_tokens": {p: by[("visible-only", p)] / by[("all-tokens", p)] for p in precisions},
-    }
+    speedups = {"visible_vs_all_tokens": {p: by[("visible-only", p)] / by[("all-tokens", p)] for p in precisions
+                                          if ("visible-only", p) in by and ("all-tokens", p) in by}}
     for p in precisions:
-        if p != "fp32":
+        if p != "fp32" and ("visible-only", p) in by and ("visible-only", "fp32") in by:
             speedups[f"{p}_vs_fp32"] = by[("visible-only", p)] / by[("visible-only", "fp32")]
     info["load_avg_1min_end"] = os.getloadavg()[0]
     return {
@@ -229,6 +232,7 @@ def run_benchmark(
         "skipped": skipped,
         "rows": [asdict(r) for r in rows],
         "speedups": speedups,
+        "interrupted": interrupted,
     }
 
 
@@ -245,6 +249,8 @@ def format_report(result: dict[str, Any]) -> str:
         "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in result["matmul_peak_gflops"].items()),
     ]
     lines += [f"skipped {p}: {why}" for p, why in result["skipped"].items()]
+    if result.get("interrupted"):
+        lines.append(f"STOPPED by a signal after {len(result['rows'])} row(s): the rows not listed were not measured")
     lines.append(f"formula: {result['formula']}")
     header = f"{'variant':<14}{'precision':<11}{'img/s':>9}{'ms/step':>11}{'GFLOP/img':>11}{'GFLOP/s':>10}{'MFU':>8}"
     lines += [header, "-" * len(header)]

@@ -141,22 +141,37 @@ def _decode_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False))
 
 
+def jpeg_decoder_name() -> str:
+    """The decoder :func:`decode_jpegs` uses here: "torchcodec" or "torchvision" (the fallback)."""
+    return "torchcodec" if _torchcodec_decode_jpeg is not None else "torchvision"
+
+
+# Failures of the device, not of a file: retrying file by file would hide them behind CPU decoding
+_DEVICE_ERRORS = tuple(e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+                       if e is not None)
+
+
 def decode_jpegs(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | None]:
     """JPEG bytes (CPU uint8 tensors) -> (3, H, W) uint8 RGB tensors on ``device``, as stored (no EXIF rotation).
 
     One batched call (nvjpeg on CUDA); the batched call fails as a whole when one file is bad, so it is then
-    retried file by file, and a file that still fails gives None.
+    retried file by file, and a file that still fails gives None. Out of memory and other errors of the device
+    are raised, not taken for bad files.
     """
     device = torch.device(device)
     if not data:
         return []
     try:
         return _decode_batch(data, device)
+    except _DEVICE_ERRORS:
+        raise
     except (RuntimeError, ValueError):
         out: list[torch.Tensor | None] = []
         for d in data:
             try:
                 out.append(_decode_batch([d], device)[0])
+            except _DEVICE_ERRORS:
+                raise
             except (RuntimeError, ValueError):
                 out.append(None)
         return out

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import timm
 
-from mae_det.bench.official import load_official
+from mae_det.bench.official import load_official, write_jpeg_imagefolder
+from mae_det.utils.precision import bf16_native
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,13 +94,16 @@ class MaskedAutoencoderViT(nn.Module):
 '''
 
 
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mae_checkout")
+def _write_checkout(root: Path, models_mae: str = MODELS_MAE) -> Path:
     (root / "util").mkdir()
     (root / "util" / "pos_embed.py").write_text(textwrap.dedent(POS_EMBED))
-    (root / "models_mae.py").write_text(textwrap.dedent(MODELS_MAE))
+    (root / "models_mae.py").write_text(textwrap.dedent(models_mae))
     return root
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    return _write_checkout(tmp_path_factory.mktemp("mae_checkout"))
 
 
 def test_shim_imports_the_checkout_and_restores_timm(checkout):
@@ -114,8 +118,9 @@ def test_shim_imports_the_checkout_and_restores_timm(checkout):
 
 
 def test_quick_side_by_side_prints_every_row_and_ratio(checkout, tmp_path):
+    # one loader worker: each end-to-end visit first takes the 2 batches it prefetched meanwhile, untimed
     proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(checkout),
-                           "--quick", "--rounds", "3", "--jpeg-folder", str(tmp_path / "jpegs"), "--workers", "0"],
+                           "--quick", "--rounds", "3", "--jpeg-folder", str(tmp_path / "jpegs"), "--workers", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     *table, last = proc.stdout.strip().splitlines()
@@ -132,6 +137,36 @@ def test_quick_side_by_side_prints_every_row_and_ratio(checkout, tmp_path):
         res["rows"][names.index("ours fp32")]["img_s"] / res["rows"][names.index("official fp32")]["img_s"])
     assert any(k.endswith("[jpeg] / its step-only") for k in res["ratios"])
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 8
+    assert "taken untimed before each visit" in text and res["failed"] == []
+
+
+def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path):
+    """A variant that raises (here the official loop's FloatingPointError on a non-finite loss; on a GPU also a
+    compile error or out of memory) is listed as failed; the run goes on and prints the rest."""
+    nan_loss = MODELS_MAE.replace("        return loss, pred, mask", "        return loss * float('nan'), pred, mask")
+    root = tmp_path / "nan_checkout"
+    root.mkdir()
+    _write_checkout(root, nan_loss)
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(root),
+                           "--quick", "--rounds", "2", "--workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    *table, last = proc.stdout.strip().splitlines()
+    res = json.loads(last)
+    assert {r["variant"] for r in res["failed"]} == {"official fp32"} | ({"official bf16"} if bf16_native("cpu") else set())
+    assert all(r["error"].startswith("FloatingPointError: official model: loss is nan") for r in res["failed"])
+    assert "official fp32                     FAILED: FloatingPointError" in "\n".join(table)
+    assert {"ours fp32"} <= {r["variant"] for r in res["rows"]}
+    assert "official fp32 failed, skipped from now on" in proc.stderr
+
+
+def test_jpeg_folder_is_the_same_written_by_worker_processes(tmp_path):
+    kb = write_jpeg_imagefolder(tmp_path / "a", 6, (40, 30), classes=2)
+    assert write_jpeg_imagefolder(tmp_path / "b", 6, (40, 30), classes=2, workers=2) == kb
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 6 and files[0] == Path("class_00/000000.jpg")
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert len({(tmp_path / "a" / f).read_bytes() for f in files}) == 6  # every file its own image
 
 
 def test_a_sigterm_still_prints_the_rounds_measured_so_far(checkout):

@@ -174,6 +174,24 @@ def test_batched_decode_retries_file_by_file(folder, tmp_path, decoder):
     assert torch.equal(out[0], G.decode_jpegs([good[0]], "cpu")[0])
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, torch.AcceleratorError])
+def test_a_failing_device_is_raised_not_taken_for_bad_files(folder, monkeypatch, error):
+    """Out of memory (a RuntimeError) must not send the batch file by file to the CPU decoder, which would train
+    on and be reported as nvjpeg decoding while the GPU path is broken."""
+    data = [torch.frombuffer(bytearray((folder / "a0.jpg").read_bytes()), dtype=torch.uint8)]
+    calls = []
+
+    def device_fails(batch, device):
+        calls.append(len(batch))
+        raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(G, "_decode_batch", device_fails)
+    with pytest.raises(error, match="out of memory"):
+        G.decode_jpegs(data * 3, "cpu")
+    assert calls == [3]  # no retry file by file
+    assert G.jpeg_decoder_name() == ("torchcodec" if G._torchcodec_decode_jpeg is not None else "torchvision")
+
+
 def test_device_refusals_go_to_the_cpu_and_unreadable_files_are_reported(folder, tmp_path, monkeypatch):
     for i, (w, h) in enumerate(SIZES[:3]):
         _jpeg(tmp_path / f"{i}.jpg", w, h, i)

@@ -73,3 +73,25 @@ def test_all_tokens_counts_full_sequence_attention_and_trains_its_mask_token():
     loss = model(torch.randn(2, 3, 32, 32), 0.75)[0]
     loss.backward()
     assert model.encoder_mask_token.grad.abs().sum() > 0 and mae.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_a_sigterm_prints_the_rows_measured_so_far():
+    """scripts/gpu_benchmark.sh's `timeout` sends SIGTERM: the rows measured before it are printed, not lost."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "tools/benchmark_pretrain.py", "--model", "mae_vit_tiny_patch16",
+                             "--img-size", "32", "--batch-size", "2", "--iters", "300", "--warmup", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # logged when the first row (visible-only fp32, seconds of steps) is done
+        if line.startswith("timing all-tokens fp32"):
+            break
+    proc.send_signal(signal.SIGTERM)  # during the second row
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    *table, last = out.strip().splitlines()
+    result = json.loads(last)
+    assert result["interrupted"] is True
+    assert [(r["variant"], r["precision"]) for r in result["rows"]] == [("visible-only", "fp32")]
+    assert result["speedups"] == {"visible_vs_all_tokens": {}}
+    text = "\n".join(table)
+    assert "STOPPED by a signal after 1 row(s)" in text and any(line.startswith("visible-only  fp32") for line in table)
