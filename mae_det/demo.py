@@ -36,6 +36,7 @@ from .checkpoint import atomic_write_text
 from .config.vit_backbone import PYRAMIDS
 from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
+from .evaluation.operating_point import operating_point
 from .utils.precision import auto_precision, bf16_native
 
 REPO = Path(__file__).resolve().parents[1]
@@ -895,6 +896,30 @@ def detections_figure(paths: DemoPaths, image_dir: Path, out: Path, n: int,
                             title=f"detections with score >= {threshold}, seed 0")
 
 
+def operating_point_lines(paths: DemoPaths, seeds: int, score: float = DETECTION_SCORE) -> list[str]:
+    """The report's table of what the figure shows, measured on every val image: objects found, found with the
+    right class, and detections that are right, at the figure's score threshold (mean ± std over seeds)."""
+    gt = json.loads((paths.data / "annotations" / "instances_val.json").read_text(encoding="utf-8"))
+    points = {arm: [operating_point(gt, json.loads((paths.run(finetune_key(arm, s)) / "inference" /
+                                                    "coco_instances_results.json").read_text(encoding="utf-8")),
+                                    score=score) for s in range(seeds)] for arm in ARMS}
+    first = points[ARMS[0]][0]
+
+    def cell(arm: str, key: str) -> str:
+        values = [p[key] for p in points[arm]]
+        return "none" if None in values else _mean_std(values)
+
+    return [
+        f"The detector at the figure's threshold, on all {len(gt['images'])} val images ({first['objects']} "
+        f"objects): detections with score >= {score}, matched to objects at box IoU >= {first['iou']} as COCOeval "
+        f"matches them ({seeds} seed(s); `mae_det.evaluation.operating_point`):", "",
+        "| init | objects found (%) | found with the right class (%) | detections that are right (%) | "
+        "detections per image |", "|---|---:|---:|---:|---:|",
+        *[f"| {arm} | {cell(arm, 'found')} | {cell(arm, 'found_right_class')} | {cell(arm, 'precision')} | "
+          f"{_mean_std([p['detections'] / len(gt['images']) for p in points[arm]])} |" for arm in ARMS], "",
+    ]
+
+
 def last_checkpoint(pretrain_dir: Path) -> Path:
     """The full checkpoint (encoder + decoder) named by a pretraining run's ``last_checkpoint`` pointer."""
     pointer = pretrain_dir / "last_checkpoint"
@@ -1320,7 +1345,8 @@ def write_report(
         f"{PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|",
         *["| " + " | ".join([arm, *(encoder_cell(arm, c) for c in ENCODER_COLUMNS[2:6])]) + " |" for arm in ARMS], "",
         "## Detections", "",
-        f"The ground truth and the same validation images through the seed-0 model of each initialization "
+        *operating_point_lines(paths, seeds),
+        f"The ground truth and the first validation images through the seed-0 model of each initialization "
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",
         "![Detections](detections.png)", "",
         "## MAE reconstructions", "",

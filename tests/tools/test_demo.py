@@ -7,6 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
+from mae_det.evaluation.operating_point import operating_point
+
 ARMS = ("mae", "supervised", "scratch")
 
 
@@ -66,6 +68,12 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
             assert img.width > 200 and img.height > 100, png
     with Image.open(out / "detections.png") as img:
         assert img.width >= 4 * 256  # ground truth + three inits, panels of at least 256 px
+    # What the figure shows, measured on every val image at the figure's threshold.
+    assert f"on all {len(val['images'])} val images ({len(val['annotations'])} objects)" in report
+    for arm in ARMS:
+        results = json.loads((out / f"finetune_{arm}_s0" / "inference" / "coco_instances_results.json").read_text())
+        op = operating_point(val, results, score=0.5)
+        assert f"| {arm} | {op['found']:.1f} | {op['found_right_class']:.1f} | " in report
     assert (out / "ap_table.csv").read_text().startswith("kind,init,seed,run,")
     assert (out / "logs" / "finetune_mae_s0.log").stat().st_size > 0
 
