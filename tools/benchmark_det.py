@@ -34,7 +34,7 @@ from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
 from mae_det.bench.det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,
 )
-from mae_det.bench import parity, stop_on_sigterm  # noqa: E402
+from mae_det.bench import error_line, parity, stop_on_sigterm  # noqa: E402
 from mae_det.config.pretrain import ConfigError  # noqa: E402
 
 
@@ -120,8 +120,7 @@ def main(argv=None):
         print("STOPPED by a signal: the rows measured before it")
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: the rows measured before it are still printed
         print(format_results(s, results, device_name(s.device)))
-        sys.exit(f"benchmark_det: FAILED after the rows above: {type(e).__name__}: "
-                 f"{(str(e).strip().splitlines() or [''])[0]}")
+        sys.exit(f"benchmark_det: FAILED after the rows above: {error_line(e)}")
     print(format_results(s, results, device_name(s.device)))
 
 

@@ -10,3 +10,10 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, at most ``limit`` characters: how a benchmark table names a
+    variant that failed (a compile error's message runs to many lines)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]

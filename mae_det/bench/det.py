@@ -34,6 +34,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from . import error_line
 from ..config.detection import get_det_cfg
 from ..data.detection import build_detection_mapper, register_coco_dataset
 from ..data.shapes import ShapesConfig, generate_shapes
@@ -222,8 +223,7 @@ def run_benchmark(s: BenchmarkSettings, log: Callable[[str], None] = print,
     def compile_failed(e: Exception) -> None:
         """A compile error ends the compiled rows only: the eager comparison goes on, the table says why."""
         models.remove(compiled)
-        results[f"ours compiled FAILED: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:60]}"] = \
-            _pair(None, None)
+        results[f"ours compiled FAILED: {error_line(e, 90)}"] = _pair(None, None)
         log(f"  the compiled backbone failed, its rows are skipped: {type(e).__name__}")
 
     if s.compile:

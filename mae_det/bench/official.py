@@ -54,6 +54,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from mae_det.bench import error_line
 from mae_det.bench.pretrain import _sync, measure_matmul_peak
 from mae_det.data.gpu_decode import (CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded,
                                     jpeg_decoder_name)
@@ -411,7 +412,7 @@ def run_against_official(
                 v.step_mem_gib = max(v.step_mem_gib or 0.0, peak[0])
                 v.peak_mem_gib = _state_gib(v.step) + v.step_mem_gib
         except Exception as e:  # noqa: BLE001 - reported in the table, the other variants go on
-            v.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+            v.error = error_line(e)
             log(f"{v.name} failed, skipped from now on: {v.error}")
             if v.step is not None:
                 v.step.optimizer.zero_grad(set_to_none=True)
