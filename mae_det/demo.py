@@ -378,6 +378,10 @@ class DemoPaths:
     def run(self, key: str) -> Path:
         return self.output / key
 
+    def annotations(self, split: str) -> Path:
+        """The COCO json of a dataset split ("train", "val", "pool")."""
+        return self.data / "annotations" / f"instances_{split}.json"
+
 
 def _data_opts(data: Path, train_json: Path | None = None) -> dict[str, list[str]]:
     """Command-line overrides pointing each tool at the generated dataset under ``data`` (detection training on
@@ -828,7 +832,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
                                  f"(subset seed {subset_seed})",
             params={"fractions": partial, "seed": subset_seed}, deps=["dataset"],
             outputs=[subsets / f"instances_train_{_pct(f)}pct_seed{subset_seed}.json" for f in partial],
-            run=lambda: nested_subsets(paths.data / "annotations" / "instances_train.json", subsets, partial,
+            run=lambda: nested_subsets(paths.annotations("train"), subsets, partial,
                                        subset_seed),
         ))
     stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
@@ -842,8 +846,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             + (f", pretraining seed {pretrain_seed}" if pretrain_seed else ""),
             params={}, deps=[encoder], outputs=[heldout],
             run=lambda: atomic_write_text(heldout, json.dumps(evaluate_supervised(
-                paths.run(encoder), paths.data / "annotations" / "instances_val.json",
-                paths.data / "images" / "val", paths.data / "annotations" / "instances_pool.json"), indent=1)),
+                paths.run(encoder), paths.annotations("val"),
+                paths.data / "images" / "val", paths.annotations("pool")), indent=1)),
             result=lambda: _supervised_result(heldout),
         )
 
@@ -892,14 +896,14 @@ def detections_figure(paths: DemoPaths, image_dir: Path, out: Path, n: int,
     runs = [(arm, str(paths.run(f"finetune_{arm}_s0") / "config.yaml"),
              str(paths.run(f"finetune_{arm}_s0") / "model_final.pth")) for arm in ARMS]
     side_by_side_detections(runs, sorted(image_dir.glob("*.png"))[:n], out, confidence_threshold=threshold,
-                            ground_truth=paths.data / "annotations" / "instances_val.json",
+                            ground_truth=paths.annotations("val"),
                             title=f"detections with score >= {threshold}, seed 0")
 
 
 def operating_point_lines(paths: DemoPaths, seeds: int, score: float = DETECTION_SCORE) -> list[str]:
     """The report's table of what the figure shows, measured on every val image: objects found, found with the
     right class, and detections that are right, at the figure's score threshold (mean ± std over seeds)."""
-    gt = json.loads((paths.data / "annotations" / "instances_val.json").read_text(encoding="utf-8"))
+    gt = json.loads(paths.annotations("val").read_text(encoding="utf-8"))
     points = {arm: [operating_point(gt, json.loads((paths.run(finetune_key(arm, s)) / "inference" /
                                                     "coco_instances_results.json").read_text(encoding="utf-8")),
                                     score=score) for s in range(seeds)] for arm in ARMS}
@@ -1075,7 +1079,7 @@ EXPERIMENT_COLUMNS = ("init", "seed", "label_fraction", "num_labeled", "box_AP",
 
 def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], subset_seed: int) -> list[dict]:
     """One row per init x seed x label fraction (COCO AP in %), in :data:`EXPERIMENT_COLUMNS` order."""
-    n_train = len(json.loads((paths.data / "annotations" / "instances_train.json").read_text())["images"])
+    n_train = len(json.loads(paths.annotations("train").read_text())["images"])
     rows = []
     for f in sorted(set(fractions), reverse=True):
         n = n_train if f == 1.0 else len(json.loads((paths.output / "subsets" / (
@@ -1312,7 +1316,7 @@ def write_report(
         ]
     max_count = sup_model.get("MAX_COUNT", 0)
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
-                f"{chance_loss(paths.data / 'annotations' / 'instances_pool.json', max_count):.3f}")
+                f"{chance_loss(paths.annotations('pool'), max_count):.3f}")
     trained_in = f"auto ({auto_precision('cpu')} here)" if precision == "auto" else f"{precision} (forced)"
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
