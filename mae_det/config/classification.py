@@ -198,8 +198,8 @@ def resolve_vit_arch(cfg: CN) -> dict[str, Any]:
 
 
 def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
-    """Checks types, ranges and (with ``check_paths``) that MODEL.WEIGHTS exists; data folders are checked by the
-    datasets, which name the folder.
+    """Checks types, ranges, that the data folders are set and (with ``check_paths``) that MODEL.WEIGHTS exists;
+    the data folders' content is checked by the datasets, which name the folder.
 
     Raises:
         ConfigError: one line naming the offending key and what was expected.
@@ -283,3 +283,5 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            "PRECISION: fp16 needs a GPU (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
     _check(cfg.SEED >= 0, f"SEED: expected >= 0, got {cfg.SEED}")
     _check(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR is empty")
+    for key in ("TRAIN_ROOT", "VAL_ROOT"):  # "" would be the current folder, read as a class tree
+        _check(bool(D[key]), f"DATA.{key} is empty: set it to a labeled ImageFolder tree (<root>/<class>/<images>)")

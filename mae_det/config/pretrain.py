@@ -11,7 +11,8 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     MODEL.DECODER_EMBED_DIM / DECODER_DEPTH / DECODER_NUM_HEADS: 0   override the MAE decoder (0 = 512 / 8 / 16)
     MODEL.IMG_SIZE: 224             square training crop side; a multiple of the patch size
     MODEL.IN_CHANS: 3               1 (images converted to grayscale) or 3
-    MODEL.MASK_RATIO: 0.75          fraction of patches removed, in [0, 1) (mae mode)
+    MODEL.MASK_RATIO: 0.75          fraction of patches removed, in [0, 1) (mae mode: at least one patch masked
+                                    and one kept)
     MODEL.NORM_PIX_LOSS: False      per-patch normalized pixel targets (mae mode)
     MODEL.DROP_PATH: 0.0            stochastic depth rate of the encoder
     MODEL.INIT: "mae"               random initialization of the encoder before pretraining: "mae" (the official
@@ -248,6 +249,11 @@ def merge_config(cfg: CN, config_file: str | os.PathLike | None = None, opts: It
         except Exception as e:
             raise _yacs_error(e, str(config_file)) from e
     opts = list(opts)
+    # argparse hands everything after the first KEY to the overrides, so an option placed after them would
+    # otherwise read as a key or make the list odd.
+    misplaced = [o for o in opts[0::2] if o.startswith("--")]
+    if misplaced:
+        raise ConfigError(f"command line: {misplaced[0]} is an option; options go before the KEY VALUE overrides")
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {opts}")
     pairs = []
@@ -368,6 +374,17 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"MODEL.DECODER_EMBED_DIM: {arch['decoder_embed_dim']} is not divisible by MODEL.DECODER_NUM_HEADS "
            f"{arch['decoder_num_heads']}")
     _check(0.0 <= M.MASK_RATIO < 1.0, f"MODEL.MASK_RATIO: expected a value in [0, 1), got {M.MASK_RATIO}")
+    if M.MODE == "mae":
+        # The MAE loss covers the masked patches only and the encoder sees the visible ones only: a ratio that
+        # leaves either set empty would run for days and learn nothing about images. Counted as the model does:
+        # int(L * (1 - ratio)) patches kept.
+        num_patches = (M.IMG_SIZE // arch["patch_size"]) ** 2
+        kept = int(num_patches * (1 - M.MASK_RATIO))
+        why = ("masks none of the {} patches, so the MAE loss (on masked patches only) is 0 and nothing trains"
+               if kept == num_patches else "keeps none of the {} patches, so the encoder never sees the image")
+        _check(0 < kept < num_patches,
+               f"MODEL.MASK_RATIO: {M.MASK_RATIO} {why.format(num_patches)}; expected a ratio that masks at least "
+               f"one patch and keeps at least one (e.g. 0.75)")
     _check(0.0 <= M.DROP_PATH < 1.0, f"MODEL.DROP_PATH: expected a value in [0, 1), got {M.DROP_PATH}")
     _check(M.IN_CHANS in (1, 3), f"MODEL.IN_CHANS: expected 1 or 3 for image files, got {M.IN_CHANS}")
     _check(M.POOL in POOLS, f"MODEL.POOL: expected one of {POOLS}, got {M.POOL!r}")

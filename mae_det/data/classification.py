@@ -40,13 +40,13 @@ class ImageFolderDataset(Dataset):
     Args:
         root: folder with one sub-folder per class.
         transform: applied to the decoded RGB ``PIL.Image``.
-        verify: decode every image once now (with a progress bar), drop the unreadable ones (counted and
-            logged) and fail for a class left with none. Without it, unreadable files are found while loading.
+        verify: run :meth:`verify` now. Without it, unreadable files are found while loading.
         classes: the label set of another split (its ``classes``); this folder's class sub-folders must be
             among them and take their indexes, so a validation split may hold a subset of the classes.
         progress: show the verification progress bar.
         seed: draw each sample's transform randomness from (seed, epoch, index) (see :meth:`set_epoch`) instead
             of the loading process's global generators (``None``: those, as torchvision's folders do).
+        max_bad_fraction: with ``verify``, the largest fraction of unreadable images tolerated.
 
     Attributes:
         classes: sorted class folder names; ``classes[label]`` names a label.
@@ -64,6 +64,7 @@ class ImageFolderDataset(Dataset):
         classes: Sequence[str] | None = None,
         progress: bool = True,
         seed: int | None = None,
+        max_bad_fraction: float = 1.0,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -97,24 +98,32 @@ class ImageFolderDataset(Dataset):
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         self.skipped: list[str] = []
         if verify:
-            self._verify(progress)
+            self.verify(progress, max_bad_fraction)
 
-    def _verify(self, progress: bool) -> None:
+    def verify(self, progress: bool = True, max_bad_fraction: float = 1.0) -> None:
+        """Decodes every image once (with a progress bar) and drops the unreadable ones, logged and counted in
+        :attr:`skipped`.
+
+        Raises:
+            ClassificationDataError: a class folder is left without a readable image, or more than
+                ``max_bad_fraction`` of the images are unreadable (the budget a run without verification
+                applies while loading).
+        """
         good = []
+        skips = SkipCounter(str(self.root), max_bad_fraction)
         bar = tqdm(self.samples, desc=f"checking {self.root.name}", unit="img", leave=False, disable=not progress)
         for path, label in bar:
             try:
                 load_image(path)
             except ImageLoadError as e:
-                logger.warning("skipping unreadable image: %s", e)
+                skips.update(0, [str(e)])  # logged as found: a verification of a big set takes a while
                 self.skipped.append(path)
                 continue
+            skips.update(1, [])
             good.append((path, label))
         self.samples = good
         self.check_classes_covered(torch.tensor([lbl for _, lbl in good], dtype=torch.long))
-        if self.skipped:
-            logger.warning("%s: skipped %d unreadable image(s) of %d", self.root, len(self.skipped),
-                           len(self.skipped) + len(good))
+        skips.check()
 
     def check_classes_covered(self, labels: torch.Tensor) -> None:
         """Raises naming the first class folder of this split without a readable image among ``labels``

@@ -50,6 +50,7 @@ from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
+from .pretrain import load_error_detail, newest_checkpoint, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
             labels.append(y)
     model.train(was_training)
     if not labels:
-        raise ValueError("evaluation: no readable validation images")
+        where = skips.name if skips is not None else "evaluation"
+        raise ClassificationDataError(f"{where}: none of the validation images is readable")
     s, y = torch.cat(scores), torch.cat(labels)
     acc = topk_accuracy(s, y)
     out = {"top1": acc[1], "loss": F.cross_entropy(s, y).item()}
@@ -261,13 +263,36 @@ def _accum_iter(cfg: CfgNode) -> int:
 
 
 def _last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint ``last_checkpoint`` names; without that pointer the newest checkpoint file (see
+    :func:`~mae_det.engine.pretrain.newest_checkpoint`); None for a folder without checkpoints."""
     pointer = out / LAST_CHECKPOINT_FILE
     if not pointer.is_file():
-        return None
+        newest = newest_checkpoint(out)
+        if newest is not None:
+            logger.warning("%s is missing: resuming from the newest checkpoint file, %s", pointer, newest.name)
+        return newest
     path = out / pointer.read_text(encoding="utf-8").strip()
     if not path.is_file():
         raise CheckpointError(f"{pointer} names {path}, which does not exist")
     return path
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, classes: Sequence[str], steps_per_epoch: int) -> None:
+    """Refuses a checkpoint whose classes or optimizer steps per epoch differ from this run's: its head would
+    not fit, or its lr schedule would continue at another point than the epoch it resumes (an exact resume is
+    what --resume promises).
+
+    Raises:
+        CheckpointError: one line naming the checkpoint and both values.
+    """
+    if list(ckpt.get("classes", classes)) != list(classes):
+        raise CheckpointError(f"cannot resume from {path}: it was trained on the classes {list(ckpt['classes'])}, "
+                              f"DATA.TRAIN_ROOT now has {list(classes)}")
+    saved = ckpt.get("steps_per_epoch")  # absent from checkpoints written before it was recorded
+    if saved is not None and int(saved) != steps_per_epoch:
+        raise CheckpointError(f"cannot resume from {path}: it was trained with {int(saved)} optimizer steps per epoch, "
+                              f"the config and data now give {steps_per_epoch} (SOLVER.BATCH_SIZE, accumulation or "
+                              f"the number of readable training images changed)")
 
 
 def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int) -> Path:
@@ -390,24 +415,27 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     out = _start_run(cfg, argv, {"task": "finetune"})
     S, A = cfg.SOLVER, cfg.AUG
     accum = _accum_iter(cfg)
-    verify = cfg.DATA.VERIFY_IMAGES
     train_set = ImageFolderDataset(
-        cfg.DATA.TRAIN_ROOT, verify=verify, progress=progress, seed=cfg.SEED,
+        cfg.DATA.TRAIN_ROOT, seed=cfg.SEED,
         transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
                                   rand_augment=A.RAND_AUGMENT, reprob=A.REPROB),
     )
     val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT),
-                                 verify=verify, classes=train_set.classes, progress=progress)
+                                 classes=train_set.classes)
+    num_classes = train_set.num_classes
+    torch.manual_seed(cfg.SEED)
+    # Both folders listed and MODEL.WEIGHTS loaded before the images are verified, which takes an hour on
+    # ImageNet: a validation folder with other classes or a checkpoint that does not fit fails at once.
+    model = build_classifier(cfg, num_classes).to(device)
+    if cfg.DATA.VERIFY_IMAGES:
+        train_set.verify(progress, cfg.DATA.MAX_BAD_FRACTION)
+        val_set.verify(progress, cfg.DATA.MAX_BAD_FRACTION)
     steps_per_epoch = len(train_set) // (S.BATCH_SIZE * accum)
     if steps_per_epoch < 1:
         raise ConfigError(
             f"SOLVER.BATCH_SIZE {S.BATCH_SIZE} x {accum} accumulated iterations is more than the "
             f"{len(train_set)} training images in {cfg.DATA.TRAIN_ROOT}"
         )
-    num_classes = train_set.num_classes
-
-    torch.manual_seed(cfg.SEED)
-    model = build_classifier(cfg, num_classes).to(device)
     compiled = resolve_compile(S.COMPILE, device)
     if compiled:
         compile_in_place(model)
@@ -431,10 +459,18 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     start_epoch, history = 0, []
     remove_partial_writes(out)
     last = _last_checkpoint(out) if resume else None
+    if not resume and newest_checkpoint(out) is not None:
+        logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
+                       "instead); they are overwritten as this run proceeds", out)
     if last is not None:
         ckpt = load_checkpoint(last)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        _check_resumable(ckpt, last, train_set.classes, steps_per_epoch)
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {last}: it does not match the configured model "
+                                  f"({load_error_detail(e)})") from e
         sched.load_state_dict(ckpt["scheduler"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -474,7 +510,8 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         _append_jsonl(metrics_path, record)
         if (epoch + 1) % cfg.CHECKPOINT_PERIOD == 0 or epoch + 1 == S.EPOCHS:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch + 1, "history": history, "classes": list(train_set.classes)}
+                     "epoch": epoch + 1, "history": history, "classes": list(train_set.classes),
+                     "steps_per_epoch": steps_per_epoch}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             _save_checkpoint(out, state, epoch + 1)
@@ -520,6 +557,7 @@ def _main(task: str, argv: Sequence[str] | None) -> int:
     command = [sys.argv[0], *argv]
     try:
         cfg = load_cls_cfg(args.config_file or None, args.opts)
+        prepare_output_dir(cfg.OUTPUT_DIR)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

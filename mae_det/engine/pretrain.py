@@ -33,7 +33,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,6 +52,7 @@ from ..checkpoint.convert import (
     FORMAT_NAMES, is_mae_decoder_key, load_decoder_state, load_encoder_weights, read_checkpoint,
 )
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
+from ..data.classification import ClassificationDataError, ImageFolderDataset
 from ..data.gpu_decode import CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded
 from ..data.images import ImageLoadError
 from ..data.pretrain import (
@@ -71,6 +74,51 @@ logger = logging.getLogger("mae_det.pretrain")
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 LAST_CHECKPOINT = "last_checkpoint"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_(\d+))?\.pth$")  # checkpoint_EEEE[_SSSSSS].pth
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoint_EEEE[_SSSSSS].pth`` in ``folder`` by (epoch, step), or None when there is none.
+
+    ``--resume`` falls back to it when the ``last_checkpoint`` pointer is missing (deleted by hand, or a kill
+    between a run's first checkpoint and its pointer): starting from scratch instead would overwrite the run's
+    checkpoints. Shared with classification fine-tuning, whose checkpoints have the same names.
+    """
+    found = []
+    for p in Path(folder).glob("checkpoint_*.pth"):
+        m = _CHECKPOINT_NAME.match(p.name)
+        if m and p.is_file():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return max(found)[1] if found else None
+
+
+def load_error_detail(e: Exception, limit: int = 200) -> str:
+    """The informative line of a ``load_state_dict`` error, shortened: torch's message starts with a header line
+    ("Error(s) in loading state_dict for X:") and lists every missing key on the next."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Creates OUTPUT_DIR and writes a file in it, so that an unusable folder fails before any data is read.
+
+    Raises:
+        ConfigError: one line naming the folder, when it is a file, lies under a file, or cannot be created or
+            written (permissions, a read-only file system).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUTPUT_DIR: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR: cannot create or write files in {out} ({e.strerror or e})") from e
+    return out
 
 
 class PretrainError(RuntimeError):
@@ -269,6 +317,11 @@ class Pretrainer:
         if src.missing:
             logger.warning("%d images listed in %s do not exist, first: %s", len(src.missing), src.root, src.missing[0])
         self._check_bad_budget(0)
+        K = cfg.MONITOR.KNN
+        if K.ENABLED:
+            # The monitor first runs after MONITOR.KNN.PERIOD epochs: a folder it cannot use (no class folders, an
+            # empty class, validation classes unknown to the training folder) must fail now, not hours in.
+            ImageFolderDataset(K.VAL_ROOT, classes=ImageFolderDataset(K.TRAIN_ROOT).classes)
 
         arch = resolve_arch(cfg)
         num_patches = (cfg.MODEL.IMG_SIZE // arch["patch_size"]) ** 2 if self.mode == "mae" else 0
@@ -342,7 +395,9 @@ class Pretrainer:
     def _check_bad_budget(self, runtime_bad: int) -> None:
         """Fails once the unreadable + missing images exceed the budget, or no readable image is left."""
         total, bad = self.total_images, runtime_bad + self.missing
-        if bad > self.max_bad or (runtime_bad and runtime_bad >= total - self.missing):
+        if runtime_bad and runtime_bad >= total - self.missing:
+            raise DataError(f"{self.data_root}: none of the {total} images is readable; see the log for the files")
+        if bad > self.max_bad:
             raise DataError(
                 f"{self.data_root}: {bad} of {total} images are unreadable or missing, more than "
                 f"DATA.MAX_BAD_FRACTION={self.cfg.DATA.MAX_BAD_FRACTION} allows ({self.max_bad}); "
@@ -427,12 +482,17 @@ class Pretrainer:
         return path
 
     def load_last_checkpoint(self) -> bool:
-        """Restores the state named by ``last_checkpoint``; False when there is none (a fresh start)."""
+        """Restores the state named by ``last_checkpoint`` (without that pointer: the newest checkpoint file, see
+        :func:`newest_checkpoint`); False when there is no checkpoint at all (a fresh start)."""
         pointer = self.out / LAST_CHECKPOINT
-        if not pointer.is_file():
-            logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.out)
-            return False
-        path = self.out / pointer.read_text(encoding="utf-8").strip()
+        if pointer.is_file():
+            path = self.out / pointer.read_text(encoding="utf-8").strip()
+        else:
+            path = newest_checkpoint(self.out)
+            if path is None:
+                logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.out)
+                return False
+            logger.warning("%s is missing: resuming from the newest checkpoint file, %s", pointer, path.name)
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta", {})
         if (meta.get("effective_batch"), meta.get("steps_per_epoch")) != (self.eff_batch, self.steps_per_epoch):
@@ -445,8 +505,8 @@ class Pretrainer:
             self._bare_model().load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"cannot resume from {path}: it does not match the configured model ({first})") from e
+            raise CheckpointError(f"cannot resume from {path}: it does not match the configured model "
+                                  f"({load_error_detail(e)})") from e
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iter, self.global_step = int(ckpt["epoch"]), int(ckpt["iter"]), int(ckpt["global_step"])
@@ -607,7 +667,7 @@ class Pretrainer:
 
         cfg = self.cfg
         resumed = self.resume and self.load_last_checkpoint()
-        if not self.resume and (self.out / LAST_CHECKPOINT).is_file():
+        if not self.resume and ((self.out / LAST_CHECKPOINT).is_file() or newest_checkpoint(self.out)):
             logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
                            "instead); they are overwritten as this run proceeds", self.out)
         if cfg.MODEL.WEIGHTS and not resumed:  # a resumed run already holds them, trained further
@@ -663,7 +723,7 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
     out = Path(cfg.OUTPUT_DIR)
     rank = du.get_rank()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(out)
     du.barrier()
     # Other ranks log warnings only, to the console: one log.txt, written by rank 0.
     with run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
@@ -706,7 +766,7 @@ def _spawned_main(cfg, resume: bool, argv: list[str], threads: int) -> None:
 
 # Exit codes of tools/pretrain.py (shared with tools/train_net.py): bad input, and a diverged run.
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 1, 2, 3
-_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ImageLoadError)
+_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ImageLoadError, ClassificationDataError)
 
 
 def _exit_code(e: BaseException | str) -> int:
@@ -745,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.argv[0], *argv]
     try:
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
+        prepare_output_dir(cfg.OUTPUT_DIR)  # here, before processes start: the error is one line, not a rank's
         if launched_externally() or args.num_gpus * args.num_machines == 1:
             run_pretrain(cfg, resume=args.resume, argv=command)
         else:

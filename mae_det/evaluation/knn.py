@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.classification import ImageFolderDataset, SkipCounter, collate_skipping, eval_transform
+from ..data.classification import (
+    ClassificationDataError, ImageFolderDataset, SkipCounter, collate_skipping, eval_transform,
+)
 from ..utils.precision import bf16_native
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ def extract_features(
 
     Returns:
         ``(features, labels)``: (N, D) float32 and (N,) int64 on the CPU, for the readable images in loader order.
+
+    Raises:
+        ClassificationDataError: no image of the loader was readable (named by ``skips``, else by ``desc``).
     """
     dtype = autocast_dtype(device, precision)
     feats, labels = [], []
@@ -97,7 +102,8 @@ def extract_features(
             feats.append(f.float().cpu())
             labels.append(y)
     if not feats:
-        raise ValueError(f"{desc}: no readable images to extract features from")
+        where = skips.name if skips is not None else desc
+        raise ClassificationDataError(f"{where}: no readable images to extract features from")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -23,7 +23,7 @@ from timm.optim import Lars
 from torch import nn
 from tqdm import tqdm
 
-from ..data.classification import ImageFolderDataset, SkipCounter, eval_transform
+from ..data.classification import ClassificationDataError, ImageFolderDataset, SkipCounter, eval_transform
 from ..solver.schedule import build_warmup_cosine_lr
 from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, folder_loader, topk_accuracy
 
@@ -204,10 +204,14 @@ def linear_probe_folders(
     Returns:
         The :func:`linear_probe_features` results plus ``num_train``, ``num_val``, ``num_classes``, ``pool``,
         ``augment`` and ``optimizer``.
+
+    Raises:
+        ClassificationDataError: unusable folders, too many unreadable images, or fewer than 2 training images.
     """
     tf = eval_transform(img_size, crop_pct)
     train_set = ImageFolderDataset(train_root, tf)
     val_set = ImageFolderDataset(val_root, tf, classes=train_set.classes)
+    _check_two_training_images(len(train_set), train_set.root)
     opts = dict(pool=pool, batch_size=feature_batch_size, device=device, num_workers=num_workers,
                 precision=precision, progress=progress, max_bad_fraction=max_bad_fraction)
     val_feats, val_labels = extract_folder_features(encoder, val_set, **opts)
@@ -215,6 +219,7 @@ def linear_probe_folders(
                   momentum=momentum, warmup_epochs=warmup_epochs, min_lr=min_lr, progress=progress)
     if not augment:
         train_feats, train_labels = extract_folder_features(encoder, train_set, **opts)
+        _check_two_training_images(len(train_labels), train_set.root)  # readable ones
         out = linear_probe_features(train_feats, train_labels, val_feats, val_labels, train_set.num_classes,
                                     batch_size=batch_size, seed=seed, device=device, **recipe)
         num_train = len(train_labels)
@@ -225,6 +230,13 @@ def linear_probe_folders(
                                           **recipe)
     return out | {"num_train": num_train, "num_val": len(val_labels), "num_classes": train_set.num_classes,
                   "pool": pool, "augment": augment, "optimizer": optimizer}
+
+
+def _check_two_training_images(n: int, root: os.PathLike) -> None:
+    """The head's BatchNorm needs batch statistics of at least two samples."""
+    if n < 2:
+        raise ClassificationDataError(f"{root}: the linear probe needs at least 2 training images (BatchNorm "
+                                      f"statistics), found {n}")
 
 
 def _probe_augmented(

@@ -80,8 +80,29 @@ def test_mask_ratio_range(data_dir, ratio):
     assert msg == f"MODEL.MASK_RATIO: expected a value in [0, 1), got {float(ratio)}"
 
 
-def test_mask_ratio_zero_is_valid(data_dir):
-    assert _cfg(data_dir, "MODEL.MASK_RATIO", "0.0").MODEL.MASK_RATIO == 0.0
+def test_mask_ratio_that_masks_or_keeps_no_patch_is_refused_in_mae_mode(data_dir):
+    # Until 2026-12-05 both ran to the end: ratio 0 with an MAE loss of exactly 0, 0.999 with an encoder that
+    # never saw a patch. 224 px / 16 = 196 patches; the model keeps int(196 * (1 - ratio)).
+    msg = _error(_cfg, data_dir, "MODEL.MASK_RATIO", "0.0")
+    assert msg.startswith("MODEL.MASK_RATIO: 0.0 masks none of the 196 patches, so the MAE loss (on masked patches "
+                          "only) is 0 and nothing trains; expected a ratio that masks at least one patch")
+    msg = _error(_cfg, data_dir, "MODEL.MASK_RATIO", "0.999")
+    assert msg.startswith("MODEL.MASK_RATIO: 0.999 keeps none of the 196 patches, so the encoder never sees the image")
+    # The bounds that still mask and keep one patch, on this grid and on the tiny CPU config's 8x8 grid.
+    assert _cfg(data_dir, "MODEL.MASK_RATIO", "0.001").MODEL.MASK_RATIO == 0.001  # keeps 195
+    assert _cfg(data_dir, "MODEL.MASK_RATIO", "0.99").MODEL.MASK_RATIO == 0.99  # keeps 1
+    assert "keeps none of the 64 patches" in _error(
+        load_pretrain_cfg, CONFIGS / "folder_vit_tiny_cpu.yaml", ["DATA.PATH", data_dir, "MODEL.MASK_RATIO", "0.99"])
+    # The supervised baseline masks nothing: the ratio is unused there.
+    assert _cfg(data_dir, "MODEL.MODE", "supervised", "MODEL.MASK_RATIO", "0.0").MODEL.MASK_RATIO == 0.0
+
+
+def test_option_after_the_overrides_is_named(data_dir):
+    # argparse gives everything after the first KEY to the overrides; the message used to be "an odd list".
+    msg = _error(_cfg, data_dir, "SOLVER.EPOCHS", "3", "--resume")
+    assert msg == "command line: --resume is an option; options go before the KEY VALUE overrides"
+    assert "--num-gpus is an option" in _error(_cfg, data_dir, "--num-gpus", "2")
+    assert _cfg(data_dir, "OUTPUT_DIR", "--odd-but-valid-folder").OUTPUT_DIR == "--odd-but-valid-folder"
 
 
 def test_image_size_not_divisible_by_patch(data_dir):

@@ -160,3 +160,17 @@ def test_auto_augment_that_reaches_a_zero_bit_posterize_is_refused_before_traini
                                   "original", "augmix-m5-w3"])
 def test_auto_augment_whose_posterize_keeps_a_bit_passes(spec):
     assert auto_augment_problem(spec) is None
+
+
+def test_verification_fails_above_the_bad_fraction_and_logs_each_skip(tmp_path, caplog):
+    for i in range(3):
+        _write(tmp_path / "cat" / f"{i}.png", (0, 0, 0))
+    (tmp_path / "cat" / "3.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="mae_det"):
+        ok = ImageFolderDataset(tmp_path, verify=True, max_bad_fraction=0.25, progress=False)
+    assert len(ok) == 3 and ok.skipped == [str(tmp_path / "cat" / "3.png")]
+    assert f"skipping unreadable image: {tmp_path / 'cat' / '3.png'}: empty file (0 bytes)" in caplog.text
+    assert f"{tmp_path}: skipped 1 unreadable image(s) of 4" in caplog.text
+    # The verification used to drop any number of images: the budget held only for runs without it.
+    with pytest.raises(ClassificationDataError, match=r"^.*: 1 of 4 images are unreadable \(more than 10%\)"):
+        ImageFolderDataset(tmp_path, verify=True, max_bad_fraction=0.1, progress=False)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
+from mae_det.data.classification import ClassificationDataError
 from mae_det.checkpoint.convert import load_encoder_weights
 from mae_det.engine.finetune_cls import ViTClassifier, build_classifier, build_encoder, finetune
 from mae_det.modeling.mae import MaskedAutoencoderViT
@@ -226,3 +227,101 @@ def test_partial_finetuning_trains_only_the_last_blocks_norm_and_head(tmp_path):
         assert torch.equal(v, after[k]) != learned, k
     with pytest.raises(Exception, match="MODEL.TRAIN_BLOCKS: expected -1 \\(all\\) or 0..2"):
         tiny_cfg(tmp_path / "data", tmp_path / "o2", **{"MODEL.TRAIN_BLOCKS": 3})
+
+
+# ---- hostile inputs (audit of 2026-12-05) -------------------------------------------------------------------
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns  # an atomic rewrite replaces the file: both change
+
+
+def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(tmp_path, caplog):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8}
+    out = tmp_path / "out"
+    finetune(tiny_cfg(tmp_path / "data", out, **over), progress=False)
+    (out / "last_checkpoint").unlink()  # deleted by hand, or a kill between the first checkpoint and its pointer
+    before = {n: _inode(out / n) for n in ("checkpoint_0001.pth", "checkpoint_0002.pth")}
+    with caplog.at_level("INFO", logger="mae_det"):
+        res = finetune(tiny_cfg(tmp_path / "data", out, **over), resume=True, progress=False)
+    # Until 2026-12-05 this started from scratch and rewrote both checkpoints.
+    assert f"{out / 'last_checkpoint'} is missing: resuming from the newest checkpoint file, checkpoint_0002.pth" \
+        in caplog.text and f"resumed from {out / 'checkpoint_0002.pth'} at epoch 2" in caplog.text
+    assert {n: _inode(out / n) for n in before} == before and res["finetune_epochs"] == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mae_det"):  # without --resume: a warning, as pretraining gives
+        finetune(tiny_cfg(tmp_path / "data", out, **over), progress=False)
+    assert f"{out} holds checkpoints of an earlier run: starting from scratch anyway" in caplog.text
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_class_set_or_schedule(tmp_path):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    out = tmp_path / "out"
+    finetune(tiny_cfg(tmp_path / "data", out, **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 8}), progress=False)
+    ckpt = out / "checkpoint_0001.pth"
+    before = _inode(ckpt)
+
+    def refusal(data: Path, **over) -> str:
+        cfg = tiny_cfg(data, out, **{"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, **over})
+        with pytest.raises(CheckpointError) as info:
+            finetune(cfg, resume=True, progress=False)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    # Another depth used to be torch's multi-line RuntimeError, another class set a head size mismatch.
+    msg = refusal(tmp_path / "data", **{"MODEL.DEPTH": 3})
+    assert msg.startswith(f"cannot resume from {ckpt}: it does not match the configured model (Missing key(s) in "
+                          f"state_dict: \"blocks.2.")
+    color_folders(tmp_path / "four", n_train=8, n_val=2)
+    (tmp_path / "four" / "train" / "c3").mkdir()
+    Image.new("RGB", (40, 40), (250, 250, 0)).save(tmp_path / "four" / "train" / "c3" / "0.png")
+    assert refusal(tmp_path / "four") == (f"cannot resume from {ckpt}: it was trained on the classes ['c0', 'c1', "
+                                          f"'c2'], DATA.TRAIN_ROOT now has ['c0', 'c1', 'c2', 'c3']")
+    # Another batch size used to resume silently with the lr schedule at the wrong step.
+    msg = refusal(tmp_path / "data", **{"SOLVER.BATCH_SIZE": 4})
+    assert msg.startswith(f"cannot resume from {ckpt}: it was trained with 3 optimizer steps per epoch, the config "
+                          f"and data now give 6")
+    assert _inode(ckpt) == before and (out / "last_checkpoint").read_text() == "checkpoint_0001.pth"
+
+
+def test_verification_applies_the_bad_image_budget(tmp_path):
+    color_folders(tmp_path / "data", n_train=4, n_val=2)
+    (tmp_path / "data" / "train" / "c1" / "broken.png").write_bytes(b"")
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "out", **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 4})
+    assert cfg.DATA.VERIFY_IMAGES and cfg.DATA.MAX_BAD_FRACTION == 0.01
+    # 1 of 13 is over 1 %: knn_eval and linear_probe refused these folders while fine-tuning trained on them.
+    with pytest.raises(ClassificationDataError, match=r"train: 1 of 13 images are unreadable \(more than 1%\)"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "out" / "last_checkpoint").exists()
+    cfg.DATA.MAX_BAD_FRACTION = 0.1
+    res = finetune(cfg, progress=False)
+    assert res["num_train"] == 12
+
+
+def test_folders_and_weights_fail_before_the_images_are_verified(tmp_path, caplog):
+    color_folders(tmp_path / "data", n_train=4, n_val=2)
+    (tmp_path / "data" / "train" / "c0" / "broken.png").write_bytes(b"")  # what the verification would report
+    (tmp_path / "data" / "val" / "c9").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "val" / "c9" / "0.png")
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "out", **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 4})
+    with caplog.at_level("INFO", logger="mae_det"), pytest.raises(ClassificationDataError, match=r"\['c9'\]"):
+        finetune(cfg, progress=False)
+    assert "broken.png" not in caplog.text  # on ImageNet, the verification is an hour
+    (tmp_path / "data" / "val" / "c9" / "0.png").unlink()
+    (tmp_path / "data" / "val" / "c9").rmdir()
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "notes.pth")
+    with caplog.at_level("INFO", logger="mae_det"), pytest.raises(CheckpointError, match="notes.pth"):
+        finetune(cfg, progress=False)
+    assert "broken.png" not in caplog.text
+
+
+def test_validation_without_a_readable_image_names_the_folder(tmp_path):
+    color_folders(tmp_path / "data", n_train=4, n_val=1)
+    for p in (tmp_path / "data" / "val").rglob("*.png"):
+        p.write_bytes(b"")
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "out", **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 4,
+                                                           "DATA.VERIFY_IMAGES": False, "DATA.MAX_BAD_FRACTION": 1.0})
+    with pytest.raises(ClassificationDataError, match=f"^{tmp_path / 'data' / 'val'}: none of the validation images "
+                                                      f"is readable$"):
+        finetune(cfg, progress=False)

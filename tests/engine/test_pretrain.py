@@ -13,6 +13,7 @@ from mae_det.checkpoint import CheckpointError, load_checkpoint
 from mae_det.checkpoint.convert import load_encoder_state
 from mae_det.checkpoint.hf import mae_to_hf
 from mae_det.config.pretrain import load_pretrain_cfg
+from mae_det.data.classification import ClassificationDataError
 from mae_det.data.pretrain import DataError
 from mae_det.engine import pretrain as P
 from mae_det.modeling.vit import VisionTransformer
@@ -454,3 +455,59 @@ def test_supervised_run_from_mae_weights_and_resume_precedence(images, tmp_path,
 def test_missing_initial_weights_file_is_a_config_error(images, tmp_path):
     with pytest.raises(Exception, match=r"MODEL.WEIGHTS: checkpoint file '.*nope.pth' not found"):
         make_cfg(images, tmp_path, "MODEL.WEIGHTS", str(tmp_path / "nope.pth"))
+
+
+# ---- hostile inputs (audit of 2026-12-05) -------------------------------------------------------------------
+def test_newest_checkpoint_orders_by_epoch_then_step_and_ignores_other_files(tmp_path):
+    assert P.newest_checkpoint(tmp_path) is None and P.newest_checkpoint(tmp_path / "absent") is None
+    for name in ("checkpoint_0002.pth", "checkpoint_0009_000120.pth", "checkpoint_0010.pth",
+                 "checkpoint_0010_000003.pth", ".checkpoint_0011.pth.x1y2.tmp", "checkpoint_0012.pth.tmp",
+                 "checkpoint_final.pth", "encoder.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "checkpoint_0013.pth").mkdir()
+    assert P.newest_checkpoint(tmp_path) == tmp_path / "checkpoint_0010_000003.pth"
+
+
+def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(images, tmp_path):
+    cfg = make_cfg(images, tmp_path, "SOLVER.EPOCHS", "3")
+    P.run_pretrain(cfg)
+    final = _final(tmp_path)
+    (tmp_path / "last_checkpoint").unlink()  # deleted by hand, or a kill between the first checkpoint and it
+    (tmp_path / "checkpoint_0003.pth").unlink()
+    kept = {n: (tmp_path / n).stat() for n in ("checkpoint_0001.pth", "checkpoint_0002.pth")}
+    P.run_pretrain(cfg, resume=True)
+    log = (tmp_path / "log.txt").read_text()
+    # Until 2026-12-05 this started over from step 0 and rewrote every checkpoint.
+    assert (f"{tmp_path / 'last_checkpoint'} is missing: resuming from the newest checkpoint file, "
+            f"checkpoint_0002.pth") in log and "(epoch 2, step 0 of the epoch)" in log
+    for name, st in kept.items():
+        now = (tmp_path / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{name} was rewritten"
+    again = _final(tmp_path)
+    assert again["global_step"] == 12 and all(torch.equal(final["model"][k], again["model"][k]) for k in final["model"])
+
+
+def test_unusable_knn_monitor_folders_fail_before_training(images, tmp_path):
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for cls in classes:
+            write_textures(tmp_path / "knn" / split / cls, 2, size=32)
+    cfg = make_cfg(images, tmp_path / "out", "MONITOR.KNN.ENABLED", "True",
+                   "MONITOR.KNN.TRAIN_ROOT", str(tmp_path / "knn" / "train"),
+                   "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"), "MONITOR.KNN.K", "3")
+    # The monitor used to find this after its first period of training (here one epoch; days on ImageNet).
+    with pytest.raises(ClassificationDataError, match=r"val has class folder\(s\) \['c'\] that are not among"):
+        P.run_pretrain(cfg)
+    assert not list((tmp_path / "out").glob("checkpoint_*"))
+    (tmp_path / "knn" / "train" / "b" / "000.png").unlink()
+    (tmp_path / "knn" / "train" / "b" / "001.png").unlink()
+    with pytest.raises(ClassificationDataError, match=r"class folder .*train/b has no image files"):
+        P.run_pretrain(cfg)
+
+
+def test_a_folder_without_a_readable_image_says_so(tmp_path):
+    (tmp_path / "bad").mkdir()
+    for i in range(8):
+        (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"")
+    # It used to read "8 of 8 images are unreadable or missing, more than DATA.MAX_BAD_FRACTION=1.0 allows (8)".
+    with pytest.raises(DataError, match=f"^{tmp_path / 'bad'}: none of the 8 images is readable; see the log"):
+        P.run_pretrain(make_cfg(tmp_path / "bad", tmp_path / "out", "DATA.MAX_BAD_FRACTION", "1.0"))

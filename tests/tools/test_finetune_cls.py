@@ -108,3 +108,37 @@ def test_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
     assert rc == 2 and "MODEL.WEIGHTS: checkpoint" in err and "missing.pth not found" in err
     rc, err = error_of(finetune_main, "SOLVER.BATCH_SIZE", "64")
     assert rc == 1 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
+
+
+def test_more_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
+    # Each of these used to end in a traceback (audit of 2026-12-05).
+    _folders(tmp_path / "data", n_train=2, n_val=1)
+    cfg = _config(tmp_path, repo_root)
+    (tmp_path / "a_file").write_text("notes")
+
+    def error_of(main, *extra) -> tuple[int, str]:
+        rc = main(["--config-file", str(cfg), "OUTPUT_DIR", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return rc, lines[0]
+
+    for main in (finetune_main, linear_probe_main, knn_main):
+        assert error_of(main, "OUTPUT_DIR", str(tmp_path / "a_file")) == (
+            2, f"error: OUTPUT_DIR: {tmp_path / 'a_file'} exists and is not a folder")
+    # An empty root used to be read as the current folder (its sub-folders taken for classes).
+    assert error_of(knn_main, "DATA.VAL_ROOT", "") == (
+        2, "error: DATA.VAL_ROOT is empty: set it to a labeled ImageFolder tree (<root>/<class>/<images>)")
+
+    for split in ("train", "val"):
+        (tmp_path / "one" / split / "red").mkdir(parents=True)
+        Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "one" / split / "red" / "0.png")
+    assert error_of(linear_probe_main, "DATA.TRAIN_ROOT", str(tmp_path / "one" / "train"),
+                    "DATA.VAL_ROOT", str(tmp_path / "one" / "val")) == (
+        1, f"error: {tmp_path / 'one' / 'train'}: the linear probe needs at least 2 training images (BatchNorm "
+           f"statistics), found 1")
+
+    for p in (tmp_path / "data" / "val").rglob("*.png"):
+        p.write_bytes(b"")
+    rc, err = error_of(knn_main, "DATA.MAX_BAD_FRACTION", "1.0")
+    assert (rc, err) == (1, f"error: {tmp_path / 'data' / 'val'}: no readable images to extract features from")

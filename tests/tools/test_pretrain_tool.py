@@ -90,6 +90,24 @@ def test_data_errors_exit_2(tmp_path, capsys):
     assert last == f"error: {tmp_path / 'empty'}: no images found (source folder)"
 
 
+def test_unusable_output_dir_and_monitor_folders_exit_2_with_one_line(images, tmp_path, capsys):
+    # Both used to end in a traceback: OUTPUT_DIR at once, the kNN monitor's folders after its first period.
+    (tmp_path / "a_file").write_text("notes")
+    assert main(opts(images, tmp_path / "a_file")) == 2
+    assert capsys.readouterr().err == f"error: OUTPUT_DIR: {tmp_path / 'a_file'} exists and is not a folder\n"
+    assert main(opts(images, tmp_path / "a_file" / "run")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: OUTPUT_DIR: cannot create or write files in {tmp_path / 'a_file/run'} (Not a directory)\n"
+    (tmp_path / "knn" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "knn" / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "knn" / "train" / "a" / "0.png")
+    assert main(opts(images, tmp_path / "out", "MONITOR.KNN.ENABLED", "True", "MONITOR.KNN.TRAIN_ROOT",
+                     str(tmp_path / "knn" / "train"), "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"))) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no labels: {tmp_path / 'knn' / 'val'} has no class sub-folders")
+    assert not list((tmp_path / "out").glob("checkpoint_*"))
+
+
 def test_initial_weights_of_another_width_exit_2_with_one_line(images, tmp_path, capsys):
     narrow = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     torch.save({"model": narrow.state_dict()}, tmp_path / "mae_pretrain_narrow.pth")  # the official release layout
