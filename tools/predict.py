@@ -39,7 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path (last on the command line)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked here, before the model is built, so that a typo is argparse's one-line usage error (exit 2).
+    if not 0.0 <= args.confidence_threshold <= 1.0:
+        p.error(f"--confidence-threshold: expected a score in [0, 1], got {args.confidence_threshold}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size: expected at least 1 image, got {args.batch_size}")
+    return args
 
 
 def main(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.data.semantic import register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
-    Trainer, build_checkpointer, completed_iterations, run_with_exit_codes, write_det_run_info,
+    Trainer, completed_iterations, load_for_evaluation, run_with_exit_codes, write_det_run_info,
 )
 from mae_det.engine.launch import init_detectron2_distributed, launched_externally  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
@@ -42,13 +42,15 @@ def main(args):
     cfg = setup_det_cfg(args)
     register_sem_seg_datasets(cfg)
     register_datasets(cfg)
-    if comm.is_main_process():
-        write_det_run_info(cfg, eval_only=args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        extra = build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        extra = load_for_evaluation(cfg, model, resume=args.resume)
+        if comm.is_main_process():  # only once the weights are known to be a trained model
+            write_det_run_info(cfg, eval_only=True)
         results = Trainer.test(cfg, model, iteration=completed_iterations(extra))
     else:
+        if comm.is_main_process():
+            write_det_run_info(cfg, eval_only=False)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
@@ -58,7 +60,7 @@ def main(args):
 
 def check_datasets(cfg):
     """Dataset paths and every test image (also checked by tools/submit.py before it submits a job)."""
-    register_sem_seg_datasets(cfg)
+    register_sem_seg_datasets(cfg, decode_test_sets=True)
     register_datasets(cfg, decode_test_sets=True)
 
 

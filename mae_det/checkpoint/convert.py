@@ -234,13 +234,22 @@ def _encoder_of(ckpt: Mapping, fmt: str, src: str) -> tuple[str, dict[str, torch
     fmt = detected if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise CheckpointError(f"{src}: unknown checkpoint format {fmt!r}; expected 'auto' or one of {FORMATS}")
-    if fmt in ("d2", "vitdet"):
-        _, enc, rest = _detection_encoder(sd, src)
-        return fmt, enc, rest, []
-    if fmt == "hf":
-        sd = hf_to_mae(sd)
-    enc, dropped = _split_vit_keys(sd, src)
-    return fmt, enc, {}, dropped
+    try:
+        if fmt in ("d2", "vitdet"):
+            _, enc, rest = _detection_encoder(sd, src)
+            return fmt, enc, rest, []
+        if fmt == "hf":
+            sd = hf_to_mae(sd)
+        enc, dropped = _split_vit_keys(sd, src)
+        return fmt, enc, {}, dropped
+    except CheckpointError as e:
+        if fmt == detected:
+            raise
+        # A forced format (--format, MODEL.WEIGHTS_FORMAT) that does not fit: say what the content looks like.
+        raise CheckpointError(
+            f"{src}: cannot be read as {FORMAT_NAMES[fmt]} (format {fmt!r} was forced), its content looks like "
+            f"{FORMAT_NAMES[detected]} (format {detected!r}; 'auto' detects it): {str(e).removeprefix(f'{src}: ')}"
+        ) from e
 
 
 def load_encoder_state(

@@ -10,10 +10,59 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
 from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
-from .io import atomic_save, atomic_write_text, remove_partial_writes
+from .io import CheckpointError, atomic_save, atomic_write_text, remove_partial_writes
+
+_OTHER_CHECKPOINTS_NAMED = 3  # earlier checkpoints suggested when the last one cannot be resumed from
 
 
-class ViTDetCheckpointer(DetectionCheckpointer):
+class CheckedDetectionCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose unusable paths are one-line :class:`CheckpointError` s, not assertions.
+
+    A missing file (``MODEL.WEIGHTS``, or what ``last_checkpoint`` names) is an error naming the path and where it
+    came from; a checkpoint that cannot be resumed from also lists the folder's other checkpoints and how to
+    resume from one of them, so that a broken last checkpoint never leads to starting over by accident.
+    """
+
+    _named_by = "MODEL.WEIGHTS"
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        pointer = os.path.join(self.save_dir, "last_checkpoint")
+        last = os.path.basename(self.get_checkpoint_file())
+        if not last:
+            raise CheckpointError(f"cannot resume: {pointer} is empty; {self._resume_hint(pointer, last)}")
+        self._named_by = f"named by {pointer}"
+        try:
+            return super().resume_or_load(path, resume=resume)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}; {self._resume_hint(pointer, last)}") from e
+        finally:
+            del self._named_by
+
+    def _resume_hint(self, pointer: str, last: str) -> str:
+        """How to resume from one of the folder's other checkpoints (newest first)."""
+        others = sorted((f for f in os.listdir(self.save_dir)
+                         if f.startswith("model_") and f.endswith(".pth") and f != last), reverse=True)
+        if not others:
+            return f"no other checkpoint in {self.save_dir}"
+        more = ", ..." if len(others) > _OTHER_CHECKPOINTS_NAMED else ""
+        return (f"to resume from an earlier checkpoint write its name into {pointer} (there: "
+                f"{', '.join(others[:_OTHER_CHECKPOINTS_NAMED])}{more})")
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if path and not os.path.isfile(path):
+            try:
+                local = self.path_manager.get_local_path(path)  # downloads URLs such as detectron2://...
+            except Exception as e:
+                raise CheckpointError(f"cannot fetch checkpoint {path} ({self._named_by}): {e}") from e
+            if not os.path.isfile(local):
+                what = "is a folder, not a checkpoint file" if os.path.isdir(local) else "not found"
+                raise CheckpointError(f"checkpoint {path} ({self._named_by}): {what}")
+        return super().load(path, *args, **kwargs)
+
+
+class ViTDetCheckpointer(CheckedDetectionCheckpointer):
     """``DetectionCheckpointer`` for models with a :class:`~mae_det.modeling.vit.VisionTransformer` backbone.
 
     * Loading reads files with :func:`~mae_det.checkpoint.io.load_checkpoint` (no code runs on unpickling),

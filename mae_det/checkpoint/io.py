@@ -33,8 +33,11 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str) -> N
 
     A crash or an exception (e.g. ENOSPC) while writing leaves any previous file at ``path`` untouched.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # no such folder, read-only or full file system, a file where the folder should be
+        raise CheckpointError(f"cannot write {what} {path}: {e.strerror or e} ({path.parent})") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -133,7 +136,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"refused to load {path}: it holds objects that are not plain tensors/containers ({first})") from e
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {e}") from e
+            # torch's zip reader appends several sentences of advice: its first one says what failed.
+            detail = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {detail}"
+            ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

@@ -2,8 +2,9 @@
 
 Any COCO-format json + image root listed in ``DATASETS.REGISTER`` becomes a Detectron2 dataset without code
 changes. The json is parsed by :func:`parse_coco_instances`, which turns hostile content into counted, logged
-skips (annotations of unknown images, polygons with < 3 points, zero/negative-size boxes, RLEs that do not fit
-their image, ...) or one-line :class:`DatasetError` messages (missing file, invalid json, missing sections).
+skips (annotations of unknown images, polygons with < 3 points, zero/negative-size boxes, boxes entirely outside
+their image, RLEs that do not fit their image, ...) or one-line :class:`DatasetError` messages (missing file,
+invalid json, missing sections).
 Detectron2's builtin names (``coco_2017_train`` ...) are checked for their files under ``DETECTRON2_DATASETS``.
 
 Image files are checked against the json when a dataset is loaded (ours, and Detectron2's builtin COCO sets),
@@ -266,6 +267,11 @@ def parse_coco_instances(
         if bbox[2] <= 0 or bbox[3] <= 0:
             skipped["zero/negative-size boxes"] += 1
             continue
+        # Training clips such a box to nothing and drops it, but evaluation would count it as an object that no
+        # detection can match, lowering recall and AP. Boxes that only cross the border are kept (and clipped).
+        if bbox[0] >= img["width"] or bbox[1] >= img["height"] or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
+            skipped["boxes entirely outside their image"] += 1
+            continue
         obj = {
             "bbox": [float(v) for v in bbox],
             "bbox_mode": BoxMode.XYWH_ABS,
@@ -349,6 +355,18 @@ def _report_load(name: str, report: CocoLoadReport, max_bad_fraction: float) -> 
     _LOAD_REPORTS[name] = report
 
 
+def record_checked_images(name: str, source: str, images: int) -> None:
+    """Records a dataset whose image files were all checked elsewhere (a semantic set: a bad one is an error), so
+    that :func:`remaining_bad_images` bounds the images that training may skip from it too.
+
+    Args:
+        name: the dataset name.
+        source: its image folder (for messages).
+        images: the number of images.
+    """
+    _LOAD_REPORTS[name] = CocoLoadReport(source, images=images)
+
+
 def load_report(name: str) -> CocoLoadReport | None:
     """The report of the latest load of ``name`` by this module (None if it was not loaded through it)."""
     return _LOAD_REPORTS.get(name)
@@ -366,12 +384,14 @@ def remaining_bad_images(names: list[str] | tuple[str, ...], max_bad_fraction: f
 
 def check_test_images(name: str) -> None:
     """Decodes every image of a test set (registered here, or a Detectron2 builtin COCO set) and fails on any
-    missing, unreadable or wrongly sized one: a test set is evaluated in full, so this runs before training."""
+    missing, unreadable or wrongly sized one: a test set is evaluated in full, so this runs before training.
+    Records the class names of a set registered here, for :func:`check_num_classes` before training."""
     if name in _REGISTERED:
         json_file, image_root, _ = _REGISTERED[name]
-        *_, report = parse_coco_instances(
+        _, thing_classes, id_map, report = parse_coco_instances(
             json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True
         )
+        MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
     else:
         report = _check_builtin_records(name, _BUILTIN_LOADERS[name](), decode=True)[1]
     check_bad_images(report, name, 0.0, test=True)
@@ -487,17 +507,31 @@ def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
         for name in cfg.DATASETS.get(key):
             check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION,
                                 decode_test_set=decode_test_sets and key == "TEST")
+    if decode_test_sets:  # the test sets' classes are known now: a mismatch would otherwise stop the run at evaluation
+        check_num_classes(cfg, [n for n in cfg.DATASETS.TEST if MetadataCatalog.get(n).get("evaluator_type") == "coco"],
+                          evaluated=True)
 
 
-def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:
-    """Raises when a dataset has more categories than ``MODEL.ROI_HEADS.NUM_CLASSES`` (after it was loaded)."""
+def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...], *, evaluated: bool = False) -> None:
+    """Raises when a dataset has more categories than ``MODEL.ROI_HEADS.NUM_CLASSES`` (after it was loaded), or,
+    for a COCO-evaluated dataset, another number: COCOEvaluator stops at a predicted class the dataset lacks, and a
+    class the model cannot predict would lower the AP.
+
+    Args:
+        cfg: the config.
+        dataset_names: datasets whose class names are known (others are not checked).
+        evaluated: the datasets are evaluated (DATASETS.TEST): the counts must be equal.
+    """
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise DatasetError(
-                f"dataset '{name}' has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES is "
-                f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}: set it to {len(classes)}"
-            )
+        if classes is None or len(classes) == num_classes or (len(classes) < num_classes and not evaluated):
+            continue
+        why = " (COCO evaluation needs them equal)" if evaluated and len(classes) < num_classes else ""
+        raise DatasetError(
+            f"dataset '{name}' has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES is "
+            f"{num_classes}{why}: set it to {len(classes)}"
+        )
 
 
 def _polygons_to_rle(ann: dict, height: int, width: int) -> dict:

@@ -6,7 +6,10 @@ dataset without code, with ``evaluator_type`` "sem_seg". Label maps are checked 
 for our entries and for Detectron2's builtin semantic datasets (``ade20k_sem_seg_*``) named in DATASETS.TRAIN /
 TEST - because ``SemSegEvaluator`` reads them itself: a label map that is not mode "L" (a palette PNG would be
 read as luminance by the mapper and as palette indices by the evaluator), whose size differs from its image, or
-that holds values >= K other than the ignore value, is a one-line :class:`DatasetError` naming the file.
+that holds values >= K other than the ignore value, is a one-line :class:`DatasetError` naming the file; so is
+an image file PIL cannot identify. Test sets are decoded in full before a run (``decode_test_sets``), because
+SemSegEvaluator would only meet a truncated image after training. A training image whose data fails to decode is
+skipped by the mapper and counted, within ``DATASETS.MAX_BAD_FRACTION``, as for detection.
 
 ADE20K's raw labels are 0 = "other" and 1..150; Detectron2 trains on ``annotations_detectron2/`` where 0 became
 255 (ignored) and the rest moved down by one (:func:`convert_ade20k`, ``tools/convert_ade20k.py``). Raw labels would
@@ -20,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -29,7 +33,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from PIL import Image
 
 from ..config.semantic import SEM_SEG_KEY
-from .detection import DatasetError, build_detection_mapper
+from .detection import (
+    DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, image_file_problem,
+    record_checked_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +123,12 @@ def list_sem_seg_files(image_root: str, label_root: str, key: str = SEM_SEG_KEY)
         label = Path(label_root) / f"{p.stem}.png"
         if not label.is_file():
             raise DatasetError(f"{label}: label map of image {p} not found")
-        with Image.open(p) as im:
-            width, height = im.size
+        try:
+            with Image.open(p) as im:
+                width, height = im.size
+        except (OSError, ValueError) as e:  # not an image despite its name, unreadable
+            raise DatasetError(f"{p}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())}); "
+                               f"{key} lists every image file of {image_root}") from e
         records.append({"file_name": str(p), "sem_seg_file_name": str(label), "height": height, "width": width})
     return records
 
@@ -133,6 +144,7 @@ def load_sem_seg_dataset(name: str, image_root: str, label_root: str, num_classe
         records = list_sem_seg_files(image_root, label_root, key=f"dataset '{name}' in {SEM_SEG_KEY}")
         validate_records(records, num_classes, ignore_value, name)
         _CHECKED[name] = records
+    record_checked_images(name, image_root, len(_CHECKED[name]))
     return [dict(r) for r in _CHECKED[name]]
 
 
@@ -159,12 +171,32 @@ def register_sem_seg_dataset(name: str, image_root: str, label_root: str, classe
     _REGISTERED[name] = paths
 
 
-def check_sem_seg_dataset(name: str, key: str) -> None:
+def check_sem_seg_test_images(name: str, records: list[dict]) -> None:
+    """Decodes every image of a semantic test set (several at once) and raises a one-line :class:`DatasetError`
+    naming the first bad files: SemSegEvaluator scores every image, and would meet a bad one after training."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda r: image_file_problem(r["file_name"], None, None, decode=True), records)
+        problems = [p[1] for p in found if p is not None]
+    if problems:
+        raise DatasetError(f"dataset '{name}' (DATASETS.TEST): {len(problems)} of {len(records)} images cannot be "
+                           f"decoded; a test set must be complete: {first_files(problems)}")
+
+
+def check_sem_seg_dataset(name: str, key: str, *, decode_images: bool = False) -> None:
     """Loads a registered semantic dataset once and checks its label maps (builtin ones too); raw ADE20K is
-    refused with the conversion to run."""
+    refused with the conversion to run. ``decode_images``: also decode every image (a test set,
+    :func:`check_sem_seg_test_images`)."""
     meta = MetadataCatalog.get(name)
-    if name in _CHECKED or meta.get("evaluator_type") != "sem_seg":
+    if meta.get("evaluator_type") != "sem_seg":
         return
+    if name not in _CHECKED:
+        _load_checked(name, key, meta)
+    if decode_images:
+        check_sem_seg_test_images(name, _CHECKED[name])
+
+
+def _load_checked(name: str, key: str, meta: Any) -> None:
+    """Loads a semantic dataset into ``_CHECKED`` (its label maps checked), or raises naming what is wrong."""
     label_root = meta.get("sem_seg_root")
     if label_root and not os.path.isdir(label_root):
         raw = Path(label_root).parent.parent / "annotations"
@@ -179,16 +211,18 @@ def check_sem_seg_dataset(name: str, key: str) -> None:
     if name not in _CHECKED:  # a builtin loader: check its records here
         validate_records(records, len(meta.stuff_classes), meta.get("ignore_label", 255), name)
         _CHECKED[name] = records
+        record_checked_images(name, meta.get("image_root", name), len(records))
 
 
-def register_sem_seg_datasets(cfg: CfgNode) -> None:
-    """Registers every ``DATASETS.REGISTER_SEM_SEG`` entry and checks the semantic datasets of TRAIN / TEST."""
+def register_sem_seg_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
+    """Registers every ``DATASETS.REGISTER_SEM_SEG`` entry and checks the semantic datasets of TRAIN / TEST;
+    ``decode_test_sets``: also decode every image of the TEST sets (before a training or evaluation run)."""
     for name, image_root, label_root, classes_file in cfg.DATASETS.REGISTER_SEM_SEG:
         register_sem_seg_dataset(name, image_root, label_root, classes_file, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS.get(key):
             if name in DatasetCatalog.list():
-                check_sem_seg_dataset(name, f"DATASETS.{key}")
+                check_sem_seg_dataset(name, f"DATASETS.{key}", decode_images=decode_test_sets and key == "TEST")
 
 
 def check_sem_seg_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...]) -> None:
@@ -267,7 +301,8 @@ def build_sem_seg_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:
     if cfg.INPUT.RANDOM_FLIP != "none":
         augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
                                  vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
-    return DatasetMapper(cfg, True, augmentations=augs)
+    # The detection mapper's training path: an image that fails to decode is skipped and counted, not a crash.
+    return DetectionDatasetMapper(cfg, True, augmentations=augs)
 
 
 def build_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:

@@ -40,7 +40,8 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_text
-from ..checkpoint.detectron2 import ViTDetCheckpointer
+from ..checkpoint.convert import FORMAT_NAMES
+from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
 from ..data.detection import (
@@ -59,6 +60,7 @@ from .compile import compile_in_place, fall_back_to_eager, is_compile_error
 logger = logging.getLogger(__name__)
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_REL_POS_TABLES = ("attn.rel_pos_h", "attn.rel_pos_w")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, ChannelsFirstLayerNorm)
 
 
@@ -181,10 +183,48 @@ def backbone_compile_enabled(cfg: CfgNode) -> bool:
 
 def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -> DetectionCheckpointer:
     """Checkpointer saving to OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
-    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones."""
+    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones (a missing
+    file is a one-line CheckpointError with both)."""
     if cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES:
         return ViTDetCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, **checkpointables)
-    return DetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+    return CheckedDetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+
+def load_for_evaluation(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> dict[str, Any]:
+    """Loads the trained weights that ``--eval-only`` evaluates: ``MODEL.WEIGHTS``, or with ``resume`` the run's
+    last checkpoint when OUTPUT_DIR has one.
+
+    An evaluation of weights that were never trained for the task would write a meaningless AP / mIoU file that
+    looks like a result, so it is refused: no weights at all, or a checkpoint that left parts of the model at their
+    initial values (a pretraining checkpoint has no heads; another class count skips them). Relative-position
+    tables are exempt: they start at zero, which is what a model trained without them computes.
+
+    Returns:
+        The checkpoint's extra entries (``iteration`` ...).
+
+    Raises:
+        ConfigError: no weights to evaluate.
+        CheckpointError: the checkpoint cannot be read or does not hold the whole model.
+    """
+    checkpointer = build_checkpointer(cfg, model)
+    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
+        raise ConfigError(
+            "--eval-only needs trained weights: set MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of a training "
+            "run), or add --resume to evaluate the last checkpoint of OUTPUT_DIR"
+        )
+    extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    report = getattr(checkpointer, "last_report", None)
+    if report is not None:
+        untrained = sorted({*report.missing, *(k for k in report.new if not k.endswith(_REL_POS_TABLES)),
+                            *(k for k, _, _ in report.skipped)})
+        if untrained:
+            task = "segmentation" if is_semantic(cfg) else "detection"
+            raise CheckpointError(
+                f"{report.source} ({FORMAT_NAMES.get(report.origin, report.origin)}) leaves {len(untrained)} tensors "
+                f"of the model untrained (e.g. {', '.join(untrained[:3])}): --eval-only needs a trained {task} "
+                "checkpoint of this config (same MODEL.* sizes and classes)"
+            )
+    return extra
 
 
 # ---- evaluation results ------------------------------------------------------------------------------------
@@ -412,6 +452,7 @@ class Trainer(DefaultTrainer):
         if MetadataCatalog.get(dataset_name).get("evaluator_type") == "sem_seg":
             check_sem_seg_classes(cfg, [dataset_name])
             return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir, sem_seg_loading_fn=load_label_map)
+        check_num_classes(cfg, [dataset_name], evaluated=True)
         return COCOEvaluator(
             dataset_name, tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",), distributed=True,
             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"), max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,

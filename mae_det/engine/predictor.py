@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..config.detection import load_det_cfg
 from ..data.detection import DatasetError, register_datasets
 from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
-from ..data.images import ImageLoadError, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_size, load_image
 from .det_trainer import build_checkpointer
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,34 @@ def instances_to_coco_results(instances: Instances, image_id: int, metadata: Met
     """COCO results of one image: ``bbox`` xywh, ``score``, dataset ``category_id``, ``segmentation`` RLE (str)."""
     to_dataset_id = {k: dataset_id for dataset_id, k in metadata.thing_dataset_id_to_contiguous_id.items()}
     return [{**r, "category_id": to_dataset_id[r["category_id"]]} for r in instances_to_coco_json(instances, image_id)]
+
+
+def coco_results_in_file_frame(
+    instances: Instances, image_id: int, metadata: Metadata, file_size: tuple[int, int]
+) -> list[dict]:
+    """:func:`instances_to_coco_results` of an image that was decoded smaller than its file (a JPEG beyond the pixel
+    limit), in the file's frame: boxes scaled, each mask resized (nearest) and encoded one at a time, so memory
+    holds at most one full-size mask.
+
+    Args:
+        instances: detections in the decoded image's frame (``image_size`` is its (H, W)).
+        image_id: the COCO image id.
+        metadata: as for :func:`instances_to_coco_results`.
+        file_size: (width, height) of the file.
+    """
+    import pycocotools.mask as mask_util
+
+    (h, w), (w0, h0) = instances.image_size, file_size
+    fields = {k: v for k, v in instances.get_fields().items() if k != "pred_masks"}
+    results = instances_to_coco_results(Instances((h, w), **fields), image_id, metadata)
+    for k, r in enumerate(results):
+        x, y, bw, bh = r["bbox"]
+        r["bbox"] = [x * w0 / w, y * h0 / h, bw * w0 / w, bh * h0 / h]
+        if instances.has("pred_masks"):
+            mask = Image.fromarray(instances.pred_masks[k].numpy()).resize((w0, h0), Image.NEAREST)
+            rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+            r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("utf-8")}
+    return results
 
 
 def class_color(k: int) -> np.ndarray:
@@ -329,6 +357,7 @@ def predict_to_dir(
     output_dir: str | os.PathLike,
     batch_size: int = 1,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictionSummary:
     """Runs the predictor over images and writes a picture per image plus COCO-format json files.
 
@@ -340,12 +369,17 @@ def predict_to_dir(
     (``<stem>_labels.png``, mode "L", values = class index); ``results.json`` then lists ``image_id`` ->
     ``label_map`` and ``images.json`` the class names as ``categories`` (id = class index).
 
+    A JPEG larger than ``max_pixels`` is decoded downscaled (see :func:`~mae_det.data.images.load_image`); its
+    results, label map and ``images.json`` entry are still in the file's own frame (the picture is drawn smaller),
+    so that they match annotations of the file.
+
     Args:
         predictor: the model.
         inputs: image paths, folders, glob patterns (see :func:`expand_inputs`).
         output_dir: created if needed.
         batch_size: images per forward pass.
         progress: show a progress bar over the images.
+        max_pixels: the decoding limit of :func:`~mae_det.data.images.load_image`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -362,23 +396,30 @@ def predict_to_dir(
         batch: list[tuple[Path, np.ndarray]] = []
         for path in files[start : start + batch_size]:
             try:
-                batch.append((path, np.asarray(load_image(path))))
+                batch.append((path, np.asarray(load_image(path, max_pixels))))
             except ImageLoadError as e:
                 logger.warning(f"skipped unreadable image: {e}")
                 summary.failures.append((str(path), str(e).removeprefix(f"{path}: ")))
         for (path, image), instances in zip(batch, predictor([im for _, im in batch])):
             image_id = len(summary.images) + 1
             png = unique_png_name(path, used)
+            decoded = (image.shape[1], image.shape[0])
+            file_size = _file_size(path, decoded)
+            if file_size != decoded:
+                logger.warning(f"{path}: {file_size[0]}x{file_size[1]} was decoded at {decoded[0]}x{decoded[1]} "
+                               f"(pixel limit {max_pixels}); its results are written in the file's frame")
             if predictor.semantic:
                 Image.fromarray(draw_sem_seg(image, instances, predictor.metadata)).save(out / png)
                 label_png = png.removesuffix(".png") + "_labels.png"
-                Image.fromarray(instances.numpy().astype(np.uint8), mode="L").save(out / label_png)
+                labels = Image.fromarray(instances.numpy().astype(np.uint8), mode="L")
+                labels.resize(file_size, Image.NEAREST).save(out / label_png)
                 results.append({"image_id": image_id, "label_map": label_png})
             else:
                 Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
-                results += instances_to_coco_results(instances, image_id, predictor.metadata)
+                results += (instances_to_coco_results(instances, image_id, predictor.metadata) if file_size == decoded
+                            else coco_results_in_file_frame(instances, image_id, predictor.metadata, file_size))
             summary.images.append({
-                "id": image_id, "file_name": str(path.resolve()), "height": image.shape[0], "width": image.shape[1],
+                "id": image_id, "file_name": str(path.resolve()), "height": file_size[1], "width": file_size[0],
                 "visualization": png,
             })
         bar.update(min(batch_size, len(files) - start))
@@ -395,6 +436,14 @@ def predict_to_dir(
         "annotations": [],
     }, indent=1))
     return summary
+
+
+def _file_size(path: Path, decoded: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`load_image` orients it; ``decoded`` if its header is unreadable."""
+    try:
+        return image_size(path)
+    except ImageLoadError:
+        return decoded
 
 
 # ---- the demo report's picture ---------------------------------------------------------------------------

@@ -21,13 +21,14 @@ from torch import nn
 
 from mae_det.checkpoint import CheckpointError
 from mae_det.checkpoint.convert import (
+    FORMAT_NAMES,
     convert_to_detectron2,
     detect_format,
     load_encoder_state,
     target_of,
     to_detectron2,
 )
-from mae_det.checkpoint.detectron2 import ViTDetCheckpointer
+from mae_det.checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpointer
 from mae_det.checkpoint.hf import mae_to_hf
 from mae_det.config.vit_backbone import add_vit_config
 from mae_det.modeling import MaskedAutoencoderViT, VisionTransformer, mae_vit_base_patch16
@@ -342,6 +343,61 @@ def test_resume_removes_partial_writes_and_loading_alone_keeps_them(tmp_path):
     assert stale.exists()
     assert ViTDetCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 3
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000003.pth"]
+
+
+
+def test_missing_weights_are_one_line_errors_naming_the_path_and_key(tmp_path):
+    model = backbone_model(vit_cfg())
+    (tmp_path / "folder").mkdir()
+    for cls in (ViTDetCheckpointer, CheckedDetectionCheckpointer):  # the latter: non-ViT backbones (R50)
+        for load in (lambda ck, p: ck.resume_or_load(p, resume=False), lambda ck, p: ck.load(p)):
+            with pytest.raises(CheckpointError) as e:
+                load(cls(model, str(tmp_path / "run")), str(tmp_path / "nope.pth"))
+            assert str(e.value) == f"checkpoint {tmp_path / 'nope.pth'} (MODEL.WEIGHTS): not found"
+        with pytest.raises(CheckpointError, match=r"folder \(MODEL.WEIGHTS\): is a folder, not a checkpoint file$"):
+            cls(model, str(tmp_path / "run")).load(str(tmp_path / "folder"))
+
+
+def test_a_last_checkpoint_that_cannot_be_resumed_names_the_earlier_ones(tmp_path):
+    model = backbone_model(vit_cfg())
+    saver = ViTDetCheckpointer(model, str(tmp_path))
+    for it in (1, 3, 5):
+        saver.save(f"model_{it:07d}", iteration=it)
+    other = backbone_model(vit_cfg(), seed=1)
+    snapshot = {k: v.clone() for k, v in other.state_dict().items()}
+    last, pointer = tmp_path / "model_0000005.pth", tmp_path / "last_checkpoint"
+    hint = (f"; to resume from an earlier checkpoint write its name into {pointer} (there: model_0000003.pth, "
+            "model_0000001.pth)")
+
+    def resume_error() -> str:
+        with pytest.raises(CheckpointError) as e:
+            ViTDetCheckpointer(other, str(tmp_path)).resume_or_load("", resume=True)
+        assert all(torch.equal(v, snapshot[k]) for k, v in other.state_dict().items())  # nothing loaded
+        return str(e.value)
+
+    last.write_bytes(last.read_bytes()[:1000])  # killed while copied, disk trouble
+    msg = resume_error()
+    assert msg.startswith(f"cannot resume: checkpoint {last} is not a readable torch file (truncated or corrupt?): ")
+    assert msg.endswith(hint) and "\n" not in msg
+    last.unlink()
+    assert resume_error() == f"cannot resume: checkpoint {last} (named by {pointer}): not found{hint}"
+    pointer.write_text("")
+    assert resume_error() == f"cannot resume: {pointer} is empty{hint}"
+    # Nothing was started over or removed: the earlier checkpoints are still there to resume from.
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
+    pointer.write_text("model_0000003.pth")
+    assert ViTDetCheckpointer(other, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 3
+
+
+def test_a_forced_format_that_does_not_fit_names_the_file_and_what_it_looks_like(tmp_path):
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": encoder_only(tiny_mae().state_dict())}, path)
+    for fmt, why in (("hf", "HF ViTMAE state dict has no"), ("d2", "Detectron2 checkpoint without a ViT encoder")):
+        with pytest.raises(CheckpointError) as e:
+            convert_to_detectron2(str(path), None, fmt)
+        assert str(e.value).startswith(f"{path}: cannot be read as {FORMAT_NAMES[fmt]} (format '{fmt}' was forced), "
+                                       "its content looks like official MAE (format 'official'; 'auto' detects it): ")
+        assert why in str(e.value)
 
 
 def test_encoder_moves_between_pyramid_modes():

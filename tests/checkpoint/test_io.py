@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mae_det.checkpoint import CheckpointError, atomic_write_text, remove_partial_writes
+from mae_det.checkpoint import CheckpointError, atomic_save, atomic_write_text, remove_partial_writes
 
 
 def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path, caplog):
@@ -29,3 +29,12 @@ def test_failed_text_write_names_the_path_and_leaves_no_temporary(tmp_path):
     with pytest.raises(CheckpointError, match="taken"):
         atomic_write_text(tmp_path / "taken", "x")
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_a_folder_that_cannot_be_created_is_a_checkpoint_error_naming_the_path(tmp_path):
+    (tmp_path / "file").write_text("x")  # where the output folder should be
+    with pytest.raises(CheckpointError) as e:
+        atomic_save({"model": {}}, tmp_path / "file" / "out.pth")
+    assert str(e.value).startswith(f"cannot write checkpoint {tmp_path / 'file' / 'out.pth'}: ")
+    assert str(e.value).endswith(f"({tmp_path / 'file'})")
+    assert sorted(os.listdir(tmp_path)) == ["file"]

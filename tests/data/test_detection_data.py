@@ -124,6 +124,37 @@ def test_hostile_annotations_are_skipped_and_counted(tmp_path):
     assert "skipped 13" in report.summary()
 
 
+
+def test_boxes_entirely_outside_their_image_are_skipped_and_counted(tmp_path):
+    # Each would be ground truth that no detection can match in evaluation (training drops them after clipping).
+    outside = [[W, 10, 5, 5], [10, H + 3, 5, 5], [-20, 10, 20, 5], [10, -9.5, 5, 9.5]]
+    crossing = [[W - 5, H - 5, 20, 20], [-3, -3, 10, 10]]  # partly inside: kept, Detectron2 clips them
+    anns = [_ann(i + 1, 1, 1, box) for i, box in enumerate(outside + crossing)]
+    records, _, _, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "box"}]}, images=("a.png",)))
+    assert report.skipped == {"boxes entirely outside their image": 4}
+    assert [a["bbox"] for a in records[0]["annotations"]] == crossing
+    assert "skipped 4: 4 boxes entirely outside their image" in report.summary()
+
+
+def test_a_test_set_must_have_as_many_categories_as_the_model_before_anything_runs(tmp_path):
+    anns = [_ann(1, 1, 3, [20, 10, 40, 30], _rect(20, 10, 40, 30)), _ann(2, 2, 9, [5, 5, 10, 10], _rect(5, 5, 10, 10))]
+    json_file, root = _dataset(tmp_path, {"images": _images(), "annotations": anns,
+                                          "categories": [{"id": 3, "name": "a"}, {"id": 9, "name": "b"}]})
+    cfg = _cfg(tmp_path, b2_classes=(json_file, root))
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ("b2_classes",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    register_datasets(cfg)  # inference only needs the names: more model classes are labelled "class k"
+    check_num_classes(cfg, ["b2_classes"])  # training may have spare classes
+    # COCOEvaluator asserts on a predicted class the dataset lacks, after the whole training run.
+    with pytest.raises(DatasetError) as e:
+        register_datasets(cfg, decode_test_sets=True)
+    assert str(e.value) == ("dataset 'b2_classes' has 2 categories but MODEL.ROI_HEADS.NUM_CLASSES is 3 (COCO "
+                            "evaluation needs them equal): set it to 2")
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    register_datasets(cfg, decode_test_sets=True)
+
+
 @pytest.mark.parametrize("content, expected", [
     (None, "COCO json not found"),
     ("{not json", "is not valid JSON"),

@@ -13,9 +13,9 @@ from detectron2.evaluation import SemSegEvaluator
 from PIL import Image
 
 from mae_det.config.detection import load_det_cfg
-from mae_det.data.detection import DatasetError
+from mae_det.data.detection import SKIPPED_IMAGES_KEY, DatasetError, remaining_bad_images
 from mae_det.data.semantic import (
-    check_label_map, convert_ade20k, register_sem_seg_dataset, register_sem_seg_datasets,
+    build_mapper, check_label_map, convert_ade20k, register_sem_seg_dataset, register_sem_seg_datasets,
 )
 from mae_det.data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from mae_det.engine.det_trainer import Trainer, write_sem_seg_results
@@ -74,6 +74,47 @@ def test_bad_label_maps_are_one_line_errors_naming_the_file(tmp_path, case, mess
     with pytest.raises(DatasetError, match=message) as err:
         register_sem_seg_datasets(cfg_with(entry(f"sem_bad_{case}", root), train=[f"sem_bad_{case}"]))
     assert "\n" not in str(err.value)
+
+
+
+def _truncate_image(root: Path, name: str) -> Path:
+    """Replaces img/<name>.jpg by the first half of a 32x32 noise JPEG: its header reads, its data does not."""
+    path = root / "img" / f"{name}.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_a_file_that_is_not_an_image_is_a_one_line_error(tmp_path):
+    root = make_semantic(tmp_path / "d", [np.zeros((2, 2)), np.zeros((2, 2))])
+    (root / "img" / "001.jpg").write_text("not an image")
+    with pytest.raises(DatasetError) as err:
+        register_sem_seg_datasets(cfg_with(entry("sem_text", root), train=["sem_text"]))
+    assert str(err.value).startswith(f"{root / 'img' / '001.jpg'}: not a readable image (UnidentifiedImageError: ")
+    assert "\n" not in str(err.value)
+
+
+def test_test_sets_are_decoded_before_a_run_and_training_skips_what_fails_to_decode(tmp_path):
+    labels = [np.zeros((32, 32))] * 4
+    root = make_semantic(tmp_path / "d", labels)
+    bad = _truncate_image(root, "002")
+    cfg = cfg_with(entry("sem_trunc", root), train=["sem_trunc"], test=["sem_trunc"])
+    register_sem_seg_datasets(cfg)  # inference needs the class names only
+    # SemSegEvaluator would meet the image after training: it is decoded first.
+    with pytest.raises(DatasetError) as err:
+        register_sem_seg_datasets(cfg, decode_test_sets=True)
+    assert str(err.value).startswith("dataset 'sem_trunc' (DATASETS.TEST): 1 of 4 images cannot be decoded; a "
+                                     f"test set must be complete: {bad}: cannot decode image (OSError: image file "
+                                     "is truncated")
+    # Training: the mapper skips it (counted by the trainer) instead of crashing the run.
+    records = DatasetCatalog.get("sem_trunc")
+    assert remaining_bad_images(["sem_trunc"], 0.5) == 2  # the trainer's budget covers semantic sets too
+    mapper = build_mapper(cfg, is_train=True)
+    assert mapper(records[2]) is None
+    out = mapper(records[0])
+    [note] = out[SKIPPED_IMAGES_KEY]
+    assert note.startswith(f"{bad}: cannot decode image (OSError: image file is truncated")
+    assert out["sem_seg"].shape == out["image"].shape[1:]
 
 
 def test_ade20k_style_one_based_labels_point_at_the_conversion(tmp_path):

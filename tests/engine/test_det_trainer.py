@@ -15,15 +15,20 @@ from torch import nn
 
 from mae_det.config.detection import get_det_cfg
 from mae_det.data.detection import SKIPPED_IMAGES_KEY, DatasetError
+from mae_det.checkpoint import CheckpointError
+from mae_det.config.pretrain import ConfigError
 from mae_det.engine.det_trainer import (
     AutocastTrainer,
     SkippedImagesHook,
     Trainer,
+    build_checkpointer,
     build_step_trainer,
     det_param_groups,
+    load_for_evaluation,
     norm_param_names,
     write_ap_results,
 )
+from mae_det.modeling import MaskedAutoencoderViT
 
 DEPTH = 4
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "Base-MaskRCNN-ViT.yaml"
@@ -213,3 +218,35 @@ def test_skipped_images_are_counted_once_checkpointed_and_bounded():
                                            r"DATASETS.MAX_BAD_FRACTION=0.1 leaves after the load check: x.jpg: "):
         _StripLoop([[{}]], resumed).train(0, 1)
     assert SkippedImagesHook(period=20, max_bad_fraction=0.1).state_dict() == {}
+
+
+def test_evaluation_refuses_weights_that_were_not_trained_for_the_task(tmp_path):
+    cfg = tiny_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "run")
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    build_checkpointer(cfg, trained).save("model_final", iteration=9)
+
+    def evaluate(resume=False, **model_keys):
+        c = cfg.clone()
+        for k, v in model_keys.items():
+            c.merge_from_list([f"MODEL.{k}", v])
+        torch.manual_seed(1)
+        return load_for_evaluation(c, build_model(c), resume=resume)
+
+    with pytest.raises(ConfigError, match=r"^--eval-only needs trained weights: set MODEL.WEIGHTS"):
+        evaluate()  # would write the AP of a random model
+    mae = tmp_path / "mae.pth"
+    torch.save({"model": MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=DEPTH, num_heads=2,
+                                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).state_dict(),
+                "meta": {}}, mae)
+    with pytest.raises(CheckpointError) as e:
+        evaluate(WEIGHTS=str(mae))  # pyramid and heads would stay random
+    assert str(e.value).startswith(f"{mae} (mae_det pretraining checkpoint / encoder export) leaves ")
+    assert "untrained (e.g. backbone.pyramid." in str(e.value)
+    assert "--eval-only needs a trained detection checkpoint" in str(e.value)
+    final = str(tmp_path / "run" / "model_final.pth")
+    with pytest.raises(CheckpointError, match=r"leaves 6 tensors of the model untrained \(e.g. roi_heads.box_pre"):
+        evaluate(WEIGHTS=final, **{"ROI_HEADS.NUM_CLASSES": 3})  # class layers skipped for their shapes
+    assert evaluate(WEIGHTS=final) == {"iteration": 9}
+    assert evaluate(resume=True) == {"iteration": 9}  # the run's last checkpoint

@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mae_det.data.images import load_image
 from mae_det.engine.det_trainer import build_checkpointer
 from mae_det.engine.predictor import (
     Predictor, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
@@ -150,6 +151,28 @@ def test_predict_to_dir_writes_pictures_and_loadable_coco_json(tiny, predictor, 
     assert {a["category_id"] for a in dt.anns.values()} <= {3, 7, 11}
     assert {a["image_id"] for a in dt.anns.values()} == {1, 2, 3, 4}
     assert all(a["segmentation"]["size"] == [80, 100] for a in dt.anns.values() if a["image_id"] == 4)
+
+
+
+def test_a_jpeg_decoded_downscaled_gets_results_in_the_file_frame(predictor, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    # A pixel limit below its 200x120 makes load_image decode it at 1/2 (how a huge photo is read).
+    summary = predict_to_dir(predictor, [str(tmp_path / "big.jpg")], tmp_path / "out", progress=False,
+                             max_pixels=200 * 120 // 2)
+    assert (summary.images[0]["width"], summary.images[0]["height"]) == (200, 120)
+    assert Image.open(tmp_path / "out" / "big.png").size == (100, 60)  # the picture is drawn as decoded
+    decoded = predictor([np.asarray(load_image(tmp_path / "big.jpg", 200 * 120 // 2))])[0]
+    assert decoded.image_size == (60, 100) and len(decoded) > 0
+    dt = COCO(str(summary.images_json)).loadRes(str(summary.results_json))
+    anns = [dt.anns[k] for k in sorted(dt.anns)]
+    assert len(anns) == len(decoded)
+    for ann, box, mask in zip(anns, decoded.pred_boxes.tensor.tolist(), decoded.pred_masks.numpy()):
+        x0, y0, x1, y1 = box
+        np.testing.assert_allclose(ann["bbox"], [2 * x0, 2 * y0, 2 * (x1 - x0), 2 * (y1 - y0)], rtol=1e-5)
+        assert ann["segmentation"]["size"] == [120, 200]
+        full = mask_util.decode(ann["segmentation"]).astype(bool)
+        assert np.array_equal(full, mask.repeat(2, 0).repeat(2, 1))  # nearest: each pixel becomes 2x2
 
 
 def test_side_by_side_detections(tiny, tmp_path):

@@ -92,3 +92,19 @@ def test_bad_input_is_a_one_line_error(tmp_path):
         main(["--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")])
     assert str(e.value) == f"convert_checkpoint: checkpoint not found: {tmp_path / 'missing.pth'}"
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_an_output_that_cannot_be_written_and_a_wrong_format_flag_are_one_line_errors(tmp_path):
+    from tools.convert_checkpoint import main
+
+    src = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": tiny_mae(64).state_dict()}, src)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:  # the output's folder is a file: was a FileExistsError traceback
+        main(["--input", str(src), "--output", str(tmp_path / "file" / "o.pth")])
+    assert str(e.value).startswith(f"convert_checkpoint: cannot write checkpoint {tmp_path / 'file' / 'o.pth'}: ")
+    with pytest.raises(SystemExit) as e:  # the HF reader's message did not name the file
+        main(["--input", str(src), "--output", str(tmp_path / "o.pth"), "--format", "hf"])
+    assert str(e.value).startswith(f"convert_checkpoint: {src}: cannot be read as Hugging Face ViTMAE (format 'hf' "
+                                   "was forced), its content looks like official MAE")
+    assert "\n" not in str(e.value) and not (tmp_path / "o.pth").exists()

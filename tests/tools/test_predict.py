@@ -72,3 +72,23 @@ def test_predict_config_errors_name_the_key(tmp_path):
         load_predict_cfg(str(config), ["MODEL.NO_SUCH_KEY", "1"])
     with pytest.raises(ValueError, match=r"confidence threshold must be in \[0, 1\], got 1.5"):
         load_predict_cfg(str(config), [], confidence_threshold=1.5)
+
+
+def test_bad_options_and_missing_weights_exit_2_with_one_line(tmp_path, capsys):
+    from mae_det.engine.det_trainer import run_with_exit_codes
+
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=1)
+    config = write_tiny_config(tmp_path, json_path, image_dir)
+    tool = load_tool()
+    base = ["--config-file", str(config), "--input", str(image_dir), "--output", str(tmp_path / "pred")]
+    for option, value, message in (("--confidence-threshold", "2", "expected a score in [0, 1], got 2.0"),
+                                   ("--batch-size", "0", "expected at least 1 image, got 0")):
+        with pytest.raises(SystemExit) as e:  # was a ValueError traceback after the model was built
+            tool.parse_args([*base, option, value])
+        assert e.value.code == 2 and f"error: {option}: {message}" in capsys.readouterr().err
+    args = tool.parse_args([*base, "--opts", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
+    with pytest.raises(SystemExit) as e:  # was fvcore's AssertionError traceback
+        run_with_exit_codes(tool.main, args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'model_final.pth'} (MODEL.WEIGHTS): not found\n"
+    assert not (tmp_path / "pred").exists()

@@ -229,6 +229,20 @@ def test_missing_dataset_path_is_a_one_line_error(tmp_path, data):
     assert "Traceback" not in r.stderr
 
 
+
+@pytest.mark.slow
+def test_missing_or_untrained_weights_exit_2_before_anything_is_written(tmp_path, data):
+    cfg = tiny_config(tmp_path / "w.yaml", data, tmp_path / "out")
+    r = run_tool("--config-file", str(cfg), "MODEL.INIT_TYPE", "mae", "MODEL.WEIGHTS", str(tmp_path / "mae.pth"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # was fvcore's AssertionError, exit 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'mae.pth'} (MODEL.WEIGHTS): not found"
+    out = tmp_path / "eval"
+    r = run_tool("--config-file", str(cfg), "--eval-only", "OUTPUT_DIR", str(out))  # was a random model's AP, exit 0
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --eval-only needs trained weights: set MODEL.WEIGHTS")
+    assert not (out / "ap_results.json").exists() and not (out / "run_info.json").exists()
+
+
 COCO_LEAVES = sorted(p for p in glob.glob(str(ROOT / "configs" / "COCO" / "*.yaml")) if "Base-" not in p)
 
 
