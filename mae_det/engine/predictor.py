@@ -30,6 +30,7 @@ from detectron2.structures import Instances
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from ..config.detection import load_det_cfg
@@ -166,8 +167,6 @@ def coco_results_in_file_frame(
         metadata: as for :func:`instances_to_coco_results`.
         file_size: (width, height) of the file.
     """
-    import pycocotools.mask as mask_util
-
     (h, w), (w0, h0) = instances.image_size, file_size
     fields = {k: v for k, v in instances.get_fields().items() if k != "pred_masks"}
     results = instances_to_coco_results(Instances((h, w), **fields), image_id, metadata)
@@ -227,8 +226,6 @@ def draw_detections(image: np.ndarray, instances: Instances, metadata: Metadata,
 def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> dict[str, tuple]:
     """Per image file name of a COCO json: (contiguous classes, (N, 4) XYXY boxes, (N, H, W) bool masks, None when
     an instance has no segmentation)."""
-    import pycocotools.mask as mask_util
-
     data = json.loads(Path(coco_json).read_text(encoding="utf-8"))
     to_contiguous = metadata.thing_dataset_id_to_contiguous_id
     by_image: dict[int, list[dict]] = {img["id"]: [] for img in data["images"]}
