@@ -1262,6 +1262,16 @@ def label_efficiency_figure(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _augmentation(input_cfg: dict) -> str:
+    """The training augmentation of a detection run's saved config, in words."""
+    flip = input_cfg.get("RANDOM_FLIP", "horizontal")
+    flips = "no flips" if flip == "none" else f"{flip} flips"
+    lsj = input_cfg.get("LSJ", {})
+    if lsj.get("ENABLED"):
+        return f"Large Scale Jitter {lsj['MIN_SCALE']}-{lsj['MAX_SCALE']} of {lsj['IMAGE_SIZE']} px, {flips}"
+    return f"shortest-edge resize to {input_cfg['MIN_SIZE_TRAIN']} px, {flips}"
+
+
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
     fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False, precision: str = "auto",
@@ -1380,7 +1390,7 @@ def write_report(
            if max_count else "multi-label BCE on the per-image multi-hot shape labels |"),
         f"| Mask R-CNN | {D['MAX_ITER']} iterations, batch {D['IMS_PER_BATCH']}, AdamW lr {D['BASE_LR']}, layer decay "
         f"{D['LAYER_DECAY']}, {V['PYRAMID']} pyramid ({V['OUT_CHANNELS']} channels), "
-        f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image |",
+        f"{det_cfg['MODEL']['ROI_HEADS']['BATCH_SIZE_PER_IMAGE']} RoIs/image, {_augmentation(det_cfg['INPUT'])} |",
         f"| configs | `configs/shapes/*.yaml`, pretraining epochs x {profile.pretrain_scale}, profile overrides "
         f"`{' '.join(profile.pretrain_opts) or '-'}` / "
         f"`{' '.join(profile.finetune_opts) or '-'}` |", "",

@@ -50,6 +50,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # Its label kind and reference loss come from its own config (counts), not from the MAE config.
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
+    assert "RoIs/image, Large Scale Jitter 0.8-1.25 of 64 px, horizontal flips |" in report  # from the run's config
     assert (f"(cross-entropy over per-class counts; a constant prediction scores "
             f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
@@ -104,6 +105,7 @@ from mae_det.demo import (  # noqa: E402
     DemoPaths,
     Stage,
     StageRunner,
+    _augmentation,
     _verdict,
     bootstrap_interval,
     build_stages,
@@ -688,3 +690,10 @@ def test_pretrain_seed_section_spreads_over_encoders_and_writes_the_rows(tmp_pat
     rows = (paths.output / "demo_pretrain_seeds.csv").read_text().splitlines()
     assert rows[0] == "init,pretrain_seed,seed,box_AP,mask_AP" and len(rows) == 1 + 10
     assert rows[1] == "mae,0,0,33.00,27.00" and "supervised,1,1,26.00,21.00" in rows and rows[-1] == "scratch,,1,31.00,22.00"
+
+
+def test_augmentation_words_follow_the_saved_config():
+    lsj = {"LSJ": {"ENABLED": True, "MIN_SCALE": 0.8, "MAX_SCALE": 1.25, "IMAGE_SIZE": 64}, "RANDOM_FLIP": "none"}
+    assert _augmentation(lsj) == "Large Scale Jitter 0.8-1.25 of 64 px, no flips"
+    plain = {"LSJ": {"ENABLED": False}, "MIN_SIZE_TRAIN": [640, 672], "RANDOM_FLIP": "horizontal"}
+    assert _augmentation(plain) == "shortest-edge resize to [640, 672] px, horizontal flips"
