@@ -147,15 +147,16 @@ class Stage:
     result: Callable[[], str] | None = None
 
 
-def config_chain(path: str | os.PathLike) -> dict[str, str]:
-    """The text of a YAML config and of every ``_BASE_`` it inherits from (path -> text)."""
-    out: dict[str, str] = {}
+def config_chain(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a YAML config and of every ``_BASE_`` it inherits from (path -> parsed YAML, the config
+    first). Stage hashes are taken over these rather than the text, so that editing a comment does not restart
+    hours of finished runs."""
+    out: dict[str, Any] = {}
     todo = [Path(path)]
     while todo:
         p = todo.pop()
-        text = p.read_text(encoding="utf-8")
-        out[str(p)] = text
-        base = (yaml.safe_load(text) or {}).get("_BASE_")
+        out[str(p)] = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        base = out[str(p)].get("_BASE_")
         for b in [base] if isinstance(base, str) else base or []:
             todo.append(p.parent / b)
     return out
@@ -628,8 +629,7 @@ def _config_value(config: Path, args: Sequence[str], key: str) -> Any:
         if k == key:
             return literal(value)
     *parents, leaf = key.split(".")
-    for text in config_chain(config).values():  # the config itself first, then its bases
-        node = yaml.safe_load(text) or {}
+    for node in config_chain(config).values():  # the config itself first, then its bases
         for name in parents:
             node = node.get(name) or {}
         if leaf in node:

@@ -3,6 +3,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -263,6 +264,21 @@ def test_config_chain_follows_bases(repo_root):
     chain = config_chain(repo_root / "configs/shapes/mask_rcnn_vit_mae.yaml")
     names = sorted(p.rsplit("/", 1)[1] for p in chain)
     assert names == ["Base-MaskRCNN-ViT.yaml", "mask_rcnn_vit_mae.yaml", "mask_rcnn_vit_scratch.yaml"]
+
+
+def test_config_chain_ignores_comments_and_layout_but_not_values(tmp_path):
+    def write(name: str, text: str) -> Path:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        return tmp_path / name
+
+    write("base.yaml", "SOLVER:\n  MAX_ITER: 100\n")
+    run = write("run.yaml", '_BASE_: "base.yaml"\nSOLVER:\n  BASE_LR: 0.1\n')
+    before = config_chain(run)
+    write("base.yaml", "# 100 iterations: measured in pilot p1\nSOLVER: {MAX_ITER: 100}  # flow style\n")
+    assert config_chain(run) == before
+    write("base.yaml", "SOLVER:\n  MAX_ITER: 200\n")
+    assert config_chain(run) != before
+    assert config_chain(run)[str(tmp_path / "base.yaml")] == {"SOLVER": {"MAX_ITER": 200}}
 
 
 def test_stages_of_a_three_seed_experiment(tmp_path):
