@@ -577,15 +577,17 @@ class DetectionDatasetMapper(DatasetMapper):
         return out
 
 
+def flip_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
+    """``INPUT.RANDOM_FLIP`` as an augmentation list: one random flip (p = 0.5), or none for ``"none"``."""
+    flip = cfg.INPUT.RANDOM_FLIP
+    return [] if flip == "none" else [T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical")]
+
+
 def build_lsj_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
     """ViTDet's Large Scale Jitter: flip, resize to ``IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE)`` (aspect kept),
     then a random crop of at most ``IMAGE_SIZE`` squared, unpadded (the model pads the batch)."""
     lsj = cfg.INPUT.LSJ
-    augs: list[T.Augmentation] = []
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(T.RandomFlip(
-            horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal", vertical=cfg.INPUT.RANDOM_FLIP == "vertical"
-        ))
+    augs = flip_augmentations(cfg)
     augs.append(T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, lsj.IMAGE_SIZE, lsj.IMAGE_SIZE))
     augs.append(T.FixedSizeCrop((lsj.IMAGE_SIZE, lsj.IMAGE_SIZE), pad=False))
     return augs

@@ -34,8 +34,8 @@ from PIL import Image
 
 from ..config.semantic import SEM_SEG_KEY
 from .detection import (
-    DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, image_file_problem,
-    record_checked_images,
+    DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, flip_augmentations,
+    image_file_problem, record_checked_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -298,9 +298,7 @@ def build_sem_seg_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:
             cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
             cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         ))
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    augs += flip_augmentations(cfg)
     # The detection mapper's training path: an image that fails to decode is skipped and counted, not a crash.
     return DetectionDatasetMapper(cfg, True, augmentations=augs)
 

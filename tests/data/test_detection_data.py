@@ -7,6 +7,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from mae_det.data.detection import (
     check_bad_images,
     check_dataset_files,
     check_num_classes,
+    flip_augmentations,
     parse_coco_instances,
     register_coco_dataset,
     register_datasets,
@@ -280,6 +282,20 @@ def test_lsj_mapper_output_size_and_recomputed_boxes(tmp_path, scale, expected_h
     if scale == 0.5:  # nothing cropped: the first mask is the 40x30 rectangle at 1/4 scale, its box tight
         w, h = (inst.gt_boxes.tensor[0, 2:] - inst.gt_boxes.tensor[0, :2]).tolist()
         assert abs(w - 10) <= 1.5 and abs(h - 7.5) <= 1.5
+
+
+@pytest.mark.parametrize("flip, axis", [("horizontal", 1), ("vertical", 0), ("none", None)])
+def test_random_flip_setting_flips_along_its_axis_or_never(flip, axis):
+    cfg = _lsj_cfg(1.0)
+    cfg.INPUT.RANDOM_FLIP = flip
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    seen = set()
+    np.random.seed(0)
+    for _ in range(20):
+        out = T.AugmentationList(flip_augmentations(cfg))(T.AugInput(image.copy())).apply_image(image)
+        seen.add(out.tobytes())
+        assert np.array_equal(out, image) or (axis is not None and np.array_equal(out, np.flip(image, axis)))
+    assert len(seen) == (1 if axis is None else 2)  # p = 0.5: both outcomes occur in 20 draws
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("shapely") is not None, reason="shapely installed")
