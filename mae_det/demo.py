@@ -3,9 +3,9 @@ supervised and random init -> AP tables -> ``REPORT.md``.
 
 Every stage is resumable. A stage records ``<output>/.stages/<key>.json`` with a hash of everything that defines
 its result (tool, config settings with their ``_BASE_`` chain, not comments, command-line overrides, and the
-hashes of the stages it consumes). On a re-run a stage whose record says "done" with the same hash, and whose outputs exist, is
-skipped; one that was started with the same hash but not finished is continued with ``--resume``; one whose hash
-changed starts over in a clean directory. Training stages run as subprocesses of the same interpreter, their
+hashes of the stages it consumes). On a re-run a stage whose record says "done" with the same hash, and whose
+outputs exist, is skipped; one that was started with the same hash but not finished is continued with
+``--resume``; one whose hash changed starts over in a clean directory. Training stages run as subprocesses of the same interpreter, their
 output shown live and kept in ``<output>/logs/<key>.log``, so a failure names the stage and its log.
 """
 
