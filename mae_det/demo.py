@@ -5,8 +5,9 @@ Every stage is resumable. A stage records ``<output>/.stages/<key>.json`` with a
 its result (tool, config settings with their ``_BASE_`` chain, not comments, command-line overrides, and the
 hashes of the stages it consumes). On a re-run a stage whose record says "done" with the same hash, and whose
 outputs exist, is skipped; one that was started with the same hash but not finished is continued with
-``--resume``; one whose hash changed starts over in a clean directory. Training stages run as subprocesses of the same interpreter, their
-output shown live and kept in ``<output>/logs/<key>.log``, so a failure names the stage and its log.
+``--resume``; one whose hash changed starts over in a clean directory. Training stages run as subprocesses of
+the same interpreter, their output shown live and kept in ``<output>/logs/<key>.log``, so a failure names the
+stage and its log.
 """
 
 from __future__ import annotations
