@@ -27,6 +27,12 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
     INPUT.LSJ.MIN_SCALE [0.1]        and cropped to at most IMAGE_SIZE x IMAGE_SIZE
     INPUT.LSJ.MAX_SCALE [2.0]
     LOG_PERIOD [20]                  iterations between metrics.json / TensorBoard / console records
+    SEEDED_DRAWS [True]              every training image's augmentation drawn from (SEED, rank, its position in
+                                     the rank's sample stream) and every step's drop path / RoI sampling from
+                                     (SEED, rank, iteration) (mae_det.data.seeded_loader): DATALOADER.NUM_WORKERS
+                                     changes the speed, not the result, and --resume continues the uninterrupted
+                                     run exactly. False: Detectron2's loader (per-worker generators; a resumed
+                                     run replays image order and augmentations from the start)
     DATASETS.REGISTER [[]]           COCO-format datasets to register: a list of [name, json_file, image_root]
                                      (``~`` and ``$VARS`` are expanded; relative paths are relative to the working
                                      directory). Name them in DATASETS.TRAIN / DATASETS.TEST.
@@ -46,6 +52,7 @@ import os
 import re
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
@@ -88,6 +95,7 @@ def add_det_train_config(cfg: CN) -> None:
     cfg.DATASETS.REGISTER = []
     cfg.DATASETS.MAX_BAD_FRACTION = 0.01
     cfg.LOG_PERIOD = 20
+    cfg.SEEDED_DRAWS = True
 
 
 def get_det_cfg() -> CN:
@@ -140,6 +148,7 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
            f"MODEL.ROI_HEADS.CANONICAL_BOX_SIZE / CANONICAL_LEVEL ({R.CANONICAL_BOX_SIZE}, {R.CANONICAL_LEVEL}) are "
            f"only read by MODEL.ROI_HEADS.NAME LevelMappedROIHeads, got {R.NAME!r}")
     _check(cfg.LOG_PERIOD > 0, f"LOG_PERIOD: expected > 0, got {cfg.LOG_PERIOD}")
+    _check(isinstance(cfg.SEEDED_DRAWS, bool), f"SEEDED_DRAWS: expected True or False, got {cfg.SEEDED_DRAWS!r}")
     _check(L.IMAGE_SIZE > 0, f"INPUT.LSJ.IMAGE_SIZE: expected > 0, got {L.IMAGE_SIZE}")
     _check(0.0 < L.MIN_SCALE <= L.MAX_SCALE,
            f"INPUT.LSJ: expected 0 < MIN_SCALE <= MAX_SCALE, got {L.MIN_SCALE}, {L.MAX_SCALE}")
@@ -218,16 +227,28 @@ def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, traini
     return cfg
 
 
+def recorded_seed(output_dir: str) -> int | None:
+    """The non-negative SEED of ``output_dir``/config.yaml (what an earlier run of that folder used), else None."""
+    try:
+        with open(os.path.join(output_dir, "config.yaml")) as f:
+            seed = yaml.safe_load(f).get("SEED")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and seed >= 0 else None
+
+
 def setup_det_cfg(args: argparse.Namespace) -> CN:
     """For tools: load + validate the config from Detectron2's standard arguments, fix the seed, freeze, and run
     Detectron2's ``default_setup`` (loggers, config.yaml in OUTPUT_DIR, seeding); mae_det's log joins log.txt.
 
     A negative ``SEED`` is replaced by a random one shared by all processes before anything is seeded, so
-    config.yaml and run_info.json record the seed actually used.
+    config.yaml and run_info.json record the seed actually used; ``--resume`` takes the one that OUTPUT_DIR's
+    config.yaml recorded, so that a resumed run keeps its draws (``SEEDED_DRAWS``).
     """
     cfg = load_det_cfg(args.config_file, args.opts, training=not args.eval_only)
     if cfg.SEED < 0:
-        cfg.SEED = comm.shared_random_seed()
+        recorded = comm.all_gather(recorded_seed(cfg.OUTPUT_DIR) if args.resume else None)[0]
+        cfg.SEED = comm.shared_random_seed() if recorded is None else recorded
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mae_det", abbrev_name="mae_det")

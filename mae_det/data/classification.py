@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .images import ImageLoadError, load_image
-from .pretrain import IMG_EXTENSIONS, sample_seed
+from .pretrain import IMG_EXTENSIONS
+from .seeding import sample_seed, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -160,25 +158,6 @@ class ImageFolderDataset(Dataset):
             return self.transform(img), label, path
         with seeded_global_rngs(sample_seed(self.seed, self.epoch, index)):
             return self.transform(img), label, path
-
-
-@contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seeds python's, numpy's and torch's CPU generator with ``seed`` and restores all three on exit.
-
-    timm's and torchvision's transforms draw from these global generators. Restoring them keeps the caller's
-    streams (drop path, mixup) as they were when a loader with ``num_workers=0`` transforms in the main process.
-    """
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's generators too
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def collate_skipping(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -14,12 +14,10 @@ more failures than ``max_bad_fraction`` of the dataset end the run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -31,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .seeding import sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +193,6 @@ def build_source(source: str, path: str, image_root: str = "") -> ImageSource:
 
 
 # ---- augmentation ----------------------------------------------------------------------------------------
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that depends on (seed, epoch, index) only: the same in any process or worker."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator seeded with :func:`sample_seed`."""
     return torch.Generator().manual_seed(sample_seed(seed, epoch, index))

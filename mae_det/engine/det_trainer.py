@@ -5,7 +5,10 @@ exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU
 ``device_ids=None`` DDP for multi-process CPU training; COCO evaluation of boxes and masks written to
 ``OUTPUT_DIR/ap_results.json``; a clean stop on a non-finite loss that leaves the last checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
-``data/skipped_images`` in metrics.json.
+``data/skipped_images`` in metrics.json. With ``SEEDED_DRAWS`` (the default) the train loader is
+:mod:`mae_det.data.seeded_loader`'s and every step seeds the global generators from (SEED, rank, iteration)
+(:class:`SeededStepsHook`): the worker count changes the speed only, and ``--resume`` continues the uninterrupted
+run exactly.
 
 Semantic segmentation (a ``SemanticSegmentor`` meta-architecture) uses the semantic mapper, a test dataset of
 ``evaluator_type`` "sem_seg" is scored by Detectron2's SemSegEvaluator into ``sem_seg_results.json``, and
@@ -27,6 +30,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator
@@ -48,6 +52,8 @@ from ..data.detection import (
     SKIPPED_IMAGES_KEY, DatasetError, check_num_classes, first_files, remaining_bad_images,
 )
 from ..config.vit_backbone import VIT_BACKBONES
+from ..data.seeded_loader import SeededBatches, build_seeded_train_loader
+from ..data.seeding import sample_seed, seed_global_rngs
 from ..data.semantic import build_mapper, check_sem_seg_classes, is_semantic, load_label_map
 from ..modeling import backbone as _backbone  # noqa: F401  (registers the ViT backbones)
 from ..modeling import semantic_seg as _semantic_seg  # noqa: F401  (registers SlidingWindowSegmentor)
@@ -344,6 +350,21 @@ class _EvalHook(hooks.EvalHook):
             super().after_train()
 
 
+class SeededStepsHook(hooks.HookBase):
+    """Seeds python's, numpy's and torch's generators (CPU and CUDA) before every step from (seed, rank,
+    iteration), so that the step's drop path and RoI sampling draws do not depend on the steps before it: a run
+    resumed at iteration i draws what the uninterrupted run drew there, without RNG state in the checkpoint."""
+
+    # A fourth key keeps these seeds apart from the samples' (seed, rank, position) seeds.
+    _STEP_KEY = -1
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def before_step(self) -> None:
+        seed_global_rngs(sample_seed(self.seed, comm.get_rank(), self.trainer.iter, self._STEP_KEY))
+
+
 class _RequeueHook(hooks.HookBase):
     """In a submitted job told to stop (preemption or time limit, see ``launch.stop_requested``): a checkpoint
     after this iteration, so that ``resume_or_load`` restarts at the next one, then the requeue."""
@@ -366,7 +387,8 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         self.skipped_images = SkippedImagesHook(cfg.LOG_PERIOD, cfg.DATASETS.MAX_BAD_FRACTION)
-        data_loader = self.skipped_images.strip(self.build_train_loader(cfg))
+        self.train_loader = self.build_train_loader(cfg)
+        data_loader = self.skipped_images.strip(self.train_loader)
         self.skipped_images.budget = remaining_bad_images(cfg.DATASETS.TRAIN, cfg.DATASETS.MAX_BAD_FRACTION)
         # DistributedDataParallel rejects device_ids for a CPU model; Detectron2 always passes them.
         on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
@@ -394,7 +416,16 @@ class Trainer(DefaultTrainer):
         ret.insert(writer, _RequeueHook())
         scheduler = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         ret.insert(scheduler + 1, self.skipped_images)
+        if self.cfg.SEEDED_DRAWS:
+            ret.insert(0, SeededStepsHook(self.cfg.SEED))
         return ret
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Detectron2's, then points the seeded loader at the iteration the run continues from."""
+        super().resume_or_load(resume=resume)
+        batches = getattr(self.train_loader, "dataset", None)
+        if isinstance(batches, SeededBatches):
+            batches.start = self.start_iter
 
     def _evaluate(self) -> dict:
         # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter.
@@ -424,7 +455,16 @@ class Trainer(DefaultTrainer):
         if not cfg.DATASETS.TRAIN:
             raise DatasetError("DATASETS.TRAIN: training needs at least one dataset name, got ()")
         try:
-            loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+            if cfg.SEEDED_DRAWS:
+                args = _train_loader_from_config(cfg, mapper=build_mapper(cfg, is_train=True))
+                loader = build_seeded_train_loader(
+                    args["dataset"], args["sampler"], args["mapper"],
+                    batch_size=args["total_batch_size"] // comm.get_world_size(), seed=cfg.SEED,
+                    rank=comm.get_rank(), group_by_aspect=args["aspect_ratio_grouping"],
+                    num_workers=args["num_workers"],
+                )
+            else:
+                loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
         except AssertionError as e:  # Detectron2 asserts when filtering leaves no image to train on
             if "No valid data found" not in str(e):
                 raise

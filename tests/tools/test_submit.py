@@ -16,7 +16,7 @@ import yaml
 
 from mae_det.engine.submit import main
 from tests.tools.test_pretrain_tool import CONFIG, ENV, ROOT, final_model, images, opts  # noqa: F401
-from tests.tools.test_train_net import make_coco, tiny_config
+from tests.tools.test_train_net import TOOL, make_coco, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -183,3 +183,11 @@ def test_detection_resumes_at_the_saved_iteration(tmp_path):
     assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
     iters = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
     assert iters == [0, 1, 2, 3] and (out / "model_final.pth").is_file()
+    # SEEDED_DRAWS (the default): the preempted job ends with the weights of an uninterrupted run (same threads)
+    plain = tiny_config(tmp_path / "plain.yaml", tmp_path / "data", tmp_path / "plain", test=False,
+                        **{"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 100})
+    r = subprocess.run([sys.executable, str(TOOL), "--config-file", str(plain)], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(d / "model_final.pth", weights_only=True)["model"] for d in (out, tmp_path / "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
