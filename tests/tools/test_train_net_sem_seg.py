@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +69,19 @@ def test_train_eval_predict_compare_on_the_shapes_semantic_split(data, tmp_path)
     proc = tool("compare_ap.py", str(out_dir), "--baseline", "none", "--output", str(tmp_path / "cmp"))
     assert proc.returncode == 0, proc.stderr
     assert f"| scratch | 1 | {res['sem_seg']['mIoU']:.1f} |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_seeded_draws_give_the_same_weights_with_and_without_loader_workers(data, tmp_path):
+    finals = []
+    for workers in (0, 2):
+        out_dir = tmp_path / f"w{workers}"
+        proc = tool("train_net.py", "--config-file", str(CONFIG), *register(data), "SOLVER.MAX_ITER", "3",
+                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "DATASETS.TEST", "()",
+                    "SEEDED_DRAWS", "True", "DATALOADER.NUM_WORKERS", str(workers), "OUTPUT_DIR", str(out_dir))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        finals.append(torch.load(out_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
 @pytest.mark.slow
