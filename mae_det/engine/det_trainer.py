@@ -426,6 +426,11 @@ class Trainer(DefaultTrainer):
         batches = getattr(self.train_loader, "dataset", None)
         if isinstance(batches, SeededBatches):
             batches.start = self.start_iter
+        elif self.start_iter > 0:
+            logger.warning(
+                "resuming at iteration %d with SEEDED_DRAWS False: Detectron2's loader replays its image order and "
+                "augmentation draws from the beginning, so this run will not end where an uninterrupted one would "
+                "(SEEDED_DRAWS True resumes exactly)", self.start_iter)
 
     def _evaluate(self) -> dict:
         # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter.

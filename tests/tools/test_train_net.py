@@ -211,6 +211,8 @@ def test_seeded_draws_make_resume_and_loader_workers_change_nothing(tmp_path, da
         assert sorted(losses(out)) == list(range(4, TRAIN_ITERS))
         resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
         assert all(torch.equal(resumed[k], final[k]) for k in final) is seeded
+        warned = "resuming at iteration 4 with SEEDED_DRAWS False: Detectron2's loader replays" in (out / "log.txt").read_text()
+        assert warned is not seeded
 
 
 @pytest.mark.slow
