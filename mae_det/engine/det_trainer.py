@@ -461,10 +461,14 @@ class Trainer(DefaultTrainer):
             raise DatasetError("DATASETS.TRAIN: training needs at least one dataset name, got ()")
         try:
             if cfg.SEEDED_DRAWS:
+                world = comm.get_world_size()
+                if cfg.SOLVER.IMS_PER_BATCH % world:
+                    raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch: it must "
+                                      f"be divisible by the {world} processes")
                 args = _train_loader_from_config(cfg, mapper=build_mapper(cfg, is_train=True))
                 loader = build_seeded_train_loader(
                     args["dataset"], args["sampler"], args["mapper"],
-                    batch_size=args["total_batch_size"] // comm.get_world_size(), seed=cfg.SEED,
+                    batch_size=args["total_batch_size"] // world, seed=cfg.SEED,
                     rank=comm.get_rank(), group_by_aspect=args["aspect_ratio_grouping"],
                     num_workers=args["num_workers"],
                 )

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 
 from mae_det.config.detection import recorded_seed
 from mae_det.data.detection import DatasetError
@@ -100,3 +100,13 @@ def test_a_resumed_run_reuses_the_recorded_seed(tmp_path):
     assert recorded_seed(str(tmp_path)) is None
     (tmp_path / "config.yaml").write_text("[not, a, mapping")
     assert recorded_seed(str(tmp_path)) is None
+
+
+def test_a_repeat_factor_sampler_streams_the_same_way_each_time():
+    factors = torch.tensor([1.0, 3.0, 1.0, 0.5] * 3)  # LVIS-style: rare images drawn more often
+    batches = SeededBatches(_dataset(12), RepeatFactorTrainingSampler(factors, seed=5), _draws, batch_size=3,
+                            seed=5, rank=0, group_by_aspect=True)
+    first = list(itertools.islice(batches.plan(), 20))
+    assert first == list(itertools.islice(batches.plan(), 20))
+    counts = np.bincount([i for batch in first for _, i in batch], minlength=12)
+    assert counts[1::4].sum() > counts[0::4].sum()  # repeat factor 3 vs 1

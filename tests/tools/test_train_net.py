@@ -242,6 +242,10 @@ def test_two_process_cpu_training(tmp_path, data):
     assert sorted(losses(tmp_path / "out")) == [0, 1]
     assert (tmp_path / "out" / "model_final.pth").is_file() and (tmp_path / "out" / "log.txt.rank1").is_file()
     assert json.loads((tmp_path / "out" / "run_info.json").read_text())["world_size"] == 2
+    odd = tiny_config(tmp_path / "odd.yaml", data, tmp_path / "odd", test=False, **{"SOLVER.IMS_PER_BATCH": 3})
+    r = run_tool("--config-file", str(odd), "--num-gpus", "2", "--dist-url", "auto")
+    assert r.returncode == 2
+    assert "error: SOLVER.IMS_PER_BATCH 3 is the total batch: it must be divisible by the 2 processes" in r.stderr
 
 
 @pytest.mark.slow
