@@ -1,8 +1,15 @@
-"""How long the image checks of a detection dataset take at registration, on a generated COCO-format folder.
+"""How long the image checks of a detection dataset take at registration, on a generated COCO-format folder, and
+what ``SEEDED_DRAWS`` costs the train loader.
 
 Training sets get a header check per image (:func:`~mae_det.data.detection.image_file_problem`), test sets a full
 decode; this times both and extrapolates to COCO 2017 (118,287 train / 5,000 val images). The generated files
 were just written, so they are in the page cache: on a cold or network file system the header reads cost more.
+
+:func:`time_train_loaders` times the training batches of Detectron2's loader and of the seeded one
+(:mod:`mae_det.data.seeded_loader`) with the same mapper and worker counts, one variant after the other within each
+round, so that load changes on a shared machine hit all of them alike. Both read the images in the same order, and
+the mapper is LSJ at a fixed scale (flip and crop still drawn): the two loaders draw different scales, and a random
+scale would make the work per image, not the loader, differ.
 """
 from __future__ import annotations
 
@@ -13,7 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.detection import image_file_problem, parse_coco_instances
+from ..config.detection import load_det_cfg
+from ..data.detection import image_file_problem, parse_coco_instances, register_datasets
+from ..data.seeding import sample_seed, seeded_global_rngs
+from ..engine.det_trainer import Trainer
+
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "Base-MaskRCNN-ViT.yaml"
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_VAL_IMAGES = 5_000
@@ -85,3 +97,56 @@ def format_report(result: dict) -> str:
         f"{per_d * 1e3:.1f} ms/image; whole registration parse {d['parse_s']:.2f} s",
         f"  -> COCO val2017, {COCO_VAL_IMAGES:,} images: {per_d * COCO_VAL_IMAGES:.0f} s",
     ])
+
+
+def time_train_loaders(json_file: Path, image_root: Path, *, batches: int, workers: tuple[int, ...] = (0, 2),
+                       rounds: int = 3, batch_size: int = 2, image_size: int = 1024) -> dict:
+    """Seconds per training batch of each loader ("detectron2", "seeded") and worker count: per round, each variant
+    starts its loader, takes one batch untimed (worker start-up) and then ``batches`` timed ones; the median over
+    ``rounds`` is reported, with the seeded / Detectron2 ratio per worker count."""
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for seeded in (False, True):
+            for w in workers:
+                cfg = load_det_cfg(str(BASE_CONFIG), [
+                    "DATASETS.REGISTER", [["bench_loader", str(json_file), str(image_root)]],
+                    "DATASETS.TRAIN", ("bench_loader",), "DATASETS.TEST", (), "MODEL.MASK_ON", False,
+                    "MODEL.ROI_HEADS.NUM_CLASSES", 1, "INPUT.LSJ.ENABLED", True, "INPUT.LSJ.IMAGE_SIZE", image_size,
+                    "INPUT.LSJ.MIN_SCALE", 1.0, "INPUT.LSJ.MAX_SCALE", 1.0,
+                    "SOLVER.IMS_PER_BATCH", batch_size, "DATALOADER.NUM_WORKERS", w, "SEEDED_DRAWS", seeded,
+                    "SEED", 0, "MODEL.DEVICE", "cpu",
+                ])
+                register_datasets(cfg)
+                np.random.seed(0)  # both loaders' TrainingSampler seed is drawn from it: the same image order
+                it = iter(Trainer.build_train_loader(cfg))
+                next(it)
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                times.setdefault(f"{'seeded' if seeded else 'detectron2'}_w{w}", []).append(
+                    (time.perf_counter() - t0) / batches)
+                del it  # stops its workers before the next variant starts
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    ratios = {f"w{w}": median[f"seeded_w{w}"] / median[f"detectron2_w{w}"] for w in workers}
+    return {"s_per_batch": median, "seeded_over_detectron2": ratios, "batches": batches, "rounds": rounds,
+            "batch_size": batch_size, "image_size": image_size, "seeding_us_per_image": seeding_cost_us()}
+
+
+def seeding_cost_us(samples: int = 2000) -> float:
+    """Microseconds that seeding and restoring the three global generators adds to each mapped image."""
+    t0 = time.perf_counter()
+    for i in range(samples):
+        with seeded_global_rngs(sample_seed(0, 0, i)):
+            pass
+    return (time.perf_counter() - t0) / samples * 1e6
+
+
+def format_loader_report(result: dict) -> str:
+    lines = [f"train loader, LSJ {result['image_size']} px at scale 1, batch {result['batch_size']}, median of "
+             f"{result['rounds']} rounds x {result['batches']} batches (seconds per batch):"]
+    for key, ratio in result["seeded_over_detectron2"].items():
+        d2, seeded = result["s_per_batch"][f"detectron2_{key}"], result["s_per_batch"][f"seeded_{key}"]
+        lines.append(f"  {key[1:]} loader worker(s): Detectron2's loader {d2:.4f}, SEEDED_DRAWS {seeded:.4f}, "
+                     f"ratio {ratio:.3f}")
+    lines.append(f"  seeding and restoring the global generators: {result['seeding_us_per_image']:.0f} us per image")
+    return "\n".join(lines)

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from mae_det.bench.data import format_report, make_dataset, run
+from mae_det.bench.data import format_loader_report, format_report, make_dataset, run, time_train_loaders
 
 
 def test_generated_dataset_declares_sizes_as_read(tmp_path):
@@ -22,3 +22,13 @@ def test_run_times_both_checks_and_extrapolates(tmp_path):
     assert all(result[k][t] > 0 for k in ("header", "decode") for t in ("check_s", "parse_s"))
     report = format_report(result)
     assert "COCO train2017, 118,287 images" in report and "COCO val2017, 5,000 images" in report
+
+
+def test_train_loader_timing_covers_both_loaders_and_worker_counts(tmp_path):
+    ann = make_dataset(tmp_path, 6, (64, 48), png=False)
+    result = time_train_loaders(ann, tmp_path / "images", batches=2, workers=(0, 1), rounds=1, image_size=64)
+    assert set(result["s_per_batch"]) == {"detectron2_w0", "detectron2_w1", "seeded_w0", "seeded_w1"}
+    assert all(t > 0 for t in result["s_per_batch"].values())
+    ratio = result["seeded_over_detectron2"]["w0"]
+    assert ratio == result["s_per_batch"]["seeded_w0"] / result["s_per_batch"]["detectron2_w0"]
+    assert "0 loader worker(s): Detectron2's loader" in format_loader_report(result)
