@@ -31,6 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator
@@ -466,6 +467,8 @@ class Trainer(DefaultTrainer):
                     raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch: it must "
                                       f"be divisible by the {world} processes")
                 args = _train_loader_from_config(cfg, mapper=build_mapper(cfg, is_train=True))
+                if type(args["sampler"]) is TrainingSampler:  # Detectron2 seeds it from numpy's state: from SEED here
+                    args["sampler"] = TrainingSampler(len(args["dataset"]), seed=sample_seed(cfg.SEED) % 2**31)
                 loader = build_seeded_train_loader(
                     args["dataset"], args["sampler"], args["mapper"],
                     batch_size=args["total_batch_size"] // world, seed=cfg.SEED,
