@@ -24,9 +24,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
+from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import DatasetFromList
+from detectron2.data.samplers import TrainingSampler
+from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from ..config.pretrain import ConfigError
 from .detection import DatasetError
 from .seeding import sample_seed, seeded_global_rngs
 
@@ -115,3 +120,25 @@ def build_seeded_train_loader(dataset: list[dict], sampler: Sampler, mapper: Cal
     # Its own generator: creating the iterator must not draw from the global one (the model's stream).
     return DataLoader(batches, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
                       generator=torch.Generator().manual_seed(sample_seed(seed)), persistent_workers=False)
+
+
+def seeded_train_loader_from_config(cfg: CfgNode, mapper: Callable[[dict], dict | None]) -> DataLoader:
+    """:func:`build_seeded_train_loader` from a detection config: Detectron2's dataset, sampler, per-process batch,
+    grouping and worker settings, with ``TrainingSampler`` seeded from SEED (Detectron2 seeds it from numpy's
+    state at that moment, which earlier draws would shift).
+
+    Raises:
+        ConfigError: SOLVER.IMS_PER_BATCH not divisible by the number of processes.
+    """
+    world = comm.get_world_size()
+    if cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch: it must be divisible "
+                          f"by the {world} processes")
+    args = _train_loader_from_config(cfg, mapper=mapper)
+    sampler = args["sampler"]
+    if type(sampler) is TrainingSampler:
+        sampler = TrainingSampler(len(args["dataset"]), seed=sample_seed(cfg.SEED) % 2**31)
+    return build_seeded_train_loader(
+        args["dataset"], sampler, mapper, batch_size=args["total_batch_size"] // world, seed=cfg.SEED,
+        rank=comm.get_rank(), group_by_aspect=args["aspect_ratio_grouping"], num_workers=args["num_workers"],
+    )

@@ -30,8 +30,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.data.build import _train_loader_from_config
-from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator
@@ -53,7 +51,7 @@ from ..data.detection import (
     SKIPPED_IMAGES_KEY, DatasetError, check_num_classes, first_files, remaining_bad_images,
 )
 from ..config.vit_backbone import VIT_BACKBONES
-from ..data.seeded_loader import SeededBatches, build_seeded_train_loader
+from ..data.seeded_loader import SeededBatches, seeded_train_loader_from_config
 from ..data.seeding import sample_seed, seed_global_rngs
 from ..data.semantic import build_mapper, check_sem_seg_classes, is_semantic, load_label_map
 from ..modeling import backbone as _backbone  # noqa: F401  (registers the ViT backbones)
@@ -461,22 +459,11 @@ class Trainer(DefaultTrainer):
         if not cfg.DATASETS.TRAIN:
             raise DatasetError("DATASETS.TRAIN: training needs at least one dataset name, got ()")
         try:
+            mapper = build_mapper(cfg, is_train=True)
             if cfg.SEEDED_DRAWS:
-                world = comm.get_world_size()
-                if cfg.SOLVER.IMS_PER_BATCH % world:
-                    raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total batch: it must "
-                                      f"be divisible by the {world} processes")
-                args = _train_loader_from_config(cfg, mapper=build_mapper(cfg, is_train=True))
-                if type(args["sampler"]) is TrainingSampler:  # Detectron2 seeds it from numpy's state: from SEED here
-                    args["sampler"] = TrainingSampler(len(args["dataset"]), seed=sample_seed(cfg.SEED) % 2**31)
-                loader = build_seeded_train_loader(
-                    args["dataset"], args["sampler"], args["mapper"],
-                    batch_size=args["total_batch_size"] // world, seed=cfg.SEED,
-                    rank=comm.get_rank(), group_by_aspect=args["aspect_ratio_grouping"],
-                    num_workers=args["num_workers"],
-                )
+                loader = seeded_train_loader_from_config(cfg, mapper)
             else:
-                loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True))
+                loader = build_detection_train_loader(cfg, mapper=mapper)
         except AssertionError as e:  # Detectron2 asserts when filtering leaves no image to train on
             if "No valid data found" not in str(e):
                 raise
