@@ -233,15 +233,26 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(trained, 
 
 @pytest.mark.slow
 def test_two_process_cpu_training(tmp_path, data):
-    cfg = tiny_config(tmp_path / "ddp.yaml", data, tmp_path / "out", test=False,
-                      **{"SOLVER.MAX_ITER": 2, "SOLVER.CHECKPOINT_PERIOD": 100})
+    opts = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "MODEL.VIT.DROP_PATH_RATE": 0.1}
+    cfg = tiny_config(tmp_path / "ddp.yaml", data, tmp_path / "out", test=False, **opts)
     r = run_tool("--config-file", str(cfg), "--num-gpus", "2", "--dist-url", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "World size: 2" in log
-    assert sorted(losses(tmp_path / "out")) == [0, 1]
+    assert sorted(losses(tmp_path / "out")) == [0, 1, 2, 3]
     assert (tmp_path / "out" / "model_final.pth").is_file() and (tmp_path / "out" / "log.txt.rank1").is_file()
     assert json.loads((tmp_path / "out" / "run_info.json").read_text())["world_size"] == 2
+    # each rank draws from (SEED, rank, ...): resumed at iteration 2, both processes continue the same run exactly
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "out" / "model_0000001.pth", resumed)
+    (resumed / "last_checkpoint").write_text("model_0000001.pth")
+    cfg = tiny_config(tmp_path / "resumed.yaml", data, resumed, test=False, **opts)
+    r = run_tool("--config-file", str(cfg), "--num-gpus", "2", "--dist-url", "auto", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+            for d in (tmp_path / "out", resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     odd = tiny_config(tmp_path / "odd.yaml", data, tmp_path / "odd", test=False, **{"SOLVER.IMS_PER_BATCH": 3})
     r = run_tool("--config-file", str(odd), "--num-gpus", "2", "--dist-url", "auto")
     assert r.returncode == 2
