@@ -32,7 +32,8 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
                                      (SEED, rank, iteration) (mae_det.data.seeded_loader): DATALOADER.NUM_WORKERS
                                      changes the speed, not the result, and --resume continues the uninterrupted
                                      run exactly. False: Detectron2's loader (per-worker generators; a resumed
-                                     run replays image order and augmentations from the start)
+                                     run continues exactly in one process with 0 workers, mae_det.engine.
+                                     loader_state, else replays image order and augmentations from the start)
     DATASETS.REGISTER [[]]           COCO-format datasets to register: a list of [name, json_file, image_root]
                                      (``~`` and ``$VARS`` are expanded; relative paths are relative to the working
                                      directory). Name them in DATASETS.TRAIN / DATASETS.TEST.

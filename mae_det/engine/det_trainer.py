@@ -8,7 +8,8 @@ training images skipped by the mapper (they failed to decode) logged once each a
 ``data/skipped_images`` in metrics.json. With ``SEEDED_DRAWS`` (the default) the train loader is
 :mod:`mae_det.data.seeded_loader`'s and every step seeds the global generators from (SEED, rank, iteration)
 (:class:`SeededStepsHook`): the worker count changes the speed only, and ``--resume`` continues the uninterrupted
-run exactly.
+run exactly; without it, Detectron2's loader resumes exactly where :mod:`mae_det.engine.loader_state` can (one
+process, 0 workers).
 
 Semantic segmentation (a ``SemanticSegmentor`` meta-architecture) uses the semantic mapper, a test dataset of
 ``evaluator_type`` "sem_seg" is scored by Detectron2's SemSegEvaluator into ``sem_seg_results.json``, and
@@ -60,6 +61,7 @@ from ..modeling import upernet as _upernet  # noqa: F401  (registers UperNetHead
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
+from .loader_state import LoaderStateHook
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error
 
 logger = logging.getLogger(__name__)
@@ -387,7 +389,10 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         self.skipped_images = SkippedImagesHook(cfg.LOG_PERIOD, cfg.DATASETS.MAX_BAD_FRACTION)
         self.train_loader = self.build_train_loader(cfg)
-        data_loader = self.skipped_images.strip(self.train_loader)
+        self.loader_state = None if cfg.SEEDED_DRAWS else LoaderStateHook(
+            self.train_loader, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), cfg.DATALOADER.NUM_WORKERS)
+        batches = self.train_loader if self.loader_state is None else self.loader_state.wrap(self.train_loader)
+        data_loader = self.skipped_images.strip(batches)
         self.skipped_images.budget = remaining_bad_images(cfg.DATASETS.TRAIN, cfg.DATASETS.MAX_BAD_FRACTION)
         # DistributedDataParallel rejects device_ids for a CPU model; Detectron2 always passes them.
         on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
@@ -417,19 +422,23 @@ class Trainer(DefaultTrainer):
         ret.insert(scheduler + 1, self.skipped_images)
         if self.cfg.SEEDED_DRAWS:
             ret.insert(0, SeededStepsHook(self.cfg.SEED))
+        else:
+            ret.append(self.loader_state)
         return ret
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """Detectron2's, then points the seeded loader at the iteration the run continues from."""
+        """Detectron2's, then points the seeded loader at the iteration the run continues from, or restores
+        Detectron2's loader where :class:`~mae_det.engine.loader_state.LoaderStateHook` can."""
         super().resume_or_load(resume=resume)
         batches = getattr(self.train_loader, "dataset", None)
         if isinstance(batches, SeededBatches):
             batches.start = self.start_iter
-        elif self.start_iter > 0:
+        elif self.start_iter > 0 and not self.loader_state.restore(self.start_iter):
             logger.warning(
-                "resuming at iteration %d with SEEDED_DRAWS False: Detectron2's loader replays its image order and "
-                "augmentation draws from the beginning, so this run will not end where an uninterrupted one would "
-                "(SEEDED_DRAWS True resumes exactly)", self.start_iter)
+                "resuming at iteration %d with SEEDED_DRAWS False and no loader state to restore (loader workers, "
+                "several processes, an image left in an aspect-ratio bucket, or an older checkpoint): Detectron2's "
+                "loader replays its image order and augmentation draws from the beginning, so this run will not end "
+                "where an uninterrupted one would (SEEDED_DRAWS True resumes exactly)", self.start_iter)
 
     def _evaluate(self) -> dict:
         # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter.
