@@ -30,6 +30,24 @@ def seed_global_rngs(seed: int) -> None:
 
 
 @contextmanager
+def kept_global_rngs(cuda: bool = True) -> Iterator[None]:
+    """Restores python's, numpy's and torch's CPU generator (and, with ``cuda``, every initialized CUDA device's) on
+    exit, so that what runs inside (an evaluation, one sample's augmentation) leaves the caller's streams as they
+    were."""
+    cuda = cuda and torch.cuda.is_available() and torch.cuda.is_initialized()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextmanager
 def seeded_global_rngs(seed: int) -> Iterator[None]:
     """Seeds python's, numpy's and torch's CPU generator with ``seed`` and restores all three on exit.
 
@@ -37,13 +55,8 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
     caller's streams (drop path, mixup) as they were when a loader with ``num_workers=0`` transforms in the main
     process.
     """
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's generators too
-    try:
+    with kept_global_rngs(cuda=False):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's generators too
         yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])

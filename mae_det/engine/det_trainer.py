@@ -53,7 +53,7 @@ from ..data.detection import (
 )
 from ..config.vit_backbone import VIT_BACKBONES
 from ..data.seeded_loader import SeededBatches, seeded_train_loader_from_config
-from ..data.seeding import sample_seed, seed_global_rngs
+from ..data.seeding import kept_global_rngs, sample_seed, seed_global_rngs
 from ..data.semantic import build_mapper, check_sem_seg_classes, is_semantic, load_label_map
 from ..modeling import backbone as _backbone  # noqa: F401  (registers the ViT backbones)
 from ..modeling import semantic_seg as _semantic_seg  # noqa: F401  (registers SlidingWindowSegmentor)
@@ -441,8 +441,11 @@ class Trainer(DefaultTrainer):
                 "where an uninterrupted one would (SEEDED_DRAWS True resumes exactly)", self.start_iter)
 
     def _evaluate(self) -> dict:
-        # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter.
-        self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter + 1, self.max_iter))
+        # After a step, self.iter is the finished (0-based) iteration; after the loop it equals max_iter. The test
+        # loader draws from the global generators; kept, an evaluation changes no later training draw, so a run
+        # resumed from a checkpoint taken just before it continues exactly.
+        with kept_global_rngs():
+            self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter + 1, self.max_iter))
         return self._last_eval_results
 
     def train(self) -> dict | None:
