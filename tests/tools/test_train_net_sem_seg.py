@@ -85,6 +85,23 @@ def test_seeded_draws_give_the_same_weights_with_and_without_loader_workers(data
 
 
 @pytest.mark.slow
+def test_the_shapes_config_resumes_bit_for_bit(data, tmp_path):
+    """The shapes config keeps Detectron2's loader (SEEDED_DRAWS False): one process, 0 workers, resumed exactly."""
+    common = [*register(data), "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+              "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    proc = tool("train_net.py", "--config-file", str(CONFIG), *common, "OUTPUT_DIR", str(ref))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed.mkdir()
+    shutil.copy(ref / "model_0000001.pth", resumed)
+    (resumed / "last_checkpoint").write_text("model_0000001.pth")
+    proc = tool("train_net.py", "--resume", "--config-file", str(CONFIG), *common, "OUTPUT_DIR", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (ref, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_a_bad_label_map_stops_train_net_before_training(data, tmp_path):
     bad = tmp_path / "data"
     shutil.copytree(data, bad)
