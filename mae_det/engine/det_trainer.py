@@ -433,7 +433,7 @@ class Trainer(DefaultTrainer):
         batches = getattr(self.train_loader, "dataset", None)
         if isinstance(batches, SeededBatches):
             batches.start = self.start_iter
-        elif self.start_iter > 0 and not self.loader_state.restore(self.start_iter):
+        elif self.start_iter > 0 and not self.loader_state.restore():
             logger.warning(
                 "resuming at iteration %d with SEEDED_DRAWS False and no loader state to restore (loader workers, "
                 "several processes, an image left in an aspect-ratio bucket, or an older checkpoint): Detectron2's "

@@ -81,6 +81,7 @@ class LoaderStateHook(hooks.HookBase):
         self.batch_size = batch_size
         self.savable = num_workers == 0 and comm.get_world_size() == 1 and self.to_iterable is not None
         self.restored: dict | None = None
+        self.start_samples = 0  # samples the loader skipped at this process's start
         self._torch_after_first_batch: dict | None = None
 
     def _map_dataset(self) -> MapDataset | None:
@@ -91,7 +92,8 @@ class LoaderStateHook(hooks.HookBase):
         if not self.savable or (self.grouped is not None and any(self.grouped._buckets)):
             return {}
         state = {
-            "samples": (self.trainer.iter + 1) * self.batch_size, "python": _python_state(),
+            "samples": self.start_samples + (self.trainer.iter + 1 - self.trainer.start_iter) * self.batch_size,
+            "python": _python_state(),
             "numpy": _numpy_state(), "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -105,11 +107,12 @@ class LoaderStateHook(hooks.HookBase):
     def load_state_dict(self, state: dict) -> None:
         self.restored = state
 
-    def restore(self, start_iter: int) -> bool:
-        """Applies a loaded state to a run resuming at ``start_iter``; False when there is none to apply."""
+    def restore(self) -> bool:
+        """Applies a loaded state to the resuming run; False when there is none to apply."""
         state = self.restored
-        if not (self.savable and state and state["samples"] == start_iter * self.batch_size):
+        if not (self.savable and state):
             return False
+        self.start_samples = state["samples"]
         self.to_iterable.sampler = _SkipStart(self.to_iterable.sampler, state["samples"])
         _set_python_state(state["python"])
         _set_numpy_state(state["numpy"])
@@ -121,7 +124,8 @@ class LoaderStateHook(hooks.HookBase):
         # uninterrupted run's first step: the saved state is set after that batch, before the model draws.
         self._torch_after_first_batch = {k: state[k] for k in ("torch", "cuda") if k in state}
         logger.info("resuming Detectron2's loader at sample %d with the checkpoint's generator states "
-                    "(one process, 0 workers: the uninterrupted run's draws)", state["samples"])
+                    "(one process, 0 workers: the draws the run would have made without the interruption)",
+                    state["samples"])
         return True
 
     def wrap(self, batches: Iterable[list[dict]]) -> Iterator[list[dict]]:

@@ -233,6 +233,8 @@ def test_detectron2_loader_resumes_exactly_in_one_process_without_workers(tmp_pa
     r = run_tool("--config-file", str(tiny_config(tmp_path / "r.yaml", data, out, **opts)), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming Detectron2's loader at sample 8 with the checkpoint's generator states" in (out / "log.txt").read_text()
+    again = torch.load(out / "model_0000007.pth", map_location="cpu", weights_only=True)["trainer"]["hooks"]
+    assert again["LoaderStateHook"]["samples"] == 8 * 2  # counted on from where the resumed loader started
     a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (ref, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
