@@ -77,7 +77,7 @@ class LoaderStateHook(hooks.HookBase):
     """
 
     def __init__(self, loader: Any, batch_size: int, num_workers: int) -> None:
-        self.grouped, torch_loader, self.to_iterable = _parts(loader)
+        self.grouped, _, self.to_iterable = _parts(loader)
         self.batch_size = batch_size
         self.savable = num_workers == 0 and comm.get_world_size() == 1 and self.to_iterable is not None
         self.restored: dict | None = None
@@ -101,7 +101,8 @@ class LoaderStateHook(hooks.HookBase):
         mapped = self._map_dataset()
         if mapped is not None:
             state["map_retry"] = _python_state(mapped._rng)
-            state["map_candidates"] = sorted(mapped._fallback_candidates)
+            # its retry candidates start as every index; only images that failed to map leave them
+            state["map_failed"] = sorted(set(range(len(mapped))) - mapped._fallback_candidates)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -119,7 +120,7 @@ class LoaderStateHook(hooks.HookBase):
         mapped = self._map_dataset()
         if mapped is not None and "map_retry" in state:
             _set_python_state(state["map_retry"], mapped._rng)
-            mapped._fallback_candidates = set(state["map_candidates"])
+            mapped._fallback_candidates = set(range(len(mapped))) - set(state["map_failed"])
         # Creating the loader's iterator (at the first batch) draws once from torch's generator, as it did at the
         # uninterrupted run's first step: the saved state is set after that batch, before the model draws.
         self._torch_after_first_batch = {k: state[k] for k in ("torch", "cuda") if k in state}

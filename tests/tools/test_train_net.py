@@ -240,6 +240,31 @@ def test_detectron2_loader_resumes_exactly_in_one_process_without_workers(tmp_pa
 
 
 @pytest.mark.slow
+def test_detectron2_loader_resumes_exactly_after_skipping_an_image(tmp_path, data):
+    """An image that fails to decode makes Detectron2's MapDataset draw a replacement from its own generator and
+    drop the index from its candidates: both are checkpointed, so the resumed run still ends where the
+    uninterrupted one does."""
+    dirty = tmp_path / "data"
+    shutil.copytree(data, dirty)
+    png = dirty / "images" / "002.png"
+    png.write_bytes(png.read_bytes()[:200])  # the header check passes, decoding fails
+    opts = {"SEEDED_DRAWS": False, "DATASETS.MAX_BAD_FRACTION": 0.2}
+    ref = tmp_path / "ref"
+    r = run_tool("--config-file", str(tiny_config(tmp_path / "ref.yaml", dirty, ref, test=False, **opts)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(ref / "model_0000003.pth", map_location="cpu", weights_only=True)["trainer"]["hooks"]
+    assert state["LoaderStateHook"]["map_failed"] == [2]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(ref / "model_0000003.pth", out)
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    r = run_tool("--config-file", str(tiny_config(tmp_path / "r.yaml", dirty, out, test=False, **opts)), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (ref, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(trained, tmp_path, data):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
