@@ -22,11 +22,14 @@ def sample_seed(seed: int, *keys: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def seed_global_rngs(seed: int) -> None:
-    """Seeds python's, numpy's and torch's generators (CPU and every CUDA device) with ``seed``."""
+def seed_global_rngs(seed: int, cuda: bool = True) -> None:
+    """Seeds python's, numpy's and torch's CPU generator with ``seed``, and with ``cuda`` every CUDA device's."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA's generators too
 
 
 @contextmanager
@@ -56,7 +59,5 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
     process.
     """
     with kept_global_rngs(cuda=False):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's generators too
+        seed_global_rngs(seed, cuda=False)
         yield
