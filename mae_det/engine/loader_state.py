@@ -9,8 +9,8 @@ samples already read, restores the generators and continues with the uninterrupt
 
 It is exact while every batch takes exactly its images from the sampler: aspect-ratio grouping with an image
 waiting in the other group's bucket at the checkpoint, like loader workers or several processes, makes the state
-unsaveable, and the resume then warns that it replays the draws. The shapes configs (square images, one process,
-0 workers) always qualify, so ``make demo`` resumes its Mask R-CNN and UperNet stages bit for bit.
+unsaveable, and the resume then warns that it replays the draws. ``make parity``'s config (square images, one
+process, 0 workers) always qualifies.
 """
 from __future__ import annotations
 
