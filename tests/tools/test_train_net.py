@@ -217,9 +217,9 @@ def test_seeded_draws_make_resume_and_loader_workers_change_nothing(tmp_path, da
 
 @pytest.mark.slow
 def test_detectron2_loader_resumes_exactly_in_one_process_without_workers(tmp_path, data):
-    """SEEDED_DRAWS False (Detectron2's loader; the parity config): with 0 workers the checkpoint holds the loader's sample count and
-    the generators' states, so a run resumed at iteration 4 ends with the uninterrupted run's weights, also when
-    an evaluation ran right after that checkpoint (it leaves the generators as it found them)."""
+    """SEEDED_DRAWS False (Detectron2's loader; the parity config): with 0 workers the checkpoint holds the loader's
+    sample count and the generators' states, so a run resumed at iteration 4 ends with the uninterrupted run's
+    weights, also when an evaluation ran right after that checkpoint (it leaves the generators as it found them)."""
     opts = {"MODEL.VIT.DROP_PATH_RATE": 0.1, "SEEDED_DRAWS": False, "TEST.EVAL_PERIOD": 4}
     ref = tmp_path / "ref"
     r = run_tool("--config-file", str(tiny_config(tmp_path / "ref.yaml", data, ref, **opts)))
