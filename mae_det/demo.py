@@ -933,12 +933,13 @@ def last_checkpoint(pretrain_dir: Path) -> Path:
     return pretrain_dir / pointer.read_text(encoding="utf-8").strip()
 
 
-def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int, mask_ratio: float = 0.75) -> None:
+def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int) -> None:
     """Reconstruction grids (original | masked | reconstruction | + visible) of the first ``n`` images of
     ``image_dir`` by the last checkpoint of a pretraining run, stacked into one PNG.
 
     The model is rebuilt from the run's resolved ``config.yaml``, so size overrides (patch 8, a narrow
-    decoder) are honoured exactly; the drawing is :mod:`mae_det.utils.visualize`'s.
+    decoder) are honoured exactly, and images are masked at the ratio the run trained with; the drawing is
+    :mod:`mae_det.utils.visualize`'s.
     """
     import tempfile
 
@@ -955,6 +956,7 @@ def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     model.eval()
     size = (cfg.MODEL.IMG_SIZE, cfg.MODEL.IMG_SIZE)
+    mask_ratio = cfg.MODEL.MASK_RATIO
     generator = torch.Generator().manual_seed(0)
     target = "norm-pix: de-normalized with each patch's own mean/std" if cfg.MODEL.NORM_PIX_LOSS else "pixel targets"
     grids = []
@@ -1365,8 +1367,8 @@ def write_report(
         f"(detections with score >= {DETECTION_SCORE}; one color per class).", "",
         "![Detections](detections.png)", "",
         "## MAE reconstructions", "",
-        "Validation images the pretraining never saw: original | 75 % masked | reconstruction | reconstruction with "
-        "the visible patches pasted back.", "",
+        f"Validation images the pretraining never saw: original | {M['MASK_RATIO'] * 100:g} % masked (the "
+        "pretraining's ratio) | reconstruction | reconstruction with the visible patches pasted back.", "",
         "![MAE reconstructions](mae_reconstruction.png)", "",
         "## Pretraining curves", "",
         "Loss of both pretraining runs" + (" and the kNN top-1 of the monitor on the single-object classification "

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from mae_det.evaluation.operating_point import operating_point
@@ -52,6 +53,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
     assert "RoIs/image, Large Scale Jitter 0.8-1.25 of 64 px, horizontal flips |" in report  # from the run's config
+    ratio = yaml.safe_load((out / "pretrain_mae" / "config.yaml").read_text())["MODEL"]["MASK_RATIO"]
+    assert f"original | {ratio * 100:g} % masked (the pretraining's ratio) |" in report  # not a fixed 75 %
     assert (f"(cross-entropy over per-class counts; a constant prediction scores "
             f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
