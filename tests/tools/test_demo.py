@@ -311,6 +311,12 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
     partial = by["cls_partial_finetune_mae"].command
     assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
+    # Partial fine-tuning's base lr is per init (p92); the full fine-tuning keeps the config's.
+    assert partial[partial.index("SOLVER.BASE_LR") + 1] == "3.2e-2"
+    for arm in ("supervised", "scratch"):
+        other = by[f"cls_partial_finetune_{arm}"].command
+        assert other[other.index("SOLVER.BASE_LR") + 1] == "8e-3"
+    assert "SOLVER.BASE_LR" not in by["cls_finetune_cls_mae"].command
     # The tables read the last epoch's top-1: both fine-tunings score the val images once, after the last epoch.
     full = by["cls_finetune_cls_scratch"].command
     assert partial[partial.index("TEST.EVAL_PERIOD") + 1] == full[full.index("TEST.EVAL_PERIOD") + 1] == "0"
