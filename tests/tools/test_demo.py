@@ -21,7 +21,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
            "--data-root", str(data)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stage 1/21" in done.stdout and "stage 21/21" in done.stdout
+    assert "stage 1/24" in done.stdout and "stage 24/24" in done.stdout
     # The console holds progress bars and result lines, not the tools' output (that is in the logs).
     assert "d2.utils.events" not in done.stdout and "Warning" not in done.stdout + done.stderr
     assert re.search(r"\[demo\] finetune_mae_s0: done in \d+:\d\d wall, \d+:\d\d CPU: box AP \d+\.\d, mask AP", done.stdout)
@@ -58,13 +58,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert (f"(cross-entropy over per-class counts; a constant prediction scores "
             f"{chance_loss(pool_json, 3):.3f})") in report
     encoders = (out / "demo_encoders.csv").read_text().splitlines()
-    assert encoders[0] == ("init,seed,knn_top1,linear_top1,finetune_top1,partial_finetune_top1,"
+    assert encoders[0] == ("init,seed,knn_top1,knn_mean_top1,linear_top1,finetune_top1,partial_finetune_top1,"
                            "heldout_count_accuracy,heldout_presence_map,heldout_count_loss,heldout_count_loss_constant")
     for arm, line in zip(ARMS, encoders[1:]):
         fields = line.split(",")
-        assert fields[:2] == [arm, "0"] and all(0 <= float(v) <= 100 for v in fields[2:6]), line
-        assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[2:6]) + " |" in report
-        assert fields[8:] == ([f"{heldout['count_loss']:.3f}", f"{heldout['count_loss_constant']:.3f}"]
+        assert fields[:2] == [arm, "0"] and all(0 <= float(v) <= 100 for v in fields[2:7]), line
+        assert f"| {arm} | " + " | ".join(f"{float(v):.1f}" for v in fields[2:7]) + " |" in report
+        assert fields[9:] == ([f"{heldout['count_loss']:.3f}", f"{heldout['count_loss_constant']:.3f}"]
                               if arm == "supervised" else ["", ""]), line
     rows = (out / "demo_experiment.csv").read_text().splitlines()
     assert rows[0].startswith("init,seed,label_fraction,num_labeled,box_AP,box_AP50,mask_AP,mask_AP50") and len(rows) == 4
@@ -85,13 +85,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     # A second invocation finds every stage up to date and only rewrites the report.
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count(": up to date (ran in") == 21
+    assert again.stdout.count(": up to date (ran in") == 24
     assert "| MAE pretraining | skipped |" in (out / "REPORT.md").read_text()
 
     # A second pretraining seed adds only its own stages: both encoders, the held-out check, two Mask R-CNN runs.
     more = subprocess.run(cmd + ["--pretrain-seeds", "2"], cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
-    assert more.stdout.count(": up to date (ran in") == 21 and "stage 26/26" in more.stdout
+    assert more.stdout.count(": up to date (ran in") == 24 and "stage 29/29" in more.stdout
     report = (out / "REPORT.md").read_text()
     assert "## Pretraining seeds" in report and re.search(r"\| mae \| 1 \| \d+\.\d \| \d+\.\d \|", report)
     assert re.search(r"- seed 1: held-out count accuracy \d+\.\d %", report)
@@ -291,8 +291,9 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert keys[:6] == ["dataset", "pretrain_mae", "finetune_scratch_s0", "finetune_scratch_s1",
                         "finetune_scratch_s2", "pretrain_supervised"]
     assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
-    checks = [f"cls_{k}_{a}" for a in ARMS for k in ("knn_eval", "linear_probe", "finetune_cls", "partial_finetune")]
-    # The linear probe and fine-tunings repeat over the seeds; kNN has no randomness and runs once.
+    checks = [f"cls_{k}_{a}" for a in ARMS
+              for k in ("knn_eval", "knn_eval_mean", "linear_probe", "finetune_cls", "partial_finetune")]
+    # The linear probe and fine-tunings repeat over the seeds; kNN (either feature) has no randomness and runs once.
     seeded = [f"cls_{k}_{a}_s{s}" for s in (1, 2) for a in ARMS for k in ("linear_probe", "finetune_cls",
                                                                           "partial_finetune")]
     assert keys[12:] == ["supervised_eval", *checks, *seeded, "detections", "reconstruction"]
@@ -309,6 +310,11 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert by["cls_finetune_cls_mae"].deps == ["dataset", "pretrain_mae"]
     knn = by["cls_knn_eval_scratch"].command
     assert knn[0] == "tools/knn_eval.py" and knn[knn.index("MODEL.WEIGHTS") + 1] == ""
+    # The second kNN reads the patch-token mean, the pretraining monitor's feature; the first the config's cls token.
+    assert "KNN.POOL" not in knn
+    mean = by["cls_knn_eval_mean_mae"].command
+    assert mean[0] == "tools/knn_eval.py" and mean[mean.index("KNN.POOL") + 1] == "mean"
+    assert mean[mean.index("OUTPUT_DIR") + 1] == str(paths.output / "cls_knn_eval_mean_mae")
     partial = by["cls_partial_finetune_mae"].command
     assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
     # Partial fine-tuning's base lr is per init (p92); the full fine-tuning keeps the config's.
@@ -637,18 +643,18 @@ def test_encoder_rows_one_per_init_and_seed_with_the_seedless_knn_repeated(tmp_p
     paths.output.mkdir(parents=True)
     (paths.output / "supervised_heldout.json").write_text(json.dumps(
         {"count_accuracy": 66.0, "presence_map": 50.0, "count_loss": 0.75, "count_loss_constant": 0.82}))
-    metric = {"knn_eval": "knn_top1", "linear_probe": "linear_top1", "finetune_cls": "finetune_top1",
-              "partial_finetune": "finetune_top1"}
+    metric = {"knn_eval": "knn_top1", "knn_eval_mean": "knn_top1", "linear_probe": "linear_top1",
+              "finetune_cls": "finetune_top1", "partial_finetune": "finetune_top1"}
     for a, arm in enumerate(ARMS):
         for k, (kind, key) in enumerate(metric.items()):
-            for s in range(1 if kind == "knn_eval" else 2):
+            for s in range(1 if kind.startswith("knn_eval") else 2):
                 run = paths.run(f"cls_{kind}_{arm}" + (f"_s{s}" if s else ""))
                 run.mkdir(parents=True)
                 (run / "cls_results.json").write_text(json.dumps({key: 10.0 * a + k + 0.5 * s}))
     rows = encoder_rows(paths, seeds=2)
     assert [(r["init"], r["seed"]) for r in rows] == [(arm, s) for arm in ARMS for s in (0, 1)]
-    assert rows[1] == {"init": "mae", "seed": 1, "knn_top1": 0.0, "linear_top1": 1.5, "finetune_top1": 2.5,
-                       "partial_finetune_top1": 3.5, "heldout_count_accuracy": "", "heldout_presence_map": "",
+    assert rows[1] == {"init": "mae", "seed": 1, "knn_top1": 0.0, "knn_mean_top1": 1.0, "linear_top1": 2.5,
+                       "finetune_top1": 3.5, "partial_finetune_top1": 4.5, "heldout_count_accuracy": "", "heldout_presence_map": "",
                        "heldout_count_loss": "", "heldout_count_loss_constant": ""}
     assert rows[3]["knn_top1"] == 10.0 and rows[3]["heldout_count_accuracy"] == 66.0  # supervised, seed 1
     assert rows[3]["heldout_count_loss"] == 0.75 and rows[3]["heldout_count_loss_constant"] == 0.82
