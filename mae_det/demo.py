@@ -586,8 +586,14 @@ ENCODER_CHECKS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
 }
 # kNN has no randomness: one run per init whatever the number of seeds (its value repeats on each seed's row).
 SEEDLESS_CHECKS = frozenset({"knn_eval", "knn_eval_mean"})
-ENCODER_COLUMNS = ("init", "seed", "knn_top1", "knn_mean_top1", "linear_top1", "finetune_top1", "partial_finetune_top1",
-                   "heldout_count_accuracy", "heldout_presence_map", "heldout_count_loss", "heldout_count_loss_constant")
+ENCODER_COLUMNS = ("init", "seed", "knn_top1", "knn_mean_top1", "linear_top1", "finetune_top1",
+                   "partial_finetune_top1", "heldout_count_accuracy", "heldout_presence_map", "heldout_count_loss",
+                   "heldout_count_loss_constant")
+
+
+def _feature(pool: str) -> str:
+    """A kNN feature's name in the report: ``KNN.POOL`` "cls" or "mean"."""
+    return "cls token" if pool == "cls" else "patch-token mean"
 
 
 def check_key(kind: str, arm: str, seed: int = 0) -> str:
@@ -1368,8 +1374,8 @@ def write_report(
         + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "")
         + (f"; linear probe and fine-tunings: mean ± std over {seeds} seeds (kNN has no seed)" if seeds > 1 else "")
         + ". Rows: `demo_encoders.csv`.", "",
-        f"| init | kNN top-1, cls token (%) | kNN top-1, patch mean (%) | linear top-1 (%) | fine-tune top-1 (%) | "
-        f"partial fine-tune, last {PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|---:|",
+        f"| init | kNN top-1, {_feature('cls')} (%) | kNN top-1, {_feature('mean')} (%) | linear top-1 (%) | "
+        f"fine-tune top-1 (%) | partial fine-tune, last {PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|---:|",
         *["| " + " | ".join([arm, *(encoder_cell(arm, c) for c in ENCODER_COLUMNS[2:7])]) + " |" for arm in ARMS], "",
         "## Detections", "",
         *operating_point_lines(paths, seeds),
@@ -1382,7 +1388,8 @@ def write_report(
         "![MAE reconstructions](mae_reconstruction.png)", "",
         "## Pretraining curves", "",
         "Loss of both pretraining runs" + (" and the kNN top-1 of the monitor on the single-object classification "
-                                           "split" if has_knn else " (the kNN monitor was off)") + ".", "",
+                                           f"split ({_feature(pre_cfg['MONITOR']['KNN']['POOL'])} of a center "
+                                           "crop)" if has_knn else " (the kNN monitor was off)") + ".", "",
         "| run | epochs | final loss | last kNN top-1 (%) |", "|---|---:|---:|---:|",
         f"| MAE | {mae['epochs']} | {_num(mae['loss'], 3)} (norm-pix MSE) | {_num(mae['knn_top1'], 1)} |",
         f"| supervised | {sup['epochs']} | {_num(sup['loss'], 3)} ({sup_loss}) | {_num(sup['knn_top1'], 1)} |", "",
