@@ -1376,7 +1376,8 @@ def write_report(
         + ". Rows: `demo_encoders.csv`.", "",
         f"| init | kNN top-1, {_feature('cls')} (%) | kNN top-1, {_feature('mean')} (%) | linear top-1 (%) | "
         f"fine-tune top-1 (%) | partial fine-tune, last {PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|---:|",
-        *["| " + " | ".join([arm, *(encoder_cell(arm, c) for c in ENCODER_COLUMNS[2:7])]) + " |" for arm in ARMS], "",
+        *["| " + " | ".join([arm, *(encoder_cell(arm, c) for *_, c in ENCODER_CHECKS.values())]) + " |"
+          for arm in ARMS], "",
         "## Detections", "",
         *operating_point_lines(paths, seeds),
         f"The ground truth and the first validation images through the seed-0 model of each initialization "
