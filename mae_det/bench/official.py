@@ -433,6 +433,14 @@ def run_against_official(
     except KeyboardInterrupt:  # a time limit: what was measured is worth more than nothing
         interrupted = True
         log(f"interrupted in round {done}: reporting the rounds measured so far")
+    finally:
+        # Each end-to-end generator and its image closure reference one another: left to exit, 16 persistent
+        # workers a loader were joined one by one by DataLoader's atexit hook (5 s timeouts each), which held the
+        # 2026-12-05 H200 run past its time limit after it had printed. Dropping them here shuts the workers down now.
+        for v in variants:
+            if v.batches is not None and hasattr(v.batches, "close"):
+                v.batches.close()
+            v.batches = None
     rows = []
     for v in (v for v in variants if v.img_s):
         med = statistics.median(v.img_s)

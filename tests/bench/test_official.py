@@ -199,3 +199,21 @@ def test_missing_checkout_file_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'models_mae.py'}: not found; "
                                                     "--against-official expects a clone of facebookresearch/mae")
+
+
+def test_loader_workers_are_shut_down_when_the_comparison_returns(checkout, tmp_path):
+    # workers left to the interpreter's exit are joined one by one by DataLoader's atexit hook: a remote run with 16
+    # workers a loader outlived its time limit that way after printing its table
+    import multiprocessing
+
+    from mae_det.bench.official import run_against_official
+
+    root = tmp_path / "jpegs"
+    write_jpeg_imagefolder(root, 8, (48, 40), classes=2)
+    arch = dict(patch_size=16, embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                decoder_num_heads=4)
+    before = set(multiprocessing.active_children())
+    res = run_against_official(checkout, arch=arch, img_size=32, batch_size=2, rounds=1, steps=1, jpeg_root=str(root),
+                               workers=1, matmul_sizes=(64,), matmul_seconds=0.01)
+    assert any(r["data"] == "jpeg" for r in res["rows"])
+    assert set(multiprocessing.active_children()) <= before
