@@ -50,7 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--against-official", metavar="PATH", default="",
                         help="a facebookresearch/mae checkout: time its model and loop against ours instead")
     parser.add_argument("--rounds", type=int, default=5, help="--against-official: interleaved rounds (median)")
-    parser.add_argument("--compile", action="store_true", help="--against-official: add our compiled variant")
+    parser.add_argument("--compile", action="store_true",
+                        help="--against-official: add our compiled variant (= --compile-modes default)")
+    parser.add_argument("--compile-modes", default="",
+                        help="--against-official: comma-separated torch.compile modes, one compiled row of ours each "
+                        "(default, reduce-overhead = CUDA graphs); the end-to-end rows use the last. Without "
+                        "--against-official: one mode, both variants compiled in it")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16",
+                        help="without --against-official: the precisions timed (those the device supports)")
     parser.add_argument("--jpeg-folder", default="", help="--against-official: also time end to end through each "
                         "side's loader on this ImageFolder of JPEGs (created with --jpeg-images if missing)")
     parser.add_argument("--jpeg-images", type=int, default=2000, help="images generated into --jpeg-folder")
@@ -69,19 +76,33 @@ def main(argv=None) -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.against_official:
         return against_official(args, log)
+    modes = compile_modes(args)
+    if len(modes) > 1:
+        sys.exit(f"--compile-modes: one mode without --against-official, got {args.compile_modes}")
+    kwargs.update(compile_mode=modes[0] if modes else "",
+                  precisions=tuple(p for p in args.precisions.split(",") if p))
     if args.quick:
         kwargs.update(QUICK)
     stop_on_sigterm()  # as below: a time limit still prints the rows measured
-    result = run_benchmark(**kwargs, log=log)
+    try:
+        result = run_benchmark(**kwargs, log=log)
+    except ValueError as e:  # an unknown precision or compile mode
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(format_report(result))
     print(json.dumps(result))
+
+
+def compile_modes(args: argparse.Namespace) -> tuple[str, ...]:
+    modes = tuple(m for m in args.compile_modes.split(",") if m)
+    return modes or (("default",) if args.compile else ())
 
 
 def against_official(args: argparse.Namespace, log) -> None:
     arch = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
                 decoder_num_heads=16)
     kwargs = dict(img_size=args.img_size, batch_size=args.batch_size, rounds=args.rounds, steps=args.iters,
-                  warmup=args.warmup, device=args.device, mask_ratio=args.mask_ratio, compile_ours=args.compile,
+                  warmup=args.warmup, device=args.device, mask_ratio=args.mask_ratio, compile_modes=compile_modes(args),
                   workers=args.workers, max_seconds=args.max_seconds)
     if args.quick:
         arch.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
@@ -96,7 +117,7 @@ def against_official(args: argparse.Namespace, log) -> None:
     stop_on_sigterm()
     try:
         result = run_against_official(args.against_official, arch=arch, log=log, **kwargs)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no checkout file; an unknown compile mode
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_against_official(result))

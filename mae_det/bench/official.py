@@ -44,7 +44,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import timm
@@ -166,15 +166,21 @@ class OfficialStep:
 
 
 class OurStep:
-    """Our pretraining step: fused AdamW, optional compile, autocast per ``precision``, no host sync."""
+    """Our pretraining step: fused AdamW, optional compile, autocast per ``precision``, no host sync.
 
-    def __init__(self, model: nn.Module, device: str, precision: str) -> None:
-        self.model, self.device, self.dtype = model, device, DTYPES[precision]
+    ``cudagraphs``: the model was compiled with ``mode="reduce-overhead"``; each step then tells the CUDA-graph
+    trees that a new iteration begins, so that the graphs' memory of the last step's outputs may be reused.
+    """
+
+    def __init__(self, model: nn.Module, device: str, precision: str, cudagraphs: bool = False) -> None:
+        self.model, self.device, self.dtype, self.cudagraphs = model, device, DTYPES[precision], cudagraphs
         self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
                                weight_decay=0.05)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def __call__(self, samples: torch.Tensor, mask_ratio: float) -> None:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         samples = samples.to(self.device, non_blocking=True)
         with torch.autocast(self.device, dtype=self.dtype) if self.dtype else nullcontext():
             loss = self.model(samples, mask_ratio=mask_ratio)[0]
@@ -260,7 +266,7 @@ class Variant:
     name: str  # e.g. "official fp16", "ours bf16 compiled"
     side: str  # "official" or "ours"
     precision: str
-    compiled: bool
+    compiled: str  # "" (eager) or the torch.compile mode: "default", "reduce-overhead" (CUDA graphs)
     data: str  # "synthetic" or "jpeg" (end to end)
     step: Callable[[torch.Tensor, float], None] | None = None
     batches: Iterator[torch.Tensor] | None = None
@@ -308,30 +314,36 @@ def _state_gib(step: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-def default_variants(device: str, compile_ours: bool, e2e: bool) -> list[tuple[str, str, bool, str]]:
-    """(side, precision, compiled, data) rows: the official recipe and ours with each switch flipped."""
+COMPILE_SUFFIX = {"": "", "default": " compiled", "reduce-overhead": " compiled+cudagraphs"}
+
+
+def default_variants(device: str, compile_modes: Sequence[str], e2e: bool) -> list[tuple[str, str, str, str]]:
+    """(side, precision, compile mode, data) rows: the official recipe and ours with each switch flipped; one
+    compiled row of ours per mode in ``compile_modes``, and the end-to-end rows of ours in the last of them."""
+    unknown = [m for m in compile_modes if not m or m not in COMPILE_SUFFIX]
+    if unknown:
+        raise ValueError(f"compile modes: expected some of {sorted(m for m in COMPILE_SUFFIX if m)}, got {unknown}")
+    last = compile_modes[-1] if compile_modes else ""
     if device == "cuda":
-        rows = [("official", "fp16", False, "synthetic"), ("official", "fp32", False, "synthetic"),
-                ("ours", "bf16", compile_ours, "synthetic"), ("ours", "bf16", False, "synthetic"),
-                ("ours", "fp16", False, "synthetic"), ("ours", "fp32", False, "synthetic")]
+        rows = [("official", "fp16", "", "synthetic"), ("official", "fp32", "", "synthetic")]
+        rows += [("ours", "bf16", m, "synthetic") for m in compile_modes]
+        rows += [("ours", "bf16", "", "synthetic"), ("ours", "fp16", "", "synthetic"), ("ours", "fp32", "", "synthetic")]
         if e2e:
-            rows += [("official", "fp16", False, "jpeg"), ("ours", "bf16", compile_ours, "jpeg"),
-                     ("ours", "bf16", compile_ours, "jpeg-gpu")]
+            rows += [("official", "fp16", "", "jpeg"), ("ours", "bf16", last, "jpeg"), ("ours", "bf16", last, "jpeg-gpu")]
     else:
         bf16 = bf16_native("cpu")
-        rows = [("official", "fp32", False, "synthetic")] + ([("official", "bf16", False, "synthetic")] if bf16 else [])
-        rows += [("ours", "fp32", False, "synthetic")] + ([("ours", "bf16", False, "synthetic")] if bf16 else [])
-        if compile_ours:
-            rows.append(("ours", "bf16" if bf16 else "fp32", True, "synthetic"))
+        rows = [("official", "fp32", "", "synthetic")] + ([("official", "bf16", "", "synthetic")] if bf16 else [])
+        rows += [("ours", "fp32", "", "synthetic")] + ([("ours", "bf16", "", "synthetic")] if bf16 else [])
+        rows += [("ours", "bf16" if bf16 else "fp32", m, "synthetic") for m in compile_modes]
         if e2e:
             p = "bf16" if bf16 else "fp32"
-            rows += [("official", "fp32", False, "jpeg"), ("ours", p, False, "jpeg")]
+            rows += [("official", "fp32", "", "jpeg"), ("ours", p, "", "jpeg")]
     return rows
 
 
 def run_against_official(
     checkout: str | os.PathLike, *, arch: dict, img_size: int = 224, batch_size: int = 8, rounds: int = 5,
-    steps: int = 3, warmup: int = 1, device: str = "cpu", mask_ratio: float = 0.75, compile_ours: bool = False,
+    steps: int = 3, warmup: int = 1, device: str = "cpu", mask_ratio: float = 0.75, compile_modes: Sequence[str] = (),
     jpeg_root: str | None = None, workers: int = 4, matmul_sizes: tuple[int, ...] = (2048, 4096),
     matmul_seconds: float = 1.0, max_seconds: float = 0.0, log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
@@ -353,8 +365,8 @@ def run_against_official(
     if device == "cuda":
         synthetic = synthetic.pin_memory()
     variants = []
-    for side, precision, compiled, data in default_variants(device, compile_ours, jpeg_root is not None):
-        name = f"{side} {precision}" + (" compiled" if compiled else "") + ("" if data == "synthetic" else f" [{data}]")
+    for side, precision, compiled, data in default_variants(device, compile_modes, jpeg_root is not None):
+        name = f"{side} {precision}{COMPILE_SUFFIX[compiled]}" + ("" if data == "synthetic" else f" [{data}]")
         variants.append(Variant(name, side, precision, compiled, data))
     peaks = {}
     for p in sorted({v.precision for v in variants}):
@@ -369,8 +381,9 @@ def run_against_official(
         else:
             model = _build(official, v.side, arch, img_size, device)
             if v.compiled:
-                compile_in_place(model)
-            v.step = (OfficialStep if v.side == "official" else OurStep)(model, device, v.precision)
+                compile_in_place(model, mode=None if v.compiled == "default" else v.compiled)
+            v.step = OfficialStep(model, device, v.precision) if v.side == "official" else OurStep(
+                model, device, v.precision, cudagraphs=v.compiled == "reduce-overhead")
         def our_images(batch: dict) -> torch.Tensor:
             v.cpu_decoded += batch.get("cpu_decoded", 0)
             return batch["image"]

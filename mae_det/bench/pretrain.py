@@ -15,11 +15,12 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from mae_det.engine.compile import compile_in_place
 from mae_det.solver.optim import adamw
 from mae_det.modeling import MAE_FACTORIES, MaskedAutoencoderViT
 from mae_det.utils.flops import count_forward_macs
@@ -131,11 +132,12 @@ def _autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
 
 def time_training_step(
     model: nn.Module, imgs: torch.Tensor, precision: str, device: str, iters: int, warmup: int,
-    mask_ratio: float = 0.75,
+    mask_ratio: float = 0.75, cudagraphs: bool = False,
 ) -> float:
     """Median seconds of ``iters`` training steps (forward, backward, AdamW step) after ``warmup`` untimed ones.
 
-    The median, not the mean: on a shared machine one preempted step should not set the figure.
+    The median, not the mean: on a shared machine one preempted step should not set the figure. ``cudagraphs``:
+    ``model`` was compiled with ``mode="reduce-overhead"``; each step starts a new CUDA-graph iteration.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused: for ViT-B on CPU the default per-tensor AdamW step was ~2.7x slower (a large share of a step).
@@ -143,6 +145,8 @@ def time_training_step(
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with _autocast(precision, device):
             loss = model(imgs, mask_ratio)[0]
@@ -178,15 +182,25 @@ def run_benchmark(
     matmul_sizes: tuple[int, ...] = (2048, 4096),
     matmul_seconds: float = 1.0,
     model_kwargs: dict | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    compile_mode: str = "",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Measures every (variant, precision) row this device supports; returns a JSON-serializable dict."""
+    """Measures every (variant, precision) row this device supports among ``precisions``; returns a
+    JSON-serializable dict. ``compile_mode`` ("default", "reduce-overhead"; "" = eager) compiles both variants in
+    place, after their FLOPs are counted; the first (warm-up) steps of each row then include the compilation."""
     if model_name not in MAE_FACTORIES:
         raise ValueError(f"unknown model '{model_name}'; choose one of {sorted(MAE_FACTORIES)}")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ValueError(f"precisions: expected some of {PRECISIONS}, got {list(precisions)}")
+    if compile_mode not in ("", "default", "reduce-overhead"):
+        raise ValueError(f"compile mode: expected default or reduce-overhead, got {compile_mode!r}")
     torch.manual_seed(0)
     info = machine_info(device)
-    precisions = [p for p in PRECISIONS if skip_reason(p, device) is None]
-    skipped = {p: skip_reason(p, device) for p in PRECISIONS if p not in precisions}
+    wanted = precisions
+    precisions = [p for p in PRECISIONS if p in wanted and skip_reason(p, device) is None]
+    skipped = {p: skip_reason(p, device) for p in PRECISIONS if p in wanted and p not in precisions}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {}
     for p in precisions:
@@ -197,13 +211,16 @@ def run_benchmark(
     variants = {"visible-only": mae, "all-tokens": AllTokensMAE(mae).to(device)}
     one = torch.randn(1, mae.in_chans, img_size, img_size, device=device)
     flops = {name: count_forward_macs(m, one, mask_ratio=mask_ratio).training_flops for name, m in variants.items()}
+    for m in variants.values() if compile_mode else ():
+        compile_in_place(m, mode=None if compile_mode == "default" else compile_mode)
     imgs = torch.randn(batch_size, mae.in_chans, img_size, img_size, device=device)
     rows, interrupted = [], False
     try:
         for precision in precisions:
             for name, model in variants.items():
                 log(f"timing {name} {precision} ...")
-                seconds = time_training_step(model, imgs, precision, device, iters, warmup, mask_ratio)
+                seconds = time_training_step(model, imgs, precision, device, iters, warmup, mask_ratio,
+                                             cudagraphs=compile_mode == "reduce-overhead")
                 ips = batch_size / seconds
                 achieved = flops[name] * ips / 1e9
                 rows.append(StepResult(name, precision, ips, seconds * 1e3, flops[name] / 1e9, achieved,
@@ -226,6 +243,7 @@ def run_benchmark(
         "iters": iters,
         "warmup": warmup,
         "mask_ratio": mask_ratio,
+        "compile_mode": compile_mode,
         "formula": "train FLOPs = 3 x 2 x forward multiply-adds (fvcore + analytic SDPA); "
                    "MFU vs same-precision matmul peak",
         "matmul_peak_gflops": peaks,
@@ -245,7 +263,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"CPU capability: {m['cpu_capability']} | bf16 native: {m['bf16_native']} | {m['cpu_count']} CPUs, "
         f"load average {m['load_avg_1min_start']:.1f} at start, {m['load_avg_1min_end']:.1f} at end",
         f"model: {result['model']} {result['img_size']}px | batch {result['batch_size']} | mask "
-        f"{result['mask_ratio']} | median of {result['iters']} timed steps after {result['warmup']} warm-up",
+        f"{result['mask_ratio']} | median of {result['iters']} timed steps after {result['warmup']} warm-up"
+        + (f" | torch.compile mode {result['compile_mode']}" if result.get("compile_mode") else " | eager"),
         "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in result["matmul_peak_gflops"].items()),
     ]
     lines += [f"skipped {p}: {why}" for p, why in result["skipped"].items()]

@@ -34,10 +34,19 @@ def resolve_compile(value: str, device: torch.device) -> bool:
     return value == "on"
 
 
-def compile_in_place(module: nn.Module, dynamic: bool | None = False) -> nn.Module:
+def compile_in_place(module: nn.Module, dynamic: bool | None = False, mode: str | None = None) -> nn.Module:
     """Compiles ``module``'s ``__call__`` in place; ``dynamic=False`` (static shapes) suits a pretraining step,
-    whose shapes are fixed; None lets Dynamo mark sizes dynamic after a first change (detection inputs)."""
-    module.compile(backend=BACKEND, dynamic=dynamic)
+    whose shapes are fixed; None lets Dynamo mark sizes dynamic after a first change (detection inputs).
+
+    ``mode="reduce-overhead"`` replays the compiled forward and backward as CUDA graphs (Inductor only; on a CPU
+    Inductor skips the graphs and the mode compiles as the default): one launch per graph instead of one per
+    kernel, for steps whose time goes to the host thread launching kernels. Its outputs live in the graphs' memory
+    pool and are overwritten by the next replay: a caller that keeps a step's loss must clone it.
+    """
+    if BACKEND == "inductor":
+        module.compile(backend=BACKEND, dynamic=dynamic, mode=mode)
+    else:  # other backends take no Inductor mode
+        module.compile(backend=BACKEND, dynamic=dynamic)
     return module
 
 

@@ -217,3 +217,18 @@ def test_loader_workers_are_shut_down_when_the_comparison_returns(checkout, tmp_
                                workers=1, matmul_sizes=(64,), matmul_seconds=0.01)
     assert any(r["data"] == "jpeg" for r in res["rows"])
     assert set(multiprocessing.active_children()) <= before
+
+
+def test_one_compiled_row_per_mode_and_the_end_to_end_rows_in_the_last():
+    from mae_det.bench.official import COMPILE_SUFFIX, default_variants
+
+    rows = default_variants("cuda", ("default", "reduce-overhead"), e2e=True)
+    names = [f"{s} {p}{COMPILE_SUFFIX[c]}" + ("" if d == "synthetic" else f" [{d}]") for s, p, c, d in rows]
+    assert names == ["official fp16", "official fp32", "ours bf16 compiled", "ours bf16 compiled+cudagraphs",
+                     "ours bf16", "ours fp16", "ours fp32", "official fp16 [jpeg]",
+                     "ours bf16 compiled+cudagraphs [jpeg]", "ours bf16 compiled+cudagraphs [jpeg-gpu]"]
+    assert [c for *_, c, d in rows if d == "synthetic"].count("") == 5
+    assert default_variants("cuda", (), e2e=False)[2] == ("ours", "bf16", "", "synthetic")
+    with pytest.raises(ValueError, match=r"compile modes: expected some of \['default', 'reduce-overhead'\], "
+                                         r"got \['max-autotune'\]"):
+        default_variants("cuda", ("max-autotune",), e2e=False)

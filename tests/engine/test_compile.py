@@ -5,6 +5,7 @@ Most tests use Dynamo with the ``aot_eager`` backend: the same graph capture, gu
 forward/backward split as Inductor, without its C++ compilation (tens of seconds per graph on a CPU); the Inductor
 equality test is marked slow.
 """
+import copy
 import shutil
 
 import pytest
@@ -188,3 +189,20 @@ def test_detection_step_trainer_redoes_a_failed_compiled_step_eagerly(monkeypatc
     assert not C.is_compiled(model.backbone) and trainers[0].unproven_compiled is None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
     assert [r.message for r in caplog.records if "torch.compile failed" in r.message]
+
+
+def test_reduce_overhead_mode_reaches_inductor_and_matches_eager_on_cpu(monkeypatch):
+    # CUDA graphs are CUDA-only: on a CPU Inductor skips them and the mode compiles as the default, same numbers
+    monkeypatch.setattr(C, "BACKEND", "inductor")
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    compiled = copy.deepcopy(eager)
+    C.compile_in_place(compiled, mode="reduce-overhead")
+    assert C.is_compiled(compiled) and list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randn(3, 8)
+    out_e, out_c = eager(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for pe, pc in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-6)

@@ -95,3 +95,27 @@ def test_a_sigterm_prints_the_rows_measured_so_far():
     assert result["speedups"] == {"visible_vs_all_tokens": {}}
     text = "\n".join(table)
     assert "STOPPED by a signal after 1 row(s)" in text and any(line.startswith("visible-only  fp32") for line in table)
+
+
+def test_precisions_and_compile_mode_select_the_rows(tmp_path):
+    # aot_eager: Dynamo's capture without Inductor's C++ builds; the mode is Inductor's and is left out there
+    env = {**__import__("os").environ, "MAE_DET_COMPILE_BACKEND": "aot_eager"}
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--quick", "--precisions", "fp32",
+                           "--compile-modes", "reduce-overhead"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    *table, last = proc.stdout.strip().splitlines()
+    result = json.loads(last)
+    assert result["compile_mode"] == "reduce-overhead" and result["skipped"] == {}
+    assert [(r["variant"], r["precision"]) for r in result["rows"]] == [("visible-only", "fp32"),
+                                                                       ("all-tokens", "fp32")]
+    assert "| torch.compile mode reduce-overhead" in table[2]
+    for bad, why in ((["--precisions", "fp8"], "error: precisions: expected some of ('fp32', 'bf16', 'fp16'), "
+                      "got ['fp8']"),
+                     (["--compile-modes", "max-autotune"], "error: compile mode: expected default or "
+                      "reduce-overhead, got 'max-autotune'"),
+                     (["--compile-modes", "default,reduce-overhead"], "--compile-modes: one mode without "
+                      "--against-official, got default,reduce-overhead")):
+        proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--quick", *bad], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == why
