@@ -56,8 +56,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mae_det.bench import error_line
 from mae_det.bench.pretrain import _sync, measure_matmul_peak
-from mae_det.data.gpu_decode import (CudaPrefetcher, EncodedPretrainDataset, GpuAugment, collate_encoded,
-                                    jpeg_decoder_name)
+from mae_det.data.gpu_decode import (CudaPrefetcher, DeviceNormalize, EncodedPretrainDataset, GpuAugment,
+                                     collate_encoded, jpeg_decoder_name)
 from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from mae_det.engine.compile import compile_in_place
 from mae_det.modeling import MAE_FACTORIES
@@ -240,15 +240,18 @@ def official_loader(root: str | os.PathLike, img_size: int, batch: int, workers:
 
 def our_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int, device: str,
                gpu_decode: bool) -> Any:
-    """Our pretraining loader on ``root`` (PIL on workers, or the nvjpeg path); yields batch dicts."""
+    """Our pretraining loader on ``root``, as the trainer builds it (PIL on workers, or the nvjpeg path; on a GPU
+    the PIL path's uint8 images are normalized there); yields batch dicts."""
     src = folder_source(root)
     t = PretrainTransform(img_size)
     num_patches = (img_size // 16) ** 2
     cls, collate = (EncodedPretrainDataset, collate_encoded) if gpu_decode else (PretrainDataset, collate_pretrain)
-    ds = cls(src, t, seed=0, num_patches=num_patches)
+    ds = cls(src, t, seed=0, num_patches=num_patches, normalize=gpu_decode or device != "cuda")
     loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), batch), num_workers=workers,
                         collate_fn=collate, pin_memory=device == "cuda", persistent_workers=workers > 0)
-    return CudaPrefetcher(loader, GpuAugment(t, device)) if gpu_decode else loader
+    if device != "cuda":
+        return loader
+    return CudaPrefetcher(loader, (GpuAugment if gpu_decode else DeviceNormalize)(t, device))
 
 
 def _forever(loader: Any, images: Callable[[Any], torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -395,8 +398,8 @@ def run_against_official(
         else:
             v.batches = _forever(our_loader(jpeg_root, img_size, batch_size, workers, device, v.data == "jpeg-gpu"),
                                  our_images)
-        if v.data != "synthetic":  # the DataLoader's default prefetch_factor 2, + 1 batch on the GPU path's side stream
-            v.prefetched = 2 * workers + (v.data == "jpeg-gpu")
+        if v.data != "synthetic":  # the DataLoader's default prefetch_factor 2, + 1 batch on a CudaPrefetcher's stream
+            v.prefetched = 2 * workers + (v.side == "ours" and device == "cuda")
         start = time.perf_counter()
         for _ in range(warmup):
             v.step(next(v.batches), mask_ratio)

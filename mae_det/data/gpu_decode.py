@@ -14,6 +14,9 @@ Split of the work:
   reorders the channels and normalizes. CUDA cannot run in forked loader workers, hence the main process;
   :class:`CudaPrefetcher` does it on a side stream for the next batch while the model trains on the current one.
 
+With ``DATA.DECODE_DEVICE cpu`` on a GPU the workers decode and augment as on a CPU but stop short of the float
+conversion: they pass uint8 images, and :class:`DeviceNormalize` normalizes them on the side stream.
+
 A file that passes the header check but fails on the GPU is decoded on the CPU in the main process (counted in
 the batch's ``"cpu_decoded"``); one that fails there too becomes a zero image reported in ``"bad"`` (counted like
 any unreadable image) - unlike the CPU path, which can still swap in the next readable file.
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import _EXIF_ORIENTATION, ImageLoadError, _open_unchecked, load_image
-from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pretrain, turn_and_shuffle
+from .pretrain import CropFlip, PretrainDataset, PretrainTransform, collate_pretrain, normalize_pixels, turn_and_shuffle
 
 try:  # the maintained decoder; torchvision's is deprecated since 0.29
     from torchcodec.decoders import decode_jpeg as _torchcodec_decode_jpeg
@@ -219,8 +222,7 @@ def finish_batch(x: torch.Tensor, crops: Sequence[CropFlip | Sequence],
     for k, p in enumerate(crops):
         if p.quarter_turns or p.channels is not None:
             x[k] = turn_and_shuffle(x[k], p)
-    mean, std = mean_std
-    return x.div_(255.0).sub_(mean).div_(std)
+    return normalize_pixels(x, *mean_std)
 
 
 def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, transform: PretrainTransform,
@@ -230,11 +232,7 @@ def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequenc
     ``mean_std``: ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
     """
     x = resize_crop(img, orientation, crop, transform.img_size)[None]
-    return finish_batch(x, [crop], mean_std if mean_std is not None else _mean_std(transform, x.device))[0]
-
-
-def _mean_std(transform: PretrainTransform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (transform.mean, transform.std))
+    return finish_batch(x, [crop], mean_std if mean_std is not None else transform.mean_std(x.device))[0]
 
 
 class GpuAugment:
@@ -246,8 +244,7 @@ class GpuAugment:
 
     def __init__(self, transform: PretrainTransform, device: torch.device | str) -> None:
         self.transform, self.device = transform, torch.device(device)
-        # made once: a tensor built from host data per image would make the host wait for the side stream
-        self.mean_std = _mean_std(transform, self.device)
+        self.mean_std = transform.mean_std(self.device)  # made once (see PretrainTransform.mean_std)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         t, n = self.transform, len(batch["jpeg"])
@@ -285,12 +282,26 @@ class GpuAugment:
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(self.device)
 
 
+class DeviceNormalize:
+    """A collated batch of uint8 images (``PretrainDataset(normalize=False)``) -> its ``(B, C, S, S)`` float images on
+    ``device``, normalized there: the CPU-decoding path on a GPU. The values are those of the workers'
+    normalization bit for bit (the same float operations in the same order)."""
+
+    def __init__(self, transform: PretrainTransform, device: torch.device | str) -> None:
+        self.transform, self.device = transform, torch.device(device)
+        self.mean_std = transform.mean_std(self.device)  # made once (see PretrainTransform.mean_std)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.transform.normalize(batch["image"].to(self.device, non_blocking=True), self.mean_std)
+
+
 class CudaPrefetcher:
-    """Iterates the batches of ``loader`` with their images decoded and augmented by ``augment``, one batch ahead,
-    on a side CUDA stream (on a CPU device: inline, which the tests use).
+    """Iterates the batches of ``loader`` with their images made by ``augment`` (:class:`GpuAugment`: decoded and
+    augmented; :class:`DeviceNormalize`: normalized), one batch ahead, on a side CUDA stream (on a CPU device:
+    inline, which the tests use).
     """
 
-    def __init__(self, loader: Iterable[dict], augment: GpuAugment) -> None:
+    def __init__(self, loader: Iterable[dict], augment: GpuAugment | DeviceNormalize) -> None:
         self.loader, self.augment = loader, augment
 
     def __len__(self) -> int:

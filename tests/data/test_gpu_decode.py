@@ -275,3 +275,45 @@ def test_cuda_decode_and_prefetch(folder):
     for got, want in zip(G.CudaPrefetcher(loader, G.GpuAugment(t, "cuda")), ref):
         assert got["image"].is_cuda
         assert (_to_255(got["image"].cpu(), t) - _to_255(want["image"], t)).abs().max() <= 8
+
+
+@pytest.mark.parametrize("variant", ["rgb", "rgb_turn_shuffle", "gray"])
+def test_uint8_batches_normalized_on_the_device_equal_the_workers_bit_for_bit(folder, variant):
+    # on a GPU the CPU-decoding workers pass uint8 images (4x fewer bytes through shared and pinned memory); the
+    # normalization after the copy must give exactly the floats the workers would have made
+    kw = dict(rot90=True, channel_shuffle=True) if variant == "rgb_turn_shuffle" else {}
+    if variant == "gray":
+        kw = dict(mean=(0.5,), std=(0.25,))
+    t = PretrainTransform(48, scale=(0.2, 1.0), **kw)
+    src = folder_source(folder)
+    floats = PretrainDataset(src, t, seed=3, num_patches=9)
+    pixels = PretrainDataset(src, t, seed=3, num_patches=9, normalize=False)
+    sampler = GlobalBatchSampler(len(floats), 3, seed=1)
+    ref = list(DataLoader(floats, batch_sampler=sampler, collate_fn=collate_pretrain))
+    raw = list(DataLoader(pixels, batch_sampler=sampler, collate_fn=collate_pretrain))
+    assert all(b["image"].dtype == torch.uint8 for b in raw)
+    got = list(G.CudaPrefetcher(raw, G.DeviceNormalize(t, "cpu")))
+    assert len(got) == len(ref) == 3
+    for g, want in zip(got, ref):
+        assert g["image"].dtype == torch.float32 and torch.equal(g["image"], want["image"])
+        assert torch.equal(g["noise"], want["noise"])
+
+
+def test_uint8_sample_of_an_unreadable_image_is_a_zero_image(tmp_path):
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(b"not a jpeg")
+    ds = PretrainDataset(folder_source(tmp_path), PretrainTransform(16), seed=0, normalize=False)
+    sample = ds[(0, 0)]
+    assert sample["image"].dtype == torch.uint8 and not sample["image"].any() and len(sample["bad"]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_normalization_of_uint8_batches(folder):
+    t = PretrainTransform(48, scale=(0.2, 1.0))
+    src = folder_source(folder)
+    sampler = GlobalBatchSampler(len(src.paths), 3, seed=1)
+    ref = DataLoader(PretrainDataset(src, t, seed=3), batch_sampler=sampler, collate_fn=collate_pretrain)
+    raw = DataLoader(PretrainDataset(src, t, seed=3, normalize=False), batch_sampler=sampler,
+                     collate_fn=collate_pretrain, pin_memory=True)
+    for got, want in zip(G.CudaPrefetcher(raw, G.DeviceNormalize(t, "cuda")), ref):
+        assert got["image"].is_cuda and torch.allclose(got["image"].cpu(), want["image"], atol=1e-6, rtol=0)
