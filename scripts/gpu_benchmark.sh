@@ -31,7 +31,8 @@
 #   1. machine and versions, and the size of /dev/shm (the loaders' batches pass through it)
 #   2. ours vs official, batch 256, step-only and end to end (8,192 JPEGs, 16 workers, PIL and nvjpeg), ours
 #      compiled with CUDA graphs: the end-to-end target (>= 0.85 of step-only) where the step is not host-bound,
-#      with 256 rather than 512 so that 3 loaders x 16 workers x 2 prefetched float batches stay ~15 GB of /dev/shm
+#      with 256 rather than 512: 16 workers x 2 prefetched batches a loader hold ~5 GB of /dev/shm for the official
+#      loader's float batches and ~1.2 GB for each of ours (uint8), twice that at 512, and /dev/shm's size is unknown
 #   3. ours, visible-only vs all-tokens, bf16, batch 64, compiled with CUDA graphs (the FLOP-ratio target)
 #   4. ours vs official, batch 512, step-only, ours compiled with CUDA graphs (MFU >= 45 %, >= 1.5x official)
 #
