@@ -46,7 +46,8 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction of the
                                     dataset the run fails
     DATA.MAX_PIXELS: 134217728      decode budget per image (see mae_det.data.images.load_image)
-    DATA.DECODE_DEVICE: "cpu"       "cpu": loader workers decode and augment (PIL); "cuda": workers read the
+    DATA.DECODE_DEVICE: "cpu"       "cpu": loader workers decode and augment (PIL; on a GPU they pass uint8
+                                    images, normalized on the GPU); "cuda": workers read the
                                     bytes, the main process decodes JPEGs on the GPU (nvjpeg) and crops, resizes,
                                     flips and normalizes there, with the same crops and flips as "cpu"
                                     (mae_det.data.gpu_decode); other files are decoded on CPU as before
