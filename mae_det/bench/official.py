@@ -59,7 +59,7 @@ from mae_det.bench.pretrain import _sync, measure_matmul_peak
 from mae_det.data.gpu_decode import (CudaPrefetcher, DeviceNormalize, EncodedPretrainDataset, GpuAugment,
                                      collate_encoded, jpeg_decoder_name)
 from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
-from mae_det.engine.compile import compile_in_place
+from mae_det.engine.compile import COMPILE_MODES, compile_in_place
 from mae_det.modeling import MAE_FACTORIES
 from mae_det.solver.optim import adamw
 from mae_det.utils.flops import count_forward_macs
@@ -317,15 +317,15 @@ def _state_gib(step: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-COMPILE_SUFFIX = {"": "", "default": " compiled", "reduce-overhead": " compiled+cudagraphs"}
+COMPILE_SUFFIX = {"": "", "default": " compiled", "reduce-overhead": " compiled+cudagraphs"}  # by COMPILE_MODES
 
 
 def default_variants(device: str, compile_modes: Sequence[str], e2e: bool) -> list[tuple[str, str, str, str]]:
     """(side, precision, compile mode, data) rows: the official recipe and ours with each switch flipped; one
     compiled row of ours per mode in ``compile_modes``, and the end-to-end rows of ours in the last of them."""
-    unknown = [m for m in compile_modes if not m or m not in COMPILE_SUFFIX]
+    unknown = [m for m in compile_modes if m not in COMPILE_MODES]
     if unknown:
-        raise ValueError(f"compile modes: expected some of {sorted(m for m in COMPILE_SUFFIX if m)}, got {unknown}")
+        raise ValueError(f"compile modes: expected some of {COMPILE_MODES}, got {unknown}")
     last = compile_modes[-1] if compile_modes else ""
     if device == "cuda":
         rows = [("official", "fp16", "", "synthetic"), ("official", "fp32", "", "synthetic")]
@@ -384,7 +384,7 @@ def run_against_official(
         else:
             model = _build(official, v.side, arch, img_size, device)
             if v.compiled:
-                compile_in_place(model, mode=None if v.compiled == "default" else v.compiled)
+                compile_in_place(model, mode=v.compiled)
             v.step = OfficialStep(model, device, v.precision) if v.side == "official" else OurStep(
                 model, device, v.precision, cudagraphs=v.compiled == "reduce-overhead")
         def our_images(batch: dict) -> torch.Tensor:

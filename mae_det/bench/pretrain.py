@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from mae_det.engine.compile import compile_in_place
+from mae_det.engine.compile import COMPILE_MODES, compile_in_place
 from mae_det.solver.optim import adamw
 from mae_det.modeling import MAE_FACTORIES, MaskedAutoencoderViT
 from mae_det.utils.flops import count_forward_macs
@@ -194,8 +194,8 @@ def run_benchmark(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ValueError(f"precisions: expected some of {PRECISIONS}, got {list(precisions)}")
-    if compile_mode not in ("", "default", "reduce-overhead"):
-        raise ValueError(f"compile mode: expected default or reduce-overhead, got {compile_mode!r}")
+    if compile_mode and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode: expected one of {COMPILE_MODES}, got {compile_mode!r}")
     torch.manual_seed(0)
     info = machine_info(device)
     wanted = precisions
@@ -212,7 +212,7 @@ def run_benchmark(
     one = torch.randn(1, mae.in_chans, img_size, img_size, device=device)
     flops = {name: count_forward_macs(m, one, mask_ratio=mask_ratio).training_flops for name, m in variants.items()}
     for m in variants.values() if compile_mode else ():
-        compile_in_place(m, mode=None if compile_mode == "default" else compile_mode)
+        compile_in_place(m, mode=compile_mode)
     imgs = torch.randn(batch_size, mae.in_chans, img_size, img_size, device=device)
     rows, interrupted = [], False
     try:

@@ -34,7 +34,11 @@ def resolve_compile(value: str, device: torch.device) -> bool:
     return value == "on"
 
 
-def compile_in_place(module: nn.Module, dynamic: bool | None = False, mode: str | None = None) -> nn.Module:
+# torch.compile's modes the tools offer; max-autotune is left out (see BACKEND)
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def compile_in_place(module: nn.Module, dynamic: bool | None = False, mode: str = "default") -> nn.Module:
     """Compiles ``module``'s ``__call__`` in place; ``dynamic=False`` (static shapes) suits a pretraining step,
     whose shapes are fixed; None lets Dynamo mark sizes dynamic after a first change (detection inputs).
 
@@ -43,9 +47,11 @@ def compile_in_place(module: nn.Module, dynamic: bool | None = False, mode: str 
     kernel, for steps whose time goes to the host thread launching kernels. Its outputs live in the graphs' memory
     pool and are overwritten by the next replay: a caller that keeps a step's loss must clone it.
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode: expected one of {COMPILE_MODES}, got {mode!r}")
     if BACKEND == "inductor":
         module.compile(backend=BACKEND, dynamic=dynamic, mode=mode)
-    else:  # other backends take no Inductor mode
+    else:  # other backends take no Inductor mode (and warn about it)
         module.compile(backend=BACKEND, dynamic=dynamic)
     return module
 

@@ -229,6 +229,6 @@ def test_one_compiled_row_per_mode_and_the_end_to_end_rows_in_the_last():
                      "ours bf16 compiled+cudagraphs [jpeg]", "ours bf16 compiled+cudagraphs [jpeg-gpu]"]
     assert [c for *_, c, d in rows if d == "synthetic"].count("") == 5
     assert default_variants("cuda", (), e2e=False)[2] == ("ours", "bf16", "", "synthetic")
-    with pytest.raises(ValueError, match=r"compile modes: expected some of \['default', 'reduce-overhead'\], "
+    with pytest.raises(ValueError, match=r"compile modes: expected some of \('default', 'reduce-overhead'\), "
                                          r"got \['max-autotune'\]"):
         default_variants("cuda", ("max-autotune",), e2e=False)

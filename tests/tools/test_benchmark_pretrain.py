@@ -112,8 +112,8 @@ def test_precisions_and_compile_mode_select_the_rows(tmp_path):
     assert "| torch.compile mode reduce-overhead" in table[2]
     for bad, why in ((["--precisions", "fp8"], "error: precisions: expected some of ('fp32', 'bf16', 'fp16'), "
                       "got ['fp8']"),
-                     (["--compile-modes", "max-autotune"], "error: compile mode: expected default or "
-                      "reduce-overhead, got 'max-autotune'"),
+                     (["--compile-modes", "max-autotune"], "error: compile mode: expected one of ('default', "
+                      "'reduce-overhead'), got 'max-autotune'"),
                      (["--compile-modes", "default,reduce-overhead"], "--compile-modes: one mode without "
                       "--against-official, got default,reduce-overhead")):
         proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--quick", *bad], cwd=ROOT,
