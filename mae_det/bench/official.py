@@ -56,8 +56,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mae_det.bench import error_line
 from mae_det.bench.pretrain import _sync, measure_matmul_peak
-from mae_det.data.gpu_decode import (CudaPrefetcher, DeviceNormalize, EncodedPretrainDataset, GpuAugment,
-                                     collate_encoded, jpeg_decoder_name)
+from mae_det.data.gpu_decode import (EncodedPretrainDataset, collate_encoded, device_batches, jpeg_decoder_name,
+                                     workers_normalize)
 from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from mae_det.engine.compile import COMPILE_MODES, compile_in_place
 from mae_det.modeling import MAE_FACTORIES
@@ -246,12 +246,10 @@ def our_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int,
     t = PretrainTransform(img_size)
     num_patches = (img_size // 16) ** 2
     cls, collate = (EncodedPretrainDataset, collate_encoded) if gpu_decode else (PretrainDataset, collate_pretrain)
-    ds = cls(src, t, seed=0, num_patches=num_patches, normalize=gpu_decode or device != "cuda")
+    ds = cls(src, t, seed=0, num_patches=num_patches, normalize=workers_normalize(device, gpu_decode))
     loader = DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), batch), num_workers=workers,
                         collate_fn=collate, pin_memory=device == "cuda", persistent_workers=workers > 0)
-    if device != "cuda":
-        return loader
-    return CudaPrefetcher(loader, (GpuAugment if gpu_decode else DeviceNormalize)(t, device))
+    return device_batches(loader, t, device, gpu_decode)
 
 
 def _forever(loader: Any, images: Callable[[Any], torch.Tensor]) -> Iterator[torch.Tensor]:

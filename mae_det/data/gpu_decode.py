@@ -295,6 +295,21 @@ class DeviceNormalize:
         return self.transform.normalize(batch["image"].to(self.device, non_blocking=True), self.mean_std)
 
 
+def workers_normalize(device: torch.device | str, gpu_decode: bool) -> bool:
+    """Whether the CPU loader workers normalize the images themselves: not on a GPU, where their uint8 images are
+    normalized by :class:`DeviceNormalize` (and not on the nvjpeg path, whose worker-decoded fallbacks are floats)."""
+    return gpu_decode or torch.device(device).type != "cuda"
+
+
+def device_batches(loader: Iterable[dict], transform: PretrainTransform, device: torch.device | str,
+                   gpu_decode: bool) -> Iterable[dict]:
+    """``loader`` as the pretraining loop iterates it: on a GPU through a :class:`CudaPrefetcher` that decodes and
+    augments (``gpu_decode``) or normalizes the batch one step ahead; elsewhere as it is."""
+    if torch.device(device).type != "cuda":
+        return loader
+    return CudaPrefetcher(loader, (GpuAugment if gpu_decode else DeviceNormalize)(transform, device))
+
+
 class CudaPrefetcher:
     """Iterates the batches of ``loader`` with their images made by ``augment`` (:class:`GpuAugment`: decoded and
     augmented; :class:`DeviceNormalize`: normalized), one batch ahead, on a side CUDA stream (on a CPU device:

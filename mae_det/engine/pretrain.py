@@ -53,7 +53,7 @@ from ..checkpoint.convert import (
 )
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.classification import ClassificationDataError, ImageFolderDataset
-from ..data.gpu_decode import CudaPrefetcher, DeviceNormalize, EncodedPretrainDataset, GpuAugment, collate_encoded
+from ..data.gpu_decode import EncodedPretrainDataset, collate_encoded, device_batches, workers_normalize
 from ..data.images import ImageLoadError
 from ..data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
@@ -333,13 +333,11 @@ class Pretrainer:
         if gpu_decode and cfg.MODEL.IN_CHANS != 3:
             raise ConfigError(f"DATA.DECODE_DEVICE: cuda decoding gives RGB images, MODEL.IN_CHANS is "
                               f"{cfg.MODEL.IN_CHANS}")
-        # On a GPU the CPU-decoding workers pass uint8 images, normalized on the GPU (DeviceNormalize)
-        on_gpu = self.device.type == "cuda"
         self.dataset = (EncodedPretrainDataset if gpu_decode else PretrainDataset)(
             src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
             counts=cfg.MODEL.MAX_COUNT > 0,
             max_bad=max(self.max_bad - self.missing, 0), max_pixels=cfg.DATA.MAX_PIXELS,
-            normalize=gpu_decode or not on_gpu,
+            normalize=workers_normalize(self.device, gpu_decode),
         )
         self.steps_per_epoch = len(self.dataset) // (cfg.SOLVER.BATCH_SIZE * self.world * self.accum)
         if self.steps_per_epoch < 1:
@@ -355,10 +353,9 @@ class Pretrainer:
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=workers,
             collate_fn=collate_encoded if gpu_decode else collate_pretrain,
-            pin_memory=on_gpu, persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
         )
-        self.batches = self.loader if not on_gpu else CudaPrefetcher(
-            self.loader, (GpuAugment if gpu_decode else DeviceNormalize)(transform, self.device))
+        self.batches = device_batches(self.loader, transform, self.device, gpu_decode)
         self.cpu_decoded = 0  # DATA.DECODE_DEVICE cuda: images of this process decoded on the CPU after all
 
         torch.manual_seed(cfg.SEED)  # the initial weights: the same on every rank and in every run

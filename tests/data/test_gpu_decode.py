@@ -317,3 +317,15 @@ def test_cuda_normalization_of_uint8_batches(folder):
                      collate_fn=collate_pretrain, pin_memory=True)
     for got, want in zip(G.CudaPrefetcher(raw, G.DeviceNormalize(t, "cuda")), ref):
         assert got["image"].is_cuda and torch.allclose(got["image"].cpu(), want["image"], atol=1e-6, rtol=0)
+
+
+def test_loader_wrapping_and_worker_normalization_follow_the_device():
+    t = PretrainTransform(16)
+    loader = [{"image": torch.zeros(1, 3, 16, 16, dtype=torch.uint8)}]
+    assert G.device_batches(loader, t, "cpu", gpu_decode=False) is loader
+    if torch.cuda.is_available():  # the wrappers keep their mean and std on the device
+        on_gpu = G.device_batches(loader, t, "cuda", gpu_decode=False)
+        assert isinstance(on_gpu, G.CudaPrefetcher) and isinstance(on_gpu.augment, G.DeviceNormalize)
+        assert isinstance(G.device_batches(loader, t, "cuda", gpu_decode=True).augment, G.GpuAugment)
+    assert [G.workers_normalize(d, g) for d, g in (("cpu", False), ("cuda", False), ("cuda", True))] == [
+        True, False, True]
