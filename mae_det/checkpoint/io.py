@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -108,6 +109,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
+def _weights_only_refusal(path: Path, e: pickle.UnpicklingError) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` would not unpickle. Torch's message opens with paragraphs
+    of advice about its 2.6 default; what follows names a blocked global (a pickled class or function) or, for a
+    file that is no pickle at all, the opcode it could not read."""
+    msg = " ".join(str(e).split())
+    refused_global = re.search(r"GLOBAL ([\w.]+)", msg)
+    if refused_global:
+        return (f"refused to load {path}: it pickles {refused_global.group(1)}, not only tensors and containers "
+                f"(unpickling it could run code)")
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", msg)
+    reason = detail.group(1).strip() if detail else msg[:200]
+    return f"checkpoint {path} is not a torch checkpoint (a text file, a truncated download or another format?): {reason}"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Loads a ``.pth``/``.pt`` (torch zip or legacy) or Detectron2 ``.pkl`` file without executing code.
 
@@ -133,8 +148,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             with torch.serialization.safe_globals(_TORCH_SAFE_GLOBALS):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"refused to load {path}: it holds objects that are not plain tensors/containers ({first})") from e
+            raise CheckpointError(_weights_only_refusal(path, e)) from e
         except Exception as e:
             # torch's zip reader appends several sentences of advice: its first one says what failed.
             detail = " ".join(str(e).split()).split(". ")[0] or type(e).__name__

@@ -195,9 +195,20 @@ def test_pickle_that_executes_code_is_refused(tmp_path, suffix):
     with pytest.raises(CheckpointError, match="refused to load") as e:
         load_encoder_state(path)
     assert str(path) in str(e.value) and not marker.exists()
+    if suffix == ".pth":  # names what it refused, on one line, without torch's paragraphs of advice
+        assert "mkdir" in str(e.value) and "\n" not in str(e.value) and "2.6" not in str(e.value)
     with pytest.raises(CheckpointError, match="refused"):
         ViTDetCheckpointer(backbone_model(vit_cfg())).load(str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", bytes(range(256))])
+def test_file_that_is_no_pickle_is_called_so(tmp_path, content):
+    path = tmp_path / "encoder.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint") as e:
+        load_encoder_state(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and "refused" not in str(e.value)
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
