@@ -32,7 +32,7 @@ from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.data.semantic import register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
-    Trainer, completed_iterations, load_for_evaluation, run_with_exit_codes, write_det_run_info,
+    Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
 )
 from mae_det.engine.launch import init_detectron2_distributed, launched_externally  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
@@ -44,7 +44,8 @@ def main(args):
     register_datasets(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        extra = load_for_evaluation(cfg, model, resume=args.resume)
+        extra = load_trained(cfg, model, "--eval-only", resume=args.resume,
+                             how=", or add --resume to evaluate the last checkpoint of OUTPUT_DIR")
         if comm.is_main_process():  # only once the weights are known to be a trained model
             write_det_run_info(cfg, eval_only=True)
         results = Trainer.test(cfg, model, iteration=completed_iterations(extra))

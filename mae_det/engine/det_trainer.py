@@ -197,27 +197,31 @@ def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -
     return CheckedDetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
 
-def load_for_evaluation(cfg: CfgNode, model: nn.Module, *, resume: bool = False) -> dict[str, Any]:
-    """Loads the trained weights that ``--eval-only`` evaluates: ``MODEL.WEIGHTS``, or with ``resume`` the run's
-    last checkpoint when OUTPUT_DIR has one.
+def load_trained(cfg: CfgNode, model: nn.Module, purpose: str, *, resume: bool = False, how: str = "") -> dict[str, Any]:
+    """Loads the trained weights that ``purpose`` (``--eval-only``, prediction) runs: ``MODEL.WEIGHTS``, or with
+    ``resume`` the run's last checkpoint when OUTPUT_DIR has one.
 
-    An evaluation of weights that were never trained for the task would write a meaningless AP / mIoU file that
-    looks like a result, so it is refused: no weights at all, or a checkpoint that left parts of the model at their
+    Weights that were never trained for the task would give a meaningless AP / mIoU file or empty pictures that
+    look like a result, so they are refused: no weights at all, or a checkpoint that left parts of the model at their
     initial values (a pretraining checkpoint has no heads; another class count skips them). Relative-position
     tables are exempt: they start at zero, which is what a model trained without them computes.
+
+    Args:
+        purpose: what the weights are for, named in the errors.
+        how: the end of the no-weights error: how this entry point sets them.
 
     Returns:
         The checkpoint's extra entries (``iteration`` ...).
 
     Raises:
-        ConfigError: no weights to evaluate.
+        ConfigError: no weights to load.
         CheckpointError: the checkpoint cannot be read or does not hold the whole model.
     """
     checkpointer = build_checkpointer(cfg, model)
     if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
         raise ConfigError(
-            "--eval-only needs trained weights: set MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of a training "
-            "run), or add --resume to evaluate the last checkpoint of OUTPUT_DIR"
+            f"{purpose} needs trained weights: set MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of a training "
+            f"run){how}"
         )
     extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     report = getattr(checkpointer, "last_report", None)
@@ -228,7 +232,7 @@ def load_for_evaluation(cfg: CfgNode, model: nn.Module, *, resume: bool = False)
             task = "segmentation" if is_semantic(cfg) else "detection"
             raise CheckpointError(
                 f"{report.source} ({FORMAT_NAMES.get(report.origin, report.origin)}) leaves {len(untrained)} tensors "
-                f"of the model untrained (e.g. {', '.join(untrained[:3])}): --eval-only needs a trained {task} "
+                f"of the model untrained (e.g. {', '.join(untrained[:3])}): {purpose} needs a trained {task} "
                 "checkpoint of this config (same MODEL.* sizes and classes)"
             )
     return extra

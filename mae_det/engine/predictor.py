@@ -37,7 +37,7 @@ from ..config.detection import load_det_cfg
 from ..data.detection import DatasetError, register_datasets
 from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_size, load_image
-from .det_trainer import build_checkpointer
+from .det_trainer import load_trained
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,9 @@ def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> 
 class Predictor:
     """A detection or semantic-segmentation model built from a yacs config, ``MODEL.WEIGHTS`` loaded, in eval mode.
 
+    Raises ``ConfigError`` without weights and ``CheckpointError`` for weights that do not hold the whole trained
+    model (e.g. a pretrained encoder), as ``train_net.py --eval-only`` does.
+
     Attributes:
         cfg: the (cloned) config.
         model: the Detectron2 model on ``MODEL.DEVICE``.
@@ -259,9 +262,8 @@ class Predictor:
     def __init__(self, cfg: CfgNode) -> None:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
-        if not cfg.MODEL.WEIGHTS:
-            logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialized weights")
-        build_checkpointer(self.cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        # A pretrained encoder (or another class count) would leave heads random: empty pictures, no error.
+        load_trained(self.cfg, self.model, "prediction", how=" (tools/predict.py: --opts MODEL.WEIGHTS <file>)")
         # The evaluation mapper's augmentations, so predictions here equal those of `train_net --eval-only`.
         self.augmentations = build_mapper(self.cfg, is_train=False).augmentations
         self.input_format = cfg.INPUT.FORMAT

@@ -24,7 +24,7 @@ from mae_det.engine.det_trainer import (
     build_checkpointer,
     build_step_trainer,
     det_param_groups,
-    load_for_evaluation,
+    load_trained,
     norm_param_names,
     write_ap_results,
 )
@@ -232,7 +232,7 @@ def test_evaluation_refuses_weights_that_were_not_trained_for_the_task(tmp_path)
         for k, v in model_keys.items():
             c.merge_from_list([f"MODEL.{k}", v])
         torch.manual_seed(1)
-        return load_for_evaluation(c, build_model(c), resume=resume)
+        return load_trained(c, build_model(c), "--eval-only", resume=resume)
 
     with pytest.raises(ConfigError, match=r"^--eval-only needs trained weights: set MODEL.WEIGHTS"):
         evaluate()  # would write the AP of a random model

@@ -11,13 +11,16 @@ from detectron2.structures import Boxes, Instances
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mae_det.checkpoint.io import CheckpointError
+from mae_det.config.pretrain import ConfigError
 from mae_det.data.images import load_image
 from mae_det.engine.det_trainer import build_checkpointer
 from mae_det.engine.predictor import (
     Predictor, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
     instances_to_coco_results, load_predict_cfg, predict_to_dir, side_by_side_detections,
 )
-from tests.tools.inference_data import CATEGORIES, make_tiny_coco, write_tiny_config
+from mae_det.modeling.mae import MaskedAutoencoderViT
+from tests.tools.inference_data import CATEGORIES, make_tiny_coco, save_untrained_detector, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,26 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny):
-    torch.manual_seed(0)
-    return Predictor(load_predict_cfg(str(tiny[2]), confidence_threshold=0.0))
+def weights(tiny):
+    return ["MODEL.WEIGHTS", str(save_untrained_detector(tiny[2]))]
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny, weights):
+    return Predictor(load_predict_cfg(str(tiny[2]), weights, confidence_threshold=0.0))
+
+
+def test_prediction_refuses_missing_or_partial_weights(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"^prediction needs trained weights: set MODEL.WEIGHTS .*--opts"):
+        Predictor(load_predict_cfg(str(tiny[2])))  # pictures of a random model would look like a result
+    encoder = tmp_path / "encoder.pth"
+    mae = MaskedAutoencoderViT(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=2)
+    torch.save({"model": mae.state_dict()}, encoder)
+    with pytest.raises(CheckpointError) as e:  # the pretrained encoder of a training config: heads stay random
+        Predictor(load_predict_cfg(str(tiny[2]), ["MODEL.WEIGHTS", str(encoder)]))
+    assert str(e.value).startswith(f"{encoder} (")
+    assert "untrained (e.g. " in str(e.value) and "prediction needs a trained detection checkpoint" in str(e.value)
 
 
 def test_expand_inputs_folders_globs_and_missing(tmp_path):
@@ -82,11 +102,11 @@ def test_coco_results_map_ids_and_encode_masks():
         np.testing.assert_array_equal(mask_util.decode(rle), m.numpy().astype(np.uint8))
 
 
-def test_preprocess_honors_format_and_test_resize(tiny):
+def test_preprocess_honors_format_and_test_resize(tiny, weights):
     image = np.zeros((64, 32, 3), np.uint8)
     image[..., 0] = 200  # red
-    rgb = Predictor(load_predict_cfg(str(tiny[2])))
-    bgr = Predictor(load_predict_cfg(str(tiny[2]), ["INPUT.FORMAT", "BGR"]))
+    rgb = Predictor(load_predict_cfg(str(tiny[2]), weights))
+    bgr = Predictor(load_predict_cfg(str(tiny[2]), [*weights, "INPUT.FORMAT", "BGR"]))
     a, b = rgb.preprocess(image), bgr.preprocess(image)
     # Short side 32 -> 128 would make the long side 256 > MAX_SIZE_TEST 128, so the long side becomes 128.
     assert a["image"].shape == b["image"].shape == (3, 128, 64)

@@ -98,6 +98,22 @@ TEST:
     return path
 
 
+def save_untrained_detector(config: Path, seed: int = 0) -> Path:
+    """The whole Mask R-CNN of ``config`` at its seeded initial weights, saved as a detection checkpoint next to the
+    config: the weights the inference tests load (prediction refuses a checkpoint that leaves part of the model
+    untrained, and running without weights)."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from mae_det.engine.det_trainer import build_checkpointer
+    from mae_det.engine.predictor import load_predict_cfg
+
+    cfg = load_predict_cfg(str(config), ["OUTPUT_DIR", str(config.parent)])
+    torch.manual_seed(seed)
+    build_checkpointer(cfg, build_model(cfg)).save(f"detector_seed{seed}")
+    return config.parent / f"detector_seed{seed}.pth"
+
+
 def write_tiny_pretrain_config(root: Path) -> Path:
     """A tiny MAE (embed 64, depth 2, 2-block decoder) at 64 px; its DATA.PATH does not exist (not needed)."""
     path = root / "tiny_mae.yaml"

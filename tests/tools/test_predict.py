@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from mae_det.config.pretrain import ConfigError
 from mae_det.engine.predictor import load_predict_cfg
-from tests.tools.inference_data import ROOT, make_tiny_coco, write_tiny_config
+from tests.tools.inference_data import ROOT, make_tiny_coco, save_untrained_detector, write_tiny_config
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def test_predict_writes_pictures_and_coco_results_and_reports_bad_inputs(tmp_pat
     out = tmp_path / "pred"
     proc = run_predict("--config-file", str(config), "--input", str(image_dir / "*.png"), str(tmp_path / "zero.png"),
                        str(tmp_path / "text.png"), "--output", str(out), "--confidence-threshold", "0.0",
-                       "--opts", "TEST.DETECTIONS_PER_IMAGE", "5")
+                       "--opts", "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.WEIGHTS", str(save_untrained_detector(config)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert f"{tmp_path / 'zero.png'}: empty file (0 bytes)" in log
@@ -59,7 +59,8 @@ def test_predict_fails_when_no_input_is_readable(tmp_path, caplog):
     (tmp_path / "zero.png").write_bytes(b"")
     tool = load_tool()
     args = tool.parse_args(["--config-file", str(config), "--input", str(tmp_path / "zero.png"),
-                            str(tmp_path / "no_dir"), "--output", str(tmp_path / "pred"), "--no-progress"])
+                            str(tmp_path / "no_dir"), "--output", str(tmp_path / "pred"), "--no-progress",
+                            "--opts", "MODEL.WEIGHTS", str(save_untrained_detector(config))])
     assert tool.main(args) == 1
     assert f"{tmp_path / 'zero.png'}: empty file (0 bytes)" in caplog.text
     assert f"{tmp_path / 'no_dir'}: cannot access file" in caplog.text
@@ -91,4 +92,7 @@ def test_bad_options_and_missing_weights_exit_2_with_one_line(tmp_path, capsys):
         run_with_exit_codes(tool.main, args)
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'model_final.pth'} (MODEL.WEIGHTS): not found\n"
+    with pytest.raises(SystemExit) as e:  # no weights: was a warning, then pictures of a random model
+        run_with_exit_codes(tool.main, tool.parse_args(base))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: prediction needs trained weights")
     assert not (tmp_path / "pred").exists()
