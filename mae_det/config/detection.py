@@ -61,6 +61,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..utils.precision import auto_precision
+from ..utils.provenance import read_config_text, warn_resumed_config_changes
 from .pretrain import ConfigError
 from .semantic import add_sem_seg_config, validate_sem_seg_config
 from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config
@@ -251,6 +252,10 @@ def setup_det_cfg(args: argparse.Namespace) -> CN:
         recorded = comm.all_gather(recorded_seed(cfg.OUTPUT_DIR) if args.resume else None)[0]
         cfg.SEED = comm.shared_random_seed() if recorded is None else recorded
     cfg.freeze()
+    resumed = args.resume and not args.eval_only and comm.is_main_process()
+    previous = read_config_text(cfg.OUTPUT_DIR) if resumed else None  # before default_setup rewrites it
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mae_det", abbrev_name="mae_det")
+    if previous is not None:
+        warn_resumed_config_changes(cfg.OUTPUT_DIR, cfg, logger, previous)
     return cfg

@@ -45,7 +45,7 @@ from ..data.images import ImageLoadError
 from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_folders, topk_accuracy
 from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
 from ..modeling.vit import LayerNorm6, VisionTransformer
-from ..utils.provenance import write_run_info
+from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
@@ -160,9 +160,12 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dic
     return merged
 
 
-def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None = None) -> Path:
+def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None = None,
+               resume: bool = False) -> Path:
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        warn_resumed_config_changes(out, cfg, logger)
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     init_type, _ = init_label(cfg)
     write_run_info(out, cfg, seed=cfg.SEED, init_type=init_type, init_checkpoint=cfg.MODEL.WEIGHTS or None,
@@ -412,7 +415,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     """
     device = resolve_device(cfg.DEVICE)
     dtype = autocast_dtype(device, cfg.PRECISION)
-    out = _start_run(cfg, argv, {"task": "finetune"})
+    out = _start_run(cfg, argv, {"task": "finetune"}, resume=resume)
     S, A = cfg.SOLVER, cfg.AUG
     accum = _accum_iter(cfg)
     train_set = ImageFolderDataset(

@@ -65,7 +65,7 @@ from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import build_warmup_cosine_lr
 from ..utils import dist as du
 from ..utils.precision import auto_precision
-from ..utils.provenance import write_run_info
+from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import init_distributed, launched_externally, requeue, stop_requested
@@ -730,6 +730,8 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
     with run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
                      propagate=False):
         if rank == 0:
+            if resume:
+                warn_resumed_config_changes(out, cfg, logger)
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
             write_run_info(out, cfg, seed=cfg.SEED, init_type="pretrained" if cfg.MODEL.WEIGHTS else "random",
                            init_checkpoint=cfg.MODEL.WEIGHTS or None, argv=argv,

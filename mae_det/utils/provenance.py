@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from ..checkpoint import atomic_write_text
 
@@ -21,6 +24,56 @@ def config_sha256(cfg: Any) -> str:
     """sha256 of the resolved config's YAML dump (``cfg.dump()``), or of ``str(cfg)`` for other objects."""
     text = cfg.dump() if hasattr(cfg, "dump") else str(cfg)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def read_config_text(output_dir: str | os.PathLike) -> str | None:
+    """The ``config.yaml`` an earlier launch wrote into ``output_dir``; None when there is none (or unreadable)."""
+    try:
+        return (Path(output_dir) / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def config_changes(previous: str | None, cfg: Any) -> list[str]:
+    """The settings a resumed run changes: ``"KEY: old -> new"`` per key that differs between the YAML of an
+    earlier launch's config (``previous``) and ``cfg`` (a CfgNode), in key order; [] without a readable
+    ``previous``, as there is nothing to compare."""
+    try:
+        old = yaml.safe_load(previous) if previous is not None else None
+    except yaml.YAMLError:
+        return []
+    if not isinstance(old, dict):
+        return []
+    before, after = _flat(old), _flat(yaml.safe_load(cfg.dump()))
+    missing = "(not set)"
+    return [f"{k}: {before.get(k, missing)} -> {after.get(k, missing)}"
+            for k in sorted(before.keys() | after.keys()) if before.get(k, missing) != after.get(k, missing)]
+
+
+def warn_resumed_config_changes(output_dir: str | os.PathLike, cfg: Any, logger: logging.Logger,
+                                previous: str | None = None) -> list[str]:
+    """For a resumed run about to rewrite its ``config.yaml``: logs one warning listing the settings that differ
+    from the earlier launch's (``previous``, default: that file's text), since the result then follows no single
+    config and the file will show only the new one.
+
+    Returns:
+        The :func:`config_changes`.
+    """
+    changes = config_changes(read_config_text(output_dir) if previous is None else previous, cfg)
+    if changes:
+        what = f"{len(changes)} setting{'s' if len(changes) > 1 else ''}"
+        logger.warning("resuming %s with %s changed since its last launch (its config.yaml will show the new "
+                       "values): %s", output_dir, what, "; ".join(changes))
+    return changes
 
 
 def _version(module: str) -> str | None:

@@ -152,6 +152,28 @@ def test_setup_resolves_a_random_seed_and_records_it(tmp_path):
     assert saved["SEED"] == cfg.SEED
 
 
+def test_resume_with_changed_settings_is_logged_with_the_keys(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"OUTPUT_DIR": str(tmp_path / "out"), "MODEL": {"DEVICE": "cpu"}}))
+
+    def setup(resume, *opts):
+        return setup_det_cfg(argparse.Namespace(config_file=str(cfg_file), opts=list(opts), eval_only=False,
+                                                resume=resume))
+
+    log = tmp_path / "out" / "log.txt"
+    setup(False)
+    setup(True)  # the same settings: nothing to say
+    assert "changed since its last launch" not in log.read_text()
+    setup(True, "SOLVER.BASE_LR", "0.5", "SOLVER.MAX_ITER", "7")
+    lines = [x for x in log.read_text().splitlines() if "changed since its last launch" in x]
+    assert len(lines) == 1 and "2 settings changed since its last launch" in lines[0]
+    default = get_det_cfg().SOLVER
+    assert f"SOLVER.BASE_LR: {default.BASE_LR} -> 0.5; SOLVER.MAX_ITER: {default.MAX_ITER} -> 7" in lines[0]
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["SOLVER"]["BASE_LR"] == 0.5
+    setup(False, "SOLVER.BASE_LR", "0.25")  # a fresh start may change anything
+    assert len([x for x in log.read_text().splitlines() if "changed since its last launch" in x]) == 1
+
+
 def test_auto_precision_is_bf16_exactly_where_the_device_runs_it_natively():
     import torch
 

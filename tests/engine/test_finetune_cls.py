@@ -112,6 +112,18 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["epoch"] for r in sb["history"]] == [1, 2]
 
 
+def test_resume_with_changed_settings_says_which(tmp_path, caplog):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 8, "SOLVER.WARMUP_EPOCHS": 0}
+    finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), progress=False)
+    with caplog.at_level("WARNING"):
+        finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), resume=True, progress=False)
+        assert "changed since its last launch" not in caplog.text
+        finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **{**over, "SOLVER.EPOCHS": 2}), resume=True,
+                 progress=False)
+    assert "1 setting changed since its last launch" in caplog.text and "SOLVER.EPOCHS: 1 -> 2" in caplog.text
+
+
 def test_loader_workers_change_nothing(tmp_path):
     # Augmentation draws come from (SEED, epoch, index): two loader workers train the very same weights as none.
     color_folders(tmp_path / "data", n_train=8, n_val=2)

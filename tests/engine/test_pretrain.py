@@ -197,6 +197,16 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_kept(images,
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
 
+def test_resume_with_changed_settings_says_which(images, tmp_path):
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"), resume=True)
+    assert "changed since its last launch" not in (tmp_path / "log.txt").read_text()
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "3", "MODEL.MASK_RATIO", "0.5"), resume=True)
+    warned = [x for x in (tmp_path / "log.txt").read_text().splitlines() if "changed since its last launch" in x]
+    assert len(warned) == 1 and warned[0].endswith("MODEL.MASK_RATIO: 0.75 -> 0.5; SOLVER.EPOCHS: 2 -> 3")
+    assert _final(tmp_path)["epoch"] == 3  # and the run goes on with them
+
+
 def test_resume_with_other_batch_is_refused(images, tmp_path):
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
     with pytest.raises(CheckpointError, match="effective batch 8 .* now gives 4"):

@@ -7,7 +7,7 @@ from datetime import datetime
 import torch
 
 from mae_det.config.pretrain import get_pretrain_cfg
-from mae_det.utils.provenance import config_sha256, git_state, write_run_info
+from mae_det.utils.provenance import config_changes, config_sha256, git_state, write_run_info
 
 
 def test_write_run_info_fields(tmp_path):
@@ -34,6 +34,18 @@ def test_config_hash_tracks_the_resolved_config():
     assert config_sha256(a) == config_sha256(b)
     b.SOLVER.EPOCHS = 1
     assert config_sha256(a) != config_sha256(b)
+
+
+def test_config_changes_name_each_changed_key_with_both_values():
+    before = get_pretrain_cfg()
+    after = before.clone()
+    after.SOLVER.BASE_LR, after.DATA.SCALE, after.MODEL.MASK_RATIO = 3e-4, (0.5, 1.0), 0.75
+    assert config_changes(before.dump(), before) == []
+    assert config_changes(before.dump(), after) == [
+        "DATA.SCALE: [0.2, 1.0] -> [0.5, 1.0]", f"SOLVER.BASE_LR: {before.SOLVER.BASE_LR} -> 0.0003"]
+    older = before.dump().replace("  MASK_RATIO: 0.75\n", "")  # a key an earlier version did not have
+    assert "MODEL.MASK_RATIO: (not set) -> 0.75" in config_changes(older, after)
+    assert config_changes(None, after) == [] and config_changes("{unreadable: [", after) == []
 
 
 def test_git_state_inside_and_outside_a_repository(tmp_path):
