@@ -21,8 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .images import ImageLoadError, load_image
-from .pretrain import IMG_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .seeding import sample_seed, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
@@ -87,11 +86,11 @@ class ImageFolderDataset(Dataset):
         for c in present:
             files = sorted(
                 str(p) for p in (self.root / c).rglob("*")
-                if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
             )
             if not files:
                 raise ClassificationDataError(
-                    f"class folder {self.root / c} has no image files (extensions: {', '.join(IMG_EXTENSIONS)})"
+                    f"class folder {self.root / c} has no image files (extensions: {', '.join(IMAGE_EXTENSIONS)})"
                 )
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         self.skipped: list[str] = []

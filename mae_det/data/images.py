@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # 128 Mpixel: a 11585 x 11585 RGB image (~400 MB decoded), far beyond any training crop.
+# Suffixes (lower case) that every folder listing of the project takes for images: what PIL decodes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif")
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}

@@ -28,12 +28,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .seeding import sample_seed
 
 logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif")
 
 
 class DataError(ValueError):
@@ -42,7 +41,7 @@ class DataError(ValueError):
 
 # ---- sources ---------------------------------------------------------------------------------------------
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:

@@ -37,10 +37,10 @@ from .detection import (
     DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, flip_augmentations,
     image_file_problem, record_checked_images,
 )
+from .images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ADE20K_SPLITS = ("training", "validation")
 ADE20K_NUM_CLASSES = 150
 _CONVERT_HINT = "convert ADE20K-style labels (0 = other, 1..K) with tools/convert_ade20k.py"

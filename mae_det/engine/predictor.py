@@ -36,12 +36,11 @@ from tqdm import tqdm
 from ..config.detection import load_det_cfg
 from ..data.detection import DatasetError, register_datasets
 from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
-from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, image_size, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, image_size, load_image
 from .det_trainer import load_trained
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def load_predict_cfg(

@@ -20,13 +20,13 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from mae_det.checkpoint import CheckpointError, load_checkpoint
+from mae_det.data.images import IMAGE_EXTENSIONS
 from mae_det.modeling import MAE_FACTORIES, VIT_SIZES, MaskedAutoencoderViT
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PANEL_TITLES = ("original", "masked input", "reconstruction", "reconstruction + visible")
 PAD = 8
 HEADER = 36  # title line + panel labels
