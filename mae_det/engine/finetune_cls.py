@@ -50,7 +50,7 @@ from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
-from .pretrain import load_error_detail, newest_checkpoint, prepare_output_dir
+from .pretrain import load_error_detail, newest_checkpoint, prepare_output_dir, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ class ViTClassifier(VisionTransformer):
 
 
 # ---- building from a config ------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE: 'cuda' requested but no GPU is available; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def vit_kwargs(cfg: CfgNode) -> dict[str, Any]:
     """``VisionTransformer`` keywords for MODEL.* (sizes and image size)."""
     return resolve_vit_arch(cfg) | {"img_size": cfg.MODEL.IMG_SIZE}

@@ -249,6 +249,7 @@ def load_initial_weights(model: VisionTransformer, path: str | os.PathLike) -> d
 
 # ---- runtime choices -------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
+    """``DEVICE`` ("auto", "cpu", "cuda") as this process's device: its local rank's GPU, or the CPU."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("DEVICE: cuda requested but no GPU is available")
