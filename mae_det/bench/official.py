@@ -234,8 +234,9 @@ def official_loader(root: str | os.PathLike, img_size: int, batch: int, workers:
         transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     ds = datasets.ImageFolder(str(root), transform=t)
-    return DataLoader(ds, sampler=RandomSampler(ds), batch_size=batch, num_workers=workers, pin_memory=True,
-                      drop_last=True, persistent_workers=workers > 0)
+    # Its --pin_mem default, where there is a GPU to pin for (on a CPU torch would only warn that it cannot).
+    return DataLoader(ds, sampler=RandomSampler(ds), batch_size=batch, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
 
 
 def our_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int, device: str,
