@@ -323,6 +323,13 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
         other = by[f"cls_partial_finetune_{arm}"].command
         assert other[other.index("SOLVER.BASE_LR") + 1] == "8e-3"
     assert "SOLVER.BASE_LR" not in by["cls_finetune_cls_mae"].command
+    # ... and twice the full fine-tuning's epochs and warmup (the config's 20 and 2), in every profile.
+    assert [partial[partial.index(k) + 1] for k in ("SOLVER.EPOCHS", "SOLVER.WARMUP_EPOCHS")] == ["40", "4"]
+    assert "SOLVER.EPOCHS" not in by["cls_finetune_cls_mae"].command
+    quick = {s.key: s for s in build_stages(PROFILES["quick"], paths, seeds=1, log=lambda _: None)}
+    q_partial, q_full = quick["cls_partial_finetune_mae"].command, quick["cls_finetune_cls_mae"].command
+    assert q_partial[len(q_partial) - 1 - q_partial[::-1].index("SOLVER.EPOCHS") + 1] == "2"
+    assert q_full[len(q_full) - 1 - q_full[::-1].index("SOLVER.EPOCHS") + 1] == "1"
     # The tables read the last epoch's top-1: both fine-tunings score the val images once, after the last epoch.
     full = by["cls_finetune_cls_scratch"].command
     assert partial[partial.index("TEST.EVAL_PERIOD") + 1] == full[full.index("TEST.EVAL_PERIOD") + 1] == "0"
