@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 import sys
 
 
@@ -18,6 +17,8 @@ def _version(module: str) -> str:
 def collect_env() -> list[tuple[str, str]]:
     """Returns (name, value) rows describing the interpreter, libraries and hardware."""
     import torch
+
+    from .utils.provenance import cpu_model
 
     rows = [
         ("sys.platform", sys.platform),
@@ -40,7 +41,7 @@ def collect_env() -> list[tuple[str, str]]:
         ("pycocotools", _version("pycocotools")),
         ("numpy", _version("numpy")),
         ("Pillow", _version("PIL")),
-        ("CPU", platform.processor() or platform.machine()),
+        ("CPU", cpu_model()),
         ("CPU capability (torch)", torch.backends.cpu.get_cpu_capability()),
         ("CPU bf16 native (mkldnn)", str(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))),
         ("CPU threads", str(torch.get_num_threads())),

@@ -39,6 +39,7 @@ from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 from .evaluation.operating_point import operating_point
 from .utils.precision import auto_precision, bf16_native
+from .utils.provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
@@ -1357,7 +1358,8 @@ def write_report(
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
-        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()} with "
+        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {cpu_model()} "
+        f"({platform.machine()}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}) with "
         f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
         f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
         f"bf16 {'native' if bf16_native('cpu') else 'not native'}, training precision {trained_in}.  ",

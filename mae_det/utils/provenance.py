@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -99,6 +100,35 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return {"commit": commit or None, "dirty": bool(status.strip())}
 
 
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name from Linux's ``cpuinfo``, else what :mod:`platform` knows (e.g. ``x86_64``)."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:  # not Linux, or /proc not mounted: the fallback below still names the architecture
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The hardware a run's numbers came from: bf16 kernels round differently on each CPU kind (AMX vs
+    AVX512-bf16 moved the demo's AP by up to 1.8), so a number is only reproducible on the machine it names."""
+    import torch
+
+    from .precision import bf16_native
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_native": bf16_native("cpu"),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+    }
+
+
 def write_run_info(
     output_dir: str | os.PathLike,
     cfg: Any,
@@ -135,6 +165,7 @@ def write_run_info(
         "init_checkpoint_sha256": init_sha,
         "command": list(sys.argv if argv is None else argv),
         "hostname": socket.gethostname(),
+        "machine": machine_info(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     info.update(extra or {})

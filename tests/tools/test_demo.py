@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from mae_det.evaluation.operating_point import operating_point
+from mae_det.utils.provenance import cpu_model
 
 ARMS = ("mae", "supervised", "scratch")
 
@@ -35,6 +36,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
         assert f"{ap['bbox']['AP']:.1f}" == box_ap and f"{ap['segm']['AP']:.1f}" == mask_ap
         assert json.loads((out / f"finetune_{arm}_s0" / "run_info.json").read_text())["init_type"] == arm
     assert re.search(r"\| MAE pretraining \| ran \| \d+:\d\d \| \d+:\d\d \|", report)
+    # The numbers depend on the CPU's bf16 kernels, so the report names the machine they came from.
+    assert f" on {cpu_model()} (" in report and "torch CPU kernels " in report
     # The supervised baseline's own held-out metric and the encoder checks, also as CSV rows.
     m = re.search(r"held-out count accuracy (\d+\.\d) % \(constant prediction (\d+\.\d) %\), count cross-entropy "
                   r"(\d+\.\d{3}) \(constant prediction (\d+\.\d{3}); difference ([+-]\d+\.\d{3}), 95 % interval "

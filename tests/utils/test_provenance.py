@@ -7,7 +7,7 @@ from datetime import datetime
 import torch
 
 from mae_det.config.pretrain import get_pretrain_cfg
-from mae_det.utils.provenance import config_changes, config_sha256, git_state, write_run_info
+from mae_det.utils.provenance import config_changes, config_sha256, cpu_model, git_state, machine_info, write_run_info
 
 
 def test_write_run_info_fields(tmp_path):
@@ -26,7 +26,26 @@ def test_write_run_info_fields(tmp_path):
     assert info["versions"]["torch"] == torch.__version__ and info["versions"]["mae_det"]
     assert set(info["versions"]) >= {"torch", "torchvision", "timm", "detectron2", "mae_det", "python"}
     assert info["hostname"] and datetime.fromisoformat(info["time"]).tzinfo is not None
+    assert info["machine"] == machine_info() and info["machine"]["cpu"] == cpu_model()
+    assert info["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_cpu_model_reads_the_model_name_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 9R14 96-Core Processor"
+
+
+def test_cpu_model_falls_back_to_the_architecture(tmp_path):
+    import platform
+
+    arm = tmp_path / "cpuinfo"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nmodel name\t:\n")  # aarch64 kernels leave it out or empty
+    expected = platform.processor() or platform.machine()
+    assert cpu_model(arm) == expected and cpu_model(tmp_path / "missing") == expected and expected
 
 
 def test_config_hash_tracks_the_resolved_config():
