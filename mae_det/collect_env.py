@@ -18,7 +18,7 @@ def collect_env() -> list[tuple[str, str]]:
     """Returns (name, value) rows describing the interpreter, libraries and hardware."""
     import torch
 
-    from .utils.provenance import cpu_model
+    from .utils.provenance import machine_info
 
     rows = [
         ("sys.platform", sys.platform),
@@ -41,16 +41,19 @@ def collect_env() -> list[tuple[str, str]]:
         ("pycocotools", _version("pycocotools")),
         ("numpy", _version("numpy")),
         ("Pillow", _version("PIL")),
-        ("CPU", cpu_model()),
-        ("CPU capability (torch)", torch.backends.cpu.get_cpu_capability()),
-        ("CPU bf16 native (mkldnn)", str(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))),
+    ]
+    machine = machine_info()
+    rows += [
+        ("CPU", machine["cpu"]),
+        ("CPU capability (torch)", machine["cpu_capability"]),
+        ("CPU bf16 native (mkldnn)", str(machine["cpu_bf16_native"])),
         ("CPU threads", str(torch.get_num_threads())),
         ("CUDA available", str(torch.cuda.is_available())),
     ]
     if torch.cuda.is_available():
         rows += [
             ("CUDA (torch build)", str(torch.version.cuda)),
-            ("GPUs", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))),
+            ("GPUs", ", ".join(machine["gpus"])),
             ("GPU bf16", str(torch.cuda.is_bf16_supported())),
         ]
     return rows

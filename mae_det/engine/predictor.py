@@ -42,7 +42,6 @@ from .det_trainer import load_trained
 logger = logging.getLogger(__name__)
 
 
-
 def load_predict_cfg(
     config_file: str, opts: Sequence[str] = (), confidence_threshold: float | None = None
 ) -> CfgNode:
