@@ -38,8 +38,8 @@ from .config.vit_backbone import PYRAMIDS
 from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 from .evaluation.operating_point import operating_point
-from .utils.precision import auto_precision, bf16_native
-from .utils.provenance import cpu_model
+from .utils.precision import auto_precision
+from .utils.provenance import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS: tuple[str, ...] = ("mae", "supervised", "scratch")
@@ -1355,14 +1355,15 @@ def write_report(
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
                 f"{chance_loss(paths.annotations('pool'), max_count):.3f}")
     trained_in = f"auto ({auto_precision('cpu')} here)" if precision == "auto" else f"{precision} (forced)"
+    machine = machine_info()  # the same fields as each run's run_info.json
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
-        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {cpu_model()} "
-        f"({platform.machine()}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}) with "
+        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {machine['cpu']} "
+        f"({platform.machine()}, torch CPU kernels {machine['cpu_capability']}) with "
         f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
         f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
-        f"bf16 {'native' if bf16_native('cpu') else 'not native'}, training precision {trained_in}.  ",
+        f"bf16 {'native' if machine['cpu_bf16_native'] else 'not native'}, training precision {trained_in}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
         "Mask R-CNN fine-tuned on the label-scarce train split from three initializations of the same ViT, same "
