@@ -821,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(e)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         line, code = _describe_rank_failure(e)
-        print(f"error: {line}", file=sys.stderr)
+        # The ranks share this stderr and were stopped mid-epoch: rank 0's progress bar can be left without its
+        # newline, which would glue the error to it.
+        print(f"\nerror: {line}", file=sys.stderr)
         return code
     return 0
