@@ -28,6 +28,17 @@ fi
 vpy="$venv/bin/python"
 "$vpy" -m pip install --quiet --upgrade pip
 
+# PyPI's x86_64 torch is the CUDA build: with its nvidia-* wheels the venv takes ~6 GB. Say so before pip runs out
+# of disk halfway through (seen on a CI machine whose disk old clones had filled).
+need_kb=$((6500 * 1024))
+if ! "$vpy" -c "import torch" 2>/dev/null; then
+  free_kb="$(df -Pk "$venv" | awk 'NR == 2 {print $4}')"
+  if (( free_kb < need_kb )); then
+    echo "[setup] error: $venv needs ~6.5 GB free for torch and its CUDA libraries; its disk has $((free_kb / 1024)) MB free" >&2
+    exit 1
+  fi
+fi
+
 echo "[setup] installing ${torch_pins[*]}"
 "$vpy" -m pip install --quiet "${torch_pins[@]}"
 

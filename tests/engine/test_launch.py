@@ -3,6 +3,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,11 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nnodes: int, node_rank: int, nproc: int, port: int, args: list[str]) -> subprocess.Popen:
+def _torchrun(nnodes: int, node_rank: int, nproc: int, port: int, args: list[str], log_dir: Path) -> subprocess.Popen:
     # A static rendezvous: with c10d, --node-rank is ignored and ranks are assigned in arrival order.
+    # --log-dir: without it every launch leaves a torchelastic_* folder in /tmp.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
            "--nproc-per-node", str(nproc), "--rdzv-backend", "static", "--master-addr", "localhost",
-           "--master-port", str(port), TOOL, *args]
+           "--master-port", str(port), "--log-dir", str(log_dir), TOOL, *args]
     return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,11 +51,11 @@ def _torchrun(nnodes: int, node_rank: int, nproc: int, port: int, args: list[str
 def test_two_nodes_equal_one_node_and_one_process(images, tmp_path):  # noqa: F811
     assert main(opts(images, tmp_path / "one", "SOLVER.BATCH_SIZE", "8")) == 0  # 1 process, the same global batch
     two = opts(images, tmp_path / "1x2", "SOLVER.BATCH_SIZE", "4")
-    err = _torchrun(1, 0, 2, _free_port(), two).communicate(timeout=300)[1]
+    err = _torchrun(1, 0, 2, _free_port(), two, tmp_path / "logs").communicate(timeout=300)[1]
     assert "2 processes, effective batch 8" in err, err[-2000:]
 
     port, nodes = _free_port(), opts(images, tmp_path / "2x1", "SOLVER.BATCH_SIZE", "4")
-    procs = [_torchrun(2, r, 1, port, nodes) for r in (0, 1)]
+    procs = [_torchrun(2, r, 1, port, nodes, tmp_path / "logs") for r in (0, 1)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     # Rank 0 (the only one logging INFO) ran on node 0: the node rank was honoured.
