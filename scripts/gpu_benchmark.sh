@@ -63,6 +63,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_$( ((FOLLOWUP)) && echo followup || echo benchmark)_$(date -u +%Y-%m-%d).txt"
 ERR="$OUT/gpu_benchmark_stderr.txt"
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT  # images, wheels, compile cache: GBs on the GPU machine (a failure's stderr is printed first)
 [[ -n "${GPU_BENCHMARK_LOG_DIR:-}" ]] || ERR="$WORK/stderr.txt"
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # cold: the compile times printed are a fresh machine's
 if [[ -n "${WHEELHOUSE:-}" ]]; then
