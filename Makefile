@@ -43,9 +43,9 @@ experiment-pretrain-seeds: experiment
 	$(EXPERIMENT) --pretrain-seeds 2
 	cp output/experiment/demo_pretrain_seeds.csv docs/results/
 
-# Ours vs Detectron2's own ViTDet, trained side by side (3 seeds each) on the demo's shapes data (generated into
-# output/parity/shapes when missing; the demo's full-profile settings). PARITY_CONFIG / PARITY_OPTS choose another
-# config or dataset (e.g. PARITY_OPTS="DATASETS.REGISTER [[...]]").
+# Ours vs Detectron2's own ViTDet, trained side by side (3 seeds each) on the shapes data (generated into
+# output/parity/shapes when missing, with make experiment's 160 labeled images: the parity table's settings).
+# PARITY_CONFIG / PARITY_OPTS choose another config or dataset (e.g. PARITY_OPTS="DATASETS.REGISTER [[...]]").
 PARITY_CONFIG ?= configs/shapes/mask_rcnn_vit_parity.yaml
 PARITY_DATA := output/parity/shapes
 PARITY_OPTS ?= DATASETS.REGISTER "[['shapes_train','$(PARITY_DATA)/annotations/instances_train.json','$(PARITY_DATA)/images/train'],['shapes_val','$(PARITY_DATA)/annotations/instances_val.json','$(PARITY_DATA)/images/val']]"

@@ -72,6 +72,20 @@ def test_other_seed_differs(dataset, tmp_path):
     assert a["dataset_info.json"] != b["dataset_info.json"]
 
 
+def test_a_larger_train_split_extends_the_smaller_one_and_leaves_the_other_splits_alone(dataset, tmp_path):
+    # make experiment's 160 labeled images are the first 160 of make demo's 640, on the same pool and val images.
+    root, _ = dataset
+    larger = tmp_path / "larger"
+    generate_shapes(larger, ShapesConfig(**{**SMALL, "num_train": 12}, seed=3, workers=1), log=lambda _: None)
+    a, b = _files(root), _files(larger)
+    changed = {k for k in a if a[k] != b.get(k)} | (b.keys() - a.keys())
+    assert changed == {"annotations/instances_train.json", "dataset_info.json",
+                       *(f"images/train/{i:06d}.png" for i in range(9, 13))}
+    small, big = (json.loads(x["annotations/instances_train.json"]) for x in (a, b))
+    assert big["images"][:8] == small["images"]
+    assert big["annotations"][:len(small["annotations"])] == small["annotations"]
+
+
 def test_pycocotools_masks_match_drawing_boxes_and_areas(dataset):
     root, cfg = dataset
     for split in ("pool", "train", "val"):

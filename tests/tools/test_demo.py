@@ -3,6 +3,7 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,11 @@ def test_experiment_profile_doubles_both_pretrainings_and_fine_tunes_2000_iterat
     assert added == ["SOLVER.MAX_ITER", "2000", "SOLVER.STEPS", "(1600, 1867)"]
     assert [a for a in scratch_exp if a not in added] == scratch_full
     assert PROFILES["experiment"].subset_epochs and not PROFILES["full"].subset_epochs
+    # make demo labels 640 train images (1500 iterations, the configs'); make experiment keeps the label-scarce 160
+    # (the first 160 of them), on which its fractions are 40 / 80 / 160 images. Nothing else of the data differs.
+    assert (PROFILES["full"].shapes.num_train, PROFILES["experiment"].shapes.num_train) == (640, 160)
+    assert replace(PROFILES["experiment"].shapes, num_train=640) == PROFILES["full"].shapes
+    assert exp["dataset"].params != full["dataset"].params
 
 
 def test_verdict_states_the_difference_and_its_spread():
@@ -495,8 +501,6 @@ def test_label_fractions_add_nested_subsets_and_their_runs(tmp_path):
 
 
 def test_subset_epochs_scale_iterations_warmup_and_steps_by_the_label_fraction(tmp_path):
-    from dataclasses import replace
-
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
 
     def schedule(profile, key):
@@ -506,11 +510,11 @@ def test_subset_epochs_scale_iterations_warmup_and_steps_by_the_label_fraction(t
         last = {k: v for k, v in zip(args[3::2], args[4::2])}  # after tools/train_net.py --config-file PATH
         return last.get("SOLVER.MAX_ITER"), last.get("SOLVER.WARMUP_ITERS"), last.get("SOLVER.STEPS"), stage.progress
 
-    # The config's own schedule (1200 iterations, warmup 50, steps 960 / 1120): kept, or scaled by the fraction.
+    # The config's own schedule (1500 iterations, warmup 50, steps 1200 / 1400): kept, or scaled by the fraction.
     assert schedule(PROFILES["full"], "finetune_mae_s0_f25")[:3] == (None, None, None)
     epochs = replace(PROFILES["full"], subset_epochs=True)
-    assert schedule(epochs, "finetune_mae_s0_f25")[:3] == ("300", "12", "(240, 280)")
-    assert schedule(epochs, "finetune_scratch_s0_f50")[:3] == ("600", "25", "(480, 560)")
+    assert schedule(epochs, "finetune_mae_s0_f25")[:3] == ("375", "12", "(300, 350)")
+    assert schedule(epochs, "finetune_scratch_s0_f50")[:3] == ("750", "25", "(600, 700)")
     assert schedule(epochs, "finetune_mae_s0")[:3] == (None, None, None)
     # A profile's own overrides are what gets scaled, and the progress bar counts the scaled iterations.
     longer = replace(epochs, finetune_opts=("SOLVER.MAX_ITER", "2000", "SOLVER.STEPS", "(1600, 1867)"))
