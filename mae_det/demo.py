@@ -1370,8 +1370,8 @@ def write_report(
         f"bf16 {'native' if machine['cpu_bf16_native'] else 'not native'}, training precision {trained_in}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
-        "Mask R-CNN fine-tuned on the label-scarce train split from three initializations of the same ViT, same "
-        f"schedule; COCO AP on the val split over {seeds} seed(s):", "",
+        f"Mask R-CNN fine-tuned on the train split ({info['counts']['train']} labeled images) from three "
+        f"initializations of the same ViT, same schedule; COCO AP on the val split over {seeds} seed(s):", "",
         _verdict(groups, "bbox/AP", "boxes"), _verdict(groups, "segm/AP", "masks"), "",
         table_md.replace("## ", "### "),
         "![AP chart](ap_table.png)", "",

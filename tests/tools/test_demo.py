@@ -57,6 +57,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     (pool_json,) = data.rglob("instances_pool.json")
     assert "per-class instance counts of each pool image (softmax over 0..3)" in report
     assert "RoIs/image, Large Scale Jitter 0.8-1.25 of 64 px, horizontal flips |" in report  # from the run's config
+    train = json.loads(next(data.rglob("instances_train.json")).read_text())
+    assert f"fine-tuned on the train split ({len(train['images'])} labeled images)" in report
     ratio = yaml.safe_load((out / "pretrain_mae" / "config.yaml").read_text())["MODEL"]["MASK_RATIO"]
     assert f"original | {ratio * 100:g} % masked (the pretraining's ratio) |" in report  # not a fixed 75 %
     assert (f"(cross-entropy over per-class counts; a constant prediction scores "
