@@ -377,7 +377,7 @@ def test_experiment_profile_doubles_both_pretrainings_and_fine_tunes_2000_iterat
     config = scratch_full[scratch_full.index("--config-file") + 1]
     assert yaml.safe_load(Path(config).read_text())["MODEL"]["ROI_HEADS"]["BATCH_SIZE_PER_IMAGE"] == 64
     assert PROFILES["experiment"].subset_epochs and not PROFILES["full"].subset_epochs
-    # make demo labels 640 train images (1500 iterations, the configs'); make experiment keeps the label-scarce 160
+    # make demo labels 640 train images (2000 iterations, the configs'); make experiment keeps the label-scarce 160
     # (the first 160 of them), on which its fractions are 40 / 80 / 160 images. Nothing else of the data differs.
     assert (PROFILES["full"].shapes.num_train, PROFILES["experiment"].shapes.num_train) == (640, 160)
     assert replace(PROFILES["experiment"].shapes, num_train=640) == PROFILES["full"].shapes
@@ -516,17 +516,17 @@ def test_subset_epochs_scale_iterations_warmup_and_steps_by_the_label_fraction(t
         last = {k: v for k, v in zip(args[3::2], args[4::2])}  # after tools/train_net.py --config-file PATH
         return last.get("SOLVER.MAX_ITER"), last.get("SOLVER.WARMUP_ITERS"), last.get("SOLVER.STEPS"), stage.progress
 
-    # The config's own schedule (1500 iterations, warmup 50, steps 1200 / 1400): kept, or scaled by the fraction.
+    # The config's own schedule (2000 iterations, warmup 50, steps 1600 / 1867): kept, or scaled by the fraction.
     assert schedule(PROFILES["full"], "finetune_mae_s0_f25")[:3] == (None, None, None)
     epochs = replace(PROFILES["full"], subset_epochs=True)
-    assert schedule(epochs, "finetune_mae_s0_f25")[:3] == ("375", "12", "(300, 350)")
-    assert schedule(epochs, "finetune_scratch_s0_f50")[:3] == ("750", "25", "(600, 700)")
+    assert schedule(epochs, "finetune_mae_s0_f25")[:3] == ("500", "12", "(400, 467)")
+    assert schedule(epochs, "finetune_scratch_s0_f50")[:3] == ("1000", "25", "(800, 934)")
     assert schedule(epochs, "finetune_mae_s0")[:3] == (None, None, None)
     # A profile's own overrides are what gets scaled, and the progress bar counts the scaled iterations.
-    longer = replace(epochs, finetune_opts=("SOLVER.MAX_ITER", "2000", "SOLVER.STEPS", "(1600, 1867)"))
+    longer = replace(epochs, finetune_opts=("SOLVER.MAX_ITER", "2400", "SOLVER.STEPS", "(1920, 2240)"))
     *values, progress = schedule(longer, "finetune_supervised_s0_f25")
-    assert values == ["500", "12", "(400, 467)"]
-    assert progress("[12/02 18:24:05 d2.utils.events]:  eta: 0:03:26  iter: 99  total_loss: 2.4") == (100, 500)
+    assert values == ["600", "12", "(480, 560)"]
+    assert progress("[12/02 18:24:05 d2.utils.events]:  eta: 0:03:26  iter: 99  total_loss: 2.4") == (100, 600)
 
 
 def test_average_precision_of_a_ranking():
