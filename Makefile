@@ -30,7 +30,7 @@ experiment: setup
 	mkdir -p docs/results && cp output/experiment/demo_experiment.csv output/experiment/demo_encoders.csv \
 		output/experiment/demo_semantic.csv docs/results/
 
-# make experiment plus every init fine-tuned with ViTDet's simple pyramid too (9 runs, 20-30 minutes more; resumes a
+# make experiment plus every init fine-tuned with ViTDet's simple pyramid too (9 runs, ~40 minutes more on 2 cores; resumes a
 # finished make experiment): the report's "Pyramid check" gives MAE's margin with each init at its best pyramid.
 experiment-pyramid: experiment
 	$(EXPERIMENT) --reference-pyramid simple
