@@ -30,8 +30,9 @@ experiment: setup
 	mkdir -p docs/results && cp output/experiment/demo_experiment.csv output/experiment/demo_encoders.csv \
 		output/experiment/demo_semantic.csv docs/results/
 
-# make experiment plus every init fine-tuned with ViTDet's simple pyramid too (9 runs, ~40 minutes more on 2 cores; resumes a
-# finished make experiment): the report's "Pyramid check" gives MAE's margin with each init at its best pyramid.
+# make experiment plus every init fine-tuned with ViTDet's simple pyramid too, at every label fraction (27 runs, ~70
+# minutes more on 2 cores; resumes a finished make experiment): the report's "Pyramid check" gives MAE's margin with
+# each init at its best pyramid, per label fraction.
 experiment-pyramid: experiment
 	$(EXPERIMENT) --reference-pyramid simple
 	cp output/experiment/demo_pyramid.csv docs/results/

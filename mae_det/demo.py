@@ -735,7 +735,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     """The pipeline for ``profile`` with fine-tuning repeated over ``seeds`` seeds, on each labeled fraction of the
     train split (nested subsets drawn with ``subset_seed``; the same iterations for every fraction, or the same
     epochs with ``profile.subset_epochs``), with ``semantic`` UperNet on the semantic split from each init,
-    ``seeds`` seeds each, and with ``reference_pyramid`` every init's Mask R-CNN again (all labels, ``seeds``
+    ``seeds`` seeds each, and with ``reference_pyramid`` every init's Mask R-CNN again (every fraction, ``seeds``
     seeds) with that pyramid instead of the configs' one. With ``pretrain_seeds`` > 1 both pretrainings are
     repeated with ``SEED`` 1, 2, ..., each followed by its held-out check (supervised) and the all-label Mask
     R-CNN runs (``seeds`` seeds each); every other stage reads the seed-0 encoders. ``precision`` other than
@@ -885,7 +885,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
                if kind not in SEEDLESS_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
     if reference_pyramid is not None:
-        stages += [finetune(arm, s, pyramid=reference_pyramid) for s in range(seeds) for arm in ARMS]
+        stages += [finetune(arm, s, f, pyramid=reference_pyramid) for f in [1.0, *reversed(partial)]
+                   for s in range(seeds) for arm in ARMS]
     for p in range(1, pretrain_seeds):
         stages += [pretrain("mae", p), pretrain("supervised", p), supervised_eval(p)]
         stages += [finetune(arm, s, pretrain_seed=p) for s in range(seeds) for arm in PRETRAINED_ARMS]
@@ -1107,13 +1108,18 @@ def _num(v: float | None, digits: int) -> str:
 EXPERIMENT_COLUMNS = ("init", "seed", "label_fraction", "num_labeled", "box_AP", "box_AP50", "mask_AP", "mask_AP50")
 
 
+def _num_labeled(paths: DemoPaths, fraction: float, subset_seed: int) -> int:
+    """Labeled train images behind ``fraction`` (the whole split, or its nested subset)."""
+    coco = paths.annotations("train") if fraction == 1.0 else (
+        paths.output / "subsets" / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json")
+    return len(json.loads(coco.read_text())["images"])
+
+
 def experiment_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], subset_seed: int) -> list[dict]:
     """One row per init x seed x label fraction (COCO AP in %), in :data:`EXPERIMENT_COLUMNS` order."""
-    n_train = len(json.loads(paths.annotations("train").read_text())["images"])
     rows = []
     for f in sorted(set(fractions), reverse=True):
-        n = n_train if f == 1.0 else len(json.loads((paths.output / "subsets" / (
-            f"instances_train_{_pct(f)}pct_seed{subset_seed}.json")).read_text())["images"])
+        n = _num_labeled(paths, f, subset_seed)
         for arm in ARMS:
             for s in range(seeds):
                 ap = json.loads((paths.run(finetune_key(arm, s, f)) / "ap_results.json").read_text())
@@ -1129,50 +1135,60 @@ def _margin(mine: Sequence[float], theirs: Sequence[float], unit: str) -> str:
     return f"{format_delta(sum(mine) / len(mine) - sum(theirs) / len(theirs))}, {every}"
 
 
-PYRAMID_COLUMNS = ("init", "pyramid", "seed", "box_AP", "mask_AP")
+PYRAMID_COLUMNS = ("init", "pyramid", "seed", "label_fraction", "num_labeled", "box_AP", "mask_AP")
 
 
-def pyramid_rows(paths: DemoPaths, seeds: int, configured: str, reference: str) -> list[dict]:
-    """One row per init x pyramid x seed of the all-label Mask R-CNN runs (COCO AP in %)."""
+def pyramid_rows(paths: DemoPaths, seeds: int, fractions: Sequence[float], subset_seed: int, configured: str,
+                 reference: str) -> list[dict]:
+    """One row per label fraction x init x pyramid x seed of the Mask R-CNN runs (COCO AP in %)."""
     rows = []
-    for arm in ARMS:
-        for pyramid, tag in ((configured, None), (reference, reference)):
-            for s in range(seeds):
-                ap = json.loads((paths.run(finetune_key(arm, s, pyramid=tag)) / "ap_results.json").read_text())
-                rows.append(dict(zip(PYRAMID_COLUMNS, (arm, pyramid, s, ap["bbox"]["AP"], ap["segm"]["AP"]))))
+    for f in sorted(set(fractions), reverse=True):
+        n = _num_labeled(paths, f, subset_seed)
+        for arm in ARMS:
+            for pyramid, tag in ((configured, None), (reference, reference)):
+                for s in range(seeds):
+                    ap = json.loads((paths.run(finetune_key(arm, s, f, pyramid=tag)) / "ap_results.json").read_text())
+                    rows.append(dict(zip(PYRAMID_COLUMNS,
+                                         (arm, pyramid, s, f, n, ap["bbox"]["AP"], ap["segm"]["AP"]))))
     return rows
 
 
-def _pyramid_section(paths: DemoPaths, seeds: int, configured: str, reference: str) -> list[str]:
-    """The report's check of the pyramid choice: every init with both pyramids, and MAE's margin when each init
-    gets its best one (per metric); writes ``demo_pyramid.csv``."""
-    rows = pyramid_rows(paths, seeds, configured, reference)
+def _pyramid_section(paths: DemoPaths, rows: list[dict], seeds: int, configured: str, reference: str) -> list[str]:
+    """The report's check of the pyramid choice from :func:`pyramid_rows`: every init with both pyramids at every
+    label fraction, and MAE's margin when each init gets its best one (per fraction and metric); writes
+    ``demo_pyramid.csv``."""
     write_csv(paths.output / "demo_pyramid.csv", PYRAMID_COLUMNS, rows)
+    labeled = {r["label_fraction"]: r["num_labeled"] for r in rows}
 
-    def values(arm: str, pyramid: str, metric: str) -> list[float]:
-        return [r[metric] for r in rows if r["init"] == arm and r["pyramid"] == pyramid]
+    def values(f: float, arm: str, pyramid: str, metric: str) -> list[float]:
+        return [r[metric] for r in rows
+                if r["label_fraction"] == f and r["init"] == arm and r["pyramid"] == pyramid]
 
-    def best(arm: str, metric: str) -> str:
-        return max((configured, reference), key=lambda p: sum(values(arm, p, metric)))
+    def best(f: float, arm: str, metric: str) -> str:
+        return max((configured, reference), key=lambda p: sum(values(f, arm, p, metric)))
 
     margins = []
-    for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP")):
-        mine = values("mae", best("mae", metric), metric)
-        parts = []
-        for other in ("scratch", "supervised"):
-            theirs = values(other, best(other, metric), metric)
-            parts.append(f"{other} init ({best(other, metric)}, {_mean_std(theirs)}): {_margin(mine, theirs, 'seed')}")
-        margins.append(f"- {name}: MAE ({best('mae', metric)}, {_mean_std(mine)}) against " + "; ".join(parts) + ".")
+    for f, n in labeled.items():
+        for metric, name in (("box_AP", "box AP"), ("mask_AP", "mask AP")):
+            mae = best(f, "mae", metric)
+            mine = values(f, "mae", mae, metric)
+            parts = []
+            for other in ("scratch", "supervised"):
+                theirs = values(f, other, best(f, other, metric), metric)
+                parts.append(f"{other} init ({best(f, other, metric)}, {_mean_std(theirs)}): "
+                             f"{_margin(mine, theirs, 'seed')}")
+            margins.append(f"- {n} labels, {name}: MAE ({mae}, {_mean_std(mine)}) against " + "; ".join(parts) + ".")
     cell = " | ".join(f"{p} box AP | {p} mask AP" for p in (configured, reference))
     return [
         "## Pyramid check", "",
-        f"The same all-label Mask R-CNN runs with the `{reference}` pyramid instead of the configs' `{configured}`, "
-        f"{seeds} seed(s) each, so that no init is compared through a design that suits only MAE. Rows: "
-        "`demo_pyramid.csv`.", "",
-        f"| init | {cell} |", "|---|---:|---:|---:|---:|",
-        *[f"| {arm} | " + " | ".join(_mean_std(values(arm, p, m)) for p in (configured, reference)
-                                    for m in ("box_AP", "mask_AP")) + " |" for arm in ARMS], "",
-        "Each init with its best pyramid (by mean, per metric):", "", *margins, "",
+        f"The same Mask R-CNN runs with the `{reference}` pyramid instead of the configs' `{configured}`, at every "
+        f"label fraction, {seeds} seed(s) each, so that no init is compared through a design that suits only MAE. "
+        "Rows: `demo_pyramid.csv`.", "",
+        f"| labeled images | init | {cell} |", "|---:|---|---:|---:|---:|---:|",
+        *[f"| {n} | {arm} | " + " | ".join(_mean_std(values(f, arm, p, m)) for p in (configured, reference)
+                                           for m in ("box_AP", "mask_AP")) + " |"
+          for f, n in labeled.items() for arm in ARMS], "",
+        "Each init with its best pyramid (by mean, per label fraction and metric):", "", *margins, "",
     ]
 
 
@@ -1265,31 +1281,39 @@ def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def label_efficiency_figure(rows: list[dict], out: Path) -> None:
-    """Box and mask AP against the number of labeled images, one line per init, mean and std over seeds."""
+def label_efficiency_figure(rows: list[dict], out: Path, reference: Sequence[dict] = ()) -> list[str]:
+    """Box and mask AP against the number of labeled images, one line per init, mean and std over seeds; with
+    ``reference`` (:func:`pyramid_rows` of the other pyramid) a dashed line per init for it too. Returns the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    lines = [(rows, "-", "o", "")] + [([r for r in reference if r["pyramid"] == p], "--", "s", f", {p} pyramid")
+                                      for p in sorted({r["pyramid"] for r in reference})]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, name in zip(axes, ("box_AP", "mask_AP"), ("box AP", "mask AP")):
         for k, arm in enumerate(ARMS):
-            ns = sorted({r["num_labeled"] for r in rows if r["init"] == arm})
-            vals = [[r[metric] for r in rows if r["init"] == arm and r["num_labeled"] == n] for n in ns]
-            ax.errorbar(ns, [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                        marker="o", capsize=4, color=f"C{k}", label=f"{arm} init")
+            for runs, style, marker, tag in lines:
+                ns = sorted({r["num_labeled"] for r in runs if r["init"] == arm})
+                vals = [[r[metric] for r in runs if r["init"] == arm and r["num_labeled"] == n] for n in ns]
+                ax.errorbar(ns, [np.mean(v) for v in vals], capsize=4, color=f"C{k}", linestyle=style, marker=marker,
+                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], label=f"{arm} init{tag}",
+                            markerfacecolor="none" if tag else f"C{k}")
+        ns = sorted({r["num_labeled"] for r in rows})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("labeled training images (nested subsets)")
         ax.set_ylabel(f"{name} (COCO, %)")
         ax.set_title(f"{name} vs labels (mean ± std over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7 if reference else 8)
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return legend
 
 
 def _augmentation(input_cfg: dict) -> str:
@@ -1336,9 +1360,12 @@ def write_report(
         values = [r[column] for r in encoders if r["init"] == arm]
         return _mean_std(values[:1] if column in seedless else values)  # a seedless check: one run, no spread
 
+    pyramids = (pyramid_rows(paths, seeds, fractions, subset_seed, V["PYRAMID"], reference_pyramid)
+                if reference_pyramid else [])
     efficiency = []
     if len(set(fractions)) > 1:
-        label_efficiency_figure(rows, paths.output / "label_efficiency.png")
+        label_efficiency_figure(rows, paths.output / "label_efficiency.png",
+                                [r for r in pyramids if r["pyramid"] == reference_pyramid])
         epochs = D["MAX_ITER"] * D["IMS_PER_BATCH"] / info["counts"]["train"]
         schedule = (f"{epochs:g} epochs whatever the subset size: " + ", ".join(
             f"{max(1, round(D['MAX_ITER'] * f))} iterations on {_pct(f)} %" for f in sorted(set(fractions), reverse=True))
@@ -1353,6 +1380,8 @@ def write_report(
               for arm in ARMS for n in sorted({r['num_labeled'] for r in rows}, reverse=True)
               if (g := [r for r in rows if r["init"] == arm and r["num_labeled"] == n])], "",
             "![Label efficiency](label_efficiency.png)", "",
+            *([f"Dashed: the same runs with the `{reference_pyramid}` pyramid (the pyramid check below).", ""]
+              if pyramids else []),
         ]
     max_count = sup_model.get("MAX_COUNT", 0)
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
@@ -1376,7 +1405,7 @@ def write_report(
         "![AP chart](ap_table.png)", "",
         f"The supervised baseline on its own task, {_supervised_result(paths.output / 'supervised_heldout.json')} "
         "(val images it never saw).", "",
-        *(_pyramid_section(paths, seeds, V["PYRAMID"], reference_pyramid) if reference_pyramid else []),
+        *(_pyramid_section(paths, pyramids, seeds, V["PYRAMID"], reference_pyramid) if reference_pyramid else []),
         *(_pretrain_seed_section(paths, seeds, pretrain_seeds) if pretrain_seeds > 1 else []),
         *efficiency,
         *(_semantic_section(paths, seeds, profile) if semantic else []),
@@ -1459,8 +1488,8 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
         subset_seed: Seed of the nested subsets (independent of the fine-tuning seeds).
         semantic: Also train UperNet on the semantic split from each init, ``seeds`` seeds each.
         precision: One of :data:`PRECISIONS`, forced on every training stage unless "auto".
-        reference_pyramid: Also fine-tune every init (all labels, ``seeds`` seeds) with this pyramid instead of the
-            configs' one, and report MAE's margin with each init at its best pyramid.
+        reference_pyramid: Also fine-tune every init (every label fraction, ``seeds`` seeds) with this pyramid
+            instead of the configs' one, and report MAE's margin with each init at its best pyramid.
         pretrain_seeds: Pretrain each arm this many times (``SEED`` 0, 1, ...) and fine-tune every encoder on all
             labels, ``seeds`` seeds each; the report adds the spread over pretraining seeds.
 

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="training precision of every stage: auto = bf16 where the CPU has it natively, else fp32 "
                         "(default); fp32 reproduces a CPU without native bf16 (numbers, not time)")
     parser.add_argument("--reference-pyramid", choices=PYRAMIDS, default=None,
-                        help="also fine-tune every init with this pyramid instead of the configs' one (all labels, "
-                        "--seeds seeds each) and report MAE's margin with each init at its best pyramid")
+                        help="also fine-tune every init with this pyramid instead of the configs' one (every label "
+                        "fraction, --seeds seeds each) and report MAE's margin with each init at its best pyramid")
     parser.add_argument("--pretrain-seeds", type=int, default=1,
                         help="pretrain each arm this many times (SEED 0, 1, ...) and fine-tune every encoder on all "
                         "labels, --seeds seeds each; the report adds the spread over pretraining seeds (default: 1)")

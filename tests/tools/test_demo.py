@@ -106,6 +106,24 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     ap = json.loads((out / "finetune_supervised_p1_s0" / "ap_results.json").read_text())
     assert f"supervised,1,0,{ap['bbox']['AP']:.2f},{ap['segm']['AP']:.2f}" in rows
 
+    # Half the labels and the pyramid check: the subsets, each init on them, and each init with the simple pyramid
+    # at both fractions; the label-efficiency figure and the pyramid check's rows come from those runs.
+    more = subprocess.run(cmd + ["--pretrain-seeds", "2", "--label-fractions", "0.5", "--reference-pyramid", "simple"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert more.stdout.count(": up to date (ran in") == 29 and "stage 39/39" in more.stdout
+    report = (out / "REPORT.md").read_text()
+    n = len(train["images"])
+    assert "## Label efficiency" in report and "Dashed: the same runs with the `simple` pyramid" in report
+    assert f"| {n} | scratch | " in report and f"| {n // 2} | mae | " in report
+    assert re.search(rf"- {n // 2} labels, mask AP: MAE \((multi_tap|simple), ", report)
+    rows = (out / "demo_pyramid.csv").read_text().splitlines()
+    assert rows[0] == "init,pyramid,seed,label_fraction,num_labeled,box_AP,mask_AP" and len(rows) == 1 + 12
+    ap = json.loads((out / "finetune_scratch_simple_s0_f50" / "ap_results.json").read_text())
+    assert f"scratch,simple,0,0.5,{n // 2},{ap['bbox']['AP']:.2f},{ap['segm']['AP']:.2f}" in rows
+    with Image.open(out / "label_efficiency.png") as img:
+        assert img.width > 200 and img.height > 100
+
 
 # ---- the stage machinery (fast) ----------------------------------------------------------------------------
 from mae_det.demo import (  # noqa: E402
@@ -551,13 +569,13 @@ def test_semantic_rows_are_opt_in_stages_with_their_own_label_maps(tmp_path):
     assert by["semseg_mae_s0"].progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 1200)
 
 
-def test_reference_pyramid_adds_one_run_per_init_and_seed_and_leaves_the_others_alone(tmp_path):
+def test_reference_pyramid_adds_one_run_per_init_seed_and_fraction_and_leaves_the_others_alone(tmp_path):
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
     exp = PROFILES["experiment"]
     plain = {s.key: s for s in build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0])}
     by = {s.key: s for s in build_stages(exp, paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0],
                                          reference_pyramid="simple")}
-    assert set(by) - set(plain) == {f"finetune_{a}_simple_s{s}" for a in ARMS for s in range(2)}
+    assert set(by) - set(plain) == {f"finetune_{a}_simple_s{s}{f}" for a in ARMS for s in range(2) for f in ("", "_f50")}
     # The existing stages keep their hashes, so a finished experiment resumes with only the new runs.
     assert all(by[k].params == stage.params for k, stage in plain.items())
     run = by["finetune_mae_simple_s1"]
@@ -571,37 +589,65 @@ def test_reference_pyramid_adds_one_run_per_init_and_seed_and_leaves_the_others_
     assert cmd[cmd.index("OUTPUT_DIR") + 1] == str(paths.output / "finetune_mae_simple_s1")
     assert run.deps == ["dataset", "pretrain_mae"] and "MODEL.WEIGHTS" not in by["finetune_scratch_simple_s0"].command
     assert run.progress(" eta: 0:00:31  iter: 99  total_loss: 1.1") == (100, 2000)
+    # On a subset: the plain run's subset and schedule (constant epochs: half the iterations), plus the pyramid.
+    sub = by["finetune_scratch_simple_s0_f50"]
+    sub_cmd, plain_sub = sub.command, plain["finetune_scratch_s0_f50"].command
+    assert sub_cmd[:sub_cmd.index("MODEL.VIT.PYRAMID")] == plain_sub[:plain_sub.index("SEED")]
+    assert sub_cmd[sub_cmd.index("MODEL.VIT.PYRAMID") + 1] == "simple"
+    assert sub_cmd[sub_cmd.index("SOLVER.MAX_ITER") + 1] == "1000" and "instances_train_50pct_seed0.json" in " ".join(sub_cmd)
+    assert sub.deps == ["dataset", "subsets"]
+    assert sub_cmd[sub_cmd.index("OUTPUT_DIR") + 1] == str(paths.output / "finetune_scratch_simple_s0_f50")
     for bad in ("multi_tap", "fpn"):  # the configs' own pyramid, or none at all
         with pytest.raises(DemoError, match=r"--reference-pyramid: expected one of \['simple'\] \(the configs use "
                                             rf"multi_tap\), got '{bad}'"):
             build_stages(exp, paths, seeds=1, log=lambda _: None, reference_pyramid=bad)
 
 
-def test_pyramid_section_gives_each_init_its_best_pyramid_and_writes_the_rows(tmp_path):
-    from mae_det.demo import _pyramid_section, finetune_key
+def test_pyramid_section_gives_each_init_its_best_pyramid_per_fraction_and_writes_the_rows(tmp_path):
+    from mae_det.demo import _pyramid_section, finetune_key, label_efficiency_figure, pyramid_rows
 
     paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
-    # (box, mask) AP per seed: random init is better with the reference pyramid on boxes, not on masks.
+    train = paths.annotations("train")
+    train.parent.mkdir(parents=True)
+    train.write_text(json.dumps({"images": [{"id": i} for i in range(8)]}))
+    (paths.output / "subsets").mkdir(parents=True)
+    (paths.output / "subsets" / "instances_train_50pct_seed3.json").write_text(
+        json.dumps({"images": [{"id": i} for i in range(4)]}))
+    # (box, mask) AP per seed on all labels: random init is better with the reference pyramid on boxes, not on masks.
     ap = {("mae", None): [(33.0, 27.0), (32.0, 28.0)], ("mae", "simple"): [(28.0, 22.0), (29.0, 23.0)],
           ("supervised", None): [(19.0, 15.0), (20.0, 16.0)], ("supervised", "simple"): [(18.0, 14.0), (18.0, 14.0)],
           ("scratch", None): [(25.0, 22.0), (26.0, 22.0)], ("scratch", "simple"): [(30.0, 21.0), (33.0, 21.0)]}
     for (arm, pyramid), runs in ap.items():
         for s, (box, mask) in enumerate(runs):
-            run = paths.run(finetune_key(arm, s, pyramid=pyramid))
-            run.mkdir(parents=True)
-            (run / "ap_results.json").write_text(json.dumps({"bbox": {"AP": box}, "segm": {"AP": mask}}))
-    lines = _pyramid_section(paths, 2, "multi_tap", "simple")
-    assert "| init | multi_tap box AP | multi_tap mask AP | simple box AP | simple mask AP |" in lines
-    assert "| scratch | 25.5 ± 0.7 | 22.0 ± 0.0 | 31.5 ± 2.1 | 21.0 ± 0.0 |" in lines
-    assert ("- box AP: MAE (multi_tap, 32.5 ± 0.7) against scratch init (simple, 31.5 ± 2.1): +1.0, not every MAE "
-            "seed above; supervised init (multi_tap, 19.5 ± 0.7): +13.0, every MAE seed above every seed.") in lines
-    assert ("- mask AP: MAE (multi_tap, 27.5 ± 0.7) against scratch init (multi_tap, 22.0 ± 0.0): +5.5, every MAE "
-            "seed above every seed; supervised init (multi_tap, 15.5 ± 0.7): +12.0, every MAE seed above every "
-            "seed.") in lines
-    rows = (paths.output / "demo_pyramid.csv").read_text().splitlines()
-    assert rows[0] == "init,pyramid,seed,box_AP,mask_AP" and len(rows) == 1 + 12
-    assert rows[1:3] == ["mae,multi_tap,0,33.00,27.00", "mae,multi_tap,1,32.00,28.00"]
-    assert "scratch,simple,1,33.00,21.00" in rows
+            for f, drop in ((1.0, 0.0), (0.5, 10.0)):  # on half the labels every run 10 AP lower, MAE's simple 20
+                run = paths.run(finetune_key(arm, s, f, pyramid=pyramid))
+                run.mkdir(parents=True)
+                drop += 10.0 if (f, arm, pyramid) == (0.5, "mae", "simple") else 0.0
+                (run / "ap_results.json").write_text(json.dumps({"bbox": {"AP": box - drop}, "segm": {"AP": mask - drop}}))
+    rows = pyramid_rows(paths, 2, [0.5, 1.0], 3, "multi_tap", "simple")
+    lines = _pyramid_section(paths, rows, 2, "multi_tap", "simple")
+    assert "| labeled images | init | multi_tap box AP | multi_tap mask AP | simple box AP | simple mask AP |" in lines
+    assert "| 8 | scratch | 25.5 ± 0.7 | 22.0 ± 0.0 | 31.5 ± 2.1 | 21.0 ± 0.0 |" in lines
+    assert "| 4 | mae | 22.5 ± 0.7 | 17.5 ± 0.7 | 8.5 ± 0.7 | 2.5 ± 0.7 |" in lines
+    assert ("- 8 labels, box AP: MAE (multi_tap, 32.5 ± 0.7) against scratch init (simple, 31.5 ± 2.1): +1.0, not "
+            "every MAE seed above; supervised init (multi_tap, 19.5 ± 0.7): +13.0, every MAE seed above every seed.") in lines
+    assert ("- 8 labels, mask AP: MAE (multi_tap, 27.5 ± 0.7) against scratch init (multi_tap, 22.0 ± 0.0): +5.5, "
+            "every MAE seed above every seed; supervised init (multi_tap, 15.5 ± 0.7): +12.0, every MAE seed above "
+            "every seed.") in lines
+    assert ("- 4 labels, box AP: MAE (multi_tap, 22.5 ± 0.7) against scratch init (simple, 21.5 ± 2.1): +1.0, not "
+            "every MAE seed above; supervised init (multi_tap, 9.5 ± 0.7): +13.0, every MAE seed above every seed.") in lines
+    # The larger fraction first, as in the label-efficiency rows.
+    assert [x[:9] for x in lines if x.startswith("- ")] == ["- 8 label"] * 2 + ["- 4 label"] * 2
+    csv_rows = (paths.output / "demo_pyramid.csv").read_text().splitlines()
+    assert csv_rows[0] == "init,pyramid,seed,label_fraction,num_labeled,box_AP,mask_AP" and len(csv_rows) == 1 + 24
+    assert csv_rows[1:3] == ["mae,multi_tap,0,1.0,8,33.00,27.00", "mae,multi_tap,1,1.0,8,32.00,28.00"]
+    assert "scratch,simple,1,1.0,8,33.00,21.00" in csv_rows and "mae,simple,0,0.5,4,8.00,2.00" in csv_rows
+    # The label-efficiency figure draws the configs' pyramid solid and the reference pyramid dashed, per init.
+    plain = [r for r in rows if r["pyramid"] == "multi_tap"]
+    legend = label_efficiency_figure(plain, tmp_path / "eff.png", [r for r in rows if r["pyramid"] == "simple"])
+    assert legend == [x for a in ARMS for x in (f"{a} init", f"{a} init, simple pyramid")]
+    assert (tmp_path / "eff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert label_efficiency_figure(plain, tmp_path / "eff.png") == [f"{a} init" for a in ARMS]
 
 
 def test_semantic_section_tables_mean_and_spread_and_writes_the_rows(tmp_path):
