@@ -341,8 +341,8 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert mean[mean.index("OUTPUT_DIR") + 1] == str(paths.output / "cls_knn_eval_mean_mae")
     partial = by["cls_partial_finetune_mae"].command
     assert partial[0] == "tools/finetune_cls.py" and partial[partial.index("MODEL.TRAIN_BLOCKS") + 1] == "2"
-    # Partial fine-tuning's base lr is per init (p92); the full fine-tuning keeps the config's.
-    assert partial[partial.index("SOLVER.BASE_LR") + 1] == "3.2e-2"
+    # Partial fine-tuning's base lr is per init (p116); the full fine-tuning keeps the config's.
+    assert partial[partial.index("SOLVER.BASE_LR") + 1] == "6.4e-2"
     for arm in ("supervised", "scratch"):
         other = by[f"cls_partial_finetune_{arm}"].command
         assert other[other.index("SOLVER.BASE_LR") + 1] == "8e-3"
