@@ -7,6 +7,7 @@
     python tools/benchmark_det.py --parity [--config-file C.yaml] [--iters 3]     # training parity, see below
     python tools/benchmark_det.py --side-by-side --config-file configs/shapes/mask_rcnn_vit_parity.yaml \
         --seeds 3 --output output/parity [--jobs 2] [--sides ours,vitdet,ours_bf16] [KEY VALUE ...]
+    python tools/benchmark_det.py --roi-align      # CPU RoIAlign backward: torchvision's vs ours, bit for bit
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
 peak memory (CUDA: max_memory_allocated; CPU: sampled RSS growth), parameter counts, and ours/theirs ratios.
@@ -32,7 +33,7 @@ filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/know
 
 from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
 from mae_det.bench.det import (  # noqa: E402
-    PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, run_benchmark,
+    PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, roi_align_backward_times, run_benchmark,
 )
 from mae_det.bench import error_line, parity, stop_on_sigterm  # noqa: E402
 from mae_det.config.pretrain import ConfigError  # noqa: E402
@@ -75,6 +76,19 @@ def run_side_by_side(a) -> int:
     return 0
 
 
+def run_roi_align() -> int:
+    print(f"RoIAlign backward on {device_name('cpu')}, make demo's poolers (64 px images x 4, 64 channels at "
+          "stride 2, 7x7 bins, adaptive sampling), median of 15 interleaved calls:")
+    equal = True
+    for name, rois in (("box head, 256 RoIs", 256), ("mask head, 64 RoIs", 64)):
+        r = roi_align_backward_times(rois=rois)
+        equal &= r["equal"]
+        print(f"  {name} ({r['samples']} samples): torchvision {r['torchvision'] * 1e3:.1f} ms, ours "
+              f"{r['vectorized'] * 1e3:.1f} ms ({r['vectorized'] / r['torchvision']:.2f} x); gradients "
+              f"{'bit for bit equal' if r['equal'] else 'DIFFERENT'}")
+    return 0 if equal else 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="base", choices=sorted(VIT_SIZES))
@@ -98,9 +112,13 @@ def main(argv=None):
                    "time N steps of each side, interleaved (fair on a shared machine)")
     p.add_argument("--jobs", type=int, default=1, help="--side-by-side: runs at a time (one thread each when > 1)")
     p.add_argument("--output", default="output/parity", help="--side-by-side: run folders (finished runs are reused)")
+    p.add_argument("--roi-align", action="store_true", help="time torchvision's CPU RoIAlign backward against ours "
+                   "(mae_det.modeling.roi_align) on make demo's box and mask pooler calls; exit 1 if they differ")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")
     a = p.parse_args(argv)
     try:
+        if a.roi_align:
+            sys.exit(run_roi_align())
         if a.parity:
             sys.exit(run_parity(a))
         if a.side_by_side:

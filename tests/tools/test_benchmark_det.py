@@ -62,3 +62,19 @@ def test_a_compile_failure_keeps_the_eager_comparison():
     assert any(ln.startswith("ours compiled FAILED: InvalidBackend") for ln in lines), lines
     assert any(ln.startswith("inference (s/img)") for ln in lines)
     assert not any("ours compiled (s" in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_roi_align_benchmark_times_both_kernels_and_finds_them_equal():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_det.py"), "--roi-align"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("RoIAlign backward on CPU")
+    rows = [re.match(r"  (box|mask) head, (\d+) RoIs \((\d+) samples\): torchvision ([\d.]+) ms, ours ([\d.]+) ms "
+                     r"\(([\d.]+) x\); gradients bit for bit equal$", ln) for ln in lines[1:]]
+    assert [m.group(1) for m in rows] == ["box", "mask"], lines
+    for m in rows:
+        theirs, ours, ratio = float(m.group(4)), float(m.group(5)), float(m.group(6))
+        assert int(m.group(3)) >= int(m.group(2)) * 49 and theirs > 0 and ours > 0
+        assert abs(ratio - ours / theirs) <= 0.01 + 0.01 * ratio
