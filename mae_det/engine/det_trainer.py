@@ -467,7 +467,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
         """Detectron2's, with :class:`~mae_det.modeling.roi_align.ROIAlign` in the RoI poolers of a CPU model: the
-        same gradients, bit for bit, in ~0.4x the backward time."""
+        same gradients, bit for bit, in about half the backward time."""
         model = super().build_model(cfg)
         if torch.device(cfg.MODEL.DEVICE).type == "cpu":
             use_vectorized_roi_align(model)

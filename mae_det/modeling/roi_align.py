@@ -2,7 +2,7 @@
 
 torchvision's CPU backward walks every ``(roi, channel, bin, sample)`` one float at a time and recomputes the
 bilinear weights for every channel; on the CPU demo (64 RoI channels, 256 box RoIs of 1-3 samples a side per
-iteration) it is a quarter of a Mask R-CNN iteration, four times the forward. :class:`ROIAlign` keeps torchvision's
+iteration) it is a quarter of a Mask R-CNN iteration, seven times the forward. :class:`ROIAlign` keeps torchvision's
 forward and computes the same gradient as vector ops over the channel axis: the sample points and weights once per
 ``(roi, bin, sample)``, in torchvision's float32 order of operations, then one ``index_add_`` that adds the
 contributions to every input pixel in the order torchvision's loop does. Same operations, same order, same bits
@@ -17,8 +17,8 @@ from detectron2.layers import ROIAlign as D2ROIAlign
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
-# Below this many scattered floats (samples x channels) torchvision's loop is the faster of the two (~1 ms of fixed
-# cost here against ~13 ns a float there, measured on 2-core Xeon and EPYC VMs).
+# Below this many scattered floats (samples x channels) torchvision's loop is the faster of the two: ~1 ms of fixed
+# cost here against ~11 ns a float there (2-core Xeon VM, tools/benchmark_det.py --roi-align).
 _MIN_VECTOR_WORK = 100_000
 _CHUNK = 512  # samples per index_add_: their (512, 4, C) contributions stay in L2
 
