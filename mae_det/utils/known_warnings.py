@@ -24,6 +24,9 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"pkg_resources is deprecated as an API",
      "detectron2.model_zoo imports pkg_resources to find its bundled configs; scripts/setup_env.sh pins "
      "setuptools<81, which still ships it"),
+    (FutureWarning, r"Importing from timm\.models\.layers is deprecated",
+     "Detectron2's own ViTDet blocks (built only by tools/benchmark_det.py to compare against) import DropPath and "
+     "Mlp from timm's old path, which re-exports timm.layers unchanged"),
 )
 
 # (logger, why its WARNING records are noise here): torch's own loggers, not the warnings module.

@@ -14,6 +14,7 @@ def test_known_warnings_are_silenced_and_others_still_shown():
         warnings.warn("The given NumPy array is not writable, and PyTorch does not support non-writable tensors.",
                       UserWarning)
         warnings.warn("pkg_resources is deprecated as an API. See https://setuptools.pypa.io/en/latest/", UserWarning)
+        warnings.warn("Importing from timm.models.layers is deprecated, please import via timm.layers", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
         # The same text under another category is not one of the known, harmless cases.
         warnings.warn("`torch.jit.script` is deprecated", DeprecationWarning)
