@@ -1,12 +1,12 @@
 """RoIAlign whose CPU backward scatters all channels at once, bit for bit what torchvision's CPU kernel computes.
 
 torchvision's CPU backward walks every ``(roi, channel, bin, sample)`` one float at a time and recomputes the
-bilinear weights for every channel; on the CPU demo (64 RoI channels, 256 box RoIs of 1-3 samples a side per
+bilinear weights for every channel; on the CPU demo (64-channel features, 256 box RoIs of 1-3 samples a side per
 iteration) it is a quarter of a Mask R-CNN iteration, seven times the forward. :class:`ROIAlign` keeps torchvision's
 forward and computes the same gradient as vector ops over the channel axis: the sample points and weights once per
 ``(roi, bin, sample)``, in torchvision's float32 order of operations, then one ``index_add_`` that adds the
 contributions to every input pixel in the order torchvision's loop does. Same operations, same order, same bits
-(``tests/test_roi_align.py`` checks ``torch.equal`` against the kernel), so a run gives the same numbers either way;
+(``tests/modeling/test_roi_align.py`` checks ``torch.equal`` against the kernel), so a run gives the same numbers either way;
 only the time changes. Small calls (few samples, where the fixed cost of the vector ops dominates) and non-CPU
 tensors use torchvision's own kernel.
 """
