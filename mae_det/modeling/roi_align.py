@@ -6,9 +6,9 @@ iteration) it is a quarter of a Mask R-CNN iteration, seven times the forward. :
 forward and computes the same gradient as vector ops over the channel axis: the sample points and weights once per
 ``(roi, bin, sample)``, in torchvision's float32 order of operations, then one ``index_add_`` that adds the
 contributions to every input pixel in the order torchvision's loop does. Same operations, same order, same bits
-(``tests/modeling/test_roi_align.py`` checks ``torch.equal`` against the kernel), so a run gives the same numbers either way;
-only the time changes. Small calls (few samples, where the fixed cost of the vector ops dominates) and non-CPU
-tensors use torchvision's own kernel.
+(``tests/modeling/test_roi_align.py`` checks ``torch.equal`` against the kernel), so a run gives the same numbers
+either way; only the time changes. Small calls (few samples, where the fixed cost of the vector ops dominates) and
+non-CPU tensors use torchvision's own kernel.
 """
 from __future__ import annotations
 
