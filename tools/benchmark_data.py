@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Time of the image checks a detection dataset gets at registration (header reads for training sets, full
 decoding for test sets) on a generated COCO-format folder, extrapolated to COCO 2017; with ``--train-loader N``
-also the seconds per training batch of Detectron2's loader and of the SEEDED_DRAWS one, side by side. Prints a
-report, then one JSON line with every figure. Example:
+also the seconds per training batch of Detectron2's loader and of the SEEDED_DRAWS one, side by side; with
+``--decoded-cache N`` the seconds per pretraining batch of small images decoded every read and from the decoded-image
+cache (DATA.CACHE_DECODED_MB). Prints a report, then one JSON line with every figure. Examples:
     python tools/benchmark_data.py --header-check 10000 --decode-check 300 --train-loader 30
+    OMP_NUM_THREADS=1 python tools/benchmark_data.py --header-check 100 --decode-check 10 --decoded-cache 50
 """
 import argparse
 import json
@@ -17,7 +19,9 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()
 
-from mae_det.bench.data import format_loader_report, format_report, run, time_train_loaders  # noqa: E402
+from mae_det.bench.data import (  # noqa: E402
+    format_cache_report, format_loader_report, format_report, make_dataset, run, time_decoded_cache, time_train_loaders,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-loader", type=int, default=0, metavar="N",
                         help="timed batches per loader variant and round, on the decode-check images (0: skip)")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], metavar="W")
+    parser.add_argument("--decoded-cache", type=int, default=0, metavar="N",
+                        help="timed pretraining batches per round without and with the decoded-image cache, on "
+                             "--cache-images generated images of --cache-size px (0: skip)")
+    parser.add_argument("--cache-images", type=int, default=800, metavar="N")
+    parser.add_argument("--cache-size", type=int, default=64, metavar="PX")
     parser.add_argument("--root", default="", help="folder for the generated data (default: a temporary one)")
     return parser.parse_args(argv)
 
@@ -40,9 +49,14 @@ def main(argv=None) -> None:
         if args.train_loader:
             result["train_loader"] = time_train_loaders(root / "decode" / "ann.json", root / "decode" / "images",
                                                         batches=args.train_loader, workers=tuple(args.loader_workers))
+        if args.decoded_cache:
+            make_dataset(root / "cache", args.cache_images, (args.cache_size, args.cache_size))
+            result["decoded_cache"] = time_decoded_cache(root / "cache" / "images", batches=args.decoded_cache)
     print(format_report(result))
     if args.train_loader:
         print(format_loader_report(result["train_loader"]))
+    if args.decoded_cache:
+        print(format_cache_report(result["decoded_cache"]))
     print(json.dumps(result))
 
 

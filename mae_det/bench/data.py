@@ -10,6 +10,11 @@ were just written, so they are in the page cache: on a cold or network file syst
 round, so that load changes on a shared machine hit all of them alike. Both read the images in the same order, and
 the mapper is LSJ at a fixed scale (flip and crop still drawn): the two loaders draw different scales, and a random
 scale would make the work per image, not the loader, differ.
+
+:func:`time_decoded_cache` times pretraining batches (:class:`~mae_det.data.pretrain.PretrainDataset`, the demo's
+64 px transform) decoding every image against reading it from a filled
+:class:`~mae_det.data.images.DecodedImageCache`, alternating within each round, and checks that both give the same
+tensors.
 """
 from __future__ import annotations
 
@@ -20,8 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import torch
+
 from ..config.detection import load_det_cfg
 from ..data.detection import image_file_problem, parse_coco_instances, register_datasets
+from ..data.images import DecodedImageCache
+from ..data.pretrain import PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from ..data.seeding import sample_seed, seeded_global_rngs
 from ..engine.det_trainer import Trainer
 
@@ -150,3 +159,39 @@ def format_loader_report(result: dict) -> str:
                      f"ratio {ratio:.3f}")
     lines.append(f"  seeding and restoring the global generators: {result['seeding_us_per_image']:.0f} us per image")
     return "\n".join(lines)
+
+
+def time_decoded_cache(folder: Path, *, batches: int, rounds: int = 3, batch_size: int = 16,
+                       img_size: int = 64) -> dict:
+    """Seconds per pretraining batch of the images in ``folder`` decoded on every read ("decode") and read from a
+    :class:`DecodedImageCache` filled by one untimed pass ("cache"); the median over ``rounds``, each timing both
+    variants on the same ``batches`` batches (the same crops), and whether every batch was the same tensor."""
+    source = folder_source(folder)
+    transform = PretrainTransform(img_size)
+    variants = {"decode": PretrainDataset(source, transform, seed=0),
+                "cache": PretrainDataset(source, transform, seed=0, cache=DecodedImageCache(2**40))}
+    keys = [(0, i % len(source.paths)) for i in range(batches * batch_size)]
+    for key in keys:
+        variants["cache"][key]
+    times: dict[str, list[float]] = {}
+    identical = True
+    for _ in range(rounds):
+        images = {}
+        for name, ds in variants.items():
+            t0 = time.perf_counter()
+            images[name] = [collate_pretrain([ds[k] for k in keys[b * batch_size:(b + 1) * batch_size]])["image"]
+                            for b in range(batches)]
+            times.setdefault(name, []).append((time.perf_counter() - t0) / batches)
+        identical &= all(torch.equal(a, b) for a, b in zip(images["decode"], images["cache"]))
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    return {"s_per_batch": median, "cache_over_decode": median["cache"] / median["decode"], "identical": identical,
+            "images": len(source.paths), "batches": batches, "rounds": rounds, "batch_size": batch_size,
+            "image_size": img_size}
+
+
+def format_cache_report(result: dict) -> str:
+    return (f"pretraining batches of {result['batch_size']} at {result['image_size']} px from {result['images']} "
+            f"files, median of {result['rounds']} rounds x {result['batches']} batches (seconds per batch): decoded "
+            f"every read {result['s_per_batch']['decode']:.4f}, from the decoded-image cache "
+            f"{result['s_per_batch']['cache']:.4f}, ratio {result['cache_over_decode']:.3f}; identical tensors: "
+            f"{result['identical']}")

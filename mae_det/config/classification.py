@@ -24,6 +24,10 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     DATA.VERIFY_IMAGES: True        decode every image once before fine-tuning (unreadable ones are skipped
                                     and counted up front; a class left empty fails at once); off for big sets
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction a run fails
+    DATA.CACHE_DECODED_MB: 0        fine-tuning: > 0 keeps up to this many MiB of decoded images in memory, so a
+                                    small set is decoded once (by the verification) instead of every epoch; the
+                                    same pixels (mae_det.data.images.DecodedImageCache). Needs NUM_WORKERS 0: the
+                                    loader's workers start anew every epoch. 0 = off
     AUG.SCALE: (0.08, 1.0)          RandomResizedCrop area range (fine-tuning)
     AUG.HFLIP: 0.5                  horizontal flip probability
     AUG.RAND_AUGMENT: "rand-m9-mstd0.5-inc1-mmax9"   timm auto-augment string ("" = off): the paper's
@@ -117,6 +121,7 @@ def get_cls_cfg() -> CN:
     _C.DATA.NUM_WORKERS = 4
     _C.DATA.VERIFY_IMAGES = True
     _C.DATA.MAX_BAD_FRACTION = 0.01
+    _C.DATA.CACHE_DECODED_MB = 0.0
 
     _C.AUG = CN()
     _C.AUG.SCALE = (0.08, 1.0)
@@ -221,6 +226,10 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
 
     _check(0.0 < D.CROP_PCT <= 1.0, f"DATA.CROP_PCT: expected a value in (0, 1], got {D.CROP_PCT}")
     _check(D.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS: expected >= 0, got {D.NUM_WORKERS}")
+    _check(D.CACHE_DECODED_MB >= 0, f"DATA.CACHE_DECODED_MB: expected >= 0 MiB (0 = off), got {D.CACHE_DECODED_MB}")
+    _check(D.CACHE_DECODED_MB == 0 or D.NUM_WORKERS == 0,
+           f"DATA.CACHE_DECODED_MB: the cache lives in the decoding process and the loader's workers start anew "
+           f"every epoch; set DATA.NUM_WORKERS 0 to use it (got {D.NUM_WORKERS})")
     _check(0.0 <= D.MAX_BAD_FRACTION <= 1.0,
            f"DATA.MAX_BAD_FRACTION: expected a value in [0, 1], got {D.MAX_BAD_FRACTION}")
 

@@ -51,6 +51,9 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
                                     bytes, the main process decodes JPEGs on the GPU (nvjpeg) and crops, resizes,
                                     flips and normalizes there, with the same crops and flips as "cpu"
                                     (mae_det.data.gpu_decode); other files are decoded on CPU as before
+    DATA.CACHE_DECODED_MB: 0        > 0: keep up to this many MiB of decoded images in each loading process's
+                                    memory, so small datasets are decoded once instead of every epoch (the same
+                                    pixels; mae_det.data.images.DecodedImageCache); 0 = off. CPU decoding only
     SOLVER.EPOCHS: 800              training epochs
     SOLVER.BATCH_SIZE: 64           images per process per iteration
     SOLVER.ACCUM_ITER: 1            iterations accumulated per optimizer step
@@ -157,6 +160,7 @@ def get_pretrain_cfg() -> CN:
     _C.DATA.MAX_BAD_FRACTION = 0.01
     _C.DATA.MAX_PIXELS = DEFAULT_MAX_PIXELS
     _C.DATA.DECODE_DEVICE = "cpu"
+    _C.DATA.CACHE_DECODED_MB = 0.0
 
     _C.SOLVER = CN()
     _C.SOLVER.EPOCHS = 800
@@ -416,6 +420,9 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"DATA.DECODE_DEVICE: expected one of {DECODE_DEVICES}, got {D.DECODE_DEVICE!r}")
     _check(not (D.DECODE_DEVICE == "cuda" and cfg.DEVICE == "cpu"),
            "DATA.DECODE_DEVICE: cuda decoding needs DEVICE cuda or auto, got DEVICE cpu")
+    _check(D.CACHE_DECODED_MB >= 0, f"DATA.CACHE_DECODED_MB: expected >= 0 MiB (0 = off), got {D.CACHE_DECODED_MB}")
+    _check(not (D.CACHE_DECODED_MB > 0 and D.DECODE_DEVICE == "cuda"),
+           "DATA.CACHE_DECODED_MB: caches images decoded on the CPU; with DATA.DECODE_DEVICE cuda set it to 0")
 
     for key in ("EPOCHS", "BATCH_SIZE", "ACCUM_ITER"):
         _check(S[key] >= 1, f"SOLVER.{key}: expected >= 1, got {S[key]}")

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from .images import IMAGE_EXTENSIONS, DecodedImageCache, ImageLoadError, load_image
 from .seeding import sample_seed, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class ImageFolderDataset(Dataset):
         seed: draw each sample's transform randomness from (seed, epoch, index) (see :meth:`set_epoch`) instead
             of the loading process's global generators (``None``: those, as torchvision's folders do).
         max_bad_fraction: with ``verify``, the largest fraction of unreadable images tolerated.
+        cache: keeps decoded images in memory (filled by :meth:`verify` too); None decodes on every read.
 
     Attributes:
         classes: sorted class folder names; ``classes[label]`` names a label.
@@ -62,9 +63,11 @@ class ImageFolderDataset(Dataset):
         progress: bool = True,
         seed: int | None = None,
         max_bad_fraction: float = 1.0,
+        cache: DecodedImageCache | None = None,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.load = cache.load if cache is not None else load_image
         self.seed = seed
         self.epoch = 0
         if not self.root.is_dir():
@@ -111,7 +114,7 @@ class ImageFolderDataset(Dataset):
         bar = tqdm(self.samples, desc=f"checking {self.root.name}", unit="img", leave=False, disable=not progress)
         for path, label in bar:
             try:
-                load_image(path)
+                self.load(path)
             except ImageLoadError as e:
                 skips.update(0, [str(e)])  # logged as found: a verification of a big set takes a while
                 self.skipped.append(path)
@@ -148,7 +151,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[object | None, int, str]:
         path, label = self.samples[index]
         try:
-            img = load_image(path)
+            img = self.load(path)
         except ImageLoadError as e:
             return None, label, str(e)
         if self.transform is None:

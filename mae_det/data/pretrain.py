@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedImageCache, ImageLoadError, load_image
 from .seeding import sample_seed
 
 logger = logging.getLogger(__name__)
@@ -325,18 +325,19 @@ class PretrainDataset(Dataset):
             sample is a zero image and its ``bad`` list alone proves the limit exceeded.
         max_pixels: decode budget per image.
         normalize: False: ``image`` is the uint8 pixels, for the GPU to normalize (:class:`DeviceNormalize`).
+        cache: keeps decoded images in memory (the same pixels, decoded once); None decodes on every read.
     """
 
     def __init__(
         self, source: ImageSource, transform: PretrainTransform, *, seed: int, num_patches: int = 0,
         num_classes: int = 0, max_bad: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, counts: bool = False,
-        normalize: bool = True,
+        normalize: bool = True, cache: DecodedImageCache | None = None,
     ) -> None:
         if num_classes and source.labels is None:
             raise DataError(f"{source.root}: this source has no labels")
         self.source, self.transform, self.seed = source, transform, seed
         self.num_patches, self.num_classes, self.counts = num_patches, num_classes, counts
-        self.max_bad, self.max_pixels, self.normalize = max_bad, max_pixels, normalize
+        self.max_bad, self.max_pixels, self.normalize, self.cache = max_bad, max_pixels, normalize, cache
 
     def __len__(self) -> int:
         return len(self.source.paths)
@@ -369,6 +370,8 @@ class PretrainDataset(Dataset):
 
     def read(self, index: int) -> Any:
         """File ``index``, decoded (a PIL image); raises :class:`ImageLoadError`."""
+        if self.cache is not None:
+            return self.cache.load(self.source.paths[index], self.max_pixels)
         return load_image(self.source.paths[index], self.max_pixels)
 
     def augment(self, item: Any, g: torch.Generator) -> dict:

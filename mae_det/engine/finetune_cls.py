@@ -41,7 +41,7 @@ from ..data.classification import (
     eval_transform,
     train_transform,
 )
-from ..data.images import ImageLoadError
+from ..data.images import ImageLoadError, decoded_image_cache
 from ..evaluation.knn import autocast, autocast_dtype, folder_loader, knn_eval_folders, topk_accuracy
 from ..evaluation.linear_probe import linear_probe_folders, warmup_cosine_schedule
 from ..modeling.vit import LayerNorm6, VisionTransformer
@@ -410,13 +410,14 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     out = _start_run(cfg, argv, {"task": "finetune"}, resume=resume)
     S, A = cfg.SOLVER, cfg.AUG
     accum = _accum_iter(cfg)
+    cache = decoded_image_cache(cfg.DATA.CACHE_DECODED_MB)  # one budget for both splits
     train_set = ImageFolderDataset(
         cfg.DATA.TRAIN_ROOT, seed=cfg.SEED,
         transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
-                                  rand_augment=A.RAND_AUGMENT, reprob=A.REPROB),
+                                  rand_augment=A.RAND_AUGMENT, reprob=A.REPROB), cache=cache,
     )
     val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT),
-                                 classes=train_set.classes)
+                                 classes=train_set.classes, cache=cache)
     num_classes = train_set.num_classes
     torch.manual_seed(cfg.SEED)
     # Both folders listed and MODEL.WEIGHTS loaded before the images are verified, which takes an hour on

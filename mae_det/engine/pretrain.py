@@ -54,7 +54,7 @@ from ..checkpoint.convert import (
 from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
 from ..data.classification import ClassificationDataError, ImageFolderDataset
 from ..data.gpu_decode import EncodedPretrainDataset, collate_encoded, device_batches, workers_normalize
-from ..data.images import ImageLoadError
+from ..data.images import ImageLoadError, decoded_image_cache
 from ..data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, collate_pretrain,
     sample_generator,
@@ -338,7 +338,7 @@ class Pretrainer:
             src, transform, seed=cfg.SEED, num_patches=num_patches, num_classes=self.num_classes,
             counts=cfg.MODEL.MAX_COUNT > 0,
             max_bad=max(self.max_bad - self.missing, 0), max_pixels=cfg.DATA.MAX_PIXELS,
-            normalize=workers_normalize(self.device, gpu_decode),
+            normalize=workers_normalize(self.device, gpu_decode), cache=decoded_image_cache(cfg.DATA.CACHE_DECODED_MB),
         )
         self.steps_per_epoch = len(self.dataset) // (cfg.SOLVER.BATCH_SIZE * self.world * self.accum)
         if self.steps_per_epoch < 1:

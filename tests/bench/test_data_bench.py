@@ -3,7 +3,9 @@ import json
 
 from PIL import Image
 
-from mae_det.bench.data import format_loader_report, format_report, make_dataset, run, time_train_loaders
+from mae_det.bench.data import (
+    format_cache_report, format_loader_report, format_report, make_dataset, run, time_decoded_cache, time_train_loaders,
+)
 
 
 def test_generated_dataset_declares_sizes_as_read(tmp_path):
@@ -32,3 +34,12 @@ def test_train_loader_timing_covers_both_loaders_and_worker_counts(tmp_path):
     ratio = result["seeded_over_detectron2"]["w0"]
     assert ratio == result["s_per_batch"]["seeded_w0"] / result["s_per_batch"]["detectron2_w0"]
     assert "0 loader worker(s): Detectron2's loader" in format_loader_report(result)
+
+
+def test_decoded_cache_timing_compares_both_reads_on_the_same_batches(tmp_path):
+    make_dataset(tmp_path, 12, (20, 20))
+    result = time_decoded_cache(tmp_path / "images", batches=3, rounds=2, batch_size=4, img_size=16)
+    assert result["identical"] is True and (result["images"], result["batches"], result["rounds"]) == (12, 3, 2)
+    assert set(result["s_per_batch"]) == {"decode", "cache"} and all(v > 0 for v in result["s_per_batch"].values())
+    assert result["cache_over_decode"] == result["s_per_batch"]["cache"] / result["s_per_batch"]["decode"]
+    assert "identical tensors: True" in format_cache_report(result)

@@ -151,6 +151,10 @@ def test_compile_and_decode_device_values(data_dir):
     assert "DATA.DECODE_DEVICE: expected one of ('cpu', 'cuda'), got 'gpu'" in _error(
         _cfg, data_dir, "DATA.DECODE_DEVICE", "gpu")
     assert _cfg(data_dir, "SOLVER.COMPILE", "off", "DATA.DECODE_DEVICE", "cuda").SOLVER.COMPILE == "off"
+    assert _error(_cfg, data_dir, "DATA.CACHE_DECODED_MB", "-1") == (
+        "DATA.CACHE_DECODED_MB: expected >= 0 MiB (0 = off), got -1.0")
+    assert _error(_cfg, data_dir, "DATA.CACHE_DECODED_MB", "64", "DATA.DECODE_DEVICE", "cuda") == (
+        "DATA.CACHE_DECODED_MB: caches images decoded on the CPU; with DATA.DECODE_DEVICE cuda set it to 0")
 
 
 def test_encoder_init_choice_is_validated(data_dir):

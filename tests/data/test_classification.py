@@ -9,6 +9,7 @@ from timm.data.auto_augment import AugmentOp
 
 from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
 from mae_det.config.pretrain import ConfigError
+from mae_det.data.images import DecodedImageCache
 from mae_det.data.classification import (
     ClassificationDataError,
     ImageFolderDataset,
@@ -81,6 +82,12 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
     verified = ImageFolderDataset(tmp_path, verify=True)
     assert len(verified) == 3 and len(verified.skipped) == 1
+    # With a cache, the verification decodes each readable image into it once; the unreadable one stays out.
+    cache = DecodedImageCache(10**6)
+    cached = ImageFolderDataset(tmp_path, eval_transform(16, 1.0), verify=True, cache=cache)
+    assert len(cached) == 3 and len(cached.skipped) == 1 and len(cache) == 3
+    for i in range(3):
+        assert torch.equal(cached[i][0], lazy[[0, 1, 3][i]][0])
     (tmp_path / "dog" / "0.png").write_bytes(b"")
     with pytest.raises(ClassificationDataError, match=r"class folder .*dog has no readable images"):
         ImageFolderDataset(tmp_path, verify=True)

@@ -1,5 +1,6 @@
 """load_image on hostile files: each either decodes to 8-bit RGB or raises a one-line ImageLoadError."""
 import io
+import logging
 import os
 import struct
 import zlib
@@ -10,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mae_det.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from mae_det.data.images import (
+    DEFAULT_MAX_PIXELS, DecodedImageCache, ImageLoadError, decoded_image_cache, load_image,
+)
 
 
 def _expect_error(path, fragment: str, **kw) -> str:
@@ -211,3 +214,40 @@ def test_fuzz_decoding_never_raises_anything_else(tmp_path, blob, ext):
     else:
         assert im.mode == "RGB" and im.width * im.height >= 1
         np.asarray(im)  # the pixels are really there
+
+
+def test_decoded_image_cache_returns_the_decoded_pixels_once_and_keeps_its_budget(tmp_path, caplog):
+    arrays = [np.random.default_rng(i).integers(0, 256, (6, 5, 3), dtype=np.uint8) for i in range(3)]
+    paths = []
+    for i, arr in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    caplog.set_level(logging.INFO, logger="mae_det.data.images")
+    cache = DecodedImageCache(max_bytes=2 * 6 * 5 * 3)  # room for two of the three images
+    first = [cache.load(p) for p in paths]
+    for im, arr in zip(first, arrays):
+        np.testing.assert_array_equal(np.asarray(im), arr)
+    assert len(cache) == 2 and cache.bytes == 180 and cache.full
+    assert "decoded-image cache full (2 images" in caplog.text
+    # Kept images come from memory even once their file changed; the one past the budget is read again.
+    for p in paths:
+        Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(p)
+    again = [cache.load(p) for p in paths]
+    assert again[0] is first[0] and again[1] is first[1]
+    np.testing.assert_array_equal(np.asarray(again[2]), 0)
+    assert decoded_image_cache(0) is None and decoded_image_cache(1.5).max_bytes == 1_572_864
+    with pytest.raises(ValueError, match="max_bytes"):
+        DecodedImageCache(0)
+
+
+def test_decoded_image_cache_does_not_keep_unreadable_files(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"broken")
+    cache = DecodedImageCache(max_bytes=10_000)
+    for _ in range(2):  # an error every time, never a cached entry
+        with pytest.raises(ImageLoadError, match="not a recognized image format"):
+            cache.load(p)
+    assert len(cache) == 0
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(p)  # repaired: read and kept now
+    np.testing.assert_array_equal(np.asarray(cache.load(p)), 7)
+    assert len(cache) == 1

@@ -135,6 +135,20 @@ def test_loader_workers_change_nothing(tmp_path):
     assert all(torch.equal(w0[k], w2[k]) for k in w0)
 
 
+def test_decoded_image_cache_changes_nothing_and_needs_the_main_process(tmp_path):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, "AUG.REPROB": 0.25}
+    runs = {mb: finetune(tiny_cfg(tmp_path / "data", tmp_path / f"mb{mb}", **over, **{"DATA.CACHE_DECODED_MB": mb}),
+                         progress=False) for mb in (0.0, 1.0)}
+    assert runs[0.0]["finetune_top1"] == runs[1.0]["finetune_top1"]
+    a, b = (load_checkpoint(tmp_path / f"mb{mb}" / "checkpoint_0002.pth")["model"] for mb in (0.0, 1.0))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match=r"DATA.CACHE_DECODED_MB: .* set DATA.NUM_WORKERS 0 to use it \(got 2\)"):
+        tiny_cfg(tmp_path / "data", tmp_path / "bad", **{"DATA.CACHE_DECODED_MB": 1.0, "DATA.NUM_WORKERS": 2})
+    with pytest.raises(Exception, match=r"DATA.CACHE_DECODED_MB: expected >= 0 MiB \(0 = off\), got -1"):
+        tiny_cfg(tmp_path / "data", tmp_path / "bad", **{"DATA.CACHE_DECODED_MB": -1.0})
+
+
 def test_eval_period_zero_scores_only_the_last_epoch_with_the_same_top1(tmp_path):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 8, "AUG.MIXUP": 0.8}

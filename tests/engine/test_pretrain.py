@@ -269,6 +269,22 @@ def test_corrupt_images_are_counted_or_fail_the_run(images, tmp_path):
         P.run_pretrain(make_cfg(data, tmp_path / "strict", "DATA.MAX_BAD_FRACTION", "0.01"))
 
 
+def test_decoded_image_cache_gives_the_same_run_and_the_same_bad_image_counts(images, tmp_path):
+    data = tmp_path / "dirty"
+    data.mkdir()
+    for p in sorted(images.iterdir())[:30]:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "text.jpg").write_text("not an image")
+    P.run_pretrain(make_cfg(data, tmp_path / "plain", "SOLVER.EPOCHS", "2", "DATA.MAX_BAD_FRACTION", "0.1"))
+    # A budget of 20 of the 30 40-px images: some come from memory, the others are decoded again every epoch.
+    P.run_pretrain(make_cfg(data, tmp_path / "cached", "SOLVER.EPOCHS", "2", "DATA.MAX_BAD_FRACTION", "0.1",
+                            "DATA.CACHE_DECODED_MB", str(20 * 40 * 40 * 3 / 2**20)))
+    a, b = _final(tmp_path / "plain")["model"], _final(tmp_path / "cached")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["bad_images"] for r in records(tmp_path / "cached", "epoch")] == [1, 1]
+    assert "decoded-image cache full (20 images" in (tmp_path / "cached" / "log.txt").read_text()
+
+
 def test_empty_and_too_small_datasets(tmp_path, images):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no images found"):
