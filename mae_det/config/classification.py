@@ -24,10 +24,11 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     DATA.VERIFY_IMAGES: True        decode every image once before fine-tuning (unreadable ones are skipped
                                     and counted up front; a class left empty fails at once); off for big sets
     DATA.MAX_BAD_FRACTION: 0.01     unreadable images are skipped and counted; above this fraction a run fails
-    DATA.CACHE_DECODED_MB: 0        fine-tuning: > 0 keeps up to this many MiB of decoded images in memory, so a
-                                    small set is decoded once (by the verification) instead of every epoch; the
-                                    same pixels (mae_det.data.images.DecodedImageCache). Needs NUM_WORKERS 0: the
-                                    loader's workers start anew every epoch. 0 = off
+    DATA.CACHE_DECODED_MB: 0        fine-tuning and the (augmented) linear probe: > 0 keeps up to this many MiB of
+                                    decoded images in memory, so a small set is decoded once (fine-tuning: by the
+                                    verification) instead of every epoch; the same pixels
+                                    (mae_det.data.images.DecodedImageCache). Needs NUM_WORKERS 0: the loaders'
+                                    workers start anew every epoch. 0 = off
     AUG.SCALE: (0.08, 1.0)          RandomResizedCrop area range (fine-tuning)
     AUG.HFLIP: 0.5                  horizontal flip probability
     AUG.RAND_AUGMENT: "rand-m9-mstd0.5-inc1-mmax9"   timm auto-augment string ("" = off): the paper's

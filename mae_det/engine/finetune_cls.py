@@ -205,7 +205,7 @@ def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[st
         weight_decay=L.WEIGHT_DECAY, momentum=L.MOMENTUM, warmup_epochs=L.WARMUP_EPOCHS, min_lr=L.MIN_LR,
         crop_pct=cfg.DATA.CROP_PCT, feature_batch_size=cfg.TEST.BATCH_SIZE, device=device,
         num_workers=cfg.DATA.NUM_WORKERS, precision=cfg.PRECISION, seed=cfg.SEED,
-        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
+        max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION, cache=decoded_image_cache(cfg.DATA.CACHE_DECODED_MB),
     )
     init_type, init = init_label(cfg)
     res = {k if k.startswith("linear_") else f"linear_{k}": v for k, v in res.items()}

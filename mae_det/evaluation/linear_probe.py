@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.classification import ClassificationDataError, ImageFolderDataset, SkipCounter, eval_transform
+from ..data.images import DecodedImageCache
 from ..solver.schedule import build_warmup_cosine_lr
 from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, folder_loader, topk_accuracy
 
@@ -198,8 +199,10 @@ def linear_probe_folders(
     seed: int = 0,
     progress: bool = True,
     max_bad_fraction: float = 0.1,
+    cache: DecodedImageCache | None = None,
 ) -> dict:
-    """Linear probe of a frozen encoder (already on ``device``) on a train/val pair of class folder trees.
+    """Linear probe of a frozen encoder (already on ``device``) on a train/val pair of class folder trees;
+    ``cache`` keeps the decoded images (the augmented probe reads the training images every epoch).
 
     Returns:
         The :func:`linear_probe_features` results plus ``num_train``, ``num_val``, ``num_classes``, ``pool``,
@@ -209,8 +212,8 @@ def linear_probe_folders(
         ClassificationDataError: unusable folders, too many unreadable images, or fewer than 2 training images.
     """
     tf = eval_transform(img_size, crop_pct)
-    train_set = ImageFolderDataset(train_root, tf)
-    val_set = ImageFolderDataset(val_root, tf, classes=train_set.classes)
+    train_set = ImageFolderDataset(train_root, tf, cache=cache)
+    val_set = ImageFolderDataset(val_root, tf, classes=train_set.classes, cache=cache)
     _check_two_training_images(len(train_set), train_set.root)
     opts = dict(pool=pool, batch_size=feature_batch_size, device=device, num_workers=num_workers,
                 precision=precision, progress=progress, max_bad_fraction=max_bad_fraction)

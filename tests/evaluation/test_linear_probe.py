@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mae_det.data.images import DecodedImageCache
 from mae_det.evaluation.linear_probe import LinearProbeHead, linear_probe_features, linear_probe_folders
 from mae_det.modeling.vit import VisionTransformer
 
@@ -77,3 +78,15 @@ def test_encoder_weights_stay_bit_identical(tmp_path, augment):
     assert enc.training
     assert res["num_train"] == 18 and res["num_val"] == 9 and res["augment"] is augment
     assert 0.0 <= res["linear_top1"] <= 100.0 and "linear_top5" not in res
+
+
+def test_augmented_probe_reads_the_same_pixels_from_the_decoded_image_cache(tmp_path, one_thread):
+    _color_folders(tmp_path, n_train=6, n_val=3)
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    cache = DecodedImageCache(10**6)
+    runs = [linear_probe_folders(enc, tmp_path / "train", tmp_path / "val", img_size=32, augment=True, epochs=3,
+                                 batch_size=8, base_lr=0.5, warmup_epochs=1, feature_batch_size=9, precision="fp32",
+                                 progress=False, cache=c) for c in (None, cache)]
+    assert runs[0] == runs[1]
+    assert len(cache) == 27  # every train and val image, decoded once over the 3 epochs
