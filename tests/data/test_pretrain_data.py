@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mae_det.data.images import DecodedImageCache
 from mae_det.data.pretrain import (
     DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, coco_source, collate_pretrain,
     detect_source, folder_source, imagefolder_source, list_images, sample_generator,
@@ -152,7 +153,7 @@ def test_crop_params_respect_scale_and_bounds():
         assert 0.18 * 6000 <= h * w <= 6000
 
 
-def _dataset(tmp_path, n=12, bad=(), max_bad=3, num_patches=4, labels=False):
+def _dataset(tmp_path, n=12, bad=(), max_bad=3, num_patches=4, labels=False, cache=None):
     root = tmp_path / "data"
     for i in range(n):
         p = root / f"c{i % 2}" / f"{i:02d}.png"
@@ -163,7 +164,7 @@ def _dataset(tmp_path, n=12, bad=(), max_bad=3, num_patches=4, labels=False):
             _texture(p, i)
     src = imagefolder_source(root) if labels else folder_source(root)
     return PretrainDataset(src, PretrainTransform(16), seed=5, num_patches=num_patches,
-                           num_classes=2 if labels else 0, max_bad=max_bad)
+                           num_classes=2 if labels else 0, max_bad=max_bad, cache=cache)
 
 
 def test_corrupt_image_is_replaced_by_the_next_and_reported(tmp_path):
@@ -198,6 +199,28 @@ def test_loader_output_independent_of_worker_count(tmp_path):
     assert len(zero) == 3
     for (a, n), (b, m) in zip(zero, two):
         assert torch.equal(a, b) and torch.equal(n, m)
+
+
+def test_decoded_image_cache_gives_the_same_batches_in_persistent_workers(tmp_path):
+    plain, cached = _dataset(tmp_path, bad=(3,)), _dataset(tmp_path, bad=(3,), cache=DecodedImageCache(10**6))
+
+    def epochs(ds, workers):
+        sampler = GlobalBatchSampler(len(ds), 4, seed=1)
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate_pretrain,
+                            persistent_workers=workers > 0)
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            out += [(b["image"], b["noise"], b["bad"]) for b in loader]
+        return out
+
+    expected = epochs(plain, 0)
+    for workers in (0, 2):
+        got = epochs(cached, workers)
+        assert len(got) == len(expected) == 6
+        for (a, n, bad), (b, m, bad2) in zip(expected, got):
+            assert torch.equal(a, b) and torch.equal(n, m) and bad == bad2
+    assert len(cached.cache) == 11  # the main process's reads (workers 0): every readable file, once
 
 
 def test_global_batches_identical_for_one_and_two_processes():
