@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 import torch
+from PIL import Image
 
 from ..config.detection import load_det_cfg
 from ..data.detection import image_file_problem, parse_coco_instances, register_datasets
