@@ -93,7 +93,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         # Plain backgrounds in the classification split: on textured ones (100 images per class) every encoder,
-        # a small CNN from scratch too, memorized backgrounds and stayed near chance (README, demo section).
+        # a small CNN from scratch too, memorized backgrounds and stayed near chance (pilot p24, docs/demo_pilots.md).
         # 640 labeled train images with the configs' 2000 Mask R-CNN iterations: with 160 and 1200, MAE init stayed
         # under target 1 (25.9 / 21.0 box / mask AP) and led by ~5 AP; with 640 and 1500, 32.8 / 27.8 and ~9 (pilot
         # p109); 2000 (p112) make its detector find most val objects with the right class at score >= 0.5.
