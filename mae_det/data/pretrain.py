@@ -338,6 +338,7 @@ class PretrainDataset(Dataset):
         self.source, self.transform, self.seed = source, transform, seed
         self.num_patches, self.num_classes, self.counts = num_patches, num_classes, counts
         self.max_bad, self.max_pixels, self.normalize, self.cache = max_bad, max_pixels, normalize, cache
+        self.load = cache.load if cache is not None else load_image
 
     def __len__(self) -> int:
         return len(self.source.paths)
@@ -370,9 +371,7 @@ class PretrainDataset(Dataset):
 
     def read(self, index: int) -> Any:
         """File ``index``, decoded (a PIL image); raises :class:`ImageLoadError`."""
-        if self.cache is not None:
-            return self.cache.load(self.source.paths[index], self.max_pixels)
-        return load_image(self.source.paths[index], self.max_pixels)
+        return self.load(self.source.paths[index], self.max_pixels)
 
     def augment(self, item: Any, g: torch.Generator) -> dict:
         """``{"image": (C, S, S)}`` of what :meth:`read` returned (None: no readable image, a zero image)."""
