@@ -86,6 +86,24 @@ def _count_layers(keys: set[str], prefix: str) -> int:
     return len(found)
 
 
+class _KeyReader:
+    """Reads tensors of a state dict by key, so that a converter can name what was missing and what it never read."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], what: str, hint: str = "") -> None:
+        self.sd, self.what, self.hint, self.used = sd, what, hint, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.sd:
+            raise CheckpointError(f"{self.what} has no '{key}'{self.hint}")
+        self.used.add(key)
+        return self.sd[key]
+
+    def check_all_read(self, counterpart: str) -> None:
+        left = sorted(set(self.sd) - self.used)
+        if left:
+            raise CheckpointError(f"{self.what} has keys with no {counterpart} counterpart: {left[:5]}")
+
+
 def hf_to_mae(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Converts a ``ViTMAEForPreTraining`` (or ``ViTMAEModel``) state dict to official MAE keys.
 
@@ -104,13 +122,7 @@ def hf_to_mae(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     if any(k.startswith("embeddings.") for k in sd):
         sd = {f"vit.{k}": v for k, v in sd.items()}  # bare ViTMAEModel
     layout = _hf_layout(set(sd))
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise CheckpointError(f"HF ViTMAE state dict has no '{key}' (layout '{layout}')")
-        used.add(key)
-        return sd[key]
+    take = _KeyReader(sd, "HF ViTMAE state dict", f" (layout '{layout}')")
 
     def block(hf_prefix: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -142,9 +154,7 @@ def hf_to_mae(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         for i in range(_count_layers(set(sd), "decoder.decoder_layers")):
             out.update({f"decoder_blocks.{i}.{k}": v for k, v in block(f"decoder.decoder_layers.{i}").items()})
         out.update({ours: take(theirs) for ours, theirs in _DECODER_TAIL_KEYS.items()})
-    left = sorted(set(sd) - used)
-    if left:
-        raise CheckpointError(f"HF ViTMAE state dict has keys with no MAE counterpart: {left[:5]}")
+    take.check_all_read("MAE")
     return out
 
 
@@ -173,13 +183,7 @@ def mae_to_hf(state_dict: Mapping[str, torch.Tensor], legacy_names: bool | None 
     """
     layout = _default_layout() if legacy_names is None else ("legacy" if legacy_names else "v5")
     sd = dict(state_dict)
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise CheckpointError(f"MAE state dict has no '{key}'")
-        used.add(key)
-        return sd[key]
+    take = _KeyReader(sd, "MAE state dict")
 
     def block(ours_prefix: str, hf_prefix: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -203,9 +207,7 @@ def mae_to_hf(state_dict: Mapping[str, torch.Tensor], legacy_names: bool | None 
         out.update({theirs: take(ours) for ours, theirs in {**_DECODER_EMBED_KEYS, **_DECODER_TAIL_KEYS}.items()})
         for i in range(_count_layers(set(sd), "decoder_blocks")):
             out.update(block(f"decoder_blocks.{i}", f"decoder.decoder_layers.{i}"))
-    left = sorted(set(sd) - used)
-    if left:
-        raise CheckpointError(f"MAE state dict has keys with no HF ViTMAE counterpart: {left[:5]}")
+    take.check_all_read("HF ViTMAE")
     return out
 
 
