@@ -225,16 +225,6 @@ def finish_batch(x: torch.Tensor, crops: Sequence[CropFlip | Sequence],
     return normalize_pixels(x, *mean_std)
 
 
-def augment_tensor(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, transform: PretrainTransform,
-                   mean_std: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """(3, H, W) uint8 as stored -> (3, S, S) float: what ``transform.apply`` does to the PIL image.
-
-    ``mean_std``: ``transform``'s mean and std as (C, 1, 1) tensors on the image's device (made here when not given).
-    """
-    x = resize_crop(img, orientation, crop, transform.img_size)[None]
-    return finish_batch(x, [crop], mean_std if mean_std is not None else transform.mean_std(x.device))[0]
-
-
 class GpuAugment:
     """A collated encoded batch -> its ``(B, C, S, S)`` float images on ``device`` (see the module docstring).
 
