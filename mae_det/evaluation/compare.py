@@ -340,15 +340,20 @@ def render_markdown(
     groups: list[GroupSummary], baseline: str | None = None, skipped: Iterable[str] = (), published: bool = False,
     title: str = "AP comparison",
 ) -> str:
-    """The Markdown report: summary (mean ± std), deltas against ``baseline``, every run, skips, published rows."""
+    """The Markdown report: summary (mean ± std), deltas against ``baseline``, every run, skips, published rows.
+    Columns without a value in any run are left out and named (the CSV keeps every column)."""
     skipped = list(skipped)
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
+    # COCOeval gives APm / APl no value when no val object is that large (the shapes demo): dash-only columns.
+    empty = [c for c in cols if all(r.values.get(c) is None for r in runs)]
+    cols = [c for c in cols if c not in empty]
     heads = [header(c) for c in cols]
-    kinds = [k for k in ("det", "seg", "cls") if any(kind_of(c) == k for c in cols)]
+    kinds = [k for k in ("det", "seg", "cls") if any(kind_of(c) == k for c in cols + empty)]
     lines = [f"# {title}", "",
              f"Measured: {len(runs)} runs in {len(groups)} groups. Values in %; mean ± sample std over the runs of a "
-             "group (\"(n=k)\": only k of them have a value); \"-\" = not available.", ""]
+             "group (\"(n=k)\": only k of them have a value); \"-\" = not available."
+             + (f" Left out, no value in any run: {', '.join(header(c) for c in empty)}." if empty else ""), ""]
     lines += ["## Summary", ""]
     lines += _md_table(["init"] + [f"{k} runs" for k in kinds] + heads,
                        [[g.group] + [str(g.count(k)) for k in kinds]

@@ -51,26 +51,28 @@ def runs(tmp_path) -> list[str]:
 def test_known_runs_give_known_markdown(runs):
     groups = aggregate(collect_runs(runs)[0])
     md = render_markdown(groups, baseline="scratch").splitlines()
+    # No run has a mask APl: the column is left out and named; box APl stays (one run has it).
     cols = ("box AP | box AP50 | box AP75 | box APs | box APm | box APl | mask AP | mask AP50 | mask AP75 | mask APs "
-            "| mask APm | mask APl")
+            "| mask APm")
     assert f"| init | det runs | {cols} |" in md
+    assert md[2].endswith("\"-\" = not available. Left out, no value in any run: mask APl.")
     assert "| mae | 2 | 41.0 ± 1.4 | 60.5 ± 0.7 | 43.0 ± 1.4 | 20.5 ± 0.7 | 46.0 ± 1.4 | - | 35.5 ± 0.7 | " \
-           "55.5 ± 0.7 | 37.0 ± 1.4 | 15.5 ± 0.7 | 41.0 ± 1.4 | - |" in md
+           "55.5 ± 0.7 | 37.0 ± 1.4 | 15.5 ± 0.7 | 41.0 ± 1.4 |" in md
     assert "| scratch | 2 | 30.5 ± 0.7 | 50.0 ± 0.0 | 29.5 ± 0.7 | 10.5 ± 0.7 | 34.5 ± 0.7 | - | 27.5 ± 0.7 | " \
-           "44.5 ± 0.7 | 26.5 ± 0.7 | 8.5 ± 0.7 | 30.0 ± 0.0 | - |" in md
+           "44.5 ± 0.7 | 26.5 ± 0.7 | 8.5 ± 0.7 | 30.0 ± 0.0 |" in md
     # One run: no std. The float 55.55 is 55.5499..., so one decimal gives 55.5.
-    assert "| supervised | 1 | 36.0 | 55.5 | 37.0 | 14.0 | 41.0 | 70.0 | 31.0 | 50.0 | 32.0 | 12.0 | 36.0 | - |" in md
+    assert "| supervised | 1 | 36.0 | 55.5 | 37.0 | 14.0 | 41.0 | 70.0 | 31.0 | 50.0 | 32.0 | 12.0 | 36.0 |" in md
     assert "## Δ vs scratch (difference of means)" in md
     assert f"| init | {cols} |" in md
-    assert "| mae | +10.5 | +10.5 | +13.5 | +10.0 | +11.5 | - | +8.0 | +11.0 | +10.5 | +7.0 | +11.0 | - |" in md
-    assert "| supervised | +5.5 | +5.5 | +7.5 | +3.5 | +6.5 | - | +3.5 | +5.5 | +5.5 | +3.5 | +6.0 | - |" in md
+    assert "| mae | +10.5 | +10.5 | +13.5 | +10.0 | +11.5 | - | +8.0 | +11.0 | +10.5 | +7.0 | +11.0 |" in md
+    assert "| supervised | +5.5 | +5.5 | +7.5 | +3.5 | +6.5 | - | +3.5 | +5.5 | +5.5 | +3.5 | +6.0 |" in md
     assert not any(line.startswith("| scratch | +") for line in md)
     # Runs: grouped in first-appearance order, sorted by seed inside a group.
     run_rows = [line for line in md if line.startswith("| ") and "/" in line]
     assert [r.split(" | ")[2].rsplit("/", 1)[1] for r in run_rows] == [
         "mae_s0", "mae_s1", "scratch_s0", "scratch_s1", "sup_s0"]
     assert run_rows[0] == f"| mae | 0 | {runs[0]} | 40.0 | 60.0 | 42.0 | 20.0 | 45.0 | - | 35.0 | 55.0 | 36.0 | " \
-                          "15.0 | 40.0 | - |"
+                          "15.0 | 40.0 |"
     assert "Published" not in "\n".join(md) and "Skipped" not in "\n".join(md)
 
 
@@ -99,9 +101,14 @@ def test_nulls_render_as_dash_and_partial_counts_are_shown(tmp_path):
     dirs = [_run(tmp_path, "a", "mae", 0, _ap([10, 20, 30, None, 5, None], [1, 2, 3, None, None, None])),
             _run(tmp_path, "b", "mae", 1, _ap([12, 20, 30, 7, 5, None], [1, 2, 3, None, None, None]))]
     md = render_markdown(aggregate(collect_runs(dirs)[0]))
-    assert "| mae | 2 | 11.0 ± 1.4 | 20.0 ± 0.0 | 30.0 ± 0.0 | 7.0 (n=1) | 5.0 ± 0.0 | - | 1.0 ± 0.0 | 2.0 ± 0.0 | " \
-           "3.0 ± 0.0 | - | - | - |" in md
-    assert f"| mae | 0 | {dirs[0]} | 10.0 | 20.0 | 30.0 | - | 5.0 | - | 1.0 | 2.0 | 3.0 | - | - | - |" in md
+    assert ("| init | det runs | box AP | box AP50 | box AP75 | box APs | box APm | mask AP | mask AP50 | "
+            "mask AP75 |") in md
+    assert "Left out, no value in any run: box APl, mask APs, mask APm, mask APl." in md
+    assert "| mae | 2 | 11.0 ± 1.4 | 20.0 ± 0.0 | 30.0 ± 0.0 | 7.0 (n=1) | 5.0 ± 0.0 | 1.0 ± 0.0 | 2.0 ± 0.0 | " \
+           "3.0 ± 0.0 |" in md
+    assert f"| mae | 0 | {dirs[0]} | 10.0 | 20.0 | 30.0 | - | 5.0 | 1.0 | 2.0 | 3.0 |" in md
+    # The CSV keeps every column, empty ones included.
+    assert render_csv(aggregate(collect_runs(dirs)[0])).splitlines()[0].endswith("mask_APs,mask_APm,mask_APl")
     assert "Δ" not in md
 
 
