@@ -10,7 +10,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 
@@ -85,6 +85,32 @@ def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
     if stale:
         logger.info("removed %d partial writes of a killed run in %s: %s", len(stale), folder, [p.name for p in stale])
     return stale
+
+
+def prune_checkpoints(folder: str | os.PathLike, name: re.Pattern[str], keep: int,
+                      protect: Iterable[str] = ()) -> list[Path]:
+    """Deletes all but the newest ``keep`` checkpoints of ``folder`` (0 = keep all); returns the deleted paths.
+
+    Args:
+        folder: the run's output folder, listed each time, so that the files of an earlier (resumed) process count.
+        name: a file name pattern whose groups are the numbers that order the checkpoints (epoch, iteration).
+        keep: how many of the newest to keep.
+        protect: file names never deleted (the one the run's pointer file names).
+    """
+    if keep <= 0:
+        return []
+    found = []
+    for p in Path(folder).iterdir():
+        m = name.fullmatch(p.name)
+        if m and p.is_file():
+            found.append((tuple(int(g or 0) for g in m.groups()), p))
+    old = [p for _, p in sorted(found)[:-keep] if p.name not in set(protect)]
+    for p in old:
+        p.unlink(missing_ok=True)
+    if old:
+        logger.info("removed %d older checkpoints of %s (keeping the newest %d): %s", len(old), folder, keep,
+                    [p.name for p in old])
+    return old
 
 
 # Globals that official MAE training checkpoints pickle next to tensors; nothing that can run code.

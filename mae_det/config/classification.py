@@ -72,6 +72,7 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     REFERENCE.PUBLISHED_TOP1: 0.0   a published top-1 for this recipe (0 = none); reported as published
     REFERENCE.SOURCE: ""            where that number was published
     CHECKPOINT_PERIOD: 1            fine-tuning checkpoint every N epochs (and after the last)
+    CHECKPOINT_KEEP: 0              keep only the newest N of them (0 = keep all)
     LOG_PERIOD: 20                  optimizer steps between metrics.jsonl records
     PRECISION: "auto"               "fp32", "bf16", "fp16" (GPU only) or "auto" (bf16 where native, else fp32)
     DEVICE: "auto"                  "cpu", "cuda" or "auto"
@@ -177,6 +178,7 @@ def get_cls_cfg() -> CN:
     _C.REFERENCE.SOURCE = ""
 
     _C.CHECKPOINT_PERIOD = 1
+    _C.CHECKPOINT_KEEP = 0
     _C.LOG_PERIOD = 20
     _C.PRECISION = "auto"
     _C.DEVICE = "auto"
@@ -286,6 +288,7 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(cfg.REFERENCE.PUBLISHED_TOP1 >= 0, f"REFERENCE.PUBLISHED_TOP1: expected >= 0, got {cfg.REFERENCE.PUBLISHED_TOP1}")
 
     _check(cfg.CHECKPOINT_PERIOD >= 1, f"CHECKPOINT_PERIOD: expected >= 1 epoch, got {cfg.CHECKPOINT_PERIOD}")
+    _check(cfg.CHECKPOINT_KEEP >= 0, f"CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got {cfg.CHECKPOINT_KEEP}")
     _check(cfg.LOG_PERIOD >= 1, f"LOG_PERIOD: expected >= 1, got {cfg.LOG_PERIOD}")
     _check(cfg.PRECISION in PRECISIONS, f"PRECISION: expected one of {PRECISIONS}, got {cfg.PRECISION!r}")
     _check(cfg.DEVICE in DEVICES, f"DEVICE: expected one of {DEVICES}, got {cfg.DEVICE!r}")

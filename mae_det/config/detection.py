@@ -22,6 +22,9 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
                                      CUDA only); "auto": bf16 where MODEL.DEVICE runs it natively (AVX512-bf16/AMX
                                      CPUs, Ampere+ GPUs), else fp16 on GPU, fp32 on CPU. SOLVER.AMP.ENABLED True with
                                      "fp32" means "fp16", as in Detectron2.
+    SOLVER.CHECKPOINT_KEEP [0]       keep only the newest N model_<iteration>.pth of OUTPUT_DIR (0 = keep all, as
+                                     Detectron2); older ones, an earlier process's included, are deleted after each
+                                     periodic save; model_final.pth is never deleted
     INPUT.LSJ.ENABLED [False]        Large Scale Jitter for training (replaces MIN_SIZE_TRAIN resizing)
     INPUT.LSJ.IMAGE_SIZE [1024]      output side; images are resized to IMAGE_SIZE * U(MIN_SCALE, MAX_SCALE)
     INPUT.LSJ.MIN_SCALE [0.1]        and cropped to at most IMAGE_SIZE x IMAGE_SIZE
@@ -87,6 +90,7 @@ def add_det_train_config(cfg: CN) -> None:
     cfg.SOLVER.BIAS_NO_DECAY = False
     cfg.SOLVER.NO_DECAY_NAMES = ["pos_embed"]
     cfg.SOLVER.PRECISION = "fp32"
+    cfg.SOLVER.CHECKPOINT_KEEP = 0
 
     cfg.INPUT.LSJ = CN()
     cfg.INPUT.LSJ.ENABLED = False
@@ -138,6 +142,7 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     S, L = cfg.SOLVER, cfg.INPUT.LSJ
     _check(S.OPTIMIZER in OPTIMIZERS, f"SOLVER.OPTIMIZER: expected one of {OPTIMIZERS}, got {S.OPTIMIZER!r}")
     _check(S.PRECISION in PRECISIONS, f"SOLVER.PRECISION: expected one of {PRECISIONS}, got {S.PRECISION!r}")
+    _check(S.CHECKPOINT_KEEP >= 0, f"SOLVER.CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got {S.CHECKPOINT_KEEP}")
     _check(len(S.BETAS) == 2 and all(0.0 <= b < 1.0 for b in S.BETAS),
            f"SOLVER.BETAS: expected two values in [0, 1), got {S.BETAS}")
     _check(0.0 <= S.LAYER_DECAY <= 1.0, f"SOLVER.LAYER_DECAY: expected 0 (off) or a rate in (0, 1], got {S.LAYER_DECAY}")

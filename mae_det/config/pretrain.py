@@ -72,7 +72,9 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     SOLVER.COMPILE: "auto"          torch.compile the model in place for the training step: "on", "off", or
                                     "auto" = on for CUDA only (on CPU the compile time is not repaid; see
                                     mae_det.engine.compile); quote on/off in YAML files
-    CHECKPOINT_PERIOD: 20           checkpoint every N epochs (and always after the last one); these are kept
+    CHECKPOINT_PERIOD: 20           checkpoint every N epochs (and always after the last one)
+    CHECKPOINT_KEEP: 0              keep only the newest N of those epoch checkpoints (0 = keep all); older ones
+                                    are deleted after each new one is written, including an earlier process's
     LOG_PERIOD: 20                  optimizer steps between metrics.jsonl / TensorBoard records; also the
                                     period of the host sync that checks the loss (a non-finite loss skips the
                                     update on the device at once and stops the run at the next such check)
@@ -179,6 +181,7 @@ def get_pretrain_cfg() -> CN:
     _C.SOLVER.COMPILE = "auto"
 
     _C.CHECKPOINT_PERIOD = 20
+    _C.CHECKPOINT_KEEP = 0
     _C.LOG_PERIOD = 20
     _C.PRECISION = "auto"
     _C.DEVICE = "auto"
@@ -441,6 +444,7 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(S.COMPILE in COMPILE_CHOICES, f"SOLVER.COMPILE: expected one of {COMPILE_CHOICES}, got {S.COMPILE!r}")
 
     _check(cfg.CHECKPOINT_PERIOD >= 1, f"CHECKPOINT_PERIOD: expected >= 1 epoch, got {cfg.CHECKPOINT_PERIOD}")
+    _check(cfg.CHECKPOINT_KEEP >= 0, f"CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got {cfg.CHECKPOINT_KEEP}")
     _check(cfg.LOG_PERIOD >= 1, f"LOG_PERIOD: expected >= 1, got {cfg.LOG_PERIOD}")
     _check(cfg.PRECISION in PRECISIONS, f"PRECISION: expected one of {PRECISIONS}, got {cfg.PRECISION!r}")
     _check(cfg.DEVICE in DEVICES, f"DEVICE: expected one of {DEVICES}, got {cfg.DEVICE!r}")

@@ -6,7 +6,7 @@ exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU
 ``OUTPUT_DIR/ap_results.json``; on CPU, a vectorized RoIAlign backward (:mod:`mae_det.modeling.roi_align`, bit
 for bit torchvision's); a clean stop on a non-finite loss that leaves the last checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
-``data/skipped_images`` in metrics.json. With ``SEEDED_DRAWS`` (the default) the train loader is
+``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept. With ``SEEDED_DRAWS`` (the default) the train loader is
 :mod:`mae_det.data.seeded_loader`'s and every step seeds the global generators from (SEED, rank, iteration)
 (:class:`SeededStepsHook`): the worker count changes the speed only, and ``--resume`` continues the uninterrupted
 run exactly; without it, Detectron2's loader resumes exactly where :mod:`mae_det.engine.loader_state` can (one
@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import weakref
@@ -44,7 +45,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write_text
+from ..checkpoint import CheckpointError, atomic_write_text, prune_checkpoints
 from ..checkpoint.convert import FORMAT_NAMES
 from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpointer
 from ..config.detection import effective_precision
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _REL_POS_TABLES = ("attn.rel_pos_h", "attn.rel_pos_w")
+MODEL_CHECKPOINT = re.compile(r"model_(\d+)\.pth")  # Detectron2's periodic checkpoints (not model_final.pth)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, ChannelsFirstLayerNorm)
 
 
@@ -357,6 +359,24 @@ class _EvalHook(hooks.EvalHook):
             super().after_train()
 
 
+class _PeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """Detectron2's periodic checkpointer, then only the newest ``keep`` ``model_<iteration>.pth`` kept (0 = all).
+
+    fvcore's own ``max_to_keep`` counts only the files its process saved; this lists ``OUTPUT_DIR`` instead, so the
+    checkpoints of an earlier process that ``--resume`` continued, or of a requeue, count too.
+    """
+
+    def __init__(self, checkpointer: DetectionCheckpointer, period: int, keep: int) -> None:
+        super().__init__(checkpointer, period)
+        self.keep = keep
+
+    def after_step(self) -> None:
+        super().after_step()
+        if self.keep and (self.trainer.iter + 1) % self.period == 0:
+            prune_checkpoints(self.checkpointer.save_dir, MODEL_CHECKPOINT, self.keep,
+                              protect=(os.path.basename(self.checkpointer.get_checkpoint_file()),))
+
+
 class SeededStepsHook(hooks.HookBase):
     """Seeds python's, numpy's and torch's generators (CPU and CUDA) before every step from (seed, rank,
     iteration), so that the step's drop path and RoI sampling draws do not depend on the steps before it: a run
@@ -420,6 +440,9 @@ class Trainer(DefaultTrainer):
                 ret[i] = _EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=self.cfg.LOG_PERIOD)
+            elif isinstance(h, hooks.PeriodicCheckpointer) and self.cfg.SOLVER.CHECKPOINT_KEEP:
+                ret[i] = _PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                                               self.cfg.SOLVER.CHECKPOINT_KEEP)
         # After the scheduler (its checkpoint holds this iteration's step), before the writer (which would otherwise
         # log the same iteration twice, and Detectron2's metric printer divides by the iterations in between).
         writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))

@@ -31,7 +31,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
+from ..checkpoint import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
+)
 from ..checkpoint.convert import load_encoder_weights
 from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
 from ..data.classification import (
@@ -50,7 +52,7 @@ from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
-from .pretrain import load_error_detail, newest_checkpoint, prepare_output_dir, resolve_device
+from .pretrain import EPOCH_CHECKPOINT, load_error_detail, newest_checkpoint, prepare_output_dir, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +292,11 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, classes: Sequence[str], s
                               f"the number of readable training images changed)")
 
 
-def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int) -> Path:
+def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int, keep: int) -> Path:
     path = out / f"checkpoint_{epoch:04d}.pth"
     atomic_save(state, path)
     atomic_write_text(out / LAST_CHECKPOINT_FILE, path.name)
+    prune_checkpoints(out, EPOCH_CHECKPOINT, keep, protect=(path.name,))
     return path
 
 
@@ -510,7 +513,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
                      "steps_per_epoch": steps_per_epoch}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            _save_checkpoint(out, state, epoch + 1)
+            _save_checkpoint(out, state, epoch + 1, cfg.CHECKPOINT_KEEP)
 
     evaluated = [r for r in history if "val_top1" in r]  # the last epoch is always evaluated
     final = evaluated[-1]

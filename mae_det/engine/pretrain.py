@@ -7,7 +7,8 @@ Output directory layout (``cfg.OUTPUT_DIR``)::
     log.txt                         the log of rank 0
     metrics.jsonl                   one JSON object per line: {"type": "train"|"epoch", ...}
     events.out.tfevents.*           TensorBoard scalars (train/*, epoch/*, monitor/knn_top1)
-    checkpoint_{E:04d}.pth          after E completed epochs, every CHECKPOINT_PERIOD epochs and at the end (kept)
+    checkpoint_{E:04d}.pth          after E completed epochs, every CHECKPOINT_PERIOD epochs and at the end (all
+                                    kept, or the newest CHECKPOINT_KEEP)
     checkpoint_{E:04d}_{S:06d}.pth  E epochs + S optimizer steps (SOLVER.CHECKPOINT_ITER_PERIOD; only the newest kept)
     last_checkpoint                 the file name of the newest complete checkpoint (read by --resume)
     encoder.pth                     the encoder export {"model": encoder state dict, "meta": {...}}
@@ -47,7 +48,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, remove_partial_writes
+from ..checkpoint import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
+)
 from ..checkpoint.convert import (
     FORMAT_NAMES, is_mae_decoder_key, load_decoder_state, load_encoder_weights, read_checkpoint,
 )
@@ -75,6 +78,7 @@ logger = logging.getLogger("mae_det.pretrain")
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 LAST_CHECKPOINT = "last_checkpoint"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_(\d+))?\.pth$")  # checkpoint_EEEE[_SSSSSS].pth
+EPOCH_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pth")  # the epoch checkpoints, which CHECKPOINT_KEEP counts
 
 
 def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -480,6 +484,8 @@ class Pretrainer:
                 self._rolling.unlink(missing_ok=True)
             self._rolling = path if mid_epoch else None
             logger.info("saved %s", path)
+            if not mid_epoch:
+                prune_checkpoints(self.out, EPOCH_CHECKPOINT, self.cfg.CHECKPOINT_KEEP, protect=(name,))
         self.last_good = path
         return path
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 
-from mae_det.checkpoint import CheckpointError, atomic_save, atomic_write_text, remove_partial_writes
+from mae_det.checkpoint import CheckpointError, atomic_save, atomic_write_text, prune_checkpoints, remove_partial_writes
 
 
 def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path, caplog):
@@ -38,3 +39,17 @@ def test_a_folder_that_cannot_be_created_is_a_checkpoint_error_naming_the_path(t
     assert str(e.value).startswith(f"cannot write checkpoint {tmp_path / 'file' / 'out.pth'}: ")
     assert str(e.value).endswith(f"({tmp_path / 'file'})")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_prune_checkpoints_orders_by_the_numbers_and_keeps_the_protected_and_other_files(tmp_path, caplog):
+    names = ["ckpt_9_0.pth", "ckpt_10_0.pth", "ckpt_10_5.pth", "ckpt_2_7.pth", "ckpt_final.pth", "notes.txt"]
+    for n in names:
+        (tmp_path / n).write_text(n)
+    pattern = re.compile(r"ckpt_(\d+)_(\d+)\.pth")
+    assert prune_checkpoints(tmp_path, pattern, 0) == []  # 0 keeps all
+    with caplog.at_level(logging.INFO, logger="mae_det.checkpoint.io"):
+        removed = prune_checkpoints(tmp_path, pattern, 2, protect=("ckpt_2_7.pth",))
+    assert [p.name for p in removed] == ["ckpt_9_0.pth"]  # 10 > 9 as numbers, not as strings
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {"ckpt_9_0.pth"})
+    assert "removed 1 older checkpoints" in caplog.text and "keeping the newest 2" in caplog.text
+    assert [p.name for p in prune_checkpoints(tmp_path, pattern, 1)] == ["ckpt_2_7.pth", "ckpt_10_0.pth"]

@@ -96,6 +96,7 @@ def test_recipes_scale_with_the_gpu_count():
     (["SOLVER.LAYER_DECAY", "1.5"], "SOLVER.LAYER_DECAY"),
     (["SOLVER.OPTIMIZER", "SGD", "SOLVER.LAYER_DECAY", "0.7"], "only supported with SOLVER.OPTIMIZER ADAMW"),
     (["SOLVER.BETAS", "(0.9,)"], "SOLVER.BETAS"),
+    (["SOLVER.CHECKPOINT_KEEP", "-1"], "SOLVER.CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got -1"),
     (["INPUT.LSJ.MIN_SCALE", "3.0"], "MIN_SCALE <= MAX_SCALE"),
     (["INPUT.LSJ.IMAGE_SIZE", "0"], "INPUT.LSJ.IMAGE_SIZE"),
     (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),

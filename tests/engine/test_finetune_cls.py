@@ -10,6 +10,7 @@ from PIL import Image
 
 from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
+from mae_det.config.pretrain import ConfigError
 from mae_det.data.classification import ClassificationDataError
 from mae_det.checkpoint.convert import load_encoder_weights
 from mae_det.engine.finetune_cls import ViTClassifier, build_classifier, build_encoder, finetune
@@ -110,6 +111,18 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     assert straight["finetune_top1"] == resumed["finetune_top1"]
     assert [r["epoch"] for r in sb["history"]] == [1, 2]
+
+
+def test_checkpoint_keep_leaves_the_newest_and_resume_still_works(tmp_path):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 8, "CHECKPOINT_KEEP": 1}
+    res = finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), progress=False)
+    a = tmp_path / "a"
+    assert sorted(p.name for p in a.glob("checkpoint_*.pth")) == ["checkpoint_0003.pth"]
+    again = finetune(tiny_cfg(tmp_path / "data", a, **over), resume=True, progress=False)  # finished: nothing retrained
+    assert again["finetune_top1"] == res["finetune_top1"]
+    with pytest.raises(ConfigError, match=r"CHECKPOINT_KEEP: expected >= 0 \(0 = keep all\), got -2"):
+        tiny_cfg(tmp_path / "data", a, CHECKPOINT_KEEP=-2)
 
 
 def test_resume_with_changed_settings_says_which(tmp_path, caplog):

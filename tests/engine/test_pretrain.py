@@ -197,6 +197,19 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_kept(images,
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
 
+def test_checkpoint_keep_deletes_older_epoch_checkpoints_an_earlier_process_included(images, tmp_path):
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))  # CHECKPOINT_KEEP 0: every epoch kept
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == ["checkpoint_0001.pth", "checkpoint_0002.pth"]
+    (tmp_path / "checkpoint_0001_000002.pth").write_bytes(b"")  # a mid-epoch file: not an epoch checkpoint
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "4", "CHECKPOINT_KEEP", "2"), resume=True)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == [
+        "checkpoint_0001_000002.pth", "checkpoint_0003.pth", "checkpoint_0004.pth"]
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "checkpoint_0004.pth"
+    assert _final(tmp_path)["global_step"] == 16 and (tmp_path / "encoder.pth").is_file()
+    with pytest.raises(P.ConfigError, match=r"CHECKPOINT_KEEP: expected >= 0 \(0 = keep all\), got -1"):
+        make_cfg(images, tmp_path, "CHECKPOINT_KEEP", "-1")
+
+
 def test_resume_with_changed_settings_says_which(images, tmp_path):
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"), resume=True)

@@ -216,6 +216,24 @@ def test_seeded_draws_make_resume_and_loader_workers_change_nothing(tmp_path, da
 
 
 @pytest.mark.slow
+def test_checkpoint_keep_leaves_the_newest_periodic_checkpoint_an_earlier_process_included(trained, tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_0000001.pth", "model_0000003.pth"):  # as left by the process that --resume continues
+        shutil.copy(trained / "model_0000003.pth", out / name)
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    cfg = tiny_config(tmp_path / "k.yaml", data, out, test=False,
+                      **{"SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.CHECKPOINT_KEEP": 1})
+    r = run_tool("--config-file", str(cfg), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000007.pth", "model_final.pth"]
+    log = (out / "log.txt").read_text()
+    assert "removed 2 older checkpoints" in log and "['model_0000001.pth', 'model_0000003.pth']" in log
+    a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (trained, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deleting files changes nothing in the run
+
+
+@pytest.mark.slow
 def test_detectron2_loader_resumes_exactly_in_one_process_without_workers(tmp_path, data):
     """SEEDED_DRAWS False (Detectron2's loader; the parity config): with 0 workers the checkpoint holds the loader's
     sample count and the generators' states, so a run resumed at iteration 4 ends with the uninterrupted run's
