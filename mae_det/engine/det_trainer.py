@@ -6,11 +6,11 @@ exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU
 ``OUTPUT_DIR/ap_results.json``; on CPU, a vectorized RoIAlign backward (:mod:`mae_det.modeling.roi_align`, bit
 for bit torchvision's); a clean stop on a non-finite loss that leaves the last checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
-``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept. With ``SEEDED_DRAWS`` (the default) the train loader is
-:mod:`mae_det.data.seeded_loader`'s and every step seeds the global generators from (SEED, rank, iteration)
-(:class:`SeededStepsHook`): the worker count changes the speed only, and ``--resume`` continues the uninterrupted
-run exactly; without it, Detectron2's loader resumes exactly where :mod:`mae_det.engine.loader_state` can (one
-process, 0 workers).
+``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept.
+With ``SEEDED_DRAWS`` (the default) the train loader is :mod:`mae_det.data.seeded_loader`'s and every step seeds
+the global generators from (SEED, rank, iteration) (:class:`SeededStepsHook`): the worker count changes the speed
+only, and ``--resume`` continues the uninterrupted run exactly; without it, Detectron2's loader resumes exactly
+where :mod:`mae_det.engine.loader_state` can (one process, 0 workers).
 
 Semantic segmentation (a ``SemanticSegmentor`` meta-architecture) uses the semantic mapper, a test dataset of
 ``evaluator_type`` "sem_seg" is scored by Detectron2's SemSegEvaluator into ``sem_seg_results.json``, and
