@@ -336,12 +336,22 @@ def _md_table(head: list[str], rows: list[list[str]], n_left: int) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _shown_path(path: str, base: str | os.PathLike | None) -> str:
+    """``path`` relative to ``base`` when it lies inside it (a report next to its runs stays readable and can be
+    moved with them), else as given."""
+    if base is None:
+        return path
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def render_markdown(
     groups: list[GroupSummary], baseline: str | None = None, skipped: Iterable[str] = (), published: bool = False,
-    title: str = "AP comparison",
+    title: str = "AP comparison", paths_relative_to: str | os.PathLike | None = None,
 ) -> str:
     """The Markdown report: summary (mean ± std), deltas against ``baseline``, every run, skips, published rows.
-    Columns without a value in any run are left out and named (the CSV keeps every column)."""
+    Columns without a value in any run are left out and named (the CSV keeps every column); run folders inside
+    ``paths_relative_to`` are shown relative to it."""
     skipped = list(skipped)
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
@@ -364,7 +374,8 @@ def render_markdown(
         lines += _md_table(["init"] + heads, [[g] + [format_delta(d[c]) for c in cols] for g, d in diff.items()], 1)
     lines += ["", "## Runs", ""]
     lines += _md_table(["init", "seed", "run"] + heads,
-                       [[r.group, str(r.seed), r.path] + [format_value(r.values.get(c)) for c in cols] for r in runs],
+                       [[r.group, str(r.seed), _shown_path(r.path, paths_relative_to)]
+                        + [format_value(r.values.get(c)) for c in cols] for r in runs],
                        3)
     if skipped:
         lines += ["", f"## Skipped: {len(skipped)} run directories with missing or malformed results", ""]
@@ -476,7 +487,7 @@ def compare(
     if not runs:
         raise ResultError("no valid run directory" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
     groups = aggregate(runs)
-    markdown = render_markdown(groups, baseline, skipped, published, title)
+    markdown = render_markdown(groups, baseline, skipped, published, title, paths_relative_to=out_dir)
     table = render_csv(groups, baseline, published)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -228,6 +228,15 @@ def test_compare_writes_table_csv_chart_and_labelled_published_rows(runs, tmp_pa
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
 
 
+def test_compare_shows_the_runs_inside_its_output_folder_by_relative_path(runs, tmp_path):
+    md = compare(runs, tmp_path, baseline="scratch")["markdown"].read_text()  # the runs lie in tmp_path
+    assert "| mae | 0 | mae_s0 | 40.0 |" in md and str(tmp_path) not in md
+    md = compare(runs, tmp_path / "elsewhere", baseline="scratch")["markdown"].read_text()
+    assert f"| mae | 0 | {runs[0]} | 40.0 |" in md  # outside the output folder: as given
+    csv_text = compare(runs, tmp_path)["csv"].read_text()
+    assert f",{runs[0]}," in csv_text and ",mae_s0," not in csv_text  # the CSV keeps the paths as given
+
+
 def test_tool_prints_table_and_fails_with_the_path(runs, tmp_path, repo_root, capsys):
     spec = importlib.util.spec_from_file_location("compare_ap_tool", repo_root / "tools/compare_ap.py")
     tool = importlib.util.module_from_spec(spec)
