@@ -1,9 +1,10 @@
 """Labeled ImageFolder-style data for classification evaluation (kNN, linear probe, fine-tuning).
 
-Layout: ``root/<class_name>/**/<image>``; class indexes follow the sorted folder names, as torchvision's
-``ImageFolder`` and the official MAE fine-tuning code do, so label ids agree across tools and runs. Images are
-decoded with :func:`mae_det.data.images.load_image`; an unreadable image never stops a run: it is skipped, logged
-and counted (see :func:`collate_skipping`), and only a class left without any readable image is an error.
+Layout: ``root/<class_name>/**/<image>``, hidden files and folders (names starting with ".") skipped as in
+pretraining; class indexes follow the sorted folder names, as torchvision's ``ImageFolder`` and the official MAE
+fine-tuning code do, so label ids agree across tools and runs. Images are decoded with
+:func:`mae_det.data.images.load_image`; an unreadable image never stops a run: it is skipped, logged and counted
+(see :func:`collate_skipping`), and only a class left without any readable image is an error.
 
 Training augmentation is reproducible across loader worker counts: with a ``seed``, every sample's transform runs
 with python's, numpy's and torch's global generators seeded from (seed, epoch, index) (:func:`seeded_global_rngs`),
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .images import IMAGE_EXTENSIONS, DecodedImageCache, ImageLoadError, load_image
+from .pretrain import list_images
 from .seeding import sample_seed, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
@@ -87,10 +89,9 @@ class ImageFolderDataset(Dataset):
         self.present_classes = present
         self.samples: list[tuple[str, int]] = []
         for c in present:
-            files = sorted(
-                str(p) for p in (self.root / c).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            # Hidden entries are skipped as in pretraining: a tree copied from macOS has an AppleDouble "._"
+            # sibling, with an image suffix but no image, next to every image.
+            files = [str(p) for p in list_images(self.root / c)]
             if not files:
                 raise ClassificationDataError(
                     f"class folder {self.root / c} has no image files (extensions: {', '.join(IMAGE_EXTENSIONS)})"

@@ -8,8 +8,8 @@ invalid json, missing sections).
 Detectron2's builtin names (``coco_2017_train`` ...) are checked for their files under ``DETECTRON2_DATASETS``.
 
 Image files are checked against the json when a dataset is loaded (ours, and Detectron2's builtin COCO sets),
-from their headers (~0.1 ms per file): missing, not an image, or not the declared height x width as Detectron2's
-``read_image`` will see it (EXIF orientation applied). Such images are skipped and named in the load report;
+from their headers (~0.1 ms per file): missing, not an image, or not the declared height x width as the mapper
+will see it (EXIF orientation applied). Such images are skipped and named in the load report;
 more of them than ``DATASETS.MAX_BAD_FRACTION`` is a one-line :class:`DatasetError`. Test sets are stricter,
 because skipping an image would change the AP: every image is decoded up front and any bad one is an error. A
 training image whose header is fine but whose data is not (truncated) is skipped by
@@ -17,6 +17,7 @@ training image whose header is fine but whose data is not (truncated) is skipped
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,13 +27,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
+import numpy as np
 import pycocotools.mask as mask_util
+import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from .images import ImageLoadError, image_size
+from .images import ImageLoadError, image_size, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +57,8 @@ class CocoLoadReport:
     """What :func:`parse_coco_instances` kept and what it skipped (reason -> count).
 
     ``bad_files`` holds one "path: problem" line per image skipped for its file (missing, unreadable, wrong
-    size), in image id order.
+    size), in image id order. ``masks``: whether the json has segmentations (None: not parsed here, e.g. a
+    Detectron2 builtin set); ``rle_instances``: kept non-crowd instances whose mask is an RLE.
     """
 
     json_file: str
@@ -61,6 +66,8 @@ class CocoLoadReport:
     annotations: int = 0
     skipped: Counter = field(default_factory=Counter)
     bad_files: list[str] = field(default_factory=list)
+    masks: bool | None = None
+    rle_instances: int = 0
 
     def summary(self) -> str:
         line = f"{self.json_file}: {self.images} images, {self.annotations} annotations"
@@ -123,6 +130,35 @@ def _categories(data: dict, json_file: str) -> dict[int, str]:
     return cats
 
 
+def _rle_run_lengths(counts: Any) -> list[int] | None:
+    """The run lengths of an RLE's ``counts``: a list of integers, or COCO's compressed string, in which each
+    length is written 5 bits a character (ASCII 48 + bits, 0x20 marks that more characters follow, 0x10 in the last
+    one is the sign) and every length after the first three as its difference to the one two places before. None
+    when ``counts`` is neither.
+    """
+    if isinstance(counts, list):
+        return counts if all(_is_int(c) for c in counts) else None
+    if isinstance(counts, str):
+        counts = counts.encode("ascii", "replace")
+    if not isinstance(counts, bytes):
+        return None
+    lengths: list[int] = []
+    value = shift = 0
+    for byte in counts:
+        bits = byte - 48
+        if not 0 <= bits < 64:
+            return None
+        value |= (bits & 0x1F) << shift
+        shift += 5
+        if bits & 0x20:
+            continue
+        if bits & 0x10:
+            value -= 1 << shift
+        lengths.append(value + lengths[-2] if len(lengths) > 2 else value)
+        value = shift = 0
+    return None if shift else lengths
+
+
 def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) -> Any:
     """Valid polygons or a compressed RLE for one annotation, or None (reason counted in ``skipped``)."""
     if isinstance(segm, list):
@@ -137,6 +173,12 @@ def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) ->
         size = segm.get("size")
         if not (isinstance(size, (list, tuple)) and len(size) == 2 and list(size) == [height, width]):
             skipped["RLE masks whose size differs from the image"] += 1
+            return None
+        # pycocotools decodes runs that cover less than the image into uninitialized memory (a different mask on
+        # every read) and fails mid-training on runs that cover more: the runs must tile the image exactly.
+        runs = _rle_run_lengths(segm.get("counts"))
+        if runs is None or any(r < 0 for r in runs) or sum(runs) != height * width:
+            skipped["malformed RLE masks"] += 1
             return None
         try:
             rle = mask_util.frPyObjects(segm, height, width) if isinstance(segm.get("counts"), list) else dict(segm)
@@ -247,7 +289,7 @@ def parse_coco_instances(
     if len(anns) < len(data.get("annotations", [])):
         skipped["malformed annotations"] += len(data.get("annotations", [])) - len(anns)
     # A dataset with masks needs one for every instance (Detectron2 batches them together).
-    with_masks = any(a.get("segmentation") for a in anns)
+    with_masks = report.masks = any(a.get("segmentation") for a in anns)
     per_image: dict[int, list[dict]] = {i: [] for i in images}
     for a in anns:
         img = images.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
@@ -286,6 +328,7 @@ def parse_coco_instances(
             if segm is None:
                 continue
             obj["segmentation"] = segm
+            report.rle_instances += isinstance(segm, dict) and not obj["iscrowd"]
         per_image[img["id"]].append(obj)
 
     records = []
@@ -534,6 +577,48 @@ def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...], 
         )
 
 
+def check_training_sets(cfg: CfgNode) -> None:
+    """Checks the loaded ``DATASETS.TRAIN`` sets against the model and the test sets, before the first step.
+
+    Besides :func:`check_num_classes`: with ``MODEL.MASK_ON`` a training json must have masks, and RLE masks of
+    single objects need ``INPUT.MASK_FORMAT bitmask`` (Detectron2 would fail on the first batch that holds one);
+    a COCO-evaluated test set must name the same categories in the same id order, or the model's class k would
+    be scored as the test set's class k.
+
+    Raises:
+        DatasetError: one line naming the dataset, its json and the key to change.
+    """
+    names = cfg.DATASETS.TRAIN
+    check_num_classes(cfg, names)
+    for name in names:
+        report = _LOAD_REPORTS.get(name)
+        if report is None or not cfg.MODEL.MASK_ON:
+            continue
+        if report.masks is False:
+            raise DatasetError(
+                f"dataset '{name}' (DATASETS.TRAIN): {report.json_file} has no segmentation masks but "
+                "MODEL.MASK_ON is True: set MODEL.MASK_ON False to train boxes only, or add masks"
+            )
+        if report.rle_instances and cfg.INPUT.MASK_FORMAT == "polygon":
+            raise DatasetError(
+                f"dataset '{name}' (DATASETS.TRAIN): {report.rle_instances} non-crowd instances in "
+                f"{report.json_file} have RLE masks, which INPUT.MASK_FORMAT polygon cannot hold: set "
+                "INPUT.MASK_FORMAT bitmask"
+            )
+    train_classes = next((c for c in (MetadataCatalog.get(n).get("thing_classes") for n in names) if c), None)
+    for name in cfg.DATASETS.TEST:
+        meta = MetadataCatalog.get(name)
+        classes = meta.get("thing_classes")
+        if train_classes is None or classes is None or meta.get("evaluator_type") != "coco":
+            continue
+        if list(classes) != list(train_classes):
+            raise DatasetError(
+                f"dataset '{name}' (DATASETS.TEST) has the categories {list(classes)!r:.200} in id order but "
+                f"DATASETS.TRAIN has {list(train_classes)!r:.200}: the model's class k would be scored as the test "
+                "set's class k; give both jsons the same category ids and names"
+            )
+
+
 def _polygons_to_rle(ann: dict, height: int, width: int) -> dict:
     segm = ann.get("segmentation")
     if not isinstance(segm, list):
@@ -542,8 +627,14 @@ def _polygons_to_rle(ann: dict, height: int, width: int) -> dict:
 
 
 class DetectionDatasetMapper(DatasetMapper):
-    """Detectron2's DatasetMapper that, for ``INPUT.MASK_FORMAT bitmask``, rasterizes polygons *before* the
-    augmentations, so crops (LSJ) cut exact pixel masks instead of clipping polygons (which needs shapely).
+    """Detectron2's DatasetMapper that decodes images with :func:`~mae_det.data.images.load_image` and, for
+    ``INPUT.MASK_FORMAT bitmask``, rasterizes polygons *before* the augmentations, so crops (LSJ) cut exact pixel
+    masks instead of clipping polygons (which needs shapely).
+
+    Detectron2's ``read_image`` converts with PIL's ``convert``, which clips 16-bit grayscale to white and keeps the
+    colour stored under transparent pixels; ``load_image`` scales 16-bit data and composites alpha on black, so
+    training, evaluation and ``tools/predict.py`` see the same pixels (8-bit RGB files decode identically either
+    way). Label maps (``sem_seg_file_name``) are read as Detectron2 reads them.
 
     In training, an image that fails to decode or is not its declared size (the header check cannot see
     truncated data) makes the mapper return None, which Detectron2's MapDataset answers with another index. The
@@ -557,14 +648,37 @@ class DetectionDatasetMapper(DatasetMapper):
         super().__init__(*args, **kwargs)
         self._skipped: list[str] = []
 
+    def _map(self, dataset_dict: dict) -> dict:
+        """Detectron2's mapping of one dataset dict (image, augmentations, annotations) with the project's decoder."""
+        d = copy.deepcopy(dataset_dict)
+        image = d2_utils.convert_PIL_to_numpy(load_image(d["file_name"]), self.image_format)
+        d2_utils.check_image_size(d, image)
+        sem_seg = d.pop("sem_seg_file_name", None)
+        if sem_seg is not None:
+            sem_seg = d2_utils.read_image(sem_seg, "L").squeeze(2)
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]
+        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg is not None:
+            d["sem_seg"] = torch.as_tensor(sem_seg.astype("long"))
+        if self.proposal_topk is not None:
+            d2_utils.transform_proposals(d, image_shape, transforms, proposal_topk=self.proposal_topk)
+        if not self.is_train:
+            d.pop("annotations", None)
+        elif "annotations" in d:
+            self._transform_annotations(d, transforms, image_shape)
+        return d
+
     def __call__(self, dataset_dict: dict) -> dict | None:
         if not self.is_train:
-            return super().__call__(dataset_dict)
+            return self._map(dataset_dict)
         if self.instance_mask_format == "bitmask" and dataset_dict.get("annotations"):
             h, w = dataset_dict["height"], dataset_dict["width"]
             dataset_dict = {**dataset_dict, "annotations": [_polygons_to_rle(a, h, w) for a in dataset_dict["annotations"]]}
         try:
-            out = super().__call__(dataset_dict)
+            out = self._map(dataset_dict)
         except Exception:
             problem = image_file_problem(dataset_dict["file_name"], dataset_dict.get("height"),
                                          dataset_dict.get("width"), decode=True)

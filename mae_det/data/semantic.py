@@ -5,11 +5,12 @@ image's stem, values ``0..K-1`` or the ignore value) listed in ``DATASETS.REGIST
 dataset without code, with ``evaluator_type`` "sem_seg". Label maps are checked when a dataset is first loaded -
 for our entries and for Detectron2's builtin semantic datasets (``ade20k_sem_seg_*``) named in DATASETS.TRAIN /
 TEST - because ``SemSegEvaluator`` reads them itself: a label map that is not mode "L" (a palette PNG would be
-read as luminance by the mapper and as palette indices by the evaluator), whose size differs from its image, or
-that holds values >= K other than the ignore value, is a one-line :class:`DatasetError` naming the file; so is
-an image file PIL cannot identify. Test sets are decoded in full before a run (``decode_test_sets``), because
-SemSegEvaluator would only meet a truncated image after training. A training image whose data fails to decode is
-skipped by the mapper and counted, within ``DATASETS.MAX_BAD_FRACTION``, as for detection.
+read as luminance by the mapper and as palette indices by the evaluator), whose size differs from its image with
+its EXIF orientation applied, or that holds values >= K other than the ignore value, is a
+one-line :class:`DatasetError` naming the file; so is an image file PIL cannot identify. Test sets are decoded
+in full before a run (``decode_test_sets``), because SemSegEvaluator would only meet a truncated image after
+training. A training image whose data fails to decode is skipped by the mapper and counted, within
+``DATASETS.MAX_BAD_FRACTION``, as for detection.
 
 ADE20K's raw labels are 0 = "other" and 1..150; Detectron2 trains on ``annotations_detectron2/`` where 0 became
 255 (ignored) and the rest moved down by one (:func:`convert_ade20k`, ``tools/convert_ade20k.py``). Raw labels would
@@ -37,7 +38,7 @@ from .detection import (
     DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, flip_augmentations,
     image_file_problem, record_checked_images,
 )
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageLoadError, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,14 @@ _CONVERT_HINT = "convert ADE20K-style labels (0 = other, 1..K) with tools/conver
 # ---- label maps ----------------------------------------------------------------------------------------------
 def check_label_map(label_file: str, image_file: str, num_classes: int, ignore_value: int) -> None:
     """Raises a one-line :class:`DatasetError` naming ``label_file`` unless it is a mode-"L" PNG of the image's
-    size whose values are in ``0..num_classes-1`` or equal ``ignore_value``."""
+    size (EXIF orientation applied, as the mappers read images) whose values are in
+    ``0..num_classes-1`` or equal ``ignore_value``."""
     try:
         with Image.open(label_file) as lab:
             mode, size = lab.mode, lab.size
             values = np.unique(np.asarray(lab)) if mode == "L" else None
-        with Image.open(image_file) as img:
-            image_size = img.size
+        # The mapper reads the image rotated by its EXIF orientation and needs the label map in that frame.
+        shown = image_size(image_file)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{label_file}: cannot read the label map or its image {image_file}: {e}") from e
     if mode != "L":
@@ -63,9 +65,9 @@ def check_label_map(label_file: str, image_file: str, num_classes: int, ignore_v
             f"{label_file}: label maps must be single-channel 8-bit PNGs (mode 'L'), got mode {mode!r} "
             "(a palette PNG is read as luminance by the mapper but as indices by SemSegEvaluator)"
         )
-    if size != image_size:
+    if size != shown:
         raise DatasetError(f"{label_file}: size {size[0]}x{size[1]} differs from its image {image_file} "
-                           f"({image_size[0]}x{image_size[1]})")
+                           f"({shown[0]}x{shown[1]} with its EXIF orientation applied)")
     bad = [int(v) for v in values if v >= num_classes and v != ignore_value]
     if bad:
         hint = f"; {_CONVERT_HINT}" if max(bad) == num_classes and ignore_value not in values else ""
@@ -111,11 +113,14 @@ def read_class_names(classes_file: str, key: str = SEM_SEG_KEY) -> list[str]:
 
 
 def list_sem_seg_files(image_root: str, label_root: str, key: str = SEM_SEG_KEY) -> list[dict]:
-    """Records ``{file_name, sem_seg_file_name, height, width}`` for every image with its ``<stem>.png`` label."""
+    """Records ``{file_name, sem_seg_file_name, height, width}`` for every image (hidden files aside) with its
+    ``<stem>.png`` label."""
     for what, folder in (("image", image_root), ("label", label_root)):
         if not os.path.isdir(folder):
             raise DatasetError(f"{key}: {what} folder not found: {folder}")
-    images = sorted(p for p in Path(image_root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    # Hidden names are not images: macOS copies leave "._<name>" metadata twins beside every file.
+    images = sorted(p for p in Path(image_root).iterdir()
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not images:
         raise DatasetError(f"{key}: no image files in {image_root}")
     records = []
@@ -124,11 +129,10 @@ def list_sem_seg_files(image_root: str, label_root: str, key: str = SEM_SEG_KEY)
         if not label.is_file():
             raise DatasetError(f"{label}: label map of image {p} not found")
         try:
-            with Image.open(p) as im:
-                width, height = im.size
-        except (OSError, ValueError) as e:  # not an image despite its name, unreadable
-            raise DatasetError(f"{p}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())}); "
-                               f"{key} lists every image file of {image_root}") from e
+            # The size the mappers check the record against: they apply the EXIF orientation.
+            width, height = image_size(p)
+        except ImageLoadError as e:  # not an image despite its name, unreadable
+            raise DatasetError(f"{e}; {key} lists every image file of {image_root}") from e
         records.append({"file_name": str(p), "sem_seg_file_name": str(label), "height": height, "width": width})
     return records
 
@@ -284,12 +288,13 @@ def is_semantic(cfg: CfgNode) -> bool:
 
 
 def build_sem_seg_mapper(cfg: CfgNode, is_train: bool) -> DatasetMapper:
-    """Detectron2's DatasetMapper with semantic augmentations: training resizes the short side to one of
-    ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``MAX_SIZE_TRAIN``), crops ``INPUT.CROP.SIZE`` with no class over
+    """The detection mapper (its image decoding) with semantic augmentations: training resizes the short side to one
+    of ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``MAX_SIZE_TRAIN``), crops ``INPUT.CROP.SIZE`` with no class over
     ``CROP.SINGLE_CATEGORY_MAX_AREA`` of it (when ``CROP.ENABLED``), and flips; testing resizes as
     ``MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``."""
     if not is_train:
-        return DatasetMapper(cfg, False, augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)])
+        resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        return DetectionDatasetMapper(cfg, False, augmentations=[resize])
     augs: list[T.Augmentation] = [T.ResizeShortestEdge(
         cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
     )]

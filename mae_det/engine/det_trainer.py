@@ -51,7 +51,7 @@ from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpoi
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
 from ..data.detection import (
-    SKIPPED_IMAGES_KEY, DatasetError, check_num_classes, first_files, remaining_bad_images,
+    SKIPPED_IMAGES_KEY, DatasetError, check_num_classes, check_training_sets, first_files, remaining_bad_images,
 )
 from ..config.vit_backbone import VIT_BACKBONES
 from ..data.seeded_loader import SeededBatches, seeded_train_loader_from_config
@@ -521,7 +521,10 @@ class Trainer(DefaultTrainer):
                 f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: no image with a usable annotation to train on "
                 "(every image was filtered: no annotations, or all of them skipped as invalid)"
             ) from e
-        (check_sem_seg_classes if is_semantic(cfg) else check_num_classes)(cfg, cfg.DATASETS.TRAIN)
+        if is_semantic(cfg):
+            check_sem_seg_classes(cfg, cfg.DATASETS.TRAIN)
+        else:
+            check_training_sets(cfg)
         return loader
 
     @classmethod

@@ -38,6 +38,23 @@ def test_labels_follow_sorted_folder_names(tmp_path):
     assert label == 2 and path.endswith("zebra/0.png") and img.size == (24, 24)
 
 
+def test_hidden_files_and_folders_are_not_images_or_classes(tmp_path):
+    # A tree copied from macOS: an AppleDouble "._" sibling per image, Finder and Spotlight folders.
+    for name in ("cat", "dog"):
+        for rel in ("1.png", "0.png", "sub/0.png"):
+            _write(tmp_path / name / rel, (10, 20, 30))
+            apple_double = tmp_path / name / Path(rel).with_name(f"._{Path(rel).name}")
+            apple_double.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
+        _write(tmp_path / name / ".thumbnails" / "0.png", (0, 0, 0))
+    _write(tmp_path / ".Trashes" / "0.png", (0, 0, 0))
+    ds = ImageFolderDataset(tmp_path, verify=True, max_bad_fraction=0.0, progress=False)
+    assert ds.classes == ds.present_classes == ["cat", "dog"] and ds.skipped == []
+    assert [(Path(p).relative_to(tmp_path).as_posix(), label) for p, label in ds.samples] == [
+        ("cat/0.png", 0), ("cat/1.png", 0), ("cat/sub/0.png", 0), ("dog/0.png", 1), ("dog/1.png", 1),
+        ("dog/sub/0.png", 1),
+    ]
+
+
 def test_val_split_takes_train_label_set(tmp_path):
     for name in ("a", "b", "c"):
         _write(tmp_path / "train" / name / "0.png", (0, 0, 0))

@@ -1,12 +1,13 @@
 """COCO-format registration, hostile json handling and the LSJ mapper (mae_det.data.detection)."""
 import json
 import os
+import re
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mae_det.config.detection import get_det_cfg
+from mae_det.data.images import ImageLoadError
 from mae_det.data.detection import (
     MISSING_IMAGE,
     SKIPPED_IMAGES_KEY,
@@ -24,11 +26,13 @@ from mae_det.data.detection import (
     check_bad_images,
     check_dataset_files,
     check_num_classes,
+    check_training_sets,
     flip_augmentations,
     parse_coco_instances,
     register_coco_dataset,
     register_datasets,
 )
+from mae_det.data.detection import _polygons_to_rle
 
 H, W = 64, 96
 
@@ -422,8 +426,8 @@ def test_training_mapper_skips_an_image_that_fails_to_decode(tmp_path):
     with pytest.raises(Exception) as e:
         mapper(broken)
     assert not isinstance(e.value, DatasetError)
-    # Evaluation never skips (it would change the AP): the decode error propagates.
-    with pytest.raises(OSError, match="truncated"):
+    # Evaluation never skips (it would change the AP): the decode error propagates, naming the file.
+    with pytest.raises(ImageLoadError, match=f"^{re.escape(trunc['file_name'])}: cannot decode image .*truncated"):
         build_detection_mapper(cfg, is_train=False)(trunc)
 
 
@@ -446,3 +450,150 @@ def test_detectron2_registered_coco_sets_get_the_same_checks(tmp_path):
     with pytest.raises(DatasetError, match=r"^dataset 'b2_d2_dirty' \(DATASETS.TEST\): 5 of 9 images .*trunc.jpg: "
                                            "cannot decode image"):
         register_datasets(cfg, decode_test_sets=True)
+
+
+def _rle_ann(i, image_id, counts, **kw):
+    return _ann(i, image_id, 1, [0, 0, 10, 10], {"size": [H, W], "counts": counts}, **kw)
+
+
+def test_rle_masks_whose_runs_do_not_cover_the_image_exactly_are_skipped(tmp_path):
+    # pycocotools decodes runs short of the image into uninitialized memory and fails on runs past its end.
+    mask = np.zeros((H, W), np.uint8)
+    mask[5:20, 10:30] = 1
+    good = mask_util.encode(np.asfortranarray(mask))["counts"].decode()
+    short = mask_util.frPyObjects({"size": [H, W], "counts": [10 * H, 30 * H]}, H, W)["counts"].decode()
+    anns = [
+        _rle_ann(1, 1, good),                               # kept
+        _rle_ann(2, 1, [10 * H, W * H - 10 * H]),           # uncompressed, exact: kept
+        _rle_ann(3, 1, [10 * H, 30 * H]),                   # uncompressed, short of the image
+        _rle_ann(4, 1, [10 * H, 300 * H]),                  # uncompressed, past its end
+        _rle_ann(5, 2, short),                              # compressed, short of the image
+        _rle_ann(6, 2, [10 * H, -5, W * H - 10 * H + 5]),   # a negative run
+        _rle_ann(7, 2, good[:-1] + "\x7f"),                # not a run-length character
+        _rle_ann(8, 2, "0" * 3 + "a"),                      # ends inside a run length
+    ]
+    records, *_, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(2), "annotations": anns, "categories": [{"id": 1, "name": "box"}]}))
+    assert report.skipped == {"malformed RLE masks": 6}
+    kept = records[0]["annotations"]
+    assert [mask_util.area(a["segmentation"]) for a in kept] == [15 * 20, (W - 10) * H]
+    assert np.array_equal(mask_util.decode(kept[0]["segmentation"]), mask)
+    assert report.rle_instances == 2
+
+
+def _masks_cfg(tmp_path, anns, name, **cfg_keys):
+    json_file, root = _dataset(tmp_path, {"images": _images(), "annotations": anns,
+                                          "categories": [{"id": 1, "name": "box"}]})
+    cfg = _cfg(tmp_path, **{name: (json_file, root)})
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (name,), ()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    for k, v in cfg_keys.items():
+        cfg.merge_from_list([k.replace("__", "."), v])
+    register_datasets(cfg)
+    DatasetCatalog.get(name)  # what building the train loader does first
+    return cfg, json_file
+
+
+def test_a_box_only_json_needs_mask_on_off_before_training(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], []), _ann(2, 2, 1, [5, 5, 10, 10], [])]  # box-only exporters write []
+    cfg, json_file = _masks_cfg(tmp_path, anns, "b2_boxes_only", MODEL__MASK_ON=True)
+    with pytest.raises(DatasetError) as e:
+        check_training_sets(cfg)
+    assert str(e.value) == (f"dataset 'b2_boxes_only' (DATASETS.TRAIN): {json_file} has no segmentation masks but "
+                            "MODEL.MASK_ON is True: set MODEL.MASK_ON False to train boxes only, or add masks")
+    cfg.MODEL.MASK_ON = False
+    check_training_sets(cfg)
+
+
+def test_single_object_rle_masks_need_the_bitmask_format(tmp_path):
+    mask = np.zeros((H, W), np.uint8)
+    mask[10:40, 20:60] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))["counts"].decode()
+    anns = [_rle_ann(1, 1, rle), _ann(2, 2, 1, [5, 5, 10, 10], _rect(5, 5, 10, 10)),
+            _rle_ann(3, 3, rle, iscrowd=1)]  # crowd RLEs never reach the mask head
+    cfg, json_file = _masks_cfg(tmp_path, anns, "b2_rle", MODEL__MASK_ON=True, INPUT__MASK_FORMAT="polygon")
+    with pytest.raises(DatasetError) as e:
+        check_training_sets(cfg)
+    assert str(e.value) == (f"dataset 'b2_rle' (DATASETS.TRAIN): 1 non-crowd instances in {json_file} have RLE "
+                            "masks, which INPUT.MASK_FORMAT polygon cannot hold: set INPUT.MASK_FORMAT bitmask")
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    check_training_sets(cfg)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (H,), 1000  # the image as it is
+    out = build_detection_mapper(cfg, is_train=True)(DatasetCatalog.get("b2_rle")[0])
+    assert out["instances"].gt_masks.tensor[0].sum() == 30 * 40
+
+
+def test_a_test_set_must_name_the_training_categories_in_the_same_order(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)), _ann(2, 2, 2, [5, 5, 10, 10], _rect(5, 5, 10, 10))]
+    sets = {}
+    for name, cats in (("b2_cats_train", ["cat", "dog"]), ("b2_cats_test", ["dog", "cat"])):
+        (tmp_path / name).mkdir()
+        sets[name] = _dataset(tmp_path / name, {"images": _images(), "annotations": anns,
+                                                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(cats)]})
+    cfg = _cfg(tmp_path, **sets)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("b2_cats_train",), ("b2_cats_test",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    register_datasets(cfg, decode_test_sets=True)  # equal counts: this check alone cannot see it
+    DatasetCatalog.get("b2_cats_train")
+    with pytest.raises(DatasetError) as e:
+        check_training_sets(cfg)
+    assert str(e.value) == ("dataset 'b2_cats_test' (DATASETS.TEST) has the categories ['dog', 'cat'] in id order but "
+                            "DATASETS.TRAIN has ['cat', 'dog']: the model's class k would be scored as the test set's "
+                            "class k; give both jsons the same category ids and names")
+    cfg.DATASETS.TEST = ("b2_cats_train",)
+    check_training_sets(cfg)
+
+
+def test_the_mappers_decode_16_bit_and_transparent_images_as_load_image_does(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    ramp = (np.arange(H * W, dtype=np.uint32).reshape(H, W) * 65535 // (H * W - 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "a.png")  # 16-bit grayscale ("I;16")
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., :3] = 255  # white stored under fully transparent pixels
+    rgba[10:40, 20:60] = (0, 200, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(root / "b.png")
+    record = {"file_name": str(root / "a.png"), "height": H, "width": W, "image_id": 1, "annotations": []}
+    cfg = get_det_cfg()
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = H, 1000
+    test_mapper = build_detection_mapper(cfg, is_train=False)
+    gray = test_mapper(record)["image"]
+    # Detectron2's read_image clips the 16-bit values: almost every pixel white.
+    assert (read_image(record["file_name"], "RGB") == 255).mean() > 0.99
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert torch.equal(gray, torch.as_tensor(expected)[None].expand(3, H, W))
+    colour = test_mapper({**record, "file_name": str(root / "b.png")})["image"]
+    assert colour[:, 0, 0].tolist() == [0, 0, 0] and colour[:, 20, 30].tolist() == [0, 200, 0]
+    cfg.INPUT.FORMAT = "BGR"
+    assert build_detection_mapper(cfg, is_train=False)({**record, "file_name": str(root / "b.png")})["image"][:, 20, 30].tolist() == [0, 200, 0]
+
+
+def test_the_training_mapper_maps_as_detectron2s_on_8_bit_images_label_maps_included(tmp_path):
+    # The shipped configs' numbers were measured with Detectron2's own mapping: it must stay the same bits.
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)), _ann(2, 1, 1, [60, 40, 30, 20], _rect(60, 40, 30, 20))]
+    records, *_ = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    labels = np.zeros((H, W), np.uint8)
+    labels[10:40, 20:60] = 3
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    for fmt, mask_format in (("RGB", "bitmask"), ("BGR", "polygon")):
+        cfg = _lsj_cfg(0.8)
+        cfg.INPUT.LSJ.MAX_SCALE = 1.25
+        cfg.INPUT.FORMAT, cfg.INPUT.MASK_FORMAT = fmt, mask_format
+        if mask_format == "polygon":
+            cfg.INPUT.LSJ.ENABLED = False
+        mapper = build_detection_mapper(cfg, is_train=True)
+        for seed, record in enumerate([records[0], {**records[0], "sem_seg_file_name": str(tmp_path / "labels.png")}]):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            ours = mapper(record)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            theirs = DatasetMapper.__call__(mapper, record if mask_format == "polygon" else {
+                **record, "annotations": [_polygons_to_rle(a, H, W) for a in record["annotations"]]})
+            assert ours.keys() == theirs.keys()
+            assert torch.equal(ours["image"], theirs["image"])
+            assert torch.equal(ours["instances"].gt_boxes.tensor, theirs["instances"].gt_boxes.tensor)
+            if "sem_seg" in theirs:
+                assert torch.equal(ours["sem_seg"], theirs["sem_seg"]) and ours["sem_seg"].max() == 3

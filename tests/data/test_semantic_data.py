@@ -77,6 +77,39 @@ def test_bad_label_maps_are_one_line_errors_naming_the_file(tmp_path, case, mess
 
 
 
+def _rotated_photo(root: Path, label_shape: tuple[int, int]) -> Path:
+    """A phone-style JPEG stored 48 wide x 32 high with EXIF orientation 6 (displayed 32 wide x 48 high), a plain
+    second image, and mode-"L" labels: ``label_shape`` (H, W) for the rotated one, the image's own for the other."""
+    root = make_semantic(root, [np.zeros(label_shape), np.zeros((32, 48))])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 270 on display: width and height swap
+    Image.fromarray(np.full((32, 48, 3), 100, np.uint8)).save(root / "img" / "000.jpg", exif=exif.tobytes())
+    return root
+
+
+def test_exif_rotated_images_are_sized_as_the_mappers_read_them(tmp_path):
+    from detectron2.data.detection_utils import read_image
+
+    # A label map drawn on the photo as displayed: registered with the displayed size, mapped in training and test.
+    root = _rotated_photo(tmp_path / "shown", (48, 32))
+    cfg = cfg_with(entry("sem_exif_shown", root), train=["sem_exif_shown"], test=["sem_exif_shown"])
+    register_sem_seg_datasets(cfg, decode_test_sets=True)
+    rotated, plain = DatasetCatalog.get("sem_exif_shown")
+    assert (rotated["height"], rotated["width"]) == read_image(rotated["file_name"]).shape[:2] == (48, 32)
+    assert (plain["height"], plain["width"]) == (32, 48)
+    # The training mapper skipped the image as undecodable; the test mapper raised SizeMismatchError.
+    out = build_mapper(cfg, is_train=True)(rotated)
+    assert out is not None and SKIPPED_IMAGES_KEY not in out and out["sem_seg"].shape == out["image"].shape[1:]
+    h, w = build_mapper(cfg, is_train=False)(rotated)["image"].shape[1:]
+    assert h > w  # portrait, as displayed
+    # A label map of the stored pixels does not fit what the mapper reads: one line naming it, before training.
+    root = _rotated_photo(tmp_path / "stored", (32, 48))
+    with pytest.raises(DatasetError) as err:
+        register_sem_seg_datasets(cfg_with(entry("sem_exif_stored", root), train=["sem_exif_stored"]))
+    assert str(err.value) == (f"{root / 'lab' / '000.png'}: size 48x32 differs from its image "
+                              f"{root / 'img' / '000.jpg'} (32x48 with its EXIF orientation applied)")
+
+
 def _truncate_image(root: Path, name: str) -> Path:
     """Replaces img/<name>.jpg by the first half of a 32x32 noise JPEG: its header reads, its data does not."""
     path = root / "img" / f"{name}.jpg"
@@ -90,7 +123,8 @@ def test_a_file_that_is_not_an_image_is_a_one_line_error(tmp_path):
     (root / "img" / "001.jpg").write_text("not an image")
     with pytest.raises(DatasetError) as err:
         register_sem_seg_datasets(cfg_with(entry("sem_text", root), train=["sem_text"]))
-    assert str(err.value).startswith(f"{root / 'img' / '001.jpg'}: not a readable image (UnidentifiedImageError: ")
+    assert str(err.value) == (f"{root / 'img' / '001.jpg'}: not a recognized image format; dataset 'sem_text' in "
+                              f"DATASETS.REGISTER_SEM_SEG lists every image file of {root / 'img'}")
     assert "\n" not in str(err.value)
 
 
@@ -194,3 +228,24 @@ def test_shapes_semantic_split_paints_each_instance_with_its_class(tmp_path):
                 expected[mask_utils.decode(a["segmentation"]).astype(bool)] = rank[a["category_id"]]
         assert np.array_equal(label, expected)
     assert any(np.asarray(Image.open(p)).max() > 0 for p in (tmp_path / "semantic" / "val").iterdir())
+
+
+def test_hidden_files_in_the_image_folder_are_not_images(tmp_path):
+    root = make_semantic(tmp_path / "d", [np.zeros((4, 6))])
+    (root / "img" / "._000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a macOS metadata twin
+    register_sem_seg_datasets(cfg_with(entry("sem_hidden", root), train=["sem_hidden"]))
+    assert [Path(r["file_name"]).name for r in DatasetCatalog.get("sem_hidden")] == ["000.jpg"]
+
+
+def test_the_test_mapper_decodes_16_bit_images_as_training_does(tmp_path):
+    root = make_semantic(tmp_path / "d", [np.zeros((4, 6))])
+    ramp = (np.arange(24, dtype=np.uint32).reshape(4, 6) * 65535 // 23).astype(np.uint16)
+    (root / "img" / "000.jpg").unlink()
+    Image.fromarray(ramp).save(root / "img" / "000.png")  # 16-bit grayscale: read_image would clip it to white
+    cfg = cfg_with(entry("sem_16bit", root), test=["sem_16bit"])
+    register_sem_seg_datasets(cfg, decode_test_sets=True)
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 4, 100
+    out = build_mapper(cfg, is_train=False)(DatasetCatalog.get("sem_16bit")[0])
+    expected = torch.as_tensor(np.rint(ramp * (255 / 65535)).astype(np.uint8))
+    assert torch.equal(out["image"], expected[None].expand(3, 4, 6)) and out["sem_seg"].shape == (4, 6)
