@@ -27,7 +27,10 @@ from mae_det.checkpoint.io import CheckpointError, atomic_save  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="checkpoint to convert")
+    parser.add_argument(
+        "--input", required=True,
+        help="checkpoint file to convert (of a Hugging Face model folder: its model.safetensors or pytorch_model.bin)",
+    )
     parser.add_argument("--output", required=True, help="Detectron2-ready .pth to write")
     parser.add_argument("--config-file", default="", help="detection config of the target model (optional)")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="input format (default: detect)")

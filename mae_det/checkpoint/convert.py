@@ -7,8 +7,9 @@ Formats (``detect_format``):
 * ``official``: the official MAE release (``mae_pretrain_vit_*.pth`` encoder only, ``*_full.pth`` /
   ``mae_visualize_*.pth`` with the decoder, training checkpoints with ``optimizer``/``args``).
 * ``timm``: a timm ``VisionTransformer`` state dict, bare or under ``"state_dict"``; classifier ``head``/``fc_norm``
-  are dropped. Read here rather than through timm's ``checkpoint_filter_fn``, which takes any dict holding
-  ``mask_token`` for DINOv2 and mangles full MAE checkpoints.
+  are dropped. A full MAE state dict saved that way (``torch.save(mae.state_dict())``) detects as this too; its
+  decoder is read by :func:`load_decoder_state`. Read here rather than through timm's ``checkpoint_filter_fn``,
+  which takes any dict holding ``mask_token`` for DINOv2 and mangles full MAE checkpoints.
 * ``hf``: Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` (through :func:`mae_det.checkpoint.hf.hf_to_mae`).
 * ``d2``: a Detectron2 checkpoint of this project's ViT-FPN model (``backbone.net.*`` or
   ``backbone.bottom_up.net.*``, heads, maybe ``optimizer``/``iteration``).
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..modeling.vit import VisionTransformer, resize_rel_pos
 from .hf import hf_to_mae
-from .io import CheckpointError, load_checkpoint
+from .io import CheckpointError, load_checkpoint, require_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.suffix != ".safetensors":
         return load_checkpoint(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_checkpoint_file(path)
     from safetensors.torch import load_file
 
     try:
@@ -228,6 +228,14 @@ def _resample_patch(w: torch.Tensor, patch: int) -> tuple[torch.Tensor, str]:
     return new, f"patch_embed kernel resampled {w.shape[-2]}x{w.shape[-1]} -> {patch}x{patch}"
 
 
+def _from_hf(sd: Mapping[str, Any], src: str) -> dict[str, torch.Tensor]:
+    """:func:`hf_to_mae`, its errors naming the file as every other format's do."""
+    try:
+        return hf_to_mae(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from e
+
+
 def _encoder_of(ckpt: Mapping, fmt: str, src: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """-> (format, encoder in official keys, non-encoder keys of a Detectron2 checkpoint, dropped keys)."""
     detected, sd = _detect(ckpt, src)
@@ -239,7 +247,7 @@ def _encoder_of(ckpt: Mapping, fmt: str, src: str) -> tuple[str, dict[str, torch
             _, enc, rest = _detection_encoder(sd, src)
             return fmt, enc, rest, []
         if fmt == "hf":
-            sd = hf_to_mae(sd)
+            sd = _from_hf(sd, src)
         enc, dropped = _split_vit_keys(sd, src)
         return fmt, enc, {}, dropped
     except CheckpointError as e:
@@ -346,16 +354,29 @@ def is_mae_decoder_key(key: str) -> bool:
 
 
 def load_decoder_state(path_or_dict: str | os.PathLike | Mapping, *, source: str | None = None) -> dict[str, torch.Tensor]:
-    """The MAE decoder of a pretraining checkpoint (``mask_token`` and ``decoder_*``, official key names): this
-    project's full checkpoints, the official ``*_full.pth`` / ``mae_visualize_*.pth`` releases, HF
-    ``ViTMAEForPreTraining``. Empty for encoder-only checkpoints (official ``mae_pretrain_vit_*.pth``, exports,
-    timm, detection checkpoints)."""
+    """The MAE decoder of a pretraining checkpoint (``mask_token`` and ``decoder_*``, official key names).
+
+    Found in this project's full checkpoints, the official ``*_full.pth`` / ``mae_visualize_*.pth`` releases, HF
+    ``ViTMAEForPreTraining`` and a full MAE state dict saved bare or under ``"state_dict"`` (``torch.save(
+    mae.state_dict())``, also from a DDP-wrapped model), which detects as timm.
+
+    Args:
+        path_or_dict: a checkpoint file or an already loaded checkpoint / state dict (not modified).
+        source: name used in messages (defaults to the path).
+
+    Returns:
+        A new dict; empty for encoder-only checkpoints (official ``mae_pretrain_vit_*.pth``, exports, timm ViTs)
+        and for detection checkpoints, which cannot hold a decoder.
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, or an unknown layout, naming the file.
+    """
     ckpt, src = _open(path_or_dict, source)
     fmt, sd = _detect(ckpt, src)
-    if fmt in ("d2", "vitdet", "timm"):
+    if fmt in ("d2", "vitdet"):
         return {}
     if fmt == "hf":
-        sd = hf_to_mae(sd)
+        sd = _from_hf(sd, src)
     return {k: _tensor(v) for k, v in sd.items() if is_mae_decoder_key(k)}
 
 

@@ -10,7 +10,7 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
 from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
-from .io import CheckpointError, atomic_save, atomic_write_text, remove_partial_writes
+from .io import CheckpointError, atomic_save, atomic_write_text, folder_instead_of_checkpoint, remove_partial_writes
 
 _OTHER_CHECKPOINTS_NAMED = 3  # earlier checkpoints suggested when the last one cannot be resumed from
 
@@ -57,7 +57,7 @@ class CheckedDetectionCheckpointer(DetectionCheckpointer):
             except Exception as e:
                 raise CheckpointError(f"cannot fetch checkpoint {path} ({self._named_by}): {e}") from e
             if not os.path.isfile(local):
-                what = "is a folder, not a checkpoint file" if os.path.isdir(local) else "not found"
+                what = folder_instead_of_checkpoint(local) if os.path.isdir(local) else "not found"
                 raise CheckpointError(f"checkpoint {path} ({self._named_by}): {what}")
         return super().load(path, *args, **kwargs)
 

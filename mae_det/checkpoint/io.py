@@ -113,10 +113,15 @@ def prune_checkpoints(folder: str | os.PathLike, name: re.Pattern[str], keep: in
     return old
 
 
+# The weight files mae_det reads (load_checkpoint, and safetensors through convert.read_checkpoint).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".safetensors")
+
 # Globals that official MAE training checkpoints pickle next to tensors; nothing that can run code.
 _TORCH_SAFE_GLOBALS = [argparse.Namespace]
 
-# What Detectron2's model-zoo .pkl files (pickled dicts of numpy arrays) need to unpickle.
+# What Detectron2's model-zoo .pkl files (pickled dicts of numpy arrays) need to unpickle, in every pickle protocol
+# and numpy 1 / 2 module name. numpy's _frombuffer (protocol 5 arrays) only reinterprets a byte buffer and refuses
+# object dtypes.
 _PICKLE_ALLOWED = {
     ("collections", "OrderedDict"),
     ("numpy", "ndarray"),
@@ -125,14 +130,45 @@ _PICKLE_ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside the allowlist (what a file that runs code on loading does)."""
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """Stands in for ``_codecs.encode``: protocols 0-2 pickle bytes as ``encode(text, "latin1")``.
+
+    Only latin1: another codec name makes the codec registry look up (and import) codec modules, more than building
+    bytes needs.
+    """
+    if encoding != "latin1":
+        raise _RefusedGlobal(f"global '_codecs.encode' with encoding {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """Stands in for ``bytes``: protocols 0-2 pickle ``b""`` (an empty array's data) as the call ``bytes()``."""
+    return b""
+
+
+# Globals of protocols 0-2 replaced by functions that accept only what pickle itself writes.
+_PICKLE_REPLACED: dict[tuple[str, str], Callable[..., bytes]] = {
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_REPLACED:
+            return _PICKLE_REPLACED[module, name]
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _RefusedGlobal(f"global '{module}.{name}' is not allowed")
 
 
 def _weights_only_refusal(path: Path, e: pickle.UnpicklingError) -> str:
@@ -149,6 +185,36 @@ def _weights_only_refusal(path: Path, e: pickle.UnpicklingError) -> str:
     return f"checkpoint {path} is not a torch checkpoint (a text file, a truncated download or another format?): {reason}"
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def folder_instead_of_checkpoint(folder: str | os.PathLike) -> str:
+    """Why a folder given where a checkpoint file belongs is refused, and which of its files to pass instead.
+
+    The text follows the folder's name in a message (``f"checkpoint {folder}: {reason}"``); it lists the weight files
+    inside (a Hugging Face model folder holds ``model.safetensors`` or ``pytorch_model.bin``).
+    """
+    try:
+        inside = sorted(p.name for p in Path(folder).iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+    except OSError:
+        inside = []
+    if not inside:
+        return (f"is a folder, not a checkpoint file, and holds none ({', '.join(CHECKPOINT_SUFFIXES)}); pass the "
+                "weights file itself")
+    more = ", ..." if len(inside) > 3 else ""
+    return f"is a folder, not a checkpoint file; pass the weights file inside it (there: {', '.join(inside[:3])}{more})"
+
+
+def require_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raises :class:`CheckpointError` naming ``path`` unless it is a file (a folder gets its own message)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: {folder_instead_of_checkpoint(path)}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Loads a ``.pth``/``.pt`` (torch zip or legacy) or Detectron2 ``.pkl`` file without executing code.
 
@@ -157,18 +223,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     arrays and dicts. Anything else is refused with :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_checkpoint_file(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".pkl":
         try:
             with open(path, "rb") as f:
                 obj = _RestrictedUnpickler(io.BufferedReader(f), encoding="latin1").load()
-        except pickle.UnpicklingError as e:
+        except _RefusedGlobal as e:
             raise CheckpointError(f"refused to load {path}: {e} (only numpy arrays and dicts are accepted)") from e
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {e}") from e
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {_one_line(e)}"
+            ) from e
     else:
         try:
             with torch.serialization.safe_globals(_TORCH_SAFE_GLOBALS):

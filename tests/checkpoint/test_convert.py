@@ -1,6 +1,7 @@
 """Checkpoint conversion into the encoder and the Detectron2 ViT-FPN model, and the ViTDetCheckpointer."""
 import argparse
 import copy
+import logging
 import os
 import pickle
 from functools import partial
@@ -16,6 +17,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
 from detectron2.solver.lr_scheduler import LRMultiplier
 from fvcore.common.param_scheduler import CosineParamScheduler
+from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -24,7 +26,9 @@ from mae_det.checkpoint.convert import (
     FORMAT_NAMES,
     convert_to_detectron2,
     detect_format,
+    load_decoder_state,
     load_encoder_state,
+    read_checkpoint,
     target_of,
     to_detectron2,
 )
@@ -148,6 +152,72 @@ def test_timm_vit_loads_and_computes_the_same(tmp_path):
     cfg.MODEL.VIT.DEPTH = 12
     state = to_detectron2(str(path), cfg)
     assert torch.equal(state["backbone.net.blocks.3.attn.qkv.weight"], sd["blocks.3.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("layout", ["bare", "module.", "state_dict"])
+def test_a_full_mae_state_dict_saved_without_model_wrapper_keeps_its_decoder(tmp_path, caplog, layout):
+    from mae_det.engine.pretrain import load_initial_weights
+
+    mae = tiny_mae(seed=1)
+    full = mae.state_dict()
+    ckpt = {"bare": full, "module.": {f"module.{k}": v for k, v in full.items()}, "state_dict": {"state_dict": full}}
+    path = tmp_path / "full_mae.pth"
+    torch.save(ckpt[layout], path)
+    decoder = load_decoder_state(path)
+    expected = {k: v for k, v in full.items() if k.startswith(("decoder_", "mask_token"))}
+    assert sorted(decoder) == sorted(expected) and "decoder_pred.weight" in decoder
+    assert all(torch.equal(decoder[k], v) for k, v in expected.items())
+    model = tiny_mae(seed=2)
+    with caplog.at_level(logging.INFO, logger="mae_det"):
+        assert load_initial_weights(model, path)["decoder"] == "loaded"
+    assert "has no MAE decoder" not in caplog.text
+    for k, v in model.state_dict().items():
+        if k.startswith(("decoder_", "mask_token")) and k != "decoder_pos_embed":  # frozen sin-cos: the model's own
+            assert torch.equal(v, full[k]), k
+    # A timm ViT in the same layout has no decoder, and a detection checkpoint cannot hold one.
+    assert load_decoder_state(encoder_only(full)) == {}
+    assert load_decoder_state({"model": {f"backbone.net.{k}": v for k, v in encoder_only(full).items()}}) == {}
+
+
+def test_hf_errors_name_the_file(tmp_path):
+    hf = mae_to_hf(tiny_mae().state_dict(), legacy_names=True)
+    extra, lacking = tmp_path / "with_classifier.bin", tmp_path / "lacking.bin"
+    torch.save({**hf, "classifier.weight": torch.zeros(10, 64)}, extra)
+    torch.save({k: v for k, v in hf.items() if k != "vit.encoder.layer.1.output.dense.bias"}, lacking)
+    readers = (lambda p: convert_to_detectron2(p, None), load_encoder_state, load_decoder_state)
+    for read in readers:
+        with pytest.raises(CheckpointError) as e:
+            read(extra)
+        assert str(e.value) == f"{extra}: HF ViTMAE state dict has keys with no MAE counterpart: ['classifier.weight']"
+        with pytest.raises(CheckpointError) as e:
+            read(lacking)
+        assert str(e.value) == (f"{lacking}: HF ViTMAE state dict has no 'vit.encoder.layer.1.output.dense.bias' "
+                                "(layout 'legacy')")
+
+
+def test_a_folder_given_as_checkpoint_says_which_file_to_pass(tmp_path):
+    from tools.convert_checkpoint import main
+
+    hf_folder = tmp_path / "vit-mae-base"
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")
+    save_file(mae_to_hf(tiny_mae().state_dict(), legacy_names=True), str(hf_folder / "model.safetensors"))
+    msg = (f"checkpoint {hf_folder}: is a folder, not a checkpoint file; pass the weights file inside it "
+           "(there: model.safetensors)")
+    for read in (read_checkpoint, lambda p: convert_to_detectron2(p, None), load_decoder_state):
+        with pytest.raises(CheckpointError) as e:
+            read(hf_folder)
+        assert str(e.value) == msg
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(hf_folder), "--output", str(tmp_path / "out.pth")])
+    assert str(e.value) == f"convert_checkpoint: {msg}"
+    assert not (tmp_path / "out.pth").exists()
+    named_like_a_file = tmp_path / "weights.safetensors"
+    named_like_a_file.mkdir()
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(named_like_a_file)
+    assert str(e.value) == (f"checkpoint {named_like_a_file}: is a folder, not a checkpoint file, and holds none "
+                            "(.pth, .pt, .bin, .pkl, .safetensors); pass the weights file itself")
 
 
 def test_hf_vitmae_weights_convert():
@@ -365,8 +435,10 @@ def test_missing_weights_are_one_line_errors_naming_the_path_and_key(tmp_path):
             with pytest.raises(CheckpointError) as e:
                 load(cls(model, str(tmp_path / "run")), str(tmp_path / "nope.pth"))
             assert str(e.value) == f"checkpoint {tmp_path / 'nope.pth'} (MODEL.WEIGHTS): not found"
-        with pytest.raises(CheckpointError, match=r"folder \(MODEL.WEIGHTS\): is a folder, not a checkpoint file$"):
+        with pytest.raises(CheckpointError) as e:
             cls(model, str(tmp_path / "run")).load(str(tmp_path / "folder"))
+        assert str(e.value) == (f"checkpoint {tmp_path / 'folder'} (MODEL.WEIGHTS): is a folder, not a checkpoint "
+                                "file, and holds none (.pth, .pt, .bin, .pkl, .safetensors); pass the weights file itself")
 
 
 def test_a_last_checkpoint_that_cannot_be_resumed_names_the_earlier_ones(tmp_path):

@@ -1,13 +1,20 @@
-"""Atomic writes and the clean-up of what a killed writer leaves behind."""
+"""Atomic writes, the clean-up of what a killed writer leaves behind, and safe loading of numpy-only pickles."""
 from __future__ import annotations
 
+import codecs
+import collections
 import logging
 import os
+import pickle
 import re
 
+import numpy as np
 import pytest
+from numpy._core.numeric import _frombuffer
 
-from mae_det.checkpoint import CheckpointError, atomic_save, atomic_write_text, prune_checkpoints, remove_partial_writes
+from mae_det.checkpoint import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
+)
 
 
 def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path, caplog):
@@ -53,3 +60,71 @@ def test_prune_checkpoints_orders_by_the_numbers_and_keeps_the_protected_and_oth
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {"ckpt_9_0.pth"})
     assert "removed 1 older checkpoints" in caplog.text and "keeping the newest 2" in caplog.text
     assert [p.name for p in prune_checkpoints(tmp_path, pattern, 1)] == ["ckpt_2_7.pth", "ckpt_10_0.pth"]
+
+
+# ---- numpy-only .pkl files (Detectron2 model zoo) ------------------------------------------------------------
+def _zoo_pickle() -> dict:
+    return {
+        "model": collections.OrderedDict([
+            ("backbone.net.pos_embed", np.arange(20, dtype=np.float32).reshape(1, 5, 4)),
+            ("backbone.net.norm.weight", np.asfortranarray(np.ones((2, 3), np.float64))),
+            ("backbone.net.empty", np.zeros((0,), np.float32)),
+        ]),
+        "__author__": "Detectron2 Model Zoo",
+        "matching_heuristics": True,
+    }
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_numpy_pickle_loads_in_every_protocol(tmp_path, protocol):
+    path = tmp_path / f"zoo_p{protocol}.pkl"
+    path.write_bytes(pickle.dumps(_zoo_pickle(), protocol=protocol))
+    loaded = load_checkpoint(path)
+    expected = _zoo_pickle()
+    assert loaded.keys() == expected.keys() and list(loaded["model"]) == list(expected["model"])
+    for k, v in expected["model"].items():
+        assert loaded["model"][k].dtype == v.dtype and np.array_equal(loaded["model"][k], v), k
+    assert loaded["__author__"] == "Detectron2 Model Zoo" and loaded["matching_heuristics"] is True
+
+
+class _Calls:
+    """Pickles as a call of ``fn(*args)``: what a hostile file does."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload,refused", [
+    (_Calls(os.mkdir, "x"), "global 'posix.mkdir' is not allowed"),
+    (_Calls(codecs.encode, "x", "rot13"), "global '_codecs.encode' with encoding 'rot13' is not allowed"),
+], ids=["os.mkdir", "codec"])
+def test_numpy_pickle_refuses_globals_that_do_more_than_build_bytes_and_arrays(tmp_path, payload, refused):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"model": {"a": np.zeros(2)}, "x": payload}, protocol=2))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"refused to load {path}: {refused} (only numpy arrays and dicts are accepted)"
+
+
+def test_numpy_pickle_builds_no_object_arrays_from_buffers(tmp_path):
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"a": _Calls(_frombuffer, bytearray(16), np.dtype(object), (2,), "C")}, protocol=5))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (f"checkpoint {path} is not a readable pickle (truncated or corrupt?): cannot create an "
+                            "OBJECT array from memory buffer")
+
+
+@pytest.mark.parametrize("content,reason", [
+    (pickle.dumps(_zoo_pickle(), protocol=4)[:60], "pickle data was truncated"),
+    (b"<html>404 Not Found</html>\n", "invalid load key, '<'."),
+], ids=["truncated", "html"])
+def test_a_pkl_that_is_no_pickle_is_called_so_not_refused(tmp_path, content, reason):
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {reason}"
