@@ -52,7 +52,10 @@ from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
-from .pretrain import EPOCH_CHECKPOINT, load_error_detail, newest_checkpoint, prepare_output_dir, resolve_device
+from .pretrain import (
+    EPOCH_CHECKPOINT, EXIT_BAD_INPUT, EXIT_NON_FINITE, load_error_detail, newest_checkpoint,
+    prepare_output_dir, resolve_device, truncate_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -483,19 +486,22 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
 
     val_loader = folder_loader(val_set, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device)
     metrics_path = out / "metrics.jsonl"
+    # Train records count completed epochs in fractions and epoch records in whole ones: "epoch" orders both.
+    truncate_metrics(metrics_path, start_epoch, key="epoch")
     for epoch in range(start_epoch, S.EPOCHS):
         gen = torch.Generator().manual_seed(seed_epoch(cfg.SEED, epoch))
         train_set.set_epoch(epoch)
         loader = folder_loader(train_set, S.BATCH_SIZE, cfg.DATA.NUM_WORKERS, device, shuffle=True, drop_last=True,
                                generator=gen)
         skips = SkipCounter(f"{cfg.DATA.TRAIN_ROOT} (epoch {epoch + 1})", cfg.DATA.MAX_BAD_FRACTION)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{S.EPOCHS}", unit="step", disable=not progress)
-        record = _train_one_epoch(
-            model, loader, opt, sched, scaler, mixup, criterion, epoch=epoch, steps=steps_per_epoch, accum=accum,
-            device=device, dtype=dtype, clip_grad=S.CLIP_GRAD, log_period=cfg.LOG_PERIOD, metrics_path=metrics_path,
-            skips=skips, bar=bar, compile_unproven=compiled and epoch == start_epoch,
-        )
-        bar.close()
+        # Closed also when the epoch raises: the tool's error line would otherwise be glued to the bar's.
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{S.EPOCHS}", unit="step",
+                  disable=not progress) as bar:
+            record = _train_one_epoch(
+                model, loader, opt, sched, scaler, mixup, criterion, epoch=epoch, steps=steps_per_epoch,
+                accum=accum, device=device, dtype=dtype, clip_grad=S.CLIP_GRAD, log_period=cfg.LOG_PERIOD,
+                metrics_path=metrics_path, skips=skips, bar=bar, compile_unproven=compiled and epoch == start_epoch,
+            )
         skips.check()
         period = cfg.TEST.EVAL_PERIOD
         if (period and (epoch + 1) % period == 0) or epoch + 1 == S.EPOCHS:
@@ -545,7 +551,8 @@ def _argument_parser(description: str, resume: bool) -> argparse.ArgumentParser:
 
 
 def _main(task: str, argv: Sequence[str] | None) -> int:
-    """Shared body of the three tools; returns the exit code (0 ok, 1 failed, 2 bad config)."""
+    """Shared body of the three tools; returns the exit code, as ``tools/pretrain.py`` does: 0 ok, 1 another
+    failure, 2 bad config, data or checkpoint, 3 a non-finite fine-tuning loss."""
     descriptions = {
         "finetune": "End-to-end classification fine-tuning of a ViT encoder (MAE recipe).",
         "linear_probe": "Linear probe (BatchNorm + linear head) on a frozen ViT encoder.",
@@ -559,7 +566,7 @@ def _main(task: str, argv: Sequence[str] | None) -> int:
         prepare_output_dir(cfg.OUTPUT_DIR)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         with run_logging(cfg.OUTPUT_DIR):
             if task == "finetune":
@@ -570,7 +577,7 @@ def _main(task: str, argv: Sequence[str] | None) -> int:
                 res = run_knn(cfg, argv=command)
     except (ClassificationDataError, CheckpointError, ConfigError, ImageLoadError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_NON_FINITE if isinstance(e, FloatingPointError) else EXIT_BAD_INPUT
     print(json.dumps(res, indent=2))
     print(f"results: {Path(cfg.OUTPUT_DIR) / RESULTS_FILE}")
     return 0

@@ -125,6 +125,32 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def truncate_metrics(path: str | os.PathLike, last: float, key: str = "step") -> None:
+    """Rewrites a ``metrics.jsonl`` atomically with only its complete records whose ``key`` is at most ``last``.
+
+    A run calls it once it knows where it starts: the records past its checkpoint are about to be redone (a resume)
+    or belong to an earlier run in the folder (a fresh start, ``last`` 0), and a line cut short by a kill would
+    otherwise have the next record appended onto it. Shared with classification fine-tuning.
+
+    Args:
+        path: the metrics file; nothing happens when it does not exist.
+        last: the checkpoint's position, in the unit of ``key``.
+        key: the field that orders the records ("step", or "epoch" in completed epochs).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            position = json.loads(line)[key]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue  # a line cut short by a kill, or no record of a run
+        if isinstance(position, (int, float)) and position <= last:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 class PretrainError(RuntimeError):
     """Pretraining stopped; the message says why (one line)."""
 
@@ -428,20 +454,6 @@ class Pretrainer:
             if k not in ("type", "epoch", "step", "iter", "time") and isinstance(v, (int, float)):
                 self._writer.add_scalar(f"monitor/{k}" if k.startswith("knn_") else f"{prefix}/{k}", v, record["step"])
 
-    def _truncate_metrics(self) -> None:
-        """After a resume, drops metric records written past the checkpoint (they are about to be redone)."""
-        path = self.out / "metrics.jsonl"
-        if not self.main or not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.global_step:
-                    kept.append(line)
-            except (json.JSONDecodeError, AttributeError):
-                pass  # a line cut short by a kill
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _bare_model(self) -> nn.Module:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
@@ -682,8 +694,9 @@ class Pretrainer:
             load_initial_weights(self._bare_model(), cfg.MODEL.WEIGHTS)
         if self.main:
             remove_partial_writes(self.out)
-            self._truncate_metrics()
-            self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step or None)
+            truncate_metrics(self.out / "metrics.jsonl", self.global_step)
+            # TensorBoard hides the events at steps >= purge_step: those past the checkpoint, as above.
+            self._writer = SummaryWriter(log_dir=str(self.out), purge_step=self.global_step + 1)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
@@ -703,8 +716,6 @@ class Pretrainer:
                 self.bad = set().union(*du.all_gather_object(self.bad))
                 self.epoch, self.iter, self.epoch_loss_sum = self.epoch + 1, 0, 0.0
                 last = self.epoch == cfg.SOLVER.EPOCHS
-                if last or self.epoch % cfg.CHECKPOINT_PERIOD == 0:
-                    self.save_checkpoint()
                 record = {"type": "epoch", "epoch": self.epoch, "step": self.global_step, "loss": epoch_loss,
                           "bad_images": len(self.bad) + self.missing, "epoch_time": time.perf_counter() - t0,
                           "time": time.time()}
@@ -714,7 +725,11 @@ class Pretrainer:
                         record.update(self._knn_monitor())
                         logger.info("epoch %d: kNN top-1 %.2f %%", self.epoch, record["knn_top1"])
                     du.barrier()
+                # The record goes first: a resume from this checkpoint keeps the records up to its step and
+                # would never write this one again; a kill before the checkpoint drops it and redoes the epoch.
                 self._metrics(record)
+                if last or self.epoch % cfg.CHECKPOINT_PERIOD == 0:
+                    self.save_checkpoint()
                 logger.info("epoch %d/%d done: loss %.4f", self.epoch, cfg.SOLVER.EPOCHS, epoch_loss)
             if self.main:
                 export_encoder(self._bare_model().state_dict(), self.meta, self.out / "encoder.pth")

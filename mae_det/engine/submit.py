@@ -9,10 +9,12 @@ takes rank and world size from the job (:func:`mae_det.engine.launch.init_distri
 :func:`mae_det.engine.launch.preemption_guard`, which turns the time-limit / preemption signal into checkpoint +
 requeue at a step boundary; the resubmitted job gets ``--resume``.
 
-Writes into the run's OUTPUT_DIR: ``config.yaml`` (the resolved config) and ``submission.json`` (job id, command,
-resources, log paths); submitit's own files (pickles, per-task stdout/stderr) go to ``--job-dir``
-(default ``OUTPUT_DIR/submitit``). Exit codes: 0 submitted (with ``--wait``: finished), 1 sbatch refused the job or
-(with ``--wait``) the job failed, 2 bad arguments, config or data (one ``error:`` line), nothing submitted.
+Writes into the run's OUTPUT_DIR, once the job is submitted: ``submitted_config.yaml`` (the resolved config) and
+``submission.json`` (job id, command, resources, log paths). ``config.yaml`` is left to the trainer: a resumed run
+compares it with its own config to log the changed keys (old -> new) before rewriting it. submitit's own files
+(pickles, per-task stdout/stderr) go to ``--job-dir`` (default ``OUTPUT_DIR/submitit``). Exit codes: 0 submitted
+(with ``--wait``: finished), 1 sbatch refused the job or (with ``--wait``) the job failed, 2 bad arguments, config
+or data (one ``error:`` line), nothing submitted.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ..config.pretrain import ConfigError
 TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 TOOLS = ("pretrain", "train_net", "finetune_cls")
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+SUBMITTED_CONFIG = "submitted_config.yaml"
 
 
 class SubmitError(ValueError):
@@ -226,7 +229,11 @@ def submit_argument_parser() -> argparse.ArgumentParser:
 
 def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str, Any]]:
     """Checks and submits the parsed ``tools/submit.py`` arguments; returns (the submitit job, the submission
-    record written to OUTPUT_DIR/submission.json)."""
+    record written to OUTPUT_DIR/submission.json).
+
+    Writes OUTPUT_DIR/submitted_config.yaml, never config.yaml: that file holds the config of the run's last
+    launch, which a ``--resume`` compares with its own (README section 6), and the job may start late or never.
+    """
     if args.nodes < 1 or args.gpus_per_node < 0 or args.tasks_per_node < 0 or args.timeout <= 0:
         raise SubmitError("--nodes must be >= 1, --gpus-per-node / --tasks-per-node >= 0 and --timeout > 0")
     if args.cluster == "local" and args.nodes != 1:
@@ -242,7 +249,6 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
     args.name = args.name or f"mae_det_{args.tool}"
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", cfg.dump())  # before the job starts: the trainer rewrites it
     executor = build_executor(args, tasks, cpus)
     job = executor.submit(TrainerJob(args.tool, args.tool_args, args.requeue))
     record = {
@@ -254,8 +260,10 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
                       "requeue": args.requeue, "max_num_timeout": args.max_num_timeout,
                       "sbatch": parse_sbatch_options(args.sbatch), "setup": args.setup},
         "job_dir": args.job_dir, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
-        "output_dir": str(out), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "output_dir": str(out), "config": str(out / SUBMITTED_CONFIG),
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    atomic_write_text(out / SUBMITTED_CONFIG, cfg.dump())
     atomic_write_text(out / "submission.json", json.dumps(record, indent=2) + "\n")
     return job, record
 
@@ -280,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = record["resources"]
     print(f"submitted job {record['job_id']}: {record['tool']} on {res['nodes']} node(s) x {res['tasks_per_node']} "
           f"task(s)\ntask 0 logs: {record['stdout']}\n             {record['stderr']}\n"
-          f"run folder: {record['output_dir']} (submission.json, config.yaml, log.txt, checkpoints)", flush=True)
+          f"run folder: {record['output_dir']} (submission.json, {SUBMITTED_CONFIG}; once the job runs config.yaml, "
+          "log.txt, checkpoints)", flush=True)
     if not args.wait:
         return 0
     try:

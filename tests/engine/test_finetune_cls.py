@@ -364,3 +364,71 @@ def test_validation_without_a_readable_image_names_the_folder(tmp_path):
     with pytest.raises(ClassificationDataError, match=f"^{tmp_path / 'data' / 'val'}: none of the validation images "
                                                       f"is readable$"):
         finetune(cfg, progress=False)
+
+
+def _history(out: Path) -> list[dict]:
+    """metrics.jsonl without the throughput, which is timing."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+
+def test_requeue_and_fresh_start_leave_one_history_in_metrics(tmp_path, monkeypatch):
+    import mae_det.engine.finetune_cls as F
+
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 4, "LOG_PERIOD": 1}  # 6 steps per epoch
+    finetune(tiny_cfg(tmp_path / "data", tmp_path / "ref", **over), progress=False)
+    ref = _history(tmp_path / "ref")
+    assert [r.get("step") for r in ref] == [*range(1, 7), None, *range(7, 13), None, *range(13, 19), None]
+
+    class Requeued(BaseException):
+        pass
+
+    def requeue():
+        raise Requeued
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:  # a submitted job told to stop at step 14, inside epoch 3
+        m.setattr(F, "stop_requested", lambda step: step == 14)
+        m.setattr(F, "requeue", requeue)
+        with pytest.raises(Requeued):
+            finetune(tiny_cfg(tmp_path / "data", cut, **over), progress=False)
+    assert (cut / "last_checkpoint").read_text() == "checkpoint_0002.pth"
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "epoch": 2.5, "lo')  # a line cut short by a kill
+    finetune(tiny_cfg(tmp_path / "data", cut, **over), resume=True, progress=False)
+    assert _history(cut) == ref  # the redone steps once, the cut line gone
+    finetune(tiny_cfg(tmp_path / "data", cut, **over), progress=False)  # from scratch in the used folder
+    assert _history(cut) == ref
+
+
+def test_errors_inside_the_run_exit_as_in_pretraining(tmp_path, capsys):
+    # tools/pretrain.py and tools/train_net.py exit 2 for a bad config, data or checkpoint and 3 for a non-finite
+    # loss; until 2026-12-08 fine-tuning exited 1 for every error raised after its config had loaded.
+    from mae_det.engine.finetune_cls import finetune_main
+
+    color_folders(tmp_path / "data", n_train=2, n_val=1)
+    config = tmp_path / "cls.yaml"
+    config.write_text(tiny_cfg(tmp_path / "data", tmp_path / "out", **{"SOLVER.BATCH_SIZE": 2}).dump())
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")
+
+    def error_of(*opts: str, resume: bool = False) -> tuple[int, str]:
+        rc = finetune_main(["--config-file", str(config), *(["--resume"] if resume else []), "SOLVER.EPOCHS", "1",
+                            *opts])
+        text = capsys.readouterr().err
+        err = [line for line in text.splitlines() if line.startswith("error: ")]
+        assert len(err) == 1, (rc, text[-500:])
+        return rc, err[0]
+
+    rc, err = error_of("SOLVER.BATCH_SIZE", "64")  # a ConfigError
+    assert rc == 2 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
+    rc, err = error_of("DATA.TRAIN_ROOT", str(tmp_path / "flat"))  # a ClassificationDataError
+    assert rc == 2 and "no labels" in err
+    assert finetune_main(["--config-file", str(config), "SOLVER.EPOCHS", "1"]) == 0
+    capsys.readouterr()
+    rc, err = error_of("SOLVER.BATCH_SIZE", "1", resume=True)  # a CheckpointError
+    assert rc == 2 and err.startswith(f"error: cannot resume from {tmp_path / 'out' / 'checkpoint_0001.pth'}")
+    rc, err = error_of("SOLVER.LR", "1e30", "SOLVER.WARMUP_EPOCHS", "0.0",  # a FloatingPointError
+                       "OUTPUT_DIR", str(tmp_path / "diverged"))
+    assert rc == 3 and "fine-tuning loss is nan" in err

@@ -550,3 +550,66 @@ def test_a_folder_without_a_readable_image_says_so(tmp_path):
     # It used to read "8 of 8 images are unreadable or missing, more than DATA.MAX_BAD_FRACTION=1.0 allows (8)".
     with pytest.raises(DataError, match=f"^{tmp_path / 'bad'}: none of the 8 images is readable; see the log"):
         P.run_pretrain(make_cfg(tmp_path / "bad", tmp_path / "out", "DATA.MAX_BAD_FRACTION", "1.0"))
+
+
+def test_a_kill_around_the_epoch_checkpoint_keeps_every_epoch_record(images, tmp_path, monkeypatch):
+    # Killed while writing epoch 2's record (e.g. in the kNN monitor before it), or just after epoch 2's
+    # checkpoint: the resumed run must end with the uninterrupted run's records and weights.
+    P.run_pretrain(make_cfg(images, tmp_path / "ref"))
+    real_metrics, real_save = P.Pretrainer._metrics, P.Pretrainer.save_checkpoint
+
+    def kill_in_record(self, record):
+        if record["type"] == "epoch" and record["epoch"] == 2:
+            raise _Interrupt
+        real_metrics(self, record)
+
+    def kill_after_checkpoint(self):
+        path = real_save(self)
+        if self.epoch == 2:
+            raise _Interrupt
+        return path
+
+    for name, patch in (("_metrics", kill_in_record), ("save_checkpoint", kill_after_checkpoint)):
+        cut = tmp_path / name
+        with monkeypatch.context() as m:
+            m.setattr(P.Pretrainer, name, patch)
+            with pytest.raises(_Interrupt):
+                P.run_pretrain(make_cfg(images, cut))
+        P.run_pretrain(make_cfg(images, cut), resume=True)
+        for kind in ("train", "epoch"):
+            assert [(r["epoch"], r["step"], r["loss"]) for r in records(cut, kind)] == [
+                (r["epoch"], r["step"], r["loss"]) for r in records(tmp_path / "ref", kind)], (name, kind)
+        ref, got = _final(tmp_path / "ref")["model"], _final(cut)["model"]
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+
+
+def test_tensorboard_keeps_the_scalars_of_the_checkpoint_step_after_a_resume(images, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 10)  # 4 steps per epoch: resumed from checkpoint_0002.pth, global step 8
+        with pytest.raises(_Interrupt):
+            P.run_pretrain(make_cfg(images, tmp_path))
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "checkpoint_0002.pth"
+    P.run_pretrain(make_cfg(images, tmp_path), resume=True)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    assert [e.step for e in events.Scalars("epoch/loss")] == [4, 8, 12]
+    logged = [r["loss"] for r in records(tmp_path, "epoch")]
+    assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx(logged)
+
+
+def test_truncate_metrics_keeps_the_complete_records_up_to_the_position(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"type": "train", "step": 1, "epoch": 0.5}', '{"type": "epoch", "step": 2, "epoch": 1}', "[3]",
+             '{"type": "note"}', '{"type": "train", "step": 3, "epoch": 1.5}', '{"type": "train", "st']
+    path.write_text("\n".join(lines))  # the last line was cut short by a kill
+    P.truncate_metrics(path, 2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    P.truncate_metrics(path, 0.5, key="epoch")
+    assert path.read_text() == lines[0] + "\n"
+    P.truncate_metrics(path, 0)
+    assert path.read_text() == ""
+    P.truncate_metrics(tmp_path / "absent.jsonl", 0)
+    assert not (tmp_path / "absent.jsonl").exists()

@@ -1,7 +1,10 @@
-"""mae_det.engine.submit without a cluster: the resubmission, the sbatch script submitit writes from our options."""
+"""mae_det.engine.submit without a cluster: the resubmission, the sbatch script submitit writes from our options,
+what a submission writes into the run folder, and (slow) a resumed job run by submitit's LocalExecutor."""
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from submitit.slurm.slurm import _make_sbatch_string
 
 from mae_det.engine.submit import TrainerJob, parse_sbatch_options, slurm_parameters, submit_argument_parser
@@ -59,3 +62,63 @@ def test_data_checks_and_their_opt_out(tmp_path):
         check_trainer_args("train_net", ["--config-file", str(det)], 2, data_check=True, gpus=True)
     cfg, _ = check_trainer_args("train_net", ["--config-file", str(det)], 2, data_check=False, gpus=True)
     assert cfg.MODEL.DEVICE == "cuda"
+
+
+def _trainer_args(out: Path, data: Path, *extra: str) -> list[str]:
+    from tests.tools.test_pretrain_tool import CONFIG, TINY
+
+    return ["--config-file", CONFIG, *TINY, "DATA.PATH", str(data), "OUTPUT_DIR", str(out), *extra]
+
+
+def test_a_resubmission_leaves_config_yaml_to_the_trainer(tmp_path, monkeypatch, capsys):
+    # Until 2026-12-08 submitting wrote config.yaml, so a resumed job compared its config with itself and never
+    # named the changed keys, and a job sbatch refused still replaced the record of the run's last launch.
+    import logging
+
+    import yaml
+
+    from mae_det.config.pretrain import load_pretrain_cfg
+    from mae_det.engine.submit import main
+    from mae_det.utils.provenance import warn_resumed_config_changes
+    from tests.tools.test_submit import _fake_slurm
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _trainer_args(out, tmp_path / "imgs")
+    earlier = load_pretrain_cfg(args[1], args[2:], check_paths=False).dump()  # SOLVER.EPOCHS 2
+    (out / "config.yaml").write_text(earlier)
+    for name in ("refusing", "accepting"):
+        (tmp_path / name).mkdir()
+    _fake_slurm(tmp_path / "refusing", monkeypatch, 'echo "sbatch: error: invalid account" >&2; exit 1')
+    resume = ["--no-data-check", "pretrain", "--resume", *args, "SOLVER.EPOCHS", "3"]
+    assert main(resume) == 1
+    assert (out / "config.yaml").read_text() == earlier and not (out / "submitted_config.yaml").exists()
+
+    _fake_slurm(tmp_path / "accepting", monkeypatch, 'echo "Submitted batch job 4243"')
+    assert main(resume) == 0
+    assert "submitted job 4243" in capsys.readouterr().out
+    assert (out / "config.yaml").read_text() == earlier
+    record = json.loads((out / "submission.json").read_text())
+    assert record["config"] == str(out / "submitted_config.yaml")
+    assert yaml.safe_load((out / "submitted_config.yaml").read_text())["SOLVER"]["EPOCHS"] == 3
+    # What the job's trainer does first: it names the change, then rewrites config.yaml.
+    submitted = load_pretrain_cfg(args[1], [*args[2:], "SOLVER.EPOCHS", "3"], check_paths=False)
+    assert warn_resumed_config_changes(out, submitted, logging.getLogger("test")) == ["SOLVER.EPOCHS: 2 -> 3"]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_through_submit_logs_the_changed_keys(tmp_path):
+    from mae_det.config.pretrain import load_pretrain_cfg
+    from mae_det.engine.pretrain import run_pretrain
+    from tests.engine.test_pretrain import write_textures
+    from tests.tools.test_submit import LOCAL, submit
+
+    images, out = write_textures(tmp_path / "imgs", 32), tmp_path / "out"
+    args = _trainer_args(out, images)
+    run_pretrain(load_pretrain_cfg(args[1], args[2:]))  # 2 epochs
+    r = submit(*LOCAL, "pretrain", "--resume", *args, "SOLVER.EPOCHS", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warned = [x for x in (out / "log.txt").read_text().splitlines() if "changed since its last launch" in x]
+    assert len(warned) == 1 and warned[0].endswith("1 setting changed since its last launch (its config.yaml will "
+                                                   "show the new values): SOLVER.EPOCHS: 2 -> 3"), warned
+    assert torch.load(out / "checkpoint_0003.pth", weights_only=True)["epoch"] == 3

@@ -90,24 +90,24 @@ def test_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")
     rc, err = error_of(finetune_main, "DATA.TRAIN_ROOT", str(tmp_path / "flat"))
-    assert rc == 1 and "no labels" in err and "flat" in err
+    assert rc == 2 and "no labels" in err and "flat" in err
 
     (tmp_path / "data/train/violet").mkdir()
     rc, err = error_of(knn_main)
-    assert rc == 1 and f"class folder {tmp_path / 'data/train/violet'} has no image files" in err
+    assert rc == 2 and f"class folder {tmp_path / 'data/train/violet'} has no image files" in err
     (tmp_path / "data/train/violet").rmdir()
 
     narrow = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
     atomic_save({"model": narrow.state_dict()}, tmp_path / "narrow.pth")
     rc, err = error_of(linear_probe_main, "MODEL.WEIGHTS", str(tmp_path / "narrow.pth"))
-    assert rc == 1 and "narrow.pth: encoder width 32 does not match the model's embed_dim 64" in err
+    assert rc == 2 and "narrow.pth: encoder width 32 does not match the model's embed_dim 64" in err
 
     rc, err = error_of(finetune_main, "SOLVER.NOT_A_KEY", "1")
     assert rc == 2 and "unknown config key 'SOLVER.NOT_A_KEY'" in err
     rc, err = error_of(finetune_main, "MODEL.WEIGHTS", str(tmp_path / "missing.pth"))
     assert rc == 2 and "MODEL.WEIGHTS: checkpoint" in err and "missing.pth not found" in err
     rc, err = error_of(finetune_main, "SOLVER.BATCH_SIZE", "64")
-    assert rc == 1 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
+    assert rc == 2 and "SOLVER.BATCH_SIZE 64" in err and "6 training images" in err
 
 
 def test_more_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
@@ -135,10 +135,10 @@ def test_more_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
         Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "one" / split / "red" / "0.png")
     assert error_of(linear_probe_main, "DATA.TRAIN_ROOT", str(tmp_path / "one" / "train"),
                     "DATA.VAL_ROOT", str(tmp_path / "one" / "val")) == (
-        1, f"error: {tmp_path / 'one' / 'train'}: the linear probe needs at least 2 training images (BatchNorm "
+        2, f"error: {tmp_path / 'one' / 'train'}: the linear probe needs at least 2 training images (BatchNorm "
            f"statistics), found 1")
 
     for p in (tmp_path / "data" / "val").rglob("*.png"):
         p.write_bytes(b"")
     rc, err = error_of(knn_main, "DATA.MAX_BAD_FRACTION", "1.0")
-    assert (rc, err) == (1, f"error: {tmp_path / 'data' / 'val'}: no readable images to extract features from")
+    assert (rc, err) == (2, f"error: {tmp_path / 'data' / 'val'}: no readable images to extract features from")
