@@ -185,7 +185,8 @@ def test_window_that_does_not_divide_the_grid_builds_and_runs():
                             "MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "2", "MODEL.VIT.NUM_HEADS", "2",
                             "MODEL.VIT.PRETRAIN_IMG_SIZE", "64", "MODEL.VIT.INPUT_SIZE", "96",
                             "MODEL.VIT.WINDOW_SIZE", "5", "MODEL.VIT.GLOBAL_ATTN_INDEXES", "[1]",
-                            "MODEL.VIT.OUT_CHANNELS", "32"])  # 6x6 token grid, 5x5 windows: padded to 10x10
+                            "MODEL.VIT.OUT_CHANNELS", "32", "MODEL.RPN.IN_FEATURES", "['p2','p3','p4','p5','p6']",
+                            "MODEL.ROI_HEADS.IN_FEATURES", "['p2','p3','p4','p5']"])  # 6x6 token grid, 5x5 windows: padded to 10x10
     model = _backbone_model(cfg).eval()
     with torch.no_grad():
         out = model.backbone(torch.randn(1, 3, 96, 96))

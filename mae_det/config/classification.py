@@ -5,7 +5,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
 
     VERSION: 2                      Detectron2 config version
     MODEL.ARCH: "vit_base_patch16"  vit_{tiny,small,base,large,huge}_patch{N}; sets the sizes below
-    MODEL.EMBED_DIM / DEPTH / NUM_HEADS / PATCH_SIZE: 0     override ARCH's encoder sizes (0 = ARCH's)
+    MODEL.EMBED_DIM / DEPTH / NUM_HEADS / PATCH_SIZE: 0     override ARCH's encoder sizes (0 = ARCH's; EMBED_DIM a
+                                    multiple of 4, for the 2-D sin-cos position initialization)
     MODEL.MLP_RATIO: 0.0            override the MLP ratio (0 = 4.0)
     MODEL.IMG_SIZE: 224             input side; checkpoints pretrained at another size get their position
                                     embedding resampled
@@ -221,6 +222,8 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"MODEL.IMG_SIZE: {M.IMG_SIZE} is not a positive multiple of the patch size {arch['patch_size']}")
     _check(arch["embed_dim"] % arch["num_heads"] == 0,
            f"MODEL.EMBED_DIM: {arch['embed_dim']} is not divisible by MODEL.NUM_HEADS {arch['num_heads']}")
+    _check(arch["embed_dim"] % 4 == 0, f"MODEL.EMBED_DIM: {arch['embed_dim']} is not a multiple of 4, which the "
+                                       f"encoder's 2-D sin-cos position initialization needs")
     _check(0.0 <= M.DROP_PATH < 1.0, f"MODEL.DROP_PATH: expected a value in [0, 1), got {M.DROP_PATH}")
     _check(-1 <= M.TRAIN_BLOCKS <= arch["depth"],
            f"MODEL.TRAIN_BLOCKS: expected -1 (all) or 0..{arch['depth']} (the depth), got {M.TRAIN_BLOCKS}")

@@ -67,7 +67,7 @@ from ..utils.precision import auto_precision
 from ..utils.provenance import read_config_text, warn_resumed_config_changes
 from .pretrain import ConfigError
 from .semantic import add_sem_seg_config, validate_sem_seg_config
-from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config
+from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config, vit_levels
 
 OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -75,6 +75,10 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _D2_CANONICAL_RULE = (224, 4)
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _UNKNOWN_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
+# The keys naming backbone levels that each Detectron2 detection meta-architecture reads.
+_DETECTOR_LEVEL_KEYS = {
+    "GeneralizedRCNN": ("RPN", "ROI_HEADS"), "ProposalNetwork": ("RPN",), "RetinaNet": ("RETINANET",),
+}
 logger = logging.getLogger(__name__)
 
 
@@ -147,6 +151,15 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
            f"SOLVER.BETAS: expected two values in [0, 1), got {S.BETAS}")
     _check(0.0 <= S.LAYER_DECAY <= 1.0, f"SOLVER.LAYER_DECAY: expected 0 (off) or a rate in (0, 1], got {S.LAYER_DECAY}")
     _check(S.LAYER_DECAY == 0.0 or S.OPTIMIZER == "ADAMW", "SOLVER.LAYER_DECAY: only supported with SOLVER.OPTIMIZER ADAMW")
+    _check(S.LAYER_DECAY == 0.0 or cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES,
+           f"SOLVER.LAYER_DECAY: {S.LAYER_DECAY} needs a ViT backbone (its blocks give the layer ids), but "
+           f"MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME!r}: set SOLVER.LAYER_DECAY 0")
+    # Detectron2 would hang (batch 0), divide by zero (period 0) or fail inside fvcore / the optimizer instead.
+    _check(S.IMS_PER_BATCH > 0, f"SOLVER.IMS_PER_BATCH: expected > 0, got {S.IMS_PER_BATCH}")
+    _check(S.MAX_ITER > 0, f"SOLVER.MAX_ITER: expected > 0, got {S.MAX_ITER}")
+    _check(S.CHECKPOINT_PERIOD > 0, f"SOLVER.CHECKPOINT_PERIOD: expected > 0, got {S.CHECKPOINT_PERIOD}")
+    _check(S.BASE_LR > 0, f"SOLVER.BASE_LR: expected > 0, got {S.BASE_LR}")
+    _check(cfg.DATALOADER.NUM_WORKERS >= 0, f"DATALOADER.NUM_WORKERS: expected >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
     _check(all(isinstance(n, str) and n for n in S.NO_DECAY_NAMES),
            f"SOLVER.NO_DECAY_NAMES: expected non-empty strings, got {S.NO_DECAY_NAMES}")
     R = cfg.MODEL.ROI_HEADS
@@ -171,6 +184,8 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     for key in ("TRAIN", "TEST"):
         _check(all(isinstance(n, str) and n for n in cfg.DATASETS.get(key)),
                f"DATASETS.{key}: expected dataset names, got {cfg.DATASETS.get(key)}")
+        repeated = sorted({n for n in cfg.DATASETS.get(key) if cfg.DATASETS.get(key).count(n) > 1})
+        _check(not repeated, f"DATASETS.{key}: {repeated} named more than once")
 
     init = cfg.MODEL.INIT_TYPE
     _check(bool(_INIT_TYPE_RE.match(init)), f"MODEL.INIT_TYPE: expected a lower-case label like mae/supervised/scratch, got {init!r}")
@@ -188,8 +203,46 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
             validate_vit_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES:
+        _check_vit_levels(cfg)
+        _check_square_pad(cfg)
     clash = names & {entry[0] for entry in cfg.DATASETS.REGISTER_SEM_SEG}
     _check(not clash, f"DATASETS.REGISTER and DATASETS.REGISTER_SEM_SEG both name {sorted(clash)}")
+
+
+def _check_vit_levels(cfg: CN) -> None:
+    """The heads' IN_FEATURES must name levels of the ViT backbone, whose names follow MODEL.VIT.PATCH_SIZE."""
+    levels = vit_levels(cfg)
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_multitap_backbone":
+        sections = ("SEM_SEG_HEAD",)
+    else:
+        sections = _DETECTOR_LEVEL_KEYS.get(cfg.MODEL.META_ARCHITECTURE, ())
+    for section in sections:
+        features = list(cfg.MODEL[section].IN_FEATURES)
+        unknown = [f for f in features if f not in levels]
+        _check(not unknown, f"MODEL.{section}.IN_FEATURES: {unknown} are not levels of {cfg.MODEL.BACKBONE.NAME} "
+                            f"at MODEL.VIT.PATCH_SIZE {cfg.MODEL.VIT.PATCH_SIZE}; expected names among {levels}")
+
+
+def _check_square_pad(cfg: CN) -> None:
+    """MODEL.VIT.SQUARE_PAD > 0 must hold the largest input side: a smaller pad crops a lone image silently and
+    fails on a batch of two."""
+    pad, I = cfg.MODEL.VIT.SQUARE_PAD, cfg.INPUT
+    if not pad:
+        return
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_multitap_backbone":
+        # Semantic segmentation: training crops (LSJ is detection's) and, with slide inference, the test windows.
+        absolute_crop = I.CROP.ENABLED and I.CROP.TYPE in ("absolute", "absolute_range")
+        train = ("INPUT.CROP.SIZE", max(I.CROP.SIZE)) if absolute_crop else ("INPUT.MAX_SIZE_TRAIN", I.MAX_SIZE_TRAIN)
+        slide = cfg.TEST.SLIDE
+        test = ("TEST.SLIDE.CROP_SIZE", slide.CROP_SIZE) if slide.ENABLED else ("INPUT.MAX_SIZE_TEST", I.MAX_SIZE_TEST)
+    else:
+        lsj = I.LSJ
+        train = ("INPUT.LSJ.IMAGE_SIZE", lsj.IMAGE_SIZE) if lsj.ENABLED else ("INPUT.MAX_SIZE_TRAIN", I.MAX_SIZE_TRAIN)
+        test = ("INPUT.MAX_SIZE_TEST", I.MAX_SIZE_TEST)
+    key, side = max(train, test, key=lambda item: item[1])
+    _check(pad >= side, f"MODEL.VIT.SQUARE_PAD: {pad} is smaller than {key} {side}, the largest input side; expected "
+                        f"0 (off) or >= {side}")
 
 
 def _merge(cfg: CN, config_file: str, opts: list[str]) -> None:

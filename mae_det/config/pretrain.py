@@ -9,6 +9,7 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     MODEL.EMBED_DIM / DEPTH / NUM_HEADS / PATCH_SIZE: 0     override the encoder sizes of ARCH (0 = ARCH's)
     MODEL.MLP_RATIO: 0.0            override the MLP ratio (0 = ARCH's, 4.0)
     MODEL.DECODER_EMBED_DIM / DECODER_DEPTH / DECODER_NUM_HEADS: 0   override the MAE decoder (0 = 512 / 8 / 16)
+                                    (both embed dims: multiples of 4, for the 2-D sin-cos position tables)
     MODEL.IMG_SIZE: 224             square training crop side; a multiple of the patch size
     MODEL.IN_CHANS: 3               1 (images converted to grayscale) or 3
     MODEL.MASK_RATIO: 0.75          fraction of patches removed, in [0, 1) (mae mode: at least one patch masked
@@ -381,6 +382,12 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(arch["decoder_embed_dim"] % arch["decoder_num_heads"] == 0,
            f"MODEL.DECODER_EMBED_DIM: {arch['decoder_embed_dim']} is not divisible by MODEL.DECODER_NUM_HEADS "
            f"{arch['decoder_num_heads']}")
+    # Both inits give the encoder a fixed 2-D sin-cos position table, and so does the MAE decoder.
+    _check(arch["embed_dim"] % 4 == 0, f"MODEL.EMBED_DIM: {arch['embed_dim']} is not a multiple of 4, which the "
+                                       f"encoder's 2-D sin-cos position table needs")
+    _check(M.MODE != "mae" or arch["decoder_embed_dim"] % 4 == 0,
+           f"MODEL.DECODER_EMBED_DIM: {arch['decoder_embed_dim']} is not a multiple of 4, which the decoder's 2-D "
+           f"sin-cos position table needs")
     _check(0.0 <= M.MASK_RATIO < 1.0, f"MODEL.MASK_RATIO: expected a value in [0, 1), got {M.MASK_RATIO}")
     if M.MODE == "mae":
         # The MAE loss covers the masked patches only and the encoder sees the visible ones only: a ratio that

@@ -31,8 +31,10 @@ Every key, its default and meaning (``add_vit_config`` adds exactly these)::
     MODEL.VIT.INIT: "vitdet"        random initialization of the encoder: "vitdet" (Detectron2 ViTDet's rules: trunc-
                                     normal std 0.02 Linear weights and position table, zero biases and relative-
                                     position tables, PyTorch's default patch conv) or "mae" (the MAE model's: xavier-
-                                    uniform, sin-cos table). Matters only without MODEL.WEIGHTS (INIT_TYPE scratch)
-    MODEL.VIT.SQUARE_PAD: 0         > 0: pad every batch to this square size (ViTDet: 1024); 0 = pad only to the
+                                    uniform, sin-cos table: an embed dim divisible by 4). Matters only without
+                                    MODEL.WEIGHTS (INIT_TYPE scratch)
+    MODEL.VIT.SQUARE_PAD: 0         > 0: pad every batch to this square size (ViTDet: 1024), at least the largest
+                                    input side (checked by mae_det.config.detection); 0 = pad only to the
                                     backbone's size divisibility (2 * patch)
     MODEL.VIT.COMPILE: "auto"       torch.compile the backbone (ViT + pyramid) in place for training: "on", "off"
                                     or "auto" = on for CUDA with SQUARE_PAD > 0 (fixed input size; other sizes
@@ -42,6 +44,8 @@ Every key, its default and meaning (``add_vit_config`` adds exactly these)::
                                     "vitdet" (Detectron2's ViTDet model zoo)
 """
 from __future__ import annotations
+
+import math
 
 from detectron2.config import CfgNode as CN
 
@@ -98,7 +102,8 @@ def vit_dims(cfg: CN) -> tuple[int, int, int]:
 
 def quarter_indexes(depth: int) -> list[int]:
     """0-based indexes of blocks d/4, d/2, 3d/4, d: the tap points and global blocks of ViTDet / MAE App. A.3."""
-    # max(.., 0): shallow CPU-sized encoders (depth < 4) tap block 0 instead of a negative index.
+    # max(.., 0): shallow CPU-sized encoders (depth < 4) tap block 0 instead of a negative index, so an index can
+    # repeat there (VisionTransformer.forward_spatial returns a repeated block once per request).
     return [max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)]
 
 
@@ -112,6 +117,18 @@ def tap_indexes(cfg: CN) -> list[int]:
     """``MODEL.VIT.TAP_INDEXES``, or the quarter blocks when it is None."""
     idx = cfg.MODEL.VIT.TAP_INDEXES
     return quarter_indexes(vit_dims(cfg)[1]) if idx is None else [int(i) for i in idx]
+
+
+def vit_levels(cfg: CN) -> list[str]:
+    """Output level names of the ViT backbone ``MODEL.BACKBONE.NAME``, by log2 stride at patch p = PATCH_SIZE.
+
+    ``build_vit_fpn_backbone`` (either PYRAMID): ``p*`` for strides p/4, p/2, p, 2p, 4p (p2-p6 at patch 16);
+    ``build_vit_multitap_backbone``: ``tap*`` for strides p/4 .. 2p (tap2-tap5 at patch 16).
+    """
+    p = cfg.MODEL.VIT.PATCH_SIZE
+    if cfg.MODEL.BACKBONE.NAME == "build_vit_multitap_backbone":
+        return [f"tap{int(math.log2(s))}" for s in (p // 4, p // 2, p, 2 * p)]
+    return [f"p{int(math.log2(s))}" for s in (p // 4, p // 2, p, 2 * p, 4 * p)]
 
 
 def validate_vit_config(cfg: CN) -> None:
@@ -132,6 +149,8 @@ def validate_vit_config(cfg: CN) -> None:
                 fail(key, val, "expected a positive integer")
         if dim % heads:
             fail("EMBED_DIM", dim, f"must be divisible by MODEL.VIT.NUM_HEADS = {heads}")
+        if v.INIT == "mae" and dim % 4:
+            fail("EMBED_DIM", dim, "must be a multiple of 4 with MODEL.VIT.INIT 'mae' (its 2-D sin-cos position table)")
     p = v.PATCH_SIZE
     if not isinstance(p, int) or p < 4 or p & (p - 1):
         fail("PATCH_SIZE", p, "expected a power of two >= 4 (pyramid strides are PATCH_SIZE/4 .. 2*PATCH_SIZE)")
@@ -164,6 +183,9 @@ def validate_vit_config(cfg: CN) -> None:
         fail("OUT_CHANNELS", v.OUT_CHANNELS, "expected a positive integer")
     if v.NORM == "GN" and v.OUT_CHANNELS % 32:
         fail("OUT_CHANNELS", v.OUT_CHANNELS, "must be a multiple of 32 with NORM 'GN' (32 groups)")
+    if v.PYRAMID == "simple" and v.NORM == "GN" and (dim // 2) % 32:
+        fail("NORM", "GN", f"the simple pyramid's stride PATCH_SIZE/4 branch norms embed dim / 2 = {dim // 2} "
+                           "channels, not divisible by 32 groups (needs an embed dim divisible by 64)")
     if v.PYRAMID == "multi_tap" and v.UPSAMPLE_NORM == "GN" and dim % 32:
         fail("UPSAMPLE_NORM", "GN", f"needs an embed dim divisible by 32 (32 groups), got {dim}")
     if v.COMPILE not in COMPILE_CHOICES:

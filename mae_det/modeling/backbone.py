@@ -81,8 +81,12 @@ def _resampler(stride: int, dim: int, patch: int, norm: str, halve_channels: boo
         return nn.ConvTranspose2d(dim, c1, 2, stride=2), c1
     if stride * 4 == patch:
         c2 = c1 // 2 if halve_channels else dim
+        norm_layer = get_norm(norm, c1)
+        # Without a norm (""), an Identity holds its place: the second deconv stays at index 3, where ViTDet's
+        # checkpoints (and those of every normed config) have it.
         return nn.Sequential(
-            nn.ConvTranspose2d(dim, c1, 2, stride=2), get_norm(norm, c1), nn.GELU(), nn.ConvTranspose2d(c1, c2, 2, stride=2)
+            nn.ConvTranspose2d(dim, c1, 2, stride=2), nn.Identity() if norm_layer is None else norm_layer, nn.GELU(),
+            nn.ConvTranspose2d(c1, c2, 2, stride=2),
         ), c2
     raise ValueError(f"no resampler from stride {patch} to stride {stride}")
 

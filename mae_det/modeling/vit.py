@@ -347,18 +347,23 @@ class VisionTransformer(nn.Module):
 
         Args:
             imgs: (N, C, H, W) with H, W multiples of the patch size.
-            out_indices: 0-based block indexes whose outputs are returned (no final norm, as ViTDet).
+            out_indices: 0-based block indexes whose outputs are returned (no final norm, as ViTDet); an index may
+                repeat.
 
         Returns:
-            One (N, D, h, w) map per index, in the order given.
+            One (N, D, h, w) map per index, in the order given (a repeated index gives its block's map again).
         """
         x = self.embed(imgs)  # (N, h, w, D)
-        wanted = {i: k for k, i in enumerate(out_indices)}
+        # An index may repeat (the default quarter taps of an encoder shallower than 4 blocks): each of its slots
+        # gets the block's output.
+        slots: dict[int, list[int]] = {}
+        for k, i in enumerate(out_indices):
+            slots.setdefault(i, []).append(k)
         outs: list[torch.Tensor | None] = [None] * len(out_indices)
         for i, blk in enumerate(self.blocks):
             x = self.run_block(blk, x)
-            if i in wanted:
-                outs[wanted[i]] = x.permute(0, 3, 1, 2)
+            for k in slots.get(i, ()):
+                outs[k] = x.permute(0, 3, 1, 2)
         return outs  # type: ignore[return-value]
 
 

@@ -16,3 +16,14 @@ def test_empty_data_folder_is_a_config_error_naming_the_key(key):
         load_cls_cfg(SHAPES, [f"DATA.{key}", ""])
     assert str(info.value) == (f"DATA.{key} is empty: set it to a labeled ImageFolder tree "
                                f"(<root>/<class>/<images>)")
+
+
+def test_embed_width_must_suit_the_sin_cos_position_initialization():
+    from mae_det.engine.finetune_cls import build_classifier
+
+    with pytest.raises(ConfigError) as info:
+        load_cls_cfg(SHAPES, ["MODEL.EMBED_DIM", "66", "MODEL.NUM_HEADS", "3"])
+    assert str(info.value) == ("MODEL.EMBED_DIM: 66 is not a multiple of 4, which the encoder's 2-D sin-cos position "
+                               "initialization needs")
+    cfg = load_cls_cfg(SHAPES, ["MODEL.EMBED_DIM", "68", "MODEL.NUM_HEADS", "2", "MODEL.DEPTH", "1"])
+    assert build_classifier(cfg, 6).pos_embed.shape == (1, 1 + 8 * 8, 68)

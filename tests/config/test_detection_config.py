@@ -97,6 +97,15 @@ def test_recipes_scale_with_the_gpu_count():
     (["SOLVER.OPTIMIZER", "SGD", "SOLVER.LAYER_DECAY", "0.7"], "only supported with SOLVER.OPTIMIZER ADAMW"),
     (["SOLVER.BETAS", "(0.9,)"], "SOLVER.BETAS"),
     (["SOLVER.CHECKPOINT_KEEP", "-1"], "SOLVER.CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got -1"),
+    (["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.LAYER_DECAY", "0.75"],
+     "SOLVER.LAYER_DECAY: 0.75 needs a ViT backbone (its blocks give the layer ids), but MODEL.BACKBONE.NAME is "
+     "'build_resnet_backbone': set SOLVER.LAYER_DECAY 0"),
+    (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH: expected > 0, got 0"),  # the train loader never yielded
+    (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER: expected > 0, got 0"),
+    (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD: expected > 0, got 0"),  # fvcore: modulo by zero
+    (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR: expected > 0, got -1.0"),
+    (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS: expected >= 0, got -1"),
+    (["DATASETS.TEST", "('a', 'b', 'a')"], "DATASETS.TEST: ['a'] named more than once"),
     (["INPUT.LSJ.MIN_SCALE", "3.0"], "MIN_SCALE <= MAX_SCALE"),
     (["INPUT.LSJ.IMAGE_SIZE", "0"], "INPUT.LSJ.IMAGE_SIZE"),
     (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),
@@ -116,6 +125,77 @@ def test_invalid_values_are_one_line_errors_naming_the_key(opts, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as e:
         load_det_cfg("", opts)
     assert "\n" not in str(e.value)
+
+
+def _config(relative, *opts):
+    return load_det_cfg(os.path.join(ROOT, "configs", relative), list(opts), training=False)
+
+
+def test_every_shipped_detection_and_semantic_config_validates():
+    paths = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+             if os.path.basename(os.path.dirname(p)) not in ("pretrain", "classification")
+             and not os.path.basename(p).startswith("pretrain_")]
+    assert {os.path.basename(os.path.dirname(p)) for p in paths} == {"configs", "COCO", "ADE20K", "shapes"}
+    for path in paths:
+        load_det_cfg(path, [], training=False)
+
+
+@pytest.mark.parametrize("config, opts, bound", [
+    ("shapes/mask_rcnn_vit_scratch.yaml", ["MODEL.VIT.SQUARE_PAD", "32"], "INPUT.LSJ.IMAGE_SIZE 64"),
+    ("shapes/mask_rcnn_vit_scratch.yaml", ["MODEL.VIT.SQUARE_PAD", "64", "INPUT.LSJ.ENABLED", "False"],
+     "INPUT.MAX_SIZE_TRAIN 1333"),
+    ("shapes/mask_rcnn_vit_scratch.yaml", ["MODEL.VIT.SQUARE_PAD", "64", "INPUT.MAX_SIZE_TEST", "80"],
+     "INPUT.MAX_SIZE_TEST 80"),
+    ("COCO/mask_rcnn_vit_b_mae.yaml", ["MODEL.VIT.SQUARE_PAD", "512"], "INPUT.LSJ.IMAGE_SIZE 1024"),
+    # Semantic segmentation pads its training crops and, with slide inference, its test windows.
+    ("shapes/sem_seg_vit_scratch.yaml", ["MODEL.VIT.SQUARE_PAD", "64", "INPUT.CROP.ENABLED", "False"],
+     "INPUT.MAX_SIZE_TRAIN 256"),
+    ("ADE20K/upernet_vit_b_mae.yaml", ["MODEL.VIT.SQUARE_PAD", "256"], "INPUT.CROP.SIZE 512"),
+    ("ADE20K/upernet_vit_b_mae.yaml", ["MODEL.VIT.SQUARE_PAD", "512", "TEST.SLIDE.ENABLED", "False"],
+     "INPUT.MAX_SIZE_TEST 2048"),
+])
+def test_square_pad_must_hold_the_largest_input_side(config, opts, bound):
+    pad = opts[1]
+    with pytest.raises(ConfigError) as e:
+        _config(config, *opts)
+    side = bound.split()[-1]
+    assert str(e.value) == (f"MODEL.VIT.SQUARE_PAD: {pad} is smaller than {bound}, the largest input side; "
+                            f"expected 0 (off) or >= {side}")
+
+
+def test_square_pad_holding_the_largest_input_side_is_valid():
+    assert _config("shapes/mask_rcnn_vit_scratch.yaml", "MODEL.VIT.SQUARE_PAD", "64").MODEL.VIT.SQUARE_PAD == 64
+    assert _config("shapes/sem_seg_vit_scratch.yaml", "MODEL.VIT.SQUARE_PAD", "64").MODEL.VIT.SQUARE_PAD == 64
+    ade = _config("ADE20K/upernet_vit_b_mae.yaml", "MODEL.VIT.SQUARE_PAD", "512")  # 512 crops and windows
+    assert ade.MODEL.VIT.SQUARE_PAD == 512 and ade.INPUT.MAX_SIZE_TEST == 2048
+
+
+@pytest.mark.parametrize("config, opts, message", [
+    ("Base-MaskRCNN-ViT.yaml", ["MODEL.VIT.PATCH_SIZE", "8"],
+     "MODEL.RPN.IN_FEATURES: ['p6'] are not levels of build_vit_fpn_backbone at MODEL.VIT.PATCH_SIZE 8; expected "
+     "names among ['p1', 'p2', 'p3', 'p4', 'p5']"),
+    ("Base-MaskRCNN-ViT.yaml", ["MODEL.VIT.PATCH_SIZE", "32", "MODEL.VIT.PYRAMID", "multi_tap"],
+     "MODEL.RPN.IN_FEATURES: ['p2'] are not levels of build_vit_fpn_backbone at MODEL.VIT.PATCH_SIZE 32; expected "
+     "names among ['p3', 'p4', 'p5', 'p6', 'p7']"),
+    ("Base-MaskRCNN-ViT.yaml", ["MODEL.VIT.PATCH_SIZE", "32", "MODEL.RPN.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"],
+     "MODEL.ROI_HEADS.IN_FEATURES: ['p2'] are not levels of build_vit_fpn_backbone at MODEL.VIT.PATCH_SIZE 32; "
+     "expected names among ['p3', 'p4', 'p5', 'p6', 'p7']"),
+    ("shapes/sem_seg_vit_scratch.yaml", ["MODEL.SEM_SEG_HEAD.IN_FEATURES", "['tap2', 'tap3', 'tap4', 'tap5']"],
+     "MODEL.SEM_SEG_HEAD.IN_FEATURES: ['tap5'] are not levels of build_vit_multitap_backbone at MODEL.VIT.PATCH_SIZE "
+     "8; expected names among ['tap1', 'tap2', 'tap3', 'tap4']"),
+])
+def test_head_in_features_must_be_levels_of_the_vit_backbone(config, opts, message):
+    with pytest.raises(ConfigError) as e:
+        _config(config, *opts)
+    assert str(e.value) == message
+
+
+def test_head_in_features_follow_the_patch_size():
+    cfg = _config("Base-MaskRCNN-ViT.yaml", "MODEL.VIT.PATCH_SIZE", "8", "MODEL.RPN.IN_FEATURES",
+                  "['p1', 'p2', 'p3', 'p4', 'p5']", "MODEL.ROI_HEADS.IN_FEATURES", "['p1', 'p2', 'p3', 'p4']")
+    assert list(cfg.MODEL.RPN.IN_FEATURES) == ["p1", "p2", "p3", "p4", "p5"]
+    # A ResNet backbone keeps Detectron2's own names: nothing here applies.
+    assert _config("COCO/mask_rcnn_R_50_FPN_supervised.yaml").MODEL.RPN.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
 
 
 def test_evaluation_only_skips_training_checks():

@@ -164,6 +164,22 @@ def test_encoder_init_choice_is_validated(data_dir):
         _cfg(data_dir, "MODEL.INIT", "xavier")
 
 
+def test_embed_widths_must_suit_the_sin_cos_position_tables(data_dir):
+    from mae_det.engine.pretrain import SupervisedViT, build_pretrain_model
+
+    tiny = ["MODEL.ARCH", "mae_vit_tiny_patch16", "MODEL.DEPTH", "2", "MODEL.IMG_SIZE", "32", "MODEL.DECODER_DEPTH", "1"]
+    encoder = "MODEL.EMBED_DIM: 66 is not a multiple of 4, which the encoder's 2-D sin-cos position table needs"
+    for init in ("mae", "vitdet"):  # vitdet keeps the frozen sin-cos table too
+        assert _error(_cfg, data_dir, *tiny, "MODEL.INIT", init, "MODEL.EMBED_DIM", "66", "MODEL.NUM_HEADS", "3") == encoder
+    assert _error(_cfg, data_dir, *tiny, "MODEL.DECODER_EMBED_DIM", "30", "MODEL.DECODER_NUM_HEADS", "3") == (
+        "MODEL.DECODER_EMBED_DIM: 30 is not a multiple of 4, which the decoder's 2-D sin-cos position table needs")
+    # Supervised pretraining has no decoder: its width is never built, so it is no error.
+    cfg = _cfg(data_dir, *tiny, "MODEL.MODE", "supervised", "MODEL.DECODER_EMBED_DIM", "30",
+               "MODEL.DECODER_NUM_HEADS", "3")
+    model = build_pretrain_model(cfg, num_classes=2)
+    assert isinstance(model, SupervisedViT) and model.pos_embed.shape == (1, 1 + 4, 192)
+
+
 def test_demo_supervised_arm_uses_only_count_preserving_augmentation():
     # A crop would change the per-class counts it learns from; flips, quarter turns and channel orders keep them
     # and stop it memorizing the 2,400-image pool (README pilot p55).

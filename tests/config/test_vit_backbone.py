@@ -50,6 +50,10 @@ def test_window_that_does_not_divide_the_grid_is_valid():
         (dict(SQUARE_PAD=1000), r"MODEL.VIT.SQUARE_PAD = 1000: expected 0 or a positive multiple of 2 \* PATCH_SIZE = 32"),
         (dict(DROP_PATH_RATE=1.0), r"MODEL.VIT.DROP_PATH_RATE = 1.0: expected a value in \[0, 1\)"),
         (dict(INIT="xavier"), r"MODEL.VIT.INIT = 'xavier': expected one of \['vitdet', 'mae'\]"),
+        (dict(SIZE="custom", EMBED_DIM=66, NUM_HEADS=3, INIT="mae"),
+         r"^MODEL.VIT.EMBED_DIM = 66: must be a multiple of 4 with MODEL.VIT.INIT 'mae' \(its 2-D sin-cos position"),
+        (dict(SIZE="custom", EMBED_DIM=96, NUM_HEADS=3, NORM="GN"),
+         r"^MODEL.VIT.NORM = 'GN': the simple pyramid's stride PATCH_SIZE/4 branch norms embed dim / 2 = 48 channels"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, match):
@@ -63,3 +67,11 @@ def test_unknown_weights_format():
     cfg.MODEL.WEIGHTS_FORMAT = "caffe2"
     with pytest.raises(ValueError, match=r"MODEL.WEIGHTS_FORMAT = 'caffe2': expected one of"):
         validate_vit_config(cfg)
+
+
+def test_widths_that_only_some_settings_constrain():
+    # vitdet init draws its position table (no sin-cos); multi_tap norms the full width (96 = 3 x 32) with GN and
+    # NORM only on OUT_CHANNELS.
+    validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=66, NUM_HEADS=3, INIT="vitdet"))
+    validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=96, NUM_HEADS=3, NORM="GN", PYRAMID="multi_tap"))
+    validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=128, NUM_HEADS=2, NORM="GN"))

@@ -14,8 +14,8 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from mae_det.checkpoint.convert import convert_to_detectron2
-from mae_det.config.vit_backbone import add_vit_config
-from mae_det.modeling.backbone import ViTFPN, ViTSimplePyramid, build_vit_fpn_backbone
+from mae_det.config.vit_backbone import add_vit_config, quarter_indexes, vit_levels
+from mae_det.modeling.backbone import ViTFPN, ViTSimplePyramid, build_vit_fpn_backbone, build_vit_multitap_backbone
 from mae_det.modeling.vit import VisionTransformer
 
 
@@ -80,6 +80,85 @@ def test_multi_tap_levels_come_from_the_tapped_blocks():
     torch.testing.assert_close(taps["tap5"], nn.functional.max_pool2d(blocks[3], 2), rtol=0, atol=0)
     assert taps["tap2"].shape[1] == taps["tap3"].shape[1] == 64  # MAE App. A.3 keeps the width
     assert isinstance(backbone.bottom_up.resample["tap2"][1], nn.GroupNorm)
+
+
+def semantic_cfg(**vit):
+    cfg = tiny_cfg("multi_tap", **vit)
+    cfg.MODEL.BACKBONE.NAME = "build_vit_multitap_backbone"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = vit_levels(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_shallow_encoders_run_with_their_repeated_default_taps(depth):
+    taps = quarter_indexes(depth)
+    assert len(set(taps)) < 4  # [0, 0, 0, 1] / [0, 0, 1, 2]: a block feeds several levels
+    x = torch.randn(1, 3, 64, 96)
+    fpn = build(tiny_cfg("multi_tap", DEPTH=depth)).eval()
+    torch.manual_seed(0)
+    semantic = build_vit_multitap_backbone(semantic_cfg(DEPTH=depth), ShapeSpec(channels=3)).eval()
+    with torch.no_grad():
+        out = fpn(x)
+        levels = semantic(x)
+        blocks = semantic.net.forward_spatial(x, list(range(depth)))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        "p2": (16, 24), "p3": (8, 12), "p4": (4, 6), "p5": (2, 3), "p6": (1, 2)
+    }
+    assert {k: tuple(v.shape) for k, v in levels.items()} == {
+        "tap2": (1, 64, 16, 24), "tap3": (1, 64, 8, 12), "tap4": (1, 64, 4, 6), "tap5": (1, 64, 2, 3)
+    }
+    torch.testing.assert_close(levels["tap4"], blocks[taps[2]], rtol=0, atol=0)  # stride 16: identity
+    torch.testing.assert_close(levels["tap5"], nn.functional.max_pool2d(blocks[taps[3]], 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pyramid, key, branch", [
+    ("simple", "NORM", "pyramid.p2.resample"), ("multi_tap", "UPSAMPLE_NORM", "bottom_up.resample.tap2"),
+])
+def test_stride_4_branch_without_norm_runs_and_keeps_the_deconv_names(pyramid, key, branch):
+    normed = build(tiny_cfg(pyramid, **{key: "LN" if pyramid == "simple" else "GN"})).eval()
+    plain = build(tiny_cfg(pyramid, **{key: ""})).eval()
+    seq = plain.get_submodule(branch)
+    assert [type(m) for m in seq] == [nn.ConvTranspose2d, nn.Identity, nn.GELU, nn.ConvTranspose2d]
+    assert [type(m).__name__ for m in normed.get_submodule(branch)] == [
+        "ConvTranspose2d", "LayerNorm" if pyramid == "simple" else "GroupNorm", "GELU", "ConvTranspose2d"]
+    keys = {k for k in normed.state_dict() if k.startswith(branch + ".")}
+    assert keys == {f"{branch}.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}
+    plain_keys = {k for k in plain.state_dict() if k.startswith(branch + ".")}
+    assert plain_keys == keys - {f"{branch}.1.weight", f"{branch}.1.bias"}
+    with torch.no_grad():
+        out = plain(torch.randn(1, 3, 64, 96))
+    assert out["p2"].shape == (1, 32, 16, 24) and all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_group_norm_in_the_simple_pyramid_needs_half_the_width_divisible_by_32():
+    with pytest.raises(ValueError, match=r"^MODEL.VIT.NORM = 'GN': .* embed dim / 2 = 48 channels") as e:
+        build(tiny_cfg("simple", EMBED_DIM=96, NORM="GN"))
+    assert "\n" not in str(e.value)
+    backbone = build(tiny_cfg("simple", EMBED_DIM=128, NORM="GN")).eval()
+    assert isinstance(backbone.pyramid["p2"].resample[1], nn.GroupNorm)
+    assert backbone.pyramid["p2"].resample[1].num_channels == 64
+    with torch.no_grad():
+        assert backbone(torch.randn(1, 3, 64, 64))["p2"].shape == (1, 32, 16, 16)
+
+
+def test_width_not_divisible_by_4_needs_vitdet_init():
+    with pytest.raises(ValueError, match=r"^MODEL.VIT.EMBED_DIM = 66: must be a multiple of 4 with MODEL.VIT.INIT"):
+        build(tiny_cfg("simple", EMBED_DIM=66, INIT="mae"))
+    backbone = build(tiny_cfg("simple", EMBED_DIM=66, INIT="vitdet")).eval()  # no sin-cos table: valid
+    with torch.no_grad():
+        assert backbone(torch.randn(1, 3, 64, 64))["p6"].shape == (1, 32, 1, 1)
+
+
+@pytest.mark.parametrize("patch", [4, 8, 16, 32])
+def test_configured_level_names_are_the_built_ones(patch):
+    """mae_det.config validates the heads' IN_FEATURES against vit_levels: it must name what the builders build."""
+    sizes = dict(PATCH_SIZE=patch, PRETRAIN_IMG_SIZE=2 * patch, INPUT_SIZE=4 * patch)
+    for pyramid in ("simple", "multi_tap"):
+        cfg = tiny_cfg(pyramid, **sizes)
+        assert vit_levels(cfg) == list(build(cfg).output_shape()), pyramid
+    cfg = semantic_cfg(**sizes)
+    assert vit_levels(cfg) == list(build_vit_multitap_backbone(cfg, ShapeSpec(channels=3)).output_shape())
+    assert vit_levels(cfg)[2] == f"tap{int(math.log2(patch))}"
 
 
 @pytest.mark.parametrize("pyramid", ["simple", "multi_tap"])

@@ -14,6 +14,7 @@ from detectron2.utils.events import EventStorage
 
 import mae_det  # noqa: F401  (registers the builders)
 from mae_det.config.detection import load_det_cfg
+from mae_det.config.pretrain import ConfigError
 from mae_det.engine.det_trainer import Trainer
 from mae_det.modeling.semantic_seg import window_starts
 from mae_det.modeling.upernet import UperNetHead
@@ -99,8 +100,10 @@ def test_multitap_backbone_builds_only_the_levels_the_head_reads():
     losses = model([{"image": image, "sem_seg": torch.randint(0, 7, (64, 64))}] * 2)
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match=r"multi_tap levels at patch 8 are \['tap1', 'tap2', 'tap3', 'tap4'\]"):
-        build_model(_shapes_cfg("MODEL.SEM_SEG_HEAD.IN_FEATURES", ["tap3", "tap5"]))
+    with pytest.raises(ConfigError) as e:  # refused with the config, before any model is built
+        _shapes_cfg("MODEL.SEM_SEG_HEAD.IN_FEATURES", ["tap3", "tap5"])
+    assert str(e.value) == ("MODEL.SEM_SEG_HEAD.IN_FEATURES: ['tap5'] are not levels of build_vit_multitap_backbone at "
+                            "MODEL.VIT.PATCH_SIZE 8; expected names among ['tap1', 'tap2', 'tap3', 'tap4']")
 
 
 def test_window_starts_cover_the_image_and_end_at_the_border():
@@ -180,7 +183,8 @@ def test_semantic_config_builds_and_trains_one_step(path):
 def test_cascade_config_builds_and_trains_one_step(path):
     from detectron2.structures import BitMasks, Boxes, Instances
 
-    opts = [*tiny_vit(path), "MODEL.VIT.INPUT_SIZE", 64, "MODEL.VIT.SQUARE_PAD", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    opts = [*tiny_vit(path), "MODEL.VIT.INPUT_SIZE", 64, "MODEL.VIT.SQUARE_PAD", 64, "INPUT.LSJ.IMAGE_SIZE", 64,
+            "INPUT.MAX_SIZE_TEST", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
             16, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
             "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.VIT.OUT_CHANNELS", 32]
     cfg = load_det_cfg(path, opts, training=False)

@@ -206,6 +206,19 @@ def test_forward_spatial_returns_requested_blocks_in_order():
     torch.testing.assert_close(outs[0], model.blocks[2](model.blocks[1](x0)).permute(0, 3, 1, 2), atol=0, rtol=0)
 
 
+def test_forward_spatial_fills_every_slot_of_a_repeated_index():
+    """The default quarter taps of a 2- or 3-block encoder repeat a block ([0, 0, 0, 1], [0, 0, 1, 2])."""
+    torch.manual_seed(7)
+    model = randomize_(tiny_vit()).eval()
+    imgs = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        b0, b1, b2 = model.forward_spatial(imgs, [0, 1, 2])
+        outs = model.forward_spatial(imgs, [0, 0, 1, 2, 0])
+    assert all(o is not None for o in outs)
+    for got, expected in zip(outs, (b0, b0, b1, b2, b0)):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_encoder_keys_and_features_equal_timm_vit():
     torch.manual_seed(8)
     ours = randomize_(tiny_vit())
