@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         p.error("--input-size takes H or H W")
+    if args.input_size is not None and min(args.input_size) < 1:
+        p.error(f"--input-size: expected sizes of at least 1 pixel, got {' '.join(map(str, args.input_size))}")
     return args
 
 

@@ -7,9 +7,12 @@
 Each run directory holds run_info.json (init_type, seed) and ap_results.json, sem_seg_results.json (mIoU, pixel
 accuracy, per-class IoU) and/or cls_results.json.
 Runs are grouped by init_type (or --label), with mean ± sample std over seeds and deltas against --baseline.
+Runs of one init_type that started from different checkpoints (run_info.json) are split into a group per
+checkpoint; --label groups runs explicitly. A directory given twice counts once.
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="ap_table", help="file stem of the outputs")
     parser.add_argument("--title", default="AP comparison")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="compare_ap: %(message)s")
     try:
         paths = compare(args.runs, args.output, labels=dict(args.label),
                         baseline=None if args.baseline.lower() == "none" else args.baseline,

@@ -35,7 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--num-images", type=int, default=10)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_images < 1:
+        p.error(f"--num-images: expected at least 1 image, got {args.num_images}")
+    return args
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from PIL import Image
 from ..data.detection import DatasetError, load_report, register_datasets
 from ..data.images import ImageLoadError, load_image
 from ..engine.det_trainer import Trainer
-from ..engine.predictor import unique_png_name
+from ..engine.predictor import unique_png_names
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSum
             logger.warning(f"skipped unreadable image: {e}")
             summary.failures.append((record["file_name"], str(e).removeprefix(f"{record['file_name']}: ")))
             continue
-        png = unique_png_name(record["file_name"], used)
+        png = unique_png_names(record["file_name"], used)[0]
         _save(Visualizer(image, metadata).draw_dataset_dict(record).get_image(), out / png, summary)
 
 

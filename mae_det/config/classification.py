@@ -13,7 +13,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     MODEL.WEIGHTS: ""               initial encoder weights: our encoder export or training checkpoint, an
                                     official MAE checkpoint, a timm ViT state dict; "" = random init
     MODEL.INIT_TYPE: ""             label recorded in run_info.json / cls_results.json, e.g. "mae",
-                                    "supervised" ("" = "random" without weights, else "pretrained")
+                                    "supervised" ("" = "random" without weights, else the checkpoint's
+                                    pretraining mode when it records one (mae / supervised), else "pretrained")
     MODEL.DROP_PATH: 0.1            stochastic depth of the fine-tuned encoder
     MODEL.GLOBAL_POOL: True         fine-tuning head on the mean of the patch tokens + fc_norm (MAE recipe);
                                     False: on the cls token after the encoder's final norm

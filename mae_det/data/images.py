@@ -18,8 +18,10 @@ decoded): a larger JPEG is decoded directly at 1/2, 1/4 or 1/8 scale through lib
 which never materializes the full-size image; any other format larger than ``max_pixels``, or a JPEG still too
 large at 1/8, is an :class:`ImageLoadError`. PIL's own decompression-bomb check is replaced by this one.
 
-:func:`image_size` answers, from the header alone, which size a reader that applies EXIF orientation (this
-module, Detectron2's ``read_image``) will see; detection datasets check their json against it.
+:func:`load_image_and_file_size` also gives the file's full size, oriented as the pixels are (the frame that
+results computed on a downscaled decode are mapped back to). :func:`image_size` answers, from the header alone,
+which size a reader that applies EXIF orientation (this module, Detectron2's ``read_image``) will see; detection
+datasets check their json against it.
 """
 from __future__ import annotations
 
@@ -110,6 +112,22 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Raises:
         ImageLoadError: missing, empty, unreadable, not an image, truncated, too large, or undecodable.
     """
+    return load_image_and_file_size(path, max_pixels)[0]
+
+
+def load_image_and_file_size(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_image`, plus the (width, height) of the file at full resolution, oriented as the image is.
+
+    The size is the decoded image's own unless the file was decoded downscaled (a JPEG beyond ``max_pixels``);
+    it comes from the same open that decoded the pixels, so PIL's decompression-bomb limit does not apply to it
+    and an EXIF block anywhere in the file (a PNG's may follow the pixel data) orients it as it orients them,
+    which :func:`image_size` cannot promise.
+
+    Raises:
+        ImageLoadError: as :func:`load_image`.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -130,7 +148,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         with im:
             w, h = im.size
-            if w * h > max_pixels:
+            downscaled = w * h > max_pixels
+            if downscaled:
                 k = _draft_scale(im.size, max_pixels) if im.format == "JPEG" else None
                 if k is None:
                     raise ImageLoadError(
@@ -141,12 +160,17 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             im.seek(0)
             im.load()
             try:
+                # The value exif_transpose reads (cached by PIL, so both see the same block); read first because the
+                # transposed copy no longer holds it.
+                orientation = im.getexif().get(_EXIF_ORIENTATION)
                 im = ImageOps.exif_transpose(im)
             except Exception:
-                pass  # A broken EXIF block must not cost the pixels; they are used as stored.
+                orientation = None  # A broken EXIF block must not cost the pixels; they are used as stored.
             rgb = _to_rgb(im)
             rgb.load()
-            return rgb
+            if not downscaled:
+                return rgb, rgb.size
+            return rgb, (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
     except ImageLoadError:
         raise
     except Exception as e:

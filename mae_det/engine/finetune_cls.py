@@ -98,10 +98,24 @@ def vit_kwargs(cfg: CfgNode) -> dict[str, Any]:
 
 
 def init_label(cfg: CfgNode) -> tuple[str, str]:
-    """``(init_type, init)`` recorded with the results: the label and the checkpoint path (or "random")."""
+    """``(init_type, init)`` recorded with the results: the label and the checkpoint path (or "random").
+
+    The label is ``MODEL.INIT_TYPE`` when set; else "random" without weights; else how the checkpoint says its
+    encoder was trained (``meta["mode"]`` of this project's encoder exports and pretraining checkpoints: "mae",
+    "supervised", the detection configs' names), and "pretrained" for a checkpoint that does not say (official
+    MAE, timm). One shared label would put the runs of an MAE and a supervised encoder into one group of
+    ``tools/compare_ap.py``.
+    """
     if not cfg.MODEL.WEIGHTS:
         return cfg.MODEL.INIT_TYPE or "random", "random"
-    return cfg.MODEL.INIT_TYPE or "pretrained", cfg.MODEL.WEIGHTS
+    if cfg.MODEL.INIT_TYPE:
+        return cfg.MODEL.INIT_TYPE, cfg.MODEL.WEIGHTS
+    try:
+        meta = load_checkpoint(cfg.MODEL.WEIGHTS).get("meta")
+    except CheckpointError:
+        meta = None  # loading the encoder reports what is wrong with the file; the label need not
+    mode = meta.get("mode") if isinstance(meta, dict) else None
+    return mode if isinstance(mode, str) and mode else "pretrained", cfg.MODEL.WEIGHTS
 
 
 def build_encoder(cfg: CfgNode, device: torch.device) -> VisionTransformer:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..config.detection import load_det_cfg
 from ..data.detection import DatasetError, register_datasets
 from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
-from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, image_size, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_and_file_size
 from .det_trainer import load_trained
 
 logger = logging.getLogger(__name__)
@@ -318,14 +318,19 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, st
     return list(dict.fromkeys(files)), empty
 
 
-def unique_png_name(path: str | os.PathLike, used: set[str]) -> str:
-    """``<stem>.png`` for an input path, suffixed ``_1``, ``_2``... if already in ``used`` (which it joins)."""
-    path = Path(path)
-    name, k = f"{path.stem}.png", 1
-    while name in used:  # same stem from two folders, or a.jpg next to a.png
-        name, k = f"{path.stem}_{k}.png", k + 1
-    used.add(name)
-    return name
+def unique_png_names(path: str | os.PathLike, used: set[str], suffixes: Sequence[str] = ("",)) -> list[str]:
+    """``<stem><suffix>.png`` for an input path and each suffix, the stem suffixed ``_1``, ``_2``... until none of
+    the names is in ``used`` (which they join).
+
+    Every file an input writes is reserved at once: an input named ``a_labels.png`` must not take the label map
+    name of ``a.png``, nor ``a.png`` that of ``a_labels.png``'s picture.
+    """
+    stem, k = Path(path).stem, 1
+    names = [f"{stem}{suffix}.png" for suffix in suffixes]
+    while used.intersection(names):  # same stem from two folders, a.jpg next to a.png, or a_labels.png next to a.png
+        names, k = [f"{stem}_{k}{suffix}.png" for suffix in suffixes], k + 1
+    used.update(names)
+    return names
 
 
 @dataclass
@@ -364,11 +369,14 @@ def predict_to_dir(
     ``COCO("images.json").loadRes("results.json")`` works. Unreadable images are logged by path and skipped.
     A semantic model writes instead, per image, the class regions drawn (``<stem>.png``) and its class map
     (``<stem>_labels.png``, mode "L", values = class index); ``results.json`` then lists ``image_id`` ->
-    ``label_map`` and ``images.json`` the class names as ``categories`` (id = class index).
+    ``label_map`` and ``images.json`` the class names as ``categories`` (id = class index). An image whose names
+    are taken (the same stem in two folders; an input named ``a_labels.png`` next to ``a.png``) writes
+    ``<stem>_1.png`` (and ``<stem>_1_labels.png``), ``_2``...
 
     A JPEG larger than ``max_pixels`` is decoded downscaled (see :func:`~mae_det.data.images.load_image`); its
     results, label map and ``images.json`` entry are still in the file's own frame (the picture is drawn smaller),
-    so that they match annotations of the file.
+    so that they match annotations of the file. That frame is the file's size as the decode oriented it
+    (:func:`~mae_det.data.images.load_image_and_file_size`), so no other image is ever rescaled.
 
     Args:
         predictor: the model.
@@ -390,27 +398,27 @@ def predict_to_dir(
     used: set[str] = set()
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     for start in range(0, len(files), batch_size):
-        batch: list[tuple[Path, np.ndarray]] = []
+        batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
         for path in files[start : start + batch_size]:
             try:
-                batch.append((path, np.asarray(load_image(path, max_pixels))))
+                image, file_size = load_image_and_file_size(path, max_pixels)
+                batch.append((path, np.asarray(image), file_size))
             except ImageLoadError as e:
                 logger.warning(f"skipped unreadable image: {e}")
                 summary.failures.append((str(path), str(e).removeprefix(f"{path}: ")))
-        for (path, image), instances in zip(batch, predictor([im for _, im in batch])):
+        for (path, image, file_size), instances in zip(batch, predictor([im for _, im, _ in batch])):
             image_id = len(summary.images) + 1
-            png = unique_png_name(path, used)
+            names = unique_png_names(path, used, ("", "_labels") if predictor.semantic else ("",))
+            png = names[0]
             decoded = (image.shape[1], image.shape[0])
-            file_size = _file_size(path, decoded)
             if file_size != decoded:
                 logger.warning(f"{path}: {file_size[0]}x{file_size[1]} was decoded at {decoded[0]}x{decoded[1]} "
                                f"(pixel limit {max_pixels}); its results are written in the file's frame")
             if predictor.semantic:
                 Image.fromarray(draw_sem_seg(image, instances, predictor.metadata)).save(out / png)
-                label_png = png.removesuffix(".png") + "_labels.png"
                 labels = Image.fromarray(instances.numpy().astype(np.uint8), mode="L")
-                labels.resize(file_size, Image.NEAREST).save(out / label_png)
-                results.append({"image_id": image_id, "label_map": label_png})
+                labels.resize(file_size, Image.NEAREST).save(out / names[1])
+                results.append({"image_id": image_id, "label_map": names[1]})
             else:
                 Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
                 results += (instances_to_coco_results(instances, image_id, predictor.metadata) if file_size == decoded
@@ -433,14 +441,6 @@ def predict_to_dir(
         "annotations": [],
     }, indent=1))
     return summary
-
-
-def _file_size(path: Path, decoded: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of an image file as :func:`load_image` orients it; ``decoded`` if its header is unreadable."""
-    try:
-        return image_size(path)
-    except ImageLoadError:
-        return decoded
 
 
 # ---- the demo report's picture ---------------------------------------------------------------------------

@@ -6,18 +6,24 @@ A run directory is what ``tools/train_net.py`` leaves behind: ``ap_results.json`
 ``*_top1`` accuracies in % (kNN, linear probe, fine-tuning), and a semantic-segmentation run holds
 ``sem_seg_results.json`` (``{"sem_seg": {"mIoU", "fwIoU", "mACC", "pACC", "IoU": {class: IoU}}}``) - those become
 extra columns of the same table (``seg mIoU``, ..., ``seg IoU-<class>``).
-Runs are grouped by ``init_type`` unless a label is given for the directory. Problems with a file are errors that
-name the file; with ``skip_invalid`` they are collected and listed in the report instead, never dropped silently.
+Runs are grouped by ``init_type`` unless a label is given for the directory; a group whose runs started from
+different checkpoints (``run_info.json``'s ``init_checkpoint_sha256``, else ``init_checkpoint``) is split by
+checkpoint, since a shared label (e.g. the ``"pretrained"`` of classification runs) does not make two encoders one.
+A directory given twice counts once. Problems with a file are errors that name the file; with ``skip_invalid`` they
+are collected and listed in the report instead, never dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -52,6 +58,8 @@ PUBLISHED_SEG: tuple[tuple[str, str, str, float], ...] = (
     ("mmsegmentation (MAE ViT-B recipe)", "ViT-B", "MAE", 48.1),
 )
 
+logger = logging.getLogger(__name__)
+
 
 def kind_of(key: str) -> str:
     """What a column measures: "seg" (``sem_seg/...``), "det" (``bbox/...``, ``segm/...``) or "cls"."""
@@ -73,12 +81,21 @@ class RunResult:
         group: Its initialization label (``init_type`` or the user's label).
         seed: The run's seed from ``run_info.json``.
         values: Column key (``"bbox/AP"``, ``"segm/APl"``, ``"knn_top1"`` ...) -> value in % or None.
+        init_checkpoint: The checkpoint its weights started from (``run_info.json``), None for random init.
+        init_checkpoint_sha256: That file's sha256 when the run recorded it.
     """
 
     path: str
     group: str
     seed: int
     values: dict[str, float | None]
+    init_checkpoint: str | None = None
+    init_checkpoint_sha256: str | None = None
+
+    @property
+    def init_key(self) -> str | None:
+        """What identifies the starting weights: the checkpoint's hash, else its path; None without one."""
+        return self.init_checkpoint_sha256 or self.init_checkpoint
 
 
 @dataclass(frozen=True)
@@ -201,6 +218,10 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     if not isinstance(group, str) or not group:
         raise ResultError(f"{info_path}: 'init_type' must be a non-empty string, got {group!r} "
                           f"(or pass a label: --label {d}=NAME)")
+    checkpoint = {k: info.get(k) for k in ("init_checkpoint", "init_checkpoint_sha256")}
+    for key, value in checkpoint.items():
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ResultError(f"{info_path}: '{key}' must be a non-empty string or null, got {value!r}")
     if not any((d / f).exists() for f in (AP_FILE, SEG_FILE, CLS_FILE)):
         raise ResultError(f"{d / AP_FILE}: file not found (and no {SEG_FILE} or {CLS_FILE} either)")
     values: dict[str, float | None] = {}
@@ -210,13 +231,19 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
         values.update(_read_seg(d / SEG_FILE))
     if (d / CLS_FILE).exists():
         values.update(_read_cls(d / CLS_FILE))
-    return RunResult(path=str(run_dir), group=group, seed=seed, values=values)
+    return RunResult(path=str(run_dir), group=group, seed=seed, values=values, **checkpoint)
 
 
 def collect_runs(
     run_dirs: Iterable[str | os.PathLike], labels: dict[str, str] | None = None, skip_invalid: bool = False
 ) -> tuple[list[RunResult], list[str]]:
     """Read many run directories.
+
+    A directory given more than once (overlapping globs, a trailing slash, a symlink) is read once, where it first
+    appears. Runs grouped by their ``init_type`` that started from different checkpoints are split into one group
+    per checkpoint, ``"<init_type> (<checkpoint>)"``; a label given for a directory is kept as it is (labelling
+    runs alike is how runs of different checkpoints, e.g. pretraining seeds, are averaged on purpose). Each of
+    these is logged in one line.
 
     Args:
         run_dirs: The directories, in the order they should appear.
@@ -229,21 +256,67 @@ def collect_runs(
     Raises:
         ResultError: a directory is invalid and ``skip_invalid`` is False, or a label names no given directory.
     """
-    run_dirs = list(run_dirs)
+    by_path: dict[str, str] = {}  # resolved -> as first given
+    repeated: list[str] = []
+    for d in run_dirs:
+        resolved = str(Path(d).resolve())
+        if resolved in by_path:
+            repeated.append(str(d) if str(d) == by_path[resolved] else f"{d} (= {by_path[resolved]})")
+        else:
+            by_path[resolved] = str(d)
+    if repeated:
+        logger.warning("run directories given more than once, counted once: %s", ", ".join(repeated))
     resolved_labels = {str(Path(k).resolve()): v for k, v in (labels or {}).items()}
-    given = {str(Path(d).resolve()) for d in run_dirs}
-    unknown = [k for k in resolved_labels if k not in given]
+    unknown = [k for k in resolved_labels if k not in by_path]
     if unknown:
         raise ResultError(f"--label names a directory that is not among the runs: {', '.join(unknown)}")
-    runs, skipped = [], []
-    for d in run_dirs:
+    runs, skipped, labelled = [], [], []
+    for resolved, d in by_path.items():
         try:
-            runs.append(load_run(d, resolved_labels.get(str(Path(d).resolve()))))
+            runs.append(load_run(d, resolved_labels.get(resolved)))
         except ResultError as e:
             if not skip_invalid:
                 raise
             skipped.append(str(e))
-    return runs, skipped
+            continue
+        labelled.append(resolved in resolved_labels)
+    return _split_by_checkpoint(runs, labelled), skipped
+
+
+def _split_by_checkpoint(runs: list[RunResult], labelled: list[bool]) -> list[RunResult]:
+    """``runs`` with each unlabelled group that holds several starting checkpoints split into one group per
+    checkpoint (see :func:`collect_runs`)."""
+    keys: dict[str, dict[str | None, list[int]]] = {}
+    for i, (r, fixed) in enumerate(zip(runs, labelled)):
+        if not fixed:
+            keys.setdefault(r.group, {}).setdefault(r.init_key, []).append(i)
+    runs = list(runs)
+    for group, by_key in keys.items():
+        if len(by_key) < 2:
+            continue
+        names = _checkpoint_names({k: runs[idx[0]] for k, idx in by_key.items()})
+        for key, idx in by_key.items():
+            for i in idx:
+                runs[i] = dataclasses.replace(runs[i], group=f"{group} ({names[key]})")
+        logger.warning("group '%s' holds runs of %d different init checkpoints (run_info.json), which are not "
+                       "averaged together: split into %s (--label DIR=NAME groups runs explicitly)", group,
+                       len(by_key), ", ".join(f"'{group} ({names[k]})'" for k in by_key))
+    return runs
+
+
+def _checkpoint_names(first: dict[str | None, RunResult]) -> dict[str | None, str]:
+    """A short, distinct name per starting checkpoint: its folder and file name, with its hash (or whole path)
+    added where two checkpoints share those."""
+    shorts = {k: "no checkpoint" if r.init_checkpoint is None else "/".join(Path(r.init_checkpoint).parts[-2:])
+              for k, r in first.items()}
+    counts = Counter(shorts.values())
+    names = {}
+    for key, name in shorts.items():
+        r = first[key]
+        if counts[name] > 1:
+            name = f"{name} {r.init_checkpoint_sha256[:8]}" if r.init_checkpoint_sha256 else r.init_checkpoint or name
+        names[key] = name
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -430,9 +503,13 @@ def render_csv(groups: list[GroupSummary], baseline: str | None = None, publishe
     return buf.getvalue()
 
 
-def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = "") -> None:
+def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = "") -> bool:
     """Bar chart, one panel per task (box, mask, segmentation, classification), bars per group with std error
-    bars; the segmentation panel shows the summary metrics (mIoU, fwIoU, mACC, pACC), not per-class IoU."""
+    bars; the segmentation panel shows the summary metrics (mIoU, fwIoU, mACC, pACC), not per-class IoU.
+
+    Returns:
+        False, writing nothing, when no metric has a value in any run (e.g. only runs that detected nothing).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -445,6 +522,8 @@ def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = 
     panels.append(("segmentation", [c for c in cols if c in {f"{SEG_TASK}/{m}" for m in SEG_METRICS}]))
     panels.append(("classification", [c for c in cols if kind_of(c) == "cls"]))
     panels = [(name, cs) for name, cs in panels if cs]
+    if not panels:
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     width = 0.8 / max(len(groups), 1)
     for ax, (name, cs) in zip(axes[0], panels):
@@ -465,6 +544,7 @@ def plot_bars(groups: list[GroupSummary], path: str | os.PathLike, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def compare(
@@ -478,6 +558,12 @@ def compare(
     title: str = "AP comparison",
 ) -> dict[str, Path]:
     """Read the runs and write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` into ``out_dir``.
+
+    Without a value to draw (every metric of every run null) there is no chart: that is logged in one line, a
+    chart of an earlier comparison under the same name is removed, and the result has no ``"chart"``.
+
+    Returns:
+        ``"markdown"``, ``"csv"`` and (when drawn) ``"chart"`` -> the file written.
 
     Raises:
         ResultError: a run's results are missing or malformed (without ``skip_invalid``), no valid run is left, or
@@ -494,5 +580,7 @@ def compare(
     paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "chart": out / f"{name}.png"}
     paths["markdown"].write_text(markdown, encoding="utf-8")
     paths["csv"].write_text(table, encoding="utf-8")
-    plot_bars(groups, paths["chart"], title)
+    if not plot_bars(groups, paths["chart"], title):
+        paths.pop("chart").unlink(missing_ok=True)  # a stale chart would contradict the new tables
+        logger.warning("no chart: no metric has a value in any run (the tables list the runs)")
     return paths

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mae_det.data.images import (
-    DEFAULT_MAX_PIXELS, DecodedImageCache, ImageLoadError, decoded_image_cache, load_image,
+    DEFAULT_MAX_PIXELS, DecodedImageCache, ImageLoadError, decoded_image_cache, image_size, load_image,
+    load_image_and_file_size,
 )
 
 
@@ -167,6 +168,73 @@ def test_large_jpeg_is_decoded_downscaled(tmp_path):
     assert im.size == (1000, 500)
     assert load_image(p, max_pixels=40_000).size == (250, 125)  # 1/8
     _expect_error(p, "exceeds the limit", max_pixels=10_000)  # even 1/8 is too large
+
+
+def _exif_after_pixels_png(shown: np.ndarray) -> bytes:
+    """A PNG storing ``shown`` rotated, with an eXIf chunk (orientation 6) after its pixel data, where a header
+    read does not find it."""
+    stored = np.ascontiguousarray(np.rot90(shown))  # orientation 6 turns it back
+    png = _png_bytes(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + chunk + png[iend:]
+
+
+def _gray_jpeg_of_side(side: int) -> bytes:
+    """A valid baseline grayscale JPEG of ``side`` x ``side`` mid-gray pixels (``side`` a multiple of 16),
+    written without ever holding its pixels: every 8x8 block of a flat 128 image encodes to the same 6 bits, so a
+    small image's entropy-coded data (4 blocks = 3 bytes) repeats."""
+    buf = io.BytesIO()
+    Image.new("L", (32, 8), 128).save(buf, "JPEG", quality=75)
+    template = buf.getvalue()
+    sos = template.index(b"\xff\xda")
+    header_end = sos + 2 + int.from_bytes(template[sos + 2 : sos + 4], "big")
+    scan = template[header_end:-2]
+    assert scan == bytes.fromhex("28a28a"), scan.hex()  # 4 blocks of (DC diff 0, end of block)
+    sof = template.index(b"\xff\xc0")
+    header = bytearray(template[:header_end])
+    header[sof + 5 : sof + 9] = struct.pack(">HH", side, side)
+    return bytes(header) + scan * ((side // 8) ** 2 // 4) + b"\xff\xd9"
+
+
+def test_file_size_is_the_decoded_size_unless_decoded_downscaled(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1000), (0, 128, 255)).save(p)
+    im, size = load_image_and_file_size(p)
+    assert im.size == size == (2000, 1000)
+    im, size = load_image_and_file_size(p, max_pixels=40_000)
+    assert im.size == (250, 125) and size == (2000, 1000)
+    assert np.array_equal(np.asarray(im), np.asarray(load_image(p, max_pixels=40_000)))
+    # Stored 120 wide, 200 high with orientation 6: shown (and sized) 200 x 120, decoded at 1/2.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (120, 200), (9, 9, 9)).save(tmp_path / "rot.jpg", exif=exif)
+    im, size = load_image_and_file_size(tmp_path / "rot.jpg", max_pixels=200 * 120 // 2)
+    assert im.size == (100, 60) and size == (200, 120)
+
+
+def test_file_size_follows_an_exif_block_after_the_pixels(tmp_path):
+    shown = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    p = tmp_path / "late_exif.png"
+    p.write_bytes(_exif_after_pixels_png(shown))
+    im, size = load_image_and_file_size(p)
+    assert np.array_equal(np.asarray(im), shown) and size == (64, 40)
+    assert image_size(p) == (40, 64)  # the header alone misses it (what predict_to_dir used to rescale by)
+
+
+def test_file_size_of_a_jpeg_beyond_pils_decompression_bomb_limit(tmp_path):
+    side = 13440  # 180.6 Mpixel: above PIL's 178.9 M limit, which load_image lifts and image_size keeps
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    p = tmp_path / "huge.jpg"
+    p.write_bytes(_gray_jpeg_of_side(side))
+    with pytest.raises(ImageLoadError, match="DecompressionBombError"):
+        image_size(p)
+    im, size = load_image_and_file_size(p, max_pixels=(side // 8) ** 2)
+    assert im.size == (side // 8, side // 8) and size == (side, side)
+    assert np.asarray(im).min() == np.asarray(im).max() == 128
 
 
 def test_bomb_png_is_refused_before_decoding(tmp_path):

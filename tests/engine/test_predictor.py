@@ -20,7 +20,8 @@ from mae_det.engine.predictor import (
     instances_to_coco_results, load_predict_cfg, predict_to_dir, side_by_side_detections,
 )
 from mae_det.modeling.mae import MaskedAutoencoderViT
-from tests.tools.inference_data import CATEGORIES, make_tiny_coco, save_untrained_detector, write_tiny_config
+from tests.data.test_images import _exif_after_pixels_png, _gray_jpeg_of_side
+from tests.tools.inference_data import CATEGORIES, ROOT, make_tiny_coco, save_untrained_detector, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,75 @@ def test_a_jpeg_decoded_downscaled_gets_results_in_the_file_frame(predictor, tmp
         assert ann["segmentation"]["size"] == [120, 200]
         full = mask_util.decode(ann["segmentation"]).astype(bool)
         assert np.array_equal(full, mask.repeat(2, 0).repeat(2, 1))  # nearest: each pixel becomes 2x2
+
+
+def test_an_image_decoded_whole_is_never_rescaled(tiny, predictor, tmp_path, caplog):
+    # Its EXIF block follows the pixel data: a header read sees it unrotated, the decode rotates it to 64 x 40.
+    shown = np.asarray(Image.open(tiny[1] / "img_0.png").convert("RGB").crop((0, 0, 64, 40)))
+    (tmp_path / "late_exif.png").write_bytes(_exif_after_pixels_png(shown))
+    summary = predict_to_dir(predictor, [str(tmp_path / "late_exif.png")], tmp_path / "out", progress=False)
+    assert (summary.images[0]["width"], summary.images[0]["height"]) == (64, 40)
+    assert "was decoded at" not in caplog.text
+    expected = instances_to_coco_results(predictor([shown])[0], 1, predictor.metadata)
+    got = json.loads(summary.results_json.read_text())
+    assert len(got) == len(expected) > 0
+    for r, e in zip(got, expected):
+        assert r["bbox"] == pytest.approx(e["bbox"]) and r["segmentation"] == e["segmentation"]
+
+
+def test_a_jpeg_beyond_pils_bomb_limit_gets_its_file_frame(tiny, weights, tmp_path):
+    side = 13440  # 180.6 Mpixel, over PIL's limit: its header cannot be read with the limit in place
+    (tmp_path / "huge.jpg").write_bytes(_gray_jpeg_of_side(side))
+    # No detection passes a threshold of 1: each would be a full-size mask, and the frame is what is tested.
+    none = Predictor(load_predict_cfg(str(tiny[2]), weights, confidence_threshold=1.0))
+    summary = predict_to_dir(none, [str(tmp_path / "huge.jpg")], tmp_path / "out", progress=False,
+                             max_pixels=(side // 8) ** 2)
+    assert (summary.images[0]["width"], summary.images[0]["height"]) == (side, side)  # was the 1/8 decode's 1680
+    assert Image.open(tmp_path / "out" / "huge.png").size == (side // 8, side // 8)
+
+
+def _tiny_semantic_predictor(root) -> Predictor:
+    """The shapes UperNet config made narrow (64-d encoder, 3 classes), at its seeded initial weights."""
+    config = root / "sem_seg.yaml"
+    config.write_text(f"""
+_BASE_: "{ROOT / 'configs' / 'shapes' / 'sem_seg_vit_scratch.yaml'}"
+MODEL:
+  VIT:
+    EMBED_DIM: 64
+    NUM_HEADS: 4
+  SEM_SEG_HEAD:
+    NUM_CLASSES: 3
+    CONVS_DIM: 16
+    AUX_CONVS_DIM: 16
+DATASETS:
+  REGISTER_SEM_SEG: []
+  TRAIN: ()
+  TEST: ()
+""")
+    return Predictor(load_predict_cfg(str(config), ["MODEL.WEIGHTS", str(save_untrained_detector(config))]))
+
+
+def test_a_label_map_name_is_never_another_inputs_picture(tmp_path):
+    semantic = _tiny_semantic_predictor(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 24), (10, 200, 10)).save(images / "a.png")
+    Image.new("RGB", (40, 16), (200, 10, 10)).save(images / "a_labels.png")  # named like a.png's label map
+    expected = {"a": ["a_labels.png", "a_labels_1_labels.png"],  # the second input's names move, both of them
+                "a_labels": ["a_labels_labels.png", "a_1_labels.png"]}
+    for order in ([images / "a.png", images / "a_labels.png"], [images / "a_labels.png", images / "a.png"]):
+        out = tmp_path / f"out_{order[0].stem}"
+        summary = predict_to_dir(semantic, [str(p) for p in order], out, progress=False)
+        results = json.loads(summary.results_json.read_text())
+        pictures = [im["visualization"] for im in summary.images]
+        label_maps = [r["label_map"] for r in results]
+        assert len(set(pictures + label_maps)) == 4
+        assert sorted(p.name for p in out.glob("*.png")) == sorted(pictures + label_maps)
+        for im, label_map in zip(summary.images, label_maps):
+            labels = Image.open(out / label_map)
+            assert labels.mode == "L" and labels.size == (im["width"], im["height"])
+            assert Image.open(out / im["visualization"]).mode == "RGB"
+        assert label_maps == expected[order[0].stem]
 
 
 def test_side_by_side_detections(tiny, tmp_path):

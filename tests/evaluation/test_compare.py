@@ -26,10 +26,11 @@ def _ap(box: list, mask: list) -> dict:
     return {"bbox": dict(zip(METRICS, box)), "segm": dict(zip(METRICS, mask)), "bbox-per-class": {"AP-ring": 3.0}}
 
 
-def _run(root: Path, name: str, init: str | None, seed: int, ap: dict | None = None, cls: dict | None = None) -> str:
+def _run(root: Path, name: str, init: str | None, seed: int, ap: dict | None = None, cls: dict | None = None,
+         **info) -> str:
     d = root / name
     d.mkdir(parents=True)
-    (d / "run_info.json").write_text(json.dumps({"init_type": init, "seed": seed, "config_sha256": "x"}))
+    (d / "run_info.json").write_text(json.dumps({"init_type": init, "seed": seed, "config_sha256": "x", **info}))
     if ap is not None:
         (d / "ap_results.json").write_text(json.dumps(ap))
     if cls is not None:
@@ -291,3 +292,100 @@ def test_malformed_sem_seg_results_name_the_file(tmp_path):
     (Path(d) / "sem_seg_results.json").write_text(json.dumps({"sem_seg": {"mIoU": 1.0}}))
     with pytest.raises(ResultError, match=r"bad/sem_seg_results.json: 'sem_seg' lacks fwIoU, mACC, pACC"):
         load_run(d)
+
+
+def test_a_run_folder_given_twice_counts_once(runs, tmp_path, caplog, monkeypatch):
+    (tmp_path / "link").symlink_to(runs[0])
+    monkeypatch.chdir(tmp_path)
+    given = [*runs, runs[0] + "/", "mae_s0", str(tmp_path / "link"), runs[2]]
+    got, _ = collect_runs(given)
+    assert [r.path for r in got] == runs  # each folder once, as first given
+    assert caplog.text.count("given more than once") == 1
+    assert f"counted once: {runs[0]}/ (= {runs[0]}), mae_s0 (= {runs[0]}), {tmp_path / 'link'} (= {runs[0]}), " \
+           f"{runs[2]}\n" in caplog.text
+    md = compare(given, tmp_path / "out", baseline="scratch")["markdown"].read_text()
+    assert "| mae | 2 | 41.0 ± 1.4 |" in md  # the mean and std of two runs, not of 40, 40, 40, 40, 42, 42
+
+
+def test_no_chart_when_no_metric_has_a_value(tmp_path, repo_root, caplog, capsys):
+    nothing = {t: dict.fromkeys(METRICS) for t in ("bbox", "segm")}  # a run that detected nothing
+    run = _run(tmp_path, "collapsed", "mae", 0, nothing)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ap_table.png").write_bytes(b"an earlier comparison's chart")
+    paths = compare([run], tmp_path / "out", baseline=None)
+    assert set(paths) == {"markdown", "csv"} and not (tmp_path / "out" / "ap_table.png").exists()
+    assert f"| mae | 0 | {run} |" in paths["markdown"].read_text() and paths["csv"].is_file()
+    assert "no chart: no metric has a value in any run" in caplog.text
+    spec = importlib.util.spec_from_file_location("compare_ap_tool", repo_root / "tools/compare_ap.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main([run, "--baseline", "none", "--output", str(tmp_path / "tool")])  # returns: exit code 0
+    out = capsys.readouterr().out
+    assert "[compare_ap] markdown:" in out and "[compare_ap] chart:" not in out
+
+
+def _cls_run(root: Path, name: str, init: str, checkpoint: str | None, sha: str | None, top1: float) -> str:
+    return _run(root, name, init, 0, cls={"knn_top1": top1}, init_checkpoint=checkpoint, init_checkpoint_sha256=sha)
+
+
+def test_runs_of_different_checkpoints_are_not_averaged_under_one_init_type(tmp_path, caplog):
+    # Classification runs recorded "pretrained" for every encoder before init_label read the checkpoint.
+    mae = _cls_run(tmp_path, "knn_mae", "pretrained", "/o/pretrain_mae/encoder.pth", "a" * 64, 19.7)
+    sup = _cls_run(tmp_path, "knn_sup", "pretrained", "/o/pretrain_supervised/encoder.pth", "b" * 64, 28.3)
+    again = _cls_run(tmp_path, "knn_mae_again", "pretrained", "/elsewhere/pretrain_mae/encoder.pth", "a" * 64, 20.1)
+    det = _run(tmp_path, "det_mae", "mae", 0, _ap([40] * 6, [30] * 6), init_checkpoint="/o/pretrain_mae/encoder.pth",
+               init_checkpoint_sha256="a" * 64)
+    scratch = _cls_run(tmp_path, "knn_random", "random", None, None, 17.0)
+    groups = aggregate(collect_runs([mae, sup, again, det, scratch])[0])
+    assert [(g.group, g.stats["knn_top1"] and round(g.stats["knn_top1"].mean, 1)) for g in groups] == [
+        ("pretrained (pretrain_mae/encoder.pth)", 19.9),  # the same file (hash) under two paths: one encoder
+        ("pretrained (pretrain_supervised/encoder.pth)", 28.3),
+        ("mae", None), ("random", 17.0)]
+    assert caplog.text.count("different init checkpoints") == 1
+    assert "group 'pretrained' holds runs of 2 different init checkpoints" in caplog.text
+    # A label is the user's grouping, e.g. fine-tunings of several pretraining seeds averaged on purpose.
+    got, _ = collect_runs([mae, sup], labels={mae: "any", sup: "any"})
+    assert {r.group for r in got} == {"any"}
+    # Checkpoints that share folder and file name are told apart by hash, or by path where none was recorded.
+    a = _cls_run(tmp_path, "a", "mae", "/x/run/encoder.pth", "c" * 64, 1.0)
+    b = _cls_run(tmp_path, "b", "mae", "/y/run/encoder.pth", "d" * 64, 2.0)
+    c = _cls_run(tmp_path, "c", "mae", "/z/run/encoder.pth", None, 3.0)
+    none = _cls_run(tmp_path, "n", "mae", None, None, 4.0)
+    assert [r.group for r in collect_runs([a, b, c, none])[0]] == [
+        "mae (run/encoder.pth cccccccc)", "mae (run/encoder.pth dddddddd)", "mae (/z/run/encoder.pth)",
+        "mae (no checkpoint)"]
+    with pytest.raises(ResultError, match="knn_bad/run_info.json: 'init_checkpoint' must be a non-empty string or "
+                                          "null, got 3"):
+        load_run(_cls_run(tmp_path, "knn_bad", "mae", 3, None, 1.0))
+
+
+def test_classification_runs_are_labelled_by_their_encoders_pretraining(tmp_path):
+    from mae_det.checkpoint import atomic_save
+    from mae_det.config.pretrain import get_pretrain_cfg
+    from mae_det.engine.finetune_cls import run_knn
+    from mae_det.engine.pretrain import export_encoder, model_meta
+    from mae_det.modeling.vit import VisionTransformer
+    from tests.engine.test_finetune_cls import TINY, color_folders, tiny_cfg
+
+    color_folders(tmp_path / "data", 2, 1)
+    pre = get_pretrain_cfg()
+    pre.MODEL.ARCH, pre.MODEL.IMG_SIZE, pre.MODEL.NUM_CLASSES = "mae_vit_tiny_patch16", 32, 3
+    pre.MODEL.EMBED_DIM, pre.MODEL.DEPTH, pre.MODEL.NUM_HEADS, pre.MODEL.PATCH_SIZE = 64, 2, 4, 8
+    runs = []
+    for name in ("mae", "supervised", "official"):
+        weights = tmp_path / f"{name}.pth"
+        state = VisionTransformer(img_size=32, **TINY).state_dict()
+        if name == "official":  # a checkpoint that does not say how it was trained (official MAE, timm)
+            atomic_save({"model": state}, weights)
+        else:
+            pre.MODEL.MODE = name
+            export_encoder(state, model_meta(pre, pre.MODEL.NUM_CLASSES), weights)
+        out = tmp_path / f"knn_{name}"
+        res = run_knn(tiny_cfg(tmp_path / "data", out, **{"MODEL.WEIGHTS": str(weights)}), argv=[])
+        info = json.loads((out / "run_info.json").read_text())
+        assert res["init_type"] == info["init_type"] == {"official": "pretrained"}.get(name, name)
+        runs.append(str(out))
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "knn_set", **{"MODEL.WEIGHTS": str(tmp_path / "mae.pth"),
+                                                               "MODEL.INIT_TYPE": "mae_800ep"})
+    assert run_knn(cfg, argv=[])["init_type"] == "mae_800ep"  # a label set in the config wins
+    assert [g.group for g in aggregate(collect_runs(runs)[0])] == ["mae", "supervised", "pretrained"]

@@ -60,3 +60,17 @@ def test_mae_model_in_process(tmp_path, capsys):
 def test_input_size_is_rejected_for_mae(tmp_path):
     with pytest.raises(ConfigError, match="--input-size applies to detection"):
         build_target("mae", str(write_tiny_pretrain_config(tmp_path)), input_size=(64, 64))
+
+
+def test_input_size_below_one_pixel_is_a_usage_error(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("analyze_tool", ROOT / "tools" / "analyze_model.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--config-file", str(tmp_path / "unused.yaml"), "--input-size"]
+    assert tool.parse_args([*base, "1", "2"]).input_size == [1, 2]
+    for sizes in (["0"], ["128", "0"], ["-64"]):
+        with pytest.raises(SystemExit) as e:  # 0 was a traceback from inside the model
+            tool.parse_args([*base, *sizes])
+        assert e.value.code == 2
+        assert f"error: --input-size: expected sizes of at least 1 pixel, got {' '.join(sizes)}\n" in \
+            capsys.readouterr().err

@@ -1,4 +1,5 @@
 """tools/visualize_data.py and mae_det.analysis.data on a generated COCO-format dataset with polygons."""
+import importlib.util
 import subprocess
 import sys
 
@@ -61,3 +62,16 @@ def test_tool_writes_images(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 images written" in proc.stdout
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_fewer_than_one_image_is_a_usage_error(tiny, capsys):
+    spec = importlib.util.spec_from_file_location("visualize_data_tool", ROOT / "tools" / "visualize_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base = ["--config-file", str(tiny[1]), "--output", "unused"]
+    assert tool.parse_args([*base, "--num-images", "1"]).num_images == 1
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:  # 0 was a traceback after the dataset had been loaded
+            tool.parse_args([*base, "--num-images", value])
+        assert e.value.code == 2
+        assert f"error: --num-images: expected at least 1 image, got {value}\n" in capsys.readouterr().err
