@@ -4,10 +4,12 @@ supervised and random init -> AP tables -> ``REPORT.md``.
 Every stage is resumable. A stage records ``<output>/.stages/<key>.json`` with a hash of everything that defines
 its result (tool, config settings with their ``_BASE_`` chain, not comments, command-line overrides, and the
 hashes of the stages it consumes). On a re-run a stage whose record says "done" with the same hash, and whose
-outputs exist, is skipped; one that was started with the same hash but not finished is continued with
-``--resume``; one whose hash changed starts over in a clean directory. Training stages run as subprocesses of
-the same interpreter, their output shown live and kept in ``<output>/logs/<key>.log``, so a failure names the
-stage and its log.
+outputs exist (for the dataset, in a folder other runs may share: still hold this profile's dataset), is skipped;
+one that was started with the same hash but not finished is continued with ``--resume`` where its tool has that
+flag (pretraining, Mask R-CNN, UperNet, classification fine-tuning) and started over in a clean directory where
+it has not (kNN, linear probe); one whose hash changed starts over in a clean directory. Training stages run as
+subprocesses of the same interpreter, their output shown live and kept in ``<output>/logs/<key>.log``, so a
+failure names the stage and its log.
 """
 
 from __future__ import annotations
@@ -132,9 +134,13 @@ class Stage:
         params: JSON-serializable description of the result (hashed with ``deps``' hashes).
         outputs: Files that must exist when the stage is done.
         deps: Keys of the stages whose results this one consumes.
-        command: For tool stages: the argument list after ``sys.executable`` (``--resume`` is added to continue).
+        command: For tool stages: the argument list after ``sys.executable``.
+        resumable: For tool stages: the tool takes ``--resume`` (added to continue an unfinished run); a stage
+            whose tool does not is started over instead.
         run: For in-process stages: the function doing the work.
-        out_dir: Directory the stage owns (wiped when its hash changes).
+        out_dir: Directory the stage owns (wiped when its hash changes, or when it cannot resume).
+        current: For outputs that other runs may rewrite (a dataset folder shared between output folders): whether
+            they still hold this stage's result; False runs a done stage again.
         progress: For tool stages: maps one output line to (units done, units in all), or None if it says nothing
             about progress; drives the stage's progress bar (the lines themselves go to the log only).
         result: Returns the stage's one-line result (e.g. its AP), printed when it is done.
@@ -146,8 +152,10 @@ class Stage:
     outputs: list[Path]
     deps: list[str] = field(default_factory=list)
     command: list[str] | None = None
+    resumable: bool = False
     run: Callable[[], None] | None = None
     out_dir: Path | None = None
+    current: Callable[[], bool] | None = None
     progress: Callable[[str], tuple[int, int] | None] | None = None
     result: Callable[[], str] | None = None
 
@@ -321,14 +329,19 @@ class StageRunner:
         state = self._state(stage.key)
         same = state is not None and state.get("hash") == h
         if same and state.get("status") == "done" and all(p.exists() for p in stage.outputs):
-            self.log(f"[demo] {stage.key}: up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
-            self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)), float(state.get("cpu_s", 0.0)),
-                                    "skipped")
-            return None
-        resume = same and stage.command is not None and stage.out_dir is not None and stage.out_dir.exists()
+            if stage.current is None or stage.current():
+                self.log(f"[demo] {stage.key}: up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
+                self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)),
+                                        float(state.get("cpu_s", 0.0)), "skipped")
+                return None
+            self.log(f"[demo] {stage.key}: its outputs were replaced since it ran ({stage.outputs[0]}), running it "
+                     "again")
+        resume = (same and stage.command is not None and stage.resumable and stage.out_dir is not None
+                  and stage.out_dir.exists())
         if not resume and stage.out_dir is not None and stage.out_dir.exists():
             if state is not None:
-                self.log(f"[demo] {stage.key}: settings changed since the last run, starting {stage.out_dir} over")
+                why = "unfinished, and its tool cannot resume" if same else "settings changed since the last run"
+                self.log(f"[demo] {stage.key}: {why}, starting {stage.out_dir} over")
             shutil.rmtree(stage.out_dir)
         threads = self._env().get("OMP_NUM_THREADS", "default")
         if resume and state.get("threads", threads) != threads:
@@ -407,16 +420,21 @@ def _data_opts(data: Path, train_json: Path | None = None) -> dict[str, list[str
     }
 
 
-def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None:
-    """Generate the dataset unless ``data`` already holds exactly this one (it may be shared between runs)."""
-    info_path = data / "dataset_info.json"
+def holds_dataset(data: Path, cfg: ShapesConfig) -> bool:
+    """Whether ``data`` holds exactly the dataset of ``cfg``, as its ``dataset_info.json`` records it (the folder
+    may be shared with other output folders, profiles and ``tools/generate_shapes.py``)."""
     wanted = {k: v for k, v in asdict(cfg).items() if k != "workers"}
     try:
-        if json.loads(info_path.read_text(encoding="utf-8")).get("config") == wanted:
-            log(f"[demo] {data} already holds this dataset")
-            return
+        return json.loads((data / "dataset_info.json").read_text(encoding="utf-8")).get("config") == wanted
     except (OSError, json.JSONDecodeError):
-        pass
+        return False
+
+
+def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None:
+    """Generate the dataset unless ``data`` already holds exactly this one."""
+    if holds_dataset(data, cfg):
+        log(f"[demo] {data} already holds this dataset")
+        return
     generate_shapes(data, cfg, overwrite=True, log=log)
 
 
@@ -594,8 +612,9 @@ ENCODER_CHECKS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
     "partial_finetune": ("finetune_cls", ("MODEL.TRAIN_BLOCKS", str(PARTIAL_BLOCKS), *LAST_EPOCH_EVAL),
                          "finetune_top1", "partial_finetune_top1"),
 }
-# kNN has no randomness: one run per init whatever the number of seeds (its value repeats on each seed's row).
-SEEDLESS_CHECKS = frozenset({"knn_eval", "knn_eval_mean"})
+# kNN trains nothing: one run per init whatever the number of seeds (its value repeats on each seed's row). From a
+# pretrained encoder it has no randomness; random init's encoder is drawn with SEED, and its one run is seed 0's.
+ONE_RUN_CHECKS = frozenset({"knn_eval", "knn_eval_mean"})
 ENCODER_COLUMNS = ("init", "seed", "knn_top1", "knn_mean_top1", "linear_top1", "finetune_top1",
                    "partial_finetune_top1", "heldout_count_accuracy", "heldout_presence_map", "heldout_count_loss",
                    "heldout_count_loss_constant")
@@ -606,9 +625,23 @@ def _feature(pool: str) -> str:
     return "cls token" if pool == "cls" else "patch-token mean"
 
 
+def encoder_seeds_note(seeds: int) -> str:
+    """What the encoder table's cells are over ``seeds`` seeds (nothing to say for one)."""
+    if seeds == 1:
+        return ""
+    return (f"; linear probe and fine-tunings: mean ± std over {seeds} seeds; kNN: one run per init, for random "
+            "init the encoder drawn with seed 0 (`demo_encoders.csv` repeats it on every seed's row)")
+
+
+def _seed_args(config: Path, args: Sequence[str], seed: int) -> list[str]:
+    """``SEED`` override for a run of ``seed``: none where the config (with ``args``) already gives that seed, so
+    that the seed-0 stages keep the commands, and hashes, that they had before seeds were added."""
+    return [] if (_config_value(config, args, "SEED") or 0) == seed else ["SEED", str(seed)]
+
+
 def check_key(kind: str, arm: str, seed: int = 0) -> str:
     """Stage key (and run directory) of one encoder check; seed 0 keeps the unseeded name of earlier runs."""
-    return f"cls_{kind}_{arm}" + (f"_s{seed}" if seed and kind not in SEEDLESS_CHECKS else "")
+    return f"cls_{kind}_{arm}" + (f"_s{seed}" if seed and kind not in ONE_RUN_CHECKS else "")
 
 
 def encoder_rows(paths: DemoPaths, seeds: int = 1) -> list[dict]:
@@ -717,6 +750,11 @@ def finetune_key(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None
     return (f"finetune_{arm}" + (f"_{pyramid}" if pyramid else "") + _pretrain_tag(pretrain_seed) + f"_s{seed}" + ("" if fraction == 1.0 else f"_f{_pct(fraction)}"))
 
 
+def subset_key(fraction: float) -> str:
+    """Stage key of the nested labeled subset of ``fraction`` (< 1) of the train split."""
+    return f"subset_f{_pct(fraction)}"
+
+
 def heldout_file(paths: DemoPaths, pretrain_seed: int = 0) -> Path:
     """The supervised baseline's held-out own-task metrics of its encoder pretrained with ``pretrain_seed``."""
     return paths.output / f"supervised_heldout{_pretrain_tag(pretrain_seed)}.json"
@@ -746,6 +784,11 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         raise DemoError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if pretrain_seeds < 1:
         raise DemoError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
+    by_pct: dict[str, float] = {}
+    for f in sorted(set(fractions) | {1.0}):  # a fraction's runs, subset file and report rows go by its percent
+        if (first := by_pct.setdefault(_pct(f), f)) != f:
+            raise DemoError(f"--label-fractions: {first:g} and {f:g} both round to {_pct(f)} %, which names their "
+                            "runs; give fractions that differ in whole percent")
     cfg_dir = REPO / "configs" / "shapes"
     if reference_pyramid is not None:
         configured = detection_pyramid(cfg_dir)
@@ -761,6 +804,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         key="dataset", title=f"generate the shapes dataset ({paths.data})",
         params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
         outputs=[paths.data / "dataset_info.json"], run=lambda: _generate(paths.data, profile.shapes, log),
+        current=lambda: holds_dataset(paths.data, profile.shapes),
     )]
     def pretrain(arm: str, pretrain_seed: int = 0) -> Stage:
         out = paths.run(pretrain_key(arm, pretrain_seed))
@@ -773,7 +817,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             + (f", seed {pretrain_seed}" if pretrain_seed else ""),
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
             outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
-            command=["tools/pretrain.py", "--config-file", str(config), *args], out_dir=out,
+            command=["tools/pretrain.py", "--config-file", str(config), *args], resumable=True, out_dir=out,
             progress=_counter(r"epoch (\d+)/(\d+) done"), result=lambda: _pretrain_result(out),
         )
 
@@ -791,7 +835,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             schedule = {k: _config_value(config, args, k) * PARTIAL_EPOCH_SCALE
                         for k in ("SOLVER.EPOCHS", "SOLVER.WARMUP_EPOCHS")}
             args += [*(x for k, v in schedule.items() for x in (k, str(v))), "SOLVER.BASE_LR", PARTIAL_BASE_LR[arm]]
-        args += [*(["SEED", str(seed)] if seed else []), "OUTPUT_DIR", str(out)]
+        args += [*_seed_args(config, args, seed), "OUTPUT_DIR", str(out)]
         params = {"config": config_chain(config), "args": args}
         if tool == "finetune_cls":
             # Its augmentation draws come per sample from (SEED, epoch, index) since 2026-12-04 (they came from the
@@ -803,7 +847,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             params=params,
             deps=["dataset"] + ([f"pretrain_{arm}"] if arm != "scratch" else []),
             outputs=[out / "cls_results.json"],
-            command=[f"tools/{tool}.py", "--config-file", str(config), *args], out_dir=out,
+            command=[f"tools/{tool}.py", "--config-file", str(config), *args],
+            resumable=tool == "finetune_cls", out_dir=out,  # kNN and the linear probe have no --resume
             progress=_counter(r"epoch (\d+)/(\d+)") if tool == "finetune_cls" else None,
             result=lambda: f"{metric} {json.loads((out / 'cls_results.json').read_text())[metric]:.1f} %",
         )
@@ -821,7 +866,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             key=key, title=title, params={"config": config_chain(config), "args": args},
             deps=deps[:1] + ([encoder] if pretrained else []) + deps[1:],
             outputs=[out / result_file, out / "run_info.json"],
-            command=["tools/train_net.py", "--config-file", str(config), *args], out_dir=out,
+            command=["tools/train_net.py", "--config-file", str(config), *args], resumable=True, out_dir=out,
             progress=_counter(r"\biter: (\d+)", total=_max_iter(config, args), offset=1),
             result=lambda: result(out),
         )
@@ -829,6 +874,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     def finetune(arm: str, seed: int, fraction: float = 1.0, pyramid: str | None = None,
                  pretrain_seed: int = 0) -> Stage:
         train_json = None if fraction == 1.0 else subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"
+        # Each run depends on its own subset only: another fraction added to the list leaves it up to date.
+        deps = ["dataset"] + ([subset_key(fraction)] if fraction != 1.0 else [])
         data_opts = opts["finetune"] if train_json is None else _data_opts(paths.data, train_json)["finetune"]
         share = "" if fraction == 1.0 else f", {_pct(fraction)} % of the labels"
         config = cfg_dir / f"mask_rcnn_vit_{arm}.yaml"
@@ -841,8 +888,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             finetune_key(arm, seed, fraction, pyramid, pretrain_seed),
             f"Mask R-CNN from {arm} init" + (f" (pretraining seed {pretrain_seed})" if pretrain_seed else "")
             + f", seed {seed}{share}" + (f", {pyramid} pyramid" if pyramid else "") + " (train + COCO eval)", config,
-            arm, seed, data_opts, tool_opts, ["dataset"] + (["subsets"] if fraction != 1.0 else []),
-            "ap_results.json", _ap_result, pretrain_seed,
+            arm, seed, data_opts, tool_opts, deps, "ap_results.json", _ap_result, pretrain_seed,
         )
 
     def segment(arm: str, seed: int) -> Stage:
@@ -856,15 +902,17 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     # List order is start priority: the random-init runs need no pretraining, so they fill the second core while
     # MAE pretrains, and the two pretrainings do not both hold the cores while nothing else can start.
     partial = sorted(f for f in set(fractions) if f != 1.0)
-    if partial:
-        stages.append(Stage(
-            key="subsets", title=f"nested labeled subsets {', '.join(_pct(f) + ' %' for f in partial)} "
-                                 f"(subset seed {subset_seed})",
-            params={"fractions": partial, "seed": subset_seed}, deps=["dataset"],
-            outputs=[subsets / f"instances_train_{_pct(f)}pct_seed{subset_seed}.json" for f in partial],
-            run=lambda: nested_subsets(paths.annotations("train"), subsets, partial,
-                                       subset_seed),
-        ))
+
+    def subset(fraction: float) -> Stage:
+        # One permutation per subset seed: each subset written alone is the same file as written with the others.
+        return Stage(
+            key=subset_key(fraction), title=f"nested labeled subset {_pct(fraction)} % (subset seed {subset_seed})",
+            params={"fraction": fraction, "seed": subset_seed}, deps=["dataset"],
+            outputs=[subsets / f"instances_train_{_pct(fraction)}pct_seed{subset_seed}.json"],
+            run=lambda: nested_subsets(paths.annotations("train"), subsets, [fraction], subset_seed),
+        )
+
+    stages += [subset(f) for f in partial]
     stages += [pretrain("mae"), *(finetune("scratch", s) for s in range(seeds)), pretrain("supervised")]
     stages += [finetune(arm, s) for s in range(seeds) for arm in PRETRAINED_ARMS]
 
@@ -884,7 +932,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     stages.append(supervised_eval())
     stages += [check(kind, arm) for arm in ARMS for kind in ENCODER_CHECKS]
     stages += [check(kind, arm, s) for s in range(1, seeds) for arm in ARMS for kind in ENCODER_CHECKS
-               if kind not in SEEDLESS_CHECKS]
+               if kind not in ONE_RUN_CHECKS]
     stages += [finetune(arm, s, f) for f in reversed(partial) for s in range(seeds) for arm in ARMS]
     if reference_pyramid is not None:
         stages += [finetune(arm, s, f, pyramid=reference_pyramid) for f in [1.0, *reversed(partial)]
@@ -1266,7 +1314,7 @@ def _semantic_section(paths: DemoPaths, seeds: int, profile: Profile) -> list[st
         "| init | mIoU (%) | pixel accuracy (%) |", "|---|---:|---:|",
         *[f"| {arm} | {_mean_std([r['mIoU'] for r in rows if r['init'] == arm])} | "
           f"{_mean_std([r['pixel_acc'] for r in rows if r['init'] == arm])} |" for arm in ARMS], "",
-        f"![mIoU chart]({table['chart'].name})", "",
+        *([f"![mIoU chart]({table['chart'].name})", ""] if "chart" in table else []),  # no chart: no mIoU at all
     ]
 
 
@@ -1356,11 +1404,11 @@ def write_report(
     write_csv(paths.output / "demo_experiment.csv", EXPERIMENT_COLUMNS, rows)
     encoders = encoder_rows(paths, seeds)
     write_csv(paths.output / "demo_encoders.csv", ENCODER_COLUMNS, encoders)
-    seedless = {ENCODER_CHECKS[kind][3] for kind in SEEDLESS_CHECKS}
+    one_run = {ENCODER_CHECKS[kind][3] for kind in ONE_RUN_CHECKS}
 
     def encoder_cell(arm: str, column: str) -> str:
         values = [r[column] for r in encoders if r["init"] == arm]
-        return _mean_std(values[:1] if column in seedless else values)  # a seedless check: one run, no spread
+        return _mean_std(values[:1] if column in one_run else values)  # repeated on every seed's row: no spread
 
     pyramids = (pyramid_rows(paths, seeds, fractions, subset_seed, V["PYRAMID"], reference_pyramid)
                 if reference_pyramid else [])
@@ -1416,7 +1464,7 @@ def write_report(
         f"{info['counts']['cls_train']} train / {info['counts']['cls_val']} val; "
         "`configs/classification/shapes_finetune.yaml`"
         + (f" + `{' '.join(profile.cls_opts)}`" if profile.cls_opts else "")
-        + (f"; linear probe and fine-tunings: mean ± std over {seeds} seeds (kNN has no seed)" if seeds > 1 else "")
+        + encoder_seeds_note(seeds)
         + ". Rows: `demo_encoders.csv`.", "",
         f"| init | kNN top-1, {_feature('cls')} (%) | kNN top-1, {_feature('mean')} (%) | linear top-1 (%) | "
         f"fine-tune top-1 (%) | partial fine-tune, last {PARTIAL_BLOCKS} blocks (%) |", "|---|---:|---:|---:|---:|---:|",

@@ -157,12 +157,12 @@ if "FAIL" in sys.argv:
 """
 
 
-def _tool_stage(tmp_path, *extra, key="train", params=None):
+def _tool_stage(tmp_path, *extra, key="train", params=None, resumable=True):
     script = tmp_path / "tool.py"
     script.write_text(TOOL)
     out = tmp_path / "out" / key
     return Stage(key=key, title=f"train {key}", params=params or {"lr": 1}, outputs=[out / "result.txt"],
-                 command=[str(script), "OUT", str(out), *extra], out_dir=out)
+                 command=[str(script), "OUT", str(out), *extra], resumable=resumable, out_dir=out)
 
 
 def _quiet_runner(tmp_path):
@@ -224,6 +224,46 @@ def test_interrupted_tool_stage_is_resumed_with_the_flag(tmp_path):
     runner.run_all([ok])
     assert (ok.out_dir / "args.txt").read_text().startswith("--resume OUT ")
     assert runner.wall["train"][3] == "resumed"
+
+
+def test_a_stage_whose_tool_cannot_resume_starts_over_when_unfinished_or_its_output_is_lost(tmp_path):
+    stage = _tool_stage(tmp_path, "FAIL", resumable=False)
+    with pytest.raises(DemoError):
+        _quiet_runner(tmp_path)[0].run_all([stage])
+    stale = stage.out_dir / "partial.txt"
+    stale.write_text("from the interrupted run")
+    stage.command = [c for c in stage.command if c != "FAIL"]
+    runner, lines = _quiet_runner(tmp_path)
+    runner.run_all([stage])
+    assert (stage.out_dir / "args.txt").read_text().startswith("OUT ") and not stale.exists()
+    assert runner.wall["train"][3] == "ran"
+    assert f"[demo] train: unfinished, and its tool cannot resume, starting {stage.out_dir} over" in lines
+    # Done, but its result file is gone: run again from a clean directory, not continued.
+    (stage.out_dir / "result.txt").unlink()
+    stale.write_text("x")
+    runner, lines = _quiet_runner(tmp_path)
+    runner.run_all([stage])
+    assert (stage.out_dir / "args.txt").read_text().startswith("OUT ") and not stale.exists()
+    assert runner.wall["train"][3] == "ran" and (stage.out_dir / "result.txt").exists()
+
+
+def test_only_tools_that_take_resume_are_resumed(tmp_path, repo_root):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    stages = build_stages(PROFILES["quick"], paths, seeds=2, log=lambda _: None, fractions=[0.5, 1.0], semantic=True)
+    tools = {}
+    for s in stages:
+        if s.command is not None:
+            tools.setdefault(s.command[0], set()).add(s.resumable)
+    assert tools == {"tools/pretrain.py": {True}, "tools/train_net.py": {True}, "tools/finetune_cls.py": {True},
+                     "tools/knn_eval.py": {False}, "tools/linear_probe.py": {False}}
+    # ... as the tools' own command lines say: each exits 2 at once, on the flag or on the missing config.
+    procs = {tool: subprocess.Popen([sys.executable, tool, "--resume", "--config-file", str(tmp_path / "none.yaml")],
+                                    cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for tool in tools}
+    for tool, proc in procs.items():
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 2, (tool, output)
+        assert ("unrecognized arguments: --resume" not in output) == tools[tool].pop(), (tool, output)
 
 
 def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path, monkeypatch):
@@ -317,7 +357,7 @@ def test_stages_of_a_three_seed_experiment(tmp_path):
     assert keys[6:12] == [f"finetune_{a}_s{s}" for s in range(3) for a in ("mae", "supervised")]
     checks = [f"cls_{k}_{a}" for a in ARMS
               for k in ("knn_eval", "knn_eval_mean", "linear_probe", "finetune_cls", "partial_finetune")]
-    # The linear probe and fine-tunings repeat over the seeds; kNN (either feature) has no randomness and runs once.
+    # The linear probe and fine-tunings repeat over the seeds; kNN (either feature) trains nothing and runs once.
     seeded = [f"cls_{k}_{a}_s{s}" for s in (1, 2) for a in ARMS for k in ("linear_probe", "finetune_cls",
                                                                           "partial_finetune")]
     assert keys[12:] == ["supervised_eval", *checks, *seeded, "detections", "reconstruction"]
@@ -493,11 +533,12 @@ def test_label_fractions_add_nested_subsets_and_their_runs(tmp_path):
     stages = build_stages(PROFILES["full"], paths, seeds=2, log=lambda _: None, fractions=[0.25, 0.5, 1.0],
                           subset_seed=7)
     by = {s.key: s for s in stages}
-    assert by["subsets"].deps == ["dataset"] and by["subsets"].params == {"fractions": [0.25, 0.5], "seed": 7}
-    subset_runs = [k for k in by if k.endswith(("_f25", "_f50"))]
+    assert by["subset_f25"].deps == ["dataset"] and by["subset_f25"].params == {"fraction": 0.25, "seed": 7}
+    assert by["subset_f50"].outputs == [paths.output / "subsets" / "instances_train_50pct_seed7.json"]
+    subset_runs = [k for k in by if k.startswith("finetune") and k.endswith(("_f25", "_f50"))]
     assert len(subset_runs) == 2 * 2 * 3  # fractions x seeds x inits
     run = by["finetune_mae_s1_f25"]
-    assert run.deps == ["dataset", "pretrain_mae", "subsets"]
+    assert run.deps == ["dataset", "pretrain_mae", "subset_f25"]
     register = run.command[run.command.index("DATASETS.REGISTER") + 1]
     assert "instances_train_25pct_seed7.json" in register and "instances_val.json" in register
     assert "instances_train.json" in by["finetune_mae_s1"].command[by["finetune_mae_s1"].command.index(
@@ -595,7 +636,7 @@ def test_reference_pyramid_adds_one_run_per_init_seed_and_fraction_and_leaves_th
     assert sub_cmd[:sub_cmd.index("MODEL.VIT.PYRAMID")] == plain_sub[:plain_sub.index("SEED")]
     assert sub_cmd[sub_cmd.index("MODEL.VIT.PYRAMID") + 1] == "simple"
     assert sub_cmd[sub_cmd.index("SOLVER.MAX_ITER") + 1] == "1000" and "instances_train_50pct_seed0.json" in " ".join(sub_cmd)
-    assert sub.deps == ["dataset", "subsets"]
+    assert sub.deps == ["dataset", "subset_f50"]
     assert sub_cmd[sub_cmd.index("OUTPUT_DIR") + 1] == str(paths.output / "finetune_scratch_simple_s0_f50")
     for bad in ("multi_tap", "fpn"):  # the configs' own pyramid, or none at all
         with pytest.raises(DemoError, match=r"--reference-pyramid: expected one of \['simple'\] \(the configs use "
@@ -791,3 +832,92 @@ def test_augmentation_words_follow_the_saved_config():
     assert _augmentation(lsj) == "Large Scale Jitter 0.8-1.25 of 64 px, no flips"
     plain = {"LSJ": {"ENABLED": False}, "MIN_SIZE_TRAIN": [640, 672], "RANDOM_FLIP": "horizontal"}
     assert _augmentation(plain) == "shortest-edge resize to [640, 672] px, horizontal flips"
+
+
+def _stage_hashes(stages):
+    """The hash each stage gets in :class:`StageRunner` (its params with its dependencies' hashes)."""
+    from mae_det.demo import _hash
+
+    hashes = {}
+    for s in stages:
+        hashes[s.key] = _hash({"params": s.params, "deps": [hashes[d] for d in s.deps]})
+    return hashes
+
+
+def test_a_new_label_fraction_leaves_the_runs_of_the_others_up_to_date(tmp_path):
+    from mae_det.demo import nested_subsets
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    before = _stage_hashes(build_stages(PROFILES["experiment"], paths, seeds=2, log=lambda _: None,
+                                        fractions=[0.25, 0.5, 1.0], reference_pyramid="simple"))
+    after = _stage_hashes(build_stages(PROFILES["experiment"], paths, seeds=2, log=lambda _: None,
+                                       fractions=[0.1, 0.25, 0.5, 1.0], reference_pyramid="simple"))
+    assert set(after) - set(before) == {"subset_f10", *(f"finetune_{a}{p}_s{s}_f10" for a in ARMS
+                                                        for p in ("", "_simple") for s in range(2))}
+    assert all(after[k] == h for k, h in before.items()), [k for k, h in before.items() if after[k] != h]
+    # ... which holds because a subset written alone is the file written with the others.
+    images = [{"id": i, "file_name": f"{i:06d}.png", "width": 8, "height": 8} for i in range(1, 21)]
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    together = nested_subsets(src, tmp_path / "together", [0.1, 0.25, 0.5], seed=0)
+    for f in (0.1, 0.25, 0.5):
+        assert nested_subsets(src, tmp_path / f"alone{f}", [f], seed=0)[f].read_bytes() == together[f].read_bytes()
+
+
+def test_fractions_that_round_to_the_same_percent_are_rejected(tmp_path):
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    with pytest.raises(DemoError, match=r"^--label-fractions: 0\.333 and 0\.334 both round to 33 %, which names "
+                                        r"their runs; give fractions that differ in whole percent$"):
+        build_stages(PROFILES["quick"], paths, seeds=1, log=lambda _: None, fractions=[0.333, 0.334, 1.0])
+    with pytest.raises(DemoError, match=r"0\.996 and 1 both round to 100 %"):
+        build_stages(PROFILES["quick"], paths, seeds=1, log=lambda _: None, fractions=[0.996])
+    keys = [s.key for s in build_stages(PROFILES["quick"], paths, seeds=1, log=lambda _: None,
+                                        fractions=[0.33, 0.34, 0.33, 1.0])]
+    assert len(keys) == len(set(keys)) and {"subset_f33", "subset_f34"} <= set(keys)
+
+
+def test_the_dataset_stage_regenerates_a_shared_folder_that_another_run_changed(tmp_path):
+    from mae_det.data.shapes import ShapesConfig, generate_shapes
+
+    tiny = ShapesConfig(image_size=32, num_pool=4, num_train=6, num_val=4, num_cls_train=6, num_cls_val=6, workers=1)
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    stages = [s for s in build_stages(replace(PROFILES["quick"], shapes=tiny), paths, 1, log=lambda _: None)
+              if s.key == "dataset"]
+
+    def run():
+        runner, lines = StageRunner(paths.output, log=lambda _: None), []
+        runner.log = lines.append
+        runner.run_all(stages)
+        info = json.loads((paths.data / "dataset_info.json").read_text())
+        return runner.wall["dataset"][3], info["config"]["num_train"], lines
+
+    assert run()[:2] == ("ran", 6)
+    assert run()[:2] == ("skipped", 6)
+    generate_shapes(paths.data, replace(tiny, num_train=2), overwrite=True, log=lambda _: None)  # another profile's
+    status, num_train, lines = run()
+    assert (status, num_train) == ("ran", 6)
+    assert (f"[demo] dataset: its outputs were replaced since it ran ({paths.data / 'dataset_info.json'}), running "
+            "it again") in lines
+    assert run()[:2] == ("skipped", 6)
+
+
+def test_encoder_checks_name_their_seed_where_the_config_does_not_give_it(tmp_path, repo_root):
+    from mae_det.demo import _config_value, _seed_args, encoder_seeds_note
+
+    base = tmp_path / "base.yaml"
+    base.write_text("SEED: 3\n")
+    config = tmp_path / "run.yaml"
+    config.write_text('_BASE_: "base.yaml"\nSOLVER:\n  EPOCHS: 1\n')
+    assert _seed_args(config, [], 0) == ["SEED", "0"] and _seed_args(config, [], 3) == []
+    assert _seed_args(config, ["SEED", "0"], 0) == [] and _seed_args(config, [], 1) == ["SEED", "1"]
+    # The demo's config gives seed 0: the one kNN run per init keeps its command (and its committed numbers), and
+    # random init's encoder in it is the one of seed 0.
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    by = {s.key: s for s in build_stages(PROFILES["full"], paths, seeds=3, log=lambda _: None)}
+    for key in ("cls_knn_eval_scratch", "cls_knn_eval_mean_scratch", "cls_linear_probe_scratch"):
+        cmd = by[key].command
+        assert "SEED" not in cmd and _config_value(Path(cmd[2]), cmd[3:], "SEED") == 0, key
+    assert not [k for k in by if k.startswith("cls_knn_eval") and k.endswith(("_s1", "_s2"))]
+    note = encoder_seeds_note(3)
+    assert "for random init the encoder drawn with seed 0" in note and "no seed" not in note
+    assert encoder_seeds_note(1) == ""
