@@ -1,18 +1,24 @@
-"""Detectron2 checkpointer for the ViT-FPN model: safe loading, explicit conversion, a load report, atomic saves."""
+"""Detectron2 checkpointers: one-line errors, the keys a load left untrained, no saves of non-finite weights; for the
+ViT-FPN model also safe loading, explicit conversion, a load report and atomic saves."""
 from __future__ import annotations
 
 import logging
 import os
 from typing import Any
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
-from .convert import LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
+from .convert import FORMAT_NAMES, LoadReport, build_load_report, convert_to_detectron2, read_checkpoint
 from .io import CheckpointError, atomic_save, atomic_write_text, folder_instead_of_checkpoint, remove_partial_writes
 
 _OTHER_CHECKPOINTS_NAMED = 3  # earlier checkpoints suggested when the last one cannot be resumed from
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A save refused because parameters of the model are no longer finite (a diverged update)."""
 
 
 class CheckedDetectionCheckpointer(DetectionCheckpointer):
@@ -20,10 +26,26 @@ class CheckedDetectionCheckpointer(DetectionCheckpointer):
 
     A missing file (``MODEL.WEIGHTS``, or what ``last_checkpoint`` names) is an error naming the path and where it
     came from; a checkpoint that cannot be resumed from also lists the folder's other checkpoints and how to
-    resume from one of them, so that a broken last checkpoint never leads to starting over by accident.
+    resume from one of them, so that a broken last checkpoint never leads to starting over by accident. The keys
+    that the last load left at their initial values are kept in ``last_incompatible`` (``missing_keys``,
+    ``incorrect_shapes``). A save of non-finite parameters is a :class:`NonFiniteWeightsError` and writes nothing.
+
+    Args:
+        model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``; ``save_to_disk`` False makes
+            a checkpointer that only loads (and, resuming, leaves the folder's files alone).
     """
 
     _named_by = "MODEL.WEIGHTS"
+
+    def __init__(self, model: nn.Module, save_dir: str = "", *, save_to_disk: bool | None = None,
+                 **checkpointables: Any) -> None:
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.last_incompatible: _IncompatibleKeys | None = None
+        self._last_path = ""
+
+    def describe_last_load(self) -> str:
+        """The file the last load read, as errors name it."""
+        return self._last_path
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
         if not (resume and self.has_checkpoint()):
@@ -59,7 +81,31 @@ class CheckedDetectionCheckpointer(DetectionCheckpointer):
             if not os.path.isfile(local):
                 what = folder_instead_of_checkpoint(local) if os.path.isdir(local) else "not found"
                 raise CheckpointError(f"checkpoint {path} ({self._named_by}): {what}")
+        self._last_path = path
         return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint: dict[str, Any]) -> _IncompatibleKeys:
+        self.last_incompatible = super()._load_model(checkpoint)
+        return self.last_incompatible
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        self.check_finite(name, kwargs.get("iteration"))
+        super().save(name, **kwargs)
+
+    def check_finite(self, name: str, iteration: int | None) -> None:
+        """Refuses to save parameters that a diverged update made non-finite, so that every checkpoint a run names
+        as its last good one can be resumed from. Every process checks, so that all of them stop alike.
+
+        Raises:
+            NonFiniteWeightsError: naming the iteration, the first such parameter and the file not written.
+        """
+        broken = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            after = f" after iteration {iteration}" if iteration is not None else ""
+            raise NonFiniteWeightsError(
+                f"non-finite weights{after}: {len(broken)} parameters (first: {broken[0]}); "
+                f"{os.path.join(self.save_dir, name + '.pth')} was not written"
+            )
 
 
 class ViTDetCheckpointer(CheckedDetectionCheckpointer):
@@ -96,8 +142,9 @@ class ViTDetCheckpointer(CheckedDetectionCheckpointer):
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
         if resume and self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir):
-            # Only a resumed training run owns its folder: an --eval-only run pointed at a folder whose training
-            # is still running must not delete that run's checkpoint in flight.
+            # Only a resumed training run owns its folder: an --eval-only run (a checkpointer with save_to_disk
+            # False) pointed at a folder whose training is still running must not delete that run's checkpoint in
+            # flight.
             remove_partial_writes(self.save_dir)
         forced = self.weights_format
         if resume and self.has_checkpoint():
@@ -130,12 +177,17 @@ class ViTDetCheckpointer(CheckedDetectionCheckpointer):
         )
         return incompatible
 
+    def describe_last_load(self) -> str:
+        report = self.last_report
+        return f"{report.source} ({FORMAT_NAMES.get(report.origin, report.origin)})"
+
     def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
         report = self.last_report
         level = logging.WARNING if report.missing or report.skipped else logging.INFO
         self.logger.log(level, "\n%s", report)
 
     def save(self, name: str, **kwargs: Any) -> None:
+        self.check_finite(name, kwargs.get("iteration"))
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}

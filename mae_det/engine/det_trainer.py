@@ -4,7 +4,8 @@
 exemptions; a step trainer per ``SOLVER.PRECISION`` (fp32 / bf16 autocast on CPU or GPU / fp16 AMPTrainer);
 ``device_ids=None`` DDP for multi-process CPU training; COCO evaluation of boxes and masks written to
 ``OUTPUT_DIR/ap_results.json``; on CPU, a vectorized RoIAlign backward (:mod:`mae_det.modeling.roi_align`, bit
-for bit torchvision's); a clean stop on a non-finite loss that leaves the last checkpoint untouched;
+for bit torchvision's); a clean stop on a non-finite loss, or before a checkpoint of weights that became non-finite,
+that leaves the last (finite) checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
 ``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept.
 With ``SEEDED_DRAWS`` (the default) the train loader is :mod:`mae_det.data.seeded_loader`'s and every step seeds
@@ -46,8 +47,7 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_text, prune_checkpoints
-from ..checkpoint.convert import FORMAT_NAMES
-from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpointer
+from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, NonFiniteWeightsError, ViTDetCheckpointer
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
 from ..data.detection import (
@@ -76,7 +76,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (a non-finite loss); the one-line message says where and what was kept."""
+    """Training cannot go on (a non-finite loss or weights); the one-line message says where and what was kept."""
 
 
 # ---- optimizer ---------------------------------------------------------------------------------------------
@@ -192,13 +192,20 @@ def backbone_compile_enabled(cfg: CfgNode) -> bool:
     return vit.COMPILE == "on"
 
 
-def build_checkpointer(cfg: CfgNode, model: nn.Module, **checkpointables: Any) -> DetectionCheckpointer:
-    """Checkpointer saving to OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
-    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones (a missing
-    file is a one-line CheckpointError with both)."""
+def build_checkpointer(cfg: CfgNode, model: nn.Module, *, save_to_disk: bool | None = None,
+                       **checkpointables: Any) -> CheckedDetectionCheckpointer:
+    """Checkpointer of OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
+    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones (with both,
+    a missing file is a one-line CheckpointError and non-finite weights are never saved).
+
+    Args:
+        save_to_disk: None: the main process saves; False: a checkpointer that only loads, which also leaves
+            OUTPUT_DIR's partial writes (another process's checkpoint in flight) alone when it resumes.
+    """
     if cfg.MODEL.BACKBONE.NAME in VIT_BACKBONES:
-        return ViTDetCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, **checkpointables)
-    return CheckedDetectionCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        return ViTDetCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT,
+                                  save_to_disk=save_to_disk, **checkpointables)
+    return CheckedDetectionCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=save_to_disk, **checkpointables)
 
 
 def load_trained(cfg: CfgNode, model: nn.Module, purpose: str, *, resume: bool = False, how: str = "") -> dict[str, Any]:
@@ -207,8 +214,9 @@ def load_trained(cfg: CfgNode, model: nn.Module, purpose: str, *, resume: bool =
 
     Weights that were never trained for the task would give a meaningless AP / mIoU file or empty pictures that
     look like a result, so they are refused: no weights at all, or a checkpoint that left parts of the model at their
-    initial values (a pretraining checkpoint has no heads; another class count skips them). Relative-position
-    tables are exempt: they start at zero, which is what a model trained without them computes.
+    initial values (a pretraining checkpoint has no heads; another class count skips them), whatever the
+    backbone. Relative-position tables are exempt: they start at zero, which is what a model trained without them
+    computes. The loading never removes files of OUTPUT_DIR: a training may still be writing there.
 
     Args:
         purpose: what the weights are for, named in the errors.
@@ -221,24 +229,23 @@ def load_trained(cfg: CfgNode, model: nn.Module, purpose: str, *, resume: bool =
         ConfigError: no weights to load.
         CheckpointError: the checkpoint cannot be read or does not hold the whole model.
     """
-    checkpointer = build_checkpointer(cfg, model)
+    checkpointer = build_checkpointer(cfg, model, save_to_disk=False)
     if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
         raise ConfigError(
             f"{purpose} needs trained weights: set MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of a training "
             f"run){how}"
         )
     extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    report = getattr(checkpointer, "last_report", None)
-    if report is not None:
-        untrained = sorted({*report.missing, *(k for k in report.new if not k.endswith(_REL_POS_TABLES)),
-                            *(k for k, _, _ in report.skipped)})
-        if untrained:
-            task = "segmentation" if is_semantic(cfg) else "detection"
-            raise CheckpointError(
-                f"{report.source} ({FORMAT_NAMES.get(report.origin, report.origin)}) leaves {len(untrained)} tensors "
-                f"of the model untrained (e.g. {', '.join(untrained[:3])}): {purpose} needs a trained {task} "
-                "checkpoint of this config (same MODEL.* sizes and classes)"
-            )
+    incompatible = checkpointer.last_incompatible
+    untrained = sorted({*(k for k in incompatible.missing_keys if not k.endswith(_REL_POS_TABLES)),
+                        *(k for k, _, _ in incompatible.incorrect_shapes)})
+    if untrained:
+        task = "segmentation" if is_semantic(cfg) else "detection"
+        raise CheckpointError(
+            f"{checkpointer.describe_last_load()} leaves {len(untrained)} tensors of the model untrained (e.g. "
+            f"{', '.join(untrained[:3])}): {purpose} needs a trained {task} checkpoint of this config (same MODEL.* "
+            "sizes and classes)"
+        )
     return extra
 
 
@@ -483,8 +490,10 @@ class Trainer(DefaultTrainer):
         except FloatingPointError as e:
             last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
             reason = " ".join(str(e).split())
+            # A non-finite loss stops before its update; weights that an update made non-finite stop the save.
+            kept = "" if isinstance(e, NonFiniteWeightsError) else "no update was made from it; "
             raise TrainingStopped(
-                f"training stopped: {reason}; no update was made from it; last good checkpoint: {last or 'none saved yet'}"
+                f"training stopped: {reason}; {kept}last good checkpoint: {last or 'none saved yet'}"
             ) from e
 
     @classmethod
@@ -557,7 +566,10 @@ class Trainer(DefaultTrainer):
         (semantic) for the first test dataset and ``<stem>_<name>.json`` for every further one."""
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and cfg.DATASETS.TEST:
-            per_dataset = results if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: results}
+            # Detectron2 keys the results by dataset name, then returns the only entry's results when there is one
+            # entry, which a name listed twice also gives.
+            names = list(dict.fromkeys(cfg.DATASETS.TEST))
+            per_dataset = results if len(names) > 1 else {names[0]: results}
             for i, (name, res) in enumerate(per_dataset.items()):
                 if res:
                     stem, write = ("sem_seg_results", write_sem_seg_results) if "sem_seg" in res else ("ap_results", write_ap_results)

@@ -32,7 +32,7 @@ from mae_det.checkpoint.convert import (
     target_of,
     to_detectron2,
 )
-from mae_det.checkpoint.detectron2 import CheckedDetectionCheckpointer, ViTDetCheckpointer
+from mae_det.checkpoint.detectron2 import CheckedDetectionCheckpointer, NonFiniteWeightsError, ViTDetCheckpointer
 from mae_det.checkpoint.hf import mae_to_hf
 from mae_det.config.vit_backbone import add_vit_config
 from mae_det.modeling import MaskedAutoencoderViT, VisionTransformer, mae_vit_base_patch16
@@ -425,6 +425,48 @@ def test_resume_removes_partial_writes_and_loading_alone_keeps_them(tmp_path):
     assert ViTDetCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 3
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000003.pth"]
 
+
+
+@pytest.mark.parametrize("cls", [ViTDetCheckpointer, CheckedDetectionCheckpointer])
+def test_non_finite_weights_are_never_saved(tmp_path, cls):
+    model = backbone_model(vit_cfg())
+    ck = cls(model, str(tmp_path))
+    ck.save("model_0000003", iteration=3)
+    good = (tmp_path / "model_0000003.pth").read_bytes()
+    with torch.no_grad():
+        model.backbone.net.blocks[1].attn.qkv.weight[0, 0] = float("inf")  # what a diverged update leaves
+        model.backbone.net.blocks[2].mlp.fc1.bias[3] = float("nan")
+    for name, it in (("model_0000007", 7), ("model_final", 7)):
+        with pytest.raises(NonFiniteWeightsError) as e:
+            ck.save(name, iteration=it)
+        assert str(e.value) == (f"non-finite weights after iteration 7: 2 parameters (first: "
+                                f"backbone.net.blocks.1.attn.qkv.weight); {tmp_path / name}.pth was not written")
+    # Nothing was written: the pointer still names the finite checkpoint, the only one there.
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000003.pth"]
+    assert (tmp_path / "model_0000003.pth").read_bytes() == good
+    # A process that does not write (another rank) stops alike instead of training on.
+    with pytest.raises(NonFiniteWeightsError):
+        cls(model, str(tmp_path), save_to_disk=False).save("model_0000007", iteration=7)
+
+
+@pytest.mark.parametrize("cls", [ViTDetCheckpointer, CheckedDetectionCheckpointer])
+def test_a_load_records_the_keys_it_left_untrained(tmp_path, cls):
+    saved = backbone_model(vit_cfg())
+    sd = saved.state_dict()
+    path = tmp_path / "partial.pth"
+    torch.save({"model": {**{k: v for k, v in sd.items() if not k.startswith("backbone.pyramid.p2.")},
+                          "backbone.pyramid.p3.output.weight": torch.zeros(5, 5)}}, path)
+    ck = cls(backbone_model(vit_cfg(), seed=1), str(tmp_path / "run"), save_to_disk=False)
+    assert ck.last_incompatible is None
+    ck.load(str(path))
+    untrained = {*ck.last_incompatible.missing_keys, *(k for k, _, _ in ck.last_incompatible.incorrect_shapes)}
+    assert untrained == {k for k in sd if k.startswith("backbone.pyramid.p2.")} | {"backbone.pyramid.p3.output.weight"}
+    assert ck.describe_last_load().startswith(str(path))
+    full = tmp_path / "full.pth"
+    torch.save({"model": sd}, full)
+    ck.load(str(full))
+    assert ck.last_incompatible.missing_keys == [] and ck.last_incompatible.incorrect_shapes == []
 
 
 def test_missing_weights_are_one_line_errors_naming_the_path_and_key(tmp_path):

@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.structures import BitMasks, Instances
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils.events import EventStorage
+from PIL import Image
 from torch import nn
 
 from mae_det.config.detection import get_det_cfg
@@ -32,6 +35,7 @@ from mae_det.modeling import MaskedAutoencoderViT
 
 DEPTH = 4
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "Base-MaskRCNN-ViT.yaml"
+R50_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "COCO" / "mask_rcnn_R_50_FPN_supervised.yaml"
 
 
 def tiny_cfg(**solver):
@@ -250,3 +254,86 @@ def test_evaluation_refuses_weights_that_were_not_trained_for_the_task(tmp_path)
         evaluate(WEIGHTS=final, **{"ROI_HEADS.NUM_CLASSES": 3})  # class layers skipped for their shapes
     assert evaluate(WEIGHTS=final) == {"iteration": 9}
     assert evaluate(resume=True) == {"iteration": 9}  # the run's last checkpoint
+
+
+def test_evaluation_refuses_untrained_weights_of_a_non_vit_backbone(tmp_path):
+    cfg = get_det_cfg()
+    cfg.merge_from_file(str(R50_CONFIG))  # the shipped ResNet config, at depth 18 to stay small
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18",
+                         "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "2",
+                         "OUTPUT_DIR", str(tmp_path / "run")])
+    (tmp_path / "run").mkdir()
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    build_checkpointer(cfg, trained).save("model_final", iteration=9)
+    backbone_only = tmp_path / "backbone_only.pth"
+    torch.save({"model": {k: v for k, v in trained.state_dict().items() if k.startswith("backbone.")}}, backbone_only)
+
+    def evaluate(weights, classes=2):
+        c = cfg.clone()
+        c.merge_from_list(["MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.NUM_CLASSES", classes])
+        return load_trained(c, build_model(c), "--eval-only")
+
+    with pytest.raises(CheckpointError) as e:
+        evaluate(str(backbone_only))  # RPN and ROI heads would stay random: AP 0.0, exit 0 before
+    assert str(e.value).startswith(f"{backbone_only} leaves ") and "\n" not in str(e.value)
+    assert "tensors of the model untrained (e.g. proposal_generator." in str(e.value)
+    assert str(e.value).endswith("--eval-only needs a trained detection checkpoint of this config (same MODEL.* sizes "
+                                 "and classes)")
+    final = str(tmp_path / "run" / "model_final.pth")
+    with pytest.raises(CheckpointError, match=r"leaves 6 tensors of the model untrained \(e.g. roi_heads.box_pre"):
+        evaluate(final, classes=3)  # class layers skipped for their shapes
+    assert evaluate(final) == {"iteration": 9}
+
+
+def test_evaluation_with_resume_leaves_a_running_trainings_partial_writes(tmp_path):
+    cfg = tiny_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path)
+    torch.manual_seed(0)
+    build_checkpointer(cfg, build_model(cfg)).save("model_0000009", iteration=9)
+    in_flight = tmp_path / ".model_0000019.pth.x7k2q.tmp"  # the training's next checkpoint, being written
+    in_flight.write_bytes(b"PK the first megabytes")
+    assert load_trained(cfg, build_model(cfg), "--eval-only", resume=True) == {"iteration": 9}
+    assert in_flight.read_bytes() == b"PK the first megabytes"
+
+
+class _ImageCounter(DatasetEvaluator):
+    """Scores a test set with the number of images it was given, in the shape of COCOEvaluator's results."""
+
+    def reset(self):
+        self.images = 0
+
+    def process(self, inputs, outputs):
+        self.images += len(inputs)
+
+    def evaluate(self):
+        return {"bbox": {"AP": float(self.images), "AP50": 50.0}}
+
+
+@pytest.fixture
+def test_sets(tmp_path):
+    """Two registered test sets, "tiny_a" (2 images) and "tiny_b" (3)."""
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    sizes = {"tiny_a": 2, "tiny_b": 3}
+    for name, n in sizes.items():
+        DatasetCatalog.register(name, lambda n=n: [{"file_name": str(tmp_path / f"{i}.png"), "image_id": i,
+                                                    "height": 64, "width": 64} for i in range(n)])
+    yield sizes
+    for name in sizes:
+        DatasetCatalog.remove(name)
+
+
+@pytest.mark.parametrize("test_names", [("tiny_a",), ("tiny_a", "tiny_a"), ("tiny_a", "tiny_b")])
+def test_ap_results_are_written_per_distinct_test_set(tmp_path, test_sets, test_names):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64, "OUTPUT_DIR", str(tmp_path / "out"),
+                         "DATASETS.TEST", test_names, "DATALOADER.NUM_WORKERS", 0])
+    torch.manual_seed(0)
+    Trainer.test(cfg, build_model(cfg), evaluators=[_ImageCounter() for _ in test_names], iteration=5)
+    written = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("ap_results*.json")}
+    # A name listed twice is one test set: Detectron2 then returns its results unkeyed, as for a single name.
+    expected = {"ap_results.json": {"bbox": {"AP": 2.0, "AP50": 50.0}, "dataset": "tiny_a", "iteration": 5}}
+    if "tiny_b" in test_names:
+        expected["ap_results_tiny_b.json"] = {"bbox": {"AP": 3.0, "AP50": 50.0}, "dataset": "tiny_b", "iteration": 5}
+    assert written == expected

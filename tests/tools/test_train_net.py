@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,6 +297,26 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(trained, 
     assert "loss_box_reg=nan" in last and "loss_cls=" in last and str(out / "model_final.pth") in last
     assert {p.name: sha256(p) for p in out.glob("*.pth")} == before
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+@pytest.mark.slow
+def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path, data):
+    out = tmp_path / "out"
+    # Iteration 0 trains at lr 1e-3 (warmup factor 1e-42 of BASE_LR 1e39), iteration 1 at 1e39: its loss is finite,
+    # its update makes weights infinite, and the periodic checkpoint after it would hold them.
+    cfg = tiny_config(tmp_path / "diverge.yaml", data, out, test=False, **{
+        "SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 1, "SOLVER.BASE_LR": 1e39, "SOLVER.WARMUP_ITERS": 1,
+        "SOLVER.WARMUP_FACTOR": 1e-42})
+    r = run_tool("--config-file", str(cfg))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: training stopped: non-finite weights after iteration 1: \d+ parameters \(first: [\w.]+\); "
+        rf"{re.escape(str(out / 'model_0000001.pth'))} was not written; last good checkpoint: "
+        rf"{re.escape(str(out / 'model_0000000.pth'))}", r.stderr.strip().splitlines()[-1])
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000000.pth"]
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+    weights = torch.load(out / "model_0000000.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
 @pytest.mark.slow
