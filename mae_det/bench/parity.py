@@ -54,6 +54,7 @@ from ..config.pretrain import ConfigError
 from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..data.detection import build_detection_mapper, register_datasets
 from ..engine.det_trainer import AP_KEYS, Trainer, build_step_trainer
+from ..utils.precision import bf16_native
 from .det import synthetic_batch
 
 
@@ -475,8 +476,7 @@ SIDE_LABELS = {
 
 def default_sides() -> tuple[str, ...]:
     """Both fp32 sides, plus our bf16 trainer where the CPU has native bf16 (elsewhere it is ~65x slower)."""
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return SIDES if native_bf16 else SIDES[:2]
+    return SIDES if bf16_native("cpu") else SIDES[:2]
 
 
 def side_by_side_cfg(config_file: str, opts: list[str] | None = None) -> CfgNode:

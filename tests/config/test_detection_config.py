@@ -9,6 +9,7 @@ import yaml
 from detectron2.engine import DefaultTrainer
 
 from mae_det.config.detection import ConfigError, get_det_cfg, load_det_cfg, setup_det_cfg
+from mae_det.utils.precision import bf16_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO = os.path.join(ROOT, "configs", "COCO")
@@ -261,7 +262,6 @@ def test_auto_precision_is_bf16_exactly_where_the_device_runs_it_natively():
     from mae_det.config.detection import effective_precision
 
     cfg = load_det_cfg("", ["SOLVER.PRECISION", "auto", "MODEL.DEVICE", "cpu"], training=False)
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert effective_precision(cfg) == ("bf16" if native else "fp32")
+    assert effective_precision(cfg) == ("bf16" if bf16_native("cpu") else "fp32")
     cfg = load_det_cfg("", ["SOLVER.PRECISION", "bf16", "MODEL.DEVICE", "cpu"], training=False)
     assert effective_precision(cfg) == "bf16"  # explicit settings stay as given

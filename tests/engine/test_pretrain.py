@@ -17,6 +17,7 @@ from mae_det.data.classification import ClassificationDataError
 from mae_det.data.pretrain import DataError
 from mae_det.engine import pretrain as P
 from mae_det.modeling.vit import VisionTransformer
+from mae_det.utils.precision import bf16_native
 
 TINY = ["MODEL.ARCH", "mae_vit_tiny_patch16", "MODEL.EMBED_DIM", "64", "MODEL.DEPTH", "2", "MODEL.NUM_HEADS", "2",
         "MODEL.PATCH_SIZE", "8", "MODEL.IMG_SIZE", "32", "MODEL.DECODER_EMBED_DIM", "32", "MODEL.DECODER_DEPTH", "1",
@@ -372,7 +373,7 @@ def test_bf16_path_runs(images, tmp_path):
 
 def test_resolve_precision_auto():
     cpu = torch.device("cpu")
-    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    expected = "bf16" if bf16_native("cpu") else "fp32"
     assert P.resolve_precision("auto", cpu) == expected
     assert P.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="fp16 needs a GPU"):

@@ -9,6 +9,7 @@ from PIL import Image
 from mae_det.data.classification import ClassificationDataError, ImageFolderDataset, eval_transform
 from mae_det.evaluation.knn import extract_features, folder_loader, knn_classify, knn_eval_folders, topk_accuracy
 from mae_det.modeling.vit import VisionTransformer
+from mae_det.utils.precision import bf16_native
 
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 
@@ -102,7 +103,7 @@ def test_knn_eval_folders_names_a_class_without_readable_images(tmp_path):
                          progress=False)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="CPU without native bf16")
+@pytest.mark.skipif(not bf16_native("cpu"), reason="CPU without native bf16")
 def test_bf16_features_match_fp32(tmp_path):
     make_color_folders(tmp_path, {"train": 2})
     ds = ImageFolderDataset(tmp_path / "train", eval_transform(32))
