@@ -30,7 +30,7 @@ from detectron2.utils import comm  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
-from mae_det.data.semantic import register_sem_seg_datasets  # noqa: E402
+from mae_det.data.semantic import check_task_datasets, register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
 )
@@ -63,6 +63,7 @@ def check_datasets(cfg):
     """Dataset paths and every test image (also checked by tools/submit.py before it submits a job)."""
     register_sem_seg_datasets(cfg, decode_test_sets=True)
     register_datasets(cfg, decode_test_sets=True)
+    check_task_datasets(cfg)
 
 
 def check_inputs(args):

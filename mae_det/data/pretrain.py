@@ -75,6 +75,10 @@ def detect_source(path: str | os.PathLike) -> str:
     return "folder"
 
 
+# The count target of a class that a crowd region marks: above any MAX_COUNT, so the loss clamps it to the top bin.
+CROWD_COUNT = 1e6
+
+
 class ImageSource:
     """Image paths with optional per-image labels.
 
@@ -82,6 +86,8 @@ class ImageSource:
         paths: readable-looking image files, in a fixed order.
         labels: per image, the sorted tuple of its class indexes, one entry per instance (a COCO image with two
             circles lists the circle twice; ``None`` for unlabeled sources).
+        crowds: per image, the sorted tuple of the classes that a COCO crowd region (``iscrowd``) marks: a group of
+            an unknown number of instances, listed once in ``labels`` too (empty for other sources).
         class_names: names of the contiguous class indexes.
         missing: files listed by the index that do not exist (they count as unreadable images).
         root: the path the source was built from (for messages).
@@ -89,9 +95,10 @@ class ImageSource:
 
     def __init__(
         self, paths: list[Path], root: str, labels: list[tuple[int, ...]] | None = None,
-        class_names: Sequence[str] = (), missing: Sequence[str] = (),
+        class_names: Sequence[str] = (), missing: Sequence[str] = (), crowds: list[tuple[int, ...]] | None = None,
     ) -> None:
         self.paths, self.root, self.labels = paths, root, labels
+        self.crowds = crowds if crowds is not None else [()] * len(paths)
         self.class_names, self.missing = list(class_names), list(missing)
 
     @property
@@ -123,7 +130,9 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
     """The images of a COCO json; category ids (any, e.g. non-contiguous) map to sorted contiguous indexes.
 
     Images without annotations get no labels (a valid all-negative sample); annotations that name an unknown
-    image or category are skipped with a warning; files that do not exist are returned in ``missing``.
+    image or category are skipped with a warning; files that do not exist are returned in ``missing``. Ids written
+    as strings of digits ("7") are read as the integers they spell, for annotations as for images. A crowd
+    annotation marks its class present and is recorded in ``crowds`` (how many instances it covers is unknown).
     """
     json_path = Path(json_path)
     root = Path(image_root) if image_root else json_path.parent
@@ -147,21 +156,26 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
         raise DataError(f"{json_path}: malformed 'images' or 'categories' entry ({type(e).__name__}: {e})") from e
     cat_index = {cid: i for i, cid in enumerate(cat_ids)}
     image_labels: dict[int, list[int]] = {img_id: [] for img_id, _ in images}
+    image_crowds: dict[int, set[int]] = {img_id: set() for img_id, _ in images}
     skipped = Counter()
     for ann in data.get("annotations") or []:
         if not isinstance(ann, dict):
             skipped["malformed entry"] += 1
             continue
-        img_id, cat_id = ann.get("image_id"), ann.get("category_id")
+        img_id, cat_id = _int_id(ann.get("image_id")), _int_id(ann.get("category_id"))
         if img_id not in image_labels:
             skipped["unknown image_id"] += 1
         elif cat_id not in cat_index:
             skipped["unknown category_id"] += 1
+        elif ann.get("iscrowd"):
+            if cat_index[cat_id] not in image_crowds[img_id]:
+                image_labels[img_id].append(cat_index[cat_id])
+            image_crowds[img_id].add(cat_index[cat_id])
         else:
             image_labels[img_id].append(cat_index[cat_id])
     for reason, n in skipped.items():
         logger.warning("%s: skipped %d annotations (%s)", json_path, n, reason)
-    paths, labels, missing, seen = [], [], [], set()
+    paths, labels, crowds, missing, seen = [], [], [], [], set()
     for img_id, file_name in images:
         if img_id in seen:
             logger.warning("%s: duplicate image id %d (%s) ignored", json_path, img_id, file_name)
@@ -173,7 +187,15 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
             continue
         paths.append(p)
         labels.append(tuple(sorted(image_labels[img_id])))
-    return ImageSource(paths, str(json_path), labels, [cat_names[c] for c in cat_ids], missing)
+        crowds.append(tuple(sorted(image_crowds[img_id])))
+    return ImageSource(paths, str(json_path), labels, [cat_names[c] for c in cat_ids], missing, crowds)
+
+
+def _int_id(value: Any) -> Any:
+    """An annotation's COCO id as the integer it spells ("7" -> 7), else as it is (then unknown if not an int)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 def build_source(source: str, path: str, image_root: str = "") -> ImageSource:
@@ -365,6 +387,8 @@ class PretrainDataset(Dataset):
         target = torch.zeros(self.num_classes)
         if self.num_classes and self.counts:
             target += torch.bincount(torch.tensor(self.source.labels[j], dtype=torch.long), minlength=self.num_classes)
+            # A crowd region is a group of many: the top count bin ("max_count or more"), whatever the cap.
+            target[list(self.source.crowds[j])] = CROWD_COUNT
         elif self.num_classes:
             target[list(self.source.labels[j])] = 1.0
         return {**sample, "noise": noise, "target": target, "bad": bad}

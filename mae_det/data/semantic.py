@@ -239,6 +239,37 @@ def check_sem_seg_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ..
                                f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: set it to {len(classes)}")
 
 
+# Norms that need more than one value per channel in training; naiveSyncBN in one process is plain BatchNorm.
+_BATCH_NORMS = ("BN", "SyncBN", "naiveSyncBN", "naiveSyncBN_N")
+
+
+def check_task_datasets(cfg: CfgNode) -> None:
+    """Checks, before any training, what would otherwise fail only at evaluation or at the first step: every
+    ``DATASETS.TEST`` set is scored by the model's task (a semantic set by a ``SemanticSegmentor``, any other by a
+    detector), a semantic test set has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, and UperNet's 1x1 pyramid
+    pooling bin is not batch-normed over a single image (one image per step holds one value per channel there).
+
+    Raises:
+        DatasetError: one line naming the dataset or the keys to change.
+    """
+    semantic = is_semantic(cfg)
+    for name in cfg.DATASETS.TEST:
+        kind = MetadataCatalog.get(name).get("evaluator_type")
+        if (kind == "sem_seg") != semantic:
+            model = "a semantic segmentation model" if semantic else "a detector"
+            raise DatasetError(f"dataset '{name}' (DATASETS.TEST) is a {'semantic' if kind == 'sem_seg' else kind} "
+                               f"dataset but MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} is {model}: "
+                               "test on a dataset of the model's task")
+    if not semantic:
+        return
+    check_sem_seg_classes(cfg, cfg.DATASETS.TEST)
+    h = cfg.MODEL.SEM_SEG_HEAD
+    if cfg.SOLVER.IMS_PER_BATCH == 1 and h.NORM in _BATCH_NORMS and 1 in h.POOL_SCALES:
+        raise DatasetError(f"SOLVER.IMS_PER_BATCH 1 with MODEL.SEM_SEG_HEAD.NORM {h.NORM!r}: the 1x1 bin of "
+                           "POOL_SCALES batch-normalizes one value per channel; train with 2 or more images a step, "
+                           "NORM 'GN', or POOL_SCALES without 1")
+
+
 # ---- ADE20K ------------------------------------------------------------------------------------------------
 def convert_ade20k_label(label: np.ndarray) -> np.ndarray:
     """Raw ADE20K labels (0 = other, 1..150) -> Detectron2's (0 -> 255 ignored, k -> k - 1), uint8."""

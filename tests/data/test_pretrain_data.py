@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader
 
 from mae_det.data.images import DecodedImageCache
 from mae_det.data.pretrain import (
-    DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, coco_source, collate_pretrain,
-    detect_source, folder_source, imagefolder_source, list_images, sample_generator,
+    CROWD_COUNT, DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, build_source, coco_source,
+    collate_pretrain, detect_source, folder_source, imagefolder_source, list_images, sample_generator,
 )
+from mae_det.engine.pretrain import SupervisedViT
 
 
 def _texture(path, seed, size=(40, 30)):
@@ -59,6 +60,28 @@ def _coco(tmp_path, images, annotations, categories):
     p = tmp_path / "ann.json"
     p.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return p
+
+
+def test_coco_crowds_mark_presence_and_the_top_count_and_string_ids_are_read(tmp_path):
+    for name in ["a.png", "b.png"]:
+        _texture(tmp_path / "imgs" / name, 0)
+    images = [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "b.png"}]
+    cats = [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}]
+    anns = [{"image_id": 7, "category_id": 1, "iscrowd": 0}, {"image_id": 7, "category_id": 1, "iscrowd": 1},
+            {"image_id": 7, "category_id": 2, "iscrowd": 1}, {"image_id": 7, "category_id": 2, "iscrowd": 1},
+            {"image_id": "8", "category_id": "2"}]  # ids written as strings
+    src = coco_source(_coco(tmp_path, images, anns, cats), tmp_path / "imgs")
+    assert src.labels == [(0, 0, 1), (1,)] and src.crowds == [(0, 1), ()]
+    transform = PretrainTransform(16, (1.0, 1.0), (1.0, 1.0), False, (0.5,) * 3, (0.5,) * 3)
+    presence = PretrainDataset(src, transform, seed=0, num_classes=2)
+    assert presence[(0, 0)]["target"].tolist() == [1, 1] and presence[(0, 1)]["target"].tolist() == [0, 1]
+    # A crowd of people is not one person: its class takes the top count bin, whatever MAX_COUNT is.
+    counts = PretrainDataset(src, transform, seed=0, num_classes=2, counts=True)
+    assert counts[(0, 0)]["target"].tolist() == [CROWD_COUNT, CROWD_COUNT]
+    assert counts[(0, 1)]["target"].tolist() == [0, 1]
+    model = SupervisedViT(2, max_count=3, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    loss, logits = model(counts[(0, 0)]["image"][None], counts[(0, 0)]["target"][None])
+    assert torch.isfinite(loss)
 
 
 def test_coco_source_multi_hot_labels(tmp_path):

@@ -15,7 +15,8 @@ from PIL import Image
 from mae_det.config.detection import load_det_cfg
 from mae_det.data.detection import SKIPPED_IMAGES_KEY, DatasetError, remaining_bad_images
 from mae_det.data.semantic import (
-    build_mapper, check_label_map, convert_ade20k, register_sem_seg_dataset, register_sem_seg_datasets,
+    build_mapper, check_label_map, check_task_datasets, convert_ade20k, register_sem_seg_dataset,
+    register_sem_seg_datasets,
 )
 from mae_det.data.shapes import ShapesConfig, generate_shapes, write_semantic_split
 from mae_det.engine.det_trainer import Trainer, write_sem_seg_results
@@ -249,3 +250,25 @@ def test_the_test_mapper_decodes_16_bit_images_as_training_does(tmp_path):
     out = build_mapper(cfg, is_train=False)(DatasetCatalog.get("sem_16bit")[0])
     expected = torch.as_tensor(np.rint(ramp * (255 / 65535)).astype(np.uint8))
     assert torch.equal(out["image"], expected[None].expand(3, 4, 6)) and out["sem_seg"].shape == (4, 6)
+
+
+def test_a_run_is_checked_against_its_test_sets_and_batch_before_training(tmp_path):
+    root = make_semantic(tmp_path / "d", [np.zeros((4, 6))])
+    two = make_semantic(tmp_path / "two", [np.zeros((4, 6))], classes=("bg", "a"))
+    cfg = cfg_with(entry("sem_task_3", root), entry("sem_task_2", two), train=["sem_task_3"], test=["sem_task_3"])
+    register_sem_seg_datasets(cfg, decode_test_sets=True)
+    check_task_datasets(cfg)
+    cfg.defrost()
+    cfg.DATASETS.TEST = ("sem_task_2",)  # SemSegEvaluator would stop on it only after the whole training run
+    with pytest.raises(DatasetError, match=r"^dataset 'sem_task_2' has 2 classes but MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+                                           r"is 3: set it to 2$"):
+        check_task_datasets(cfg)
+    cfg.DATASETS.TEST, cfg.SOLVER.IMS_PER_BATCH = ("sem_task_3",), 1  # the 1x1 pooling bin: BatchNorm of one value
+    with pytest.raises(DatasetError, match=r"^SOLVER.IMS_PER_BATCH 1 with MODEL.SEM_SEG_HEAD.NORM '\w+': the 1x1 bin"):
+        check_task_datasets(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    check_task_datasets(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # a detector scored on a semantic set
+    with pytest.raises(DatasetError, match=r"^dataset 'sem_task_3' \(DATASETS.TEST\) is a semantic dataset but "
+                                           r"MODEL.META_ARCHITECTURE GeneralizedRCNN is a detector"):
+        check_task_datasets(cfg)
