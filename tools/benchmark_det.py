@@ -10,7 +10,8 @@
     python tools/benchmark_det.py --roi-align      # CPU RoIAlign backward: torchvision's vs ours, bit for bit
 
 Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
-peak memory (CUDA: max_memory_allocated; CPU: sampled RSS growth), parameter counts, and ours/theirs ratios.
+peak memory (CUDA: max_memory_allocated; on CPU not measured: a process keeps freed memory, so its growth follows
+the order the models ran in), parameter counts, and ours/theirs ratios.
 --compile adds rows of ours with the backbone compiled in place (and its first, compiling iteration);
 --real-data DIR adds a training iteration through Detectron2's loader with LSJ at --img-size on shapes images
 generated into DIR (mae_det/bench/det.py).

@@ -21,16 +21,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 
 from ..config.detection import load_det_cfg
 from ..data.detection import image_file_problem, parse_coco_instances, register_datasets
 from ..data.images import DecodedImageCache
 from ..data.pretrain import PretrainDataset, PretrainTransform, collate_pretrain, folder_source
 from ..data.seeding import sample_seed, seeded_global_rngs
+from ..data.semantic import build_mapper
 from ..engine.det_trainer import Trainer
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "Base-MaskRCNN-ViT.yaml"
@@ -107,6 +112,25 @@ def format_report(result: dict) -> str:
     ])
 
 
+def train_loader(json_file: Path, image_root: Path, *, seeded: bool, workers: int, batch_size: int,
+                 image_size: int) -> Any:
+    """The benchmark's train loader: the seeded one, or Detectron2's with the seeded loader's sampler (Detectron2
+    seeds its own from numpy's global state), so that both read the same images in the same order."""
+    cfg = load_det_cfg(str(BASE_CONFIG), [
+        "DATASETS.REGISTER", [["bench_loader", str(json_file), str(image_root)]],
+        "DATASETS.TRAIN", ("bench_loader",), "DATASETS.TEST", (), "MODEL.MASK_ON", False,
+        "MODEL.ROI_HEADS.NUM_CLASSES", 1, "INPUT.LSJ.ENABLED", True, "INPUT.LSJ.IMAGE_SIZE", image_size,
+        "INPUT.LSJ.MIN_SCALE", 1.0, "INPUT.LSJ.MAX_SCALE", 1.0,
+        "SOLVER.IMS_PER_BATCH", batch_size, "DATALOADER.NUM_WORKERS", workers, "SEEDED_DRAWS", seeded,
+        "SEED", 0, "MODEL.DEVICE", "cpu",
+    ])
+    register_datasets(cfg)
+    if seeded:
+        return Trainer.build_train_loader(cfg)
+    sampler = TrainingSampler(len(DatasetCatalog.get("bench_loader")), seed=sample_seed(cfg.SEED) % 2**31)
+    return build_detection_train_loader(cfg, mapper=build_mapper(cfg, is_train=True), sampler=sampler)
+
+
 def time_train_loaders(json_file: Path, image_root: Path, *, batches: int, workers: tuple[int, ...] = (0, 2),
                        rounds: int = 3, batch_size: int = 2, image_size: int = 1024) -> dict:
     """Seconds per training batch of each loader ("detectron2", "seeded") and worker count: per round, each variant
@@ -116,17 +140,8 @@ def time_train_loaders(json_file: Path, image_root: Path, *, batches: int, worke
     for _ in range(rounds):
         for seeded in (False, True):
             for w in workers:
-                cfg = load_det_cfg(str(BASE_CONFIG), [
-                    "DATASETS.REGISTER", [["bench_loader", str(json_file), str(image_root)]],
-                    "DATASETS.TRAIN", ("bench_loader",), "DATASETS.TEST", (), "MODEL.MASK_ON", False,
-                    "MODEL.ROI_HEADS.NUM_CLASSES", 1, "INPUT.LSJ.ENABLED", True, "INPUT.LSJ.IMAGE_SIZE", image_size,
-                    "INPUT.LSJ.MIN_SCALE", 1.0, "INPUT.LSJ.MAX_SCALE", 1.0,
-                    "SOLVER.IMS_PER_BATCH", batch_size, "DATALOADER.NUM_WORKERS", w, "SEEDED_DRAWS", seeded,
-                    "SEED", 0, "MODEL.DEVICE", "cpu",
-                ])
-                register_datasets(cfg)
-                np.random.seed(0)  # both loaders' TrainingSampler seed is drawn from it: the same image order
-                it = iter(Trainer.build_train_loader(cfg))
+                it = iter(train_loader(json_file, image_root, seeded=seeded, workers=w, batch_size=batch_size,
+                                       image_size=image_size))
                 next(it)
                 t0 = time.perf_counter()
                 for _ in range(batches):

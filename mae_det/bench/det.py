@@ -22,7 +22,6 @@ import contextlib
 import copy
 import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -133,50 +132,30 @@ def synthetic_batch(n: int, size: int, device: str, instances: int = 8, seed: in
 
 
 class PeakMemory:
-    """Peak memory a block adds: CUDA ``max_memory_allocated``, else the process RSS sampled every 2 ms (torch's
-    CPU allocations bypass tracemalloc). ``mb`` is None where neither is available."""
+    """Peak memory a block adds on CUDA (``max_memory_allocated`` above what was allocated before); ``mb`` stays None
+    on CPU.
+
+    A CPU process keeps the memory its allocator freed, so the growth of its resident size measures the order of
+    the variants rather than the variants: the model run first grows the process, the next reuses that memory
+    (``--quick`` at 256 px, backbone step: 63.4 MB for whichever model ran first, 2.4-5.6 MB for the other, and
+    the same with the order swapped). No such row beats a wrong one.
+    """
 
     def __init__(self, device: str) -> None:
         self.cuda = torch.device(device).type == "cuda"
         self.mb: float | None = None
-
-    @staticmethod
-    def _rss() -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return None
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-            return self
-        self._base = self._peak = self._rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.002):
-                self._peak = max(self._peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        if self._base is not None:
-            self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             self.mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-            return
-        if self._base is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss())
-        self.mb = (self._peak - self._base) / 2**20
 
 
 def _timed(fn: Callable[[], Any], device: str) -> float:

@@ -5,6 +5,7 @@ from PIL import Image
 
 from mae_det.bench.data import (
     format_cache_report, format_loader_report, format_report, make_dataset, run, time_decoded_cache, time_train_loaders,
+    train_loader,
 )
 
 
@@ -34,6 +35,16 @@ def test_train_loader_timing_covers_both_loaders_and_worker_counts(tmp_path):
     ratio = result["seeded_over_detectron2"]["w0"]
     assert ratio == result["s_per_batch"]["seeded_w0"] / result["s_per_batch"]["detectron2_w0"]
     assert "0 loader worker(s): Detectron2's loader" in format_loader_report(result)
+
+
+def test_both_timed_loaders_read_the_same_images_in_the_same_order(tmp_path):
+    ann = make_dataset(tmp_path, 12, (64, 48), png=False)
+
+    def files(seeded):
+        it = iter(train_loader(ann, tmp_path / "images", seeded=seeded, workers=0, batch_size=2, image_size=64))
+        return [[d["file_name"] for d in next(it)] for _ in range(6)]
+
+    assert files(False) == files(True)
 
 
 def test_decoded_cache_timing_compares_both_reads_on_the_same_batches(tmp_path):
