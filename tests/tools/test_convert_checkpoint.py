@@ -33,6 +33,10 @@ MODEL:
     INPUT_SIZE: 128
     PRETRAIN_IMG_SIZE: 64
     OUT_CHANNELS: 32
+  RPN:
+    IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
+  ROI_HEADS:
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
 """
 
 
