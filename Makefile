@@ -1,5 +1,6 @@
 # The README's commands. Each sets the environment up first (idempotent, seconds when nothing changed).
-PY := .venv/bin/python
+# scripts/setup_env.sh builds $MAE_DET_VENV when it is set (README, "Installation details"): every target uses it too.
+PY := $(or $(MAE_DET_VENV),.venv)/bin/python
 PROFILE ?= full
 
 .PHONY: setup test test-fast demo demo-quick experiment experiment-pyramid experiment-pretrain-seeds parity clean-demo
@@ -58,4 +59,4 @@ parity: setup
 		--output output/parity/runs $(PARITY_OPTS)
 
 clean-demo:
-	rm -rf output/demo output/demo_quick datasets/shapes
+	rm -rf output/demo output/demo_quick datasets/shapes/full datasets/shapes/quick

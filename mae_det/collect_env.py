@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 
 
-def _version(module: str) -> str:
+def _version(module: str, dist: str | None = None) -> str:
+    """``module``'s version and folder; ``dist``: its distribution name, read when the module has no __version__."""
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # any import failure is itself worth reporting
         return f"not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return f"{getattr(mod, '__version__', 'unknown')} @ {os.path.dirname(getattr(mod, '__file__', '') or '')}"
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(dist or module)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    return f"{version} @ {os.path.dirname(getattr(mod, '__file__', '') or '')}"
 
 
 def collect_env() -> list[tuple[str, str]]:
@@ -38,7 +46,7 @@ def collect_env() -> list[tuple[str, str]]:
         ("torchvision", _version("torchvision")),
         ("timm", _version("timm")),
         ("fvcore", _version("fvcore")),
-        ("pycocotools", _version("pycocotools")),
+        ("pycocotools", _version("pycocotools")),  # no __version__: its distribution's
         ("numpy", _version("numpy")),
         ("Pillow", _version("PIL")),
     ]

@@ -14,7 +14,18 @@ d2_dist="sal-detectron2==0.7.2"
 d2_runtime=(fvcore iopath pycocotools yacs termcolor tabulate cloudpickle tqdm tensorboard
             "omegaconf>=2.1,<2.4" hydra-core matplotlib Pillow packaging "setuptools<81")
 
-stamp_key="$(cat scripts/setup_env.sh setup.py | sha256sum | cut -c1-16)-$("$python" -c 'import sys;print(sys.version.split()[0])')"
+version_of() { "$1" -c 'import sys;print(sys.version.split()[0])'; }
+if ! version_of "$python" > /dev/null 2>&1; then
+  echo "[setup] error: PYTHON=$python is not a Python interpreter that runs here" >&2
+  exit 1
+fi
+# An existing environment keeps its interpreter: refuse another one instead of stamping a version it does not run.
+if [[ -x "$venv/bin/python" && "$(version_of "$venv/bin/python")" != "$(version_of "$python")" ]]; then
+  echo "[setup] error: $venv runs Python $(version_of "$venv/bin/python"), not $python's $(version_of "$python"):" \
+       "remove $venv to rebuild it with that interpreter" >&2
+  exit 1
+fi
+stamp_key="$(cat scripts/setup_env.sh setup.py | sha256sum | cut -c1-16)-$(version_of "$python")"
 stamp="$venv/.mae_det_setup_stamp"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_key" ]]; then
   echo "[setup] environment up to date: $venv"

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_det.utils.known_warnings import filter_known_warnings
-
+# Before the first mae_det import: `pytest` (not `python -m pytest`) puts only tests/ on the path.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 # Two cores: keep intra-op threads bounded and identical between runs that are compared bit for bit. Under
 # pytest-xdist (`make test` runs one worker per core) each worker and the tools it starts get one thread, so that

@@ -70,3 +70,27 @@ def test_setup_second_run_is_a_no_op():
     )
     assert proc.returncode == 0, proc.stderr
     assert "environment up to date" in proc.stdout
+
+
+def test_setup_refuses_to_stamp_an_environment_with_another_interpreter(tmp_path):
+    # The environment keeps the interpreter it was built with; the stamp used to record the other one's version.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for path, version in ((venv / "bin" / "python", "3.11.7"), (tmp_path / "other_python", "3.12.1")):
+        path.write_text(f"#!/bin/sh\necho {version}\n")
+        path.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", "scripts/setup_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "MAE_DET_VENV": str(venv), "PYTHON": str(tmp_path / "other_python")},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"[setup] error: {venv} runs Python 3.11.7, not {tmp_path / 'other_python'}'s "
+                                   f"3.12.1: remove {venv} to rebuild it with that interpreter")
+    assert not (venv / ".mae_det_setup_stamp").exists()
+
+
+def test_make_runs_in_the_environment_mae_det_venv_names():
+    proc = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "MAE_DET_VENV": "/opt/venvs/mae"})
+    assert proc.returncode == 0, proc.stderr
+    assert "/opt/venvs/mae/bin/python -m pytest tests" in proc.stdout
