@@ -318,7 +318,8 @@ def load_encoder_weights(
         The converter's info plus ``ignored``: the checkpoint keys the model did not take.
 
     Raises:
-        CheckpointError: naming the file, when its width, patch size or depth differ from the model's.
+        CheckpointError: naming the file, when its width, patch size or depth differ from the model's, or any other
+            encoder tensor's shape (MLP width, input channels).
     """
     sd, info = load_encoder_state(path_or_dict, grid=model.grid_size, source=source)
     src = info["source"]
@@ -333,6 +334,11 @@ def load_encoder_weights(
         )
     if info["depth"] != model.depth:
         raise CheckpointError(f"{src}: {info['depth']} blocks but the model has depth {model.depth} (set MODEL.DEPTH)")
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{src}: {key} has shape {tuple(value.shape)} but the model's is "
+                                  f"{tuple(own[key].shape)} (set MODEL.MLP_RATIO / MODEL.IN_CHANS to the checkpoint's)")
     for note in info["notes"]:
         logger.info("%s: %s", src, note)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -25,7 +25,9 @@ so the weights never take it; the check then stops the run naming the first such
 Determinism: the data order, crops, flips and mask noise derive from (seed, epoch, sample index) (see
 ``mae_det.data.pretrain``), and the global torch RNG (drop path) is reseeded from (seed, epoch, iteration, rank)
 before every iteration, so a resumed run repeats the uninterrupted one exactly, and a run's result does not depend
-on the number of processes (up to float reduction order) or loader workers.
+on the loader workers, nor, without drop path (``MODEL.DROP_PATH 0``, the MAE recipe's), on the number of processes
+(up to float reduction order): drop path draws per (micro-batch, rank) for a whole micro-batch, so another split of
+the same global batch draws other masks.
 """
 from __future__ import annotations
 
@@ -831,6 +833,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
         prepare_output_dir(cfg.OUTPUT_DIR)  # here, before processes start: the error is one line, not a rank's
+        if args.num_gpus < 1 or args.num_machines < 1:
+            raise ConfigError(f"--num-gpus {args.num_gpus} / --num-machines {args.num_machines}: expected >= 1 each "
+                              "(processes per machine, on CPU too)")
+        if args.num_machines > 1 and args.dist_url == "auto":
+            raise ConfigError("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port> (auto picks a "
+                              "free port on one machine only)")
         if launched_externally() or args.num_gpus * args.num_machines == 1:
             run_pretrain(cfg, resume=args.resume, argv=command)
         else:

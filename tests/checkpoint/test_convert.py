@@ -27,6 +27,7 @@ from mae_det.checkpoint.convert import (
     convert_to_detectron2,
     detect_format,
     load_decoder_state,
+    load_encoder_weights,
     load_encoder_state,
     read_checkpoint,
     target_of,
@@ -301,6 +302,20 @@ def test_width_or_depth_mismatch_is_an_error_not_a_partial_load(tmp_path, dim, d
         ViTDetCheckpointer(model).load(str(path))
     msg = str(e.value)
     assert str(path) in msg and what in msg and "the model's is 64-d with 4 blocks" in msg and "\n" not in msg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, key", [({"mlp_ratio": 2.0}, "blocks.0.mlp.fc1.weight"),
+                                         ({"in_chans": 1}, "patch_embed.proj.weight")])
+def test_another_mlp_width_or_input_channel_count_is_one_line_naming_the_key(tmp_path, kwargs, key):
+    torch.manual_seed(0)
+    other = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, **kwargs, **DECODER)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    model = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2, **DECODER)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:  # load_state_dict raised a many-line RuntimeError here
+        load_encoder_weights(model, tmp_path / "other.pth")
+    assert str(e.value).startswith(f"{tmp_path / 'other.pth'}: {key} has shape ") and "\n" not in str(e.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

@@ -76,6 +76,14 @@ def test_config_errors_exit_2_with_one_line(images, tmp_path, capsys):
     assert capsys.readouterr().err == "error: unknown config key 'SOLVER.EPOCS'\n"
 
 
+def test_launcher_arguments_that_cannot_launch_exit_2_with_one_line(images, tmp_path, capsys):
+    assert main(["--num-gpus", "0", *opts(images, tmp_path)]) == 2  # a division by zero before
+    assert capsys.readouterr().err == ("error: --num-gpus 0 / --num-machines 1: expected >= 1 each (processes per "
+                                       "machine, on CPU too)\n")
+    assert main(["--num-machines", "2", *opts(images, tmp_path)]) == 2  # Detectron2's assertion before
+    assert capsys.readouterr().err.startswith("error: --num-machines > 1 needs --dist-url tcp://")
+
+
 def test_nan_loss_exits_3_naming_the_step(images, tmp_path, capsys):
     code = main(opts(images, tmp_path, "SOLVER.LR", "1e6", "SOLVER.EPOCHS", "4", "SOLVER.WARMUP_EPOCHS", "2",
                      "CHECKPOINT_PERIOD", "1"))
