@@ -13,6 +13,7 @@ uninterrupted one would have, and ``DATA.NUM_WORKERS`` changes the speed, never 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -111,11 +112,22 @@ def init_label(cfg: CfgNode) -> tuple[str, str]:
     if cfg.MODEL.INIT_TYPE:
         return cfg.MODEL.INIT_TYPE, cfg.MODEL.WEIGHTS
     try:
-        meta = load_checkpoint(cfg.MODEL.WEIGHTS).get("meta")
+        stat = os.stat(cfg.MODEL.WEIGHTS)
+    except OSError:
+        return "pretrained", cfg.MODEL.WEIGHTS  # loading the encoder reports what is wrong with the file
+    return _pretraining_mode(cfg.MODEL.WEIGHTS, stat.st_mtime_ns, stat.st_size), cfg.MODEL.WEIGHTS
+
+
+@functools.lru_cache(maxsize=8)
+def _pretraining_mode(path: str, mtime_ns: int, size: int) -> str:
+    """``meta["mode"]`` of a checkpoint, else "pretrained"; cached per file version, since a run labels its
+    run_info.json and its results from the same file (a ViT-L checkpoint takes seconds to read)."""
+    try:
+        meta = load_checkpoint(path).get("meta")
     except CheckpointError:
         meta = None  # loading the encoder reports what is wrong with the file; the label need not
     mode = meta.get("mode") if isinstance(meta, dict) else None
-    return mode if isinstance(mode, str) and mode else "pretrained", cfg.MODEL.WEIGHTS
+    return mode if isinstance(mode, str) and mode else "pretrained"
 
 
 def build_encoder(cfg: CfgNode, device: torch.device) -> VisionTransformer:
