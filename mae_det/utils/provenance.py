@@ -85,19 +85,23 @@ def _version(module: str) -> str | None:
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``{"commit", "dirty"}`` of the git work tree holding ``path`` (the mae_det sources); nulls outside git."""
+    """``{"commit", "dirty", "untracked"}`` of the git work tree holding ``path`` (the mae_det sources); nulls
+    outside git. ``dirty``: tracked files differ from the commit; ``untracked``: how many files git neither tracks
+    nor ignores (a new module or config beside the commit that the run may have used, which ``dirty`` misses)."""
     cwd = Path(path) if path else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=cwd, capture_output=True, text=True,
             timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": bool(status.strip())}
+        return {"commit": None, "dirty": None, "untracked": None}
+    lines = status.splitlines()
+    untracked = sum(line.startswith("??") for line in lines)
+    return {"commit": commit or None, "dirty": len(lines) > untracked, "untracked": untracked}
 
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:

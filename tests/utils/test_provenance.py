@@ -2,6 +2,7 @@
 import hashlib
 import json
 import re
+import subprocess
 from datetime import datetime
 
 import torch
@@ -70,7 +71,27 @@ def test_config_changes_name_each_changed_key_with_both_values():
 def test_git_state_inside_and_outside_a_repository(tmp_path):
     inside = git_state()  # the mae_det sources
     assert inside["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", inside["commit"])
-    assert git_state(tmp_path) == {"commit": None, "dirty": None}
+    assert git_state(tmp_path) == {"commit": None, "dirty": None, "untracked": None}
+
+
+def test_git_state_counts_untracked_files_apart_from_changes_to_tracked_ones(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("output/\n")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "log.txt").write_text("ignored\n")
+    assert git_state(tmp_path)["dirty"] is False and git_state(tmp_path)["untracked"] == 0
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "head.py").write_text("y = 2\n")  # in an untracked folder: counted as a file
+    assert {k: v for k, v in git_state(tmp_path).items() if k != "commit"} == {"dirty": False, "untracked": 1}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert {k: v for k, v in git_state(tmp_path).items() if k != "commit"} == {"dirty": True, "untracked": 1}
 
 
 def test_missing_init_checkpoint_has_no_hash(tmp_path):
