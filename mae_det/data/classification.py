@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
+from torchvision import transforms
 from tqdm import tqdm
 
 from .images import IMAGE_EXTENSIONS, DecodedImageCache, ImageLoadError, load_image
@@ -202,12 +203,14 @@ class SkipCounter:
             logger.warning("%s: skipped %d unreadable image(s) of %d", self.name, self.skipped, self.seen)
 
 
-def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> Callable:
-    """Resize to ``img_size / crop_pct`` + center crop + ImageNet normalization (timm's eval pipeline)."""
-    return create_transform(
-        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-    )
+def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                   mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                   ) -> Callable:
+    """Resize to ``img_size / crop_pct`` + center crop + normalization (timm's eval pipeline); ImageNet's RGB
+    statistics unless given. One ``mean`` value converts to grayscale first, as pretraining does."""
+    tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                          mean=tuple(mean), std=tuple(std))
+    return tf if len(mean) == 3 else transforms.Compose([transforms.Grayscale(1), tf])
 
 
 def auto_augment_problem(spec: str) -> str | None:

@@ -607,8 +607,8 @@ class Pretrainer:
         K = self.cfg.MONITOR.KNN
         result = knn_eval_folders(
             self._bare_model(), K.TRAIN_ROOT, K.VAL_ROOT, img_size=self.cfg.MODEL.IMG_SIZE, k=K.K,
-            temperature=K.TEMPERATURE, pool=K.POOL, device=self.device, precision=self.precision,
-            progress=self.main,
+            temperature=K.TEMPERATURE, pool=K.POOL, mean=self.cfg.DATA.MEAN, std=self.cfg.DATA.STD,
+            device=self.device, precision=self.precision, progress=self.main,
         )
         return {k: float(v) for k, v in result.items() if k in ("knn_top1", "knn_top5")}
 

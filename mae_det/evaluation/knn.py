@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -128,7 +129,8 @@ def knn_classify(
         chunk_size: queries per similarity matrix, bounding memory to (chunk_size, M).
 
     Returns:
-        ``(predictions, scores)``: (N,) top-1 classes and (N, num_classes) summed vote weights.
+        ``(predictions, scores)``: (N,) top-1 classes and (N, num_classes) summed vote weights, ``-inf`` for a
+        class no neighbour voted for (so a top-5 over fewer than 5 voted classes does not count unvoted ones).
     """
     if k < 1 or temperature <= 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
@@ -143,15 +145,17 @@ def knn_classify(
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
         votes.scatter_add_(1, labels[idx], (sim / temperature).exp())  # (B, C)
-        scores.append(votes)
+        voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, labels[idx], True)
+        scores.append(votes.masked_fill(~voted, float("-inf")))
     scores_t = torch.cat(scores)
     return scores_t.argmax(dim=1), scores_t
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """Percent of rows whose true label is among the ``k`` highest scores, per ``k`` (capped at the class count)."""
+    """Percent of rows whose true label is among the ``k`` highest scores, per ``k`` (capped at the class count);
+    a score of ``-inf`` ranks nowhere."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, kmax)
-    hit = top == labels.to(top.device)[:, None]
+    hit = (top == labels.to(top.device)[:, None]) & (scores.gather(1, top) > float("-inf"))
     return {k: 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
@@ -203,6 +207,8 @@ def knn_eval_folders(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     crop_pct: float = 0.875,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     precision: str = "auto",
     progress: bool = True,
     max_bad_fraction: float = 0.1,
@@ -211,12 +217,13 @@ def knn_eval_folders(
 
     The encoder must already be on ``device``; it runs in eval mode without gradients and is put back in its
     previous train/eval mode, so the pretraining monitor can call this on the live model between epochs.
+    ``mean`` / ``std``: the normalization the encoder was trained with (one value each: grayscale input).
 
     Returns:
         ``{"knn_top1": %, "knn_top5": % (only with >= 10 classes), "num_train", "num_val", "num_classes",
         "k", "temperature", "pool"}``.
     """
-    tf = eval_transform(img_size, crop_pct)
+    tf = eval_transform(img_size, crop_pct, mean=mean, std=std)
     train_set = ImageFolderDataset(train_root, tf)
     val_set = ImageFolderDataset(val_root, tf, classes=train_set.classes)
     opts = dict(pool=pool, batch_size=batch_size, device=device, num_workers=num_workers, precision=precision,

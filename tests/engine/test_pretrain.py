@@ -380,13 +380,16 @@ def test_resolve_precision_auto():
         P.resolve_precision("fp16", cpu)
 
 
-def test_knn_monitor_logs_at_its_period(images, tmp_path):
+@pytest.mark.parametrize("channels", [(), ("MODEL.IN_CHANS", "1", "DATA.MEAN", "(0.5,)", "DATA.STD", "(0.25,)")],
+                         ids=["rgb", "grayscale"])
+def test_knn_monitor_logs_at_its_period(images, tmp_path, channels):
+    # grayscale: the monitor feeds the encoder what pretraining does (it gave it 3 ImageNet-normalized channels)
     for split in ("train", "val"):
         for cls, seed in (("a", 0), ("b", 50)):
             write_textures(tmp_path / "knn" / split / cls, 4, size=32, seed=seed + (split == "val"))
     cfg = make_cfg(images, tmp_path / "out", "MONITOR.KNN.ENABLED", "True", "MONITOR.KNN.PERIOD", "2",
                    "MONITOR.KNN.TRAIN_ROOT", str(tmp_path / "knn" / "train"),
-                   "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"), "MONITOR.KNN.K", "3")
+                   "MONITOR.KNN.VAL_ROOT", str(tmp_path / "knn" / "val"), "MONITOR.KNN.K", "3", *channels)
     P.run_pretrain(cfg)
     epochs = records(tmp_path / "out", "epoch")
     with_knn = [r["epoch"] for r in epochs if "knn_top1" in r]

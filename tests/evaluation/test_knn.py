@@ -69,6 +69,27 @@ def test_votes_are_exp_similarity_weighted():
     assert pred_k1.item() == 1
 
 
+def test_knn_top5_counts_only_classes_some_neighbour_voted_for():
+    # 10 classes; every bank vector is class 9 and every query's true class is 0-8: no query can be a top-5 hit,
+    # although topk fills the rest of each top 5 with classes that got no vote.
+    train, labels = torch.randn(12, 4), torch.full((12,), 9)
+    query, truth = torch.randn(9, 4), torch.arange(9)
+    for k in (1, 3, 5):
+        pred, scores = knn_classify(train, labels, query, k=k, temperature=0.07, num_classes=10)
+        assert (pred == 9).all() and torch.isinf(scores[:, :9]).all() and (scores[:, 9] > 0).all()
+        assert topk_accuracy(scores, truth) == {1: 0.0, 5: 0.0}
+    assert topk_accuracy(scores, torch.full((9,), 9)) == {1: 100.0, 5: 100.0}
+
+
+def test_eval_transform_normalizes_with_the_given_statistics_and_one_channel_means_grayscale():
+    gray = Image.new("RGB", (40, 40), (128, 128, 128))
+    x = eval_transform(32, mean=(0.5,), std=(0.1,))(gray)
+    assert x.shape == (1, 32, 32)
+    torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.5) / 0.1))
+    rgb = eval_transform(32, mean=(0.5, 0.25, 0.0), std=(0.5, 0.5, 1.0))(Image.new("RGB", (32, 32), (255, 0, 51)))
+    torch.testing.assert_close(rgb.mean(dim=(1, 2)), torch.tensor([1.0, -0.5, 0.2]))
+
+
 def test_knn_rejects_bad_arguments():
     with pytest.raises(ValueError, match="k must be >= 1"):
         knn_classify(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(1, 2), k=0)
