@@ -260,6 +260,10 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
         _check(S.EFFECTIVE_BATCH_SIZE % S.BATCH_SIZE == 0,
                f"SOLVER.EFFECTIVE_BATCH_SIZE: {S.EFFECTIVE_BATCH_SIZE} is not a multiple of SOLVER.BATCH_SIZE "
                f"{S.BATCH_SIZE}")
+    # timm's Mixup pairs each image with another of its batch; an odd batch would lose one image every step
+    _check(S.BATCH_SIZE % 2 == 0 or (A.MIXUP == 0 and A.CUTMIX == 0),
+           f"SOLVER.BATCH_SIZE: expected an even value with AUG.MIXUP / AUG.CUTMIX on (mixing pairs the images of a "
+           f"batch), got {S.BATCH_SIZE}; or set AUG.MIXUP 0 AUG.CUTMIX 0")
     _check(S.BASE_LR > 0 or S.LR > 0, f"SOLVER.BASE_LR / SOLVER.LR: one must be > 0, got {S.BASE_LR} / {S.LR}")
     _check(S.MIN_LR >= 0, f"SOLVER.MIN_LR: expected >= 0, got {S.MIN_LR}")
     _check(0 <= S.WARMUP_EPOCHS <= S.EPOCHS,

@@ -190,6 +190,11 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     init = cfg.MODEL.INIT_TYPE
     _check(bool(_INIT_TYPE_RE.match(init)), f"MODEL.INIT_TYPE: expected a lower-case label like mae/supervised/scratch, got {init!r}")
     if training:
+        # Detectron2's warmup ramps toward the schedule's value at its end: the lr would never reach BASE_LR
+        # (cosine: 0.001x of it all run), and RESCALE_INTERVAL divides by zero
+        _check(cfg.SOLVER.WARMUP_ITERS < cfg.SOLVER.MAX_ITER,
+               f"SOLVER.WARMUP_ITERS: expected fewer than SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER}), got "
+               f"{cfg.SOLVER.WARMUP_ITERS}")
         _check(effective_precision(cfg) != "fp16" or cfg.MODEL.DEVICE.startswith("cuda"),
                f"SOLVER.PRECISION fp16 (Detectron2's AMPTrainer) needs CUDA but MODEL.DEVICE is {cfg.MODEL.DEVICE}: "
                "use SOLVER.PRECISION bf16 or fp32")

@@ -27,3 +27,11 @@ def test_embed_width_must_suit_the_sin_cos_position_initialization():
                                "initialization needs")
     cfg = load_cls_cfg(SHAPES, ["MODEL.EMBED_DIM", "68", "MODEL.NUM_HEADS", "2", "MODEL.DEPTH", "1"])
     assert build_classifier(cfg, 6).pos_embed.shape == (1, 1 + 8 * 8, 68)
+
+
+def test_an_odd_batch_is_refused_only_while_mixup_or_cutmix_pairs_its_images():
+    # timm's Mixup needs pairs: an odd batch lost one image every step while the lr was scaled for all of them
+    with pytest.raises(ConfigError) as info:
+        load_cls_cfg(SHAPES, ["SOLVER.BATCH_SIZE", "3", "AUG.MIXUP", "0", "AUG.CUTMIX", "1.0"])
+    assert str(info.value).startswith("SOLVER.BATCH_SIZE: expected an even value with AUG.MIXUP / AUG.CUTMIX on")
+    assert load_cls_cfg(SHAPES, ["SOLVER.BATCH_SIZE", "3", "AUG.MIXUP", "0", "AUG.CUTMIX", "0"]).SOLVER.BATCH_SIZE == 3

@@ -103,6 +103,8 @@ def test_recipes_scale_with_the_gpu_count():
      "'build_resnet_backbone': set SOLVER.LAYER_DECAY 0"),
     (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH: expected > 0, got 0"),  # the train loader never yielded
     (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER: expected > 0, got 0"),
+    # Detectron2's default warmup is 1000 iterations: its lr would peak at 0.1x BASE_LR and never reach it
+    (["SOLVER.MAX_ITER", "500"], "SOLVER.WARMUP_ITERS: expected fewer than SOLVER.MAX_ITER (500), got 1000"),
     (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD: expected > 0, got 0"),  # fvcore: modulo by zero
     (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR: expected > 0, got -1.0"),
     (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS: expected >= 0, got -1"),
@@ -246,11 +248,11 @@ def test_resume_with_changed_settings_is_logged_with_the_keys(tmp_path):
     setup(False)
     setup(True)  # the same settings: nothing to say
     assert "changed since its last launch" not in log.read_text()
-    setup(True, "SOLVER.BASE_LR", "0.5", "SOLVER.MAX_ITER", "7")
+    setup(True, "SOLVER.BASE_LR", "0.5", "SOLVER.MAX_ITER", "7000")
     lines = [x for x in log.read_text().splitlines() if "changed since its last launch" in x]
     assert len(lines) == 1 and "2 settings changed since its last launch" in lines[0]
     default = get_det_cfg().SOLVER
-    assert f"SOLVER.BASE_LR: {default.BASE_LR} -> 0.5; SOLVER.MAX_ITER: {default.MAX_ITER} -> 7" in lines[0]
+    assert f"SOLVER.BASE_LR: {default.BASE_LR} -> 0.5; SOLVER.MAX_ITER: {default.MAX_ITER} -> 7000" in lines[0]
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["SOLVER"]["BASE_LR"] == 0.5
     setup(False, "SOLVER.BASE_LR", "0.25")  # a fresh start may change anything
     assert len([x for x in log.read_text().splitlines() if "changed since its last launch" in x]) == 1
