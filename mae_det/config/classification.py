@@ -55,7 +55,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     SOLVER.CLIP_GRAD: 0.0           max gradient norm (0 = off)
     SOLVER.COMPILE: "auto"          fine-tuning: torch.compile the classifier in place for the training step
                                     ("on", "off", "auto" = on for CUDA only; evaluation stays eager)
-    TEST.BATCH_SIZE: 128            evaluation / feature-extraction batch
+    TEST.BATCH_SIZE: 128            evaluation / feature-extraction batch; the augmented probe reads and encodes its
+                                    optimizer batch in chunks of this size
     TEST.EVAL_PERIOD: 1             fine-tuning: evaluate every N epochs and after the last (0 = after the last only)
     LINPROBE.EPOCHS: 90
     LINPROBE.BATCH_SIZE: 16384      capped at the number of training images

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform
 from timm.optim import Lars
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
-from ..data.classification import ClassificationDataError, ImageFolderDataset, SkipCounter, eval_transform
+from ..data.classification import (
+    ClassificationDataError, ImageFolderDataset, SkipCounter, collate_skipping, eval_transform,
+)
 from ..data.images import DecodedImageCache
 from ..solver.schedule import build_warmup_cosine_lr
-from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, folder_loader, topk_accuracy
+from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +231,8 @@ def linear_probe_folders(
         num_train = len(train_labels)
     else:
         out, num_train = _probe_augmented(encoder, train_set, val_feats, val_labels, img_size=img_size, pool=pool,
-                                          batch_size=batch_size, device=device, num_workers=num_workers,
+                                          batch_size=batch_size, feature_batch_size=feature_batch_size,
+                                          device=device, num_workers=num_workers,
                                           precision=precision, seed=seed, max_bad_fraction=max_bad_fraction,
                                           **recipe)
     return out | {"num_train": num_train, "num_val": len(val_labels), "num_classes": train_set.num_classes,
@@ -242,6 +246,20 @@ def _check_two_training_images(n: int, root: os.PathLike) -> None:
                                       f"statistics), found {n}")
 
 
+class _Chunks(Sampler[list[int]]):
+    """Each batch of ``batches`` as consecutive lists of at most ``size`` indices."""
+
+    def __init__(self, batches: BatchSampler, size: int):
+        self.batches, self.size = batches, size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.batches:
+            yield from (b[i:i + self.size] for i in range(0, len(b), self.size))
+
+    def __len__(self) -> int:
+        return len(self.batches) * -(-self.batches.batch_size // self.size)
+
+
 def _probe_augmented(
     encoder: nn.Module,
     train_set: ImageFolderDataset,
@@ -251,6 +269,7 @@ def _probe_augmented(
     img_size: int,
     pool: str,
     batch_size: int,
+    feature_batch_size: int,
     device: torch.device | str,
     num_workers: int,
     precision: str,
@@ -264,8 +283,15 @@ def _probe_augmented(
     train_set.transform = create_transform(img_size, is_training=True, color_jitter=None, interpolation="bicubic")
     train_set.seed = seed
     batch = min(batch_size, len(train_set))
+    # An optimizer batch (the paper's 16384) is read and encoded in chunks of feature_batch_size images, so neither
+    # the loader's prefetched batches nor the encoder's activations scale with it; the chunks of one shuffled batch
+    # are the images a single loader batch would hold, in the same order.
+    chunk = min(feature_batch_size, batch)
+    chunks_per_batch = -(-batch // chunk)
     gen = torch.Generator().manual_seed(seed)
-    loader = folder_loader(train_set, batch, num_workers, device, shuffle=True, drop_last=True, generator=gen)
+    batches = BatchSampler(RandomSampler(train_set, generator=gen), batch, drop_last=True)
+    loader = DataLoader(train_set, batch_sampler=_Chunks(batches, chunk), num_workers=num_workers,
+                        collate_fn=collate_skipping, pin_memory=torch.device(device).type == "cuda")
     dtype = autocast_dtype(device, precision)
     skips = SkipCounter(str(train_set.root), max_bad_fraction)
     head = LinearProbeHead(encoder.embed_dim, train_set.num_classes)
@@ -274,17 +300,23 @@ def _probe_augmented(
 
     def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         train_set.set_epoch(epoch)
-        for imgs, labels, errors in loader:
-            skips.update(len(labels), errors)
-            if len(labels) > 1:
+        feats: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for i, (imgs, chunk_labels, errors) in enumerate(loader):
+            skips.update(len(chunk_labels), errors)
+            if len(chunk_labels):
                 # no_grad must not span the yield: grad mode is thread state and would leak into the head step.
                 with torch.no_grad(), autocast(device, dtype):
-                    feats = encoder.pooled_features(imgs.to(device, non_blocking=True), pool=pool)  # (B, D)
-                yield feats.float(), labels
+                    feats.append(encoder.pooled_features(imgs.to(device, non_blocking=True), pool=pool).float())
+                labels.append(chunk_labels)
+            if (i + 1) % chunks_per_batch == 0:
+                if sum(len(x) for x in labels) > 1:  # BatchNorm statistics need two samples
+                    yield torch.cat(feats), torch.cat(labels)  # (B, D), (B,)
+                feats, labels = [], []
         skips.check()
 
     with eval_mode(encoder):
-        train_head(head, epoch_batches, epochs=epochs, iters_per_epoch=len(loader), lr=base_lr * batch / 256,
+        train_head(head, epoch_batches, epochs=epochs, iters_per_epoch=len(batches), lr=base_lr * batch / 256,
                    progress=progress, **recipe)
     with torch.no_grad():
         scores = torch.cat([head(f.to(device)).cpu() for f in val_feats.split(4096)])

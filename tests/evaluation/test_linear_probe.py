@@ -90,3 +90,29 @@ def test_augmented_probe_reads_the_same_pixels_from_the_decoded_image_cache(tmp_
                                  progress=False, cache=c) for c in (None, cache)]
     assert runs[0] == runs[1]
     assert len(cache) == 27  # every train and val image, decoded once over the 3 epochs
+
+
+def test_augmented_probe_encodes_an_optimizer_batch_in_feature_batch_chunks(tmp_path, one_thread):
+    # the IN-1K config's batch of 16384 went through one loader batch and one encoder forward (~10 GB of pixels
+    # per batch, 20 prefetched); now the encoder sees at most feature_batch_size images, the head the whole batch
+    _color_folders(tmp_path, n_train=6, n_val=3)
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    seen: list[int] = []
+    real = enc.pooled_features
+
+    def pooled_features(x, pool):
+        seen.append(len(x))
+        return real(x, pool=pool)
+
+    enc.pooled_features = pooled_features
+    runs = {}
+    for chunk in (8, 3):
+        seen.clear()
+        runs[chunk] = linear_probe_folders(enc, tmp_path / "train", tmp_path / "val", img_size=32, augment=True,
+                                           epochs=3, batch_size=8, base_lr=0.5, warmup_epochs=1,
+                                           feature_batch_size=chunk, precision="fp32", progress=False)
+        train_chunks = seen[-3 * 2 * (8 // chunk + (8 % chunk > 0)):]  # after the val features: 3 epochs x 2 batches
+        assert train_chunks == [8] * 6 if chunk == 8 else train_chunks == [3, 3, 2] * 6
+    assert runs[3]["batch_size"] == runs[8]["batch_size"] == 8
+    assert runs[3]["linear_top1"] == runs[8]["linear_top1"]
