@@ -102,6 +102,13 @@ class ShapesConfig:
             if not 0 < getattr(self, lo) <= getattr(self, hi) <= 0.5:
                 raise ValueError(f"ShapesConfig needs 0 < {lo} <= {hi} <= 0.5, got {getattr(self, lo)}, "
                                  f"{getattr(self, hi)}")
+        if self.min_visible_pixels < 1 or not 0.0 <= self.min_visible_fraction <= 1.0:
+            raise ValueError(f"ShapesConfig needs min_visible_pixels >= 1 (an instance without pixels has no box) and "
+                             f"min_visible_fraction in [0, 1], got {self.min_visible_pixels}, "
+                             f"{self.min_visible_fraction}")
+        if self.cls_min_size * self.image_size < 2:
+            raise ValueError(f"ShapesConfig.cls_min_size: {self.cls_min_size} of {self.image_size} px is a radius under "
+                             f"2 px, which can draw no pixel; a classification image must show its shape")
         for name in ("background_contrast", "cls_background_contrast"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -299,8 +306,11 @@ def classification_sample(cfg: ShapesConfig, split: str, index: int) -> tuple[np
     radius = float(rng.uniform(cfg.cls_min_size, cfg.cls_max_size)) * cfg.image_size
     # At least a quarter of the shape lies inside the image (centers >= radius / 2 from the border), so it is kept.
     contrast = cfg.background_contrast if cfg.cls_background_contrast is None else cfg.cls_background_contrast
-    image, _ = render_scene(rng, cfg.image_size, random_specs(rng, cfg.image_size, [kind], [radius]), 0.0, 1,
-                            contrast)
+    image, shown = render_scene(rng, cfg.image_size, random_specs(rng, cfg.image_size, [kind], [radius]), 0.0, 1,
+                                contrast)
+    if not shown:
+        raise ValueError(f"classification {split} image {index}: its {CLASS_NAMES[kind]} of radius {radius:.2f} px "
+                         f"has no visible pixel; raise ShapesConfig.cls_min_size")
     return image, kind
 
 
@@ -405,8 +415,8 @@ def generate_shapes(
             t0 = time.perf_counter()
             n = getattr(cfg, f"num_cls_{split}")
             out_dir = root / "classification" / split
-            for name in CLASS_NAMES:
-                (out_dir / name).mkdir(parents=True, exist_ok=True)
+            for name in CLASS_NAMES[:n]:  # classes cycle: a split of fewer images than classes leaves some out,
+                (out_dir / name).mkdir(parents=True, exist_ok=True)  # and an empty class folder is unusable
             jobs = [(cfg, split, i, str(out_dir)) for i in range(n)]
             for _ in imap(_classification_job, jobs, **({"chunksize": 16} if pool else {})):
                 pass

@@ -200,6 +200,23 @@ def test_existing_dataset_needs_overwrite_and_bad_config_is_named(dataset, tmp_p
         ShapesConfig(min_objects=3, max_objects=2)
     with pytest.raises(ValueError, match="min_size"):
         ShapesConfig(min_size=0.9)
+    # a hidden instance had area 0 and crashed the writer; a sub-pixel classification shape drew a blank image
+    with pytest.raises(ValueError, match="min_visible_pixels >= 1"):
+        ShapesConfig(min_visible_pixels=0, min_visible_fraction=0.0)
+    with pytest.raises(ValueError, match="ShapesConfig.cls_min_size: 0.01 of 32 px is a radius under 2 px"):
+        ShapesConfig(image_size=32, cls_min_size=0.01, cls_max_size=0.03)
+
+
+def test_a_classification_split_smaller_than_the_class_set_loads(tmp_path):
+    # classes cycle: 4 val images cover 4 of the 6 classes, and an empty folder for the others was unloadable
+    from mae_det.data.classification import ImageFolderDataset
+
+    cfg = ShapesConfig(**{**SMALL, "num_pool": 0, "num_train": 0, "num_val": 0, "num_cls_val": 4}, workers=1)
+    generate_shapes(tmp_path / "s", cfg, log=lambda _: None)
+    train = ImageFolderDataset(tmp_path / "s" / "classification" / "train")
+    val = ImageFolderDataset(tmp_path / "s" / "classification" / "val", classes=train.classes)
+    assert sorted(p.name for p in (tmp_path / "s" / "classification" / "val").iterdir()) == sorted(CLASS_NAMES[:4])
+    assert len(val) == 4 and len(train.classes) == len(CLASS_NAMES)
 
 
 def test_tool_writes_dataset_and_reports_errors(tmp_path, repo_root, capsys):
