@@ -1041,7 +1041,8 @@ def reconstruction_figure(pretrain_dir: Path, image_dir: Path, out: Path, n: int
     with tempfile.TemporaryDirectory() as tmp:
         for i, path in enumerate(sorted(image_dir.glob("*.png"))[:n]):
             noise = torch.rand(1, model.patch_embed.num_patches, generator=generator)
-            panels = reconstruct(model, load_image(path, size, cfg.MODEL.IN_CHANS), mask_ratio, noise)
+            panels = reconstruct(model, load_image(path, size, cfg.MODEL.IN_CHANS), mask_ratio, noise,
+                                 cfg.DATA.MEAN, cfg.DATA.STD)
             grid_path = Path(tmp) / f"{i}.png"
             save_grid(panels, grid_path, f"{path.name} | {ckpt_path.name} | mask {mask_ratio:.0%} | "
                                          f"loss {panels['loss']:.3f} | {target}")

@@ -8,7 +8,9 @@
 
 ``--source annotation`` draws the dataset's records on the original images (``<stem>.png``); ``--source
 dataloader`` draws training samples as the trainer's data loader produces them (LSJ or resize, flips;
-``NNNN_<stem>.png``). Exit codes: 0 done, 1 nothing written, 2 bad config or dataset (one ``error:`` line).
+``NNNN_<stem>.png``). The summary names every image that could not be drawn (missing, unreadable or not the size
+the json declares). Exit codes: 0 done, 1 nothing written, 2 bad config or dataset, an output folder among the
+dataset's images, or no image that can be drawn (one ``error:`` line).
 """
 import argparse
 import sys
@@ -44,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     cfg = load_det_cfg(args.config_file, args.opts, training=False)
     summary = visualize_dataset(cfg, args.output, args.source, args.dataset, args.num_images)
-    print(f"{len(summary.written)} images written to {args.output}; {len(summary.failures)} unreadable images skipped")
+    print(f"{len(summary.written)} images written to {args.output}; {len(summary.failures)} images skipped "
+          f"(missing, unreadable or not the declared size){':' if summary.failures else ''}")
+    for path, problem in summary.failures:
+        print(f"  {path}: {problem}")
     return 0 if summary.written else 1
 
 

@@ -5,6 +5,10 @@ Two sources, as Detectron2's ``tools/visualize_data.py``:
 - ``annotation``: the registered dataset's records drawn on the original images;
 - ``dataloader``: samples of the training data loader of the config (the trainer's own mapper: LSJ or resize,
   flips, masks rasterized or cropped), drawn on the augmented images.
+
+Either way every image that could not be drawn is named in the summary: those the dataset's load check skipped
+(missing, unreadable header, not the declared size) and those that failed to decode when drawn. A dataset none of
+whose images can be drawn is a :class:`DatasetError`, as is an output folder among the dataset's images.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -20,7 +25,9 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from ..data.detection import DatasetError, load_report, register_datasets
+from ..data.detection import (
+    SKIPPED_IMAGES_KEY, DatasetError, first_files, image_file_problem, load_report, register_datasets,
+)
 from ..data.images import ImageLoadError, load_image
 from ..engine.det_trainer import Trainer
 from ..engine.predictor import unique_png_names
@@ -32,10 +39,17 @@ SOURCES = ("annotation", "dataloader")
 
 @dataclass
 class DataVisSummary:
-    """Files written by :func:`visualize_dataset` and the images skipped as unreadable (path, reason)."""
+    """Files written by :func:`visualize_dataset` and the images that could not be drawn (path, reason): skipped
+    by the dataset's load check, then those that failed to decode, each file once."""
 
     written: list[Path] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def add_failure(self, line: str) -> None:
+        """Records a "path: problem" line (the form of the load report and the mapper's notes) once."""
+        path, _, problem = line.partition(": ")
+        if (path, problem) not in self.failures:
+            self.failures.append((path, problem))
 
 
 def _dataset_name(cfg: CfgNode, dataset: str | None) -> str:
@@ -51,13 +65,35 @@ def _save(image: np.ndarray, path: Path, summary: DataVisSummary) -> None:
     summary.written.append(path)
 
 
+def _check_output(out: Path, name: str, image_files: Iterable[str] = ()) -> None:
+    """Refuses an output folder in the dataset's image folder or holding one of its images: a picture
+    ``<stem>.png`` would replace the image ``<stem>.png``, and an image folder listed recursively (pretraining
+    sources) would take the pictures for data."""
+    root = MetadataCatalog.get(name).get("image_root", None)
+    resolved = out.resolve()
+    if root and resolved.is_relative_to(Path(root).resolve()):
+        raise DatasetError(f"--output {out} is in the image folder {root} of dataset '{name}': the pictures would "
+                           "be written among (and over) its images; choose another --output")
+    folders = {os.path.dirname(f): f for f in image_files}  # resolved once per folder: datasets are large
+    clash = next((f for folder, f in folders.items() if Path(folder or ".").resolve() == resolved), None)
+    if clash is not None:
+        raise DatasetError(f"--output {out} holds images of dataset '{name}' (e.g. {clash}): the pictures would be "
+                           "written among (and over) them; choose another --output")
+
+
+def _add_load_failures(name: str, summary: DataVisSummary) -> None:
+    """Names the images that the latest load of ``name`` skipped for their file (named, not drawn)."""
+    report = load_report(name)
+    for line in report.bad_files if report else ():
+        summary.add_failure(line)
+
+
 def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSummary) -> None:
     records = DatasetCatalog.get(name)
     metadata = MetadataCatalog.get(name)
-    report = load_report(name)
-    for line in report.bad_files if report else ():  # skipped at load by the header check: named, not drawn
-        path, _, problem = line.partition(": ")
-        summary.failures.append((path, problem))
+    _add_load_failures(name, summary)
+    _check_output(out, name, [r["file_name"] for r in records] + [path for path, _ in summary.failures])
+    out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for record in records:
         if len(summary.written) >= num_images:
@@ -72,14 +108,39 @@ def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSum
         _save(Visualizer(image, metadata).draw_dataset_dict(record).get_image(), out / png, summary)
 
 
+def _undecodable(name: str) -> tuple[list[str], int]:
+    """("path: problem" lines of the images of ``name`` that the training mapper cannot use, number of images)."""
+    records = DatasetCatalog.get(name)
+    problems = (image_file_problem(r["file_name"], r.get("height"), r.get("width"), decode=True) for r in records)
+    return [p[1] for p in problems if p is not None], len(records)
+
+
 def _from_dataloader(cfg: CfgNode, name: str, num_images: int, out: Path, summary: DataVisSummary) -> None:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TRAIN = (name,)
     cfg.SOLVER.IMS_PER_BATCH = 1  # the batch size changes no sample; one image per step reads no more than drawn
     metadata = MetadataCatalog.get(name)
-    for batch in Trainer.build_train_loader(cfg):
+    batches = iter(Trainer.build_train_loader(cfg))
+    _add_load_failures(name, summary)
+    _check_output(out, name, [path for path, _ in summary.failures])
+    out.mkdir(parents=True, exist_ok=True)
+    while len(summary.written) < num_images:
+        try:
+            batch = next(batches)
+        except (RuntimeError, ValueError) as e:
+            # The loader gives up on a run of undecodable images (the seeded loader after MAX_TRIES in a row,
+            # Detectron2's once no index is left): one error line when the images explain it, else the failure.
+            bad, total = _undecodable(name)
+            if not bad:
+                raise
+            for line in bad:
+                summary.add_failure(line)
+            raise DatasetError(f"dataset '{name}': the data loader could not draw a sample, {len(bad)} of its "
+                               f"{total} images cannot be decoded: {first_files(bad)}") from e
         for sample in batch:
+            for line in sample.pop(SKIPPED_IMAGES_KEY, ()):  # images the mapper skipped before this one
+                summary.add_failure(line)
             image = convert_image_to_rgb(sample["image"].permute(1, 2, 0), cfg.INPUT.FORMAT)
             target = sample["instances"]
             names = metadata.get("thing_classes")
@@ -114,7 +175,8 @@ def visualize_dataset(
         num_images: how many pictures to write (fewer if the dataset has fewer readable images).
 
     Raises:
-        DatasetError: unknown source, no dataset, or missing dataset files.
+        DatasetError: unknown source, no dataset, missing dataset files, an ``output_dir`` in the dataset's image
+            folder or holding its images, or no image that can be drawn.
     """
     if source not in SOURCES:
         raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
@@ -128,10 +190,14 @@ def visualize_dataset(
     if name not in DatasetCatalog.list():
         raise DatasetError(f"dataset '{name}' is not registered: add it to DATASETS.REGISTER or use a builtin name")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(out, name)  # before the (slow) load: the folder the dataset's metadata names
     summary = DataVisSummary()
     if source == "annotation":
         _from_annotations(name, num_images, out, summary)
     else:
         _from_dataloader(cfg, name, num_images, out, summary)
+    if not summary.written and summary.failures:
+        raise DatasetError(f"dataset '{name}': none of its images could be drawn, {len(summary.failures)} are "
+                           f"missing, unreadable or not the declared size: "
+                           f"{first_files([f'{p}: {why}' for p, why in summary.failures])}")
     return summary

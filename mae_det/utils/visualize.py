@@ -5,6 +5,9 @@ Works with mae_det pretraining checkpoints (``{"model": state_dict, "meta": {...
 full state dicts. For norm-pix models the prediction is in per-patch normalized units; it is mapped back to
 pixels with each *target* patch's own mean and standard deviation (the same statistics the loss used), so the
 masked patches borrow brightness and contrast from the hidden image; the figure title says so.
+
+Images are decoded and listed as everywhere else in mae_det (:func:`mae_det.data.images.load_image`,
+:func:`mae_det.data.pretrain.list_images`) and normalized with the mean and std the model was trained with.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from mae_det.checkpoint import CheckpointError, load_checkpoint
-from mae_det.data.images import IMAGE_EXTENSIONS
+from mae_det.data.images import ImageLoadError, load_image as decode_image  # ours, below, also resizes
+from mae_det.data.pretrain import list_images
 from mae_det.modeling import MAE_FACTORIES, VIT_SIZES, MaskedAutoencoderViT
 
 logger = logging.getLogger(__name__)
@@ -36,12 +40,23 @@ ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "deco
              "decoder_num_heads")
 
 
+class VisualizationError(ValueError):
+    """Arguments or inputs that no grid can be made from; the message is one line naming the file or argument."""
+
+
 @dataclass(frozen=True)
 class LoadedMAE:
+    """A full MAE ready to reconstruct, with what its checkpoint says about how it was trained.
+
+    ``pixel_mean`` / ``pixel_std``: the normalization of its training inputs, one value per channel.
+    """
+
     model: MaskedAutoencoderViT
     name: str
     img_size: tuple[int, int]
     norm_pix_loss: bool
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
 
 
 def _state_dict_and_meta(ckpt: dict, path: Path) -> tuple[dict, dict]:
@@ -92,7 +107,8 @@ def load_mae(
     The factory (``model_name``, else the checkpoint's ``meta["model"]`` or official ``args.model``, else the
     one with the checkpoint's width and patch size) supplies defaults; depths, decoder width, MLP ratio and
     channels come from the tensors, and the architecture keys of a mae_det checkpoint's ``meta`` (widths,
-    depths, heads, patch size) override both.
+    depths, heads, patch size) override both. The input normalization is the ``meta``'s ``pixel_mean`` /
+    ``pixel_std`` (pretraining's DATA.MEAN / DATA.STD), else ImageNet's (official checkpoints).
 
     Args:
         path: a mae_det pretraining checkpoint, an official full checkpoint or a bare full state dict.
@@ -101,8 +117,9 @@ def load_mae(
             the released ``mae_visualize_*`` models use pixel targets, the default).
 
     Raises:
-        CheckpointError: unreadable file, unknown model, encoder-only weights or mismatched tensors, naming
-            the file.
+        CheckpointError: unreadable file, unknown model, encoder-only weights, mismatched tensors or
+            normalization statistics, naming the file.
+        VisualizationError: a model with neither 1 nor 3 channels and no statistics in its meta.
     """
     path = Path(path)
     sd, meta = _state_dict_and_meta(load_checkpoint(path), path)
@@ -127,54 +144,101 @@ def load_mae(
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit {name} ({kwargs}): {str(e).splitlines()[0]}") from e
-    return LoadedMAE(model.eval(), name, img_size, npl)
+    mean, std = _norm_stats(model.in_chans, meta, path)
+    return LoadedMAE(model.eval(), name, img_size, npl, mean, std)
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files given directly or found recursively in folders, in sorted order per folder."""
+def find_images(inputs: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Image files given directly or found recursively in folders, in sorted order per folder.
+
+    Folders are listed as every mae_det tool lists them (:func:`~mae_det.data.pretrain.list_images`: the same
+    suffixes, hidden files and folders skipped); files named directly are taken as they are.
+
+    Args:
+        inputs: files and folders.
+        exclude: a folder left out of the search (the output folder: the grids of one run inside a searched
+            folder must not become inputs of the next).
+
+    Raises:
+        VisualizationError: an input does not exist, or a folder to search is ``exclude`` itself.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if item.resolve() == skip:  # leaving it out would leave nothing; reading it mixes images and grids
+                raise VisualizationError(f"--input {item} is the --output folder: its images and their grids "
+                                         "would share it (a.png's grid is a.png); choose another --output")
+            found += [p for p in list_images(item) if skip is None or not p.resolve().is_relative_to(skip)]
         elif item.is_file():
             found.append(item)
         else:
-            raise FileNotFoundError(f"input not found: {item}")
+            raise VisualizationError(f"--input {item}: no such file or folder")
     return found
 
 
-def _norm_stats(in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_stats(in_chans: int, meta: dict | None = None, path: Path | None = None) -> tuple[tuple, tuple]:
+    """The (mean, std) a model's inputs were normalized with: its checkpoint meta's, else ImageNet's.
+
+    Official checkpoints record no statistics; they were trained on ImageNet's (the channel average for a
+    1-channel model, which sees the grayscale image).
+
+    Raises:
+        CheckpointError: the meta's statistics do not have ``in_chans`` values each or a std is not positive.
+        VisualizationError: neither 1 nor 3 channels.
+    """
+    meta = meta or {}
+    if "pixel_mean" in meta and "pixel_std" in meta:
+        mean, std = tuple(map(float, meta["pixel_mean"])), tuple(map(float, meta["pixel_std"]))
+        if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
+            raise CheckpointError(f"{path}: meta pixel_mean {list(mean)} / pixel_std {list(std)} do not fit a "
+                                  f"{in_chans}-channel model (one value per channel, std > 0)")
+        return mean, std
     if in_chans == 3:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif in_chans == 1:
-        mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
-    else:
-        raise ValueError(f"visualization handles 1- or 3-channel models, this one has {in_chans} channels")
-    return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        return IMAGENET_MEAN, IMAGENET_STD
+    if in_chans == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    raise VisualizationError(f"visualization handles 1- or 3-channel models, this one has {in_chans} channels")
 
 
 def load_image(path: Path, size: tuple[int, int], in_chans: int) -> torch.Tensor:
-    """(C, H, W) in [0, 1]: resized so it covers ``size`` (bicubic), then center-cropped."""
-    with Image.open(path) as img:
-        img = img.convert("RGB" if in_chans == 3 else "L")
-        h, w = size
-        scale = max(h / img.height, w / img.width)
-        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+    """(C, H, W) in [0, 1]: decoded as training decodes (16-bit scaled, EXIF orientation applied, grayscale for a
+    1-channel model), resized so it covers ``size`` (bicubic), then center-cropped.
+
+    Raises:
+        ImageLoadError: the file cannot be decoded (one line naming it).
+    """
+    img = decode_image(path)
+    if in_chans == 1:
+        img = img.convert("L")  # as pretraining's augmentation does for a 1-channel model
+    h, w = size
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 @torch.no_grad()
-def reconstruct(model: MaskedAutoencoderViT, image: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> dict:
+def reconstruct(
+    model: MaskedAutoencoderViT,
+    image: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+) -> dict:
     """Runs the MAE on one [0, 1] image (C, H, W) and returns the four [0, 1] panels and the loss.
 
-    The prediction of a norm-pix model is de-normalized with each target patch's mean and unbiased variance
-    (+1e-6), the inverse of the loss's target normalization.
+    The image is normalized with ``pixel_mean`` / ``pixel_std`` (:attr:`LoadedMAE.pixel_mean`; default
+    ImageNet's). The prediction of a norm-pix model is de-normalized with each target patch's mean and unbiased
+    variance (+1e-6), the inverse of the loss's target normalization.
     """
-    mean, std = _norm_stats(image.shape[0])
+    if pixel_mean is None or pixel_std is None:
+        pixel_mean, pixel_std = _norm_stats(image.shape[0])
+    mean, std = (torch.tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in (pixel_mean, pixel_std))
     x = ((image - mean) / std)[None]  # (1, C, H, W)
     grid = (x.shape[2] // model.patch_size, x.shape[3] // model.patch_size)
     loss, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)  # (1, L, p*p*C), (1, L)
@@ -235,36 +299,58 @@ def visualize_images(
 
     Unreadable images are skipped with a warning and counted in the log. ``img_size`` (square) overrides the
     checkpoint's input size; position embeddings are then resampled. The same ``seed`` gives the same masks.
+    Folders are searched without ``output_dir`` (see :func:`find_images`), and nothing is written unless every
+    grid's path differs from every input's.
+
+    Raises:
+        CheckpointError: see :func:`load_mae`.
+        VisualizationError: a bad ``mask_ratio`` or ``img_size``, a missing input, no image found, or a grid that
+            would overwrite an input image; nothing is written then.
     """
+    if not 0.0 <= mask_ratio < 1.0:  # 1.0 leaves no visible patch for the encoder
+        raise VisualizationError(f"--mask-ratio: expected a fraction in [0, 1), got {mask_ratio}")
+    if img_size is not None and img_size < 1:
+        raise VisualizationError(f"--img-size: expected a positive side, got {img_size}")
     loaded = load_mae(checkpoint, model_name, norm_pix_loss)
     model = loaded.model
     size = (img_size, img_size) if img_size else loaded.img_size
     if size[0] % model.patch_size or size[1] % model.patch_size:
-        raise ValueError(f"--img-size {size} must be a multiple of the patch size {model.patch_size}")
-    paths = find_images(list(inputs))
-    if not paths:
-        raise FileNotFoundError(f"no images found in {[str(p) for p in inputs]}")
-    generator = torch.Generator().manual_seed(seed)
-    num_patches = (size[0] // model.patch_size) * (size[1] // model.patch_size)
-    target_note = ("norm-pix model: prediction de-normalized with each target patch's own mean/std"
-                   if loaded.norm_pix_loss else "pixel targets")
+        what = f"--img-size {img_size}" if img_size else f"{checkpoint}: img_size {size}"
+        raise VisualizationError(f"{what}: expected a multiple of the patch size {model.patch_size}")
+    inputs = list(inputs)
     out_dir = Path(output_dir)
-    written: list[Path] = []
+    paths = find_images(inputs, exclude=out_dir)
+    if not paths:
+        raise VisualizationError(f"--input: no images found in {' '.join(map(str, inputs))}")
+    names = []
     used_names: set[str] = set()
-    skipped = 0
     for path in paths:
-        noise = torch.rand(1, num_patches, generator=generator)  # drawn even for skipped files: stable masks
-        try:
-            image = load_image(path, size, model.in_chans)
-        except (OSError, ValueError) as e:
-            skipped += 1
-            logger.warning("skipping unreadable image %s: %s", path, e)
-            continue
-        panels = reconstruct(model, image, mask_ratio, noise)
         name = path.stem
         while name in used_names:
             name += "_"
         used_names.add(name)
+        names.append(name)
+    sources = {p.resolve(): p for p in paths}
+    for name in names:  # all checked before the first write: a refused run must not have replaced any image
+        grid = out_dir / f"{name}.png"
+        if grid.resolve() in sources:
+            raise VisualizationError(f"--output {out_dir}: the grid {grid} would overwrite the input image "
+                                     f"{sources[grid.resolve()]}; choose another --output")
+    generator = torch.Generator().manual_seed(seed)
+    num_patches = (size[0] // model.patch_size) * (size[1] // model.patch_size)
+    target_note = ("norm-pix model: prediction de-normalized with each target patch's own mean/std"
+                   if loaded.norm_pix_loss else "pixel targets")
+    written: list[Path] = []
+    skipped = 0
+    for path, name in zip(paths, names):
+        noise = torch.rand(1, num_patches, generator=generator)  # drawn even for skipped files: stable masks
+        try:
+            image = load_image(path, size, model.in_chans)
+        except ImageLoadError as e:
+            skipped += 1
+            logger.warning("skipping unreadable image %s", e)
+            continue
+        panels = reconstruct(model, image, mask_ratio, noise, loaded.pixel_mean, loaded.pixel_std)
         title = (f"{path.name} | {loaded.name} | mask {mask_ratio:.0%} | loss {panels['loss']:.4f} | "
                  f"{target_note}")
         out = out_dir / f"{name}.png"

@@ -75,3 +75,71 @@ def test_fewer_than_one_image_is_a_usage_error(tiny, capsys):
             tool.parse_args([*base, "--num-images", value])
         assert e.value.code == 2
         assert f"error: --num-images: expected at least 1 image, got {value}\n" in capsys.readouterr().err
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("visualize_data_tool", ROOT / "tools" / "visualize_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # the header (and so the load check) passes, decoding fails
+
+
+@pytest.fixture
+def flawed(tmp_path):
+    """Five images: img_0 missing, img_1 truncated, the others fine."""
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=5)
+    (image_dir / "img_0.png").unlink()
+    _truncate(image_dir / "img_1.png")
+    return image_dir, write_tiny_config(tmp_path, json_path, image_dir)
+
+
+def test_both_sources_name_every_image_they_could_not_draw(flawed, tmp_path, capsys):
+    image_dir, config = flawed
+    missing = (str(image_dir / "img_0.png"), "file not found")
+    truncated = (str(image_dir / "img_1.png"), "cannot decode image (OSError: image file is truncated)")
+    cfg = load_det_cfg(str(config), ["INPUT.LSJ.IMAGE_SIZE", "64"], training=False)
+    annotation = visualize_dataset(cfg, tmp_path / "ann", "annotation", num_images=5)
+    assert [p.name for p in annotation.written] == ["img_2.png", "img_3.png", "img_4.png"]
+    assert annotation.failures == [missing, truncated]
+    # Enough draws that the loader meets the truncated image (each of the 4 loadable ones is drawn ~5 times).
+    loader = visualize_dataset(cfg, tmp_path / "dl", "dataloader", num_images=20)
+    assert len(loader.written) == 20
+    assert loader.failures == [missing, truncated]  # was []: "0 unreadable images skipped"
+    assert not any("img_1" in p.name for p in loader.written)
+    tool = _tool()
+    args = tool.parse_args(["--config-file", str(config), "--source", "annotation", "--output", str(tmp_path / "cli")])
+    assert tool.main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 images written" in out and "2 images skipped" in out
+    assert f"  {missing[0]}: {missing[1]}\n" in out and f"  {truncated[0]}: {truncated[1]}\n" in out
+
+
+def test_no_drawable_image_is_one_error_line(tiny, tmp_path, capsys):
+    image_dir, config = tiny
+    for path in image_dir.iterdir():
+        _truncate(path)
+    tool = _tool()
+    for source in ("annotation", "dataloader"):
+        args = tool.parse_args(["--config-file", str(config), "--source", source, "--output", str(tmp_path / source)])
+        with pytest.raises(SystemExit) as e:  # was: exit 1 (annotation), a RuntimeError traceback (dataloader)
+            tool.run_with_exit_codes(tool.main, args)
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error:", "Traceback"))]
+        assert len(err) == 1 and err[0].startswith("error: dataset 'tiny_shapes': ") and "cannot decode" in err[0], err
+        assert "img_0.png" in err[0] and "3 " in err[0]
+
+
+def test_output_among_the_dataset_images_is_refused(tiny, tmp_path):
+    image_dir, config = tiny
+    before = {p.name: p.read_bytes() for p in image_dir.iterdir()}
+    cfg = load_det_cfg(str(config), training=False)
+    for source in ("annotation", "dataloader"):
+        for out in (image_dir, image_dir / "vis"):
+            with pytest.raises(DatasetError, match=f"--output {out} is in the image folder {image_dir} of dataset"):
+                visualize_dataset(cfg, out, source, num_images=2)
+    assert {p.name: p.read_bytes() for p in image_dir.iterdir()} == before  # was: img_0/1.png replaced by drawings

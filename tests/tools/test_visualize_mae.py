@@ -1,5 +1,6 @@
 """tools/visualize_mae.py and mae_det.utils.visualize on a tiny MAE saved to a temporary folder."""
 import argparse
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from mae_det.checkpoint import CheckpointError
+from mae_det.data.images import load_image as decode_image
 from mae_det.modeling import mae_vit_tiny_patch16
 from mae_det.utils import visualize
 from mae_det.utils.visualize import HEADER, PAD, grid_image_size, load_mae, visualize_images
@@ -73,7 +75,7 @@ def test_norm_pix_denormalization_uses_target_patch_statistics():
     image = torch.rand(3, 64, 64)
     noise = torch.rand(1, 16)
     panels = visualize.reconstruct(model, image, 0.75, noise)
-    mean, std = visualize._norm_stats(3)
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in visualize._norm_stats(3))
     x = ((image - mean) / std)[None]
     _, pred, _ = model(x, 0.75, noise)
     target = model.patchify(x)
@@ -124,3 +126,97 @@ def test_unusable_checkpoints_raise_clear_errors(tmp_path):
     torch.save({"weights": sd}, odd)
     with pytest.raises(CheckpointError, match="expected a dict with a 'model' state dict"):
         load_mae(odd)
+
+
+def test_normalization_recorded_in_the_checkpoint_is_used(tmp_path, images):
+    model = tiny_model(norm_pix_loss=False)
+    plain, stats = tmp_path / "plain.pth", tmp_path / "stats.pth"
+    meta = {"model": "mae_vit_tiny_patch16", "img_size": 64, "norm_pix_loss": False}
+    torch.save({"model": model.state_dict(), "meta": meta}, plain)
+    torch.save({"model": model.state_dict(),
+                "meta": {**meta, "pixel_mean": [0.5, 0.5, 0.5], "pixel_std": [0.25, 0.25, 0.25]}}, stats)
+    loaded = load_mae(stats)
+    assert (loaded.pixel_mean, loaded.pixel_std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert (load_mae(plain).pixel_mean, load_mae(plain).pixel_std) == (visualize.IMAGENET_MEAN, visualize.IMAGENET_STD)
+    a = visualize_images(plain, [images / "a.png"], tmp_path / "plain", seed=3)[0]
+    b = visualize_images(stats, [images / "a.png"], tmp_path / "stats", seed=3)[0]
+    same_png = a.read_bytes() == b.read_bytes()
+    assert not same_png  # was byte-identical: ImageNet's statistics whatever the meta said
+    image = visualize.load_image(images / "a.png", (64, 64), 3)
+    noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = float(loaded.model(((image - 0.5) / 0.25)[None], 0.75, noise)[0])
+    assert f"loss {expected:.4f}" in Image.open(b).text["Title"]
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": model.state_dict(), "meta": {**meta, "pixel_mean": [0.5], "pixel_std": [0.25]}}, bad)
+    with pytest.raises(CheckpointError, match="bad.pth: meta pixel_mean .* do not fit a 3-channel model"):
+        load_mae(bad)
+
+
+def test_grids_never_overwrite_or_reread_inputs(tmp_path, images):
+    ckpt = tmp_path / "ours.pth"
+    torch.save(tiny_model(norm_pix_loss=False).state_dict(), ckpt)
+    before = {p: p.read_bytes() for p in images.rglob("*") if p.is_file()}
+    with pytest.raises(visualize.VisualizationError, match="is the --output folder"):
+        visualize_images(ckpt, [images], images)
+    with pytest.raises(visualize.VisualizationError, match=r"grid .*a.png would overwrite the input image"):
+        visualize_images(ckpt, [images / "sub" / "gray.jpg", images / "a.png"], images)
+    assert {p: p.read_bytes() for p in images.rglob("*") if p.is_file()} == before  # nothing written
+    # An output folder inside the input folder: a second run must not take the first run's grids as inputs.
+    first = visualize_images(ckpt, [images], images / "vis")
+    second = visualize_images(ckpt, [images], images / "vis")
+    assert [p.name for p in first] == [p.name for p in second] == ["a.png", "gray.png"]
+
+
+def test_images_decoded_and_listed_as_everywhere_else(tmp_path, caplog):
+    folder = tmp_path / "hostile"
+    (folder / ".thumbs").mkdir(parents=True)
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(folder / "g16.png")  # 16-bit: was clipped to white
+    stored = Image.new("RGB", (64, 32), "red")
+    stored.paste((0, 0, 255), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 32 wide, 64 high
+    stored.save(folder / "rot.jpg", exif=exif.tobytes(), quality=95)
+    (folder / "._g16.png").write_bytes(b"\x00\x05\x16\x07 mac")  # AppleDouble junk next to the real file
+    Image.new("RGB", (8, 8)).save(folder / ".thumbs" / "thumb.png")
+    ckpt = tmp_path / "bare.pth"
+    torch.save(tiny_model(norm_pix_loss=False).state_dict(), ckpt)
+    written = visualize_images(ckpt, [folder], tmp_path / "out")
+    assert [p.name for p in written] == ["g16.png", "rot.png"] and "skipp" not in caplog.text
+    g16 = visualize.load_image(folder / "g16.png", (64, 64), 3)
+    expected = np.asarray(decode_image(folder / "g16.png"), dtype=np.float32) / 255
+    np.testing.assert_allclose(g16.permute(1, 2, 0).numpy(), expected, atol=1 / 255)
+    assert 0.45 < float(g16.mean()) < 0.55
+    rot = visualize.load_image(folder / "rot.jpg", (64, 64), 3)  # 32x64 upright, cropped to its middle
+    assert rot[:, 0, 0].tolist() == pytest.approx([0, 0, 1], abs=0.02)
+    assert rot[:, 63, 63].tolist() == pytest.approx([1, 0, 0], abs=0.02)
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("visualize_mae_tool", ROOT / "tools" / "visualize_mae.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bad_input_is_one_error_line(tmp_path, images, capsys):
+    tool = _tool()
+    sd = tiny_model(norm_pix_loss=False).state_dict()
+    ckpt, encoder = tmp_path / "full.pth", tmp_path / "encoder.pth"
+    torch.save(sd, ckpt)
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}}, encoder)
+    ok = ["--checkpoint", str(ckpt), "--input", str(images), "--output", str(tmp_path / "out")]
+    cases = {
+        "checkpoint not found": ["--checkpoint", str(tmp_path / "missing.pth")],
+        "encoder.pth holds no decoder": ["--checkpoint", str(encoder)],
+        "--img-size 40: expected a multiple of the patch size 16": ["--img-size", "40"],
+        "--input nope: no such file or folder": ["--input", "nope"],
+        "--mask-ratio: expected a fraction in [0, 1), got 1.0": ["--mask-ratio", "1.0"],
+        "is the --output folder": ["--output", str(images)],
+    }
+    for message, change in cases.items():
+        assert tool.main([*ok, *change]) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
