@@ -63,6 +63,7 @@ from ..modeling import upernet as _upernet  # noqa: F401  (registers UperNetHead
 from ..modeling.roi_align import use_vectorized_roi_align
 from ..utils.provenance import write_run_info
 from ..solver.optim import adamw, build_param_groups
+from ..solver.schedule import configured_settings, keep_configured_settings
 from .launch import requeue, stop_requested
 from .loader_state import LoaderStateHook
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error
@@ -464,8 +465,11 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Detectron2's, then points the seeded loader at the iteration the run continues from, or restores
-        Detectron2's loader where :class:`~mae_det.engine.loader_state.LoaderStateHook` can."""
+        Detectron2's loader where :class:`~mae_det.engine.loader_state.LoaderStateHook` can. The optimizer keeps
+        the config's lr, weight decay and betas (see :func:`~mae_det.solver.schedule.keep_configured_settings`)."""
+        configured = configured_settings(self.optimizer)
         super().resume_or_load(resume=resume)
+        keep_configured_settings(self.optimizer, self.scheduler, configured)
         batches = getattr(self.train_loader, "dataset", None)
         if isinstance(batches, SeededBatches):
             batches.start = self.start_iter

@@ -51,6 +51,7 @@ from ..modeling.vit import LayerNorm6, VisionTransformer
 from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
+from ..solver.schedule import configured_settings, keep_configured_settings
 from .launch import requeue, stop_requested
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .pretrain import (
@@ -183,17 +184,19 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dic
     return merged
 
 
-def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None = None,
-               resume: bool = False) -> Path:
+def _start_run(cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None = None) -> Path:
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        warn_resumed_config_changes(out, cfg, logger)
+    _record_run(out, cfg, argv, extra)
+    return out
+
+
+def _record_run(out: Path, cfg: CfgNode, argv: Sequence[str] | None, extra: dict[str, Any] | None) -> None:
+    """``config.yaml`` and ``run_info.json`` of this launch (of a resume: once its checkpoint was accepted)."""
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     init_type, _ = init_label(cfg)
     write_run_info(out, cfg, seed=cfg.SEED, init_type=init_type, init_checkpoint=cfg.MODEL.WEIGHTS or None,
                    argv=argv, extra=extra)
-    return out
 
 
 def _published(cfg: CfgNode, task: str) -> dict[str, Any]:
@@ -439,7 +442,10 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     """
     device = resolve_device(cfg.DEVICE)
     dtype = autocast_dtype(device, cfg.PRECISION)
-    out = _start_run(cfg, argv, {"task": "finetune"}, resume=resume)
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        warn_resumed_config_changes(out, cfg, logger)
     S, A = cfg.SOLVER, cfg.AUG
     accum = _accum_iter(cfg)
     cache = decoded_image_cache(cfg.DATA.CACHE_DECODED_MB)  # one budget for both splits
@@ -493,6 +499,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     if last is not None:
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, last, train_set.classes, steps_per_epoch)
+        configured = configured_settings(opt)
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -500,12 +507,14 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
             raise CheckpointError(f"cannot resume from {last}: it does not match the configured model "
                                   f"({load_error_detail(e)})") from e
         sched.load_state_dict(ckpt["scheduler"])
+        keep_configured_settings(opt, sched, configured)
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
         logger.info("resumed from %s at epoch %d", last, start_epoch)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
+    _record_run(out, cfg, argv, {"task": "finetune"})  # after the checks: a refused resume leaves the old record
     logger.info("fine-tuning %d classes, %d train / %d val images, %d steps/epoch, batch %d x %d, lr %.3g, %s, "
                 "compile %s", num_classes, len(train_set), len(val_set), steps_per_epoch, S.BATCH_SIZE, accum, lr,
                 f"autocast {dtype}" if dtype else "fp32", compiled)

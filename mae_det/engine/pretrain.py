@@ -67,7 +67,7 @@ from ..data.pretrain import (
 from ..modeling.mae import MAE_FACTORIES, MaskedAutoencoderViT
 from ..modeling.vit import VisionTransformer
 from ..solver.optim import adamw, build_param_groups
-from ..solver.schedule import build_warmup_cosine_lr
+from ..solver.schedule import build_warmup_cosine_lr, configured_settings, keep_configured_settings
 from ..utils import dist as du
 from ..utils.precision import auto_precision
 from ..utils.provenance import warn_resumed_config_changes, write_run_info
@@ -325,6 +325,7 @@ class Pretrainer:
 
     def __init__(self, cfg, *, resume: bool = False) -> None:
         self.cfg, self.resume = cfg, resume
+        self._restored: bool | None = None
         self.rank, self.world = du.get_rank(), du.get_world_size()
         self.main = self.rank == 0
         self.out = Path(cfg.OUTPUT_DIR)
@@ -503,6 +504,12 @@ class Pretrainer:
         self.last_good = path
         return path
 
+    def restore(self) -> bool:
+        """With ``resume``: the checkpoint's state, loaded once (see :meth:`load_last_checkpoint`); whether one was."""
+        if self._restored is None:
+            self._restored = self.resume and self.load_last_checkpoint()
+        return self._restored
+
     def load_last_checkpoint(self) -> bool:
         """Restores the state named by ``last_checkpoint`` (without that pointer: the newest checkpoint file, see
         :func:`newest_checkpoint`); False when there is no checkpoint at all (a fresh start)."""
@@ -523,6 +530,7 @@ class Pretrainer:
                 f"{meta.get('steps_per_epoch')} steps per epoch, the config now gives {self.eff_batch} and "
                 f"{self.steps_per_epoch}"
             )
+        configured = configured_settings(self.optimizer)
         try:
             self._bare_model().load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -530,6 +538,7 @@ class Pretrainer:
             raise CheckpointError(f"cannot resume from {path}: it does not match the configured model "
                                   f"({load_error_detail(e)})") from e
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        keep_configured_settings(self.optimizer, self.scheduler, configured)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iter, self.global_step = int(ckpt["epoch"]), int(ckpt["iter"]), int(ckpt["global_step"])
         self.epoch_loss_sum = float(ckpt["epoch_loss_sum"])
@@ -688,7 +697,7 @@ class Pretrainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        resumed = self.resume and self.load_last_checkpoint()
+        resumed = self.restore()
         if not self.resume and ((self.out / LAST_CHECKPOINT).is_file() or newest_checkpoint(self.out)):
             logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
                            "instead); they are overwritten as this run proceeds", self.out)
@@ -753,14 +762,16 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
     # Other ranks log warnings only, to the console: one log.txt, written by rank 0.
     with run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
                      propagate=False):
+        if rank == 0 and resume:
+            warn_resumed_config_changes(out, cfg, logger)
+        trainer = Pretrainer(cfg, resume=resume)
+        trainer.restore()  # a refused resume must leave the run's config.yaml and run_info.json as they were
         if rank == 0:
-            if resume:
-                warn_resumed_config_changes(out, cfg, logger)
             (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
             write_run_info(out, cfg, seed=cfg.SEED, init_type="pretrained" if cfg.MODEL.WEIGHTS else "random",
                            init_checkpoint=cfg.MODEL.WEIGHTS or None, argv=argv,
                            extra={"mode": cfg.MODEL.MODE, "resume": resume, "world_size": du.get_world_size()})
-        record = Pretrainer(cfg, resume=resume).train()
+        record = trainer.train()
         du.leave_process_group()
         return record
 

@@ -25,3 +25,25 @@ def build_warmup_cosine_lr(
     Its ``state_dict`` is plain numbers (``base_lrs``, ``last_epoch`` = steps taken), safe for ``weights_only``.
     """
     return LRMultiplier(optimizer, warmup_cosine(total_steps, warmup_steps, min_ratio), max_iter=total_steps)
+
+
+def configured_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, weight decay, betas, ...) as the config built them, to hand to
+    :func:`keep_configured_settings` after a checkpoint's optimizer state is loaded."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: LRMultiplier,
+                             configured: list[dict]) -> None:
+    """Puts the config's group settings back after a resume loaded a checkpoint's optimizer and scheduler states.
+
+    torch's ``Optimizer.load_state_dict`` restores the checkpoint's group settings and the scheduler its
+    ``base_lrs``: a run resumed with another SOLVER lr or weight decay logged the new values and trained with the
+    old ones. The moments and the step count stay the checkpoint's, and the current lr is the schedule's at that
+    step; with unchanged settings every number is the same, bit for bit.
+    """
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr

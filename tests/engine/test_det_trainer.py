@@ -20,6 +20,7 @@ from mae_det.config.detection import get_det_cfg
 from mae_det.data.detection import SKIPPED_IMAGES_KEY, DatasetError
 from mae_det.checkpoint import CheckpointError
 from mae_det.config.pretrain import ConfigError
+from mae_det.solver.schedule import configured_settings, keep_configured_settings
 from mae_det.engine.det_trainer import (
     AutocastTrainer,
     SkippedImagesHook,
@@ -98,6 +99,38 @@ def test_lr_scheduler_keeps_the_layer_ratios(model):
         sched.step()
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(1e-3 * 0.1 * g["lr_scale"])  # after the step at 5
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step")
+def test_a_resume_keeps_the_configs_lr_and_weight_decay(model):
+    # what Trainer.resume_or_load does around Detectron2's: the checkpoint's optimizer and scheduler states
+    # brought back its own lr and weight decay, so a resume with a changed SOLVER.BASE_LR trained at the old one
+    def built(**solver):
+        cfg = tiny_cfg(LAYER_DECAY=0.7, MAX_ITER=10, WARMUP_ITERS=2, STEPS=(5,), **solver)
+        opt = Trainer.build_optimizer(cfg, model)
+        return opt, build_lr_scheduler(cfg, opt)
+
+    old_opt, old_sched = built()
+    for _ in range(6):
+        old_opt.step()
+        old_sched.step()
+    new_opt, new_sched = built(BASE_LR=4e-3, WEIGHT_DECAY=0.3)
+    configured = configured_settings(new_opt)
+    new_opt.load_state_dict(old_opt.state_dict())
+    new_sched.load_state_dict(old_sched.state_dict())
+    keep_configured_settings(new_opt, new_sched, configured)
+    fresh_opt, fresh_sched = built(BASE_LR=4e-3, WEIGHT_DECAY=0.3)
+    for _ in range(6):
+        fresh_sched.step()
+    assert new_sched.last_epoch == 6
+    assert [g["lr"] for g in new_opt.param_groups] == [g["lr"] for g in fresh_opt.param_groups]
+    assert {g["weight_decay"] for g in new_opt.param_groups} == {0.0, 0.3}
+    same_opt, same_sched = built()  # unchanged settings: the checkpoint's numbers exactly
+    configured = configured_settings(same_opt)
+    same_opt.load_state_dict(old_opt.state_dict())
+    same_sched.load_state_dict(old_sched.state_dict())
+    keep_configured_settings(same_opt, same_sched, configured)
+    assert [g["lr"] for g in same_opt.param_groups] == [g["lr"] for g in old_opt.param_groups]
 
 
 def test_weight_decay_exemptions_cover_channels_first_layernorm(model):

@@ -135,6 +135,13 @@ def test_resume_with_changed_settings_says_which(tmp_path, caplog):
         finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **{**over, "SOLVER.EPOCHS": 2}), resume=True,
                  progress=False)
     assert "1 setting changed since its last launch" in caplog.text and "SOLVER.EPOCHS: 1 -> 2" in caplog.text
+    # and a changed lr / weight decay is what the resumed epochs train with (the checkpoint's came back before)
+    lr_wd = {"SOLVER.LR": 2e-3, "SOLVER.WEIGHT_DECAY": 0.3, "SOLVER.EPOCHS": 3}
+    finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **{**over, **lr_wd}), resume=True, progress=False)
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoint_0003.pth")
+    groups = ckpt["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3}
+    assert [round(b, 12) for b in ckpt["scheduler"]["base_lrs"]] == [round(2e-3 * g["lr_scale"], 12) for g in groups]
 
 
 def test_loader_workers_change_nothing(tmp_path):

@@ -221,10 +221,32 @@ def test_resume_with_changed_settings_says_which(images, tmp_path):
     assert _final(tmp_path)["epoch"] == 3  # and the run goes on with them
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step")  # the schedule alone, stepped below
+def test_resume_trains_with_the_changed_lr_and_weight_decay(images, tmp_path):
+    # the optimizer's and scheduler's states brought back the checkpoint's lr and weight decay: the log and
+    # config.yaml said 5e-3 / 0.5 while the run went on at 1e-3 / 0.05
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
+    cfg = make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2", "SOLVER.LR", "5e-3", "SOLVER.WEIGHT_DECAY", "0.5")
+    trainer = P.Pretrainer(cfg, resume=True)
+    fresh = P.Pretrainer(cfg)  # the same config, started over: the schedule a resume must follow
+    assert trainer.restore() and trainer.global_step == 8
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [
+        g["weight_decay"] for g in fresh.optimizer.param_groups] and 0.5 in [
+        g["weight_decay"] for g in trainer.optimizer.param_groups]
+    assert trainer.scheduler.base_lrs == [5e-3] * len(trainer.optimizer.param_groups)
+    for _ in range(trainer.global_step):
+        fresh.scheduler.step()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in fresh.optimizer.param_groups]
+    assert trainer.optimizer.state_dict()["state"]  # the AdamW moments stay the checkpoint's
+
+
 def test_resume_with_other_batch_is_refused(images, tmp_path):
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
+    recorded = (tmp_path / "config.yaml").read_text(), (tmp_path / "run_info.json").read_text()
     with pytest.raises(CheckpointError, match="effective batch 8 .* now gives 4"):
         P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2", "SOLVER.BATCH_SIZE", "4"), resume=True)
+    # a refused resume leaves the run's record alone (the next resume warned about a batch it never trained with)
+    assert ((tmp_path / "config.yaml").read_text(), (tmp_path / "run_info.json").read_text()) == recorded
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(images, tmp_path, monkeypatch):
