@@ -240,6 +240,7 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
         raise SubmitError("--cluster local runs on one node (--nodes 1)")
     if args.cluster == "slurm" and shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: submit from a SLURM login node (or --cluster local on this machine)")
+    parse_sbatch_options(args.sbatch)  # here: the local executor never reads them, and it starts the job at once
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
     cfg, workers = check_trainer_args(args.tool, args.tool_args, args.nodes * tasks, args.data_check,
                                       gpus=args.gpus_per_node > 0)
@@ -248,7 +249,13 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
     args.job_dir = str(Path(args.job_dir).resolve() if args.job_dir else out / "submitit")
     args.name = args.name or f"mae_det_{args.tool}"
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .pretrain import prepare_output_dir  # with the trainers: submitting stays light until here
+
+    prepare_output_dir(out)
+    try:
+        prepare_output_dir(args.job_dir)
+    except ConfigError as e:
+        raise SubmitError(f"--job-dir: {str(e).partition(': ')[2]}") from e
     executor = build_executor(args, tasks, cpus)
     job = executor.submit(TrainerJob(args.tool, args.tool_args, args.requeue))
     record = {

@@ -122,3 +122,25 @@ def test_a_run_resumed_through_submit_logs_the_changed_keys(tmp_path):
     assert len(warned) == 1 and warned[0].endswith("1 setting changed since its last launch (its config.yaml will "
                                                    "show the new values): SOLVER.EPOCHS: 2 -> 3"), warned
     assert torch.load(out / "checkpoint_0003.pth", weights_only=True)["epoch"] == 3
+
+
+def test_unusable_folders_and_sbatch_options_are_refused_before_anything_is_submitted(tmp_path, capsys):
+    # the local executor started the job although --sbatch was refused afterwards (exit 2, job running), and an
+    # OUTPUT_DIR or --job-dir that is a file was a FileExistsError traceback
+    from mae_det.engine.submit import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    local = ["--cluster", "local", "--gpus-per-node", "0", "--no-data-check"]
+    cases = [
+        ([*local, "--sbatch", "=x", "pretrain", *_trainer_args(tmp_path / "o1", tmp_path / "imgs")],
+         "error: --sbatch: expected KEY=VALUE or KEY, got '=x'"),
+        ([*local, "pretrain", *_trainer_args(a_file, tmp_path / "imgs")],
+         f"error: OUTPUT_DIR: {a_file} exists and is not a folder"),
+        ([*local, "--job-dir", str(a_file), "pretrain", *_trainer_args(tmp_path / "o3", tmp_path / "imgs")],
+         f"error: --job-dir: {a_file} exists and is not a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert not (tmp_path / "o1").exists()  # nothing was submitted, nothing started
