@@ -245,6 +245,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         except Exception as e:
             # torch's zip reader appends several sentences of advice: its first one says what failed.
             detail = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor its legacy pickle format:
+                # some text (a leading "h" reads as a pickle opcode) fails with a KeyError, not an UnpicklingError
+                raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (a text file, a truncated "
+                                      f"download or another format?): {type(e).__name__}: {detail}") from e
             raise CheckpointError(
                 f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {detail}"
             ) from e

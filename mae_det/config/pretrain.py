@@ -405,6 +405,10 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(M.POOL in POOLS, f"MODEL.POOL: expected one of {POOLS}, got {M.POOL!r}")
     _check(M.INIT in INITS, f"MODEL.INIT: expected one of {INITS}, got {M.INIT!r}")
     if check_paths and M.WEIGHTS:
+        if os.path.isdir(M.WEIGHTS):
+            from ..checkpoint.io import folder_instead_of_checkpoint
+
+            _check(False, f"MODEL.WEIGHTS: {M.WEIGHTS} {folder_instead_of_checkpoint(M.WEIGHTS)}")
         _check(os.path.isfile(M.WEIGHTS), f"MODEL.WEIGHTS: checkpoint file {M.WEIGHTS!r} not found")
 
     _check(D.SOURCE in SOURCES, f"DATA.SOURCE: expected one of {SOURCES}, got {D.SOURCE!r}")

@@ -295,12 +295,14 @@ def _last_checkpoint(out: Path) -> Path | None:
     """The checkpoint ``last_checkpoint`` names; without that pointer the newest checkpoint file (see
     :func:`~mae_det.engine.pretrain.newest_checkpoint`); None for a folder without checkpoints."""
     pointer = out / LAST_CHECKPOINT_FILE
-    if not pointer.is_file():
+    named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    if not named:
         newest = newest_checkpoint(out)
         if newest is not None:
-            logger.warning("%s is missing: resuming from the newest checkpoint file, %s", pointer, newest.name)
+            logger.warning("%s is %s: resuming from the newest checkpoint file, %s", pointer,
+                           "empty" if pointer.is_file() else "missing", newest.name)
         return newest
-    path = out / pointer.read_text(encoding="utf-8").strip()
+    path = out / named
     if not path.is_file():
         raise CheckpointError(f"{pointer} names {path}, which does not exist")
     return path

@@ -514,14 +514,16 @@ class Pretrainer:
         """Restores the state named by ``last_checkpoint`` (without that pointer: the newest checkpoint file, see
         :func:`newest_checkpoint`); False when there is no checkpoint at all (a fresh start)."""
         pointer = self.out / LAST_CHECKPOINT
-        if pointer.is_file():
-            path = self.out / pointer.read_text(encoding="utf-8").strip()
+        named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+        if named:
+            path = self.out / named
         else:
             path = newest_checkpoint(self.out)
             if path is None:
                 logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.out)
                 return False
-            logger.warning("%s is missing: resuming from the newest checkpoint file, %s", pointer, path.name)
+            logger.warning("%s is %s: resuming from the newest checkpoint file, %s", pointer,
+                           "empty" if pointer.is_file() else "missing", path.name)
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta", {})
         if (meta.get("effective_batch"), meta.get("steps_per_epoch")) != (self.eff_batch, self.steps_per_epoch):

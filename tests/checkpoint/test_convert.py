@@ -273,7 +273,7 @@ def test_pickle_that_executes_code_is_refused(tmp_path, suffix):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint\n", bytes(range(256))])
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"hello world\n", bytes(range(256))])
 def test_file_that_is_no_pickle_is_called_so(tmp_path, content):
     path = tmp_path / "encoder.pth"
     path.write_bytes(content)

@@ -294,6 +294,11 @@ def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(tmp_pat
     assert f"{out / 'last_checkpoint'} is missing: resuming from the newest checkpoint file, checkpoint_0002.pth" \
         in caplog.text and f"resumed from {out / 'checkpoint_0002.pth'} at epoch 2" in caplog.text
     assert {n: _inode(out / n) for n in before} == before and res["finetune_epochs"] == 2
+    (out / "last_checkpoint").write_text("")  # empty: as if missing (it was "names <the run folder>, which does
+    caplog.clear()                            # not exist")
+    with caplog.at_level("INFO", logger="mae_det"):
+        finetune(tiny_cfg(tmp_path / "data", out, **over), resume=True, progress=False)
+    assert f"{out / 'last_checkpoint'} is empty: resuming from the newest checkpoint file" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="mae_det"):  # without --resume: a warning, as pretraining gives
         finetune(tiny_cfg(tmp_path / "data", out, **over), progress=False)

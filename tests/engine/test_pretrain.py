@@ -520,6 +520,11 @@ def test_supervised_run_from_mae_weights_and_resume_precedence(images, tmp_path,
 def test_missing_initial_weights_file_is_a_config_error(images, tmp_path):
     with pytest.raises(Exception, match=r"MODEL.WEIGHTS: checkpoint file '.*nope.pth' not found"):
         make_cfg(images, tmp_path, "MODEL.WEIGHTS", str(tmp_path / "nope.pth"))
+    (tmp_path / "run").mkdir()  # a folder exists: it was called "not found"
+    (tmp_path / "run" / "encoder.pth").write_bytes(b"")
+    with pytest.raises(Exception, match=r"MODEL.WEIGHTS: .*run is a folder, not a checkpoint file; pass the weights "
+                                        r"file inside it \(there: encoder.pth\)"):
+        make_cfg(images, tmp_path, "MODEL.WEIGHTS", str(tmp_path / "run"))
 
 
 # ---- hostile inputs (audit of 2026-12-05) -------------------------------------------------------------------
@@ -550,6 +555,13 @@ def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(images,
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{name} was rewritten"
     again = _final(tmp_path)
     assert again["global_step"] == 12 and all(torch.equal(final["model"][k], again["model"][k]) for k in final["model"])
+    # an empty pointer is no pointer (it said the run folder itself "is a folder, not a checkpoint file")
+    (tmp_path / "last_checkpoint").write_text("\n")
+    (tmp_path / "checkpoint_0003.pth").unlink()
+    P.run_pretrain(cfg, resume=True)
+    assert (f"{tmp_path / 'last_checkpoint'} is empty: resuming from the newest checkpoint file, "
+            f"checkpoint_0002.pth") in (tmp_path / "log.txt").read_text()
+    assert _final(tmp_path)["global_step"] == 12
 
 
 def test_unusable_knn_monitor_folders_fail_before_training(images, tmp_path):
