@@ -26,8 +26,10 @@ from mae_det.bench.data import (  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--header-check", type=int, default=10000, metavar="N", help="small images to generate")
-    parser.add_argument("--decode-check", type=int, default=300, metavar="N", help="COCO-sized images to decode")
+    parser.add_argument("--header-check", type=int, default=10000, metavar="N",
+                        help="small images to generate and header-check (0: skip)")
+    parser.add_argument("--decode-check", type=int, default=300, metavar="N",
+                        help="COCO-sized images to generate and decode (0: skip)")
     parser.add_argument("--decode-size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
     parser.add_argument("--train-loader", type=int, default=0, metavar="N",
                         help="timed batches per loader variant and round, on the decode-check images (0: skip)")
@@ -38,7 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-images", type=int, default=800, metavar="N")
     parser.add_argument("--cache-size", type=int, default=64, metavar="PX")
     parser.add_argument("--root", default="", help="folder for the generated data (default: a temporary one)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here: a bad count would otherwise fail after every other timing ran (a division by zero images).
+    for option in ("header_check", "decode_check", "train_loader", "decoded_cache"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')}: expected >= 0 (0: skip), got {getattr(args, option)}")
+    for option, values in (("decode-size", args.decode_size), ("cache-images", [args.cache_images]),
+                           ("cache-size", [args.cache_size])):
+        if min(values) < 1:
+            parser.error(f"--{option}: expected at least 1, got {' '.join(map(str, values))}")
+    if min(args.loader_workers) < 0:
+        parser.error(f"--loader-workers: expected >= 0, got {' '.join(map(str, args.loader_workers))}")
+    if args.train_loader and not args.decode_check:
+        parser.error("--train-loader: times batches of the --decode-check images, but --decode-check is 0")
+    if not (args.header_check or args.decode_check or args.decoded_cache):
+        parser.error("nothing to time: --header-check, --decode-check and --decoded-cache are all 0")
+    return args
 
 
 def main(argv=None) -> None:
@@ -52,7 +69,8 @@ def main(argv=None) -> None:
         if args.decoded_cache:
             make_dataset(root / "cache", args.cache_images, (args.cache_size, args.cache_size))
             result["decoded_cache"] = time_decoded_cache(root / "cache" / "images", batches=args.decoded_cache)
-    print(format_report(result))
+    if args.header_check or args.decode_check:
+        print(format_report(result))
     if args.train_loader:
         print(format_loader_report(result["train_loader"]))
     if args.decoded_cache:

@@ -117,6 +117,8 @@ def main(argv=None):
                    "(mae_det.modeling.roi_align) on make demo's box and mask pooler calls; exit 1 if they differ")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="--parity / --side-by-side: KEY VALUE config overrides")
     a = p.parse_args(argv)
+    if a.iters < 1 and not a.quick:  # --parity: nothing to compare; the benchmark: no step to take the median of
+        p.error(f"--iters: expected >= 1, got {a.iters}")
     try:
         if a.roi_align:
             sys.exit(run_roi_align())

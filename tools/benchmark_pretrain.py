@@ -28,7 +28,7 @@ from mae_det.bench import stop_on_sigterm  # noqa: E402
 from mae_det.bench.official import (  # noqa: E402
     format_against_official, run_against_official, write_jpeg_imagefolder,
 )
-from mae_det.bench.pretrain import format_report, run_benchmark  # noqa: E402
+from mae_det.bench.pretrain import format_report, mae_arch, run_benchmark  # noqa: E402
 from mae_det.modeling import MAE_FACTORIES  # noqa: E402
 
 # --quick: a tiny MAE and small matmuls, for smoke tests (seconds, figures not meaningful).
@@ -39,7 +39,8 @@ QUICK = dict(model_name="mae_vit_tiny_patch16", img_size=64, batch_size=2, iters
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MAE_FACTORIES), default="mae_vit_base_patch16")
+    parser.add_argument("--model", choices=sorted(MAE_FACTORIES), default="mae_vit_base_patch16",
+                        help="also the architecture of both sides with --against-official (not with --quick)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed training steps per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
@@ -64,7 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="--against-official: loader workers per side")
     parser.add_argument("--max-seconds", type=float, default=0.0,
                         help="--against-official: start no round after this many seconds (0 = no limit)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here: a zero batch or step count would fail with a division by zero after the timings ran.
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1),
+                                 ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+        if value < least:
+            parser.error(f"{option}: expected >= {least}, got {value}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -99,8 +106,7 @@ def compile_modes(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def against_official(args: argparse.Namespace, log) -> None:
-    arch = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
-                decoder_num_heads=16)
+    arch = mae_arch(args.model)  # both sides at --model's sizes
     kwargs = dict(img_size=args.img_size, batch_size=args.batch_size, rounds=args.rounds, steps=args.iters,
                   warmup=args.warmup, device=args.device, mask_ratio=args.mask_ratio, compile_modes=compile_modes(args),
                   workers=args.workers, max_seconds=args.max_seconds)

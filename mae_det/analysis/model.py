@@ -1,7 +1,8 @@
 """What a model costs: parameters per module, forward FLOPs and activations per image.
 
 FLOPs go through :func:`mae_det.utils.flops.count_forward_macs` (the one counter shared with the benchmarks: fvcore
-plus fused attention; one multiply-add = one flop). Two models can be analyzed:
+plus fused attention; one multiply-add = one flop); activations are fvcore's with the same corrections. Two models
+can be analyzed:
 
 - ``detection``: Mask R-CNN from a detection yacs config, on one image of the configured test size. The heads'
   cost depends on how many boxes reach them, so it is measured at their maximum load: the test score threshold
@@ -25,10 +26,10 @@ from fvcore.nn import ActivationCountAnalysis, parameter_count, parameter_count_
 from torch import nn
 
 from ..config.detection import load_det_cfg
-from ..config.pretrain import ConfigError, get_pretrain_cfg, resolve_arch
+from ..config.pretrain import ConfigError, load_pretrain_cfg
 from ..engine.pretrain import build_pretrain_model
 from ..modeling import backbone as _backbone  # noqa: F401  (registers build_vit_fpn_backbone)
-from ..utils.flops import FlopReport, count_forward_macs
+from ..utils.flops import ACTIVATION_HANDLES, FlopReport, count_forward_macs
 
 MODEL_TYPES = ("detection", "mae")
 TASKS = ("parameter", "flop", "activation")
@@ -104,22 +105,17 @@ def detection_target(cfg: CfgNode, input_size: Sequence[int] | None = None, seed
 
 
 def load_pretrain_model_cfg(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
-    """A pretraining config with only the model keys checked: analysis needs no data, so ``DATA.PATH`` may be
-    absent from this machine.
+    """A pretraining config merged and validated as ``tools/pretrain.py`` loads it, except that the data folders
+    need not exist: analysis reads no data, so ``DATA.PATH`` may be absent from this machine.
+
+    Sharing the loader keeps the two from disagreeing: a config pretraining accepts (e.g. an integer for a float
+    key) is analyzed, and one it refuses (e.g. a mask ratio that leaves no visible patch) is refused here too.
 
     Raises:
-        ConfigError: missing file, unknown key or bad value, in one line.
+        ConfigError: missing file, unknown key, wrong type or invalid value, in one line naming the file, the
+            command line or the key.
     """
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file not found: {config_file}")
-    cfg = get_pretrain_cfg()
-    try:
-        cfg.merge_from_file(str(config_file))
-        cfg.merge_from_list(list(opts))
-    except Exception as e:
-        raise ConfigError(f"{config_file}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
-    resolve_arch(cfg)
-    return cfg
+    return load_pretrain_cfg(config_file, opts, check_paths=False)
 
 
 def mae_target(cfg: CfgNode, seed: int = 0) -> AnalysisTarget:
@@ -163,9 +159,10 @@ def flop_report(target: AnalysisTarget) -> FlopReport:
 
 
 def activation_report(target: AnalysisTarget) -> tuple[int, dict[str, int]]:
-    """(total activations, activations per top-level part) of the target's call, counted by fvcore."""
+    """(total activations, activations per top-level part) of the target's call, counted by fvcore with the
+    shared counter's corrections (fused attention as its explicit products, axis-reordering ``einsum`` as none)."""
     with torch.no_grad():
-        analysis = ActivationCountAnalysis(target.call, target.inputs)
+        analysis = ActivationCountAnalysis(target.call, target.inputs).set_op_handle(**ACTIVATION_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         by_module = {name: int(n) for name, n in analysis.by_module().items() if name and "." not in name}
         return int(analysis.total()), by_module
@@ -217,7 +214,8 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
     if "activation" in tasks:
         total_act, by_module = activation_report(target)
         out += [
-            "", "## activations per image (output elements of convolutions and matrix products, fvcore)",
+            "", "## activations per image (output elements of convolutions and matrix products, fused attention "
+            "included; fvcore)",
             _table(_parts(by_module, total_act, 1e6), ("module", "M activations")),
             f"total activations: {total_act:,}",
         ]

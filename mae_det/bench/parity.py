@@ -49,7 +49,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from torch import nn
 
 from ..checkpoint.convert import convert_to_detectron2
-from ..config.detection import get_det_cfg, load_det_cfg
+from ..config.detection import _merge, get_det_cfg, load_det_cfg
 from ..config.pretrain import ConfigError
 from ..config.vit_backbone import global_attn_indexes, vit_dims
 from ..data.detection import build_detection_mapper, register_datasets
@@ -291,7 +291,8 @@ def parity_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
         cfg = load_det_cfg(config_file, list(opts or []), training=True)
     else:
         cfg = tiny_parity_cfg()
-        cfg.merge_from_list(list(opts or []))
+        # The detection config's merge: a bad override is a one-line ConfigError, as it is with a config file.
+        _merge(cfg, "", list(opts or []))
     cfg.SOLVER.PRECISION, cfg.SOLVER.AMP.ENABLED = "fp32", False
     cfg.MODEL.WEIGHTS, cfg.MODEL.INIT_TYPE = "", "scratch"
     return _require_simple_pyramid(cfg, config_file)
@@ -335,7 +336,12 @@ def run_parity(cfg: CfgNode, iters: int = 3, seed: int = 0, batch: int = 2, size
 
     Args:
         rtol: tolerance relative to each quantity's scale (losses; a gradient tensor's max |g|; weights).
+
+    Raises:
+        ValueError: ``iters`` < 1 (there would be nothing to compare).
     """
+    if iters < 1:
+        raise ValueError(f"iters: expected >= 1 training step to compare, got {iters}")
     size = size or (cfg.MODEL.VIT.SQUARE_PAD or cfg.MODEL.VIT.INPUT_SIZE)
     seed_all_rng(seed)
     theirs = build_vitdet_model(cfg)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from mae_det.config.pretrain import get_pretrain_cfg, resolve_arch
 from mae_det.engine.compile import COMPILE_MODES, compile_in_place
 from mae_det.solver.optim import adamw
 from mae_det.modeling import MAE_FACTORIES, MaskedAutoencoderViT
@@ -66,6 +67,23 @@ class StepResult:
     train_gflop_per_image: float
     achieved_gflops: float
     mfu: float  # fraction of the same precision's measured matmul peak
+
+
+def mae_arch(model_name: str) -> dict[str, int]:
+    """The sizes of the MAE ``model_name`` builds (a key of ``MAE_FACTORIES``), as pretraining resolves them from
+    ``MODEL.ARCH``: the encoder's (patch_size, embed_dim, depth, num_heads) and the decoder's (decoder_embed_dim,
+    decoder_depth, decoder_num_heads), the ``arch`` of :func:`~mae_det.bench.official.run_against_official`.
+
+    Raises:
+        ValueError: an unknown model name.
+    """
+    if model_name not in MAE_FACTORIES:
+        raise ValueError(f"unknown model '{model_name}'; choose one of {sorted(MAE_FACTORIES)}")
+    cfg = get_pretrain_cfg()
+    cfg.MODEL.ARCH = model_name
+    arch = resolve_arch(cfg)
+    return {k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                                 "decoder_depth", "decoder_num_heads")}
 
 
 def machine_info(device: str) -> dict[str, Any]:

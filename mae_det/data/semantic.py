@@ -287,7 +287,8 @@ def convert_ade20k(root: str | os.PathLike, overwrite: bool = False) -> dict[str
         Files written per split.
 
     Raises:
-        DatasetError: a missing split folder, or a raw label outside 0..150 (already converted?).
+        DatasetError: a missing split folder, a label file that cannot be read, or a raw label outside 0..150
+            (already converted?).
     """
     root = Path(root)
     counts = {}
@@ -301,7 +302,14 @@ def convert_ade20k(root: str | os.PathLike, overwrite: bool = False) -> dict[str
             out = dst / f.name
             if out.exists() and not overwrite:
                 continue
-            label = np.asarray(Image.open(f))
+            try:
+                with Image.open(f) as im:
+                    label = np.asarray(im)
+            except Image.UnidentifiedImageError as e:
+                raise DatasetError(f"{f}: cannot read the raw ADE20K label map: not a recognized image format") from e
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or damaged file
+                why = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+                raise DatasetError(f"{f}: cannot read the raw ADE20K label map ({type(e).__name__}: {why})") from e
             if label.ndim != 2 or label.max() > ADE20K_NUM_CLASSES:
                 raise DatasetError(f"{f}: expected a raw ADE20K label map (one channel, values 0..150), got shape "
                                    f"{label.shape} max {label.max()} - already converted?")

@@ -7,7 +7,7 @@ from mae_det.analysis.model import (
     activation_report, analyze, build_target, flop_report, load_pretrain_model_cfg, parameter_report,
 )
 from mae_det.utils.flops import count_forward_macs
-from tests.tools.inference_data import make_tiny_coco, write_tiny_config, write_tiny_pretrain_config
+from tests.tools.inference_data import ROOT, make_tiny_coco, write_tiny_config, write_tiny_pretrain_config
 
 
 def test_mae_counts_match_the_shared_counter_and_closed_forms(tmp_path):
@@ -21,8 +21,10 @@ def test_mae_counts_match_the_shared_counter_and_closed_forms(tmp_path):
     L, p, D, Dd = 64, 8, 64, 32  # 8x8 patches of 8 px, encoder 64-d, decoder 32-d
     assert rep.by_module["patch_embed"] == L * D * p * p * 3  # conv over all patches (masking comes after)
     assert rep.by_module["decoder_pred"] == (1 + L) * Dd * p * p * 3  # cls + all patches
-    assert rep.total_macs > sum(rep.by_module.values())  # MAE's own forward holds ops outside its children
-    assert "(top level)" in analyze(target, ["flop"])
+    # MAE's own forward (masking, the loss) multiplies nothing: its patchify of the loss target is an einsum
+    # that only reorders pixels, which fvcore alone priced at half a multiply-add per pixel
+    assert rep.total_macs == sum(rep.by_module.values()) and rep.by_operator.get("einsum", 0) == 0
+    assert "(top level)" not in analyze(target, ["flop"])
 
     total, trainable, table = parameter_report(model, max_depth=1)
     assert total == sum(p.numel() for p in model.parameters())
@@ -59,3 +61,44 @@ def test_pretrain_config_errors(tmp_path):
         load_pretrain_model_cfg(config, ["MODEL.NO_SUCH", "1"])
     with pytest.raises(ConfigError, match="MODEL.ARCH"):
         load_pretrain_model_cfg(config, ["MODEL.ARCH", "resnet50"])
+
+
+def test_pretrain_config_is_loaded_as_pretraining_loads_it(tmp_path):
+    # make demo's config: an integer for the float DATA.CACHE_DECODED_MB, which pretraining accepts
+    cfg = load_pretrain_model_cfg(ROOT / "configs" / "shapes" / "pretrain_mae.yaml")
+    assert cfg.DATA.CACHE_DECODED_MB == 64.0 and cfg.MODEL.MASK_RATIO == 0.5
+    cfg = load_pretrain_model_cfg(write_tiny_pretrain_config(tmp_path), ["MODEL.DROP_PATH", "0"])  # int for a float
+    assert cfg.MODEL.DROP_PATH == 0.0
+
+
+def test_pretrain_config_errors_name_where_they_come_from(tmp_path):
+    config = write_tiny_pretrain_config(tmp_path)
+    with pytest.raises(ConfigError) as e:  # an override is not the file's fault
+        load_pretrain_model_cfg(config, ["MODEL.MASK_RATIO", "high"])
+    assert str(e.value).startswith("command line: config key MODEL.MASK_RATIO: expected float") and str(config) \
+        not in str(e.value)
+    (tmp_path / "bad.yaml").write_text("MODEL:\n  MASK_RATIO: high\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'bad.yaml'}: config key MODEL.MASK_RATIO: expected float"):
+        load_pretrain_model_cfg(tmp_path / "bad.yaml")
+
+
+def test_model_keys_are_validated_as_pretraining_validates_them(tmp_path):
+    config = write_tiny_pretrain_config(tmp_path)
+    # what pretraining refuses: 0.99 of 64 patches leaves none visible (the model would run on an empty sequence)
+    with pytest.raises(ConfigError, match=r"^MODEL.MASK_RATIO: 0.99 keeps none of the 64 patches"):
+        load_pretrain_model_cfg(config, ["MODEL.MASK_RATIO", "0.99"])
+    with pytest.raises(ConfigError, match=r"^MODEL.EMBED_DIM: 66 is not divisible by MODEL.NUM_HEADS 4"):
+        load_pretrain_model_cfg(config, ["MODEL.EMBED_DIM", "66"])
+
+
+def test_activations_count_fused_attention_as_its_explicit_products(tmp_path):
+    target = build_target("mae", str(write_tiny_pretrain_config(tmp_path)))
+    acts, by_module = activation_report(target)
+    T, Td, D, Dd, H = 1 + 16, 1 + 64, 64, 32, 4  # mask 0.75 keeps 16 of 64 patches; 2 + 2 blocks of 4 heads
+    qkv_proj_mlp = T * (3 * D + D + 4 * D + D)  # per encoder block: qkv, proj, fc1, fc2 outputs
+    attention = H * T * (T + D // H)  # attention matrix + output, per block
+    assert by_module["blocks"] == 2 * (qkv_proj_mlp + attention)
+    dec = Td * (3 * Dd + Dd + 4 * Dd + Dd) + H * Td * (Td + Dd // H)
+    assert by_module["decoder_blocks"] == 2 * dec
+    # the patchify of the loss target reorders pixels: no activations outside the children but the loss's own
+    assert acts == sum(by_module.values())

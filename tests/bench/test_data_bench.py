@@ -1,6 +1,7 @@
 """The registration-check benchmark (mae_det.bench.data) on a few files: its generated data passes the check."""
 import json
 
+import pytest
 from PIL import Image
 
 from mae_det.bench.data import (
@@ -54,3 +55,41 @@ def test_decoded_cache_timing_compares_both_reads_on_the_same_batches(tmp_path):
     assert set(result["s_per_batch"]) == {"decode", "cache"} and all(v > 0 for v in result["s_per_batch"].values())
     assert result["cache_over_decode"] == result["s_per_batch"]["cache"] / result["s_per_batch"]["decode"]
     assert "identical tensors: True" in format_cache_report(result)
+
+
+def _tool():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_data_tool", Path(__file__).resolve().parents[2] / "tools" / "benchmark_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_a_check_count_of_zero_skips_that_check(tmp_path, capsys):
+    # --header-check 0 was a ZeroDivisionError once every other timing had run
+    _tool().main(["--header-check", "0", "--decode-check", "2", "--decode-size", "32", "24", "--root", str(tmp_path)])
+    *report, last = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(last)
+    assert "header" not in result and result["decode"]["images"] == 2
+    assert report[0].startswith("full decode (test sets): 2 images (32x24 JPEG)") and len(report) == 2
+    assert format_report(run(tmp_path / "h", 3, 0, (32, 24))).startswith("header check (training sets): 3 images")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--header-check", "-1"], "--header-check: expected >= 0 (0: skip), got -1"),
+    (["--decode-check", "-5"], "--decode-check: expected >= 0 (0: skip), got -5"),
+    (["--decode-size", "0", "0"], "--decode-size: expected at least 1, got 0 0"),  # was a ValueError traceback
+    (["--decoded-cache", "2", "--cache-size", "0"], "--cache-size: expected at least 1, got 0"),
+    (["--loader-workers", "-1"], "--loader-workers: expected >= 0, got -1"),
+    (["--decode-check", "0", "--train-loader", "2"],
+     "--train-loader: times batches of the --decode-check images, but --decode-check is 0"),
+    (["--header-check", "0", "--decode-check", "0"],
+     "nothing to time: --header-check, --decode-check and --decoded-cache are all 0"),
+])
+def test_bad_counts_are_usage_errors_before_any_timing(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _tool().parse_args(args)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")

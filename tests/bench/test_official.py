@@ -232,3 +232,17 @@ def test_one_compiled_row_per_mode_and_the_end_to_end_rows_in_the_last():
     with pytest.raises(ValueError, match=r"compile modes: expected some of \('default', 'reduce-overhead'\), "
                                          r"got \['max-autotune'\]"):
         default_variants("cuda", ("max-autotune",), e2e=False)
+
+
+@pytest.mark.slow  # one side-by-side round of a ViT-Tiny MAE, ~30 s of CPU
+def test_both_sides_are_built_at_the_size_of_model(checkout):
+    # --model was ignored: both sides were ViT-B whatever it named
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(checkout),
+                           "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--rounds", "1",
+                           "--iters", "1", "--warmup", "0", "--workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *table, last = proc.stdout.strip().splitlines()
+    assert json.loads(last)["arch"] == dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                                            decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    assert "model: ViT 192-d x 12, decoder 512-d x 8, 32 px" in "\n".join(table)

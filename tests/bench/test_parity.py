@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from mae_det.bench.parity import DELIBERATE_DEVIATIONS, channels_first_norm_params, run_parity, tiny_parity_cfg
+from mae_det.bench.parity import (
+    DELIBERATE_DEVIATIONS, channels_first_norm_params, parity_cfg, run_parity, tiny_parity_cfg,
+)
+from mae_det.config.pretrain import ConfigError
 from mae_det.engine.det_trainer import Trainer
 
 
@@ -95,3 +98,37 @@ def test_side_by_side_trains_and_evaluates_both_and_reuses_finished_runs(tmp_pat
         return out[out.index("| | seeds"):]
 
     assert again.returncode == 0 and table(again.stdout) == table(first.stdout)
+
+
+def _tool_main(argv):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_det_tool", Path(__file__).resolve().parents[2] / "tools" / "benchmark_det.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main(argv)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["MODEL.NO_SUCH", "1"], "command line: unknown config key MODEL.NO_SUCH"),
+    (["SOLVER.MAX_ITER", "abc"], "command line: Type mismatch"),
+    (["SOLVER.MAX_ITER"], "command-line overrides must be KEY VALUE pairs"),
+])
+def test_bad_overrides_of_the_tiny_config_are_one_line_errors(opts, message, capsys):
+    with pytest.raises(ConfigError, match=f"^{message}"):  # were yacs' AssertionError / ValueError tracebacks
+        parity_cfg("", opts)
+    with pytest.raises(SystemExit) as e:
+        _tool_main(["--parity", *opts])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"benchmark_det: {message}")
+
+
+def test_parity_with_no_iterations_is_refused(capsys):
+    with pytest.raises(ValueError, match="iters: expected >= 1 training step to compare, got 0"):
+        run_parity(tiny_parity_cfg(), iters=0)
+    with pytest.raises(SystemExit) as e:  # was an IndexError after both models were built
+        _tool_main(["--parity", "--iters", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --iters: expected >= 1, got 0")

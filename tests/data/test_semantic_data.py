@@ -1,6 +1,7 @@
 """Semantic datasets: registration from the config, label-map checks, ADE20K conversion and refusal, the
 evaluator chosen by evaluator_type and its mIoU on a known prediction, the shapes semantic split."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,26 @@ def test_convert_ade20k_maps_other_to_ignore_and_shifts_classes(tmp_path):
     proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "convert_ade20k.py"), str(root)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "b.png: expected a raw ADE20K label map" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda png: b"not a png at all", "not a recognized image format"),  # was PIL.UnidentifiedImageError
+    (lambda png: png[: len(png) // 2], "OSError"),  # truncated: the header reads, the pixels do not
+], ids=["not-an-image", "truncated"])
+def test_convert_ade20k_names_a_corrupt_label_file_in_one_line(tmp_path, damage, message):
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "annotations" / split).mkdir(parents=True)
+    bad = root / "annotations" / "training" / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 151, (64, 64), np.uint8), mode="L").save(bad)
+    bad.write_bytes(damage(bad.read_bytes()))
+    expected = rf"^{re.escape(str(bad))}: cannot read the raw ADE20K label map.*{message}"
+    with pytest.raises(DatasetError, match=expected):
+        convert_ade20k(root)
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "convert_ade20k.py"), str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}: cannot read the raw ADE20K label map")
     assert proc.stderr.count("\n") == 1
 
 

@@ -74,3 +74,15 @@ def test_input_size_below_one_pixel_is_a_usage_error(tmp_path, capsys):
         assert e.value.code == 2
         assert f"error: --input-size: expected sizes of at least 1 pixel, got {' '.join(sizes)}\n" in \
             capsys.readouterr().err
+
+
+def test_mae_model_of_make_demos_config_and_one_line_errors(tmp_path):
+    tool = [sys.executable, str(ROOT / "tools" / "analyze_model.py"), "--model-type", "mae", "--tasks", "flop"]
+    demo = str(ROOT / "configs" / "shapes" / "pretrain_mae.yaml")  # DATA.CACHE_DECODED_MB 64 was a type mismatch
+    proc = subprocess.run([*tool, "--config-file", demo], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mask ratio 0.5" in proc.stdout and "total GFLOPs:" in proc.stdout
+    bad = subprocess.run([*tool, "--config-file", demo, "MODEL.MASK_RATIO", "0.99"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: MODEL.MASK_RATIO: 0.99 keeps none of the 64 patches")

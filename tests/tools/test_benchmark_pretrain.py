@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mae_det.modeling import MaskedAutoencoderViT
@@ -119,3 +120,37 @@ def test_precisions_and_compile_mode_select_the_rows(tmp_path):
         proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--quick", *bad], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == why
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_pretrain_tool", ROOT / "tools" / "benchmark_pretrain.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_against_official_takes_the_architecture_of_model():
+    from mae_det.bench.pretrain import mae_arch
+    from mae_det.modeling import MAE_FACTORIES
+
+    mae = MAE_FACTORIES["mae_vit_tiny_patch16"](img_size=32)
+    assert mae_arch("mae_vit_tiny_patch16") == dict(
+        patch_size=mae.patch_size, embed_dim=mae.embed_dim, depth=len(mae.blocks),
+        num_heads=mae.blocks[0].attn.num_heads, decoder_embed_dim=mae.decoder_embed.out_features,
+        decoder_depth=len(mae.decoder_blocks), decoder_num_heads=mae.decoder_blocks[0].attn.num_heads)
+    assert mae_arch("mae_vit_huge_patch14") == dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                                                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def test_counts_below_one_are_usage_errors(capsys):
+    tool = _tool()
+    for args, message in ((["--batch-size", "0"], "--batch-size: expected >= 1, got 0"),  # was a ZeroDivisionError
+                          (["--iters", "0"], "--iters: expected >= 1, got 0"),
+                          (["--warmup", "-1"], "--warmup: expected >= 0, got -1"),
+                          (["--against-official", "x", "--rounds", "0"], "--rounds: expected >= 1, got 0")):
+        with pytest.raises(SystemExit) as e:
+            tool.parse_args(args)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert tool.parse_args(["--batch-size", "1", "--warmup", "0"]).batch_size == 1

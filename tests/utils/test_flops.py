@@ -60,3 +60,53 @@ def test_method_and_constants_select_what_is_counted():
     assert features.attention_macs == 2 * 2 * 17 * 17 * 64
     masked = count_forward_macs(model, imgs, method="forward_encoder", mask_ratio=0.5)
     assert masked.attention_macs == 2 * 2 * 9 * 9 * 64
+
+
+class _Explicit(nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def _activations(module, inputs):
+    from fvcore.nn import ActivationCountAnalysis
+
+    from mae_det.utils.flops import ACTIVATION_HANDLES
+
+    analysis = ActivationCountAnalysis(module, inputs).set_op_handle(**ACTIVATION_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return int(analysis.total())
+
+
+def test_fused_attention_has_the_activations_of_the_explicit_products():
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 4)
+    explicit = _activations(_Explicit(), (q, k, v))
+    assert explicit == 2 * 3 * 7 * 11 + 2 * 3 * 7 * 4  # fvcore's count of q @ k^T and weights @ v
+    assert _activations(_SDPA(), (q, k, v)) == explicit  # fvcore alone: 0
+
+
+class _Einsum(nn.Module):
+    def __init__(self, equation):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, *xs):
+        return torch.einsum(self.equation, *xs)
+
+
+def test_an_einsum_that_only_reorders_axes_counts_nothing():
+    x = torch.randn(2, 3, 4, 5, 6, 7)
+    for equation in ("nchpwq->nhwpqc", "...ij->...ji"):
+        report = count_forward_macs(_Einsum(equation), x)
+        assert report.total_macs == 0, equation  # fvcore alone: half the 5040 elements
+        assert _activations(_Einsum(equation), (x,)) == 0
+    # a product is still counted, as fvcore counts it
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    assert count_forward_macs(_Einsum("abc,abd->acd"), (a, b)).total_macs == 2 * 3 * 4 * 5
+    assert _activations(_Einsum("abc,abd->acd"), (a, b)) == 2 * 4 * 5
+    assert count_forward_macs(_Einsum("bij->bi"), a).total_macs > 0  # a sum over j is not a reordering
+
+
+def test_mae_patchify_target_adds_no_multiply_adds():
+    model = _tiny_mae()
+    report = count_forward_macs(model, torch.randn(1, 3, 32, 32), mask_ratio=0.75)
+    assert report.by_operator.get("einsum", 0) == 0  # 'nchpwq->nhwpqc' was 3 * 32 * 32 / 2 = 1536
