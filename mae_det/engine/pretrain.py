@@ -592,8 +592,8 @@ class Pretrainer:
                 later = len(self._unchecked) - n - 1
                 where = self.last_good if self.last_good is not None else "none written yet"
                 raise NonFiniteLossError(
-                    f"loss_{self.mode} = {vals[bad[0]]} at epoch {epoch + 1}, iteration {first_micro + bad[0]} "
-                    f"(global step {step}); the weights were not updated with it"
+                    f"loss_{self.mode} = {vals[bad[0]]} at epoch {epoch + 1}, iteration {first_micro + bad[0] + 1} "
+                    f"(global step {step + 1}, as metrics.jsonl counts); the weights were not updated with it"
                     + (f" nor in the {later} steps until this check" if later else "")
                     + f"; last good checkpoint: {where}"
                 )

@@ -276,13 +276,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(images, tmp_path):
     with pytest.raises(P.NonFiniteLossError) as info:
         P.run_pretrain(cfg)
     msg = str(info.value)
-    step = int(msg.split("global step ")[1].split(")")[0].split(";")[0])
+    step = int(msg.split("global step ")[1].split(")")[0].split(";")[0].split(",")[0])
     last = (tmp_path / "last_checkpoint").read_text().strip()
     assert f"last good checkpoint: {tmp_path / last}" in msg
     ckpt = load_checkpoint(tmp_path / last)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     if "loss_mae = " in msg:  # the loss of the step after the checkpoint overflowed; that step was not taken
-        assert ("loss_mae = nan" in msg or "loss_mae = inf" in msg) and ckpt["global_step"] == step
+        assert ("loss_mae = nan" in msg or "loss_mae = inf" in msg) and ckpt["global_step"] == step - 1
     else:  # the update itself overflowed the weights: that checkpoint was refused
         assert "parameters became non-finite" in msg and ckpt["global_step"] == step - 1
     assert max(r["step"] for r in records(tmp_path, "train")) <= step
@@ -441,8 +441,10 @@ def test_non_finite_loss_skips_every_update_until_the_next_check(images, tmp_pat
     initial = {k: v.clone() for k, v in t.model.state_dict().items()}
     with pytest.raises(P.NonFiniteLossError) as info:
         t.train()
-    assert str(info.value) == ("loss_mae = nan at epoch 1, iteration 1 (global step 1); the weights were not updated "
-                               "with it nor in the 2 steps until this check; last good checkpoint: none written yet")
+    # numbered as metrics.jsonl numbers its steps (it said "iteration 1 (global step 1)": the step logged healthy)
+    assert str(info.value) == ("loss_mae = nan at epoch 1, iteration 2 (global step 2, as metrics.jsonl counts); the "
+                               "weights were not updated with it nor in the 2 steps until this check; last good "
+                               "checkpoint: none written yet")
     assert len(weights) == 4  # no host sync stopped the steps in between
     assert any(not torch.equal(initial[k], weights[0][k]) for k in initial)  # step 1 was a real update
     for later in weights[1:]:
