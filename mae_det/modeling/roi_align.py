@@ -66,10 +66,14 @@ def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: fl
     if sampling_ratio > 0:
         grid_h = grid_w = torch.full((R,), sampling_ratio, dtype=torch.int64)
     else:
-        grid_h, grid_w = torch.ceil(roi_h / pooled_height).long(), torch.ceil(roi_w / pooled_width).long()
+        # clamped: an inverted box (x2 < x1 and y2 < y1) gives two negative counts whose product is positive,
+        # while torchvision's loops run no sample for it
+        grid_h = torch.ceil(roi_h / pooled_height).long().clamp(min=0)
+        grid_w = torch.ceil(roi_w / pooled_width).long().clamp(min=0)
     per_roi = pooled_height * pooled_width * grid_h * grid_w
     S = int(per_roi.sum())
-    if S * C < _MIN_VECTOR_WORK:
+    # fp16 / bf16 gradients outside autocast: torchvision accumulates them differently, so its own kernel runs
+    if S * C < _MIN_VECTOR_WORK or dt not in (torch.float32, torch.float64):
         return torch.ops.torchvision._roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width,
                                                          N, C, H, W, sampling_ratio, aligned)
 

@@ -102,7 +102,7 @@ class Attention(nn.Module):
             if hw is None or hw[0] * hw[1] != N:
                 raise ValueError("relative position needs a spatial token grid without a cls token")
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw).to(q.dtype)
-        if x.device.type == "cpu" and q.dtype != torch.float32:
+        if x.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU SDPA kernels run ~2x slower in bf16 than in fp32 (while bf16 matmuls run 2x faster), so only the
             # attention itself goes back to fp32, also under CPU autocast.
             with torch.autocast("cpu", enabled=False):

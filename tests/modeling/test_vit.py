@@ -353,3 +353,17 @@ def test_mae_init_is_the_default_and_differs_from_vitdet():
     assert vitdet.blocks[0].attn.qkv.weight.std() < 0.03
     with pytest.raises(ValueError, match="init must be 'mae' or 'vitdet', got 'normal'"):
         tiny_vit(init="normal")
+
+
+def test_double_precision_attention_stays_in_double_on_cpu():
+    # the fp32 detour meant for bf16 / fp16 caught float64 too: 3e-8 off, and gradcheck failed
+    torch.manual_seed(0)
+    attn = Attention(16, 2, use_rel_pos=True, rel_pos_size=(3, 3)).double()
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.1)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = attn.qkv(x).reshape(2, 9, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8) + decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (3, 3))
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 16))
+    assert attn(x, (3, 3)).dtype == torch.float64
+    torch.testing.assert_close(attn(x, (3, 3)), expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: attn(t, (3, 3)), (x,))
