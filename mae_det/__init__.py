@@ -1,5 +1,7 @@
 """mae_det: masked-autoencoder pretraining of Vision Transformers, transferred to Detectron2 Mask R-CNN."""
 
+import sys
+
 __version__ = "0.1.0"
 
 # Before anything imports Detectron2 (the registrations below do): its modules warn at import time about things that
@@ -11,17 +13,19 @@ filter_known_warnings()
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only in broken environments
-    raise ImportError(
-        "mae_det needs Detectron2, which has no PyPI release: run `make setup` (installs the pure-Python "
-        "`sal-detectron2==0.7.2`) or install your own build, see https://detectron2.readthedocs.io"
-    ) from e
-
-# As in Detectron2 projects, one import makes the builders known to Detectron2's registries (the ViT backbones,
-# the RoI heads with a configurable level rule, the UperNet head, the sliding-window segmentor) and gives the
-# config functions a user's own script needs.
-from .config.detection import add_det_train_config  # noqa: E402
-from .config.semantic import add_sem_seg_config  # noqa: E402
-from .config.vit_backbone import add_vit_config  # noqa: E402
-from .modeling import backbone, roi_heads, semantic_seg, upernet  # noqa: E402, F401
+    # The environment report (`python -m mae_det.collect_env`) must run in the broken environment it describes.
+    if sys.orig_argv[1:3] != ["-m", "mae_det.collect_env"]:
+        raise ImportError(
+            "mae_det needs Detectron2, which has no PyPI release: run `make setup` (installs the pure-Python "
+            "`sal-detectron2==0.7.2`) or install your own build, see https://detectron2.readthedocs.io"
+        ) from e
+else:
+    # As in Detectron2 projects, one import makes the builders known to Detectron2's registries (the ViT
+    # backbones, the RoI heads with a configurable level rule, the UperNet head, the sliding-window segmentor)
+    # and gives the config functions a user's own script needs.
+    from .config.detection import add_det_train_config
+    from .config.semantic import add_sem_seg_config
+    from .config.vit_backbone import add_vit_config
+    from .modeling import backbone, roi_heads, semantic_seg, upernet  # noqa: F401
 
 __all__ = ["add_det_train_config", "add_sem_seg_config", "add_vit_config"]

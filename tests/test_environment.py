@@ -53,6 +53,14 @@ def test_missing_detectron2_message(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "mae_det needs Detectron2" in last and "make setup" in last
+    # the environment report still runs there, and says what is wrong (it raised the same ImportError)
+    report = subprocess.run(
+        [sys.executable, "-m", "mae_det.collect_env"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PATH": ""},
+    )
+    assert report.returncode == 0, report.stderr
+    rows = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in report.stdout.splitlines()}
+    assert rows["detectron2"] == "not importable (ImportError: no detectron2 here)" and rows["torch"]
 
 
 @pytest.mark.parametrize("target", ["setup", "test", "demo"])
