@@ -280,7 +280,26 @@ def collect_runs(
             skipped.append(str(e))
             continue
         labelled.append(resolved in resolved_labels)
-    return _split_by_checkpoint(runs, labelled), skipped
+    runs = _split_by_checkpoint(runs, labelled)
+    _check_seeds_differ(runs, labelled)
+    return runs, skipped
+
+
+def _check_seeds_differ(runs: list[RunResult], labelled: list[bool]) -> None:
+    """Refuses an unlabelled group in which two runs of one seed report the same metric: they are other recipes
+    (another pyramid, ViT size or head, a kNN of the other pooling, partial vs full fine-tuning) or one run twice,
+    and their mean and std would pass for a spread over seeds."""
+    seen: dict[tuple[str, int, str], str] = {}
+    for r, fixed in zip(runs, labelled):
+        if fixed:  # labelled alike on purpose, e.g. runs of several pretraining seeds
+            continue
+        for metric in r.values:
+            other = seen.setdefault((r.group, r.seed, metric), r.path)
+            if other != r.path:
+                raise ResultError(
+                    f"{other} and {r.path} are both seed {r.seed} of '{r.group}' and report {metric}: averaging "
+                    f"them would count other recipes (or one run twice) as seeds; compare one recipe's runs, or "
+                    f"--label DIR=NAME them on purpose")
 
 
 def _split_by_checkpoint(runs: list[RunResult], labelled: list[bool]) -> list[RunResult]:

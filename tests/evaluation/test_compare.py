@@ -324,15 +324,18 @@ def test_no_chart_when_no_metric_has_a_value(tmp_path, repo_root, caplog, capsys
     assert "[compare_ap] markdown:" in out and "[compare_ap] chart:" not in out
 
 
-def _cls_run(root: Path, name: str, init: str, checkpoint: str | None, sha: str | None, top1: float) -> str:
-    return _run(root, name, init, 0, cls={"knn_top1": top1}, init_checkpoint=checkpoint, init_checkpoint_sha256=sha)
+def _cls_run(root: Path, name: str, init: str, checkpoint: str | None, sha: str | None, top1: float,
+             seed: int = 0) -> str:
+    return _run(root, name, init, seed, cls={"knn_top1": top1}, init_checkpoint=checkpoint,
+                init_checkpoint_sha256=sha)
 
 
 def test_runs_of_different_checkpoints_are_not_averaged_under_one_init_type(tmp_path, caplog):
     # Classification runs recorded "pretrained" for every encoder before init_label read the checkpoint.
     mae = _cls_run(tmp_path, "knn_mae", "pretrained", "/o/pretrain_mae/encoder.pth", "a" * 64, 19.7)
     sup = _cls_run(tmp_path, "knn_sup", "pretrained", "/o/pretrain_supervised/encoder.pth", "b" * 64, 28.3)
-    again = _cls_run(tmp_path, "knn_mae_again", "pretrained", "/elsewhere/pretrain_mae/encoder.pth", "a" * 64, 20.1)
+    again = _cls_run(tmp_path, "knn_mae_again", "pretrained", "/elsewhere/pretrain_mae/encoder.pth", "a" * 64, 20.1,
+                     seed=1)
     det = _run(tmp_path, "det_mae", "mae", 0, _ap([40] * 6, [30] * 6), init_checkpoint="/o/pretrain_mae/encoder.pth",
                init_checkpoint_sha256="a" * 64)
     scratch = _cls_run(tmp_path, "knn_random", "random", None, None, 17.0)
@@ -389,3 +392,22 @@ def test_classification_runs_are_labelled_by_their_encoders_pretraining(tmp_path
                                                                "MODEL.INIT_TYPE": "mae_800ep"})
     assert run_knn(cfg, argv=[])["init_type"] == "mae_800ep"  # a label set in the config wins
     assert [g.group for g in aggregate(collect_runs(runs)[0])] == ["mae", "supervised", "pretrained"]
+
+
+def test_two_runs_of_one_seed_in_a_group_are_refused_unless_labelled(tmp_path):
+    # the README's `compare_ap.py output/coco/*` averaged ViT-B, ViT-L, Cascade and _fpn scratch runs (all seed 0,
+    # no init checkpoint) into one "scratch" row with a std, and kNN with the cls token and with the patch mean
+    simple = _run(tmp_path, "scratch_simple", "scratch", 0, _ap([30] * 6, [25] * 6))
+    multi_tap = _run(tmp_path, "scratch_multi_tap", "scratch", 0, _ap([34] * 6, [28] * 6))
+    seed1 = _run(tmp_path, "scratch_simple_s1", "scratch", 1, _ap([31] * 6, [26] * 6))
+    with pytest.raises(ResultError, match=r"scratch_simple and .*scratch_multi_tap are both seed 0 of 'scratch' and "
+                                          r"report bbox/AP: averaging them would count other recipes"):
+        collect_runs([simple, multi_tap, seed1])
+    assert len(collect_runs([simple, seed1])[0]) == 2  # one recipe, two seeds
+    labelled, _ = collect_runs([simple, multi_tap], labels={simple: "scratch", multi_tap: "scratch"})
+    assert len(aggregate(labelled)[0].runs) == 2  # a label groups them on purpose
+    cls_token = _cls_run(tmp_path, "knn_cls", "mae", "/o/encoder.pth", "e" * 64, 19.7)
+    patch_mean = _cls_run(tmp_path, "knn_mean", "mae", "/o/encoder.pth", "e" * 64, 24.0)
+    with pytest.raises(ResultError, match="report knn_top1"):
+        collect_runs([cls_token, patch_mean])
+
