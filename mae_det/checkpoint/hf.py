@@ -151,8 +151,11 @@ def hf_to_mae(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     out.update({ours: take(theirs) for ours, theirs in _TAIL_KEYS.items()})
     if has_decoder:
         out.update({ours: take(theirs) for ours, theirs in _DECODER_EMBED_KEYS.items()})
-        for i in range(_count_layers(set(sd), "decoder.decoder_layers")):
-            out.update({f"decoder_blocks.{i}.{k}": v for k, v in block(f"decoder.decoder_layers.{i}").items()})
+        # transformers 5's save_pretrained writes the decoder layers under another prefix than its state_dict
+        dec_prefix = ("decoder.decoder_encoder.layer" if any(k.startswith("decoder.decoder_encoder.layer.") for k in sd)
+                      else "decoder.decoder_layers")
+        for i in range(_count_layers(set(sd), dec_prefix)):
+            out.update({f"decoder_blocks.{i}.{k}": v for k, v in block(f"{dec_prefix}.{i}").items()})
         out.update({ours: take(theirs) for ours, theirs in _DECODER_TAIL_KEYS.items()})
     take.check_all_read("MAE")
     return out

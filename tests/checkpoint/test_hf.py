@@ -91,6 +91,19 @@ def test_legacy_file_layout_loads_with_from_pretrained(tmp_path, monkeypatch):
         torch.testing.assert_close(back[k], v, atol=0, rtol=0, msg=k)
 
 
+def test_a_file_written_by_save_pretrained_imports(tmp_path, monkeypatch):
+    # transformers 5 writes the decoder layers as decoder.decoder_encoder.layer.N (its state_dict says
+    # decoder.decoder_layers.N): such a file was refused for keys "with no MAE counterpart"
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = small_config()
+    hf_model = randomized_hf(config)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = MaskedAutoencoderViT(**mae_kwargs_from_hf_config(config)).eval()
+    ours.load_state_dict(hf_to_mae(safetensors_torch.load_file(str(tmp_path / "model.safetensors"))), strict=True)
+    assert_same_outputs(hf_model, ours, torch.randn(2, 3, 32, 32), torch.rand(2, 16))
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_round_trips_are_exact_and_inputs_untouched(legacy):
     hf_sd = randomized_hf(small_config()).state_dict()
