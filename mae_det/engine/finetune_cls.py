@@ -222,6 +222,8 @@ def run_knn(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
     )
     init_type, init = init_label(cfg)
+    logger.info("kNN of %s (k %d, T %g, %s pooling): top-1 %.2f %% on %d val images, %d in the bank", init,
+                res["k"], res["temperature"], res["pool"], res["knn_top1"], res["num_val"], res["num_train"])
     res = {k if k.startswith("knn_") else f"knn_{k}": v for k, v in res.items()}
     return write_results(out, res | {"init": init, "init_type": init_type})
 
@@ -242,6 +244,9 @@ def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[st
         max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION, cache=decoded_image_cache(cfg.DATA.CACHE_DECODED_MB),
     )
     init_type, init = init_label(cfg)
+    logger.info("linear probe of %s (%s pooling, %s, batch %d, lr %.3g, %d epochs): top-1 %.2f %% on %d val images",
+                init, res["pool"], res["optimizer"], res["batch_size"], res["lr"], res["epochs"], res["linear_top1"],
+                res["num_val"])
     res = {k if k.startswith("linear_") else f"linear_{k}": v for k, v in res.items()}
     return write_results(out, res | {"init": init, "init_type": init_type} | _published(cfg, "linear"))
 

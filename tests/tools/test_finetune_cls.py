@@ -74,6 +74,9 @@ def test_cli_finetune_resume_then_probe_and_knn(tmp_path, repo_root):
     assert {"knn_top1", "linear_top1", "knn_num_train", "linear_num_val"} <= res.keys()
     assert res["knn_num_train"] == 24 and res["linear_num_val"] == 9 and res["init_type"] == "finetuned"
     assert all(0.0 <= res[k] <= 100.0 for k in ("knn_top1", "linear_top1"))
+    log = (ev / "log.txt").read_text()  # it stayed empty
+    assert f"top-1 {res['knn_top1']:.2f} % on 9 val images, 24 in the bank" in log
+    assert f"linear probe of {res['init']} (cls pooling" in log and f"top-1 {res['linear_top1']:.2f} %" in log
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, repo_root, capsys):
