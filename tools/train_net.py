@@ -40,8 +40,8 @@ from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 def main(args):
     cfg = setup_det_cfg(args)
-    register_sem_seg_datasets(cfg)
-    register_datasets(cfg)
+    register_sem_seg_datasets(cfg, training=not args.eval_only)
+    register_datasets(cfg, training=not args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         extra = load_trained(cfg, model, "--eval-only", resume=args.resume,
@@ -59,16 +59,18 @@ def main(args):
     return results
 
 
-def check_datasets(cfg):
-    """Dataset paths and every test image (also checked by tools/submit.py before it submits a job)."""
-    register_sem_seg_datasets(cfg, decode_test_sets=True)
-    register_datasets(cfg, decode_test_sets=True)
+def check_datasets(cfg, training=True):
+    """Dataset paths and every test image (also checked by tools/submit.py before it submits a job); without
+    ``training`` (``--eval-only``) the test sets only."""
+    register_sem_seg_datasets(cfg, decode_test_sets=True, training=training)
+    register_datasets(cfg, decode_test_sets=True, training=training)
     check_task_datasets(cfg)
 
 
 def check_inputs(args):
     """Config, dataset paths and every test image, checked once before any process is started."""
-    check_datasets(load_det_cfg(args.config_file, args.opts, training=not args.eval_only))
+    training = not args.eval_only
+    check_datasets(load_det_cfg(args.config_file, args.opts, training=training), training=training)
 
 
 if __name__ == "__main__":

@@ -535,7 +535,7 @@ def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0, *, d
         check_test_images(name)
 
 
-def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
+def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False, training: bool = True) -> None:
     """Registers every ``DATASETS.REGISTER`` entry and checks the files of all train/test datasets.
 
     Args:
@@ -543,10 +543,11 @@ def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
         decode_test_sets: decode every image of the ``DATASETS.TEST`` sets and fail on any bad one (before a
             training or evaluation run: skipping a test image would change the AP); inference and data
             pictures, which only need the class names, leave it off.
+        training: False (``--eval-only``): the ``DATASETS.TRAIN`` files are not needed and not checked.
     """
     for name, json_file, image_root in cfg.DATASETS.REGISTER:
         register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION)
-    for key in ("TRAIN", "TEST"):
+    for key in ("TRAIN", "TEST") if training else ("TEST",):
         for name in cfg.DATASETS.get(key):
             check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION,
                                 decode_test_set=decode_test_sets and key == "TEST")

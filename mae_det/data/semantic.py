@@ -218,12 +218,13 @@ def _load_checked(name: str, key: str, meta: Any) -> None:
         record_checked_images(name, meta.get("image_root", name), len(records))
 
 
-def register_sem_seg_datasets(cfg: CfgNode, *, decode_test_sets: bool = False) -> None:
+def register_sem_seg_datasets(cfg: CfgNode, *, decode_test_sets: bool = False, training: bool = True) -> None:
     """Registers every ``DATASETS.REGISTER_SEM_SEG`` entry and checks the semantic datasets of TRAIN / TEST;
-    ``decode_test_sets``: also decode every image of the TEST sets (before a training or evaluation run)."""
+    ``decode_test_sets``: also decode every image of the TEST sets (before a training or evaluation run);
+    ``training`` False (``--eval-only``): the TRAIN sets are not checked."""
     for name, image_root, label_root, classes_file in cfg.DATASETS.REGISTER_SEM_SEG:
         register_sem_seg_dataset(name, image_root, label_root, classes_file, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
-    for key in ("TRAIN", "TEST"):
+    for key in ("TRAIN", "TEST") if training else ("TEST",):
         for name in cfg.DATASETS.get(key):
             if name in DatasetCatalog.list():
                 check_sem_seg_dataset(name, f"DATASETS.{key}", decode_images=decode_test_sets and key == "TEST")

@@ -147,7 +147,10 @@ def test_training_decreases_the_loss_and_records_the_run(trained):
 def test_eval_only_writes_box_and_mask_ap(trained, tmp_path, data):
     cfg = tiny_config(tmp_path / "eval.yaml", data, tmp_path / "eval")
     weights = trained / "model_final.pth"
-    r = run_tool("--config-file", str(cfg), "--eval-only", "MODEL.WEIGHTS", str(weights))
+    # evaluation needs no training set: one whose files are gone stopped --eval-only (exit 2)
+    gone = ["DATASETS.REGISTER", f"[['b2_tiny', '{data / 'train.json'}', '{data / 'images'}'], "
+            f"['gone', '{tmp_path / 'gone.json'}', '{tmp_path / 'gone'}']]", "DATASETS.TRAIN", "('gone',)"]
+    r = run_tool("--config-file", str(cfg), "--eval-only", "MODEL.WEIGHTS", str(weights), *gone)
     assert r.returncode == 0, r.stderr[-3000:]
     ap = json.loads((tmp_path / "eval" / "ap_results.json").read_text())
     assert set(ap) == {"bbox", "segm", "dataset", "iteration"}
