@@ -727,6 +727,7 @@ class Pretrainer:
                 t0 = time.perf_counter()
                 epoch_loss = self._run_epoch(tqdm)
                 self.bad = set().union(*du.all_gather_object(self.bad))
+                self._check_bad_budget(len(self.bad))  # the ranks' sum: each can stay within it alone
                 self.epoch, self.iter, self.epoch_loss_sum = self.epoch + 1, 0, 0.0
                 last = self.epoch == cfg.SOLVER.EPOCHS
                 record = {"type": "epoch", "epoch": self.epoch, "step": self.global_step, "loss": epoch_loss,
@@ -849,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_gpus < 1 or args.num_machines < 1:
             raise ConfigError(f"--num-gpus {args.num_gpus} / --num-machines {args.num_machines}: expected >= 1 each "
                               "(processes per machine, on CPU too)")
+        if not 0 <= args.machine_rank < args.num_machines:  # a rank past the last waits for rank 0 for 30 minutes
+            raise ConfigError(f"--machine-rank {args.machine_rank}: expected 0 to --num-machines - 1 "
+                              f"({args.num_machines - 1})")
         if args.num_machines > 1 and args.dist_url == "auto":
             raise ConfigError("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port> (auto picks a "
                               "free port on one machine only)")

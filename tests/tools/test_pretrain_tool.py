@@ -82,6 +82,10 @@ def test_launcher_arguments_that_cannot_launch_exit_2_with_one_line(images, tmp_
                                        "machine, on CPU too)\n")
     assert main(["--num-machines", "2", *opts(images, tmp_path)]) == 2  # Detectron2's assertion before
     assert capsys.readouterr().err.startswith("error: --num-machines > 1 needs --dist-url tcp://")
+    # a rank past the last machine waited 30 minutes for a rank 0 that never comes
+    assert main(["--num-machines", "2", "--machine-rank", "5", "--dist-url", "tcp://127.0.0.1:29641",
+                 *opts(images, tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: --machine-rank 5: expected 0 to --num-machines - 1 (1)\n"
 
 
 def test_nan_loss_exits_3_naming_the_step(images, tmp_path, capsys):
@@ -222,3 +226,20 @@ def test_a_killed_rank_ends_the_whole_job(images, tmp_path):
     assert last.startswith("error: rank ") and f"(pid {victim}) was killed by SIGKILL" in last, last
     assert "the other ranks were stopped" in last
     assert all(not Path(f"/proc/{r}").exists() or "zombie" in Path(f"/proc/{r}/status").read_text() for r in ranks)
+
+
+@pytest.mark.slow
+def test_two_processes_enforce_the_bad_image_budget_on_their_sum(images, tmp_path):
+    # each rank checked only its own unreadable images: 2 of the 4 per rank stayed within the budget of 2, so the
+    # run that one process refuses finished with exit 0
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(images.iterdir())[:20]:
+        (data / f.name).write_bytes(f.read_bytes())
+    for name in ("002b.png", "007b.png", "012b.png", "017b.png"):
+        (data / name).write_text("not an image")
+    extra = ("SEED", "2", "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0",
+             "DATA.MAX_BAD_FRACTION", "0.1", "DATA.PATH", str(data))
+    two = cli("--num-gpus", "2", *opts(images, tmp_path / "two", *extra))
+    assert two.returncode == 2, two.stderr[-2000:]
+    assert "4 of 24 images are unreadable or missing" in two.stderr and not (tmp_path / "two" / "encoder.pth").exists()
