@@ -14,6 +14,7 @@ Without a GPU, MODEL.DEVICE falls back to cpu and
 ``--num-gpus N`` starts N CPU processes (gloo). Exit codes: 0 done, 2 bad config / dataset / checkpoint (one
 ``error:`` line), 3 training stopped on a non-finite loss (the last checkpoint is kept).
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -29,12 +30,15 @@ from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
+from mae_det.config.pretrain import ConfigError  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.data.semantic import check_task_datasets, register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
 )
-from mae_det.engine.launch import init_detectron2_distributed, launched_externally  # noqa: E402
+from mae_det.engine.launch import (  # noqa: E402
+    init_detectron2_distributed, launched_externally, threads_per_process,
+)
 from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 
@@ -59,6 +63,12 @@ def main(args):
     return results
 
 
+def rank_main(threads, args):
+    """:func:`main` in one spawned process, with its share of the cores (Detectron2's launch sets none)."""
+    torch.set_num_threads(threads)
+    return main(args)
+
+
 def check_datasets(cfg, training=True):
     """Dataset paths and every test image (also checked by tools/submit.py before it submits a job); without
     ``training`` (``--eval-only``) the test sets only."""
@@ -69,6 +79,9 @@ def check_datasets(cfg, training=True):
 
 def check_inputs(args):
     """Config, dataset paths and every test image, checked once before any process is started."""
+    if not 0 <= args.machine_rank < args.num_machines:  # a rank past the last waits for rank 0 for 30 minutes
+        raise ConfigError(f"--machine-rank {args.machine_rank}: expected 0 to --num-machines - 1 "
+                          f"({args.num_machines - 1})")
     training = not args.eval_only
     check_datasets(load_det_cfg(args.config_file, args.opts, training=training), training=training)
 
@@ -83,7 +96,7 @@ if __name__ == "__main__":
     try:
         launch(
             run_with_exit_codes, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-            dist_url=args.dist_url, args=(main, args),
+            dist_url=args.dist_url, args=(functools.partial(rank_main, threads_per_process(args.num_gpus)), args),
         )
     except mp.ProcessExitedException as e:
         sys.exit(e.exit_code or 1)

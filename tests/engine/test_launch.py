@@ -65,3 +65,18 @@ def test_two_nodes_equal_one_node_and_one_process(images, tmp_path):  # noqa: F8
     assert all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same gloo reductions: identical
     diff = max((one[k] - b[k]).abs().max().item() for k in one)
     assert diff < 1e-4, diff  # another reduction order than one process: the 2-process test's tolerance
+
+
+def test_local_processes_share_the_cores_unless_omp_num_threads_says(monkeypatch):
+    # Detectron2's launch sets no thread count: 2 Mask R-CNN processes on 2 cores ran 2 threads each, 10x slower
+    from mae_det.engine.launch import threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert [threads_per_process(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert threads_per_process(2) == 1  # beside a GPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr("torch.get_num_threads", lambda: 3)
+    assert threads_per_process(2) == 3

@@ -348,6 +348,10 @@ def test_two_process_cpu_training(tmp_path, data):
     r = run_tool("--config-file", str(odd), "--num-gpus", "2", "--dist-url", "auto")
     assert r.returncode == 2
     assert "error: SOLVER.IMS_PER_BATCH 3 is the total batch: it must be divisible by the 2 processes" in r.stderr
+    r = run_tool("--config-file", str(odd), "--num-machines", "2", "--machine-rank", "3", "--dist-url",
+                 "tcp://127.0.0.1:29643")  # waited 30 minutes for a rank 0 that never comes
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --machine-rank 3: expected 0 to --num-machines - 1 (1)")
 
 
 @pytest.mark.slow
