@@ -39,6 +39,7 @@ from mae_det.engine.det_trainer import (  # noqa: E402
 from mae_det.engine.launch import (  # noqa: E402
     init_detectron2_distributed, launched_externally, threads_per_process,
 )
+from mae_det.engine.pretrain import describe_rank_failure  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 
@@ -99,4 +100,11 @@ if __name__ == "__main__":
             dist_url=args.dist_url, args=(functools.partial(rank_main, threads_per_process(args.num_gpus)), args),
         )
     except mp.ProcessExitedException as e:
-        sys.exit(e.exit_code or 1)
+        if e.exit_code is not None and e.exit_code > 0:  # the rank printed its error line and chose the code
+            sys.exit(e.exit_code)
+        print(f"\nerror: {describe_rank_failure(e)[0]}", file=sys.stderr)  # killed: 247 (-9) and no line before
+        sys.exit(1)
+    except mp.ProcessRaisedException as e:  # raised outside the trainer (e.g. the process group's port was taken)
+        line, code = describe_rank_failure(e)
+        print(f"\nerror: {line}", file=sys.stderr)
+        sys.exit(code)

@@ -819,7 +819,7 @@ def _exit_code(e: BaseException | str) -> int:
     return EXIT_FAILED
 
 
-def _describe_rank_failure(e: Exception) -> tuple[str, int]:
+def describe_rank_failure(e: Exception) -> tuple[str, int]:
     """One line and an exit code for a rank that raised (its last traceback line) or died (its signal)."""
     import torch.multiprocessing as mp
 
@@ -866,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return _exit_code(e)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        line, code = _describe_rank_failure(e)
+        line, code = describe_rank_failure(e)
         # The ranks share this stderr and were stopped mid-epoch: rank 0's progress bar can be left without its
         # newline, which would glue the error to it.
         print(f"\nerror: {line}", file=sys.stderr)

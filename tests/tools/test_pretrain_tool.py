@@ -132,16 +132,16 @@ def test_initial_weights_of_another_width_exit_2_with_one_line(images, tmp_path,
 def test_rank_failures_map_to_one_line_and_exit_codes():
     import torch.multiprocessing as mp
 
-    from mae_det.engine.pretrain import _describe_rank_failure
+    from mae_det.engine.pretrain import describe_rank_failure
 
     tb = "Traceback (most recent call last):\n  File ...\n" \
          "mae_det.engine.pretrain.NonFiniteLossError: loss_mae = nan at ..."
-    line, code = _describe_rank_failure(mp.ProcessRaisedException(f"\n\n-- Process 1 terminated:\n{tb}\n", 1, 4242))
+    line, code = describe_rank_failure(mp.ProcessRaisedException(f"\n\n-- Process 1 terminated:\n{tb}\n", 1, 4242))
     assert (line, code) == ("rank 1 failed: mae_det.engine.pretrain.NonFiniteLossError: loss_mae = nan at ...; "
                             "the other ranks were stopped", 3)
-    line, code = _describe_rank_failure(mp.ProcessRaisedException("x\nmae_det.data.pretrain.DataError: d: empty", 0, 1))
+    line, code = describe_rank_failure(mp.ProcessRaisedException("x\nmae_det.data.pretrain.DataError: d: empty", 0, 1))
     assert code == 2 and line.startswith("rank 0 failed: mae_det.data.pretrain.DataError: d: empty")
-    line, code = _describe_rank_failure(mp.ProcessExitedException("gone", 1, 77, exit_code=-9, signal_name="SIGKILL"))
+    line, code = describe_rank_failure(mp.ProcessExitedException("gone", 1, 77, exit_code=-9, signal_name="SIGKILL"))
     assert (line, code) == ("rank 1 (pid 77) was killed by SIGKILL; the other ranks were stopped", 1)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -348,6 +349,13 @@ def test_two_process_cpu_training(tmp_path, data):
     r = run_tool("--config-file", str(odd), "--num-gpus", "2", "--dist-url", "auto")
     assert r.returncode == 2
     assert "error: SOLVER.IMS_PER_BATCH 3 is the total batch: it must be divisible by the 2 processes" in r.stderr
+    with socket.socket() as taken:  # a rank that cannot join: one line (it was a 30-line traceback)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_tool("--config-file", str(cfg), "--num-gpus", "2", "--dist-url",
+                     f"tcp://127.0.0.1:{taken.getsockname()[1]}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: rank ")
     r = run_tool("--config-file", str(odd), "--num-machines", "2", "--machine-rank", "3", "--dist-url",
                  "tcp://127.0.0.1:29643")  # waited 30 minutes for a rank 0 that never comes
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
