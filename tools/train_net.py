@@ -37,7 +37,7 @@ from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
 )
 from mae_det.engine.launch import (  # noqa: E402
-    init_detectron2_distributed, launched_externally, threads_per_process,
+    clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
 )
 from mae_det.engine.pretrain import describe_rank_failure  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
@@ -94,6 +94,7 @@ if __name__ == "__main__":
         init_detectron2_distributed("cuda" if torch.cuda.is_available() else "cpu")
         run_with_exit_codes(main, args)
         sys.exit(0)
+    clear_file_store(args.dist_url, args.num_machines)
     try:
         launch(
             run_with_exit_codes, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

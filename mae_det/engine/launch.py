@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 import torch
@@ -50,6 +51,13 @@ def threads_per_process(processes: int) -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     return 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // processes)
+
+
+def clear_file_store(dist_url: str, num_machines: int) -> None:
+    """Removes the rendezvous file of a one-machine ``file://`` URL before the processes start: spawned ranks exit
+    without deleting it, and the next run read the old run's addresses from it (gloo: connection refused)."""
+    if dist_url.startswith("file://") and num_machines == 1:
+        Path(dist_url[len("file://"):]).unlink(missing_ok=True)
 
 
 def init_distributed(device: torch.device | str) -> None:

@@ -73,7 +73,9 @@ from ..utils.precision import auto_precision
 from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
-from .launch import init_distributed, launched_externally, requeue, stop_requested, threads_per_process
+from .launch import (
+    clear_file_store, init_distributed, launched_externally, requeue, stop_requested, threads_per_process,
+)
 
 logger = logging.getLogger("mae_det.pretrain")
 
@@ -860,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_pretrain(cfg, resume=args.resume, argv=command)
         else:
             threads = threads_per_process(args.num_gpus)
+            clear_file_store(args.dist_url, args.num_machines)
             launch(_spawned_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                    dist_url=args.dist_url, args=(cfg, args.resume, command, threads))
     except (PretrainError, *_INPUT_ERRORS) as e:

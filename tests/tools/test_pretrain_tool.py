@@ -243,3 +243,14 @@ def test_two_processes_enforce_the_bad_image_budget_on_their_sum(images, tmp_pat
     two = cli("--num-gpus", "2", *opts(images, tmp_path / "two", *extra))
     assert two.returncode == 2, two.stderr[-2000:]
     assert "4 of 24 images are unreadable or missing" in two.stderr and not (tmp_path / "two" / "encoder.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_file_rendezvous_can_be_used_again(images, tmp_path):
+    # the spawned ranks leave the FileStore file behind: a second run read the first one's addresses and failed
+    url = f"file://{tmp_path / 'rendezvous'}"
+    for run in ("a", "b"):
+        r = cli("--num-gpus", "2", "--dist-url", url, *opts(images, tmp_path / run, "SOLVER.BATCH_SIZE", "4",
+                                                             "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0"))
+        assert r.returncode == 0, r.stderr[-2000:]
+
