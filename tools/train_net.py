@@ -30,14 +30,13 @@ from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
-from mae_det.config.pretrain import ConfigError  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.data.semantic import check_task_datasets, register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
 )
 from mae_det.engine.launch import (  # noqa: E402
-    clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
+    check_machine_rank, clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
 )
 from mae_det.engine.pretrain import describe_rank_failure  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
@@ -80,9 +79,7 @@ def check_datasets(cfg, training=True):
 
 def check_inputs(args):
     """Config, dataset paths and every test image, checked once before any process is started."""
-    if not 0 <= args.machine_rank < args.num_machines:  # a rank past the last waits for rank 0 for 30 minutes
-        raise ConfigError(f"--machine-rank {args.machine_rank}: expected 0 to --num-machines - 1 "
-                          f"({args.num_machines - 1})")
+    check_machine_rank(args.machine_rank, args.num_machines)
     training = not args.eval_only
     check_datasets(load_det_cfg(args.config_file, args.opts, training=training), training=training)
 

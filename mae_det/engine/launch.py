@@ -24,6 +24,7 @@ from typing import Any, Iterator, NoReturn
 import torch
 import torch.distributed as dist
 
+from ..config.pretrain import ConfigError
 from ..utils import dist as du
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ def threads_per_process(processes: int) -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     return 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // processes)
+
+
+def check_machine_rank(machine_rank: int, num_machines: int) -> None:
+    """Raises a one-line ConfigError for a ``--machine-rank`` outside ``--num-machines``: its processes would
+    wait 30 minutes for a rank 0 that never comes."""
+    if not 0 <= machine_rank < num_machines:
+        raise ConfigError(f"--machine-rank {machine_rank}: expected 0 to --num-machines - 1 ({num_machines - 1})")
 
 
 def clear_file_store(dist_url: str, num_machines: int) -> None:

@@ -74,7 +74,8 @@ from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import (
-    clear_file_store, init_distributed, launched_externally, requeue, stop_requested, threads_per_process,
+    check_machine_rank, clear_file_store, init_distributed, launched_externally, requeue, stop_requested,
+    threads_per_process,
 )
 
 logger = logging.getLogger("mae_det.pretrain")
@@ -852,9 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_gpus < 1 or args.num_machines < 1:
             raise ConfigError(f"--num-gpus {args.num_gpus} / --num-machines {args.num_machines}: expected >= 1 each "
                               "(processes per machine, on CPU too)")
-        if not 0 <= args.machine_rank < args.num_machines:  # a rank past the last waits for rank 0 for 30 minutes
-            raise ConfigError(f"--machine-rank {args.machine_rank}: expected 0 to --num-machines - 1 "
-                              f"({args.num_machines - 1})")
+        check_machine_rank(args.machine_rank, args.num_machines)
         if args.num_machines > 1 and args.dist_url == "auto":
             raise ConfigError("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port> (auto picks a "
                               "free port on one machine only)")
