@@ -15,7 +15,9 @@ Without a GPU, MODEL.DEVICE falls back to cpu and
 ``error:`` line), 3 training stopped on a non-finite loss (the last checkpoint is kept).
 """
 import functools
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,10 +35,11 @@ from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
 from mae_det.data.semantic import check_task_datasets, register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
-    Trainer, completed_iterations, load_trained, run_with_exit_codes, write_det_run_info,
+    RANK_ERRORS_ENV, Trainer, completed_iterations, load_trained, rank_errors, run_with_exit_codes,
+    write_det_run_info,
 )
 from mae_det.engine.launch import (  # noqa: E402
-    check_machine_rank, clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
+    check_launch_args, clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
 )
 from mae_det.engine.pretrain import describe_rank_failure  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
@@ -79,7 +82,7 @@ def check_datasets(cfg, training=True):
 
 def check_inputs(args):
     """Config, dataset paths and every test image, checked once before any process is started."""
-    check_machine_rank(args.machine_rank, args.num_machines)
+    check_launch_args(args.num_gpus, args.num_machines, args.machine_rank)
     training = not args.eval_only
     check_datasets(load_det_cfg(args.config_file, args.opts, training=training), training=training)
 
@@ -92,16 +95,20 @@ if __name__ == "__main__":
         run_with_exit_codes(main, args)
         sys.exit(0)
     clear_file_store(args.dist_url, args.num_machines)
+    errors = tempfile.TemporaryDirectory(prefix="mae_det_rank_errors_")
+    os.environ[RANK_ERRORS_ENV] = errors.name  # inherited by the spawned ranks
     try:
         launch(
             run_with_exit_codes, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
             dist_url=args.dist_url, args=(functools.partial(rank_main, threads_per_process(args.num_gpus)), args),
         )
     except mp.ProcessExitedException as e:
-        if e.exit_code is not None and e.exit_code > 0:  # the rank printed its error line and chose the code
+        lines = rank_errors(errors.name)
+        if e.exit_code is not None and e.exit_code > 0 and lines:  # the ranks' error lines, and their code
+            print("\n" + "\n".join(f"error: {line}" for line in lines), file=sys.stderr)
             sys.exit(e.exit_code)
         print(f"\nerror: {describe_rank_failure(e)[0]}", file=sys.stderr)  # killed: 247 (-9) and no line before
-        sys.exit(1)
+        sys.exit(e.exit_code if e.exit_code is not None and e.exit_code > 0 else 1)
     except mp.ProcessRaisedException as e:  # raised outside the trainer (e.g. the process group's port was taken)
         line, code = describe_rank_failure(e)
         print(f"\nerror: {line}", file=sys.stderr)

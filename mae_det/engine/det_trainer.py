@@ -587,17 +587,36 @@ EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3
 
 
+# Set by the process that spawns the ranks: a folder where each failing rank leaves its error line, which the
+# spawner prints once (every rank raises the same config error: N ranks printed it N times).
+RANK_ERRORS_ENV = "MAE_DET_RANK_ERRORS"
+
+
 def run_with_exit_codes(fn: Callable[..., Any], *args: Any) -> Any:
     """Calls ``fn(*args)``; a bad config / dataset / checkpoint exits with code 2 and a non-finite loss with
-    code 3, each after one ``error:`` line on stderr instead of a traceback."""
+    code 3, each after one ``error:`` line on stderr instead of a traceback (left in ``$MAE_DET_RANK_ERRORS``
+    by a spawned rank, for :func:`rank_errors`)."""
     try:
         return fn(*args)
     except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit_with_error(e, EXIT_BAD_INPUT)
     except TrainingStopped as e:
+        _exit_with_error(e, EXIT_TRAINING_STOPPED)
+
+
+def _exit_with_error(e: Exception, code: int) -> None:
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder and comm.get_world_size() > 1:
+        atomic_write_text(os.path.join(folder, f"rank{comm.get_rank():05d}"), f"{e}\n")
+    else:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_TRAINING_STOPPED)
+    sys.exit(code)
+
+
+def rank_errors(folder: str) -> list[str]:
+    """The distinct error lines the spawned ranks left in ``folder``, in rank order."""
+    lines = [open(os.path.join(folder, f), encoding="utf-8").read().strip() for f in sorted(os.listdir(folder))]
+    return list(dict.fromkeys(lines))
 
 
 def completed_iterations(checkpoint_extra: dict) -> int | None:

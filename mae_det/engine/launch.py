@@ -54,11 +54,21 @@ def threads_per_process(processes: int) -> int:
     return 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // processes)
 
 
-def check_machine_rank(machine_rank: int, num_machines: int) -> None:
-    """Raises a one-line ConfigError for a ``--machine-rank`` outside ``--num-machines``: its processes would
-    wait 30 minutes for a rank 0 that never comes."""
+def check_launch_args(num_gpus: int, num_machines: int, machine_rank: int) -> None:
+    """Raises a one-line ConfigError for process counts that cannot start: fewer than one process, a
+    ``--machine-rank`` outside ``--num-machines`` (its processes would wait 30 minutes for a rank 0 that never
+    comes), or ``--num-gpus``/``--num-machines`` in a process that torchrun or a job already started as one rank
+    (they were silently ignored)."""
+    if num_gpus < 1 or num_machines < 1:
+        raise ConfigError(f"--num-gpus {num_gpus} / --num-machines {num_machines}: expected >= 1 each "
+                          "(processes per machine, on CPU too)")
     if not 0 <= machine_rank < num_machines:
         raise ConfigError(f"--machine-rank {machine_rank}: expected 0 to --num-machines - 1 ({num_machines - 1})")
+    if launched_externally() and (num_gpus, num_machines) != (1, 1):
+        raise ConfigError(
+            f"--num-gpus {num_gpus} / --num-machines {num_machines}: this process is already rank "
+            f"{os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} started by torchrun or a job "
+            "(RANK and WORLD_SIZE are set): drop --num-gpus/--num-machines, or unset RANK and WORLD_SIZE")
 
 
 def clear_file_store(dist_url: str, num_machines: int) -> None:

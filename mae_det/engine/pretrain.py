@@ -74,7 +74,7 @@ from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import (
-    check_machine_rank, clear_file_store, init_distributed, launched_externally, requeue, stop_requested,
+    check_launch_args, clear_file_store, init_distributed, launched_externally, requeue, stop_requested,
     threads_per_process,
 )
 
@@ -850,10 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_pretrain_cfg(args.config_file or None, args.opts)
         prepare_output_dir(cfg.OUTPUT_DIR)  # here, before processes start: the error is one line, not a rank's
-        if args.num_gpus < 1 or args.num_machines < 1:
-            raise ConfigError(f"--num-gpus {args.num_gpus} / --num-machines {args.num_machines}: expected >= 1 each "
-                              "(processes per machine, on CPU too)")
-        check_machine_rank(args.machine_rank, args.num_machines)
+        check_launch_args(args.num_gpus, args.num_machines, args.machine_rank)
         if args.num_machines > 1 and args.dist_url == "auto":
             raise ConfigError("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port> (auto picks a "
                               "free port on one machine only)")

@@ -80,3 +80,20 @@ def test_local_processes_share_the_cores_unless_omp_num_threads_says(monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setattr("torch.get_num_threads", lambda: 3)
     assert threads_per_process(2) == 3
+
+
+def test_process_counts_are_checked_before_anything_starts(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(var, raising=False)
+    launch.check_launch_args(2, 1, 0)
+    with pytest.raises(launch.ConfigError, match=r"^--machine-rank 3: expected 0 to --num-machines - 1 \(1\)$"):
+        launch.check_launch_args(1, 2, 3)
+    with pytest.raises(launch.ConfigError, match=r"^--num-gpus 0 / --num-machines 1: expected >= 1 each"):
+        launch.check_launch_args(0, 1, 0)
+    # torchrun's variables made the tools run one rank and ignore --num-gpus without a word
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    launch.check_launch_args(1, 1, 0)
+    with pytest.raises(launch.ConfigError, match=r"^--num-gpus 2 / --num-machines 1: this process is already rank 0 "
+                                                  r"of 4 started by torchrun or a job \(RANK and WORLD_SIZE are set\)"):
+        launch.check_launch_args(2, 1, 0)

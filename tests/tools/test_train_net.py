@@ -349,6 +349,7 @@ def test_two_process_cpu_training(tmp_path, data):
     r = run_tool("--config-file", str(odd), "--num-gpus", "2", "--dist-url", "auto")
     assert r.returncode == 2
     assert "error: SOLVER.IMS_PER_BATCH 3 is the total batch: it must be divisible by the 2 processes" in r.stderr
+    assert r.stderr.count("error:") == 1, r.stderr[-3000:]  # each rank raises it: it was printed once per rank
     with socket.socket() as taken:  # a rank that cannot join: one line (it was a 30-line traceback)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
