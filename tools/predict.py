@@ -7,10 +7,11 @@
 
 Writes into --output: ``<image stem>.png`` per image, ``results.json`` (COCO results: bbox xywh, score,
 category_id, segmentation RLE) and ``images.json`` (the COCO images/categories they refer to, for
-``COCO("images.json").loadRes("results.json")``). Unreadable inputs are reported by path and skipped.
+``COCO("images.json").loadRes("results.json")``). Unreadable inputs are reported by path and skipped; an
+--output that is a file or holds one of the inputs is refused (pictures would replace inputs).
 A semantic-segmentation config (UperNet) draws the predicted class regions instead and also writes
 ``<image stem>_labels.png`` (mode "L" class map); results.json then maps image_id to that file.
-Exit codes: 0 done (some inputs may have been skipped), 1 no input could be read, 2 bad config or weights.
+Exit codes: 0 done (some inputs may have been skipped), 1 no input could be read, 2 bad config, weights or --output.
 """
 import argparse
 import logging
@@ -26,7 +27,9 @@ filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/know
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from mae_det.engine.det_trainer import run_with_exit_codes  # noqa: E402
-from mae_det.engine.predictor import Predictor, load_predict_cfg, predict_to_dir  # noqa: E402
+from mae_det.engine.predictor import (  # noqa: E402
+    Predictor, check_output_dir, expand_inputs, load_predict_cfg, predict_to_dir,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns (quote them)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of a detection")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images read per step; only those of one size share a forward pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path (last on the command line)")
@@ -50,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_predict_cfg(args.config_file, args.opts, args.confidence_threshold)
+    check_output_dir(args.output, expand_inputs(args.input)[0])  # before the model is built and loaded
     predictor = Predictor(cfg)
     summary = predict_to_dir(predictor, args.input, args.output, args.batch_size, progress=not args.no_progress)
     log = logging.getLogger("mae_det.predict")

@@ -21,6 +21,7 @@ that differs from the model's is an error naming the file (never a partial load)
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..modeling.vit import VisionTransformer, resize_rel_pos
 from .hf import hf_to_mae
-from .io import CheckpointError, load_checkpoint, require_checkpoint_file
+from .io import SAFETENSORS_EXTRA, CheckpointError, load_checkpoint, require_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,23 @@ _SIMFP_KEY = re.compile(r"^backbone\.simfp_(\d+)\.(\d+)\.(.+)$")
 
 # ---- reading and detecting -----------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Safely loads a ``.pth``/``.pt``/``.bin``/``.pkl`` (see :func:`load_checkpoint`) or ``.safetensors`` file."""
+    """Safely loads a ``.pth``/``.pt``/``.bin``/``.pkl`` (see :func:`load_checkpoint`) or ``.safetensors`` file.
+
+    A safetensors file of ``tools/convert_checkpoint.py`` (metadata entry :data:`~mae_det.checkpoint.io.
+    SAFETENSORS_EXTRA`) reads back as the torch file would, ``{"model": tensors, **its entries}``; any other is
+    its bare tensors.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         return load_checkpoint(path)
     require_checkpoint_file(path)
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            extra = (f.metadata() or {}).get(SAFETENSORS_EXTRA)
+        return tensors if extra is None else {**json.loads(extra), "model": tensors}
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {_first_line(e)}") from e
 
@@ -173,13 +182,20 @@ def _check_encoder(enc: Mapping[str, torch.Tensor], src: str) -> tuple[int, int]
 
 
 def _split_vit_keys(sd: Mapping[str, Any], src: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Official/timm keys -> (encoder state dict, dropped keys: decoder, mask token, classifier head)."""
+    """Official/timm keys -> (encoder state dict, dropped keys: decoder, mask token, classifier head).
+
+    A ViT built without qkv biases (timm ``qkv_bias=False``) gets zero ones, as from the Hugging Face reader: the
+    same function in the encoder, which always has them.
+    """
     enc, dropped = {}, []
     for k, v in sd.items():
         if _NOT_ENCODER.match(k):
             dropped.append(k)
         else:
             enc[k] = _tensor(v)
+    if not any(k.endswith(".attn.qkv.bias") for k in enc):
+        for k in [k for k in enc if k.endswith(".attn.qkv.weight")]:
+            enc[k.removesuffix("weight") + "bias"] = enc[k].new_zeros(enc[k].shape[0])
     _check_encoder(enc, src)
     return enc, dropped
 
@@ -195,30 +211,65 @@ def _detection_encoder(sd: Mapping[str, Any], src: str) -> tuple[str, dict[str, 
     raise CheckpointError(f"{src}: Detectron2 checkpoint without a ViT encoder (no keys under {ENCODER_PREFIXES})")
 
 
-def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], src: str = "<checkpoint>") -> tuple[torch.Tensor, str]:
+def source_grid(ckpt: Mapping, enc: Mapping[str, torch.Tensor], src: str = "<checkpoint>") -> tuple[int, int] | None:
+    """The (h, w) token grid of a checkpoint's ``pos_embed`` where the checkpoint records it, else None.
+
+    Recorded as ``pos_grid`` (files of ``tools/convert_checkpoint.py``), as this project's ``meta`` ``img_size`` (int
+    or (h, w)) and ``patch_size``, or as an official training checkpoint's ``args.input_size``; the patch size
+    defaults to the patch kernel's.
+
+    Raises:
+        CheckpointError: the recorded grid does not give the table's number of positions.
+    """
+    meta, patch = ckpt.get("meta"), int(enc["patch_embed.proj.weight"].shape[-1])
+    if ckpt.get("pos_grid") is not None:
+        size, patch, what = ckpt["pos_grid"], 1, "pos_grid"
+    elif isinstance(meta, Mapping) and meta.get("img_size") is not None:
+        size, patch, what = meta["img_size"], int(meta.get("patch_size") or patch), "meta img_size"
+    elif isinstance(getattr(ckpt.get("args"), "input_size", None), int):
+        size, what = ckpt["args"].input_size, "args.input_size"
+    else:
+        return None
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    grid, n = (h // patch, w // patch), enc["pos_embed"].shape[1]
+    if n not in (grid[0] * grid[1], grid[0] * grid[1] + 1):
+        raise CheckpointError(f"{src}: pos_embed has {n} positions but the checkpoint's {what} {size} gives a "
+                              f"{grid[0]}x{grid[1]} grid")
+    return grid
+
+
+def resample_pos_embed(
+    pos: torch.Tensor, grid: tuple[int, int], src: str = "<checkpoint>", old_grid: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, str]:
     """A (1, n, D) table -> (1, 1 + h*w, D) for ``grid`` with a cls slot (zero if the source had none).
 
-    The source grid is taken as square (every published ViT is); bicubic with antialiasing, as timm.
+    The source grid is ``old_grid`` (see :func:`source_grid`); unrecorded, a table of ``grid``'s size is taken as that
+    grid and any other as square (every published ViT is). Bicubic with antialiasing, as timm.
 
     Returns:
         The new table and a note ("" when nothing changed).
     """
     n, gh, gw = pos.shape[1], grid[0], grid[1]
-    if n == gh * gw + 1:
-        return pos, ""
-    if n == gh * gw:
+    if old_grid is None and n - gh * gw in (0, 1):
+        old_grid = (gh, gw)
+    if old_grid is None:
+        side = next((s for s in (math.isqrt(n - 1), math.isqrt(n)) if s * s in (n - 1, n)), None)
+        if side is None:
+            raise CheckpointError(f"{src}: pos_embed has {n} positions, neither a square grid nor one plus a cls "
+                                  "slot, and the checkpoint records no grid")
+        old_grid = (side, side)
+    prefix = n - old_grid[0] * old_grid[1]
+    if tuple(old_grid) == (gh, gw):
+        if prefix:
+            return pos, ""
         return torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1), "pos_embed: zero cls slot added"
-    prefix = 1 if math.isqrt(n - 1) ** 2 == n - 1 else 0 if math.isqrt(n) ** 2 == n else -1
-    if prefix < 0:
-        raise CheckpointError(f"{src}: pos_embed has {n} positions, neither a square grid nor one plus a cls slot")
-    side = math.isqrt(n - prefix)
     new = resample_abs_pos_embed(
-        pos.float(), new_size=[gh, gw], old_size=[side, side], num_prefix_tokens=prefix, interpolation="bicubic",
+        pos.float(), new_size=[gh, gw], old_size=list(old_grid), num_prefix_tokens=prefix, interpolation="bicubic",
         antialias=True,
     ).to(pos.dtype)
     if not prefix:
         new = torch.cat([new.new_zeros(1, 1, new.shape[2]), new], dim=1)
-    return new, f"pos_embed resampled {side}x{side} -> {gh}x{gw}"
+    return new, f"pos_embed resampled {old_grid[0]}x{old_grid[1]} -> {gh}x{gw}"
 
 
 def _resample_patch(w: torch.Tensor, patch: int) -> tuple[torch.Tensor, str]:
@@ -289,12 +340,13 @@ def load_encoder_state(
     """
     ckpt, src = _open(path_or_dict, source)
     fmt, enc, rest, dropped = _encoder_of(ckpt, fmt, src)
+    recorded = source_grid(ckpt, enc, src)  # before the patch kernel is resampled: the grid is of the source patch
     notes = []
     if patch_size is not None:
         enc["patch_embed.proj.weight"], note = _resample_patch(enc["patch_embed.proj.weight"], patch_size)
         notes.append(note)
     if grid is not None:
-        enc["pos_embed"], note = resample_pos_embed(enc["pos_embed"], grid, src)
+        enc["pos_embed"], note = resample_pos_embed(enc["pos_embed"], grid, src, recorded)
         notes.append(note)
     dim, depth = _check_encoder(enc, src)
     info = dict(
@@ -425,9 +477,10 @@ def target_of(model_or_cfg: nn.Module | Any) -> Target:
 
 
 def _fit_encoder(
-    enc: dict[str, torch.Tensor], target: Target, src: str
+    enc: dict[str, torch.Tensor], target: Target, src: str, grid: tuple[int, int] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Resamples and checks an encoder against the target -> (fitted encoder, dropped keys, notes)."""
+    """Resamples and checks an encoder (``pos_embed`` on ``grid``, if recorded) against the target -> (fitted
+    encoder, dropped keys, notes)."""
     t = target.encoder
     dim, depth = _check_encoder(enc, src)
     t_dim = t["patch_embed.proj.weight"][0]
@@ -444,7 +497,7 @@ def _fit_encoder(
             continue
         note = ""
         if k == "pos_embed":
-            v, note = resample_pos_embed(v, target.grid, src)
+            v, note = resample_pos_embed(v, target.grid, src, grid)
         elif k == "patch_embed.proj.weight":
             v, note = _resample_patch(v, target.patch_size)
         elif k.endswith(_REL_POS) and v.shape[0] != t[k][0]:
@@ -498,11 +551,13 @@ def convert_to_detectron2(
     Returns:
         (new state dict, info) with info keys ``format``, ``origin`` (the format the weights were first
         converted from: differs from ``format`` for files of ``tools/convert_checkpoint.py``), ``source``,
-        ``encoder_prefix``, ``dropped`` (keys of the checkpoint left out on purpose) and ``notes`` (resampling
-        done).
+        ``encoder_prefix``, ``dropped`` (keys of the checkpoint left out on purpose), ``notes`` (resampling
+        done) and ``grid`` (the (h, w) token grid of the result's ``pos_embed``; None when the checkpoint records
+        none and no target was given).
     """
     ckpt, src = _open(path_or_dict, source)
     fmt, enc, rest, dropped = _encoder_of(ckpt, fmt, src)
+    grid = source_grid(ckpt, enc, src)
     notes: list[str] = []
     if target is None:
         prefix = ENCODER_PREFIXES[0]
@@ -511,15 +566,16 @@ def convert_to_detectron2(
     else:
         tgt = target if isinstance(target, Target) else target_of(target)
         prefix = tgt.prefix
-        enc, more, notes = _fit_encoder(enc, tgt, src)
+        enc, more, notes = _fit_encoder(enc, tgt, src, grid)
         dropped += more
+        grid = tgt.grid
     if fmt == "vitdet":
         rest = _vitdet_pyramid(rest, int(enc["patch_embed.proj.weight"].shape[-1]), src)
     out = {f"{prefix}{k}": v for k, v in enc.items()}
     out.update({k: _tensor(v) for k, v in rest.items()})
     # A file written by tools/convert_checkpoint.py is in our Detectron2 layout but holds pretraining weights.
     origin = ckpt.get("source_format", fmt) if fmt == "d2" else fmt
-    info = dict(format=fmt, origin=origin, source=src, encoder_prefix=prefix, dropped=dropped, notes=notes)
+    info = dict(format=fmt, origin=origin, source=src, encoder_prefix=prefix, dropped=dropped, notes=notes, grid=grid)
     return out, info
 
 

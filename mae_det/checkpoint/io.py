@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
@@ -62,6 +64,23 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str) -> N
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (see :func:`atomic_write_text`)."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f), "checkpoint")
+
+
+# The safetensors metadata entry that holds a checkpoint's entries besides "model" (json), for convert.read_checkpoint.
+SAFETENSORS_EXTRA = "mae_det"
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Writes ``{"model": state dict, **entries}`` atomically: a ``.safetensors`` path gets the tensors of "model"
+    with the other entries json-encoded in the metadata string :data:`SAFETENSORS_EXTRA`, any other a torch file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return atomic_save(obj, path)
+    from safetensors.torch import save
+
+    metadata = {"format": "pt", SAFETENSORS_EXTRA: json.dumps({k: v for k, v in obj.items() if k != "model"})}
+    tensors = {k: v.contiguous() for k, v in obj["model"].items()}
+    _atomic_write(path, lambda f: f.write(save(tensors, metadata)), "checkpoint")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -215,6 +234,15 @@ def require_checkpoint_file(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint not found: {path}")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` zip: its code and constants sit next to the pickle (which needs them to unpickle)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Loads a ``.pth``/``.pt`` (torch zip or legacy) or Detectron2 ``.pkl`` file without executing code.
 
@@ -237,6 +265,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                 f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {_one_line(e)}"
             ) from e
     else:
+        if _is_torchscript(path):
+            raise CheckpointError(f"checkpoint {path} is a TorchScript archive, not a checkpoint (state dict): save "
+                                  "the model's state_dict() with torch.save instead")
         try:
             with torch.serialization.safe_globals(_TORCH_SAFE_GLOBALS):
                 obj = torch.load(path, map_location="cpu", weights_only=True)

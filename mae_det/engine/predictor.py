@@ -34,6 +34,7 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from ..config.detection import load_det_cfg
+from ..config.pretrain import ConfigError
 from ..data.detection import DatasetError, register_datasets
 from ..data.semantic import build_mapper, is_semantic, register_sem_seg_dataset
 from ..data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image, load_image_and_file_size
@@ -269,53 +270,103 @@ class Predictor:
         self.metadata = sem_seg_metadata(self.cfg) if self.semantic else dataset_metadata(self.cfg)
 
     def preprocess(self, image: np.ndarray) -> dict:
-        """(H, W, 3) uint8 RGB -> the model's input dict (``INPUT.FORMAT`` channels, test resize)."""
+        """(H, W, 3) uint8 RGB -> the model's input dict (``INPUT.FORMAT`` channels, test resize).
+
+        Raises:
+            ValueError: not an (H, W, 3) uint8 array, or an image so thin that the test resize leaves a side of 0 px.
+        """
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
         height, width = image.shape[:2]
         x = d2_utils.convert_PIL_to_numpy(Image.fromarray(image), self.input_format)
         aug_input = T.AugInput(x)
-        self.augmentations(aug_input)
+        for aug in self.augmentations.augs:  # one at a time: PIL's error for a 0 px resize names neither size
+            tfm = aug.get_transform(aug_input.image)
+            if isinstance(tfm, T.ResizeTransform) and min(tfm.new_h, tfm.new_w) < 1:
+                raise ValueError(f"resized to 0 px ({width}x{height} -> {tfm.new_w}x{tfm.new_h} by the test resize)")
+            aug_input.transform(tfm)
         x = aug_input.image if aug_input.image.ndim == 3 else aug_input.image[:, :, None]  # "L" gives (H, W)
         # A copy: the test resize returns a read-only view of a PIL image, which torch must not wrap.
         return {"image": torch.from_numpy(np.array(x.transpose(2, 0, 1), order="C")), "height": height, "width": width}
 
     @torch.no_grad()
+    def run(self, inputs: Sequence[dict]) -> list[Instances] | list[torch.Tensor]:
+        """:meth:`__call__` of :meth:`preprocess` outputs.
+
+        Only inputs of one size share a forward pass (unless the backbone pads every input to one square): a batch is
+        padded to its largest input, which moves the position table's grid and what global attention sees, so
+        batching any other way would change the results from those of one image at a time (``train_net
+        --eval-only``).
+        """
+        square = getattr(self.model.backbone, "padding_constraints", {}).get("square_size", 0)
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(() if square else tuple(x["image"].shape[-2:]), []).append(i)
+        outputs: list = [None] * len(inputs)
+        for indexes in groups.values():
+            for i, out in zip(indexes, self.model([inputs[i] for i in indexes])):
+                outputs[i] = out["sem_seg"].argmax(dim=0).cpu() if self.semantic else out["instances"].to("cpu")
+        return outputs
+
     def __call__(self, images: Sequence[np.ndarray]) -> list[Instances] | list[torch.Tensor]:
         """Detections (or, when :attr:`semantic`, (H, W) int64 class maps) of a batch of (H, W, 3) uint8 RGB
-        images, in input-image coordinates, on the CPU."""
-        if not images:
-            return []
-        outputs = self.model([self.preprocess(im) for im in images])
-        if self.semantic:
-            return [out["sem_seg"].argmax(dim=0).cpu() for out in outputs]
-        return [out["instances"].to("cpu") for out in outputs]
+        images, in input-image coordinates, on the CPU; the same as predicting each image alone (see :meth:`run`)."""
+        return self.run([self.preprocess(im) for im in images])
 
 
 # ---- many images -> files ---------------------------------------------------------------------------------
 def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files named by paths, folders (their image files, not recursive) and glob patterns (``**`` recurses).
 
-    Explicit paths are kept even if missing or not images, so that reading them reports them.
+    Explicit paths are kept even if missing or not images, so that reading them reports them; an existing file is
+    taken as named even if its name holds glob characters (``img[1].png``).
 
     Returns:
-        (files in order, duplicates removed; [(input, reason)] for folders and patterns that gave no file).
+        (files in order, duplicates removed - the first spelling of each resolved path is kept; [(input, reason)]
+        for folders and patterns that gave no file).
     """
-    files: list[Path] = []
+    files: dict[Path, Path] = {}
     empty: list[tuple[str, str]] = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(p for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 empty.append((item, "folder holds no image files"))
-        elif glob.has_magic(item):
+        elif not os.path.isfile(item) and glob.has_magic(item):
             found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if os.path.isfile(p)]
             if not found:
                 empty.append((item, "pattern matched no files"))
         else:
             found = [Path(item)]
-        files.extend(found)
-    return list(dict.fromkeys(files)), empty
+        for path in found:
+            files.setdefault(path.resolve(), path)
+    return list(files.values()), empty
+
+
+def check_output_dir(output_dir: str | os.PathLike, files: Iterable[Path]) -> Path:
+    """Refuses an output folder that cannot be one or that holds an input, before anything is computed.
+
+    Pictures written next to the inputs would replace an input of the same name (``a.png``) and be read as inputs by
+    the next run over that folder, so no input may lie in the output folder (also through a symlink named there).
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        ConfigError: one line naming the path: an existing file, a path below a file, or a folder holding an input.
+    """
+    out = Path(output_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output folder {out} is a file, not a folder" if existing == out else
+                          f"cannot create output folder {out}: {existing} is a file, not a folder")
+    if out.exists():
+        target = out.resolve()
+        for path in files:
+            if target in (Path(os.path.abspath(path)).parent.resolve(), path.resolve().parent):
+                raise ConfigError(f"output folder {out} holds the input {path}: its pictures would replace inputs "
+                                  "and be read as inputs by the next run; choose another --output")
+    return out
 
 
 def unique_png_names(path: str | os.PathLike, used: set[str], suffixes: Sequence[str] = ("",)) -> list[str]:
@@ -366,7 +417,8 @@ def predict_to_dir(
     Writes ``<output_dir>/<image stem>.png`` (detections drawn), ``results.json`` (COCO results of all images:
     ``image_id``, ``category_id`` (dataset ids), ``bbox`` xywh, ``score``, ``segmentation`` RLE) and
     ``images.json`` (``images`` with ids 1..N and their paths, ``categories``, empty ``annotations``), so that
-    ``COCO("images.json").loadRes("results.json")`` works. Unreadable images are logged by path and skipped.
+    ``COCO("images.json").loadRes("results.json")`` works. Unreadable images, and images the test resize would
+    shrink to 0 px, are logged by path and skipped; the json files hold the images done even if the run stops.
     A semantic model writes instead, per image, the class regions drawn (``<stem>.png``) and its class map
     (``<stem>_labels.png``, mode "L", values = class index); ``results.json`` then lists ``image_id`` ->
     ``label_map`` and ``images.json`` the class names as ``categories`` (id = class index). An image whose names
@@ -381,65 +433,78 @@ def predict_to_dir(
     Args:
         predictor: the model.
         inputs: image paths, folders, glob patterns (see :func:`expand_inputs`).
-        output_dir: created if needed.
-        batch_size: images per forward pass.
+        output_dir: created if needed; it must not hold an input (see :func:`check_output_dir`).
+        batch_size: images read per step; those of one size share a forward pass (see :meth:`Predictor.run`).
         progress: show a progress bar over the images.
         max_pixels: the decoding limit of :func:`~mae_det.data.images.load_image`.
+
+    Raises:
+        ConfigError: the output folder holds an input or cannot be created.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files, failures = expand_inputs(inputs)
+    out = check_output_dir(output_dir, files)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {out}: {e.strerror or e}") from e
     summary = PredictionSummary(failures=list(failures))
     for item, reason in failures:
         logger.warning(f"{item}: {reason}")
     results: list[dict] = []
     used: set[str] = set()
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
-    for start in range(0, len(files), batch_size):
-        batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
-        for path in files[start : start + batch_size]:
-            try:
-                image, file_size = load_image_and_file_size(path, max_pixels)
-                batch.append((path, np.asarray(image), file_size))
-            except ImageLoadError as e:
-                logger.warning(f"skipped unreadable image: {e}")
-                summary.failures.append((str(path), str(e).removeprefix(f"{path}: ")))
-        for (path, image, file_size), instances in zip(batch, predictor([im for _, im, _ in batch])):
-            image_id = len(summary.images) + 1
-            names = unique_png_names(path, used, ("", "_labels") if predictor.semantic else ("",))
-            png = names[0]
-            decoded = (image.shape[1], image.shape[0])
-            if file_size != decoded:
-                logger.warning(f"{path}: {file_size[0]}x{file_size[1]} was decoded at {decoded[0]}x{decoded[1]} "
-                               f"(pixel limit {max_pixels}); its results are written in the file's frame")
-            if predictor.semantic:
-                Image.fromarray(draw_sem_seg(image, instances, predictor.metadata)).save(out / png)
-                labels = Image.fromarray(instances.numpy().astype(np.uint8), mode="L")
-                labels.resize(file_size, Image.NEAREST).save(out / names[1])
-                results.append({"image_id": image_id, "label_map": names[1]})
-            else:
-                Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
-                results += (instances_to_coco_results(instances, image_id, predictor.metadata) if file_size == decoded
-                            else coco_results_in_file_frame(instances, image_id, predictor.metadata, file_size))
-            summary.images.append({
-                "id": image_id, "file_name": str(path.resolve()), "height": file_size[1], "width": file_size[0],
-                "visualization": png,
-            })
-        bar.update(min(batch_size, len(files) - start))
-    bar.close()
-    summary.num_detections = len(results)
-    summary.results_json = out / "results.json"
-    summary.images_json = out / "images.json"
-    summary.results_json.write_text(json.dumps(results))
-    summary.images_json.write_text(json.dumps({
-        "info": {"description": "images of mae_det predict", "weights": predictor.cfg.MODEL.WEIGHTS},
-        "images": summary.images,
-        "categories": ([{"id": k, "name": n} for k, n in enumerate(predictor.metadata.stuff_classes)]
-                       if predictor.semantic else coco_categories(predictor.metadata)),
-        "annotations": [],
-    }, indent=1))
+    try:  # the json files of the images done are written whatever stops the run
+        for start in range(0, len(files), batch_size):
+            batch: list[tuple[Path, np.ndarray, tuple[int, int], dict]] = []
+            for path in files[start : start + batch_size]:
+                try:
+                    image, file_size = load_image_and_file_size(path, max_pixels)
+                    image = np.asarray(image)
+                    batch.append((path, image, file_size, predictor.preprocess(image)))
+                except ImageLoadError as e:
+                    logger.warning(f"skipped unreadable image: {e}")
+                    summary.failures.append((str(path), str(e).removeprefix(f"{path}: ")))
+                except ValueError as e:  # preprocessing: too thin for the test resize
+                    logger.warning(f"skipped {path}: {e}")
+                    summary.failures.append((str(path), str(e)))
+            for (path, image, file_size, _), instances in zip(batch, predictor.run([x for *_, x in batch])):
+                image_id = len(summary.images) + 1
+                names = unique_png_names(path, used, ("", "_labels") if predictor.semantic else ("",))
+                png = names[0]
+                decoded = (image.shape[1], image.shape[0])
+                if file_size != decoded:
+                    logger.warning(f"{path}: {file_size[0]}x{file_size[1]} was decoded at {decoded[0]}x{decoded[1]} "
+                                   f"(pixel limit {max_pixels}); its results are written in the file's frame")
+                if predictor.semantic:
+                    Image.fromarray(draw_sem_seg(image, instances, predictor.metadata)).save(out / png)
+                    labels = Image.fromarray(instances.numpy().astype(np.uint8), mode="L")
+                    labels.resize(file_size, Image.NEAREST).save(out / names[1])
+                    results.append({"image_id": image_id, "label_map": names[1]})
+                else:
+                    Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
+                    results += (instances_to_coco_results(instances, image_id, predictor.metadata)
+                                if file_size == decoded
+                                else coco_results_in_file_frame(instances, image_id, predictor.metadata, file_size))
+                summary.images.append({
+                    "id": image_id, "file_name": str(path.resolve()), "height": file_size[1], "width": file_size[0],
+                    "visualization": png,
+                })
+            bar.update(min(batch_size, len(files) - start))
+    finally:
+        bar.close()
+        summary.num_detections = len(results)
+        summary.results_json = out / "results.json"
+        summary.images_json = out / "images.json"
+        summary.results_json.write_text(json.dumps(results))
+        summary.images_json.write_text(json.dumps({
+            "info": {"description": "images of mae_det predict", "weights": predictor.cfg.MODEL.WEIGHTS},
+            "images": summary.images,
+            "categories": ([{"id": k, "name": n} for k, n in enumerate(predictor.metadata.stuff_classes)]
+                           if predictor.semantic else coco_categories(predictor.metadata)),
+            "annotations": [],
+        }, indent=1))
     return summary
 
 

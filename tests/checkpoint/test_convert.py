@@ -245,6 +245,56 @@ def test_pos_embed_and_patch_kernel_resampled_to_the_model():
     assert info["notes"] == ["patch_embed kernel resampled 8x8 -> 16x16"]
 
 
+def test_a_recorded_non_square_grid_is_resampled_from_that_grid():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(img_size=(32, 128), patch_size=16, embed_dim=64, depth=4, num_heads=2, **DECODER)
+    ckpt = {"model": mae.state_dict(), "meta": {"img_size": [32, 128], "patch_size": 16}}  # 2x8 grid: 17 positions
+    pos = mae.pos_embed.detach()
+
+    def resampled(new):
+        return resample_abs_pos_embed(pos, new_size=new, old_size=[2, 8], num_prefix_tokens=1, antialias=True)
+
+    square = VisionTransformer(img_size=64, embed_dim=64, depth=4, num_heads=2)  # 4x4: also 17 positions
+    info = load_encoder_weights(square, ckpt)  # was taken unchanged, no note: the 2x8 table read as 4x4
+    assert info["notes"] == ["pos_embed resampled 2x8 -> 4x4"]
+    torch.testing.assert_close(square.pos_embed.detach(), resampled([4, 4]))
+    large = VisionTransformer(img_size=128, embed_dim=64, depth=4, num_heads=2)
+    assert load_encoder_weights(large, ckpt)["notes"] == ["pos_embed resampled 2x8 -> 8x8"]  # was "4x4 -> 8x8"
+    torch.testing.assert_close(large.pos_embed.detach(), resampled([8, 8]))
+    same = VisionTransformer(img_size=(32, 128), embed_dim=64, depth=4, num_heads=2)
+    assert load_encoder_weights(same, ckpt)["notes"] == [] and torch.equal(same.pos_embed, mae.pos_embed)
+
+    # Converted without a target, the grid travels with the file (pos_grid) to the model it is loaded into.
+    state, info = convert_to_detectron2(ckpt, None)
+    assert info["grid"] == (2, 8)
+    state, info = convert_to_detectron2({"model": state, "pos_grid": [2, 8]}, backbone_model(vit_cfg()))
+    assert info["notes"] == ["pos_embed resampled 2x8 -> 4x4"] and info["grid"] == (4, 4)
+    torch.testing.assert_close(state["backbone.net.pos_embed"], resampled([4, 4]))
+
+    with pytest.raises(CheckpointError) as e:
+        load_encoder_state({**ckpt, "meta": {"img_size": 96}}, grid=(4, 4), source="x.pth")
+    assert str(e.value) == "x.pth: pos_embed has 17 positions but the checkpoint's meta img_size 96 gives a 6x6 grid"
+    with pytest.raises(CheckpointError) as e:
+        load_encoder_state({"model": ckpt["model"], "args": argparse.Namespace(input_size=224)}, grid=(4, 4),
+                           source="x.pth")
+    assert str(e.value) == ("x.pth: pos_embed has 17 positions but the checkpoint's args.input_size 224 gives a 14x14 "
+                            "grid")
+
+
+def test_a_timm_vit_without_qkv_bias_gets_zero_biases_and_computes_the_same():
+    torch.manual_seed(0)
+    timm_vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, qkv_bias=False, num_classes=0).eval()
+    sd, info = load_encoder_state(timm_vit.state_dict())  # was "block 0 has no 'attn.qkv.bias'"
+    bias = sd["blocks.1.attn.qkv.bias"]
+    assert info["format"] == "timm" and bias.shape == (192,) and not bias.any()
+    ours = VisionTransformer(img_size=32, embed_dim=64, depth=2, num_heads=2, learnable_pos_embed=True).eval()
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), timm_vit.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
 # ---- hostile and mismatched inputs --------------------------------------------------------------------
 class _RunsCode:
     def __init__(self, marker: str) -> None:

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from numpy._core.numeric import _frombuffer
 
 from mae_det.checkpoint import (
@@ -128,3 +129,12 @@ def test_a_pkl_that_is_no_pickle_is_called_so_not_refused(tmp_path, content, rea
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert str(e.value) == f"checkpoint {path} is not a readable pickle (truncated or corrupt?): {reason}"
+
+
+def test_a_torchscript_archive_is_named_as_such(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError) as e:  # was "not a readable torch file (truncated or corrupt?)"
+        load_checkpoint(path)
+    assert str(e.value) == (f"checkpoint {path} is a TorchScript archive, not a checkpoint (state dict): save the "
+                            "model's state_dict() with torch.save instead")

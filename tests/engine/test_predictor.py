@@ -1,4 +1,5 @@
 """mae_det.engine.predictor on a tiny randomly initialized ViT Mask R-CNN and a generated COCO-format dataset."""
+import hashlib
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from mae_det.config.pretrain import ConfigError
 from mae_det.data.images import load_image
 from mae_det.engine.det_trainer import build_checkpointer
 from mae_det.engine.predictor import (
-    Predictor, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
+    Predictor, check_output_dir, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
     instances_to_coco_results, load_predict_cfg, predict_to_dir, side_by_side_detections,
 )
 from mae_det.modeling.mae import MaskedAutoencoderViT
@@ -67,6 +68,17 @@ def test_expand_inputs_folders_globs_and_missing(tmp_path):
     assert [p.name for p in files] == ["x.png", "y.JPG", "missing.png"]
     assert empty == [(str(tmp_path / "empty"), "folder holds no image files"),
                      (str(tmp_path / "*.gif"), "pattern matched no files")]
+
+
+def test_expand_inputs_takes_existing_files_with_glob_characters_and_one_file_once(tmp_path, monkeypatch):
+    for name in ("img[1].png", "img1.png", "b.png"):
+        (tmp_path / name).write_bytes(b"1")
+    monkeypatch.chdir(tmp_path)
+    # "img[1].png" names a file: it was read as a pattern (matching img1.png, or nothing), the file never taken.
+    # b.png given relative and absolute was predicted twice.
+    files, empty = expand_inputs(["img[1].png", "b.png", str(tmp_path / "b.png"), str(tmp_path / "img[1].png"),
+                                  str(tmp_path / "img[0-9].png")])
+    assert [str(p) for p in files] == ["img[1].png", "b.png", str(tmp_path / "img1.png")] and empty == []
 
 
 def test_metadata_names_and_original_category_ids(tiny):
@@ -173,6 +185,77 @@ def test_predict_to_dir_writes_pictures_and_loadable_coco_json(tiny, predictor, 
     assert {a["image_id"] for a in dt.anns.values()} == {1, 2, 3, 4}
     assert all(a["segmentation"]["size"] == [80, 100] for a in dt.anns.values() if a["image_id"] == 4)
 
+
+def test_batched_detections_equal_those_of_one_image_at_a_time(tiny, predictor):
+    """SQUARE_PAD 0: a batch was padded to its largest image, which moved the position table's grid and what global
+    attention saw, so an image's detections depended on its batch mates (and differed from train_net --eval-only)."""
+    a = np.asarray(load_image(tiny[1] / "img_0.png"))  # 128 x 128
+    b = np.ascontiguousarray(np.asarray(load_image(tiny[1] / "img_1.png"))[16:112])  # 96 x 128
+    batched, alone = predictor([b, a, b]), [predictor([im])[0] for im in (b, a, b)]
+    for x, y in zip(batched, alone):
+        assert len(x) == len(y) > 0 and torch.equal(x.pred_classes, y.pred_classes)
+        torch.testing.assert_close(x.scores, y.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x.pred_boxes.tensor, y.pred_boxes.tensor, rtol=0, atol=1e-3)
+    assert batched[0].image_size == (96, 128) and batched[1].image_size == (128, 128)
+
+
+def test_output_folder_holding_an_input_is_refused_before_anything_is_written(tiny, predictor, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"img_{i}.png").write_bytes((tiny[1] / f"img_{i}.png").read_bytes())
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in photos.iterdir()}
+    with pytest.raises(ConfigError) as e:  # img_0.png's picture was written over img_0.png
+        predict_to_dir(predictor, [str(photos)], photos, progress=False)
+    assert str(e.value) == (f"output folder {photos} holds the input {photos / 'img_0.png'}: its pictures would "
+                            "replace inputs and be read as inputs by the next run; choose another --output")
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in photos.iterdir()} == before
+    # An output folder inside a recursively searched one: the first run is fine, the next would read its pictures.
+    pattern = str(photos / "**" / "*.png")
+    predict_to_dir(predictor, [pattern], photos / "pred", progress=False)
+    with pytest.raises(ConfigError, match=f"^output folder {photos / 'pred'} holds the input {photos / 'pred'}/img_0"):
+        predict_to_dir(predictor, [pattern], photos / "pred", progress=False)
+    # An input named through a symlink in the output folder: its picture would be written through the link.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link.png").symlink_to(photos / "img_1.png")
+    with pytest.raises(ConfigError, match="holds the input"):
+        check_output_dir(tmp_path / "out", expand_inputs([str(tmp_path / "out" / "link.png")])[0])
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in photos.iterdir() if p.is_file()} == before
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError) as e:
+        check_output_dir(tmp_path / "afile", [])
+    assert str(e.value) == f"output folder {tmp_path / 'afile'} is a file, not a folder"
+    with pytest.raises(ConfigError) as e:
+        check_output_dir(tmp_path / "afile" / "sub", [])
+    sub = tmp_path / "afile" / "sub"
+    assert str(e.value) == f"cannot create output folder {sub}: {tmp_path / 'afile'} is a file, not a folder"
+
+
+def test_a_too_thin_image_is_a_counted_skip_and_the_json_files_survive_a_failing_batch(
+    tiny, predictor, tmp_path, monkeypatch
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "d.png"):
+        (images / name).write_bytes((tiny[1] / "img_0.png").read_bytes())
+    Image.new("RGB", (1000, 2)).save(images / "b_strip.png")  # the test resize makes it 128 x 0: was a traceback
+    summary = predict_to_dir(predictor, [str(images)], tmp_path / "out", progress=False)
+    assert summary.failures == [(str(images / "b_strip.png"), "resized to 0 px (1000x2 -> 128x0 by the test resize)")]
+    assert [im["visualization"] for im in summary.images] == ["a.png", "d.png"]
+    with pytest.raises(ValueError, match=r"^resized to 0 px \(2x1000 -> 0x128 by the test resize\)$"):
+        predictor([np.zeros((1000, 2, 3), np.uint8)])
+
+    run = predictor.run
+    monkeypatch.setattr(predictor, "run", lambda xs: 1 / 0 if any(x["width"] == 1 for x in xs) else run(xs))
+    Image.new("RGB", (1, 1)).save(images / "e.png")  # a model failure on the last image: the results were lost
+    with pytest.raises(ZeroDivisionError):
+        predict_to_dir(predictor, [str(images)], tmp_path / "out2", progress=False)
+    written = json.loads((tmp_path / "out2" / "images.json").read_text())
+    assert [im["visualization"] for im in written["images"]] == ["a.png", "d.png"]
+    assert len(json.loads((tmp_path / "out2" / "results.json").read_text())) == 2 * 10
 
 
 def test_a_jpeg_decoded_downscaled_gets_results_in_the_file_frame(predictor, tmp_path):

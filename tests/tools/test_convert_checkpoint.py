@@ -112,3 +112,47 @@ def test_an_output_that_cannot_be_written_and_a_wrong_format_flag_are_one_line_e
     assert str(e.value).startswith(f"convert_checkpoint: {src}: cannot be read as Hugging Face ViTMAE (format 'hf' "
                                    "was forced), its content looks like official MAE")
     assert "\n" not in str(e.value) and not (tmp_path / "o.pth").exists()
+
+
+def test_the_input_as_output_is_refused_and_the_source_kept(tmp_path):
+    from tools.convert_checkpoint import main
+
+    src = tmp_path / "mae_full.pth"
+    torch.save({"model": tiny_mae(64).state_dict()}, src)
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    for output in (src, tmp_path / "link.pth"):
+        with pytest.raises(SystemExit) as e:  # the decoder-less conversion replaced the full checkpoint
+            main(["--input", str(src), "--output", str(output)])
+        assert str(e.value) == (f"convert_checkpoint: --output {output} is the input file; write the conversion to "
+                                "another file")
+    assert src.read_bytes() == before
+
+
+def test_a_safetensors_output_reads_back_and_other_suffixes_are_refused(tmp_path, capsys):
+    from mae_det.checkpoint.convert import read_checkpoint
+    from tools.convert_checkpoint import main
+
+    src, cfg_file = tmp_path / "mae_full.pth", tmp_path / "tiny.yaml"
+    torch.save({"model": tiny_mae(32).state_dict()}, src)
+    cfg_file.write_text(CONFIG)
+    for name in ("o.pth", "o.safetensors"):
+        main(["--input", str(src), "--output", str(tmp_path / name), "--config-file", str(cfg_file)])
+    pth, st = load_checkpoint(tmp_path / "o.pth"), read_checkpoint(tmp_path / "o.safetensors")  # was a torch zip
+    assert {k: v for k, v in st.items() if k != "model"} == {
+        "__author__": "mae_det", "matching_heuristics": False, "source_format": "official", "pos_grid": [4, 4]}
+    assert st.keys() == pth.keys() and st["model"].keys() == pth["model"].keys()
+    assert all(torch.equal(st["model"][k], v) for k, v in pth["model"].items())
+    cfg = add_vit_config(get_cfg())
+    cfg.merge_from_file(str(cfg_file))
+    holder = nn.Module()
+    holder.backbone = build_vit_fpn_backbone(cfg, ShapeSpec(channels=3))
+    ck = ViTDetCheckpointer(holder)
+    ck.load(str(tmp_path / "o.safetensors"))
+    assert (ck.last_report.origin, ck.last_report.missing, ck.last_report.unused) == ("official", [], [])
+    for name in ("o.pkl", "o.bin", "o"):  # a .pkl was a torch zip that the .pkl reader cannot read, exit 0
+        with pytest.raises(SystemExit) as e:
+            main(["--input", str(src), "--output", str(tmp_path / name)])
+        assert str(e.value) == (f"convert_checkpoint: --output {tmp_path / name}: expected a file name ending in "
+                                ".pth, .pt, .safetensors (MODEL.WEIGHTS reads a file by its suffix)")
+        assert not (tmp_path / name).exists()

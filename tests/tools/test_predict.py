@@ -96,3 +96,24 @@ def test_bad_options_and_missing_weights_exit_2_with_one_line(tmp_path, capsys):
         run_with_exit_codes(tool.main, tool.parse_args(base))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: prediction needs trained weights")
     assert not (tmp_path / "pred").exists()
+
+
+def test_an_output_that_is_a_file_or_holds_an_input_exits_2_before_the_model_is_loaded(tmp_path, capsys):
+    from mae_det.engine.det_trainer import run_with_exit_codes
+
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=1)
+    config = write_tiny_config(tmp_path, json_path, image_dir)
+    (tmp_path / "afile").write_text("x")
+    tool = load_tool()
+    # Weights that do not exist: their error would come first if the model were built before the output is checked.
+    missing = ["--opts", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
+    for output, message in ((tmp_path / "afile", f"output folder {tmp_path / 'afile'} is a file, not a folder"),
+                            (image_dir, f"output folder {image_dir} holds the input {image_dir / 'img_0.png'}: its "
+                                        "pictures would replace inputs and be read as inputs by the next run; choose "
+                                        "another --output")):
+        args = tool.parse_args(["--config-file", str(config), "--input", str(image_dir), "--output", str(output),
+                                *missing])
+        with pytest.raises(SystemExit) as e:  # was a FileExistsError traceback (exit 1) after the model loaded
+            run_with_exit_codes(tool.main, args)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert (tmp_path / "afile").read_text() == "x" and sorted(p.name for p in image_dir.iterdir()) == ["img_0.png"]
