@@ -81,6 +81,11 @@ def _check_output(out: Path, name: str, image_files: Iterable[str] = ()) -> None
                            "written among (and over) them; choose another --output")
 
 
+def _failed_image_files(summary: DataVisSummary) -> list[str]:
+    """The image files among the failures (a bad json image entry is named by the json's path)."""
+    return [path for path, problem in summary.failures if not problem.startswith("image entry #")]
+
+
 def _add_load_failures(name: str, summary: DataVisSummary) -> None:
     """Names the images that the latest load of ``name`` skipped for their file (named, not drawn)."""
     report = load_report(name)
@@ -92,7 +97,7 @@ def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSum
     records = DatasetCatalog.get(name)
     metadata = MetadataCatalog.get(name)
     _add_load_failures(name, summary)
-    _check_output(out, name, [r["file_name"] for r in records] + [path for path, _ in summary.failures])
+    _check_output(out, name, [r["file_name"] for r in records] + _failed_image_files(summary))
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for record in records:
@@ -123,7 +128,7 @@ def _from_dataloader(cfg: CfgNode, name: str, num_images: int, out: Path, summar
     metadata = MetadataCatalog.get(name)
     batches = iter(Trainer.build_train_loader(cfg))
     _add_load_failures(name, summary)
-    _check_output(out, name, [path for path, _ in summary.failures])
+    _check_output(out, name, _failed_image_files(summary))
     out.mkdir(parents=True, exist_ok=True)
     while len(summary.written) < num_images:
         try:

@@ -40,10 +40,10 @@ Keys added by :func:`add_det_train_config` (defaults in brackets)::
     DATASETS.REGISTER [[]]           COCO-format datasets to register: a list of [name, json_file, image_root]
                                      (``~`` and ``$VARS`` are expanded; relative paths are relative to the working
                                      directory). Name them in DATASETS.TRAIN / DATASETS.TEST.
-    DATASETS.MAX_BAD_FRACTION [0.01] image files of a registered training set that are missing, unreadable or not
-                                     the json's height x width (header check at load) are skipped and counted;
-                                     above this fraction loading fails. Test sets allow none (every image is
-                                     decoded before training starts).
+    DATASETS.MAX_BAD_FRACTION [0.01] images of a registered training set whose json entry is malformed (or shares
+                                     its id) or whose file is missing, unreadable or not the json's height x width
+                                     (header check at load) are skipped and counted; above this fraction loading
+                                     fails. Test sets allow none (every image is decoded before training starts).
 
 Existing Detectron2 keys keep their meaning; notably ``TEST.DETECTIONS_PER_IMAGE`` is also the COCOeval
 max-detections limit, and ``SOLVER.WEIGHT_DECAY_NORM`` only applies to the "SGD" optimizer.
@@ -71,6 +71,8 @@ from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config, vi
 
 OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+RANDOM_FLIPS = ("horizontal", "vertical", "none")
+MASK_FORMATS = ("polygon", "bitmask")
 # Detectron2's ROIPooler constants (canonical box size, level): what every other RoI heads class uses.
 _D2_CANONICAL_RULE = (224, 4)
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -172,6 +174,11 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     _check(L.IMAGE_SIZE > 0, f"INPUT.LSJ.IMAGE_SIZE: expected > 0, got {L.IMAGE_SIZE}")
     _check(0.0 < L.MIN_SCALE <= L.MAX_SCALE,
            f"INPUT.LSJ: expected 0 < MIN_SCALE <= MAX_SCALE, got {L.MIN_SCALE}, {L.MAX_SCALE}")
+    # Detectron2 would fail building the mapper, or on the first training sample, without naming the key.
+    _check(cfg.INPUT.RANDOM_FLIP in RANDOM_FLIPS,
+           f"INPUT.RANDOM_FLIP: expected one of {RANDOM_FLIPS}, got {cfg.INPUT.RANDOM_FLIP!r}")
+    _check(cfg.INPUT.MASK_FORMAT in MASK_FORMATS,
+           f"INPUT.MASK_FORMAT: expected one of {MASK_FORMATS}, got {cfg.INPUT.MASK_FORMAT!r}")
 
     names = set()
     for entry in cfg.DATASETS.REGISTER:

@@ -4,16 +4,19 @@ Any COCO-format json + image root listed in ``DATASETS.REGISTER`` becomes a Dete
 changes. The json is parsed by :func:`parse_coco_instances`, which turns hostile content into counted, logged
 skips (annotations of unknown images, polygons with < 3 points, zero/negative-size boxes, boxes entirely outside
 their image, RLEs that do not fit their image, ...) or one-line :class:`DatasetError` messages (missing file,
-invalid json, missing sections).
+invalid json, missing sections). Boxes crossing the image border are clipped to it. An image entry that is
+malformed (an ``id`` that is not an integer, a missing or non-integral size; 128.0 reads as 128) or whose ``id``
+another entry repeats is skipped with its annotations and counted as a bad image, like a bad file below.
 Detectron2's builtin names (``coco_2017_train`` ...) are checked for their files under ``DETECTRON2_DATASETS``.
 
 Image files are checked against the json when a dataset is loaded (ours, and Detectron2's builtin COCO sets),
 from their headers (~0.1 ms per file): missing, not an image, or not the declared height x width as the mapper
 will see it (EXIF orientation applied). Such images are skipped and named in the load report;
 more of them than ``DATASETS.MAX_BAD_FRACTION`` is a one-line :class:`DatasetError`. Test sets are stricter,
-because skipping an image would change the AP: every image is decoded up front and any bad one is an error. A
-training image whose header is fine but whose data is not (truncated) is skipped by
-:class:`DetectionDatasetMapper` when it fails to decode; the trainer counts it.
+because skipping an image would change the AP: every image is decoded up front, as the mapper decodes it, and any
+bad one (or bad image entry) is an error. A training image whose header is fine but whose data is not (truncated,
+beyond the image loader's pixel limit) is skipped by :class:`DetectionDatasetMapper` when it fails to decode; the
+trainer counts it.
 """
 from __future__ import annotations
 
@@ -36,11 +39,13 @@ from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from .images import ImageLoadError, image_size, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_size, load_image, load_image_and_file_size
 
 logger = logging.getLogger(__name__)
 
 MISSING_IMAGE = "images whose file is missing"
+MALFORMED_IMAGE_ENTRY = "malformed image entries"
+DUPLICATE_IMAGE_ID = "image entries with a repeated id"
 UNREADABLE_IMAGE = "unreadable images"
 WRONG_SIZE_IMAGE = "images whose size differs from the json"
 # Key of a mapped training dict that carries the files the mapper skipped since its previous output.
@@ -56,9 +61,11 @@ class DatasetError(ValueError):
 class CocoLoadReport:
     """What :func:`parse_coco_instances` kept and what it skipped (reason -> count).
 
-    ``bad_files`` holds one "path: problem" line per image skipped for its file (missing, unreadable, wrong
-    size), in image id order. ``masks``: whether the json has segmentations (None: not parsed here, e.g. a
-    Detectron2 builtin set); ``rle_instances``: kept non-crowd instances whose mask is an RLE.
+    ``bad_files`` holds one "path: problem" line per image skipped: for its json entry (malformed, or its id
+    repeated; the path is the json's), in json order, then for its file (missing, unreadable, wrong size), in image
+    id order. ``masks``: whether the json has segmentations (None: not parsed here, e.g. a Detectron2 builtin set);
+    ``rle_instances``: kept non-crowd instances whose mask is an RLE; ``clipped_boxes``: kept boxes that crossed
+    the image border, clipped to it.
     """
 
     json_file: str
@@ -68,9 +75,12 @@ class CocoLoadReport:
     bad_files: list[str] = field(default_factory=list)
     masks: bool | None = None
     rle_instances: int = 0
+    clipped_boxes: int = 0
 
     def summary(self) -> str:
         line = f"{self.json_file}: {self.images} images, {self.annotations} annotations"
+        if self.clipped_boxes:
+            line += f" ({self.clipped_boxes} boxes clipped to their image)"
         if self.skipped:
             reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
             line += f"; skipped {sum(self.skipped.values())}: {reasons}"
@@ -130,6 +140,11 @@ def _categories(data: dict, json_file: str) -> dict[int, str]:
     return cats
 
 
+def _class_lists(cats: dict[int, str]) -> tuple[list[str], dict[int, int]]:
+    """(thing_classes, dataset_id_to_contiguous_id) of a json's categories: ids mapped to 0..K-1 in id order."""
+    return [cats[cid] for cid in sorted(cats)], {cid: i for i, cid in enumerate(sorted(cats))}
+
+
 def _rle_run_lengths(counts: Any) -> list[int] | None:
     """The run lengths of an RLE's ``counts``: a list of integers, or COCO's compressed string, in which each
     length is written 5 bits a character (ASCII 48 + bits, 0x20 marks that more characters follow, 0x10 in the last
@@ -162,6 +177,9 @@ def _rle_run_lengths(counts: Any) -> list[int] | None:
 def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) -> Any:
     """Valid polygons or a compressed RLE for one annotation, or None (reason counted in ``skipped``)."""
     if isinstance(segm, list):
+        if segm and _finite_numbers(segm):
+            skipped["segmentation is a flat list, expected a list of polygons"] += 1
+            return None
         polys = [p for p in segm if _finite_numbers(p) and len(p) % 2 == 0 and len(p) >= 6]
         if not polys:
             skipped["polygons with < 3 points"] += 1
@@ -191,14 +209,16 @@ def _clean_segmentation(segm: Any, height: int, width: int, skipped: Counter) ->
     return None
 
 
-def image_file_problem(path: str, height: int | None, width: int | None, *,
-                       decode: bool = False) -> tuple[str, str] | None:
-    """Why Detectron2's mapper could not use this image as the json declares it, or None when it can.
+def image_file_problem(path: str, height: int | None, width: int | None, *, decode: bool = False,
+                       declared_by: str = "the json declares") -> tuple[str, str] | None:
+    """Why :class:`DetectionDatasetMapper` could not use this image as the json declares it, or None when it can.
 
     Args:
         path: the image file.
         height, width: the declared size (None: not checked).
-        decode: decode every pixel instead of reading the header only (finds truncated data).
+        decode: decode the image as the mapper does (:func:`~mae_det.data.images.load_image`) instead of reading
+            the header only: finds truncated data, damaged EXIF blocks and images beyond the loader's pixel limit.
+        declared_by: who declared the size, for the message.
 
     Returns:
         None, or (reason, one line starting with the path): the file is missing, unreadable (the image
@@ -211,12 +231,18 @@ def image_file_problem(path: str, height: int | None, width: int | None, *,
     except OSError as e:
         return UNREADABLE_IMAGE, f"{path}: cannot access file ({e.strerror or e})"
     try:
-        size = image_size(path, decode=decode)
+        if decode:
+            image, size = load_image_and_file_size(path)
+        else:
+            size = image_size(path)
     except ImageLoadError as e:
         return UNREADABLE_IMAGE, str(e)
+    if decode and image.size != size:  # a JPEG beyond the pixel limit, decoded downscaled
+        return UNREADABLE_IMAGE, (f"{path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds the image "
+                                  f"loader's limit of {DEFAULT_MAX_PIXELS}; downscale the file")
     if height is not None and width is not None and size != (width, height):
         return WRONG_SIZE_IMAGE, (f"{path}: the file is {size[0]}x{size[1]} (width x height, EXIF orientation "
-                                  f"applied) but the json declares {width}x{height}")
+                                  f"applied) but {declared_by} {width}x{height}")
     return None
 
 
@@ -242,15 +268,71 @@ def filter_image_files(records: list[dict], report: CocoLoadReport, *, decode: b
     return kept
 
 
+def _integral(x: Any) -> int | None:
+    """``x`` as an int when it is one or a float with an integral value (exporters through pandas write 128.0)."""
+    if _is_int(x):
+        return x
+    return int(x) if isinstance(x, float) and x.is_integer() else None
+
+
+def _image_entry_problem(entry: Any) -> str | None:
+    """What makes one entry of a COCO json's ``images`` unusable, or None."""
+    if not isinstance(entry, dict):
+        return f"expected an object with 'id', 'file_name', 'height' and 'width', got {entry!r:.60}"
+    for key, ok, expected in (
+        ("id", _is_int(entry.get("id")), "an integer"),
+        ("file_name", isinstance(entry.get("file_name"), str), "a string"),
+        ("height", (_integral(entry.get("height")) or 0) > 0, "a positive integer"),
+        ("width", (_integral(entry.get("width")) or 0) > 0, "a positive integer"),
+    ):
+        if key not in entry:
+            return f"'{key}' is missing"
+        if not ok:
+            return f"'{key}' must be {expected}, got {entry[key]!r:.60}"
+    return None
+
+
+def _image_entries(entries: list, json_file: str, report: CocoLoadReport) -> tuple[dict[int, dict], set[int]]:
+    """The usable entries of a COCO json's ``images`` by id (integral float sizes made ints), and the integer ids
+    of the skipped ones. A malformed entry, and every entry whose id another one repeats (their annotations could
+    belong to any of them), is counted in ``report`` and named in ``report.bad_files`` as
+    "<json>: image entry #<1-based position>: <problem>", so that the bad-image budget, and a test set's
+    completeness, count it.
+    """
+    positions: dict[int, list[int]] = {}
+    for i, e in enumerate(entries, 1):
+        if isinstance(e, dict) and _is_int(e.get("id")):
+            positions.setdefault(e["id"], []).append(i)
+    images: dict[int, dict] = {}
+    skipped_ids: set[int] = set()
+    for i, e in enumerate(entries, 1):
+        problem, reason = _image_entry_problem(e), MALFORMED_IMAGE_ENTRY
+        if problem is None and len(positions[e["id"]]) > 1:
+            others = ", ".join(f"#{j}" for j in positions[e["id"]] if j != i)
+            problem = f"id {e['id']} is also the id of image entry {others} (all skipped)"
+            reason = DUPLICATE_IMAGE_ID
+        if problem is None:
+            images[e["id"]] = {**e, "height": _integral(e["height"]), "width": _integral(e["width"])}
+            continue
+        report.skipped[reason] += 1
+        report.bad_files.append(f"{json_file}: image entry #{i}: {problem}")
+        if isinstance(e, dict) and _is_int(e.get("id")):
+            skipped_ids.add(e["id"])
+    return images, skipped_ids
+
+
 def parse_coco_instances(
-    json_file: str, image_root: str, key_hint: str = "set the path in DATASETS.REGISTER", *, decode: bool = False
+    json_file: str, image_root: str, key_hint: str = "set the path in DATASETS.REGISTER", *, decode: bool = False,
+    mask_on: bool = True,
 ) -> tuple[list[dict], list[str], dict[int, int], CocoLoadReport]:
     """Reads a COCO instances json into Detectron2 dataset dicts, skipping what cannot be trained on.
 
     Category ids may be any distinct integers: they are mapped to ``0..K-1`` in id order (as Detectron2 does);
     images without annotations are kept (training filters them per ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``);
-    crowd annotations (RLE, compressed or not) are kept for evaluation. Images whose file is missing,
-    unreadable or not the declared size (see :func:`image_file_problem`) are skipped and named in the report;
+    crowd annotations (RLE, compressed or not) are kept for evaluation. Boxes that cross the image border are
+    clipped to it (as training clips them), so that evaluation's ground truth is what a detection can match. Image
+    entries that are malformed or whose id another entry repeats, and images whose file is missing, unreadable or
+    not the declared size (see :func:`image_file_problem`) are skipped and named in the report;
     :func:`check_bad_images` decides whether that many is acceptable.
 
     Args:
@@ -258,6 +340,8 @@ def parse_coco_instances(
         image_root: folder that ``file_name`` entries are relative to.
         key_hint: what to change when the paths are wrong, appended to the error message.
         decode: decode every image instead of reading headers (slow: for test sets).
+        mask_on: the model predicts masks (``MODEL.MASK_ON``); False drops the segmentations and keeps the
+            annotations that have none.
 
     Returns:
         (records, thing_classes, dataset_id_to_contiguous_id, report).
@@ -268,30 +352,23 @@ def parse_coco_instances(
     data = _read_coco_json(json_file, key_hint)
     if not os.path.isdir(image_root):
         raise DatasetError(f"image root not found: {image_root} ({key_hint})")
-    cats = _categories(data, json_file)
-    id_map = {cid: i for i, cid in enumerate(sorted(cats))}
-    thing_classes = [cats[cid] for cid in sorted(cats)]
+    thing_classes, id_map = _class_lists(_categories(data, json_file))
     report = CocoLoadReport(json_file)
     skipped = report.skipped
 
-    images: dict[int, dict] = {}
-    for img in data["images"]:
-        ok = isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)
-        ok = ok and all(_is_int(img.get(k)) and img[k] > 0 for k in ("height", "width"))
-        if not ok:
-            skipped["malformed image entries"] += 1
-        elif img["id"] in images:
-            skipped["duplicate image ids"] += 1
-        else:
-            images[img["id"]] = img
+    images, skipped_ids = _image_entries(data["images"], json_file, report)
 
     anns = [a for a in data.get("annotations", []) if isinstance(a, dict)]
     if len(anns) < len(data.get("annotations", [])):
         skipped["malformed annotations"] += len(data.get("annotations", [])) - len(anns)
+    report.masks = any(a.get("segmentation") for a in anns)
     # A dataset with masks needs one for every instance (Detectron2 batches them together).
-    with_masks = report.masks = any(a.get("segmentation") for a in anns)
+    with_masks = mask_on and report.masks
     per_image: dict[int, list[dict]] = {i: [] for i in images}
     for a in anns:
+        if _is_int(a.get("image_id")) and a["image_id"] in skipped_ids:
+            skipped["annotations of skipped image entries"] += 1
+            continue
         img = images.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
         if img is None:
             skipped["annotations whose image_id is not among the images"] += 1
@@ -302,6 +379,10 @@ def parse_coco_instances(
         if a.get("ignore", 0):
             skipped["annotations marked ignore"] += 1
             continue
+        iscrowd = a.get("iscrowd", 0)
+        if not (isinstance(iscrowd, int) and iscrowd in (0, 1)):  # "0" would read as crowd, silently
+            skipped["malformed iscrowd (expected 0, 1, true or false)"] += 1
+            continue
         bbox = a.get("bbox")
         if not _finite_numbers(bbox, 4):
             skipped["malformed boxes"] += 1
@@ -310,15 +391,20 @@ def parse_coco_instances(
             skipped["zero/negative-size boxes"] += 1
             continue
         # Training clips such a box to nothing and drops it, but evaluation would count it as an object that no
-        # detection can match, lowering recall and AP. Boxes that only cross the border are kept (and clipped).
+        # detection can match, lowering recall and AP. Boxes that only cross the border are kept, clipped: training
+        # clips them too, and evaluation would match the clipped detections against the unclipped box.
         if bbox[0] >= img["width"] or bbox[1] >= img["height"] or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
             skipped["boxes entirely outside their image"] += 1
             continue
+        x0, y0 = max(bbox[0], 0), max(bbox[1], 0)
+        x1, y1 = min(bbox[0] + bbox[2], img["width"]), min(bbox[1] + bbox[3], img["height"])
+        box = [float(v) for v in (x0, y0, x1 - x0, y1 - y0)]
+        report.clipped_boxes += box != [float(v) for v in bbox]
         obj = {
-            "bbox": [float(v) for v in bbox],
+            "bbox": box,
             "bbox_mode": BoxMode.XYWH_ABS,
             "category_id": id_map[a["category_id"]],
-            "iscrowd": int(bool(a.get("iscrowd", 0))),
+            "iscrowd": int(iscrowd),
         }
         if with_masks:
             if not a.get("segmentation"):
@@ -347,8 +433,15 @@ def parse_coco_instances(
     return records, thing_classes, id_map, report
 
 
+def allowed_bad_images(max_bad_fraction: float, total: int) -> int:
+    """How many of ``total`` images ``max_bad_fraction`` allows to be bad: its product with ``total``, rounded
+    down, after rounding off the binary float error (0.29 * 100 is 28.999999999999996, which allows 29)."""
+    return math.floor(round(max_bad_fraction * total, 6))
+
+
 def check_bad_images(report: CocoLoadReport, name: str, max_bad_fraction: float, *, test: bool = False) -> None:
-    """Raises when more image files were bad than ``max_bad_fraction`` of the checked ones (any, for a test set).
+    """Raises when more images were bad (their json entry or their file) than ``max_bad_fraction`` of the checked
+    ones (any, for a test set).
 
     Args:
         report: the load report of the dataset.
@@ -363,13 +456,16 @@ def check_bad_images(report: CocoLoadReport, name: str, max_bad_fraction: float,
     total = report.images + bad
     if not bad:
         return
-    what = f"{bad} of {total} images in {report.json_file} are missing, unreadable or not the size the json declares"
+    files = "missing, unreadable or not the size the json declares"
+    entries = report.skipped[MALFORMED_IMAGE_ENTRY] + report.skipped[DUPLICATE_IMAGE_ID]
+    what = f"{bad} of {total} images in {report.json_file} " + (
+        f"have a malformed or repeated-id json entry or a file that is {files}" if entries else f"are {files}")
     if test:
         raise DatasetError(
             f"dataset '{name}' (DATASETS.TEST): {what}; a test set must be complete, skipping images would change "
             f"the AP: {first_files(report.bad_files)}"
         )
-    allowed = int(max_bad_fraction * total)
+    allowed = allowed_bad_images(max_bad_fraction, total)
     if bad > allowed:
         raise DatasetError(
             f"dataset '{name}': {what}, more than DATASETS.MAX_BAD_FRACTION={max_bad_fraction} allows ({allowed}): "
@@ -377,11 +473,12 @@ def check_bad_images(report: CocoLoadReport, name: str, max_bad_fraction: float,
         )
 
 
-def load_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0) -> list[dict]:
-    """DatasetCatalog loader: parses (checking image headers), logs the load report, fails past
-    ``max_bad_fraction`` bad image files and records class names in the metadata."""
+def load_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0,
+                      mask_on: bool = True) -> list[dict]:
+    """DatasetCatalog loader: parses (checking image headers; ``mask_on`` as :func:`parse_coco_instances`), logs
+    the load report, fails past ``max_bad_fraction`` bad images and records class names in the metadata."""
     records, thing_classes, id_map, report = parse_coco_instances(
-        json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER"
+        json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", mask_on=mask_on
     )
     _report_load(name, report, max_bad_fraction)
     MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
@@ -422,7 +519,7 @@ def remaining_bad_images(names: list[str] | tuple[str, ...], max_bad_fraction: f
     if not reports or None in reports:
         return None
     bad = sum(len(r.bad_files) for r in reports)
-    return int(max_bad_fraction * (sum(r.images for r in reports) + bad)) - bad
+    return allowed_bad_images(max_bad_fraction, sum(r.images for r in reports) + bad) - bad
 
 
 def check_test_images(name: str) -> None:
@@ -430,9 +527,10 @@ def check_test_images(name: str) -> None:
     missing, unreadable or wrongly sized one: a test set is evaluated in full, so this runs before training.
     Records the class names of a set registered here, for :func:`check_num_classes` before training."""
     if name in _REGISTERED:
-        json_file, image_root, _ = _REGISTERED[name]
+        json_file, image_root, _, mask_on = _REGISTERED[name]
         _, thing_classes, id_map, report = parse_coco_instances(
-            json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True
+            json_file, image_root, key_hint=f"set the paths of '{name}' in DATASETS.REGISTER", decode=True,
+            mask_on=mask_on,
         )
         MetadataCatalog.get(name).set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
     else:
@@ -440,8 +538,8 @@ def check_test_images(name: str) -> None:
     check_bad_images(report, name, 0.0, test=True)
 
 
-# name -> (json_file, image_root, max_bad_fraction) of the datasets this module registered in this process.
-_REGISTERED: dict[str, tuple[str, str, float]] = {}
+# name -> (json_file, image_root, max_bad_fraction, mask_on) of the datasets this module registered in this process.
+_REGISTERED: dict[str, tuple[str, str, float, bool]] = {}
 # name -> Detectron2's own loader of a builtin COCO dataset that this module put the image checks in front of.
 _BUILTIN_LOADERS: dict[str, Callable[[], list[dict]]] = {}
 
@@ -472,12 +570,14 @@ def _expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0) -> None:
+def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fraction: float = 1.0,
+                          mask_on: bool = True) -> None:
     """Registers a COCO-format dataset under ``name`` (re-registering our own name with new paths is allowed).
 
     The metadata has no ``json_file``: COCOEvaluator then evaluates against the checked records (converted to
     COCO format in its output folder) rather than against the raw json, whose skipped entries would break it.
-    Loading fails when more than ``max_bad_fraction`` of the image files are bad (1.0: never).
+    Loading fails when more than ``max_bad_fraction`` of the images are bad (1.0: never). ``mask_on`` False (a
+    box-only model, ``MODEL.MASK_ON``): annotations without a mask are kept, segmentations dropped.
     """
     json_file, image_root = _expand(json_file), _expand(image_root)
     if name in DatasetCatalog.list():
@@ -485,13 +585,13 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, max_bad_fr
             raise DatasetError(
                 f"DATASETS.REGISTER name '{name}' is already a Detectron2 dataset (builtin?): choose another name"
             )
-        if _REGISTERED[name] == (json_file, image_root, max_bad_fraction):
+        if _REGISTERED[name] == (json_file, image_root, max_bad_fraction, mask_on):
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, partial(load_coco_dataset, name, json_file, image_root, max_bad_fraction))
+    DatasetCatalog.register(name, partial(load_coco_dataset, name, json_file, image_root, max_bad_fraction, mask_on))
     MetadataCatalog.get(name).set(image_root=image_root, source_json=json_file, evaluator_type="coco")
-    _REGISTERED[name] = (json_file, image_root, max_bad_fraction)
+    _REGISTERED[name] = (json_file, image_root, max_bad_fraction, mask_on)
 
 
 def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0, *, decode_test_set: bool = False) -> None:
@@ -512,7 +612,7 @@ def check_dataset_files(name: str, key: str, max_bad_fraction: float = 1.0, *, d
         )
     meta = MetadataCatalog.get(name)
     if name in _REGISTERED:
-        json_file, image_root, _ = _REGISTERED[name]
+        json_file, image_root, *_ = _REGISTERED[name]
         hint = f"set the paths of '{name}' in DATASETS.REGISTER"
     elif hasattr(meta, "json_file") and hasattr(meta, "image_root"):
         json_file, image_root = meta.json_file, meta.image_root
@@ -543,17 +643,52 @@ def register_datasets(cfg: CfgNode, *, decode_test_sets: bool = False, training:
         decode_test_sets: decode every image of the ``DATASETS.TEST`` sets and fail on any bad one (before a
             training or evaluation run: skipping a test image would change the AP); inference and data
             pictures, which only need the class names, leave it off.
-        training: False (``--eval-only``): the ``DATASETS.TRAIN`` files are not needed and not checked.
+        training: False (``--eval-only``): the ``DATASETS.TRAIN`` files are not needed and not checked; otherwise
+            the training sets must name the same categories (:func:`check_training_classes`).
     """
     for name, json_file, image_root in cfg.DATASETS.REGISTER:
-        register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION)
+        register_coco_dataset(name, json_file, image_root, cfg.DATASETS.MAX_BAD_FRACTION, cfg.MODEL.MASK_ON)
     for key in ("TRAIN", "TEST") if training else ("TEST",):
         for name in cfg.DATASETS.get(key):
             check_dataset_files(name, f"DATASETS.{key}", cfg.DATASETS.MAX_BAD_FRACTION,
                                 decode_test_set=decode_test_sets and key == "TEST")
+    if training:
+        check_training_classes(cfg.DATASETS.TRAIN)
     if decode_test_sets:  # the test sets' classes are known now: a mismatch would otherwise stop the run at evaluation
         check_num_classes(cfg, [n for n in cfg.DATASETS.TEST if MetadataCatalog.get(n).get("evaluator_type") == "coco"],
                           evaluated=True)
+
+
+def _json_thing_classes(name: str) -> list[str] | None:
+    """A dataset's class names: from its metadata, or, for a set registered here and not loaded yet, from the
+    categories of its json, which are recorded in the metadata then (as loading does), so the json is read once."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is None and name in _REGISTERED:
+        json_file = _REGISTERED[name][0]
+        data = _read_coco_json(json_file, f"set the paths of '{name}' in DATASETS.REGISTER")
+        thing_classes, id_map = _class_lists(_categories(data, json_file))
+        meta.set(thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map)
+    classes = meta.get("thing_classes")
+    return None if classes is None else list(classes)
+
+
+def check_training_classes(names: list[str] | tuple[str, ...]) -> None:
+    """Raises unless every ``DATASETS.TRAIN`` set names the categories of the first in the same id order: Detectron2
+    trains them as one class list, and would stop building the loader with a multi-line ValueError.
+
+    Raises:
+        DatasetError: one line naming both datasets and their categories.
+    """
+    if len(names) < 2:
+        return  # one set: its own classes, read when it is loaded
+    known = [(name, classes) for name in names if (classes := _json_thing_classes(name)) is not None]
+    for name, classes in known[1:]:
+        if classes != known[0][1]:
+            raise DatasetError(
+                f"dataset '{name}' (DATASETS.TRAIN) has the categories {classes!r:.200} in id order but "
+                f"'{known[0][0]}' has {known[0][1]!r:.200}: Detectron2 trains all DATASETS.TRAIN sets as one class "
+                "list; give their jsons the same category ids and names"
+            )
 
 
 def check_num_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ...], *, evaluated: bool = False) -> None:

@@ -10,7 +10,9 @@ one-line message that starts with the path. Conversions:
   whole 16-bit range maps onto the whole 8-bit range (clipping would saturate almost every pixel);
   32-bit ``I``/``F`` data outside those ranges is min-max scaled; 16-bit RGB(A) PNGs are already reduced to
   their high bytes by PIL;
-- EXIF orientation is applied (a malformed EXIF block leaves the pixels as stored rather than rejecting them);
+- EXIF orientation is applied, as Detectron2's ``read_image`` applies it: when PIL cannot rewrite a damaged EXIF
+  block after turning the image, the orientation value read from it still turns the pixels; a block whose
+  orientation cannot be read leaves them as stored rather than rejecting them;
 - multi-frame files (GIF, TIFF) give their first frame.
 
 Memory is bounded by ``max_pixels`` (width x height of the *declared* size, checked before any pixel is
@@ -30,6 +32,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,6 +45,11 @@ DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90: width and height swap
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _BOMB_CHECK_LOCK = threading.Lock()
 logger = logging.getLogger(__name__)
 
@@ -159,13 +167,16 @@ def load_image_and_file_size(
                 im.draft(im.mode, (max(1, w // k), max(1, h // k)))
             im.seek(0)
             im.load()
+            # The value exif_transpose reads (cached by PIL, so both see the same block); read first because the
+            # transposed copy no longer holds it.
+            orientation = _orientation(im.getexif)
             try:
-                # The value exif_transpose reads (cached by PIL, so both see the same block); read first because the
-                # transposed copy no longer holds it.
-                orientation = im.getexif().get(_EXIF_ORIENTATION)
                 im = ImageOps.exif_transpose(im)
             except Exception:
-                orientation = None  # A broken EXIF block must not cost the pixels; they are used as stored.
+                # It fails rewriting a damaged EXIF block for the turned copy; Detectron2's read_image and
+                # image_size still turn the image by the value read, so the pixels must be turned too.
+                if orientation in _ORIENTATION_TRANSPOSES:
+                    im = im.transpose(_ORIENTATION_TRANSPOSES[orientation])
             rgb = _to_rgb(im)
             rgb.load()
             if not downscaled:
@@ -225,36 +236,40 @@ def decoded_image_cache(megabytes: float) -> DecodedImageCache | None:
     return DecodedImageCache(int(megabytes * 2**20)) if megabytes > 0 else None
 
 
+def _orientation(getexif: Callable[[], Image.Exif]) -> int | None:
+    """The EXIF orientation value that ``getexif`` gives, or None when the block cannot be read or holds no single
+    integer there (a damaged block may hold a tuple or a string)."""
+    try:
+        value = getexif().get(_EXIF_ORIENTATION)
+    except Exception:
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "no details"
 
 
-def image_size(path: str | os.PathLike, *, decode: bool = False) -> tuple[int, int]:
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file as Detectron2's ``read_image`` returns it: EXIF orientation applied.
 
-    Only the header (and the EXIF block) is read unless ``decode``; then every pixel is decoded too, which finds
-    truncated data that a header cannot show. Like ``read_image``, PIL's own decompression-bomb limit applies and
-    an unreadable EXIF block means no rotation. One difference without ``decode``: a PNG whose EXIF chunk comes
-    after its pixel data reads as unrotated (finding that chunk means decoding the image).
+    Only the header (and the EXIF block) is read; :func:`load_image_and_file_size` decodes the pixels as well. Like
+    ``read_image``, PIL's own decompression-bomb limit applies and an unreadable EXIF block means no rotation. One
+    difference: a PNG whose EXIF chunk comes after its pixel data reads as unrotated (finding that chunk means
+    decoding the image).
 
     Raises:
-        ImageLoadError: missing, empty, not an image, unreadable header; with ``decode``, undecodable pixels.
+        ImageLoadError: missing, empty, not an image, unreadable header.
     """
     try:
         if os.path.getsize(path) == 0:
             raise ImageLoadError(f"{path}: empty file (0 bytes)")
         with Image.open(path) as im:
             w, h = im.size
-            if decode:
-                im.load()
-            try:
-                # The base method reads only what the header gave; PNG's override decodes the image to look for
-                # an EXIF chunk after the pixels.
-                exif = im.getexif() if decode else Image.Image.getexif(im)
-                orientation = exif.get(_EXIF_ORIENTATION)
-            except Exception:
-                orientation = None
+            # The base method reads only what the header gave; PNG's override would decode the image to look for
+            # an EXIF chunk after the pixels.
+            orientation = _orientation(lambda: Image.Image.getexif(im))
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -262,6 +277,5 @@ def image_size(path: str | os.PathLike, *, decode: bool = False) -> tuple[int, i
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(f"{path}: not a recognized image format") from e
     except Exception as e:
-        what = "cannot decode image" if decode else "cannot read image header"
-        raise ImageLoadError(f"{path}: {what} ({type(e).__name__}: {_first_line(e)})") from e
+        raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {_first_line(e)})") from e
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)

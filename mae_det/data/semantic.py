@@ -38,7 +38,7 @@ from .detection import (
     DatasetError, DetectionDatasetMapper, build_detection_mapper, first_files, flip_augmentations,
     image_file_problem, record_checked_images,
 )
-from .images import IMAGE_EXTENSIONS, ImageLoadError, image_size
+from .images import IMAGE_EXTENSIONS, ImageLoadError, _first_line, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def check_label_map(label_file: str, image_file: str, num_classes: int, ignore_v
             values = np.unique(np.asarray(lab)) if mode == "L" else None
         # The mapper reads the image rotated by its EXIF orientation and needs the label map in that frame.
         shown = image_size(image_file)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{label_file}: cannot read the label map or its image {image_file}: {e}") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for damaged files
+        raise DatasetError(f"{label_file}: cannot read the label map or its image {image_file} "
+                           f"({type(e).__name__}: {_first_line(e)})") from e
     if mode != "L":
         raise DatasetError(
             f"{label_file}: label maps must be single-channel 8-bit PNGs (mode 'L'), got mode {mode!r} "
@@ -176,14 +177,17 @@ def register_sem_seg_dataset(name: str, image_root: str, label_root: str, classe
 
 
 def check_sem_seg_test_images(name: str, records: list[dict]) -> None:
-    """Decodes every image of a semantic test set (several at once) and raises a one-line :class:`DatasetError`
-    naming the first bad files: SemSegEvaluator scores every image, and would meet a bad one after training."""
+    """Decodes every image of a semantic test set (several at once) as the mapper does, and raises a one-line
+    :class:`DatasetError` naming the first that fail or differ from the record's size (which its label map was
+    checked against): SemSegEvaluator scores every image, and would meet a bad one after training."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        found = pool.map(lambda r: image_file_problem(r["file_name"], None, None, decode=True), records)
+        found = pool.map(lambda r: image_file_problem(r["file_name"], r.get("height"), r.get("width"), decode=True,
+                                                      declared_by="its label map is"), records)
         problems = [p[1] for p in found if p is not None]
     if problems:
         raise DatasetError(f"dataset '{name}' (DATASETS.TEST): {len(problems)} of {len(records)} images cannot be "
-                           f"decoded; a test set must be complete: {first_files(problems)}")
+                           f"decoded or are not the size of their label map; a test set must be complete: "
+                           f"{first_files(problems)}")
 
 
 def check_sem_seg_dataset(name: str, key: str, *, decode_images: bool = False) -> None:
@@ -309,12 +313,15 @@ def convert_ade20k(root: str | os.PathLike, overwrite: bool = False) -> dict[str
             except Image.UnidentifiedImageError as e:
                 raise DatasetError(f"{f}: cannot read the raw ADE20K label map: not a recognized image format") from e
             except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or damaged file
-                why = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
-                raise DatasetError(f"{f}: cannot read the raw ADE20K label map ({type(e).__name__}: {why})") from e
+                raise DatasetError(f"{f}: cannot read the raw ADE20K label map ({type(e).__name__}: "
+                                   f"{_first_line(e)})") from e
             if label.ndim != 2 or label.max() > ADE20K_NUM_CLASSES:
                 raise DatasetError(f"{f}: expected a raw ADE20K label map (one channel, values 0..150), got shape "
                                    f"{label.shape} max {label.max()} - already converted?")
-            Image.fromarray(convert_ade20k_label(label), mode="L").save(out)
+            # Written under another name first: an interrupted run must not leave a partial file that a rerun keeps.
+            part = out.with_name(f".{out.name}.part")
+            Image.fromarray(convert_ade20k_label(label), mode="L").save(part, format="PNG")
+            os.replace(part, out)
             n += 1
         counts[split] = n
     return counts

@@ -111,6 +111,10 @@ def test_recipes_scale_with_the_gpu_count():
     (["DATASETS.TEST", "('a', 'b', 'a')"], "DATASETS.TEST: ['a'] named more than once"),
     (["INPUT.LSJ.MIN_SCALE", "3.0"], "MIN_SCALE <= MAX_SCALE"),
     (["INPUT.LSJ.IMAGE_SIZE", "0"], "INPUT.LSJ.IMAGE_SIZE"),
+    # Detectron2 fails building the mapper, or on the first training sample, without naming the key.
+    (["INPUT.RANDOM_FLIP", "horizonal"],
+     "INPUT.RANDOM_FLIP: expected one of ('horizontal', 'vertical', 'none'), got 'horizonal'"),
+    (["INPUT.MASK_FORMAT", "bitmasks"], "INPUT.MASK_FORMAT: expected one of ('polygon', 'bitmask'), got 'bitmasks'"),
     (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),
     (["DATASETS.REGISTER", "[['a', 'b.json', 'c'], ['a', 'd.json', 'e']]"], "'a' appears twice"),
     (["DATASETS.MAX_BAD_FRACTION", "1.5"], "DATASETS.MAX_BAD_FRACTION: expected a value in [0, 1], got 1.5"),

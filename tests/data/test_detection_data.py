@@ -1,7 +1,9 @@
 """COCO-format registration, hostile json handling and the LSJ mapper (mae_det.data.detection)."""
+import io
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -10,17 +12,19 @@ import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from detectron2.structures import BoxMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mae_det.config.detection import get_det_cfg
-from mae_det.data.images import ImageLoadError
+from mae_det.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from mae_det.data.detection import (
     MISSING_IMAGE,
     SKIPPED_IMAGES_KEY,
     UNREADABLE_IMAGE,
     WRONG_SIZE_IMAGE,
+    CocoLoadReport,
     DatasetError,
     build_detection_mapper,
     check_bad_images,
@@ -28,11 +32,13 @@ from mae_det.data.detection import (
     check_num_classes,
     check_training_sets,
     flip_augmentations,
+    image_file_problem,
     parse_coco_instances,
     register_coco_dataset,
     register_datasets,
+    remaining_bad_images,
 )
-from mae_det.data.detection import _polygons_to_rle
+from mae_det.data.detection import _LOAD_REPORTS, _polygons_to_rle
 
 H, W = 64, 96
 
@@ -134,13 +140,16 @@ def test_hostile_annotations_are_skipped_and_counted(tmp_path):
 def test_boxes_entirely_outside_their_image_are_skipped_and_counted(tmp_path):
     # Each would be ground truth that no detection can match in evaluation (training drops them after clipping).
     outside = [[W, 10, 5, 5], [10, H + 3, 5, 5], [-20, 10, 20, 5], [10, -9.5, 5, 9.5]]
-    crossing = [[W - 5, H - 5, 20, 20], [-3, -3, 10, 10]]  # partly inside: kept, Detectron2 clips them
-    anns = [_ann(i + 1, 1, 1, box) for i, box in enumerate(outside + crossing)]
+    crossing = [[W - 5, H - 5, 20, 20], [-3, -3, 10, 10]]  # partly inside: kept, clipped as training clips them
+    inside = [[0, 0, W, H]]
+    anns = [_ann(i + 1, 1, 1, box) for i, box in enumerate(outside + crossing + inside)]
     records, _, _, report = parse_coco_instances(*_dataset(tmp_path, {
         "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "box"}]}, images=("a.png",)))
     assert report.skipped == {"boxes entirely outside their image": 4}
-    assert [a["bbox"] for a in records[0]["annotations"]] == crossing
-    assert "skipped 4: 4 boxes entirely outside their image" in report.summary()
+    assert [a["bbox"] for a in records[0]["annotations"]] == [[W - 5, H - 5, 5, 5], [0, 0, 7, 7], [0, 0, W, H]]
+    assert report.clipped_boxes == 2
+    assert ": 1 images, 3 annotations (2 boxes clipped to their image); skipped 4: 4 boxes entirely outside their " \
+        "image" in report.summary()
 
 
 def test_a_test_set_must_have_as_many_categories_as_the_model_before_anything_runs(tmp_path):
@@ -597,3 +606,209 @@ def test_the_training_mapper_maps_as_detectron2s_on_8_bit_images_label_maps_incl
             assert torch.equal(ours["instances"].gt_boxes.tensor, theirs["instances"].gt_boxes.tensor)
             if "sem_seg" in theirs:
                 assert torch.equal(ours["sem_seg"], theirs["sem_seg"]) and ours["sem_seg"].max() == 3
+
+
+# ---- image entries, border boxes, crowd flags, box-only models, class lists, budgets ---------------------------
+def test_malformed_and_repeated_image_entries_count_as_bad_images(tmp_path):
+    images = [
+        {"id": 1, "file_name": "a.png", "height": float(H), "width": float(W)},  # pandas-style 64.0: accepted
+        {"id": "2", "file_name": "b.png", "height": H, "width": W},            # string id
+        {"id": 3, "file_name": "c.png", "height": H},                          # no width
+        {"id": 4, "file_name": "b.png", "height": H, "width": W},              # id 4 twice: whose objects?
+        {"id": 4, "file_name": "c.png", "height": H, "width": W},
+        "not an entry",
+    ]
+    anns = [_ann(i, image_id, 1, [20, 10, 40, 30]) for i, image_id in enumerate([1, "2", 3, 4, 4], 1)]
+    json_file, root = _dataset(tmp_path, {"images": images, "annotations": anns,
+                                          "categories": [{"id": 1, "name": "box"}]})
+    records, _, _, report = parse_coco_instances(json_file, root)
+    assert [(r["image_id"], r["height"], r["width"], len(r["annotations"])) for r in records] == [(1, H, W, 1)]
+    assert type(records[0]["height"]) is int and type(records[0]["width"]) is int
+    assert report.skipped == {"malformed image entries": 3, "image entries with a repeated id": 2,
+                              "annotations of skipped image entries": 3,
+                              "annotations whose image_id is not among the images": 1}
+    assert report.bad_files == [
+        f"{json_file}: image entry #2: 'id' must be an integer, got '2'",
+        f"{json_file}: image entry #3: 'width' is missing",
+        f"{json_file}: image entry #4: id 4 is also the id of image entry #5 (all skipped)",
+        f"{json_file}: image entry #5: id 4 is also the id of image entry #4 (all skipped)",
+        f"{json_file}: image entry #6: expected an object with 'id', 'file_name', 'height' and 'width', got "
+        "'not an entry'",
+    ]
+    # Training: within the bad-image budget (5 of 6), with the entries named.
+    check_bad_images(report, "b2_entries", 5 / 6)
+    with pytest.raises(DatasetError) as e:
+        check_bad_images(report, "b2_entries", 0.5)
+    assert str(e.value).startswith(
+        f"dataset 'b2_entries': 5 of 6 images in {json_file} have a malformed or repeated-id json entry or a file "
+        "that is missing, unreadable or not the size the json declares, more than DATASETS.MAX_BAD_FRACTION=0.5 "
+        f"allows (3): {json_file}: image entry #2: 'id' must be an integer")
+    # A test set must be complete: refused before training, not evaluated on the one image left.
+    cfg = _cfg(tmp_path, b2_entries=(json_file, root))
+    cfg.DATASETS.TEST = ("b2_entries",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    with pytest.raises(DatasetError) as e:
+        register_datasets(cfg, decode_test_sets=True, training=False)
+    assert str(e.value).startswith(
+        f"dataset 'b2_entries' (DATASETS.TEST): 5 of 6 images in {json_file} have a malformed or repeated-id json "
+        "entry or a file that is missing, unreadable or not the size the json declares; a test set must be complete, "
+        f"skipping images would change the AP: {json_file}: image entry #2: 'id' must be an integer, got '2' | ")
+
+
+def test_a_test_set_of_string_ids_is_refused_before_training(tmp_path):
+    images = [{"id": str(i), "file_name": "abc"[i - 1] + ".png", "height": H, "width": W} for i in (1, 2, 3)]
+    json_file, root = _dataset(tmp_path, {"images": images, "annotations": [_ann(1, "1", 1, [20, 10, 40, 30])],
+                                          "categories": [{"id": 1, "name": "box"}]})
+    cfg = _cfg(tmp_path, b2_str_ids=(json_file, root))
+    cfg.DATASETS.TEST = ("b2_str_ids",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    with pytest.raises(DatasetError, match=r"^dataset 'b2_str_ids' \(DATASETS.TEST\): 3 of 3 images in .* image entry "
+                                           r"#1: 'id' must be an integer, got '1' \| "):
+        register_datasets(cfg, decode_test_sets=True, training=False)
+
+
+def test_border_crossing_ground_truth_matches_a_detection_of_the_visible_object(tmp_path):
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Boxes, Instances
+
+    json_file, root = _dataset(tmp_path, {"images": _images(1), "annotations": [_ann(1, 1, 1, [-30, -25, 60, 50])],
+                                          "categories": [{"id": 1, "name": "box"}]}, images=("a.png",))
+    register_coco_dataset("b2_border", json_file, root)
+    record = DatasetCatalog.get("b2_border")[0]
+    assert record["annotations"][0]["bbox"] == [0, 0, 30, 25]
+    ev = COCOEvaluator("b2_border", tasks=("bbox",), distributed=False, output_dir=str(tmp_path / "eval"),
+                       use_fast_impl=False, allow_cached_coco=False)
+    ev.reset()
+    inst = Instances((H, W), pred_boxes=Boxes(torch.tensor([[0.0, 0.0, 30.0, 25.0]])), scores=torch.tensor([0.9]),
+                     pred_classes=torch.tensor([0]))
+    ev.process([{"image_id": 1, "file_name": record["file_name"], "height": H, "width": W}], [{"instances": inst}])
+    assert ev.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("iscrowd, kept", [(0, 0), (1, 1), (False, 0), (True, 1), (None, None), ("0", None),
+                                           ("false", None), (0.0, None), (2, None)])
+def test_iscrowd_must_be_0_1_or_a_boolean(tmp_path, iscrowd, kept):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30), iscrowd=iscrowd)]
+    records, *_, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "box"}]}, images=("a.png",)))
+    if kept is None:  # "0" used to become a crowd region, silently
+        assert records[0]["annotations"] == []
+        assert report.skipped == {"malformed iscrowd (expected 0, 1, true or false)": 1}
+    else:
+        assert [a["iscrowd"] for a in records[0]["annotations"]] == [kept] and not report.skipped
+
+
+def test_a_flat_polygon_list_is_counted_as_such(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)[0]), _ann(2, 1, 1, [2, 2, 9, 9], _rect(2, 2, 9, 9))]
+    records, *_, report = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": anns, "categories": [{"id": 1, "name": "box"}]}, images=("a.png",)))
+    assert report.skipped == {"segmentation is a flat list, expected a list of polygons": 1}
+    assert [a["bbox"] for a in records[0]["annotations"]] == [[2, 2, 9, 9]]
+
+
+def test_a_box_only_model_keeps_objects_without_masks(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)), _ann(2, 2, 1, [20, 10, 40, 30], []),
+            _ann(3, 3, 1, [20, 10, 40, 30])]
+    cfg, _ = _masks_cfg(tmp_path, anns, "b2_mixed_masks", MODEL__MASK_ON=False)
+    records = DatasetCatalog.get("b2_mixed_masks")
+    assert [len(r["annotations"]) for r in records] == [1, 1, 1]
+    assert not any("segmentation" in a for r in records for a in r["annotations"])
+    check_training_sets(cfg)
+    cfg.MODEL.MASK_ON = True
+    register_datasets(cfg)  # the mask setting is part of the registration
+    assert [len(r["annotations"]) for r in DatasetCatalog.get("b2_mixed_masks")] == [1, 0, 0]
+
+
+def test_training_sets_must_name_the_same_categories(tmp_path):
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30]), _ann(2, 2, 2, [5, 5, 10, 10])]
+    sets = {}
+    for name, cats in (("b2_train_a", ["cat", "dog"]), ("b2_train_b", ["dog", "cat"]), ("b2_train_c", ["cat", "dog"])):
+        (tmp_path / name).mkdir()
+        sets[name] = _dataset(tmp_path / name, {"images": _images(), "annotations": anns,
+                                                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(cats)]})
+    cfg = _cfg(tmp_path, **sets)
+    cfg.DATASETS.TRAIN = ("b2_train_a", "b2_train_c")
+    register_datasets(cfg)
+    assert len(get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)) == 6
+    cfg.DATASETS.TRAIN = ("b2_train_a", "b2_train_b")
+    with pytest.raises(DatasetError) as e:  # Detectron2 would raise a multi-line ValueError building the loader
+        register_datasets(cfg)
+    assert str(e.value) == ("dataset 'b2_train_b' (DATASETS.TRAIN) has the categories ['dog', 'cat'] in id order but "
+                            "'b2_train_a' has ['cat', 'dog']: Detectron2 trains all DATASETS.TRAIN sets as one class "
+                            "list; give their jsons the same category ids and names")
+    register_datasets(cfg, training=False)  # --eval-only does not train on them
+
+
+@pytest.mark.parametrize("fraction, bad", [(0.29, 29), (0.57, 57), (0.07, 7), (0.01, 1)])
+def test_max_bad_fraction_allows_exactly_its_share(fraction, bad):
+    report = CocoLoadReport("x.json", images=100 - bad, bad_files=[f"f{i}.png: file not found" for i in range(bad)])
+    check_bad_images(report, "b2_frac", fraction)  # int(0.29 * 100) was 28
+    over = CocoLoadReport("x.json", images=99 - bad, bad_files=report.bad_files + ["g.png: file not found"])
+    with pytest.raises(DatasetError, match=rf"{bad + 1} of 100 images .*MAX_BAD_FRACTION={fraction} allows \({bad}\)"):
+        check_bad_images(over, "b2_frac", fraction)
+    _LOAD_REPORTS["b2_frac"] = report
+    assert remaining_bad_images(["b2_frac"], fraction) == 0
+
+
+# ---- the decode check decodes as the mapper does ------------------------------------------------------------
+def _damaged_exif_jpeg(path):
+    """A JPEG stored W x H with orientation 6 whose EXIF block has a text value under a rational tag: PIL's
+    exif_transpose fails rewriting it (TypeError), while Detectron2's read_image and the header rotate the image."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0110] = 6, "Model"
+    img = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    assert data.count(b"\x01\x10\x00\x02") == 1  # the Model entry (big-endian: tag, type ASCII)
+    path.write_bytes(data.replace(b"\x01\x10\x00\x02", b"\x01\x1b\x00\x02"))  # now YResolution, a rational
+
+
+def test_an_image_with_a_damaged_exif_block_is_checked_and_mapped_as_displayed(tmp_path):
+    p = tmp_path / "images" / "damaged_exif.jpg"
+    p.parent.mkdir()
+    _damaged_exif_jpeg(p)
+    with pytest.raises(TypeError):
+        ImageOps.exif_transpose(Image.open(p))
+    assert read_image(str(p)).shape[:2] == (W, H)  # Detectron2 turns it
+    assert image_file_problem(str(p), W, H, decode=True) is None
+    record = {"file_name": str(p), "height": W, "width": H, "image_id": 1,
+              "annotations": [{"bbox": [1, 1, 20, 20], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}]}
+    cfg = _lsj_cfg(1.0)
+    cfg.MODEL.MASK_ON = False
+    out = build_detection_mapper(cfg, is_train=True)(record)  # was a SizeMismatchError out of the training loop
+    assert out is not None and SKIPPED_IMAGES_KEY not in out
+    cfg.INPUT.MIN_SIZE_TEST = 0  # no resize
+    assert tuple(build_detection_mapper(cfg, is_train=False)(record)["image"].shape) == (3, W, H)
+
+
+def test_an_image_beyond_the_loaders_pixel_limit_is_refused_up_front_and_skipped_in_training(tmp_path):
+    # 143 Mpixel: under PIL's own 179 M limit (the header check passes) but over load_image's 128 M one.
+    big_w, big_h = 13000, 11000
+    root = tmp_path / "images"
+    _write_images(root, ["a.png"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.new("1", (big_w, big_h)).save(root / "big.png")  # 17 kB on disk
+    images = [{"id": 1, "file_name": "a.png", "height": H, "width": W},
+              {"id": 2, "file_name": "big.png", "height": big_h, "width": big_w}]
+    json_file = tmp_path / "big.json"
+    json_file.write_text(json.dumps({"images": images, "annotations": [_ann(1, 1, 1, [2, 2, 9, 9]),
+                                                                       _ann(2, 2, 1, [9, 9, 90, 90])],
+                                     "categories": [{"id": 1, "name": "box"}]}))
+    cfg = _cfg(tmp_path, b2_big=(str(json_file), str(root)))
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ("b2_big",)
+    cfg.DATASETS.MAX_BAD_FRACTION, cfg.MODEL.MASK_ON, cfg.MODEL.ROI_HEADS.NUM_CLASSES = 0.5, False, 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        register_datasets(cfg)
+        good, big = DatasetCatalog.get("b2_big")  # the header check passes it
+        with pytest.raises(DatasetError) as e:
+            register_datasets(cfg, decode_test_sets=True)
+        problem = (f"{root / 'big.png'}: 13000x11000 = 143000000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS} "
+                   "(only JPEGs can be decoded downscaled, at most 1/8); raise the limit or downscale the file")
+        assert str(e.value).startswith("dataset 'b2_big' (DATASETS.TEST): 1 of 2 images") and \
+            str(e.value).endswith(f"the AP: {problem}")
+        mapper = build_detection_mapper(cfg, is_train=True)
+        assert mapper(big) is None  # was the loader's ImageLoadError out of the training loop
+        assert mapper(good)[SKIPPED_IMAGES_KEY] == [problem]

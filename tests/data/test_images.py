@@ -319,3 +319,24 @@ def test_decoded_image_cache_does_not_keep_unreadable_files(tmp_path):
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(p)  # repaired: read and kept now
     np.testing.assert_array_equal(np.asarray(cache.load(p)), 7)
     assert len(cache) == 1
+
+
+def test_a_damaged_exif_block_still_orients_the_pixels_as_detectron2_does(tmp_path):
+    from detectron2.data.detection_utils import read_image
+    from PIL import ImageOps
+
+    # Orientation 6 plus a text value under a rational tag (YResolution): PIL's exif_transpose raises TypeError
+    # rewriting the block, while Detectron2's read_image and image_size turn the image by the orientation read.
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0110] = 6, "Model"
+    arr = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    assert buf.getvalue().count(b"\x01\x10\x00\x02") == 1  # the Model entry: tag, type ASCII (big-endian)
+    p = tmp_path / "damaged_exif.jpg"
+    p.write_bytes(buf.getvalue().replace(b"\x01\x10\x00\x02", b"\x01\x1b\x00\x02"))
+    with pytest.raises(TypeError):
+        ImageOps.exif_transpose(Image.open(p))
+    im, size = load_image_and_file_size(p)
+    assert im.size == size == image_size(p) == (16, 24)
+    assert np.array_equal(np.asarray(im), read_image(str(p), "RGB"))

@@ -139,9 +139,9 @@ def test_test_sets_are_decoded_before_a_run_and_training_skips_what_fails_to_dec
     # SemSegEvaluator would meet the image after training: it is decoded first.
     with pytest.raises(DatasetError) as err:
         register_sem_seg_datasets(cfg, decode_test_sets=True)
-    assert str(err.value).startswith("dataset 'sem_trunc' (DATASETS.TEST): 1 of 4 images cannot be decoded; a "
-                                     f"test set must be complete: {bad}: cannot decode image (OSError: image file "
-                                     "is truncated")
+    assert str(err.value).startswith("dataset 'sem_trunc' (DATASETS.TEST): 1 of 4 images cannot be decoded or are "
+                                     "not the size of their label map; a test set must be complete: "
+                                     f"{bad}: cannot decode image (OSError: image file is truncated")
     # Training: the mapper skips it (counted by the trainer) instead of crashing the run.
     records = DatasetCatalog.get("sem_trunc")
     assert remaining_bad_images(["sem_trunc"], 0.5) == 2  # the trainer's budget covers semantic sets too
@@ -151,6 +151,45 @@ def test_test_sets_are_decoded_before_a_run_and_training_skips_what_fails_to_dec
     [note] = out[SKIPPED_IMAGES_KEY]
     assert note.startswith(f"{bad}: cannot decode image (OSError: image file is truncated")
     assert out["sem_seg"].shape == out["image"].shape[1:]
+
+
+def test_a_damaged_label_png_is_a_one_line_error_naming_it(tmp_path):
+    root = make_semantic(tmp_path / "d", [np.random.default_rng(0).integers(0, 3, (32, 32))] * 2)
+    lab = root / "lab" / "001.png"
+    data = bytearray(lab.read_bytes())
+    data[data.find(b"IDAT") - 1] ^= 0x40  # IDAT length damaged: PIL raises SyntaxError while decoding
+    lab.write_bytes(bytes(data))
+    with pytest.raises(DatasetError) as err:
+        register_sem_seg_datasets(cfg_with(entry("sem_syntax", root), train=["sem_syntax"]))
+    assert str(err.value).startswith(f"{lab}: cannot read the label map or its image {root / 'img' / '001.jpg'} "
+                                     "(SyntaxError: broken PNG file")
+    assert "\n" not in str(err.value)
+
+
+def test_a_test_image_that_decodes_to_another_size_than_its_label_map_is_refused_before_a_run(tmp_path):
+    import struct
+    import zlib
+
+    # A PNG stored 40 wide x 64 high whose EXIF orientation 6 follows the pixels: the header (which the label map
+    # is checked against) reads 40 x 64, the mappers' decoder 64 x 40.
+    root = make_semantic(tmp_path / "d", [np.zeros((64, 40))])
+    img = root / "img" / "000.png"
+    (root / "img" / "000.jpg").unlink()
+    Image.fromarray(np.zeros((64, 40, 3), np.uint8)).save(img)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    png = img.read_bytes()
+    iend = png.rindex(b"IEND") - 4
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    img.write_bytes(png[:iend] + chunk + png[iend:])
+    cfg = cfg_with(entry("sem_late_exif", root), train=["sem_late_exif"], test=["sem_late_exif"])
+    register_sem_seg_datasets(cfg)
+    with pytest.raises(DatasetError) as err:  # SemSegEvaluator's mapper would fail on it after training
+        register_sem_seg_datasets(cfg, decode_test_sets=True)
+    assert str(err.value) == ("dataset 'sem_late_exif' (DATASETS.TEST): 1 of 1 images cannot be decoded or are not "
+                              f"the size of their label map; a test set must be complete: {img}: the file is 64x40 "
+                              "(width x height, EXIF orientation applied) but its label map is 40x64")
 
 
 def test_ade20k_style_one_based_labels_point_at_the_conversion(tmp_path):
@@ -182,6 +221,28 @@ def test_convert_ade20k_maps_other_to_ignore_and_shifts_classes(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "b.png: expected a raw ADE20K label map" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_an_interrupted_ade20k_conversion_is_not_kept_by_a_rerun(tmp_path, monkeypatch):
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.array([[0, 1], [75, 150]], np.uint8), mode="L").save(root / "annotations" / split / "a.png")
+    save = Image.Image.save
+
+    def interrupted(self, fp, *args, **kwargs):  # half a file written, then Ctrl-C
+        save(self, fp, *args, **kwargs)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:20])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_ade20k(root)
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert convert_ade20k(root) == {"training": 1, "validation": 1}
+    for split in ("training", "validation"):
+        out = np.asarray(Image.open(root / "annotations_detectron2" / split / "a.png"))
+        assert out.tolist() == [[255, 0], [74, 149]]
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -1,5 +1,6 @@
 """tools/visualize_data.py and mae_det.analysis.data on a generated COCO-format dataset with polygons."""
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -143,3 +144,16 @@ def test_output_among_the_dataset_images_is_refused(tiny, tmp_path):
             with pytest.raises(DatasetError, match=f"--output {out} is in the image folder {image_dir} of dataset"):
                 visualize_dataset(cfg, out, source, num_images=2)
     assert {p.name: p.read_bytes() for p in image_dir.iterdir()} == before  # was: img_0/1.png replaced by drawings
+
+
+def test_a_bad_json_image_entry_is_named_and_its_json_folder_stays_a_valid_output(tmp_path):
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=3)
+    data = json.loads(json_path.read_text())
+    data["images"][0]["width"] = "wide"
+    json_path.write_text(json.dumps(data))
+    cfg = load_det_cfg(str(write_tiny_config(tmp_path, json_path, image_dir)), training=False)
+    bad_entry = (str(json_path), "image entry #1: 'width' must be a positive integer, got 'wide'")
+    for source in ("annotation", "dataloader"):
+        # the json's folder, not the image folder: it was refused as "holds images of dataset"
+        summary = visualize_dataset(cfg, json_path.parent, source, num_images=2)
+        assert bad_entry in summary.failures and len(summary.written) == 2
