@@ -25,10 +25,9 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from mae_det.bench import stop_on_sigterm  # noqa: E402
-from mae_det.bench.official import (  # noqa: E402
-    format_against_official, run_against_official, write_jpeg_imagefolder,
-)
+from mae_det.bench.official import format_against_official, jpeg_imagefolder, run_against_official  # noqa: E402
 from mae_det.bench.pretrain import format_report, mae_arch, run_benchmark  # noqa: E402
+from mae_det.data.pretrain import DataError  # noqa: E402
 from mae_det.modeling import MAE_FACTORIES  # noqa: E402
 
 # --quick: a tiny MAE and small matmuls, for smoke tests (seconds, figures not meaningful).
@@ -60,8 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precisions", default="fp32,bf16,fp16",
                         help="without --against-official: the precisions timed (those the device supports)")
     parser.add_argument("--jpeg-folder", default="", help="--against-official: also time end to end through each "
-                        "side's loader on this ImageFolder of JPEGs (created with --jpeg-images if missing)")
-    parser.add_argument("--jpeg-images", type=int, default=2000, help="images generated into --jpeg-folder")
+                        "side's loader on this ImageFolder (root/<class>/<image>), used as it is; a missing or empty "
+                        "folder gets --jpeg-images synthetic JPEGs")
+    parser.add_argument("--jpeg-images", type=int, default=2000, help="synthetic JPEGs generated into --jpeg-folder")
     parser.add_argument("--workers", type=int, default=4, help="--against-official: loader workers per side")
     parser.add_argument("--max-seconds", type=float, default=0.0,
                         help="--against-official: start no round after this many seconds (0 = no limit)")
@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
         if value < least:
             parser.error(f"{option}: expected >= {least}, got {value}")
+    if args.warmup == 0 and compile_modes(args):  # the compilation would land in the first timed step
+        parser.error("--warmup 0 with --compile / --compile-modes: expected >= 1 warm-up step to compile in")
     return args
 
 
@@ -116,8 +118,13 @@ def against_official(args: argparse.Namespace, log) -> None:
     if args.jpeg_folder:
         n = 8 if args.quick else args.jpeg_images
         size = (48, 40) if args.quick else (500, 375)
-        kb = write_jpeg_imagefolder(args.jpeg_folder, n, size, workers=args.workers)
-        log(f"{args.jpeg_folder}: {n} JPEGs, mean {kb:.0f} KB")
+        try:
+            count, kb, synthetic = jpeg_imagefolder(args.jpeg_folder, n, size, workers=args.workers)
+        except DataError as e:  # a file, or a folder that is no ImageFolder
+            print(f"error: --jpeg-folder {e}", file=sys.stderr)
+            sys.exit(2)
+        log(f"{args.jpeg_folder}: {count} images, mean {kb:.0f} KB ("
+            + ("synthetic JPEGs)" if synthetic else "an existing ImageFolder, read as it is, nothing written into it)"))
         kwargs["jpeg_root"] = args.jpeg_folder
     # `timeout` (scripts/gpu_benchmark.sh) sends SIGTERM: the rounds measured so far are still printed
     stop_on_sigterm()

@@ -27,7 +27,9 @@ through our loader (PIL on CPU workers, or with ``gpu_decode`` the nvjpeg path o
 
 Timing: every variant runs ``steps`` steps per round after its warm-up (which includes compilation, timed and
 printed separately); the rounds interleave the variants, and a figure is the median over rounds, printed with
-its spread (min-max). MFU uses the formula and matmul peak of :mod:`mae_det.bench.pretrain`.
+its spread (min-max). Before an end-to-end visit, the batches its loader prefetched meanwhile are taken and one
+untimed step per loader worker runs, so that the timed steps meet the loader in the state of a running training.
+MFU uses the formula and matmul peak of :mod:`mae_det.bench.pretrain`.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ from mae_det.bench import error_line
 from mae_det.bench.pretrain import _sync, measure_matmul_peak
 from mae_det.data.gpu_decode import (EncodedPretrainDataset, collate_encoded, device_batches, jpeg_decoder_name,
                                      workers_normalize)
-from mae_det.data.pretrain import GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain, folder_source
+from mae_det.data.pretrain import (DataError, GlobalBatchSampler, PretrainDataset, PretrainTransform, collate_pretrain,
+                                   folder_source, imagefolder_source)
 from mae_det.engine.compile import COMPILE_MODES, compile_in_place
 from mae_det.modeling import MAE_FACTORIES
 from mae_det.solver.optim import adamw
@@ -87,11 +90,23 @@ def _exec_module(name: str, path: Path) -> types.ModuleType:
     return module
 
 
+def _not_official(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path}: not the official MAE model ({why}); --against-official expects a clone of "
+                      "facebookresearch/mae")
+
+
+def _few(names: Sequence[str], shown: int = 3) -> str:
+    """``a, b, c (+4 more)``, or ``none``."""
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "none") + more
+
+
 def load_official(checkout: str | os.PathLike) -> types.ModuleType:
     """Imports ``models_mae.py`` of a facebookresearch/mae checkout with the shim (see the module docstring).
 
     Raises:
         FileNotFoundError: one line naming the missing file of the checkout.
+        ValueError: one line: a file of the checkout fails to import, or defines no ``MaskedAutoencoderViT``.
     """
     root = Path(checkout)
     for rel in ("models_mae.py", "util/pos_embed.py"):
@@ -105,12 +120,16 @@ def load_official(checkout: str | os.PathLike) -> types.ModuleType:
     util.__path__ = [str(root / "util")]  # a bare package: its __init__ and misc.py stay unimported
     sys.modules["util"] = util
     vt.Block = _BlockWithQkScale
+    path = root / "util" / "pos_embed.py"
     try:
-        util.pos_embed = _exec_module("util.pos_embed", root / "util" / "pos_embed.py")
+        util.pos_embed = _exec_module("util.pos_embed", path)
         numpy_with_float = types.ModuleType("numpy")
         numpy_with_float.__dict__.update(vars(np), float=float)
         util.pos_embed.np = numpy_with_float
-        return _exec_module("official_models_mae", root / "models_mae.py")
+        path = root / "models_mae.py"
+        module = _exec_module("official_models_mae", path)
+    except Exception as e:  # any code at all can sit at that path: its failure is one line, not a traceback
+        raise _not_official(path, f"importing it raised {error_line(e)}") from e
     finally:
         vt.Block = saved_block
         for k, v in saved_modules.items():
@@ -118,6 +137,9 @@ def load_official(checkout: str | os.PathLike) -> types.ModuleType:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+    if not isinstance(getattr(module, "MaskedAutoencoderViT", None), type):
+        raise _not_official(path, "it defines no class MaskedAutoencoderViT")
+    return module
 
 
 # ---- the two training steps --------------------------------------------------------------------------------
@@ -208,12 +230,31 @@ def _write_jpeg(path: Path, i: int, size: tuple[int, int], quality: int, seed: i
     return path.stat().st_size
 
 
+SYNTHETIC_MARKER = "SYNTHETIC_JPEGS.txt"  # in every folder write_jpeg_imagefolder wrote: it may write there again
+
+
+def _writable_for_synthetic(root: Path) -> bool:
+    """``root`` is missing, empty, or was written by :func:`write_jpeg_imagefolder`: never a user's own folder."""
+    return not root.exists() or (root.is_dir() and ((root / SYNTHETIC_MARKER).is_file() or not any(root.iterdir())))
+
+
 def write_jpeg_imagefolder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375), quality: int = 90,
                            classes: int = 10, seed: int = 0, workers: int = 0) -> float:
     """``n`` JPEGs (4:2:0, baseline) in ``classes`` sub-folders; textured like photos, so that at 500x375 px and
     quality 90 a file is ~110 KB as in ImageNet. Returns the mean file size in KB. Existing files are kept.
-    ``workers`` > 0 writes with that many processes (2,000 files take ~35 s in one), the same bytes."""
+    ``workers`` > 0 writes with that many processes (2,000 files take ~35 s in one), the same bytes.
+
+    Raises:
+        DataError: ``root`` holds files it did not write (no :data:`SYNTHETIC_MARKER`): a real dataset stays as it is.
+    """
     root = Path(root)
+    if not _writable_for_synthetic(root):
+        raise DataError(f"{root}: not empty and not written by write_jpeg_imagefolder (no {SYNTHETIC_MARKER}): "
+                        "synthetic JPEGs go into a missing or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    # First: a generation stopped half-way is still recognized as ours
+    (root / SYNTHETIC_MARKER).write_text("Synthetic JPEGs written by mae_det.bench.official.write_jpeg_imagefolder "
+                                         "(tools/benchmark_pretrain.py --jpeg-folder); safe to delete.\n")
     paths = [root / f"class_{i % classes:02d}" / f"{i:06d}.jpg" for i in range(n)]
     for d in {p.parent for p in paths}:
         d.mkdir(parents=True, exist_ok=True)
@@ -224,6 +265,27 @@ def write_jpeg_imagefolder(root: str | os.PathLike, n: int, size: tuple[int, int
     else:
         sizes = list(itertools.starmap(_write_jpeg, args))
     return sum(sizes) / max(n, 1) / 1024
+
+
+def jpeg_imagefolder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375),
+                     workers: int = 0) -> tuple[int, float, bool]:
+    """The ImageFolder of the end-to-end rows: ``n`` synthetic JPEGs (:func:`write_jpeg_imagefolder`) when ``root``
+    is missing, empty or generated earlier; any other folder is the user's, read as it is and never written into.
+    Returns (images the loaders read, their mean size in KB, whether ``root`` holds synthetic JPEGs).
+
+    Raises:
+        DataError: one line: ``root`` is not a folder, or has no class sub-folder with images.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected an ImageFolder root/<class>/<image>, or a new folder)")
+    synthetic = _writable_for_synthetic(root)
+    if synthetic:
+        write_jpeg_imagefolder(root, n, size, workers=workers)
+    src = imagefolder_source(root)  # what torchvision's ImageFolder of the official side reads
+    if not src.paths:
+        raise DataError(f"{root}: no images in its class sub-folders (expected an ImageFolder root/<class>/<image>)")
+    return len(src.paths), sum(p.stat().st_size for p in src.paths) / len(src.paths) / 1024, synthetic
 
 
 def official_loader(root: str | os.PathLike, img_size: int, batch: int, workers: int) -> DataLoader:
@@ -277,6 +339,7 @@ class Variant:
     peak_mem_gib: float | None = None  # this variant's own weights and optimizer state + its step's peak above them
     step_mem_gib: float | None = None  # the step's peak above what was resident before it: what grows with the batch
     prefetched: int = 0  # batches a loader holds ready between visits: taken untimed before each timed visit
+    settle: int = 0  # untimed steps after that drain, which bring the loader back to its steady state
     cpu_decoded: int = 0  # jpeg-gpu: files the nvjpeg path left to the CPU decoder (not JPEG, CMYK, unreadable)
     error: str | None = None  # the first line of what stopped this variant; its later rounds are skipped
 
@@ -358,8 +421,14 @@ def run_against_official(
     t_start = time.perf_counter()
     official = load_official(checkout)
     our_model = _build(official, "ours", arch, img_size, device)
-    ref = _build(official, "official", arch, img_size, device)
-    ref.load_state_dict(our_model.state_dict())  # the same architecture, key for key, or this raises
+    try:  # the same architecture, key for key and shape for shape
+        ref = _build(official, "official", arch, img_size, device)
+        keys = ref.load_state_dict(our_model.state_dict(), strict=False)
+    except (TypeError, RuntimeError) as e:  # another constructor; a tensor of another shape
+        raise _not_official(Path(checkout) / "models_mae.py", " ".join(str(e).split())[:300]) from e
+    if keys.missing_keys or keys.unexpected_keys:
+        raise _not_official(Path(checkout) / "models_mae.py", "its state-dict keys differ from ours: "
+                            f"{_few(keys.missing_keys)} only in it, {_few(keys.unexpected_keys)} only in ours")
     one = torch.randn(1, 3, img_size, img_size, device=device)
     flops = count_forward_macs(our_model, one, mask_ratio=mask_ratio).training_flops
     del our_model, ref, one
@@ -399,6 +468,7 @@ def run_against_official(
                                  our_images)
         if v.data != "synthetic":  # the DataLoader's default prefetch_factor 2, + 1 batch on a CudaPrefetcher's stream
             v.prefetched = 2 * workers + (v.side == "ours" and device == "cuda")
+            v.settle = workers
         start = time.perf_counter()
         for _ in range(warmup):
             v.step(next(v.batches), mask_ratio)
@@ -413,9 +483,14 @@ def run_against_official(
                 log(f"warm-up {v.name} ...")
                 setup(v)
             # Between visits the loader's workers fill their queue while other variants run: drain it, so that the
-            # timed steps wait for the loader as a training run would
+            # timed steps wait for the loader as a training run would. The drain restarts every worker at once, so
+            # the next batch takes a whole batch's latency, which a running training pays once, not per window:
+            # untimed steps until each worker has delivered a batch again (a loader faster than the step is ahead
+            # from then on, a slower one makes each step wait, as in training).
             for _ in range(v.prefetched):
                 next(v.batches)
+            for _ in range(v.settle):
+                v.step(next(v.batches), mask_ratio)
             with _peak_memory(device) as peak:
                 _sync(device)
                 start = time.perf_counter()
@@ -473,7 +548,7 @@ def run_against_official(
                   f"{torch.backends.cpu.get_cpu_capability()})",
         "torch": torch.__version__, "timm": timm.__version__, "checkout": str(checkout), "arch": arch,
         "img_size": img_size, "batch_size": batch_size, "rounds": done, "interrupted": interrupted,
-        "steps_per_round": steps,
+        "steps_per_round": steps, "settle_steps": workers if jpeg_root is not None else 0,
         "warmup_steps": warmup, "mask_ratio": mask_ratio, "train_gflop_per_image": flops / 1e9,
         "matmul_peak_gflops": peaks, "load_avg_1min": os.getloadavg()[0], "rows": rows, "failed": failed,
         "ratios": _ratios(rows),
@@ -534,6 +609,7 @@ def format_against_official(res: dict[str, Any]) -> str:
               for r in res["rows"] if r.get("decoder")]
     if any(r["data"] != "synthetic" for r in res["rows"]):
         lines.append("end-to-end rows: the batches a loader prefetched while other variants ran are taken untimed "
-                     "before each visit")
+                     f"before each visit, then {res['settle_steps']} untimed steps (one per worker) refill its "
+                     "pipeline")
     lines += [f"ratio {k}: {v:.2f}x" for k, v in res["ratios"].items()]
     return "\n".join(lines)

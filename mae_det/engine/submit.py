@@ -7,7 +7,8 @@
 before anything is submitted. Every task of the job (one per GPU) runs ``tools/<TOOL>.py`` in its own process, which
 takes rank and world size from the job (:func:`mae_det.engine.launch.init_distributed`), under
 :func:`mae_det.engine.launch.preemption_guard`, which turns the time-limit / preemption signal into checkpoint +
-requeue at a step boundary; the resubmitted job gets ``--resume``.
+requeue at a step boundary; the resubmitted job gets ``--resume``, and so does a job SLURM restarts by itself (node
+failure, preemption past its grace time, ``scontrol requeue``).
 
 Writes into the run's OUTPUT_DIR, once the job is submitted: ``submitted_config.yaml`` (the resolved config) and
 ``submission.json`` (job id, command, resources, log paths). ``config.yaml`` is left to the trainer: a resumed run
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import runpy
 import shutil
@@ -35,6 +37,8 @@ TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 TOOLS = ("pretrain", "train_net", "finetune_cls")
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 SUBMITTED_CONFIG = "submitted_config.yaml"
+
+logger = logging.getLogger(__name__)
 
 
 class SubmitError(ValueError):
@@ -64,6 +68,7 @@ class TrainerJob:
 
     submitit calls :meth:`checkpoint` on rank 0 when the job is requeued (see ``launch.requeue``): the resubmitted
     job is the same one with ``--resume``. Without ``requeue`` it returns None, so the job ends after its checkpoint.
+    A job SLURM restarts by itself (``SLURM_RESTART_COUNT`` > 0) gets ``--resume`` too.
     """
 
     def __init__(self, tool: str, argv: Sequence[str], requeue: bool = True) -> None:
@@ -72,8 +77,17 @@ class TrainerJob:
     def __call__(self) -> int:
         from .launch import preemption_guard
 
+        argv = self.argv
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if "--resume" not in argv and restarts.isdigit() and int(restarts) > 0:
+            # SLURM reran the job by itself (node failure, preemption past its grace time, `scontrol requeue`): it
+            # runs the pickle as submitted, which lacks the --resume of our own requeue; without it the trainer
+            # would start from scratch over the run's checkpoints.
+            logger.warning("SLURM restarted this job (SLURM_RESTART_COUNT=%s): running tools/%s.py with --resume",
+                           restarts, self.tool)
+            argv = ["--resume", *argv]
         with preemption_guard():
-            code = run_tool(self.tool, self.argv)
+            code = run_tool(self.tool, argv)
         if code:
             raise RuntimeError(f"tools/{self.tool}.py exited with code {code}; its error line is in the task's stderr")
         return code
@@ -150,14 +164,31 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], local_launch: b
 
 
 # ---- the executor ----------------------------------------------------------------------------------------
+# The sbatch options the job's script gets from our options or from submitit (submitit's names), and what sets them:
+# an --sbatch copy would win in the script while submitit's time-out accounting and submission.json kept ours.
+DEDICATED_SBATCH = {
+    "job_name": "use --name", "nodes": "use --nodes", "ntasks_per_node": "use --tasks-per-node",
+    "gpus_per_node": "use --gpus-per-node", "cpus_per_task": "use --cpus-per-task", "mem": "use --mem",
+    "partition": "use --partition", "account": "use --account", "qos": "use --qos", "time": "use --timeout",
+    "signal": "use --signal-delay", "output": "use --job-dir", "error": "use --job-dir", "open_mode": "use --job-dir",
+    "array": "tools/submit.py submits one job, not an array",
+}
+
+
 def parse_sbatch_options(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` (or a bare ``KEY`` flag such as ``exclusive``) -> submitit's ``additional_parameters``."""
+    """``KEY=VALUE`` (or a bare ``KEY`` flag such as ``exclusive``) -> submitit's ``additional_parameters``.
+
+    Raises:
+        SubmitError: an empty key, or one of :data:`DEDICATED_SBATCH` (its message names the option to use).
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not key:
             raise SubmitError(f"--sbatch: expected KEY=VALUE or KEY, got {item!r}")
+        if key in DEDICATED_SBATCH:
+            raise SubmitError(f"--sbatch {key.replace('_', '-')}: {DEDICATED_SBATCH[key]}")
         out[key] = value if sep else True
     return out
 
@@ -244,6 +275,10 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
     cfg, workers = check_trainer_args(args.tool, args.tool_args, args.nodes * tasks, args.data_check,
                                       gpus=args.gpus_per_node > 0)
+    device = cfg.MODEL.DEVICE if args.tool == "train_net" else cfg.DEVICE  # "auto" is cuda on a GPU node
+    if args.gpus_per_node and tasks > args.gpus_per_node and device != "cpu":
+        raise SubmitError(f"--tasks-per-node {tasks} > --gpus-per-node {args.gpus_per_node}: each task of a GPU job "
+                          "uses its own GPU (cuda:LOCAL_RANK)")
     cpus = args.cpus_per_task or workers + 1
     out = Path(cfg.OUTPUT_DIR).resolve()
     args.job_dir = str(Path(args.job_dir).resolve() if args.job_dir else out / "submitit")
@@ -277,13 +312,16 @@ def submit(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tools/submit.py``; see the module docstring for the exit codes."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
     from ..data.detection import DatasetError
     from ..data.pretrain import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = submit_argument_parser().parse_args(argv)
+    try:
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+    except ImportError:  # the optional `cluster` extra
+        print('error: tools/submit.py needs submitit: pip install -e ".[cluster]"', file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         job, record = submit(args, argv)
     except (SubmitError, ConfigError, DataError, DatasetError) as e:

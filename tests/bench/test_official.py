@@ -137,6 +137,8 @@ def test_quick_side_by_side_prints_every_row_and_ratio(checkout, tmp_path):
         res["rows"][names.index("ours fp32")]["img_s"] / res["rows"][names.index("official fp32")]["img_s"])
     assert any(k.endswith("[jpeg] / its step-only") for k in res["ratios"])
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 8
+    assert any(line.startswith(f"{tmp_path / 'jpegs'}: 8 images, mean ") and line.endswith(" KB (synthetic JPEGs)")
+               for line in proc.stderr.splitlines())
     assert "taken untimed before each visit" in text and res["failed"] == []
 
 
@@ -246,3 +248,139 @@ def test_both_sides_are_built_at_the_size_of_model(checkout):
     assert json.loads(last)["arch"] == dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
                                             decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
     assert "model: ViT 192-d x 12, decoder 512-d x 8, 32 px" in "\n".join(table)
+
+
+# ---- a checkout that is not the official code ----------------------------------------------------------------
+def _expected_not_official(path: Path, why: str) -> str:
+    return (f"{path}: not the official MAE model ({why}); --against-official expects a clone of "
+            "facebookresearch/mae")
+
+
+@pytest.mark.parametrize("models_mae, why", [
+    ("import torch\n\nclass SomethingElse:\n    pass\n", "it defines no class MaskedAutoencoderViT"),
+    ("import no_such_module_of_mae\n", "importing it raised ModuleNotFoundError: No module named "
+                                       "'no_such_module_of_mae'"),
+])
+def test_a_checkout_that_is_not_the_official_code_is_one_line(tmp_path, models_mae, why):
+    # both were tracebacks (AttributeError in the middle of the benchmark, or the module's own error)
+    root = _write_checkout(tmp_path, models_mae)
+    with pytest.raises(ValueError) as e:
+        load_official(root)
+    assert str(e.value) == _expected_not_official(root / "models_mae.py", why)
+    assert timm.models.vision_transformer.Block.__name__ == "Block" and "util" not in sys.modules
+
+
+def test_a_fork_with_other_weight_names_exits_2_with_one_line(tmp_path):
+    root = _write_checkout(tmp_path, MODELS_MAE.replace("decoder_pred", "decoder_head"))
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(root), "--quick",
+                           "--rounds", "1", "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + _expected_not_official(
+        root / "models_mae.py", "its state-dict keys differ from ours: decoder_head.weight, decoder_head.bias only "
+                                "in it, decoder_pred.weight, decoder_pred.bias only in ours")
+
+
+# ---- --jpeg-folder -----------------------------------------------------------------------------------------
+def _user_imagefolder(root: Path) -> dict[Path, bytes]:
+    """A user's ImageFolder: 3 PNGs in 2 classes; returns its files and their bytes."""
+    from PIL import Image
+
+    for i, name in enumerate(["n01/a.png", "n01/b.png", "n02/c.png"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (i * 60, 90, 30)).save(root / name)
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_jpeg_folder_generates_only_into_a_new_or_its_own_folder(tmp_path):
+    # synthetic class_XX/NNNNNN.jpg went into any folder, a user's ImageFolder included, and the log counted n
+    from mae_det.bench.official import SYNTHETIC_MARKER, jpeg_imagefolder
+    from mae_det.data.pretrain import DataError
+
+    user = tmp_path / "imagenet"
+    files = _user_imagefolder(user)
+    count, kb, synthetic = jpeg_imagefolder(user, 8, (48, 40))
+    assert (count, synthetic) == (3, False)
+    assert kb == pytest.approx(sum(len(b) for b in files.values()) / 3 / 1024)
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == files  # nothing written into it
+    with pytest.raises(DataError, match=f"^{user}: not empty and not written by write_jpeg_imagefolder"):
+        write_jpeg_imagefolder(user, 8, (48, 40))
+
+    new = tmp_path / "new"
+    assert jpeg_imagefolder(new, 8, (48, 40))[::2] == (8, True) and (new / SYNTHETIC_MARKER).is_file()
+    assert jpeg_imagefolder(new, 4, (48, 40))[::2] == (8, True)  # its own folder: the 8 images it holds
+    (tmp_path / "empty").mkdir()
+    assert jpeg_imagefolder(tmp_path / "empty", 2, (48, 40))[::2] == (2, True)
+
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'flat'}: no class sub-folders"):
+        jpeg_imagefolder(tmp_path / "flat", 8, (48, 40))
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == ["notes.txt"]
+
+
+def test_the_tool_times_a_users_imagefolder_as_it_is(checkout, tmp_path):
+    user = tmp_path / "imagenet"
+    files = _user_imagefolder(user)
+    proc = subprocess.run([sys.executable, "tools/benchmark_pretrain.py", "--against-official", str(checkout),
+                           "--quick", "--rounds", "1", "--workers", "0", "--jpeg-folder", str(user)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    kb = sum(len(b) for b in files.values()) / 3 / 1024
+    assert (f"{user}: 3 images, mean {kb:.0f} KB (an existing ImageFolder, read as it is, nothing written into "
+            "it)") in proc.stderr.splitlines()
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == files
+    assert any(r["data"] == "jpeg" for r in json.loads(proc.stdout.strip().splitlines()[-1])["rows"])
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # they sleep: 2 cores suffice
+def test_end_to_end_rows_of_a_step_bound_run_equal_its_step_only_rows(checkout, monkeypatch):
+    """Stand-ins with known costs (sleeps): a step takes 50 ms, a worker makes a batch in 100 ms, 4 workers deliver
+    one every 25 ms: a training run is step-bound, end to end = step-only. Every timed window used to start right
+    after the drain of the prefetched batches, with a whole batch's latency to wait (ratio ~0.6 at 3 steps)."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    import mae_det.bench.official as off
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 10_000
+
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return torch.zeros(3, 32, 32), 0
+
+    monkeypatch.setattr(off, "official_loader", lambda root, img_size, batch, workers: DataLoader(
+        Slow(), batch_size=batch, num_workers=workers, persistent_workers=True))
+    monkeypatch.setattr(off, "our_loader", lambda root, img_size, batch, workers, device, gpu_decode: DataLoader(
+        Slow(), batch_size=batch, num_workers=workers, persistent_workers=True,
+        collate_fn=lambda items: {"image": torch.stack([x for x, _ in items])}))
+    for step in (off.OfficialStep, off.OurStep):
+        monkeypatch.setattr(step, "__call__", lambda self, samples, mask_ratio: time.sleep(0.05))
+    arch = dict(patch_size=16, embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                decoder_num_heads=4)
+    res = off.run_against_official(checkout, arch=arch, img_size=32, batch_size=2, rounds=2, steps=3,
+                                   jpeg_root="unused", workers=4, matmul_sizes=(64,), matmul_seconds=0.01)
+    ratios = {k: v for k, v in res["ratios"].items() if k.endswith("[jpeg] / its step-only")}
+    assert len(ratios) == 2 and all(0.9 < v < 1.1 for v in ratios.values()), ratios
+    assert res["settle_steps"] == 4
+
+
+def test_compiling_without_a_warm_up_step_is_refused(capsys):
+    # the compilation then ran inside the first timed round
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_pretrain_tool", ROOT / "tools" / "benchmark_pretrain.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for extra in (["--compile"], ["--compile-modes", "default,reduce-overhead"]):
+        with pytest.raises(SystemExit) as e:
+            tool.parse_args(["--warmup", "0", *extra])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            "error: --warmup 0 with --compile / --compile-modes: expected >= 1 warm-up step "
+            "to compile in")
+    assert tool.parse_args(["--warmup", "0"]).warmup == 0 and tool.parse_args(["--compile"]).warmup == 1

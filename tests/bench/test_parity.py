@@ -47,6 +47,26 @@ def test_a_difference_fails_the_parity(key, value, expected):
     assert any(expected in f for f in report.failures), report.failures
 
 
+def test_an_optimizer_that_never_steps_fails_the_weight_check_in_a_long_warmup(monkeypatch):
+    # The tolerance was 1 % of BASE_LR x iters: 250 warmup iterations from 0.001 move a weight by far less, and an
+    # optimizer of ours that skipped every update passed the weight check.
+    import types
+
+    build = Trainer.__dict__["build_optimizer"].__func__
+
+    def never_steps(cls, cfg, model):
+        opt = build(cls, cfg, model)
+        opt.step = types.MethodType(lambda self, *a, **k: None, opt)
+        return opt
+
+    monkeypatch.setattr(Trainer, "build_optimizer", classmethod(never_steps))
+    cfg = parity_cfg("", ["SOLVER.WARMUP_ITERS", "250", "SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(200, 280)"])
+    report = run_parity(cfg, iters=3)
+    # the lrs of the 3 steps: 1e-3 x (0.001, 0.001396, 0.001792), per the ViTDet schedule
+    weights = [f for f in report.failures if f.startswith("weights after 3 updates differ by ")]
+    assert len(weights) == 1 and weights[0].endswith("; tolerance 4.19e-08: 1 % of the summed lr)"), report.failures
+
+
 def _tool(*args, timeout=600):
     import subprocess
     import sys

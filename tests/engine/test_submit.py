@@ -19,9 +19,78 @@ def test_the_resubmission_resumes_and_no_requeue_ends_the_chain():
     assert TrainerJob("train_net", ["--config-file", "c.yaml"], requeue=False).checkpoint() is None
 
 
+def test_a_job_slurm_restarted_by_itself_resumes(monkeypatch, caplog):
+    # SLURM reruns the pickle as submitted after a node failure, a preemption past its grace time or an admin's
+    # `scontrol requeue`: without --resume the trainer started from scratch over the run's checkpoints.
+    import contextlib
+    import logging
+
+    from detectron2.engine import default_argument_parser
+
+    import mae_det.engine.launch
+    import mae_det.engine.submit
+    from mae_det.engine.finetune_cls import _argument_parser
+    from mae_det.engine.pretrain import pretrain_argument_parser
+
+    ran = []
+    monkeypatch.setattr(mae_det.engine.launch, "preemption_guard", contextlib.nullcontext)
+    monkeypatch.setattr(mae_det.engine.submit, "run_tool", lambda tool, argv: ran.append((tool, list(argv))) or 0)
+    argv = ["--config-file", "c.yaml", "SOLVER.EPOCHS", "4"]
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    TrainerJob("pretrain", argv)()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job's first run
+    TrainerJob("pretrain", argv)()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with caplog.at_level(logging.WARNING, logger="mae_det.engine.submit"):
+        for tool in ("pretrain", "train_net", "finetune_cls"):
+            TrainerJob(tool, argv)()
+        TrainerJob("pretrain", ["--resume", *argv])()  # requeued by us: --resume already there
+    assert ran == [("pretrain", argv)] * 2 + [(t, ["--resume", *argv]) for t in ("pretrain", "train_net",
+                                                                                 "finetune_cls", "pretrain")]
+    assert caplog.messages == [f"SLURM restarted this job (SLURM_RESTART_COUNT=2): running tools/{t}.py with "
+                               "--resume" for t in ("pretrain", "train_net", "finetune_cls")]
+    # every trainer reads the leading --resume as its own flag, its overrides unchanged
+    for parser in (pretrain_argument_parser(), default_argument_parser(), _argument_parser("x", resume=True)):
+        args = parser.parse_args(["--resume", *argv])
+        assert args.resume is True and args.config_file == "c.yaml" and args.opts == argv[2:]
+
+
 def test_sbatch_options():
     assert parse_sbatch_options(["constraint=volta32gb", "--exclusive", "gres=gpu:8", "mail-type=END"]) == {
         "constraint": "volta32gb", "exclusive": True, "gres": "gpu:8", "mail_type": "END"}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("time=60", "--sbatch time: use --timeout"),
+    ("--signal=USR1@60", "--sbatch signal: use --signal-delay"),
+    ("ntasks-per-node=2", "--sbatch ntasks-per-node: use --tasks-per-node"),
+    ("ntasks_per_node=2", "--sbatch ntasks-per-node: use --tasks-per-node"),
+    ("job-name=x", "--sbatch job-name: use --name"),
+    ("open_mode=truncate", "--sbatch open-mode: use --job-dir"),
+    ("array=0-3", "--sbatch array: tools/submit.py submits one job, not an array"),
+])
+def test_sbatch_options_that_repeat_ours_are_refused(item, message):
+    # they won in the script while submitit's time-out accounting and submission.json kept our values
+    from mae_det.engine.submit import SubmitError
+
+    with pytest.raises(SubmitError) as e:
+        parse_sbatch_options(["constraint=a100", item])
+    assert str(e.value) == message
+
+
+def test_every_sbatch_option_the_script_gets_from_us_is_refused_in_sbatch(tmp_path):
+    from mae_det.engine.submit import DEDICATED_SBATCH, SubmitError
+
+    args = submit_argument_parser().parse_args(["--mem", "1G", "--partition", "p", "--account", "a", "--qos", "q",
+                                                "pretrain"])
+    script = _make_sbatch_string(command="x", folder=tmp_path, map_count=2,  # map_count: submitit's array line
+                                 **slurm_parameters(args, tasks_per_node=1, cpus_per_task=1))
+    keys = {line[len("#SBATCH --"):].partition("=")[0].replace("-", "_") for line in script.splitlines()
+            if line.startswith("#SBATCH --")}
+    assert keys - {"wckey"} == set(DEDICATED_SBATCH)  # wckey: submitit's accounting tag, free to override
+    for key in keys - {"wckey"}:
+        with pytest.raises(SubmitError, match=f"^--sbatch {key.replace('_', '-')}: "):
+            parse_sbatch_options([f"{key}=1"])
 
 
 def test_sbatch_script_of_the_paper_recipe(tmp_path):

@@ -50,6 +50,8 @@ def test_invalid_config_is_refused_with_exit_2(images, tmp_path):  # noqa: F811
     (["--nodes", "2"], "pretrain", [], [], "--cluster local runs on one node"),
     (["--timeout", "0"], "pretrain", [], [], "--timeout > 0"),
     (["--tasks-per-node", "2"], "finetune_cls", [], [], "finetune_cls runs in one process"),
+    (["--gpus-per-node", "2", "--tasks-per-node", "4"], "pretrain", [], ["DEVICE", "auto"],
+     "--tasks-per-node 4 > --gpus-per-node 2: each task of a GPU job uses its own GPU (cuda:LOCAL_RANK)"),
 ])
 def test_bad_submissions_exit_2_with_one_line(images, tmp_path, capsys, submit_opts, tool, tool_opts, overrides,
                                              expected):  # noqa: F811
@@ -62,6 +64,17 @@ def test_bad_submissions_exit_2_with_one_line(images, tmp_path, capsys, submit_o
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "out" / "submission.json").exists()
+
+
+def test_without_submitit_one_line_names_the_extra(tmp_path):
+    # submitit is the optional `cluster` extra: without it the tool ended in a ModuleNotFoundError traceback
+    r = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.modules['submitit'] = None; "
+                        f"sys.argv = [{SUBMIT!r}, *sys.argv[1:]]; runpy.run_path({SUBMIT!r}, run_name='__main__')",
+                        "--cluster", "local", "pretrain", "--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ['error: tools/submit.py needs submitit: pip install -e ".[cluster]"']
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="this machine has SLURM")
