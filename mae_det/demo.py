@@ -3,26 +3,30 @@ supervised and random init -> AP tables -> ``REPORT.md``.
 
 Every stage is resumable. A stage records ``<output>/.stages/<key>.json`` with a hash of everything that defines
 its result (tool, config settings with their ``_BASE_`` chain, not comments, command-line overrides, and the
-hashes of the stages it consumes). On a re-run a stage whose record says "done" with the same hash, and whose
-outputs exist (for the dataset, in a folder other runs may share: still hold this profile's dataset), is skipped;
-one that was started with the same hash but not finished is continued with ``--resume`` where its tool has that
-flag (pretraining, Mask R-CNN, UperNet, classification fine-tuning) and started over in a clean directory where
-it has not (kNN, linear probe); one whose hash changed starts over in a clean directory. Training stages run as
+hashes of the stages it consumes; paths under the output, data and checkout folders relative to them, so that
+moving or copying these folders keeps every stage up to date). On a re-run a stage whose record says "done" with
+the same hash, and whose outputs exist (for the dataset, in a folder other runs may share: still hold this
+profile's dataset), is skipped; one that was started with the same hash but not finished is continued with
+``--resume`` where its tool has that flag (pretraining, Mask R-CNN, UperNet, classification fine-tuning) and
+started over in a clean directory where it has not (kNN, linear probe); one whose hash changed starts over in a
+clean directory; a stage directory without a record is an error, never deleted. Training stages run as
 subprocesses of the same interpreter, their output shown live and kept in ``<output>/logs/<key>.log``, so a
-failure names the stage and its log.
+failure names the stage and its log; SIGTERM and SIGHUP stop them as Ctrl-C does, and on Linux they die with the
+demo process however it ends.
 """
 
 from __future__ import annotations
 
 import ast
+import ctypes
 import hashlib
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -30,17 +34,23 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import yaml
 
 from .checkpoint import atomic_write_text
 from .config.vit_backbone import PYRAMIDS
-from .data.shapes import ShapesConfig, generate_shapes, write_semantic_split
+from .data.shapes import (
+    CLASS_NAMES,
+    CLASSIFICATION_SPLITS,
+    DETECTION_SPLITS,
+    ShapesConfig,
+    generate_shapes,
+    write_semantic_split,
+)
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 from .evaluation.operating_point import operating_point
-from .utils.precision import auto_precision
 from .utils.provenance import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,15 +189,67 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
+    """``obj`` (JSON-like) with ``fn`` applied to each string and path in it, dict keys included."""
+    if isinstance(obj, (str, Path)):
+        return fn(str(obj))
+    if isinstance(obj, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_map_strings(v, fn) for v in obj]
+    return obj
+
+
+def portable(obj: Any, roots: dict[str, Path]) -> Any:
+    """``obj`` (a stage's params) with each path under a folder of ``roots`` (placeholder -> folder) written from
+    the placeholder, inside longer strings too (a repr'd dataset list), so that its hash survives moving or
+    copying those folders. Where the folders nest, the innermost one names the path."""
+    folders = {str(path): name for name, path in roots.items()}
+    pattern = re.compile("(?:" + "|".join(map(re.escape, sorted(folders, key=len, reverse=True))) + r""")(?=[/'"]|$)""")
+    return _map_strings(obj, lambda s: pattern.sub(lambda m: folders[m.group()], s))
+
+
+def expand(obj: Any, roots: dict[str, Path]) -> Any:
+    """The inverse of :func:`portable`: each placeholder of ``roots`` replaced by its folder."""
+    pattern = re.compile("|".join(map(re.escape, roots)))
+    return _map_strings(obj, lambda s: pattern.sub(lambda m: str(roots[m.group()]), s))
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}:{s:02d}"
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
-    frac = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    if total > 0:  # Detectron2 resumed after its last iteration logs "iter: MAX_ITER + 1"
+        done = min(done, total)
+    frac = max(done / total, 0.0) if total > 0 else 0.0
     filled = int(round(frac * width))
     return f"|{'#' * filled}{'.' * (width - filled)}| {frac:4.0%} ({done}/{total})"
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with(parent: int) -> None:
+    """``preexec_fn`` of the tool processes (Linux): SIGTERM when the demo process dies, whatever killed it
+    (SIGKILL included), so that no tool goes on training in a folder that a re-run resumes at the same time."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the demo died before the call above
+        os._exit(1)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the demo runs so that it stops its tools as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 class _ToolProcess:
@@ -198,7 +260,9 @@ class _ToolProcess:
     def __init__(self, stage: Stage, cmd: list[str], env: dict[str, str], log_path: Path, bar_every: float) -> None:
         self.stage, self.log_path, self.t0 = stage, log_path, time.perf_counter()
         self.cpu_s = 0.0
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        die_with = (lambda parent=os.getpid(): _die_with(parent)) if _LIBC is not None else None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     preexec_fn=die_with)
         self._bar_every = bar_every
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
@@ -261,8 +325,11 @@ class StageRunner:
     soon as anything else wants a core (measured: a training step 2-7x slower than with one thread)."""
 
     def __init__(self, output: Path, jobs: int = 1, threads: int | None = None, log: Callable[[str], None] = _console,
-                 bar_every: float = 10.0) -> None:
+                 bar_every: float = 10.0, roots: dict[str, Path] | None = None) -> None:
         self.output = output
+        # Records written before the params were portable hashed the absolute paths: the folders of the placeholders
+        # (default: the output and the checkout) turn them back, so that those records still match here.
+        self.roots = roots or {"<output>": output, "<repo>": REPO}
         self.state_dir = output / STATE_DIR
         self.log_dir = output / "logs"
         self.jobs = max(1, jobs)
@@ -270,6 +337,7 @@ class StageRunner:
         self.log = log
         self.bar_every = bar_every
         self.hashes: dict[str, str] = {}
+        self.absolute_hashes: dict[str, str] = {}
         # key -> (title, wall seconds, CPU seconds, "ran" | "resumed" | "skipped")
         self.wall: dict[str, tuple[str, float, float, str]] = {}
         self.t0 = time.perf_counter()
@@ -296,6 +364,10 @@ class StageRunner:
         n = len(stages)
         number = {s.key: k for k, s in enumerate(stages, 1)}
         pending, running, done = list(stages), {}, set()
+        # SIGTERM (kill, docker stop, a batch system) and SIGHUP (a closed terminal) end the demo as Ctrl-C does,
+        # through the finally below; their default would leave the tools training. Signals reach the main thread only.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
         try:
             while pending or running:
                 for stage in [s for s in pending if all(d in done for d in s.deps)]:
@@ -319,17 +391,24 @@ class StageRunner:
         finally:
             for proc, _ in running.values():
                 proc.proc.terminate()
+            for sig, handler in previous.items():  # a second signal while the tools stop ends the demo at once
+                signal.signal(sig, handler)
+            for proc, _ in running.values():
                 proc.wait()
 
     def _start(self, stage: Stage, k: int, n: int) -> tuple[_ToolProcess, bool] | None:
         """Skips, runs (in-process stages, to completion) or starts (tool stages) ``stage``."""
         h = _hash({"params": stage.params, "deps": [self.hashes[d] for d in stage.deps]})
-        self.hashes[stage.key] = h
+        absolute = _hash({"params": expand(stage.params, self.roots),
+                          "deps": [self.absolute_hashes[d] for d in stage.deps]})
+        self.hashes[stage.key], self.absolute_hashes[stage.key] = h, absolute
         self.log(f"[demo] ===== stage {k}/{n}: {stage.title} ===== (elapsed {_fmt_time(time.perf_counter() - self.t0)})")
         state = self._state(stage.key)
-        same = state is not None and state.get("hash") == h
+        same = state is not None and state.get("hash") in (h, absolute)
         if same and state.get("status") == "done" and all(p.exists() for p in stage.outputs):
             if stage.current is None or stage.current():
+                if state["hash"] != h:
+                    self._write_state(stage.key, {**state, "hash": h})
                 self.log(f"[demo] {stage.key}: up to date (ran in {_fmt_time(state.get('wall_s', 0.0))}), skipped")
                 self.wall[stage.key] = (stage.title, float(state.get("wall_s", 0.0)),
                                         float(state.get("cpu_s", 0.0)), "skipped")
@@ -339,6 +418,11 @@ class StageRunner:
         resume = (same and stage.command is not None and stage.resumable and stage.out_dir is not None
                   and stage.out_dir.exists())
         if not resume and stage.out_dir is not None and stage.out_dir.exists():
+            if state is None and any(stage.out_dir.iterdir()):
+                # Not made by this output's demo as far as it knows (copied without the hidden .stages, or a run by
+                # hand): maybe hours of training, so it is the user's to delete.
+                raise DemoError(f"{stage.out_dir} exists but has no record in {self.state_dir / f'{stage.key}.json'}: "
+                                "delete it or restore the record")
             if state is not None:
                 why = "unfinished, and its tool cannot resume" if same else "settings changed since the last run"
                 self.log(f"[demo] {stage.key}: {why}, starting {stage.out_dir} over")
@@ -397,6 +481,11 @@ class DemoPaths:
     def run(self, key: str) -> Path:
         return self.output / key
 
+    @property
+    def roots(self) -> dict[str, Path]:
+        """The folders that stage params name paths from (:func:`portable`), by placeholder."""
+        return {"<output>": self.output, "<data>": self.data, "<repo>": REPO}
+
     def annotations(self, split: str) -> Path:
         """The COCO json of a dataset split ("train", "val", "pool")."""
         return self.data / "annotations" / f"instances_{split}.json"
@@ -430,11 +519,34 @@ def holds_dataset(data: Path, cfg: ShapesConfig) -> bool:
         return False
 
 
+# What generate_shapes and write_semantic_split write under a dataset root, atomic writes' temporaries included:
+# a generation interrupted before its dataset_info.json leaves only these.
+_SPLITS, _CLS = "|".join(DETECTION_SPLITS), f"({'|'.join(CLASSIFICATION_SPLITS)})/({'|'.join(CLASS_NAMES)})"
+_SHAPES_FILES = re.compile(rf"dataset_info\.json|annotations/instances_({_SPLITS})\.json|semantic/classes\.txt"
+                           rf"|(images|semantic)/({_SPLITS})/\d{{6}}\.png|classification/{_CLS}/\d{{6}}\.png"
+                           r"|([^/]+/)*\.[^/]+\.tmp")
+
+
+def is_shapes_root(data: Path) -> bool:
+    """Whether the dataset stage may replace what ``data`` holds: nothing, a dataset whose ``dataset_info.json``
+    names mae_det's shapes generator, or a generation of it that was interrupted (no other files)."""
+    try:
+        info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+        return info.get("generator") == generate_shapes.__module__  # what generate_shapes writes there
+    except FileNotFoundError:
+        return all(_SHAPES_FILES.fullmatch(p.relative_to(data).as_posix()) for p in data.rglob("*") if p.is_file())
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return False
+
+
 def _generate(data: Path, cfg: ShapesConfig, log: Callable[[str], None]) -> None:
-    """Generate the dataset unless ``data`` already holds exactly this one."""
+    """Generate the dataset unless ``data`` already holds exactly this one; another shapes dataset there is
+    replaced, other files are an error (``generate_shapes`` would delete them)."""
     if holds_dataset(data, cfg):
         log(f"[demo] {data} already holds this dataset")
         return
+    if not is_shapes_root(data):
+        raise DemoError(f"{data} holds files that are not a shapes dataset; pick another --data-root")
     generate_shapes(data, cfg, overwrite=True, log=log)
 
 
@@ -784,6 +896,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         raise DemoError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if pretrain_seeds < 1:
         raise DemoError(f"--pretrain-seeds must be >= 1, got {pretrain_seeds}")
+    if subset_seed < 0:  # numpy's generators take no negative seed
+        raise DemoError(f"--subset-seed must be >= 0, got {subset_seed}")
     by_pct: dict[str, float] = {}
     for f in sorted(set(fractions) | {1.0}):  # a fraction's runs, subset file and report rows go by its percent
         if (first := by_pct.setdefault(_pct(f), f)) != f:
@@ -800,6 +914,9 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
     # Appended only when forced, so that "auto" keeps the stage hashes (and finished outputs) of earlier runs.
     forced = [] if precision == "auto" else ["PRECISION", precision]
     forced_det = [] if precision == "auto" else ["SOLVER.PRECISION", precision]
+    # The demo runs on CPU (README): the other tools' shapes configs say so, the pretraining configs leave "auto"
+    # (cuda where visible). Not hashed: where no GPU is visible "auto" was cpu, and runs from then stay up to date.
+    on_cpu = ["DEVICE", "cpu"]
     stages = [Stage(
         key="dataset", title=f"generate the shapes dataset ({paths.data})",
         params={"shapes": asdict(replace(profile.shapes, workers=0)), "root": str(paths.data)},
@@ -817,7 +934,7 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
             + (f", seed {pretrain_seed}" if pretrain_seed else ""),
             params={"config": config_chain(config), "args": args}, deps=["dataset"],
             outputs=[out / "encoder.pth", out / "metrics.jsonl", out / "run_info.json"],
-            command=["tools/pretrain.py", "--config-file", str(config), *args], resumable=True, out_dir=out,
+            command=["tools/pretrain.py", "--config-file", str(config), *on_cpu, *args], resumable=True, out_dir=out,
             progress=_counter(r"epoch (\d+)/(\d+) done"), result=lambda: _pretrain_result(out),
         )
 
@@ -960,6 +1077,8 @@ def build_stages(profile: Profile, paths: DemoPaths, seeds: int, log: Callable[[
         run=lambda: reconstruction_figure(paths.run("pretrain_mae"), paths.data / "images" / "val", recon,
                                           profile.reconstructions),
     ))
+    for stage in stages:
+        stage.params = portable(stage.params, paths.roots)
     return stages
 
 
@@ -1377,6 +1496,51 @@ def _augmentation(input_cfg: dict) -> str:
     return f"shortest-edge resize to {input_cfg['MIN_SIZE_TRAIN']} px, {flips}"
 
 
+def _efficiency_section(paths: DemoPaths, rows: list[dict], pyramids: list[dict], reference: str | None,
+                        seeds: int, subset_seed: int, schedule: str) -> list[str]:
+    """The report's label-efficiency section from :func:`experiment_rows` (``schedule``: the fine-tuning's
+    iterations in words) and its figure, with the ``reference`` pyramid's :func:`pyramid_rows` dashed (the
+    pyramid check's section comes before this one)."""
+    label_efficiency_figure(rows, paths.output / "label_efficiency.png",
+                            [r for r in pyramids if r["pyramid"] == reference])
+    return [
+        "## Label efficiency", "",
+        f"Each init fine-tuned on nested subsets of the train split (subset seed {subset_seed}, separate from the "
+        f"fine-tuning seeds; {schedule}), {seeds} seed(s) each. Rows: `demo_experiment.csv`.", "",
+        "| init | labeled images | box AP | mask AP |", "|---|---:|---:|---:|",
+        *[f"| {arm} | {n} | {_mean_std([r['box_AP'] for r in g])} | {_mean_std([r['mask_AP'] for r in g])} |"
+          for arm in ARMS for n in sorted({r['num_labeled'] for r in rows}, reverse=True)
+          if (g := [r for r in rows if r["init"] == arm and r["num_labeled"] == n])], "",
+        "![Label efficiency](label_efficiency.png)", "",
+        *([f"Dashed: the same runs with the `{reference}` pyramid (the pyramid check above).", ""]
+          if pyramids else []),
+    ]
+
+
+def _machine_words(machine: dict[str, Any], torch_version: str) -> str:
+    return (f"{machine['cpu']} (torch CPU kernels {machine['cpu_capability']}, bf16 "
+            f"{'native' if machine['cpu_bf16_native'] else 'not native'}) with {machine['cpu_count']} CPU cores, "
+            f"torch {torch_version}")
+
+
+def trained_on(run_dirs: Iterable[Path]) -> str:
+    """The machine(s) that trained the runs in ``run_dirs``, in words, from the ``run_info.json`` each tool wrote
+    (a resumed run's names the machine that finished it), with the number of runs on each where they differ; this
+    machine where no run has one. The runs' numbers depend on it (bf16 kernels differ between CPU kinds), and a
+    report rewritten on another machine must still name theirs."""
+    machines: dict[str, int] = {}
+    for d in run_dirs:
+        try:
+            info = json.loads((d / "run_info.json").read_text(encoding="utf-8"))
+            words = _machine_words(info["machine"], info["versions"]["torch"])
+        except (OSError, ValueError, KeyError, TypeError):  # no run there (in-process stages), or not one of ours
+            continue
+        machines[words] = machines.get(words, 0) + 1
+    if len(machines) < 2:
+        return next(iter(machines), None) or _machine_words(machine_info(), torch.__version__)
+    return "; ".join(f"{words} ({n} run{'s' if n > 1 else ''})" for words, n in machines.items())
+
+
 def write_report(
     profile: Profile, paths: DemoPaths, runner: StageRunner, seeds: int, argv: Sequence[str], total_s: float,
     fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False, precision: str = "auto",
@@ -1415,38 +1579,22 @@ def write_report(
                 if reference_pyramid else [])
     efficiency = []
     if len(set(fractions)) > 1:
-        label_efficiency_figure(rows, paths.output / "label_efficiency.png",
-                                [r for r in pyramids if r["pyramid"] == reference_pyramid])
         epochs = D["MAX_ITER"] * D["IMS_PER_BATCH"] / info["counts"]["train"]
         schedule = (f"{epochs:g} epochs whatever the subset size: " + ", ".join(
             f"{max(1, round(D['MAX_ITER'] * f))} iterations on {_pct(f)} %" for f in sorted(set(fractions), reverse=True))
             if profile.subset_epochs else f"{D['MAX_ITER']} iterations whatever the subset size")
-        efficiency = [
-            "## Label efficiency", "",
-            f"Each init fine-tuned on nested subsets of the train split (subset seed {subset_seed}, separate from the "
-            f"fine-tuning seeds; {schedule}), {seeds} seed(s) each. Rows: "
-            "`demo_experiment.csv`.", "",
-            "| init | labeled images | box AP | mask AP |", "|---|---:|---:|---:|",
-            *[f"| {arm} | {n} | {_mean_std([r['box_AP'] for r in g])} | {_mean_std([r['mask_AP'] for r in g])} |"
-              for arm in ARMS for n in sorted({r['num_labeled'] for r in rows}, reverse=True)
-              if (g := [r for r in rows if r["init"] == arm and r["num_labeled"] == n])], "",
-            "![Label efficiency](label_efficiency.png)", "",
-            *([f"Dashed: the same runs with the `{reference_pyramid}` pyramid (the pyramid check below).", ""]
-              if pyramids else []),
-        ]
+        efficiency = _efficiency_section(paths, rows, pyramids, reference_pyramid, seeds, subset_seed, schedule)
     max_count = sup_model.get("MAX_COUNT", 0)
     sup_loss = (f"{'cross-entropy over per-class counts' if max_count else 'BCE'}; a constant prediction scores "
                 f"{chance_loss(paths.annotations('pool'), max_count):.3f}")
-    trained_in = f"auto ({auto_precision('cpu')} here)" if precision == "auto" else f"{precision} (forced)"
-    machine = machine_info()  # the same fields as each run's run_info.json
+    trained_in = ("auto (bf16 where the CPU has it natively, else fp32)" if precision == "auto"
+                  else f"{precision} (forced)")
     lines = [
         f"# mae_det embedded demo: {profile.name} profile", "",
         f"Command: `{' '.join(['python', 'tools/demo.py', *argv])}`  ",
-        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {machine['cpu']} "
-        f"({platform.machine()}, torch CPU kernels {machine['cpu_capability']}) with "
-        f"{os.cpu_count()} CPU cores ({runner.jobs} training runs at a time, "
-        f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each), torch {torch.__version__}, "
-        f"bf16 {'native' if machine['cpu_bf16_native'] else 'not native'}, training precision {trained_in}.  ",
+        f"Finished {datetime.now(timezone.utc).isoformat(timespec='seconds')} ({runner.jobs} training runs at a time, "
+        f"{os.environ.get('OMP_NUM_THREADS', runner.threads)} thread(s) each); trained on "
+        f"{trained_on(paths.run(key) for key in runner.wall)}, training precision {trained_in}.  ",
         f"Total wall time of this invocation: {_fmt_time(total_s)} (stages skipped as up to date count 0).", "",
         "## Result", "",
         f"Mask R-CNN fine-tuned on the train split ({info['counts']['train']} labeled images) from three "
@@ -1522,6 +1670,26 @@ def write_report(
     return report
 
 
+def demo_paths(profile_name: str, output: str | os.PathLike | None = None,
+               data_root: str | os.PathLike | None = None) -> DemoPaths:
+    """The folders of a run: ``output`` and ``data_root`` relative to the working directory, their defaults
+    (``output/demo`` for "full", else ``output/demo_<profile>``; ``datasets/shapes/<profile>``) in the checkout.
+
+    Raises:
+        DemoError: a folder, or a folder above it, exists as something else (a file).
+    """
+    default_out = "output/demo" if profile_name == "full" else f"output/demo_{profile_name}"
+    folders = []
+    for flag, value, default in (("--output", output, default_out),
+                                 ("--data-root", data_root, f"datasets/shapes/{profile_name}")):
+        path = Path(value).resolve() if value else (REPO / default).resolve()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise DemoError(f"{flag}: {existing} exists and is not a folder")
+        folders.append(path)
+    return DemoPaths(*folders)
+
+
 def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None = None,
              data_root: str | os.PathLike | None = None, jobs: int = 2, argv: Sequence[str] = (),
              fractions: Sequence[float] = (1.0,), subset_seed: int = 0, semantic: bool = False,
@@ -1531,8 +1699,10 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     Args:
         profile_name: A key of :data:`PROFILES`.
         seeds: Fine-tuning runs per initialization.
-        output: Report directory (default ``output/demo`` for "full", ``output/demo_<profile>`` otherwise).
-        data_root: Dataset directory (default ``datasets/shapes/<profile>``).
+        output: Report directory, relative to the working directory (default ``output/demo`` for "full",
+            ``output/demo_<profile>`` otherwise, in the checkout).
+        data_root: Dataset directory, relative to the working directory (default ``datasets/shapes/<profile>`` in
+            the checkout); holding anything but a shapes dataset it is an error, never overwritten.
         jobs: Tool stages run at once; each gets ``cpu_count // jobs`` threads (unless OMP_NUM_THREADS is set).
         argv: The command line, for the report.
         fractions: Labeled fractions of the train split to fine-tune on (1.0 always included).
@@ -1545,27 +1715,27 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
             labels, ``seeds`` seeds each; the report adds the spread over pretraining seeds.
 
     Raises:
-        DemoError: a stage failed (the message names it and its log).
+        DemoError: an argument is invalid (nothing is written then), or a stage failed (the message names it and its
+            log).
+        Interrupted: SIGTERM or SIGHUP (the running tools stopped; a re-run resumes them).
     """
     if profile_name not in PROFILES:
         raise DemoError(f"unknown profile {profile_name!r}; expected one of {', '.join(PROFILES)}")
-    if seeds < 1:
-        raise DemoError(f"--seeds must be >= 1, got {seeds}")
-    profile = PROFILES[profile_name]
-    default_out = "output/demo" if profile_name == "full" else f"output/demo_{profile_name}"
-    paths = DemoPaths(output=(REPO / (output or default_out)).resolve(),
-                      data=(REPO / (data_root or f"datasets/shapes/{profile_name}")).resolve())
-    paths.output.mkdir(parents=True, exist_ok=True)
-    if jobs < 1:
-        raise DemoError(f"--jobs must be >= 1, got {jobs}")
-    t0 = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    runner = StageRunner(paths.output, jobs=jobs, threads=threads)
+    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
+        if value < 1:
+            raise DemoError(f"{flag} must be >= 1, got {value}")
     if any(not 0 < f <= 1 for f in fractions):
         raise DemoError(f"--label-fractions must lie in (0, 1], got {list(fractions)}")
+    profile = PROFILES[profile_name]
+    paths = demo_paths(profile_name, output, data_root)
     fractions = sorted(set(fractions) | {1.0})
+    # Every argument is checked (here and in build_stages) before anything is written.
     stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic,
                           precision=precision, reference_pyramid=reference_pyramid, pretrain_seeds=pretrain_seeds)
+    paths.output.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runner = StageRunner(paths.output, jobs=jobs, threads=threads, roots=paths.roots)
     print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
           f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
     runner.run_all(stages)

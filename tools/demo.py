@@ -12,6 +12,7 @@ init -> AP tables and REPORT.md. Resumable: re-running skips finished stages and
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,8 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per initialization (mean ± std)")
-    parser.add_argument("--output", default=None, help="report directory (default output/demo[_<profile>])")
-    parser.add_argument("--data-root", default=None, help="dataset directory (default datasets/shapes/<profile>)")
+    parser.add_argument("--output", default=None,
+                        help="report directory, relative to the working directory (default output/demo[_<profile>] "
+                        "in the checkout)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset directory, relative to the working directory (default datasets/shapes/<profile> "
+                        "in the checkout); a folder holding other files is refused, never overwritten")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="training runs at once, each with cpu_count/jobs threads (default: 2)")
     parser.add_argument("--label-fractions", default="1", help="comma-separated fractions of the labeled train "
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
                  pretrain_seeds=args.pretrain_seeds)
     except DemoError as e:
         sys.exit(f"demo: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted): the running stages were stopped
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"demo: stopped by {signal.Signals(signum).name}; running it again resumes the unfinished stages",
+              file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's code for a process that a signal ended
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -921,3 +924,311 @@ def test_encoder_checks_name_their_seed_where_the_config_does_not_give_it(tmp_pa
     note = encoder_seeds_note(3)
     assert "for random init the encoder drawn with seed 0" in note and "no seed" not in note
     assert encoder_seeds_note(1) == ""
+
+
+# ---- stopping, moving and refusing ------------------------------------------------------------------------
+SLEEPER = """import os, pathlib, sys, time
+out = pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "pid").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+DRIVER = """import pathlib, sys
+sys.path.insert(0, sys.argv[3])
+from mae_det.demo import Stage, StageRunner
+out = pathlib.Path(sys.argv[1])
+stage = Stage(key="train", title="train", params={}, outputs=[out / "train" / "done"], resumable=True,
+              command=[sys.argv[2], str(out / "train")], out_dir=out / "train")
+StageRunner(out, log=print).run_all([stage])
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that its reaper has not collected yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _driver_with_a_running_tool(tmp_path, repo_root):
+    """A process running the real StageRunner on one tool stage that sleeps; returns it and the tool's pid."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "out"),
+                               str(tmp_path / "sleeper.py"), str(repo_root)], cwd=repo_root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pid_file = tmp_path / "out" / "train" / "pid"
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            return driver, int(pid_file.read_text())
+        time.sleep(0.1)
+    driver.kill()
+    raise AssertionError(driver.communicate()[0])
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_the_demo_stops_its_tools_as_ctrl_c_does(tmp_path, repo_root, signum):
+    driver, tool = _driver_with_a_running_tool(tmp_path, repo_root)
+    try:
+        driver.send_signal(signum)  # the demo process alone, as `kill PID` or a batch system sends it
+        output = driver.communicate(timeout=60)[0]
+        assert f"Interrupted: {signal.Signals(signum).name}" in output, output
+        assert not _alive(tool)  # stopped and reaped before the demo returned
+        record = json.loads((tmp_path / "out" / ".stages" / "train.json").read_text())
+        assert record["status"] == "started"  # a re-run resumes it
+    finally:
+        if _alive(tool):
+            os.kill(tool, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_tools_die_with_a_killed_demo(tmp_path, repo_root):
+    driver, tool = _driver_with_a_running_tool(tmp_path, repo_root)
+    try:
+        driver.kill()  # SIGKILL: no handler, no finally
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(tool) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tool)
+    finally:
+        if _alive(tool):
+            os.kill(tool, signal.SIGKILL)
+
+
+def test_the_demo_tool_reports_a_signal_in_one_line_with_the_shells_exit_code(repo_root, monkeypatch, capsys):
+    import importlib.util
+
+    from mae_det.demo import Interrupted
+
+    spec = importlib.util.spec_from_file_location("demo_tool", repo_root / "tools" / "demo.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def stopped(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(tool, "run_demo", stopped)
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--profile", "quick"])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ("demo: stopped by SIGTERM; running it again resumes the unfinished stages\n")
+
+
+def test_the_dataset_stage_replaces_only_a_shapes_dataset(tmp_path):
+    from mae_det.data.shapes import ShapesConfig
+    from mae_det.demo import is_shapes_root
+
+    tiny = ShapesConfig(image_size=32, num_pool=2, num_train=2, num_val=2, num_cls_train=6, num_cls_val=6, workers=1)
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "mine")
+    (paths.data / "images").mkdir(parents=True)
+    (paths.data / "annotations").mkdir()
+    (paths.data / "images" / "precious_0001.jpg").write_bytes(b"user data")
+    (paths.data / "annotations" / "instances_train2017.json").write_text("{}")
+    stages = [s for s in build_stages(replace(PROFILES["quick"], shapes=tiny), paths, 1, log=lambda _: None)
+              if s.key == "dataset"]
+    with pytest.raises(DemoError, match=f"^{re.escape(str(paths.data))} holds files that are not a shapes dataset; "
+                                        "pick another --data-root$"):
+        StageRunner(paths.output, log=lambda _: None).run_all(stages)
+    assert (paths.data / "images" / "precious_0001.jpg").read_bytes() == b"user data"
+    assert (paths.data / "annotations" / "instances_train2017.json").exists()
+    # Another generator's dataset_info.json is no licence either; the one of mae_det's generator is.
+    (paths.data / "dataset_info.json").write_text(json.dumps({"generator": "someone else"}))
+    assert not is_shapes_root(paths.data)
+    (paths.data / "dataset_info.json").write_text("[]")
+    assert not is_shapes_root(paths.data)
+    (paths.data / "dataset_info.json").write_text(json.dumps({"generator": "mae_det.data.shapes"}))
+    assert is_shapes_root(paths.data)
+    # Missing, empty, or what an interrupted generation left (its files only, no dataset_info.json): generated.
+    (tmp_path / "empty").mkdir()
+    assert is_shapes_root(tmp_path / "nothing") and is_shapes_root(tmp_path / "empty")
+    partial = tmp_path / "partial"
+    (partial / "images" / "pool").mkdir(parents=True)
+    (partial / "images" / "pool" / "000001.png").write_bytes(b"half")
+    (partial / "annotations").mkdir()
+    (partial / "annotations" / ".instances_pool.json.k2j3.tmp").write_text("{")
+    (partial / "classification" / "train" / "circle").mkdir(parents=True)
+    (partial / "classification" / "train" / "circle" / "000000.png").write_bytes(b"x")
+    assert is_shapes_root(partial)
+    paths = DemoPaths(output=tmp_path / "o2", data=partial)
+    stages = [s for s in build_stages(replace(PROFILES["quick"], shapes=tiny), paths, 1, log=lambda _: None)
+              if s.key == "dataset"]
+    StageRunner(paths.output, log=lambda _: None).run_all(stages)
+    assert json.loads((partial / "dataset_info.json").read_text())["config"]["num_train"] == 2
+    assert not (partial / "annotations" / ".instances_pool.json.k2j3.tmp").exists()
+
+
+def test_portable_params_name_paths_from_their_folders_and_expand_back():
+    from mae_det.demo import expand, portable
+
+    def params(out, data, repo):
+        return {"config": {f"{repo}/configs/a.yaml": {"_BASE_": "b.yaml"}, f"{repo}/configs/../b.yaml": {}},
+                "args": ["OUTPUT_DIR", f"{out}/pretrain_mae", "DATASETS.REGISTER",
+                         f"[['shapes_train', '{data}/annotations/instances_train.json', '{data}/images/train']]",
+                         "DATA.PATH", Path(f"{data}/images/pool"), "N", 3],
+                "root": str(data)}
+
+    a = {"<output>": Path("/w/repo/output/demo"), "<data>": Path("/w/repo/output/demo/data"), "<repo>": Path("/w/repo")}
+    b = {"<output>": Path("/elsewhere/out"), "<data>": Path("/d"), "<repo>": Path("/checkout")}
+    pa, pb = (portable(params(r["<output>"], r["<data>"], r["<repo>"]), r) for r in (a, b))
+    assert pa == pb == {
+        "config": {"<repo>/configs/a.yaml": {"_BASE_": "b.yaml"}, "<repo>/configs/../b.yaml": {}},
+        "args": ["OUTPUT_DIR", "<output>/pretrain_mae", "DATASETS.REGISTER",
+                 "[['shapes_train', '<data>/annotations/instances_train.json', '<data>/images/train']]",
+                 "DATA.PATH", "<data>/images/pool", "N", 3],
+        "root": "<data>"}
+    # The innermost folder names a path; "demox" is not under "demo".
+    assert portable(["/w/repo/output/demox/f", "/w/repo/output/demo"], a) == ["<repo>/output/demox/f", "<output>"]
+    raw = params(a["<output>"], a["<data>"], a["<repo>"])
+    raw["args"][5] = str(raw["args"][5])
+    assert expand(pa, a) == raw
+
+
+def _noop_pretraining(tmp_path, paths, tiny):
+    """The dataset and MAE pretraining stages of ``paths``, the pretraining a script writing its outputs."""
+    script = tmp_path / "fake_pretrain.py"
+    script.write_text("import pathlib, sys\nout = pathlib.Path(sys.argv[sys.argv.index('OUTPUT_DIR') + 1])\n"
+                      "out.mkdir(parents=True, exist_ok=True)\n"
+                      "for name in ('encoder.pth', 'metrics.jsonl', 'run_info.json'):\n"
+                      "    (out / name).write_text('trained')\n")
+    by = {s.key: s for s in build_stages(replace(PROFILES["quick"], shapes=tiny), paths, 1, log=lambda _: None)}
+    pre = by["pretrain_mae"]
+    pre.command, pre.result = [str(script), *pre.command[1:]], None
+    return [by["dataset"], pre]
+
+
+def test_a_finished_output_moved_with_its_data_stays_up_to_date(tmp_path):
+    import shutil
+
+    from mae_det.data.shapes import ShapesConfig
+
+    tiny = ShapesConfig(image_size=32, num_pool=2, num_train=2, num_val=2, num_cls_train=6, num_cls_val=6, workers=1)
+    old = DemoPaths(output=tmp_path / "a" / "out", data=tmp_path / "a" / "data")
+    runner = StageRunner(old.output, log=lambda _: None, roots=old.roots)
+    runner.run_all(_noop_pretraining(tmp_path, old, tiny))
+    assert runner.wall["pretrain_mae"][3] == "ran"
+    (old.run("pretrain_mae") / "encoder.pth").write_text("hours of pretraining")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    new = DemoPaths(output=tmp_path / "b" / "out", data=tmp_path / "b" / "data")
+    lines = []
+    runner = StageRunner(new.output, log=lines.append, roots=new.roots)
+    runner.run_all(_noop_pretraining(tmp_path, new, tiny))
+    assert [runner.wall[k][3] for k in ("dataset", "pretrain_mae")] == ["skipped", "skipped"], lines
+    assert (new.run("pretrain_mae") / "encoder.pth").read_text() == "hours of pretraining"
+    # The checkout's own paths (configs, tools) are named from it as well.
+    assert all("/" + tmp_path.name not in json.dumps(s.params) and str(REPO) not in json.dumps(s.params)
+               for s in build_stages(PROFILES["full"], new, 2, log=lambda _: None, fractions=[0.5], semantic=True))
+
+
+def test_records_hashed_with_absolute_paths_stay_up_to_date_and_get_the_portable_hash(tmp_path):
+    from mae_det.demo import _hash, expand, portable
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    target = paths.output / "made.txt"
+    upstream = Stage(key="up", title="up", params=portable({"root": str(paths.data)}, paths.roots), outputs=[target],
+                     run=lambda: target.write_text("x"))
+    stage = Stage(key="make", title="make", deps=["up"], outputs=[target], run=lambda: 1 / 0,
+                  params=portable({"args": ["OUTPUT_DIR", str(paths.output / "make")]}, paths.roots))
+    # What the code before portable params wrote: the hash of the absolute paths, with its dependency's.
+    StageRunner(paths.output, log=lambda _: None).run_all([upstream])
+    old_up = _hash({"params": expand(upstream.params, paths.roots), "deps": []})
+    old = _hash({"params": {"args": ["OUTPUT_DIR", str(paths.output / "make")]}, "deps": [old_up]})
+    for key, h in (("up", old_up), ("make", old)):
+        (paths.output / ".stages" / f"{key}.json").write_text(json.dumps({"hash": h, "status": "done", "wall_s": 5.0}))
+    runner = StageRunner(paths.output, log=lambda _: None, roots=paths.roots)
+    runner.run_all([upstream, stage])  # would divide by zero if it ran
+    assert runner.wall["make"][3] == "skipped"
+    new = json.loads((paths.output / ".stages" / "make.json").read_text())
+    assert new == {"hash": runner.hashes["make"], "status": "done", "wall_s": 5.0} and new["hash"] != old
+
+
+def test_a_stage_folder_without_a_record_is_an_error_and_kept(tmp_path):
+    stage = _tool_stage(tmp_path)
+    stage.out_dir.mkdir(parents=True)
+    (stage.out_dir / "encoder.pth").write_text("hours of pretraining")
+    record = tmp_path / "out" / ".stages" / "train.json"
+    with pytest.raises(DemoError, match=f"^{re.escape(str(stage.out_dir))} exists but has no record in "
+                                        f"{re.escape(str(record))}: delete it or restore the record$"):
+        _quiet_runner(tmp_path)[0].run_all([stage])
+    assert (stage.out_dir / "encoder.pth").read_text() == "hours of pretraining"
+    (stage.out_dir / "encoder.pth").unlink()  # an empty folder holds nothing to lose
+    runner = _quiet_runner(tmp_path)[0]
+    runner.run_all([stage])
+    assert runner.wall["train"][3] == "ran"
+
+
+def test_every_training_stage_runs_on_cpu(tmp_path):
+    from mae_det.demo import _config_value
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    stages = build_stages(PROFILES["experiment"], paths, 2, log=lambda _: None, fractions=[0.5], semantic=True,
+                          reference_pyramid="simple", pretrain_seeds=2)
+    devices = {}
+    for s in stages:
+        if s.command is not None:
+            key = "MODEL.DEVICE" if s.command[0] == "tools/train_net.py" else "DEVICE"
+            devices[s.key] = _config_value(Path(s.command[2]), s.command[3:], key)
+    assert {k.split("_")[0] for k in devices} == {"pretrain", "finetune", "cls", "semseg"}
+    assert set(devices.values()) == {"cpu"}, devices
+
+
+def test_bad_arguments_are_one_line_errors_before_anything_is_written(tmp_path, monkeypatch):
+    import mae_det.demo as demo
+
+    monkeypatch.setattr(demo, "StageRunner", None)  # nothing may run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    for kwargs, message in (
+            ({"jobs": 0}, "--jobs must be >= 1, got 0"),
+            ({"seeds": 0}, "--seeds must be >= 1, got 0"),
+            ({"subset_seed": -1}, "--subset-seed must be >= 0, got -1"),
+            ({"pretrain_seeds": 0}, "--pretrain-seeds must be >= 1, got 0"),
+            ({"precision": "fp16"}, "--precision: expected one of auto, fp32, bf16, got 'fp16'"),
+            ({"output": a_file}, f"--output: {a_file} exists and is not a folder"),
+            ({"output": a_file / "sub"}, f"--output: {a_file} exists and is not a folder"),
+            ({"data_root": a_file}, f"--data-root: {a_file} exists and is not a folder")):
+        with pytest.raises(DemoError) as e:
+            demo.run_demo("quick", **{"output": out, "data_root": tmp_path / "data", **kwargs})
+        assert str(e.value) == message
+        assert not out.exists() and not (tmp_path / "data").exists()
+    # Relative folders are the working directory's (as any command's), the defaults the checkout's.
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd()
+    assert demo.demo_paths("quick", "rel/out", "rel/data") == DemoPaths(here / "rel/out", here / "rel/data")
+    assert demo.demo_paths("full") == DemoPaths(REPO / "output/demo", REPO / "datasets/shapes/full")
+
+
+def test_the_label_efficiency_section_points_up_to_the_pyramid_check(tmp_path):
+    from mae_det.demo import _efficiency_section
+
+    paths = DemoPaths(output=tmp_path / "o", data=tmp_path / "d")
+    paths.output.mkdir(parents=True)
+    rows = [{"init": arm, "seed": 0, "num_labeled": n, "box_AP": 10.0 + n, "mask_AP": 5.0 + n}
+            for arm in ARMS for n in (4, 8)]
+    pyramids = [{**r, "pyramid": "simple"} for r in rows]
+    lines = _efficiency_section(paths, rows, pyramids, "simple", 1, 0, "30 iterations whatever the subset size")
+    assert "Dashed: the same runs with the `simple` pyramid (the pyramid check above)." in lines
+    assert "| mae | 8 | 18.0 | 13.0 |" in lines and (paths.output / "label_efficiency.png").exists()
+    assert not [x for x in _efficiency_section(paths, rows, [], None, 1, 0, "-") if x.startswith("Dashed")]
+
+
+def test_the_report_names_the_machines_that_trained_the_runs(tmp_path):
+    from mae_det.demo import _bar, trained_on
+    from mae_det.utils.provenance import machine_info
+
+    def run(name, cpu, native):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_info.json").write_text(json.dumps({"versions": {"torch": "2.9.0"}, "machine": {
+            "cpu": cpu, "cpu_count": 2, "cpu_capability": "AVX512", "cpu_bf16_native": native, "gpus": []}}))
+        return tmp_path / name
+
+    intel = "Intel Xeon (torch CPU kernels AVX512, bf16 native) with 2 CPU cores, torch 2.9.0"
+    assert trained_on([run("a", "Intel Xeon", True), run("b", "Intel Xeon", True), tmp_path / "no_run"]) == intel
+    assert trained_on([tmp_path / "a", run("c", "AMD EPYC", False), tmp_path / "b"]) == (
+        f"{intel} (2 runs); AMD EPYC (torch CPU kernels AVX512, bf16 not native) with 2 CPU cores, torch 2.9.0 (1 run)")
+    assert trained_on([tmp_path / "no_run"]).startswith(f"{machine_info()['cpu']} (torch CPU kernels ")
+    # A resumed Detectron2 run logs "iter: MAX_ITER + 1": the bar stops at its total.
+    assert _bar(32, 30).endswith("| 100% (30/30)")
