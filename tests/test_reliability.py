@@ -95,8 +95,13 @@ def test_pretraining_killed_while_writing_a_checkpoint_resumes_bit_exact(tmp_pat
     # What a kill between the pointer's write and its rename leaves (the CI's kill-9 test once landed there).
     pointer_tmp = cut / ".last_checkpoint.k9x2z.tmp"
     pointer_tmp.write_text("checkpoint_0002.pth\n")
+    first = (cut / "checkpoint_0001.pth").stat()
 
     P.run_pretrain(load_pretrain_cfg(None, opts(cut)), resume=True)
+    # resumed from the intact checkpoint, which stays as it was (a fresh start would have rewritten it)
+    assert f"resumed from {cut / 'checkpoint_0001.pth'} (epoch 1, step 0 of the epoch)" in (cut / "log.txt").read_text()
+    now = (cut / "checkpoint_0001.pth").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert not stale.exists() and not pointer_tmp.exists()
     assert not list(cut.glob(".*.tmp"))
     ref, got = (load_checkpoint(d / "checkpoint_0003.pth") for d in (tmp_path / "ref", cut))

@@ -4,6 +4,7 @@ CI has no clone of facebookresearch/mae, so the test writes a ``models_mae.py`` 
 interface and the same habits the shim exists for (timm's ``Block(..., qk_scale=None, ...)``, ``np.float``): a
 compact MAE of our own, with the official key names so that our weights load into it.
 """
+import itertools
 import json
 import subprocess
 import sys
@@ -333,40 +334,49 @@ def test_the_tool_times_a_users_imagefolder_as_it_is(checkout, tmp_path):
 
 
 # ---- timing -------------------------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # they sleep: 2 cores suffice
-def test_end_to_end_rows_of_a_step_bound_run_equal_its_step_only_rows(checkout, monkeypatch):
-    """Stand-ins with known costs (sleeps): a step takes 50 ms, a worker makes a batch in 100 ms, 4 workers deliver
-    one every 25 ms: a training run is step-bound, end to end = step-only. Every timed window used to start right
-    after the drain of the prefetched batches, with a whole batch's latency to wait (ratio ~0.6 at 3 steps)."""
-    import time
-
-    import torch
-    from torch.utils.data import DataLoader, Dataset
+def test_end_to_end_visits_settle_the_loader_before_each_timed_window(checkout, monkeypatch):
+    """The order of events in an end-to-end visit, read off stand-ins (no timing): the batches a loader of 4 workers
+    prefetched are drained, then one untimed step per worker runs, and only then is the clock read. Every timed
+    window used to start right after the drain, with a whole batch's latency to wait (a step-bound run measured
+    ~0.6 of its step-only speed at 3 steps)."""
+    import types
 
     import mae_det.bench.official as off
 
-    class Slow(Dataset):
-        def __len__(self):
-            return 10_000
+    events: list[tuple[str, str]] = []
+    ticks = itertools.count(1)
+    monkeypatch.setattr(off, "time", types.SimpleNamespace(
+        perf_counter=lambda: events.append(("clock", "")) or float(next(ticks))))
 
-        def __getitem__(self, i):
-            time.sleep(0.05)
-            return torch.zeros(3, 32, 32), 0
+    def stand_in_loader(side: str):
+        for _ in itertools.count():
+            events.append(("draw", side))
+            yield (side, 0) if side == "official" else {"image": side}
 
-    monkeypatch.setattr(off, "official_loader", lambda root, img_size, batch, workers: DataLoader(
-        Slow(), batch_size=batch, num_workers=workers, persistent_workers=True))
-    monkeypatch.setattr(off, "our_loader", lambda root, img_size, batch, workers, device, gpu_decode: DataLoader(
-        Slow(), batch_size=batch, num_workers=workers, persistent_workers=True,
-        collate_fn=lambda items: {"image": torch.stack([x for x, _ in items])}))
+    monkeypatch.setattr(off, "official_loader", lambda root, img_size, batch, workers: stand_in_loader("official"))
+    monkeypatch.setattr(off, "our_loader",
+                        lambda root, img_size, batch, workers, device, gpu_decode: stand_in_loader("ours"))
     for step in (off.OfficialStep, off.OurStep):
-        monkeypatch.setattr(step, "__call__", lambda self, samples, mask_ratio: time.sleep(0.05))
+        monkeypatch.setattr(step, "__call__", lambda self, samples, mask_ratio: events.append(
+            ("step", samples if isinstance(samples, str) else "synthetic")))
     arch = dict(patch_size=16, embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
                 decoder_num_heads=4)
     res = off.run_against_official(checkout, arch=arch, img_size=32, batch_size=2, rounds=2, steps=3,
                                    jpeg_root="unused", workers=4, matmul_sizes=(64,), matmul_seconds=0.01)
-    ratios = {k: v for k, v in res["ratios"].items() if k.endswith("[jpeg] / its step-only")}
-    assert len(ratios) == 2 and all(0.9 < v < 1.1 for v in ratios.values()), ratios
+    segments, current = [], []  # the events between two clock reads
+    for event in events:
+        if event[0] == "clock":
+            segments.append(current)
+            current = []
+        else:
+            current.append(event)
+    for side in ("official", "ours"):
+        window = [("draw", side), ("step", side)] * 3
+        before = [segments[i - 1] for i, seg in enumerate(segments) if seg == window]
+        # 2 * 4 prefetched batches taken untimed, then 4 untimed steps, in each of the 2 rounds
+        assert before == [[("draw", side)] * 8 + [("draw", side), ("step", side)] * 4] * 2, side
     assert res["settle_steps"] == 4
+    assert len([k for k in res["ratios"] if k.endswith("[jpeg] / its step-only")]) == 2
 
 
 def test_compiling_without_a_warm_up_step_is_refused(capsys):

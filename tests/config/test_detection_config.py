@@ -125,7 +125,8 @@ def test_recipes_scale_with_the_gpu_count():
     (["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"], "fp16 (Detectron2's AMPTrainer) needs CUDA"),
     (["MODEL.BACKBONE.NAME", "build_vit_fpn_backbone", "MODEL.VIT.WINDOW_SIZE", "-1"], "MODEL.VIT.WINDOW_SIZE"),
     (["SOLVER.NOT_A_KEY", "1"], "command line: unknown config key SOLVER.NOT_A_KEY"),
-    (["SOLVER.BASE_LR", "'high'"], "command line:"),
+    (["SOLVER.BASE_LR", "'high'"], "command line: Type mismatch (<class 'float'> vs. <class 'str'>) with values "
+                                   "(0.001 vs. high) for config key: SOLVER.BASE_LR"),
     (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
 ])
 def test_invalid_values_are_one_line_errors_naming_the_key(opts, message):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
+from torch.utils.data import get_worker_info
 
 from mae_det.config.detection import recorded_seed
 from mae_det.data.detection import DatasetError
@@ -19,12 +20,19 @@ def _dataset(n=10):
 
 
 def _draws(d):
-    """A mapper drawing from all three global generators, as Detectron2's and torchvision's transforms do."""
-    return {"index": d["index"], "np": float(np.random.rand()), "py": random.random(), "torch": float(torch.rand(()))}
+    """A mapper drawing from all three global generators, as Detectron2's and torchvision's transforms do; it
+    notes the loader worker that mapped the sample (None: the main process)."""
+    worker = get_worker_info()
+    return {"index": d["index"], "np": float(np.random.rand()), "py": random.random(), "torch": float(torch.rand(())),
+            "worker": None if worker is None else worker.id}
 
 
-def _batches(loader, n):
-    return [[(s["index"], s["np"], s["py"], s["torch"]) for s in batch] for batch in itertools.islice(loader, n)]
+def _batches(loader, n, mapped_by=None):
+    """The first ``n`` batches' draws; ``mapped_by`` gets the set of workers that mapped each batch."""
+    batches = list(itertools.islice(loader, n))
+    if mapped_by is not None:
+        mapped_by += [{s["worker"] for s in batch} for batch in batches]
+    return [[(s["index"], s["np"], s["py"], s["torch"]) for s in batch] for batch in batches]
 
 
 def _loader(num_workers=0, mapper=_draws, seed=3, dataset=None):
@@ -54,11 +62,14 @@ def test_grouping_needs_width_and_height():
 
 
 def test_batches_do_not_depend_on_workers_and_a_restart_continues_them():
-    ref = _batches(_loader(), 8)
-    assert _batches(_loader(num_workers=2), 8) == ref
+    in_main, in_workers, after_restart = [], [], []
+    ref = _batches(_loader(), 8, in_main)
+    assert _batches(_loader(num_workers=2), 8, in_workers) == ref
     resumed = _loader(num_workers=2)
     resumed.dataset.start = 5
-    assert _batches(resumed, 3) == ref[5:]
+    assert _batches(resumed, 3, after_restart) == ref[5:]
+    # worker w of 2 maps whole batches w, w + 2, ... counted from the restart
+    assert in_main == [{None}] * 8 and in_workers == [{0}, {1}] * 4 and after_restart == [{0}, {1}, {0}]
     assert _batches(_loader(seed=4), 8) != ref
     # one sample's draws differ from the next one's: each is seeded by its own position
     assert len({s[1] for batch in ref for s in batch}) == 24
@@ -80,8 +91,9 @@ def test_unusable_images_are_replaced_by_the_samples_own_draw():
     def mapper(d):
         return None if d["index"] in (2, 7) else _draws(d)
 
-    a, b = _batches(_loader(mapper=mapper), 10), _batches(_loader(num_workers=2, mapper=mapper), 10)
-    assert a == b
+    mapped_by = []
+    a, b = _batches(_loader(mapper=mapper), 10), _batches(_loader(num_workers=2, mapper=mapper), 10, mapped_by)
+    assert a == b and mapped_by == [{0}, {1}] * 5
     assert all(s[0] not in (2, 7) for batch in a for s in batch)
     with pytest.raises(RuntimeError, match="64 training images in a row could not be used"):
         _batches(_loader(mapper=lambda d: None), 1)

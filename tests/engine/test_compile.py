@@ -119,20 +119,29 @@ def test_pretrain_compile_error_redoes_the_first_step_eagerly(images, tmp_path, 
         [r["loss"] for r in records(tmp_path / "fallback", "train")]
 
 
-def test_finetune_compiled_matches_eager_and_falls_back(tmp_path, monkeypatch):
+def test_finetune_compiled_matches_eager_and_falls_back(tmp_path, monkeypatch, caplog):
     color_folders(tmp_path / "data", 8, 2)
     over = {"SOLVER.EPOCHS": 2, "AUG.RAND_AUGMENT": "", "MODEL.DROP_PATH": 0.0}
+    real_compile, models = F.compile_in_place, []
+    monkeypatch.setattr(F, "compile_in_place", lambda model: models.append(model) or real_compile(model))
     eager = F.finetune(cls_cfg(tmp_path / "data", tmp_path / "eager", **over, **{"SOLVER.COMPILE": "off"}),
                        progress=False)
+    assert models == []
     monkeypatch.setattr(C, "BACKEND", "aot_eager")
     compiled = F.finetune(cls_cfg(tmp_path / "data", tmp_path / "compiled", **over, **{"SOLVER.COMPILE": "on"}),
                           progress=False)
+    assert len(models) == 1 and C.is_compiled(models[0])  # trained compiled to the end: no fallback
     assert compiled["finetune_top1"] == eager["finetune_top1"]
     ke, kc = (load_checkpoint(tmp_path / n / "checkpoint_0002.pth")["model"] for n in ("eager", "compiled"))
     assert list(ke) == list(kc) and all(torch.allclose(ke[k], kc[k], atol=1e-4) for k in ke)
     torch._dynamo.reset()
     monkeypatch.setattr(C, "BACKEND", _broken_backend)
-    F.finetune(cls_cfg(tmp_path / "data", tmp_path / "fallback", **over, **{"SOLVER.COMPILE": "on"}), progress=False)
+    with caplog.at_level("WARNING", logger="mae_det"):
+        F.finetune(cls_cfg(tmp_path / "data", tmp_path / "fallback", **over, **{"SOLVER.COMPILE": "on"}),
+                   progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "redoing that step eagerly" in warnings[0] and "no C++ compiler" in warnings[0]
+    assert len(models) == 2 and not C.is_compiled(models[1])  # compiled, then back to eager
     kf = load_checkpoint(tmp_path / "fallback" / "checkpoint_0002.pth")["model"]
     assert all(torch.allclose(ke[k], kf[k], atol=1e-5) for k in ke)
 
@@ -194,10 +203,18 @@ def test_detection_step_trainer_redoes_a_failed_compiled_step_eagerly(monkeypatc
 def test_reduce_overhead_mode_reaches_inductor_and_matches_eager_on_cpu(monkeypatch):
     # CUDA graphs are CUDA-only: on a CPU Inductor skips them and the mode compiles as the default, same numbers
     monkeypatch.setattr(C, "BACKEND", "inductor")
+    real_compile, options = torch.compile, []
+
+    def compile(*args, **kwargs):  # what nn.Module.compile hands torch.compile
+        options.append(kwargs)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
     torch.manual_seed(0)
     eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     compiled = copy.deepcopy(eager)
     C.compile_in_place(compiled, mode="reduce-overhead")
+    assert options == [{"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"}]
     assert C.is_compiled(compiled) and list(compiled.state_dict()) == list(eager.state_dict())
     x = torch.randn(3, 8)
     out_e, out_c = eager(x), compiled(x)

@@ -8,6 +8,7 @@ import timm
 import torch
 from PIL import Image
 
+import mae_det.engine.finetune_cls as F
 from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mae_det.config.classification import get_cls_cfg, validate_cls_cfg
 from mae_det.config.pretrain import ConfigError
@@ -97,7 +98,24 @@ def test_finetune_raises_accuracy_above_chance(tmp_path):
     assert ckpt["epoch"] == 4 and ckpt["classes"] == ["c0", "c1", "c2"]
 
 
-def test_resume_continues_exactly(tmp_path):
+def _epochs_trained(monkeypatch) -> list[int]:
+    """Records the (0-based) epoch of every training epoch that runs from now on."""
+    real, epochs = F._train_one_epoch, []
+
+    def train_one_epoch(*args, epoch, **kwargs):
+        epochs.append(epoch)
+        return real(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(F, "_train_one_epoch", train_one_epoch)
+    return epochs
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns  # an atomic rewrite replaces the file: both change
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch, caplog):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, "AUG.MIXUP": 0.8, "AUG.CUTMIX": 1.0}
     straight = finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), progress=False)
@@ -105,7 +123,13 @@ def test_resume_continues_exactly(tmp_path):
     b = tmp_path / "b"
     (b / "checkpoint_0002.pth").unlink()  # as if the run had been killed during epoch 2
     (b / "last_checkpoint").write_text("checkpoint_0001.pth")
-    resumed = finetune(tiny_cfg(tmp_path / "data", b, **over), resume=True, progress=False)
+    first = _inode(b / "checkpoint_0001.pth")
+    epochs = _epochs_trained(monkeypatch)
+    with caplog.at_level("INFO", logger="mae_det"):
+        resumed = finetune(tiny_cfg(tmp_path / "data", b, **over), resume=True, progress=False)
+    # only epoch 2 ran again, from epoch 1's checkpoint, which stays as it was
+    assert epochs == [1] and f"resumed from {b / 'checkpoint_0001.pth'} at epoch 1" in caplog.text
+    assert _inode(b / "checkpoint_0001.pth") == first
     sa, sb = load_checkpoint(tmp_path / "a" / "checkpoint_0002.pth"), load_checkpoint(b / "checkpoint_0002.pth")
     assert sa["model"].keys() == sb["model"].keys()
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
@@ -113,13 +137,18 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["epoch"] for r in sb["history"]] == [1, 2]
 
 
-def test_checkpoint_keep_leaves_the_newest_and_resume_still_works(tmp_path):
+def test_checkpoint_keep_leaves_the_newest_and_resume_still_works(tmp_path, monkeypatch, caplog):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 8, "CHECKPOINT_KEEP": 1}
     res = finetune(tiny_cfg(tmp_path / "data", tmp_path / "a", **over), progress=False)
     a = tmp_path / "a"
     assert sorted(p.name for p in a.glob("checkpoint_*.pth")) == ["checkpoint_0003.pth"]
-    again = finetune(tiny_cfg(tmp_path / "data", a, **over), resume=True, progress=False)  # finished: nothing retrained
+    kept, epochs = _inode(a / "checkpoint_0003.pth"), _epochs_trained(monkeypatch)
+    with caplog.at_level("INFO", logger="mae_det"):
+        again = finetune(tiny_cfg(tmp_path / "data", a, **over), resume=True, progress=False)  # finished
+    # nothing retrained: no epoch ran and the checkpoint was not rewritten
+    assert epochs == [] and f"resumed from {a / 'checkpoint_0003.pth'} at epoch 3" in caplog.text
+    assert _inode(a / "checkpoint_0003.pth") == kept
     assert again["finetune_top1"] == res["finetune_top1"]
     with pytest.raises(ConfigError, match=r"CHECKPOINT_KEEP: expected >= 0 \(0 = keep all\), got -2"):
         tiny_cfg(tmp_path / "data", a, CHECKPOINT_KEEP=-2)
@@ -144,22 +173,38 @@ def test_resume_with_changed_settings_says_which(tmp_path, caplog):
     assert [round(b, 12) for b in ckpt["scheduler"]["base_lrs"]] == [round(2e-3 * g["lr_scale"], 12) for g in groups]
 
 
-def test_loader_workers_change_nothing(tmp_path):
+def test_loader_workers_change_nothing(tmp_path, monkeypatch):
     # Augmentation draws come from (SEED, epoch, index): two loader workers train the very same weights as none.
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, "AUG.MIXUP": 0.8, "AUG.REPROB": 0.25}
-    runs = {w: finetune(tiny_cfg(tmp_path / "data", tmp_path / f"w{w}", **over, **{"DATA.NUM_WORKERS": w}),
-                        progress=False) for w in (0, 2)}
+    real_loader, workers = F.folder_loader, []
+
+    def folder_loader(*args, **kwargs):
+        loader = real_loader(*args, **kwargs)
+        workers.append(loader.num_workers)
+        return loader
+
+    monkeypatch.setattr(F, "folder_loader", folder_loader)
+    runs = {}
+    for w in (0, 2):
+        workers.clear()
+        runs[w] = finetune(tiny_cfg(tmp_path / "data", tmp_path / f"w{w}", **over, **{"DATA.NUM_WORKERS": w}),
+                           progress=False)
+        assert workers == [w] * 3  # the validation loader and the 2 epochs' training loaders
     assert runs[0]["finetune_top1"] == runs[2]["finetune_top1"]
     w0, w2 = (load_checkpoint(tmp_path / f"w{w}" / "checkpoint_0002.pth")["model"] for w in (0, 2))
     assert all(torch.equal(w0[k], w2[k]) for k in w0)
 
 
-def test_decoded_image_cache_changes_nothing_and_needs_the_main_process(tmp_path):
+def test_decoded_image_cache_changes_nothing_and_needs_the_main_process(tmp_path, monkeypatch):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8, "AUG.REPROB": 0.25}
+    real_cache, caches = F.decoded_image_cache, []
+    monkeypatch.setattr(F, "decoded_image_cache", lambda mb: caches.append(real_cache(mb)) or caches[-1])
     runs = {mb: finetune(tiny_cfg(tmp_path / "data", tmp_path / f"mb{mb}", **over, **{"DATA.CACHE_DECODED_MB": mb}),
                          progress=False) for mb in (0.0, 1.0)}
+    # one cache a run: none for 0 MiB; 1 MiB holds, and was filled with, all 24 train and 6 val images of 40x40
+    assert [c if c is None else len(c) for c in caches] == [None, 30]
     assert runs[0.0]["finetune_top1"] == runs[1.0]["finetune_top1"]
     a, b = (load_checkpoint(tmp_path / f"mb{mb}" / "checkpoint_0002.pth")["model"] for mb in (0.0, 1.0))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -276,11 +321,6 @@ def test_partial_finetuning_trains_only_the_last_blocks_norm_and_head(tmp_path):
 
 
 # ---- hostile inputs (audit of 2026-12-05) -------------------------------------------------------------------
-def _inode(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns  # an atomic rewrite replaces the file: both change
-
-
 def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(tmp_path, caplog):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8}
@@ -384,9 +424,7 @@ def _history(out: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
 
 
-def test_requeue_and_fresh_start_leave_one_history_in_metrics(tmp_path, monkeypatch):
-    import mae_det.engine.finetune_cls as F
-
+def test_requeue_and_fresh_start_leave_one_history_in_metrics(tmp_path, monkeypatch, caplog):
     color_folders(tmp_path / "data", n_train=8, n_val=2)
     over = {"SOLVER.EPOCHS": 3, "SOLVER.BATCH_SIZE": 4, "LOG_PERIOD": 1}  # 6 steps per epoch
     finetune(tiny_cfg(tmp_path / "data", tmp_path / "ref", **over), progress=False)
@@ -408,7 +446,10 @@ def test_requeue_and_fresh_start_leave_one_history_in_metrics(tmp_path, monkeypa
     assert (cut / "last_checkpoint").read_text() == "checkpoint_0002.pth"
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"step": 15, "epoch": 2.5, "lo')  # a line cut short by a kill
-    finetune(tiny_cfg(tmp_path / "data", cut, **over), resume=True, progress=False)
+    epochs = _epochs_trained(monkeypatch)
+    with caplog.at_level("INFO", logger="mae_det"):
+        finetune(tiny_cfg(tmp_path / "data", cut, **over), resume=True, progress=False)
+    assert epochs == [2] and f"resumed from {cut / 'checkpoint_0002.pth'} at epoch 2" in caplog.text
     assert _history(cut) == ref  # the redone steps once, the cut line gone
     finetune(tiny_cfg(tmp_path / "data", cut, **over), progress=False)  # from scratch in the used folder
     assert _history(cut) == ref

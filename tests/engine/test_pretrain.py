@@ -161,6 +161,19 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
     monkeypatch.setattr(P.Pretrainer, "_optimizer_step", step)
 
 
+def _train_starts(monkeypatch) -> list[tuple[int, int]]:
+    """Records (global step, loader workers) of every run as its training starts: a resume starts at its
+    checkpoint's step, a fresh run (or a resume that loaded nothing) at 0."""
+    real, starts = P.Pretrainer.train, []
+
+    def train(self):
+        starts.append((self.global_step, self.loader.num_workers))
+        return real(self)
+
+    monkeypatch.setattr(P.Pretrainer, "train", train)
+    return starts
+
+
 @pytest.mark.parametrize("stop_after", [7, 8])  # resumes from an epoch end / from a mid-epoch checkpoint
 def test_resume_is_bit_exact(images, tmp_path, monkeypatch, stop_after):
     opts = ["SOLVER.BATCH_SIZE", "4", "SOLVER.ACCUM_ITER", "2", "MODEL.DROP_PATH", "0.2",
@@ -173,7 +186,12 @@ def test_resume_is_bit_exact(images, tmp_path, monkeypatch, stop_after):
     last = (tmp_path / "cut" / "last_checkpoint").read_text().strip()
     assert last == ("checkpoint_0001.pth" if stop_after == 7 else "checkpoint_0001_000003.pth")
     # more loader workers after the restart: the data must not depend on them
+    starts = _train_starts(monkeypatch)
     P.run_pretrain(make_cfg(images, tmp_path / "cut", *opts, "DATA.NUM_WORKERS", "2"), resume=True)
+    resumed_at = 4 if stop_after == 7 else 7  # the end of epoch 1, or its mid-epoch checkpoint after 3 steps
+    assert starts == [(resumed_at, 2)]  # from the checkpoint's step (nothing retrained before it), with 2 workers
+    assert (f"resumed from {tmp_path / 'cut' / last} (epoch 1, step {resumed_at - 4} of the epoch)"
+            in (tmp_path / "cut" / "log.txt").read_text())
     ref, cut = _final(tmp_path / "ref"), _final(tmp_path / "cut")
     assert cut["global_step"] == ref["global_step"] == 12
     for k in ref["model"]:
@@ -188,11 +206,18 @@ def test_resume_is_bit_exact(images, tmp_path, monkeypatch, stop_after):
     assert not (tmp_path / "cut" / "checkpoint_0001_000003.pth").exists()  # rolling checkpoint cleaned up
 
 
-def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_kept(images, tmp_path):
+def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_kept(images, tmp_path, monkeypatch):
     cfg = make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2")
+    starts = _train_starts(monkeypatch)
     P.run_pretrain(cfg, resume=True)
+    assert f"no last_checkpoint in {tmp_path}: starting from scratch" in (tmp_path / "log.txt").read_text()
     before = _final(tmp_path)
+    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob("checkpoint_*.pth")}
     P.run_pretrain(cfg, resume=True)  # already complete: nothing is retrained
+    assert starts == [(0, 0), (8, 0)]
+    assert (f"resumed from {tmp_path / 'checkpoint_0002.pth'} (epoch 2, step 0 of the epoch)"
+            in (tmp_path / "log.txt").read_text())
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.glob("checkpoint_*.pth")} == written
     after = _final(tmp_path)
     assert after["global_step"] == before["global_step"] == 8
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
@@ -381,14 +406,24 @@ def test_supervised_mode_needs_labels(images, tmp_path):
         P.run_pretrain(make_cfg(images, tmp_path, "MODEL.MODE", "supervised"))
 
 
-def test_bf16_path_runs(images, tmp_path):
+def test_bf16_path_runs(images, tmp_path, monkeypatch):
     cfg = make_cfg(images, tmp_path, "PRECISION", "bf16", "SOLVER.EPOCHS", "2", "SOLVER.WARMUP_EPOCHS", "0",
                    "MODEL.DEPTH", "1", "SOLVER.BATCH_SIZE", "16")
     t = P.Pretrainer(cfg)
     assert t.precision == "bf16"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert t.model.blocks[0].attn.qkv(torch.zeros(1, 64)).dtype == torch.bfloat16  # autocast really applies
+    # the dtype a real layer computes in inside each training step: bf16 under the step's autocast
+    real_forward, qkv_dtypes = P.Pretrainer._forward, []
+
+    def forward(self, batch):
+        hook = self.model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: qkv_dtypes.append(out.dtype))
+        try:
+            return real_forward(self, batch)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(P.Pretrainer, "_forward", forward)
     P.run_pretrain(cfg)
+    assert qkv_dtypes == [torch.bfloat16] * 4  # 2 epochs x 2 steps
     losses = [r["loss"] for r in records(tmp_path, "train")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
@@ -609,13 +644,17 @@ def test_a_kill_around_the_epoch_checkpoint_keeps_every_epoch_record(images, tmp
             raise _Interrupt
         return path
 
-    for name, patch in (("_metrics", kill_in_record), ("save_checkpoint", kill_after_checkpoint)):
+    starts = _train_starts(monkeypatch)
+    # killed before epoch 2's checkpoint: redone from epoch 1's (step 4); killed after it: from epoch 2's (step 8)
+    for name, patch, resumed_at in (("_metrics", kill_in_record, 4), ("save_checkpoint", kill_after_checkpoint, 8)):
         cut = tmp_path / name
         with monkeypatch.context() as m:
             m.setattr(P.Pretrainer, name, patch)
             with pytest.raises(_Interrupt):
                 P.run_pretrain(make_cfg(images, cut))
+        starts.clear()
         P.run_pretrain(make_cfg(images, cut), resume=True)
+        assert starts == [(resumed_at, 0)], name
         for kind in ("train", "epoch"):
             assert [(r["epoch"], r["step"], r["loss"]) for r in records(cut, kind)] == [
                 (r["epoch"], r["step"], r["loss"]) for r in records(tmp_path / "ref", kind)], (name, kind)
@@ -631,7 +670,9 @@ def test_tensorboard_keeps_the_scalars_of_the_checkpoint_step_after_a_resume(ima
         with pytest.raises(_Interrupt):
             P.run_pretrain(make_cfg(images, tmp_path))
     assert (tmp_path / "last_checkpoint").read_text().strip() == "checkpoint_0002.pth"
+    starts = _train_starts(monkeypatch)
     P.run_pretrain(make_cfg(images, tmp_path), resume=True)
+    assert starts == [(8, 0)]  # steps 1-8 come from the first run's event file, not from a rerun
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))

@@ -248,8 +248,12 @@ def test_tool_prints_table_and_fails_with_the_path(runs, tmp_path, repo_root, ca
     (Path(runs[1]) / "ap_results.json").unlink()
     with pytest.raises(SystemExit, match=f"compare_ap: {runs[1]}/ap_results.json: file not found"):
         tool.main(runs + ["--output", str(tmp_path / "o")])
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any run is read
         tool.main(runs + ["--label", "no-equals-sign"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: argument --label: --label expects DIR=NAME, got 'no-equals-sign'")
 
 
 def test_delta_format_rounds_and_never_shows_minus_zero():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mae_det.evaluation.linear_probe as LP
 from mae_det.data.images import DecodedImageCache
 from mae_det.evaluation.linear_probe import LinearProbeHead, linear_probe_features, linear_probe_folders
 from mae_det.modeling.vit import VisionTransformer
@@ -36,7 +37,14 @@ def test_head_is_batchnorm_without_affine_then_linear():
 
 # LARS at the recipe's actual lr (0.1 x 16384 / 256 = 6.4): its steps are relative to the weight norm.
 @pytest.mark.parametrize("optimizer, base_lr", [("lars", 25.6), ("sgd", 1.0)])
-def test_probe_learns_separable_features(optimizer, base_lr, one_thread):
+def test_probe_learns_separable_features(optimizer, base_lr, one_thread, monkeypatch):
+    real_train, heads = LP.train_head, []
+
+    def train_head(head, *args, **kwargs):  # keeps a copy of every trained head
+        heads.append({k: v.clone() for k, v in real_train(head, *args, **kwargs).state_dict().items()})
+        return head
+
+    monkeypatch.setattr(LP, "train_head", train_head)
     xtr, ytr = _separable(50, seed=0)
     xva, yva = _separable(25, seed=1)
     res = linear_probe_features(xtr, ytr, xva, yva, 4, epochs=40, batch_size=64, base_lr=base_lr,
@@ -51,6 +59,8 @@ def test_probe_learns_separable_features(optimizer, base_lr, one_thread):
     again2 = linear_probe_features(xtr, ytr, xva, yva, 4, epochs=3, batch_size=64, optimizer=optimizer,
                                    warmup_epochs=1, progress=False)
     assert again == again2
+    # the top-1 saturates: the trained weights themselves must be equal
+    assert len(heads) == 3 and all(torch.equal(heads[1][k], heads[2][k]) for k in heads[1])
 
 
 def test_probe_on_shuffled_labels_stays_near_chance(one_thread):

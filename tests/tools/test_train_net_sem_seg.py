@@ -53,7 +53,8 @@ def test_train_eval_predict_compare_on_the_shapes_semantic_split(data, tmp_path)
     info = json.loads((out_dir / "run_info.json").read_text())
     assert info["task"] == "semantic_segmentation" and info["init_type"] == "scratch"
     rows = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
-    assert all(math.isfinite(r["loss_sem_seg"]) for r in rows if "loss_sem_seg" in r)
+    losses = [r["loss_sem_seg"] for r in rows if "loss_sem_seg" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
 
     pred = tmp_path / "pred"
     proc = tool("predict.py", "--config-file", str(out_dir / "config.yaml"), "--input",

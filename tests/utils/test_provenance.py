@@ -84,6 +84,9 @@ def test_git_state_counts_untracked_files_apart_from_changes_to_tracked_ones(tmp
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", ".")
     git("commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head) and git_state(tmp_path)["commit"] == head
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "log.txt").write_text("ignored\n")
     assert git_state(tmp_path)["dirty"] is False and git_state(tmp_path)["untracked"] == 0
