@@ -8,7 +8,9 @@ Each run directory holds run_info.json (init_type, seed) and ap_results.json, se
 accuracy, per-class IoU) and/or cls_results.json.
 Runs are grouped by init_type (or --label), with mean ± sample std over seeds and deltas against --baseline.
 Runs of one init_type that started from different checkpoints (run_info.json) are split into a group per
-checkpoint; --label groups runs explicitly. A directory given twice counts once.
+checkpoint; --label groups runs explicitly. A directory given twice counts once. A group whose runs were evaluated
+on different test sets or at different iterations (ap_results.json) is refused; a run whose model predicted nothing
+counts as AP 0 and is flagged.
 """
 
 import argparse
@@ -22,7 +24,7 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
-from mae_det.evaluation.compare import ResultError, compare  # noqa: E402
+from mae_det.evaluation.compare import ResultError, compare, resolve_labels  # noqa: E402
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -44,15 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--published", action="store_true", help="append the published reference rows (labelled)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="list runs with missing/malformed results in the report instead of failing")
-    parser.add_argument("--name", default="ap_table", help="file stem of the outputs")
+    parser.add_argument("--name", default="ap_table", help="file stem of the outputs (no folder: see --output)")
     parser.add_argument("--title", default="AP comparison")
     args = parser.parse_args(argv)
     logging.basicConfig(format="compare_ap: %(message)s")
     try:
-        paths = compare(args.runs, args.output, labels=dict(args.label),
+        # resolved: two spellings of one folder with different names are an error, not the last one silently
+        paths = compare(args.runs, args.output, labels=resolve_labels(args.label),
                         baseline=None if args.baseline.lower() == "none" else args.baseline,
                         published=args.published, skip_invalid=args.skip_invalid, name=args.name, title=args.title)
-    except ResultError as e:
+    except (ResultError, OSError) as e:  # OSError: the output cannot be written (permissions, a full disk)
         sys.exit(f"compare_ap: {e}")
     print(paths["markdown"].read_text(encoding="utf-8"))
     for kind, path in paths.items():

@@ -2,15 +2,19 @@
 
 A run directory is what ``tools/train_net.py`` leaves behind: ``ap_results.json`` (``{"bbox": {"AP", "AP50",
 "AP75", "APs", "APm", "APl"}, "segm": {...}}``, values in %, ``null`` where COCOeval had nothing to measure) and
-``run_info.json`` (``init_type``, ``seed``). A directory may instead (or also) hold ``cls_results.json`` with
+``run_info.json`` (``init_type``, ``seed``); ``ap_results.json`` also names its ``dataset`` and the ``iteration`` of the
+evaluated weights. A directory may instead (or also) hold ``cls_results.json`` with
 ``*_top1`` accuracies in % (kNN, linear probe, fine-tuning), and a semantic-segmentation run holds
 ``sem_seg_results.json`` (``{"sem_seg": {"mIoU", "fwIoU", "mACC", "pACC", "IoU": {class: IoU}}}``) - those become
 extra columns of the same table (``seg mIoU``, ..., ``seg IoU-<class>``).
 Runs are grouped by ``init_type`` unless a label is given for the directory; a group whose runs started from
 different checkpoints (``run_info.json``'s ``init_checkpoint_sha256``, else ``init_checkpoint``) is split by
 checkpoint, since a shared label (e.g. the ``"pretrained"`` of classification runs) does not make two encoders one.
-A directory given twice counts once. Problems with a file are errors that name the file; with ``skip_invalid`` they
-are collected and listed in the report instead, never dropped silently.
+A directory given twice counts once. A group whose runs were evaluated on different test sets or after different
+numbers of iterations (a run stopped after a periodic evaluation) is refused. A run whose model predicted nothing
+(Detectron2: "No predictions from the model!", every AP null) counts as AP 0 and is flagged, while a metric COCOeval
+leaves undefined (``APl`` without large objects) stays out of the mean. Problems with a file are errors that name the
+file; with ``skip_invalid`` they are collected and listed in the report instead, never dropped silently.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from typing import Any, Iterable
 
 TASKS: dict[str, str] = {"bbox": "box", "segm": "mask"}
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# COCOeval measures these over every object, so they exist wherever the test set has one; APs/APm/APl only where it
+# has objects of that size.
+ALL_OBJECTS_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75")
+PREDICTED_NOTHING = "predicted nothing"
 CLS_HEADERS: dict[str, str] = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1",
                                "finetune_top1": "fine-tune top-1"}
 AP_FILE, INFO_FILE, CLS_FILE = "ap_results.json", "run_info.json", "cls_results.json"
@@ -83,6 +91,10 @@ class RunResult:
         values: Column key (``"bbox/AP"``, ``"segm/APl"``, ``"knn_top1"`` ...) -> value in % or None.
         init_checkpoint: The checkpoint its weights started from (``run_info.json``), None for random init.
         init_checkpoint_sha256: That file's sha256 when the run recorded it.
+        dataset: The test set of its ``ap_results.json`` (else ``sem_seg_results.json``), None when not recorded.
+        iteration: The training iterations behind the evaluated weights (same file), None when not recorded.
+        predicted_nothing: The tasks (``"bbox"``, ``"segm"``) whose results are null because the model predicted
+            nothing; :func:`collect_runs` counts their metrics as 0.
     """
 
     path: str
@@ -91,6 +103,9 @@ class RunResult:
     values: dict[str, float | None]
     init_checkpoint: str | None = None
     init_checkpoint_sha256: str | None = None
+    dataset: str | None = None
+    iteration: int | None = None
+    predicted_nothing: tuple[str, ...] = ()
 
     @property
     def init_key(self) -> str | None:
@@ -147,7 +162,20 @@ def _number(path: Path, key: str, value: Any) -> float | None:
     return float(value)
 
 
-def _read_ap(path: Path) -> dict[str, float | None]:
+def _evaluated(path: Path, data: dict) -> tuple[str | None, int | None]:
+    """The ``dataset`` and ``iteration`` a results file records (None where it does not)."""
+    dataset, iteration = data.get("dataset"), data.get("iteration")
+    if dataset is not None and (not isinstance(dataset, str) or not dataset):
+        raise ResultError(f"{path}: 'dataset' must be a non-empty string or null, got {dataset!r}")
+    if iteration is not None and (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0):
+        raise ResultError(f"{path}: 'iteration' must be a non-negative integer or null, got {iteration!r}")
+    return dataset, iteration
+
+
+def _read_ap(path: Path) -> tuple[dict[str, float | None], tuple[str, ...], str | None, int | None]:
+    """The metrics, the tasks whose model predicted nothing (an evaluated task with a null ``AP``: Detectron2 writes
+    NaN for every metric then, and COCOeval leaves ``AP`` undefined only for a test set without objects), and
+    :func:`_evaluated`."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise ResultError(f"{path}: expected a JSON object with 'bbox' and/or 'segm', got {type(data).__name__}")
@@ -164,7 +192,8 @@ def _read_ap(path: Path) -> dict[str, float | None]:
             if m not in data[task]:
                 raise ResultError(f"{path}: '{task}' lacks metric '{m}' (expected {', '.join(METRICS)})")
             values[f"{task}/{m}"] = _number(path, f"{task}.{m}", data[task][m])
-    return values
+    nothing = tuple(t for t in TASKS if t in data and values[f"{t}/AP"] is None)
+    return values, nothing, *_evaluated(path, data)
 
 
 def _read_cls(path: Path) -> dict[str, float | None]:
@@ -177,7 +206,7 @@ def _read_cls(path: Path) -> dict[str, float | None]:
     return {k: _number(path, k, data[k]) for k in keys}
 
 
-def _read_seg(path: Path) -> dict[str, float | None]:
+def _read_seg(path: Path) -> tuple[dict[str, float | None], str | None, int | None]:
     data = _read_json(path)
     res = data.get(SEG_TASK) if isinstance(data, dict) else None
     if not isinstance(res, dict):
@@ -190,7 +219,7 @@ def _read_seg(path: Path) -> dict[str, float | None]:
         raise ResultError(f"{path}: '{SEG_TASK}.IoU' must be an object of class -> IoU")
     values = {f"{SEG_TASK}/{m}": _number(path, f"{SEG_TASK}.{m}", res[m]) for m in SEG_METRICS}
     values.update({f"{SEG_TASK}/IoU-{c}": _number(path, f"{SEG_TASK}.IoU.{c}", v) for c, v in per_class.items()})
-    return values
+    return values, *_evaluated(path, data)
 
 
 def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
@@ -225,13 +254,21 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     if not any((d / f).exists() for f in (AP_FILE, SEG_FILE, CLS_FILE)):
         raise ResultError(f"{d / AP_FILE}: file not found (and no {SEG_FILE} or {CLS_FILE} either)")
     values: dict[str, float | None] = {}
+    nothing: tuple[str, ...] = ()
+    evaluated: tuple[str | None, int | None] | None = None  # the AP file's, else the sem_seg file's
     if (d / AP_FILE).exists():
-        values.update(_read_ap(d / AP_FILE))
+        ap, nothing, *found = _read_ap(d / AP_FILE)
+        values.update(ap)
+        evaluated = tuple(found)
     if (d / SEG_FILE).exists():
-        values.update(_read_seg(d / SEG_FILE))
+        seg, *found = _read_seg(d / SEG_FILE)
+        values.update(seg)
+        evaluated = evaluated or tuple(found)
     if (d / CLS_FILE).exists():
         values.update(_read_cls(d / CLS_FILE))
-    return RunResult(path=str(run_dir), group=group, seed=seed, values=values, **checkpoint)
+    dataset, iteration = evaluated or (None, None)
+    return RunResult(path=str(run_dir), group=group, seed=seed, values=values, **checkpoint, dataset=dataset,
+                     iteration=iteration, predicted_nothing=nothing)
 
 
 def collect_runs(
@@ -242,8 +279,9 @@ def collect_runs(
     A directory given more than once (overlapping globs, a trailing slash, a symlink) is read once, where it first
     appears. Runs grouped by their ``init_type`` that started from different checkpoints are split into one group
     per checkpoint, ``"<init_type> (<checkpoint>)"``; a label given for a directory is kept as it is (labelling
-    runs alike is how runs of different checkpoints, e.g. pretraining seeds, are averaged on purpose). Each of
-    these is logged in one line.
+    runs alike is how runs of different checkpoints, e.g. pretraining seeds, are averaged on purpose). A run whose
+    model predicted nothing gets 0.0 for every metric of that task that the test set defines (see
+    :func:`_count_predicted_nothing`). Each of these is logged in one line.
 
     Args:
         run_dirs: The directories, in the order they should appear.
@@ -254,7 +292,8 @@ def collect_runs(
         The runs and the problems (one ``ResultError`` message per skipped directory).
 
     Raises:
-        ResultError: a directory is invalid and ``skip_invalid`` is False, or a label names no given directory.
+        ResultError: a directory is invalid and ``skip_invalid`` is False, a label names no given directory or gives
+            one two names, or a group mixes test sets or iterations (:func:`_check_same_evaluation`).
     """
     by_path: dict[str, str] = {}  # resolved -> as first given
     repeated: list[str] = []
@@ -266,7 +305,7 @@ def collect_runs(
             by_path[resolved] = str(d)
     if repeated:
         logger.warning("run directories given more than once, counted once: %s", ", ".join(repeated))
-    resolved_labels = {str(Path(k).resolve()): v for k, v in (labels or {}).items()}
+    resolved_labels = resolve_labels((labels or {}).items())
     unknown = [k for k in resolved_labels if k not in by_path]
     if unknown:
         raise ResultError(f"--label names a directory that is not among the runs: {', '.join(unknown)}")
@@ -282,7 +321,62 @@ def collect_runs(
         labelled.append(resolved in resolved_labels)
     runs = _split_by_checkpoint(runs, labelled)
     _check_seeds_differ(runs, labelled)
-    return runs, skipped
+    _check_same_evaluation(runs)
+    return _count_predicted_nothing(runs), skipped
+
+
+def resolve_labels(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``(directory, name)`` pairs as resolved directory -> name.
+
+    Raises:
+        ResultError: one directory (under any spelling) is given two different names.
+    """
+    out: dict[str, str] = {}
+    for d, name in pairs:
+        first = out.setdefault(str(Path(d).resolve()), name)
+        if first != name:
+            raise ResultError(f"--label gives {d} two names, {first!r} and {name!r}: label each directory once")
+    return out
+
+
+def _check_same_evaluation(runs: list[RunResult]) -> None:
+    """Refuses a group whose runs name different test sets or iterations (where recorded): a run stopped after a
+    periodic evaluation (iteration 5000 of 90000) or tested on another set would pass for a seed. Only a
+    difference is refused, not a value: ``ap_results.json`` cannot tell a finished run (the schedule is in the
+    config, and an evaluation-only run has its checkpoint's iteration), and runs that agree are shown with their
+    ``iter`` in the Runs table."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    for group, members in groups.items():
+        for field, what in (("dataset", "on different test sets"),
+                            ("iteration", "after different numbers of training iterations")):
+            by_value: dict[Any, list[str]] = {}
+            for r in members:
+                if getattr(r, field) is not None:
+                    by_value.setdefault(getattr(r, field), []).append(r.path)
+            if len(by_value) > 1:
+                found = "; ".join(f"{v}: {', '.join(paths)}" for v, paths in by_value.items())
+                raise ResultError(f"group '{group}' holds runs evaluated {what} ({found}), which are not seeds "
+                                  f"of one result: compare like runs, or --label DIR=NAME them apart")
+
+
+def _count_predicted_nothing(runs: list[RunResult]) -> list[RunResult]:
+    """``runs`` with the null metrics of each task whose model predicted nothing set to 0.0: AP, AP50 and AP75,
+    and each of APs/APm/APl that another run on the same test set measured (COCOeval leaves a size range without
+    objects undefined for every model, and such a metric stays null). Logged in one line."""
+    measured = {(r.dataset, k) for r in runs for k, v in r.values.items() if v is not None}
+    out, flagged = [], []
+    for r in runs:
+        if r.predicted_nothing:
+            zero = {f"{t}/{m}" for t in r.predicted_nothing for m in METRICS
+                    if m in ALL_OBJECTS_METRICS or (r.dataset, f"{t}/{m}") in measured}
+            r = dataclasses.replace(r, values={k: 0.0 if k in zero and v is None else v for k, v in r.values.items()})
+            flagged.append(f"{r.path} ({', '.join(TASKS[t] for t in r.predicted_nothing)})")
+        out.append(r)
+    if flagged:
+        logger.warning("runs whose model predicted nothing, counted as AP 0: %s", ", ".join(flagged))
+    return out
 
 
 def _check_seeds_differ(runs: list[RunResult], labelled: list[bool]) -> None:
@@ -422,10 +516,27 @@ def format_delta(d: float | None) -> str:
     return "-" if d is None else f"{round(d, 1) + 0.0:+.1f}"
 
 
+def format_delta_n(d: float | None, s: Stat | None, reported: int) -> str:
+    """:func:`format_delta` with the group's ``(n=k)`` where only k of its ``reported`` runs have a value, as in the
+    summary: a difference of means over fewer runs than the group shows must not pass for one over all."""
+    return format_delta(d) if d is None or s is None or s.n == reported else f"{format_delta(d)} (n={s.n})"
+
+
+def _md(text: str) -> str:
+    """``text`` as one Markdown table cell or line: ``|`` escaped, line breaks as spaces (a label or folder name
+    holding either would otherwise shift every later cell or end the table)."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def _md_table(head: list[str], rows: list[list[str]], n_left: int) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < n_left else "---:" for i in range(len(head)))
-             + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_md, head)) + " |",
+             "|" + "|".join("---" if i < n_left else "---:" for i in range(len(head))) + "|"]
+    return lines + ["| " + " | ".join(map(_md, r)) + " |" for r in rows]
+
+
+def _run_note(r: RunResult) -> str:
+    """What a run's row needs said: the tasks whose model predicted nothing (their AP counted as 0)."""
+    return f"{PREDICTED_NOTHING}: {', '.join(TASKS[t] for t in r.predicted_nothing)}" if r.predicted_nothing else ""
 
 
 def _shown_path(path: str, base: str | os.PathLike | None) -> str:
@@ -452,7 +563,7 @@ def render_markdown(
     cols = [c for c in cols if c not in empty]
     heads = [header(c) for c in cols]
     kinds = [k for k in ("det", "seg", "cls") if any(kind_of(c) == k for c in cols + empty)]
-    lines = [f"# {title}", "",
+    lines = [f"# {_md(title)}", "",
              f"Measured: {len(runs)} runs in {len(groups)} groups. Values in %; mean ± sample std over the runs of a "
              "group (\"(n=k)\": only k of them have a value); \"-\" = not available."
              + (f" Left out, no value in any run: {', '.join(header(c) for c in empty)}." if empty else ""), ""]
@@ -460,18 +571,28 @@ def render_markdown(
     lines += _md_table(["init"] + [f"{k} runs" for k in kinds] + heads,
                        [[g.group] + [str(g.count(k)) for k in kinds]
                         + [format_stat(g.stats[c], g.reported[c]) for c in cols] for g in groups], 1)
+    nothing = [r for r in runs if r.predicted_nothing]
+    if nothing:
+        shown = [f"{_md(_shown_path(r.path, paths_relative_to))} ({', '.join(TASKS[t] for t in r.predicted_nothing)})"
+                 for r in nothing]
+        lines += ["", f"AP counted as 0, not left out, for the runs whose model {PREDICTED_NOTHING} (Detectron2: \"No "
+                  f"predictions from the model!\"): {', '.join(shown)}."]
     if baseline is not None:
         diff = deltas(groups, baseline)
-        lines += ["", f"## Δ vs {baseline} (difference of means)", ""]
-        lines += _md_table(["init"] + heads, [[g] + [format_delta(d[c]) for c in cols] for g, d in diff.items()], 1)
+        lines += ["", f"## Δ vs {_md(baseline)} (difference of means)", ""]
+        lines += _md_table(["init"] + heads, [[g.group] + [format_delta_n(diff[g.group][c], g.stats[c], g.reported[c])
+                                                           for c in cols] for g in groups if g.group in diff], 1)
+    with_iter = any(r.iteration is not None for r in runs)  # not recorded by hand-made or classification results
+    rows = []
+    for r in runs:
+        shown = _shown_path(r.path, paths_relative_to) + (f" ({_run_note(r)})" if r.predicted_nothing else "")
+        rows.append([r.group, str(r.seed), shown] + ["-" if r.iteration is None else str(r.iteration)] * with_iter
+                    + [format_value(r.values.get(c)) for c in cols])
     lines += ["", "## Runs", ""]
-    lines += _md_table(["init", "seed", "run"] + heads,
-                       [[r.group, str(r.seed), _shown_path(r.path, paths_relative_to)]
-                        + [format_value(r.values.get(c)) for c in cols] for r in runs],
-                       3)
+    lines += _md_table(["init", "seed", "run"] + ["iter"] * with_iter + heads, rows, 3)
     if skipped:
         lines += ["", f"## Skipped: {len(skipped)} run directories with missing or malformed results", ""]
-        lines += [f"- {s}" for s in skipped]
+        lines += [f"- {' '.join(s.splitlines())}" for s in skipped]
     if published:
         lines += ["", "## Published reference (COCO val2017, Mask R-CNN; reported by the papers, not measured here)",
                   ""]
@@ -492,33 +613,36 @@ def render_csv(groups: list[GroupSummary], baseline: str | None = None, publishe
     """One CSV: a row per run, then per group its mean, std, n and delta rows, then (optionally) published rows.
 
     Metric columns are named like the Markdown headers with ``_`` for spaces (``box_AP50``, ``kNN_top-1``);
-    ``kind`` says what a row is (run, mean, std, n = non-null values, delta_vs_<baseline>, published); empty
-    cells are unavailable.
+    ``kind`` says what a row is (run, mean, std, n = non-null values, delta_vs_<baseline>, published); ``iter`` is
+    a run's evaluated iteration and ``note`` says "predicted nothing: box, mask" where its AP was counted as 0;
+    empty cells are unavailable.
     """
     runs = [r for g in groups for r in g.runs]
     cols = columns(runs)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "init", "seed", "run", "source", "model"] + [header(c).replace(" ", "_") for c in cols])
+    fixed = ["kind", "init", "seed", "run", "iter", "note", "source", "model"]
+    w.writerow(fixed + [header(c).replace(" ", "_") for c in cols])
+    blank = [""] * (len(fixed) - 2)
     for r in runs:
-        w.writerow(["run", r.group, r.seed, r.path, "", ""] + [_csv_number(r.values.get(c)) for c in cols])
+        w.writerow(["run", r.group, r.seed, r.path, "" if r.iteration is None else r.iteration, _run_note(r), "", ""]
+                   + [_csv_number(r.values.get(c)) for c in cols])
     diff = deltas(groups, baseline) if baseline is not None else {}
     for g in groups:
         stats = [g.stats[c] for c in cols]
-        w.writerow(["mean", g.group, "", "", "", ""] + [_csv_number(s.mean if s else None) for s in stats])
-        w.writerow(["std", g.group, "", "", "", ""] + [_csv_number(s.std if s else None) for s in stats])
-        w.writerow(["n", g.group, "", "", "", ""] + [s.n if s else 0 for s in stats])
+        w.writerow(["mean", g.group, *blank] + [_csv_number(s.mean if s else None) for s in stats])
+        w.writerow(["std", g.group, *blank] + [_csv_number(s.std if s else None) for s in stats])
+        w.writerow(["n", g.group, *blank] + [s.n if s else 0 for s in stats])
         if g.group in diff:
-            w.writerow([f"delta_vs_{baseline}", g.group, "", "", "", ""] + [_csv_number(diff[g.group][c])
-                                                                             for c in cols])
+            w.writerow([f"delta_vs_{baseline}", g.group, *blank] + [_csv_number(diff[g.group][c]) for c in cols])
     if published:
         for source, model, init, box, mask in PUBLISHED:
             row = {"bbox/AP": box, "segm/AP": mask}
-            w.writerow(["published", init, "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
+            w.writerow(["published", init, *blank[:-2], source, model] + [_csv_number(row.get(c)) for c in cols])
         if any(kind_of(c) == "seg" for c in cols):
             for source, model, init, miou in PUBLISHED_SEG:
                 row = {f"{SEG_TASK}/mIoU": miou}
-                w.writerow(["published", init, "", "", source, model] + [_csv_number(row.get(c)) for c in cols])
+                w.writerow(["published", init, *blank[:-2], source, model] + [_csv_number(row.get(c)) for c in cols])
     return buf.getvalue()
 
 
@@ -585,16 +709,21 @@ def compare(
         ``"markdown"``, ``"csv"`` and (when drawn) ``"chart"`` -> the file written.
 
     Raises:
-        ResultError: a run's results are missing or malformed (without ``skip_invalid``), no valid run is left, or
-            the baseline group does not exist.
+        ResultError: ``name`` is not a plain file name or ``out_dir`` is a file; a run's results are missing or
+            malformed (without ``skip_invalid``); no valid run is left; a group mixes test sets or iterations; the
+            baseline group does not exist.
     """
+    out = Path(out_dir)
+    if name in ("", os.pardir) or Path(name).name != name:
+        raise ResultError(f"output name {name!r} must be a file name without a folder (the folder is {out})")
+    if out.exists() and not out.is_dir():
+        raise ResultError(f"{out}: the output folder is a file")
     runs, skipped = collect_runs(run_dirs, labels, skip_invalid)
     if not runs:
         raise ResultError("no valid run directory" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
     groups = aggregate(runs)
     markdown = render_markdown(groups, baseline, skipped, published, title, paths_relative_to=out_dir)
     table = render_csv(groups, baseline, published)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "chart": out / f"{name}.png"}
     paths["markdown"].write_text(markdown, encoding="utf-8")

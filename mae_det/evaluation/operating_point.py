@@ -17,7 +17,8 @@ from pycocotools import mask as mask_utils
 
 def _greedy_match(ious: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """COCO's matching: detections in the given (descending score) order each take the unmatched object of
-    highest IoU, if that IoU is >= ``threshold``.
+    highest IoU, if that IoU is >= ``threshold``; of objects with equal IoU the last, as COCOeval (its loop keeps
+    replacing the match while ``iou >= best``), since integer boxes tie exactly.
 
     Args:
         ious: (D, G) IoU of each detection with each object.
@@ -30,7 +31,7 @@ def _greedy_match(ious: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
     for d in range(ious.shape[0]):
         free = np.where(obj_hit, -1.0, ious[d])
         if free.size and free.max() >= threshold:
-            obj_hit[free.argmax()] = det_hit[d] = True
+            obj_hit[free.size - 1 - free[::-1].argmax()] = det_hit[d] = True
     return det_hit, obj_hit
 
 

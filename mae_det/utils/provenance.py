@@ -84,24 +84,38 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
 def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``{"commit", "dirty", "untracked"}`` of the git work tree holding ``path`` (the mae_det sources); nulls
-    outside git. ``dirty``: tracked files differ from the commit; ``untracked``: how many files git neither tracks
-    nor ignores (a new module or config beside the commit that the run may have used, which ``dirty`` misses)."""
-    cwd = Path(path) if path else Path(__file__).resolve().parent
+    """``{"commit", "dirty", "untracked"}`` of the git work tree whose index tracks ``path`` (a file or folder of the
+    sources; default: this module, i.e. the mae_det sources). ``dirty``: tracked files differ from the commit;
+    ``untracked``: how many files git neither tracks nor ignores (a new module or config beside the commit that the
+    run may have used, which ``dirty`` misses).
+
+    All null outside git, and where git does not track ``path``: mae_det installed into a virtual environment
+    inside another project's work tree would otherwise record that project's commit. A field git fails to read
+    (``git status`` timing out on a large untracked tree; no commit yet) is null on its own.
+    """
+    target = Path(path).resolve() if path else Path(__file__).resolve()
+    cwd = target if target.is_dir() else target.parent
+    state: dict[str, Any] = {"commit": None, "dirty": None, "untracked": None}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=cwd, capture_output=True, text=True,
-            timeout=10, check=True,
-        ).stdout
+        _git(cwd, "ls-files", "--error-unmatch", "--", str(target))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None, "untracked": None}
-    lines = status.splitlines()
-    untracked = sum(line.startswith("??") for line in lines)
-    return {"commit": commit or None, "dirty": len(lines) > untracked, "untracked": untracked}
+        return state
+    try:
+        state["commit"] = _git(cwd, "rev-parse", "--verify", "HEAD").strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass  # a repository without a commit: its work tree's state below is still known
+    try:
+        lines = _git(cwd, "status", "--porcelain", "--untracked-files=all").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return state
+    state["untracked"] = sum(line.startswith("??") for line in lines)
+    state["dirty"] = len(lines) > state["untracked"]
+    return state
 
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:

@@ -44,7 +44,8 @@ def run_logging(output_dir: str | os.PathLike | None, *, level: int = logging.IN
     handlers: list[logging.Handler] = [_CurrentStderr()]
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+        # UTF-8 whatever the locale: a C/Latin-1 locale would fail on (or garble) a non-ASCII path or label
+        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8"))
     logger.setLevel(level)
     logger.propagate = propagate
     for h in handlers:

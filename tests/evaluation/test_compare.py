@@ -127,18 +127,18 @@ def test_csv_is_exact(tmp_path):
             _run(tmp_path, "s0", "scratch", 0, _ap([30, 50, 29, 11, 34, None], [27, 44, 26, 9, 30, None]))]
     text = render_csv(aggregate(collect_runs(dirs)[0]), baseline="scratch")
     lines = text.splitlines()
-    assert lines[0] == ("kind,init,seed,run,source,model,box_AP,box_AP50,box_AP75,box_APs,box_APm,box_APl,mask_AP,"
+    assert lines[0] == ("kind,init,seed,run,iter,note,source,model,box_AP,box_AP50,box_AP75,box_APs,box_APm,box_APl,mask_AP,"
                         "mask_AP50,mask_AP75,mask_APs,mask_APm,mask_APl")
-    assert lines[1] == (f"run,mae,0,{dirs[0]},,,40.0000,60.0000,42.0000,20.0000,45.0000,,35.0000,55.0000,36.0000,"
+    assert lines[1] == (f"run,mae,0,{dirs[0]},,,,,40.0000,60.0000,42.0000,20.0000,45.0000,,35.0000,55.0000,36.0000,"
                         "15.0000,40.0000,")
-    assert lines[4] == ("mean,mae,,,,,41.0000,60.5000,43.0000,20.5000,46.0000,,35.5000,55.5000,37.0000,15.5000,"
+    assert lines[4] == ("mean,mae,,,,,,,41.0000,60.5000,43.0000,20.5000,46.0000,,35.5000,55.5000,37.0000,15.5000,"
                         "41.0000,")
-    assert lines[5] == "std,mae,,,,,1.4142,0.7071,1.4142,0.7071,1.4142,,0.7071,0.7071,1.4142,0.7071,1.4142,"
-    assert lines[6] == "n,mae,,,,,2,2,2,2,2,0,2,2,2,2,2,0"
-    assert lines[7] == ("delta_vs_scratch,mae,,,,,11.0000,10.5000,14.0000,9.5000,12.0000,,8.5000,11.5000,11.0000,"
+    assert lines[5] == "std,mae,,,,,,,1.4142,0.7071,1.4142,0.7071,1.4142,,0.7071,0.7071,1.4142,0.7071,1.4142,"
+    assert lines[6] == "n,mae,,,,,,,2,2,2,2,2,0,2,2,2,2,2,0"
+    assert lines[7] == ("delta_vs_scratch,mae,,,,,,,11.0000,10.5000,14.0000,9.5000,12.0000,,8.5000,11.5000,11.0000,"
                         "6.5000,11.0000,")
-    assert lines[8].startswith("mean,scratch,,,,,30.0000,") and lines[9] == "std,scratch,,,,," + "," * 11
-    assert lines[10] == "n,scratch,,,,,1,1,1,1,1,0,1,1,1,1,1,0"
+    assert lines[8].startswith("mean,scratch,,,,,,,30.0000,") and lines[9] == "std,scratch,,,,,,," + "," * 11
+    assert lines[10] == "n,scratch,,,,,,,1,1,1,1,1,0,1,1,1,1,1,0"
     assert len(lines) == 11
 
 
@@ -224,7 +224,7 @@ def test_compare_writes_table_csv_chart_and_labelled_published_rows(runs, tmp_pa
     assert "| MAE paper Table 4 | ViT-B | MAE | 50.3 | 44.9 |" in published
     assert "| ViTDet README | ViT-L | MAE | 55.5 | 49.2 |" in published
     csv_lines = paths["csv"].read_text().splitlines()
-    assert "published,MAE,,,MAE paper Table 4,ViT-B,50.3000,,,,,,44.9000,,,,," in csv_lines
+    assert "published,MAE,,,,,MAE paper Table 4,ViT-B,50.3000,,,,,,44.9000,,,,," in csv_lines
     img = matplotlib.image.imread(paths["chart"])
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
 
@@ -283,7 +283,7 @@ def test_miou_is_tabled_next_to_ap_with_mean_std_and_deltas(tmp_path):
     mae = next(line for line in md if line.startswith("| mae | 1 | 2 |"))
     assert mae.endswith("| 52.0 ± 2.8 | 80.0 ± 0.0 | 57.0 ± 2.8 | 90.0 ± 0.0 | 91.0 ± 1.4 | 10.0 (n=1) |")
     delta = next(line for line in md if line.startswith("| mae | ") and "+11.0" in line)
-    assert delta.endswith("| +11.0 | +0.0 | +11.0 | +0.0 | +3.0 | +8.0 |")
+    assert delta.endswith("| +11.0 | +0.0 | +11.0 | +0.0 | +3.0 | +8.0 (n=1) |")  # one run of the group has it
     assert "| MAE paper Table 5 | ViT-B | MAE | 48.1 |" in md
     csv_text = render_csv(groups, baseline="scratch")
     assert csv_text.splitlines()[0].endswith("seg_mIoU,seg_fwIoU,seg_mACC,seg_pACC,seg_IoU-background,seg_IoU-ring")
@@ -312,8 +312,7 @@ def test_a_run_folder_given_twice_counts_once(runs, tmp_path, caplog, monkeypatc
 
 
 def test_no_chart_when_no_metric_has_a_value(tmp_path, repo_root, caplog, capsys):
-    nothing = {t: dict.fromkeys(METRICS) for t in ("bbox", "segm")}  # a run that detected nothing
-    run = _run(tmp_path, "collapsed", "mae", 0, nothing)
+    run = _run(tmp_path, "undefined", "mae", 0, cls={"knn_top1": None})  # (a run that detected nothing is AP 0)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ap_table.png").write_bytes(b"an earlier comparison's chart")
     paths = compare([run], tmp_path / "out", baseline=None)

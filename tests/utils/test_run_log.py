@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
 import sys
 
 from mae_det.utils.run_log import run_logging
@@ -31,3 +32,17 @@ def test_a_run_logs_to_the_current_stderr_and_its_file_then_restores_the_logger(
         logging.getLogger("mae_det.pretrain").warning("shown once")
     assert third.getvalue().count("shown once") == 1 and "not shown" not in third.getvalue()
     assert not (tmp_path / "log.txt").exists()
+
+
+def test_log_txt_is_utf8_whatever_the_locale(tmp_path, repo_root):
+    # -X warn_default_encoding turns a file opened in the locale's encoding into an error (PEP 597).
+    module = str(repo_root / "mae_det/utils/run_log.py")
+    code = (f"import importlib.util, logging\n"
+            f"spec = importlib.util.spec_from_file_location('run_log', {module!r})\n"
+            f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"with m.run_logging({str(tmp_path)!r}, propagate=False):\n"
+            f"    logging.getLogger('mae_det').info('Δ vs scratch')\n")
+    proc = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning", "-c", code],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "log.txt").read_bytes().decode("utf-8").endswith("INFO Δ vs scratch\n")
