@@ -1,6 +1,7 @@
 # The README's commands. Each sets the environment up first (idempotent, seconds when nothing changed).
-# scripts/setup_env.sh builds $MAE_DET_VENV when it is set (README, "Installation details"): every target uses it too.
-PY := $(or $(MAE_DET_VENV),.venv)/bin/python
+# scripts/setup_env.sh builds $MAE_DET_VENV when it is set (README, "Installation details"): every target uses it too
+# (quoted: the folder's path may hold a space).
+PY := "$(or $(MAE_DET_VENV),.venv)/bin/python"
 PROFILE ?= full
 
 .PHONY: setup test test-fast demo demo-quick experiment experiment-pyramid experiment-pretrain-seeds parity clean-demo
@@ -9,7 +10,8 @@ setup:
 	bash scripts/setup_env.sh
 
 # One pytest-xdist worker per core (at most 4), one torch thread each (tests/conftest.py): on 2 cores the suite
-# takes ~7 minutes instead of ~13 serially, most of it in end-to-end runs of the tools that use one core each.
+# takes about half its serial time (README, Project layout), most of it in end-to-end runs of the tools that use one
+# core each.
 TEST_WORKERS := -n auto --maxprocesses 4
 
 test: setup

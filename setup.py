@@ -1,4 +1,12 @@
+import sys
+
 from setuptools import find_packages, setup
+
+# Editable only: the package reads configs/ and tools/ from the clone around it (the benchmarks' base configs, the
+# demo's configs, tools/submit.py's scripts), which a wheel or `setup.py install` would not carry.
+if any(arg.startswith("bdist") or arg == "install" for arg in sys.argv[1:]):
+    sys.exit("mae_det installs editable only, from its clone: `pip install -e .` (make setup does it); a wheel or "
+             "`pip install .` would leave out the configs/ and tools/ the package reads")
 
 setup(
     name="mae_det",

@@ -10,16 +10,23 @@ from .utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()
 
-try:
-    import detectron2  # noqa: F401
-except ImportError as e:  # pragma: no cover - exercised only in broken environments
-    # The environment report (`python -m mae_det.collect_env`) must run in the broken environment it describes.
-    if sys.orig_argv[1:3] != ["-m", "mae_det.collect_env"]:
+
+def _running_collect_env() -> bool:
+    """``python [interpreter options] -m mae_det.collect_env``: the environment report must run in the broken
+    environment it describes (no Detectron2, timm or torch), so it skips the imports below."""
+    argv = sys.orig_argv
+    return any(a == "-mmae_det.collect_env" or (a == "-m" and b == "mae_det.collect_env")
+               for a, b in zip(argv, [*argv[1:], ""]))
+
+
+if not _running_collect_env():
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as e:
         raise ImportError(
             "mae_det needs Detectron2, which has no PyPI release: run `make setup` (installs the pure-Python "
             "`sal-detectron2==0.7.2`) or install your own build, see https://detectron2.readthedocs.io"
         ) from e
-else:
     # As in Detectron2 projects, one import makes the builders known to Detectron2's registries (the ViT
     # backbones, the RoI heads with a configurable level rule, the UperNet head, the sliding-window segmentor)
     # and gives the config functions a user's own script needs.

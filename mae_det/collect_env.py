@@ -7,12 +7,16 @@ import os
 import sys
 
 
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _version(module: str, dist: str | None = None) -> str:
     """``module``'s version and folder; ``dist``: its distribution name, read when the module has no __version__."""
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # any import failure is itself worth reporting
-        return f"not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"not importable ({_failure(e)})"
     version = getattr(mod, "__version__", None)
     if version is None:
         try:
@@ -23,11 +27,8 @@ def _version(module: str, dist: str | None = None) -> str:
 
 
 def collect_env() -> list[tuple[str, str]]:
-    """Returns (name, value) rows describing the interpreter, libraries and hardware."""
-    import torch
-
-    from .utils.provenance import machine_info
-
+    """Returns (name, value) rows describing the interpreter, libraries and hardware (the libraries that do not import
+    say why; without torch there are no hardware rows)."""
     rows = [
         ("sys.platform", sys.platform),
         ("Python", sys.version.replace("\n", " ")),
@@ -50,7 +51,14 @@ def collect_env() -> list[tuple[str, str]]:
         ("numpy", _version("numpy")),
         ("Pillow", _version("PIL")),
     ]
-    machine = machine_info()
+    try:
+        import torch
+
+        from .utils.provenance import machine_info
+
+        machine = machine_info()
+    except Exception as e:  # noqa: BLE001 - the report goes on: what it could not read is part of it
+        return rows + [("hardware", f"not read ({_failure(e)})")]
     rows += [
         ("CPU", machine["cpu"]),
         ("CPU capability (torch)", machine["cpu_capability"]),

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared GPU run of issue 13: prints every figure of its Targets and writes them to
-# docs/benchmarks/gpu_benchmark_<date>.txt (command lines, outputs, wall times).
+# docs/benchmarks/gpu_benchmark_<date>_<time>.txt (command lines, outputs, wall times; UTC).
 #
 #   MAE_CHECKOUT=/path/to/mae scripts/gpu_benchmark.sh     # on the GPU machine: about 9 minutes on an H200
 #   MAE_CHECKOUT=/path/to/mae scripts/gpu_benchmark.sh --dry-run OUT_DIR   # CPU, tiny sizes: the plumbing only
 #   MAE_CHECKOUT=/path/to/mae scripts/gpu_benchmark.sh --followup [--dry-run OUT_DIR]
 #       the follow-up run for the targets the first H200 run (docs/benchmarks/gpu_benchmark_h200_2026-12-05.txt)
-#       missed, written to gpu_followup_<date>.txt: see "Follow-up sections" below
+#       missed, written to gpu_followup_<date>_<time>.txt: see "Follow-up sections" below
 #
 # MAE_CHECKOUT is a clone of facebookresearch/mae (models_mae.py and util/pos_embed.py are imported from it; nothing
 # of it is copied into this repository: keep it in a git-ignored folder and carry it to the machine). Without it
@@ -39,38 +39,59 @@
 # On a machine without this project's .venv (a GPU machine with PyTorch and no internet), python3 runs it and
 # WHEELHOUSE=DIR names the wheels made beforehand with `bash scripts/wheelhouse.sh download DIR 3.12 0.16.0` (for
 # torch 2.11 there): they are installed into a temporary folder first. GPU_BENCHMARK_LOG_DIR=DIR writes the log
-# (and the sections' stderr) there instead of docs/benchmarks, e.g. a folder that comes back from a remote run even
-# when it is stopped at its time limit.
+# (and the run's stderr, gpu_..._<time>.stderr) there instead of docs/benchmarks, e.g. a folder that comes back from
+# a remote run even when it is stopped at its time limit. A section stopped at its time limit (exit 124) is listed as
+# such, not as failed: the exit status is 1 only for sections that failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-START=$SECONDS
-BUDGET=560  # s, wheel install included: a 600 s run limit leaves room for the copy of the log
-PY=${PYTHON:-.venv/bin/python}
-[[ -x "$PY" ]] || PY=python3
+# Folders are relative to where the command runs, not to the repository this script moves to.
+abspath() { [[ "$1" == /* ]] && echo "$1" || echo "$PWD/$1"; }
 DRY=0
 FOLLOWUP=0
-OUT=${GPU_BENCHMARK_LOG_DIR:-docs/benchmarks}
+OUT=""
+[[ -z "${GPU_BENCHMARK_LOG_DIR:-}" ]] || OUT=$(abspath "$GPU_BENCHMARK_LOG_DIR")
 ARGS="$*"
 while (( $# )); do
     case $1 in
-        --dry-run) DRY=1; OUT=${2:?--dry-run needs an output folder}; shift 2 ;;
+        --dry-run)
+            if (( $# < 2 )) || [[ $2 == -* ]]; then
+                echo "scripts/gpu_benchmark.sh: --dry-run needs an output folder (--dry-run DIR)" >&2
+                exit 2
+            fi
+            DRY=1; OUT=$(abspath "$2"); shift 2 ;;
         --followup) FOLLOWUP=1; shift ;;
         *) echo "scripts/gpu_benchmark.sh: unknown argument '$1' (expected --followup and/or --dry-run DIR)" >&2
            exit 2 ;;
     esac
 done
+[[ -z "${MAE_CHECKOUT:-}" ]] || MAE_CHECKOUT=$(abspath "$MAE_CHECKOUT")
+[[ -z "${WHEELHOUSE:-}" ]] || WHEELHOUSE=$(abspath "$WHEELHOUSE")
+cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET=560  # s, wheel install included: a 600 s run limit leaves room for the copy of the log
+PY=${PYTHON:-.venv/bin/python}
+[[ -x "$PY" ]] || PY=python3
+OUT=${OUT:-docs/benchmarks}
 mkdir -p "$OUT"
-LOG="$OUT/gpu_$( ((FOLLOWUP)) && echo followup || echo benchmark)_$(date -u +%Y-%m-%d).txt"
-ERR="$OUT/gpu_benchmark_stderr.txt"
+# The time in the name: a second run on the same day (a retry after a stopped one) keeps the first one's log.
+LOG="$OUT/gpu_$( ((FOLLOWUP)) && echo followup || echo benchmark)_$(date -u +%Y-%m-%d_%H%M%S).txt"
+if [[ -e "$LOG" ]]; then
+    echo "scripts/gpu_benchmark.sh: $LOG exists (a run started in the same second): not overwriting it" >&2
+    exit 2
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT  # images, wheels, compile cache: GBs on the GPU machine (a failure's stderr is printed first)
-[[ -n "${GPU_BENCHMARK_LOG_DIR:-}" ]] || ERR="$WORK/stderr.txt"
+# This run's stderr only (its failures' summary below quotes it): next to its log when that comes back from a remote run
+ERR="$WORK/stderr.txt"
+[[ -z "${GPU_BENCHMARK_LOG_DIR:-}" ]] || ERR="${LOG%.txt}.stderr"
+: > "$ERR"
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # cold: the compile times printed are a fresh machine's
 if [[ -n "${WHEELHOUSE:-}" ]]; then
     PYTHON="$PY" bash scripts/wheelhouse.sh install "$WHEELHOUSE" "$WORK/site" \
         || { echo "wheelhouse install failed" >&2; exit 1; }
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+FAILED=()
+STOPPED=()
 
 section() {  # NAME LIMIT_S COMMAND... : runs it with its output appended to $LOG, unless past the budget
     local name=$1 limit=$2
@@ -85,6 +106,8 @@ section() {  # NAME LIMIT_S COMMAND... : runs it with its output appended to $LO
     timeout -k 20 "$limit" "$@" >> "$LOG" 2>> "$ERR" || rc=$?
     printf '[%s: exit %d after %d s%s]\n' "$name" "$rc" $((SECONDS - t0)) \
         "$( ((rc == 124)) && echo ", stopped at its $limit s limit")" >> "$LOG"
+    # 124: SIGTERM at the limit, after which the tool printed what it measured; 137: it had to be killed
+    if (( rc == 124 )); then STOPPED+=("$name"); elif (( rc )); then FAILED+=("$name (exit $rc)"); fi
 }
 
 if (( DRY )); then
@@ -148,5 +171,12 @@ fi
 printf '\n[total %d s]\n' $((SECONDS - START)) >> "$LOG"
 cat "$LOG"
 echo "written: $LOG" >&2
-grep -q "exit [1-9]" "$LOG" && { echo "some sections failed; their errors:" >&2; tail -n 40 "$ERR" >&2; exit 1; }
+(( ${#STOPPED[@]} == 0 )) || printf 'stopped at its time limit (its figures so far are in the log): %s\n' \
+    "${STOPPED[@]}" >&2
+if (( ${#FAILED[@]} )); then
+    printf 'failed: %s\n' "${FAILED[@]}" >&2
+    echo "this run's errors:" >&2
+    tail -n 40 "$ERR" >&2
+    exit 1
+fi
 exit 0

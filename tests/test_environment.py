@@ -72,12 +72,16 @@ def test_setup_second_run_is_a_no_op():
     venv = Path(sys.prefix)
     if not (venv / ".mae_det_setup_stamp").exists():
         pytest.skip("not running inside the environment built by scripts/setup_env.sh")
-    proc = subprocess.run(
-        ["bash", "scripts/setup_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "MAE_DET_VENV": str(venv), "PYTHON": sys.executable},
-    )
+    env = {"PATH": "/usr/bin:/bin", "MAE_DET_VENV": str(venv), "PYTHON": sys.executable}
+    # --check installs nothing: a suite run straight after an edit of setup.py must not rebuild its own environment
+    check = subprocess.run(["bash", "scripts/setup_env.sh", "--check"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=env)
+    if check.returncode == 1:
+        pytest.skip(check.stdout.strip())
+    proc = subprocess.run(["bash", "scripts/setup_env.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "environment up to date" in proc.stdout
+    assert proc.stdout == f"[setup] environment up to date: {venv}\n"
 
 
 def test_setup_refuses_to_stamp_an_environment_with_another_interpreter(tmp_path):
@@ -101,4 +105,53 @@ def test_make_runs_in_the_environment_mae_det_venv_names():
     proc = subprocess.run(["make", "-n", "test-fast"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "MAE_DET_VENV": "/opt/venvs/mae"})
     assert proc.returncode == 0, proc.stderr
-    assert "/opt/venvs/mae/bin/python -m pytest tests" in proc.stdout
+    assert '"/opt/venvs/mae/bin/python" -m pytest tests' in proc.stdout
+
+
+def _report(tmp_path, *flags, env=()):
+    """``python FLAGS -m mae_det.collect_env`` in ``tmp_path``, whose sitecustomize hides BLOCK_MODULES: its rows."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "BLOCK = set(os.environ.get('BLOCK_MODULES', '').split(','))\n"
+        "class Blocker:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCK:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Blocker())\n")
+    proc = subprocess.run(
+        [sys.executable, *flags, "-m", "mae_det.collect_env"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PATH": "", **dict(env)}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in proc.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("flags", [["-u"], ["-W", "ignore"], ["-X", "faulthandler"]])
+def test_collect_env_with_interpreter_options_runs_without_detectron2(tmp_path, flags):
+    rows = _report(tmp_path, *flags, env={"BLOCK_MODULES": "detectron2"})
+    assert rows["detectron2"] == "not importable (ModuleNotFoundError: No module named 'detectron2')"
+    assert rows["mae_det"].startswith("0.1.0 @ ")
+
+
+@pytest.mark.parametrize("missing", ["timm", "torch"])
+def test_collect_env_reports_a_missing_timm_or_torch(tmp_path, missing):
+    rows = _report(tmp_path, env={"BLOCK_MODULES": missing})
+    assert rows[missing] == f"not importable (ModuleNotFoundError: No module named '{missing}')"
+    if missing == "torch":
+        assert rows["hardware"] == "not read (ModuleNotFoundError: No module named 'torch')" and "CPU" not in rows
+    else:
+        import torch
+
+        assert rows["torch"].startswith(f"{torch.__version__} @ ") and rows["CUDA available"] in ("True", "False")
+
+
+def test_the_package_installs_editable_only(tmp_path):
+    # a wheel would leave out configs/ and tools/, which the package reads from the clone
+    build = f"from setuptools import build_meta; build_meta.build_wheel({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", build], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "mae_det installs editable only, from its clone: `pip install -e .` (make setup does it); a wheel or "
+        "`pip install .` would leave out the configs/ and tools/ the package reads")
+    assert not list(tmp_path.glob("*.whl"))
+    version = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True)
+    assert version.stdout.strip() == "0.1.0"

@@ -32,6 +32,8 @@ from mae_det.utils.known_warnings import filter_known_warnings  # noqa: E402
 
 filter_known_warnings()  # before Detectron2 is imported: see mae_det/utils/known_warnings.py
 
+import torch  # noqa: E402
+
 from mae_det.modeling.vit import VIT_SIZES  # noqa: E402
 from mae_det.bench.det import (  # noqa: E402
     PRECISION_DTYPES, BenchmarkSettings, device_name, format_results, roi_align_backward_times, run_benchmark,
@@ -131,6 +133,8 @@ def main(argv=None):
     except ConfigError as e:  # a config the comparison cannot run: one line, not a traceback
         print(f"benchmark_det: {e}", file=sys.stderr)
         sys.exit(2)
+    if a.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {a.device}: no CUDA device is available")
     s = BenchmarkSettings(a.size, 128 if a.quick else a.img_size, a.batch, a.device, a.precision,
                           1 if a.quick else a.iters, a.quick, a.compile, a.real_data, a.workers)
     results: dict = {}
@@ -140,7 +144,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # a time limit (scripts/gpu_benchmark.sh): the rows measured so far are printed
         print("STOPPED by a signal: the rows measured before it")
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: the rows measured before it are still printed
-        print(format_results(s, results, device_name(s.device)))
+        print(format_results(s, results, s.device))  # not device_name(): a broken CUDA would raise there again
         sys.exit(f"benchmark_det: FAILED after the rows above: {error_line(e)}")
     print(format_results(s, results, device_name(s.device)))
 
