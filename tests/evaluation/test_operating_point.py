@@ -96,14 +96,31 @@ def test_recall_equals_cocoeval_on_one_class():
                                 float(rng.uniform())))
     gt = _gt(boxes)
     gt["categories"] = gt["categories"][:1]
+    recall_50 = _cocoeval_recall(gt, res)
+    op = operating_point(gt, res, score=0.0)
+    assert 30 < recall_50 < 95  # the draw has both hits and misses
+    assert op["found_right_class"] == pytest.approx(recall_50)
+
+
+def _cocoeval_recall(gt: dict, results: list[dict]) -> float:
+    """COCOeval's box recall at IoU 0.5, area "all", maxDets 100, of the first class, in %."""
     coco = COCO()
     coco.dataset = gt
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(res), "bbox")
+        ev = COCOeval(coco, coco.loadRes(results), "bbox")
         ev.evaluate()
         ev.accumulate()
-    recall_50 = ev.eval["recall"][0, 0, 0, -1]  # IoU 0.5, the class, area all, maxDets 100
-    op = operating_point(gt, res, score=0.0)
-    assert 0.3 < recall_50 < 0.95  # the draw has both hits and misses
-    assert op["found_right_class"] == pytest.approx(100 * recall_50)
+    return 100.0 * float(ev.eval["recall"][0, 0, 0, -1])
+
+
+def test_a_tied_detection_takes_the_last_object_like_cocoeval():
+    """Exact IoU ties (integer boxes) are broken as COCOeval breaks them: a detection takes the last best object."""
+    gt = _gt([(1, 1, 0, 0, 10, 10), (1, 1, 2, 0, 10, 10)])
+    gt["categories"] = gt["categories"][:1]
+    results = [_det(1, 1, (1, 0, 10, 10), 0.9),    # IoU 9/11 with both objects
+               _det(1, 1, (-2, 0, 10, 10), 0.8)]   # 2/3 with the first, 3/7 with the second
+    # Taking the first object (the first of the tie) would leave the second detection nothing: recall 50.
+    assert _cocoeval_recall(gt, results) == 100.0
+    op = operating_point(gt, results, score=0.0)
+    assert (op["found"], op["found_right_class"], op["precision"]) == (100.0, 100.0, 100.0)
