@@ -32,9 +32,14 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, repo_root):
     assert re.search(r"\[demo\] finetune_mae_s0: done in \d+:\d\d wall, \d+:\d\d CPU: box AP \d+\.\d, mask AP", done.stdout)
 
     report = (out / "REPORT.md").read_text()
+    head = next(line for line in report.splitlines() if line.startswith("| init | seed | run | "))
+    columns = [c.strip() for c in head.strip("|").split("|")]
     for arm in ARMS:
         row = next(line for line in report.splitlines() if line.startswith(f"| {arm} | 0 | "))
-        box_ap, mask_ap = row.split(" | ")[3], row.split(" | ")[9]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        box_ap, mask_ap = cells[columns.index("box AP")], cells[columns.index("mask AP")]
+        assert cells[columns.index("iter")] == str(json.loads(
+            (out / f"finetune_{arm}_s0" / "ap_results.json").read_text())["iteration"])
         assert math.isfinite(float(box_ap)) and math.isfinite(float(mask_ap)), row
         ap = json.loads((out / f"finetune_{arm}_s0" / "ap_results.json").read_text())
         assert f"{ap['bbox']['AP']:.1f}" == box_ap and f"{ap['segm']['AP']:.1f}" == mask_ap
