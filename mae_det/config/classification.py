@@ -91,7 +91,9 @@ from detectron2.config import CfgNode as CN
 
 from ..data.classification import auto_augment_problem
 from ..modeling.vit import VIT_SIZES
-from .pretrain import COMPILE_CHOICES, ConfigError, _check, _check_types, encoder_arch, merge_config
+from .pretrain import (
+    COMPILE_CHOICES, ConfigError, _check, _check_types, check_min_lr, encoder_arch, merge_config,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -219,6 +221,7 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     M, D, A, S, L = cfg.MODEL, cfg.DATA, cfg.AUG, cfg.SOLVER, cfg.LINPROBE
     for key in ("EMBED_DIM", "DEPTH", "NUM_HEADS", "PATCH_SIZE"):
         _check(M[key] >= 0, f"MODEL.{key}: expected >= 0 (0 = ARCH's), got {M[key]}")
+    _check(M.MLP_RATIO >= 0, f"MODEL.MLP_RATIO: expected >= 0 (0 = ARCH's), got {M.MLP_RATIO}")
     arch = resolve_vit_arch(cfg)
     _check(M.IMG_SIZE > 0 and M.IMG_SIZE % arch["patch_size"] == 0,
            f"MODEL.IMG_SIZE: {M.IMG_SIZE} is not a positive multiple of the patch size {arch['patch_size']}")
@@ -267,6 +270,9 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"batch), got {S.BATCH_SIZE}; or set AUG.MIXUP 0 AUG.CUTMIX 0")
     _check(S.BASE_LR > 0 or S.LR > 0, f"SOLVER.BASE_LR / SOLVER.LR: one must be > 0, got {S.BASE_LR} / {S.LR}")
     _check(S.MIN_LR >= 0, f"SOLVER.MIN_LR: expected >= 0, got {S.MIN_LR}")
+    eff_batch = S.EFFECTIVE_BATCH_SIZE or S.BATCH_SIZE * S.ACCUM_ITER  # fine-tuning runs in one process
+    check_min_lr("SOLVER.MIN_LR", S.MIN_LR, S.LR or S.BASE_LR * eff_batch / 256,
+                 "SOLVER.LR" if S.LR else f"SOLVER.BASE_LR x batch {eff_batch}/256")
     _check(0 <= S.WARMUP_EPOCHS <= S.EPOCHS,
            f"SOLVER.WARMUP_EPOCHS: expected 0 <= value <= SOLVER.EPOCHS ({S.EPOCHS}), got {S.WARMUP_EPOCHS}")
     _check(S.WEIGHT_DECAY >= 0, f"SOLVER.WEIGHT_DECAY: expected >= 0, got {S.WEIGHT_DECAY}")
@@ -284,6 +290,9 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
         _check(L[key] >= 1, f"LINPROBE.{key}: expected >= 1, got {L[key]}")
     _check(L.BASE_LR > 0, f"LINPROBE.BASE_LR: expected > 0, got {L.BASE_LR}")
     _check(L.MIN_LR >= 0, f"LINPROBE.MIN_LR: expected >= 0, got {L.MIN_LR}")
+    # The largest peak: a training set smaller than the batch lowers it (checked again by the probe).
+    check_min_lr("LINPROBE.MIN_LR", L.MIN_LR, L.BASE_LR * L.BATCH_SIZE / 256,
+                 f"LINPROBE.BASE_LR x batch {L.BATCH_SIZE}/256")
     _check(L.OPTIMIZER in ("lars", "sgd"), f"LINPROBE.OPTIMIZER: expected 'lars' or 'sgd', got {L.OPTIMIZER!r}")
     _check(0 <= L.MOMENTUM < 1, f"LINPROBE.MOMENTUM: expected a value in [0, 1), got {L.MOMENTUM}")
     _check(L.WEIGHT_DECAY >= 0, f"LINPROBE.WEIGHT_DECAY: expected >= 0, got {L.WEIGHT_DECAY}")

@@ -65,7 +65,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..utils.precision import auto_precision
 from ..utils.provenance import read_config_text, warn_resumed_config_changes
-from .pretrain import ConfigError
+from .pretrain import ConfigError, key_origin, read_config_chain
 from .semantic import add_sem_seg_config, validate_sem_seg_config
 from .vit_backbone import VIT_BACKBONES, add_vit_config, validate_vit_config, vit_levels
 
@@ -73,10 +73,18 @@ OPTIMIZERS = ("ADAMW", "SGD")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 RANDOM_FLIPS = ("horizontal", "vertical", "none")
 MASK_FORMATS = ("polygon", "bitmask")
+CROP_TYPES = ("relative_range", "relative", "absolute", "absolute_range")
+SIZE_SAMPLINGS = ("choice", "range")
+# Detectron2's convert_PIL_to_numpy formats, each with its channel count (what PIXEL_MEAN / PIXEL_STD must match).
+INPUT_FORMATS = {"RGB": 3, "BGR": 3, "YUV-BT.601": 3, "L": 1}
+# Detectron2's build_lr_scheduler names plus "WarmupPolyLR" (mae_det.engine.det_trainer.build_lr_scheduler).
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR", "WarmupPolyLR")
+WARMUP_METHODS = ("linear", "constant")
 # Detectron2's ROIPooler constants (canonical box size, level): what every other RoI heads class uses.
 _D2_CANONICAL_RULE = (224, 4)
 _INIT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _UNKNOWN_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
+_KEY_RE = re.compile(r"(?:Non-existent (?:config )?key|for config key): ([\w.]+)")  # the key yacs refused
 # The keys naming backbone levels that each Detectron2 detection meta-architecture reads.
 _DETECTOR_LEVEL_KEYS = {
     "GeneralizedRCNN": ("RPN", "ROI_HEADS"), "ProposalNetwork": ("RPN",), "RetinaNet": ("RETINANET",),
@@ -135,6 +143,48 @@ def effective_precision(cfg: CN) -> str:
     return cfg.SOLVER.PRECISION
 
 
+def _check_device(cfg: CN) -> None:
+    """MODEL.DEVICE must be a torch device of type cpu or cuda (torch's own error is a traceback deep in the build)."""
+    try:
+        kind = torch.device(cfg.MODEL.DEVICE).type
+    except (RuntimeError, TypeError):
+        kind = None
+    _check(kind in ("cpu", "cuda"), f"MODEL.DEVICE: expected cpu or cuda[:N], got {cfg.MODEL.DEVICE!r}")
+
+
+def _check_registered(cfg: CN) -> None:
+    """MODEL.META_ARCHITECTURE and MODEL.BACKBONE.NAME must name registered builders: a typo would otherwise skip the
+    checks keyed on them here and fail only when the model is built."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    from ..modeling import backbone, roi_heads, semantic_seg, upernet  # noqa: F401  (register the project's builders)
+
+    M = cfg.MODEL
+    for key, name, registry in (("META_ARCHITECTURE", M.META_ARCHITECTURE, META_ARCH_REGISTRY),
+                                ("BACKBONE.NAME", M.BACKBONE.NAME, BACKBONE_REGISTRY)):
+        _check(name in registry,
+               f"MODEL.{key}: {name!r} is not registered; expected one of {sorted(n for n, _ in registry)}")
+
+
+def _check_input(cfg: CN) -> None:
+    """Detectron2's input keys that would fail in the mapper or the model, without naming the key."""
+    I, M = cfg.INPUT, cfg.MODEL
+    _check(I.RANDOM_FLIP in RANDOM_FLIPS, f"INPUT.RANDOM_FLIP: expected one of {RANDOM_FLIPS}, got {I.RANDOM_FLIP!r}")
+    _check(I.MASK_FORMAT in MASK_FORMATS, f"INPUT.MASK_FORMAT: expected one of {MASK_FORMATS}, got {I.MASK_FORMAT!r}")
+    _check(I.FORMAT in INPUT_FORMATS, f"INPUT.FORMAT: expected one of {list(INPUT_FORMATS)}, got {I.FORMAT!r}")
+    channels = INPUT_FORMATS[I.FORMAT]
+    _check(len(M.PIXEL_MEAN) == len(M.PIXEL_STD) == channels,
+           f"MODEL.PIXEL_MEAN / PIXEL_STD: expected {channels} values each (INPUT.FORMAT {I.FORMAT}), got "
+           f"{len(M.PIXEL_MEAN)} and {len(M.PIXEL_STD)}")
+    _check(all(s > 0 for s in M.PIXEL_STD), f"MODEL.PIXEL_STD: expected positive values, got {list(M.PIXEL_STD)}")
+    _check(I.MIN_SIZE_TRAIN_SAMPLING in SIZE_SAMPLINGS,
+           f"INPUT.MIN_SIZE_TRAIN_SAMPLING: expected one of {SIZE_SAMPLINGS}, got {I.MIN_SIZE_TRAIN_SAMPLING!r}")
+    _check(I.MIN_SIZE_TRAIN_SAMPLING != "range" or len(I.MIN_SIZE_TRAIN) == 2,
+           f"INPUT.MIN_SIZE_TRAIN: MIN_SIZE_TRAIN_SAMPLING range expects (min, max), got {tuple(I.MIN_SIZE_TRAIN)}")
+    _check(not I.CROP.ENABLED or I.CROP.TYPE in CROP_TYPES,
+           f"INPUT.CROP.TYPE: expected one of {CROP_TYPES}, got {I.CROP.TYPE!r}")
+
+
 def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     """Checks the keys of this module (and the ViT keys when the ViT backbone is used).
 
@@ -146,6 +196,8 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
         ConfigError: one line naming the key and what was expected.
     """
     S, L = cfg.SOLVER, cfg.INPUT.LSJ
+    _check_device(cfg)
+    _check_registered(cfg)
     _check(S.OPTIMIZER in OPTIMIZERS, f"SOLVER.OPTIMIZER: expected one of {OPTIMIZERS}, got {S.OPTIMIZER!r}")
     _check(S.PRECISION in PRECISIONS, f"SOLVER.PRECISION: expected one of {PRECISIONS}, got {S.PRECISION!r}")
     _check(S.CHECKPOINT_KEEP >= 0, f"SOLVER.CHECKPOINT_KEEP: expected >= 0 (0 = keep all), got {S.CHECKPOINT_KEEP}")
@@ -161,6 +213,10 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     _check(S.MAX_ITER > 0, f"SOLVER.MAX_ITER: expected > 0, got {S.MAX_ITER}")
     _check(S.CHECKPOINT_PERIOD > 0, f"SOLVER.CHECKPOINT_PERIOD: expected > 0, got {S.CHECKPOINT_PERIOD}")
     _check(S.BASE_LR > 0, f"SOLVER.BASE_LR: expected > 0, got {S.BASE_LR}")
+    _check(S.LR_SCHEDULER_NAME in LR_SCHEDULERS,
+           f"SOLVER.LR_SCHEDULER_NAME: expected one of {LR_SCHEDULERS}, got {S.LR_SCHEDULER_NAME!r}")
+    _check(S.WARMUP_METHOD in WARMUP_METHODS,
+           f"SOLVER.WARMUP_METHOD: expected one of {WARMUP_METHODS}, got {S.WARMUP_METHOD!r}")
     _check(cfg.DATALOADER.NUM_WORKERS >= 0, f"DATALOADER.NUM_WORKERS: expected >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
     _check(all(isinstance(n, str) and n for n in S.NO_DECAY_NAMES),
            f"SOLVER.NO_DECAY_NAMES: expected non-empty strings, got {S.NO_DECAY_NAMES}")
@@ -174,11 +230,7 @@ def validate_det_cfg(cfg: CN, *, training: bool = True) -> None:
     _check(L.IMAGE_SIZE > 0, f"INPUT.LSJ.IMAGE_SIZE: expected > 0, got {L.IMAGE_SIZE}")
     _check(0.0 < L.MIN_SCALE <= L.MAX_SCALE,
            f"INPUT.LSJ: expected 0 < MIN_SCALE <= MAX_SCALE, got {L.MIN_SCALE}, {L.MAX_SCALE}")
-    # Detectron2 would fail building the mapper, or on the first training sample, without naming the key.
-    _check(cfg.INPUT.RANDOM_FLIP in RANDOM_FLIPS,
-           f"INPUT.RANDOM_FLIP: expected one of {RANDOM_FLIPS}, got {cfg.INPUT.RANDOM_FLIP!r}")
-    _check(cfg.INPUT.MASK_FORMAT in MASK_FORMATS,
-           f"INPUT.MASK_FORMAT: expected one of {MASK_FORMATS}, got {cfg.INPUT.MASK_FORMAT!r}")
+    _check_input(cfg)
 
     names = set()
     for entry in cfg.DATASETS.REGISTER:
@@ -261,10 +313,12 @@ def _merge(cfg: CN, config_file: str, opts: list[str]) -> None:
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
+        chain = read_config_chain(config_file)
         try:
             cfg.merge_from_file(config_file)
         except Exception as e:
-            raise ConfigError(f"{config_file}: {_first_line(e)}") from e
+            key = _KEY_RE.search(str(e))
+            raise ConfigError(f"{key_origin(chain, key.group(1)) if key else config_file}: {_first_line(e)}") from e
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {opts}")
     try:
@@ -292,6 +346,7 @@ def load_det_cfg(config_file: str = "", opts: list[str] | None = None, *, traini
     """
     cfg = get_det_cfg()
     _merge(cfg, config_file, list(opts or []))
+    _check_device(cfg)  # before the fallback, which would hide a malformed "cuda..." on a CPU machine
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available() and not gpu_elsewhere:
         logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible: running on cpu")
         cfg.MODEL.DEVICE = "cpu"
@@ -312,6 +367,8 @@ def recorded_seed(output_dir: str) -> int | None:
 def setup_det_cfg(args: argparse.Namespace) -> CN:
     """For tools: load + validate the config from Detectron2's standard arguments, fix the seed, freeze, and run
     Detectron2's ``default_setup`` (loggers, config.yaml in OUTPUT_DIR, seeding); mae_det's log joins log.txt.
+    ``--eval-only`` into a folder that holds a config.yaml (the training run's) keeps it and writes
+    config_eval.yaml.
 
     A negative ``SEED`` is replaced by a random one shared by all processes before anything is seeded, so
     config.yaml and run_info.json record the seed actually used; ``--resume`` takes the one that OUTPUT_DIR's
@@ -323,9 +380,18 @@ def setup_det_cfg(args: argparse.Namespace) -> CN:
         cfg.SEED = comm.shared_random_seed() if recorded is None else recorded
     cfg.freeze()
     resumed = args.resume and not args.eval_only and comm.is_main_process()
-    previous = read_config_text(cfg.OUTPUT_DIR) if resumed else None  # before default_setup rewrites it
+    # Read before default_setup rewrites it. An evaluation keeps the training run's config.yaml (a later --resume
+    # takes its SEED), as write_det_run_info keeps its run_info.json, and records its own as config_eval.yaml.
+    previous = read_config_text(cfg.OUTPUT_DIR) if resumed or (args.eval_only and comm.is_main_process()) else None
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mae_det", abbrev_name="mae_det")
-    if previous is not None:
+    if previous is not None and args.eval_only:
+        config_file = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+        os.replace(config_file, os.path.join(cfg.OUTPUT_DIR, "config_eval.yaml"))
+        with open(config_file, "w", encoding="utf-8") as f:
+            f.write(previous)
+        logger.info("evaluation only: kept the existing config.yaml of %s; this run's is config_eval.yaml",
+                    cfg.OUTPUT_DIR)
+    elif previous is not None:
         warn_resumed_config_changes(cfg.OUTPUT_DIR, cfg, logger, previous)
     return cfg

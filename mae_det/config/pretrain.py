@@ -99,6 +99,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from detectron2.config import CfgNode as CN
 
 from ..data.images import DEFAULT_MAX_PIXELS
@@ -223,17 +224,73 @@ def _lookup(cfg: CN, dotted: str) -> Any:
     return node
 
 
-def _yacs_error(e: Exception, where: str) -> ConfigError:
+def _read_yaml_mapping(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {e.problem or e.context}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path}: expected a YAML mapping of config keys, got {got}")
+    return data
+
+
+def read_config_chain(config_file: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(path, YAML mapping) of ``config_file`` and of its ``_BASE_`` ancestors, child first, the base paths resolved
+    as Detectron2's ``load_yaml_with_base`` does. Read before yacs merges them, which names neither the file of a
+    YAML error nor its line, fails on an empty file with a TypeError and recurses forever on a loop.
+
+    Raises:
+        ConfigError: a file of the chain is unreadable, not YAML, empty or not a mapping, or the chain loops.
+    """
+    chain: list[tuple[str, dict]] = []
+    path = str(config_file)
+    while True:
+        if chain and not os.path.isfile(path):
+            raise ConfigError(f"{chain[-1][0]}: _BASE_ file {path} not found")
+        if any(os.path.realpath(p) == os.path.realpath(path) for p, _ in chain):
+            raise ConfigError(f"{chain[-1][0]}: _BASE_ {path} is already in the chain {[p for p, _ in chain]}")
+        chain.append((path, _read_yaml_mapping(path)))
+        base = chain[-1][1].get("_BASE_")
+        if not base:
+            return chain
+        base = os.path.expanduser(str(base))
+        path = base if base.startswith(("/", "https://", "http://")) else os.path.join(os.path.dirname(path), base)
+
+
+def key_origin(chain: list[tuple[str, dict]], dotted: str) -> str:
+    """The file of ``chain`` (from :func:`read_config_chain`) that sets ``dotted`` last (the child wins)."""
+    for path, data in chain:
+        node: Any = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return path
+    return chain[0][0]
+
+
+def _yacs_error(e: Exception, where: str, chain: list[tuple[str, dict]] | None = None) -> ConfigError:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     unknown = re.search(r"Non-existent (?:config )?key:? '?([\w.]+)'?", msg)
     if unknown:
-        return ConfigError(f"{where}: unknown config key {unknown.group(1)!r}")
+        key = unknown.group(1)
+        return ConfigError(f"{key_origin(chain, key) if chain else where}: unknown config key {key!r}")
     mismatch = re.search(
         r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \(.* vs\. (.*)\) "
         r"for config key: ([\w.]+)", msg
     )
     if mismatch:
         expected, got, value, key = mismatch.groups()
+        where = key_origin(chain, key) if chain else where
         return ConfigError(f"{where}: config key {key}: expected {expected}, got {got} {value}")
     return ConfigError(f"{where}: {msg}")
 
@@ -245,18 +302,20 @@ def merge_config(cfg: CN, config_file: str | os.PathLike | None = None, opts: It
     configs.
 
     Raises:
-        ConfigError: missing file, unknown key or wrong type, in one line.
+        ConfigError: missing, empty or malformed file (YAML errors with their line and column), unknown key or wrong
+            type (naming the file of the ``_BASE_`` chain that sets it), in one line.
     """
     if config_file:
         if not Path(config_file).is_file():
             raise ConfigError(f"config file not found: {config_file}")
+        chain = read_config_chain(config_file)
         try:
             loaded = CN.load_yaml_with_base(str(config_file), allow_unsafe=False)
             cfg.merge_from_other_cfg(CN(_coerce_ints_to_floats(loaded, cfg)))
         except ConfigError:
             raise
         except Exception as e:
-            raise _yacs_error(e, str(config_file)) from e
+            raise _yacs_error(e, str(config_file), chain) from e
     opts = list(opts)
     # argparse hands everything after the first KEY to the overrides, so an option placed after them would
     # otherwise read as a key or make the list odd.
@@ -361,6 +420,16 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_min_lr(key: str, min_lr: float, lr: float, how: str) -> None:
+    """Refuses a cosine floor ``min_lr`` above the peak ``lr`` (resolved as ``how`` says): the schedule would climb
+    from the peak to it instead of decaying. Shared by pretraining, fine-tuning and the linear probe.
+
+    Raises:
+        ConfigError: naming ``key``.
+    """
+    _check(min_lr <= lr, f"{key} {min_lr:g} exceeds the peak lr {lr:.3g} ({how})")
+
+
 def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     """Checks types, ranges and (with ``check_paths``) that the data folders exist.
 
@@ -444,6 +513,11 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"SOLVER.EFFECTIVE_BATCH_SIZE: expected >= 0 (0 = off), got {S.EFFECTIVE_BATCH_SIZE}")
     _check(S.BASE_LR > 0 or S.LR > 0, f"SOLVER.BASE_LR / SOLVER.LR: one must be > 0, got {S.BASE_LR} / {S.LR}")
     _check(S.MIN_LR >= 0, f"SOLVER.MIN_LR: expected >= 0, got {S.MIN_LR}")
+    if S.LR > 0:
+        check_min_lr("SOLVER.MIN_LR", S.MIN_LR, S.LR, "SOLVER.LR")
+    elif S.EFFECTIVE_BATCH_SIZE > 0:  # otherwise the batch, and so the peak, depends on the number of processes
+        check_min_lr("SOLVER.MIN_LR", S.MIN_LR, S.BASE_LR * S.EFFECTIVE_BATCH_SIZE / 256,
+                     f"SOLVER.BASE_LR x batch {S.EFFECTIVE_BATCH_SIZE}/256")
     _check(0 <= S.WARMUP_EPOCHS < S.EPOCHS,
            f"SOLVER.WARMUP_EPOCHS: expected 0 <= value < SOLVER.EPOCHS ({S.EPOCHS}), got {S.WARMUP_EPOCHS}")
     _check(S.WEIGHT_DECAY >= 0, f"SOLVER.WEIGHT_DECAY: expected >= 0, got {S.WEIGHT_DECAY}")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from .vit_backbone import NORMS
+
 SEM_SEG_KEY = "DATASETS.REGISTER_SEM_SEG"
 
 
@@ -52,12 +54,19 @@ def validate_sem_seg_config(cfg: CN) -> None:
         ValueError: one line naming the key, its value and what is expected.
     """
     h, s = cfg.MODEL.SEM_SEG_HEAD, cfg.TEST.SLIDE
-    if not h.POOL_SCALES or any(not isinstance(b, int) or b <= 0 for b in h.POOL_SCALES):
+    if not h.POOL_SCALES or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in h.POOL_SCALES):
         raise ValueError(f"MODEL.SEM_SEG_HEAD.POOL_SCALES = {h.POOL_SCALES!r}: expected positive integers")
     if not 0.0 <= h.DROPOUT < 1.0:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.DROPOUT = {h.DROPOUT}: expected a value in [0, 1)")
     if h.AUX_LOSS_WEIGHT < 0:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT = {h.AUX_LOSS_WEIGHT}: expected >= 0 (0 = no auxiliary head)")
+    if h.NORM not in NORMS:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM = {h.NORM!r}: expected a Detectron2 norm name, one of {list(NORMS)}")
+    if h.CONVS_DIM <= 0:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.CONVS_DIM = {h.CONVS_DIM}: expected a positive channel count")
+    if h.AUX_LOSS_WEIGHT > 0 and h.AUX_CONVS_DIM <= 0:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX_CONVS_DIM = {h.AUX_CONVS_DIM}: expected a positive channel count; "
+                         "for no auxiliary head set MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT 0")
     if h.NORM == "GN" and (h.CONVS_DIM % 32 or h.AUX_CONVS_DIM % 32):
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM 'GN' (32 groups) needs CONVS_DIM and AUX_CONVS_DIM divisible by 32, "
                          f"got {h.CONVS_DIM}, {h.AUX_CONVS_DIM}")

@@ -131,6 +131,10 @@ def vit_levels(cfg: CN) -> list[str]:
     return [f"p{int(math.log2(s))}" for s in (p // 4, p // 2, p, 2 * p, 4 * p)]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_vit_config(cfg: CN) -> None:
     """Checks ``MODEL.VIT.*`` and ``MODEL.WEIGHTS_FORMAT``.
 
@@ -160,21 +164,29 @@ def validate_vit_config(cfg: CN) -> None:
         fail("INPUT_SIZE", v.INPUT_SIZE, f"expected a positive multiple of PATCH_SIZE = {p}")
     if v.IN_CHANS <= 0:
         fail("IN_CHANS", v.IN_CHANS, "expected a positive integer")
+    # Detectron2 feeds the backbone len(MODEL.PIXEL_MEAN) channels.
+    if len(cfg.MODEL.PIXEL_MEAN) != v.IN_CHANS:
+        fail("IN_CHANS", v.IN_CHANS, f"the model feeds len(MODEL.PIXEL_MEAN) = {len(cfg.MODEL.PIXEL_MEAN)} channels")
     if not 0.0 <= v.DROP_PATH_RATE < 1.0:
         fail("DROP_PATH_RATE", v.DROP_PATH_RATE, "expected a value in [0, 1)")
     if not isinstance(v.WINDOW_SIZE, int) or v.WINDOW_SIZE < 0:
         fail("WINDOW_SIZE", v.WINDOW_SIZE, "expected an integer >= 0 (0 = global attention in every block)")
     if v.GLOBAL_ATTN_INDEXES is not None:
+        if not isinstance(v.GLOBAL_ATTN_INDEXES, (list, tuple)):
+            fail("GLOBAL_ATTN_INDEXES", v.GLOBAL_ATTN_INDEXES, "expected a list of 0-based block indexes or None")
         if v.GLOBAL_ATTN_INDEXES and v.WINDOW_SIZE == 0:
             fail("WINDOW_SIZE", 0, "must be > 0 when MODEL.VIT.GLOBAL_ATTN_INDEXES selects global blocks")
-        bad = [i for i in v.GLOBAL_ATTN_INDEXES if not (isinstance(i, int) and 0 <= i < depth)]
+        bad = [i for i in v.GLOBAL_ATTN_INDEXES if not (_is_int(i) and 0 <= i < depth)]
         if bad:
             fail("GLOBAL_ATTN_INDEXES", list(v.GLOBAL_ATTN_INDEXES), f"{bad} out of range for depth {depth} (0-based)")
     if v.PYRAMID not in PYRAMIDS:
         fail("PYRAMID", v.PYRAMID, f"expected one of {list(PYRAMIDS)}")
     if v.TAP_INDEXES is not None:
+        if not isinstance(v.TAP_INDEXES, (list, tuple)):
+            fail("TAP_INDEXES", v.TAP_INDEXES, f"expected a list of 4 increasing 0-based block indexes < depth {depth} "
+                                               "or None")
         taps = list(v.TAP_INDEXES)
-        if len(taps) != 4 or any(not (isinstance(i, int) and 0 <= i < depth) for i in taps) or sorted(set(taps)) != taps:
+        if len(taps) != 4 or any(not (_is_int(i) and 0 <= i < depth) for i in taps) or sorted(set(taps)) != taps:
             fail("TAP_INDEXES", taps, f"expected 4 increasing 0-based block indexes < depth {depth}")
     for key in ("NORM", "UPSAMPLE_NORM"):
         if v[key] not in NORMS:

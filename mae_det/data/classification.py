@@ -214,7 +214,7 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = 
 
 
 def auto_augment_problem(spec: str) -> str | None:
-    """Why timm's auto-augment ``spec`` would fail mid-epoch, or None if it cannot.
+    """Why timm's auto-augment ``spec`` would fail (cannot be parsed, or mid-epoch), or None if it cannot.
 
     timm maps a posterize magnitude of 10 (increasing variant) or below 2.5 (plain variant) to 0 bits, which
     Pillow >= 13 rejects with a ValueError; with a noisy magnitude (``mstd``) that happens on a few images per
@@ -222,7 +222,11 @@ def auto_augment_problem(spec: str) -> str | None:
     """
     if not spec:
         return None
-    built = create_transform(32, is_training=True, auto_augment=spec)
+    try:
+        built = create_transform(32, is_training=True, auto_augment=spec)
+    except (AssertionError, ValueError, KeyError) as e:  # timm's parser asserts, often without a message
+        return (f"{spec!r} is not a timm auto-augment string ({str(e).strip() or 'malformed section'}); expected "
+                f"e.g. 'rand-m9-mstd0.5-inc1-mmax9'")
     ops = [op for t in getattr(built, "transforms", [built])
            for op in _augment_ops(t) if op.name.startswith("Posterize")]
     for op in ops:

@@ -208,10 +208,19 @@ def _published(cfg: CfgNode, task: str) -> dict[str, Any]:
                                            "note": "published for this recipe, not measured by this run"}}}
 
 
+def _device(cfg: CfgNode) -> torch.device:
+    """DEVICE as this process's device; PRECISION fp16 without CUDA is refused before anything runs or is written."""
+    device = resolve_device(cfg.DEVICE)
+    if cfg.PRECISION == "fp16" and device.type != "cuda":
+        raise ConfigError(f"PRECISION fp16 needs a CUDA device, but DEVICE {cfg.DEVICE} runs on {device.type}; use "
+                          "PRECISION bf16 or fp32")
+    return device
+
+
 # ---- kNN and linear probe from a config ------------------------------------------------------------------
 def run_knn(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """kNN evaluation of MODEL.WEIGHTS on DATA.TRAIN_ROOT (memory bank) / DATA.VAL_ROOT (queries)."""
-    device = resolve_device(cfg.DEVICE)
+    device = _device(cfg)
     out = _start_run(cfg, argv, {"task": "knn"})
     torch.manual_seed(cfg.SEED)
     encoder = build_encoder(cfg, device)
@@ -230,7 +239,7 @@ def run_knn(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Linear probe of the frozen MODEL.WEIGHTS encoder with the LINPROBE recipe."""
-    device = resolve_device(cfg.DEVICE)
+    device = _device(cfg)
     out = _start_run(cfg, argv, {"task": "linear_probe"})
     torch.manual_seed(cfg.SEED)
     encoder = build_encoder(cfg, device)
@@ -447,7 +456,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         The content of ``OUTPUT_DIR/cls_results.json``: ``finetune_top1`` (and ``finetune_top5``) of the last
         epoch, ``finetune_top1_best``, ``finetune_epochs``, ``init``, ``init_type``, dataset sizes.
     """
-    device = resolve_device(cfg.DEVICE)
+    device = _device(cfg)
     dtype = autocast_dtype(device, cfg.PRECISION)
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ from ..checkpoint import (
 from ..checkpoint.convert import (
     FORMAT_NAMES, is_mae_decoder_key, load_decoder_state, load_encoder_weights, read_checkpoint,
 )
-from ..config.pretrain import ConfigError, load_pretrain_cfg, resolve_arch
+from ..config.pretrain import ConfigError, check_min_lr, load_pretrain_cfg, resolve_arch
 from ..data.classification import ClassificationDataError, ImageFolderDataset
 from ..data.gpu_decode import EncodedPretrainDataset, collate_encoded, device_batches, workers_normalize
 from ..data.images import ImageLoadError, decoded_image_cache
@@ -335,6 +335,9 @@ class Pretrainer:
         self.device = resolve_device(cfg.DEVICE)
         self.precision = resolve_precision(cfg.PRECISION, self.device)
         self.accum, self.eff_batch = resolve_accumulation(cfg, self.world)
+        S = cfg.SOLVER  # the peak lr is known only here when it scales with the number of processes
+        check_min_lr("SOLVER.MIN_LR", S.MIN_LR, S.LR if S.LR > 0 else S.BASE_LR * self.eff_batch / 256,
+                     "SOLVER.LR" if S.LR > 0 else f"SOLVER.BASE_LR x batch {self.eff_batch}/256")
         self.mode = cfg.MODEL.MODE
 
         src = build_source(cfg.DATA.SOURCE, cfg.DATA.PATH, cfg.DATA.IMAGE_ROOT)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..data.classification import (
     ClassificationDataError, ImageFolderDataset, SkipCounter, collate_skipping, eval_transform,
 )
+from ..config.pretrain import check_min_lr
 from ..data.images import DecodedImageCache
 from ..solver.schedule import build_warmup_cosine_lr
 from .knn import autocast, autocast_dtype, eval_mode, extract_folder_features, topk_accuracy
@@ -75,6 +76,13 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
         g["lr"] = lr * g.get("lr_scale", 1.0)
     warmup = min(round(warmup_steps), max(total_steps - 1, 0))
     return build_warmup_cosine_lr(optimizer, max(total_steps, 1), warmup, min_lr / lr)
+
+
+def _probe_lr(base_lr: float, batch: int, min_lr: float) -> float:
+    """``base_lr * batch / 256`` (the MAE recipe), refused below ``min_lr``: the cosine schedule would climb to it."""
+    lr = base_lr * batch / 256
+    check_min_lr("LINPROBE.MIN_LR", min_lr, lr, f"LINPROBE.BASE_LR x batch {batch}/256")
+    return lr
 
 
 def train_head(
@@ -141,7 +149,7 @@ def linear_probe_features(
     if n < 2:
         raise ValueError(f"linear probe needs at least 2 training samples (BatchNorm statistics), got {n}")
     batch = min(batch_size, n)
-    lr = base_lr * batch / 256
+    lr = _probe_lr(base_lr, batch, min_lr)
     gen = torch.Generator().manual_seed(seed)
     head = LinearProbeHead(train_feats.shape[1], num_classes)
     head.load_state_dict(_seeded_head_state(train_feats.shape[1], num_classes, seed))
@@ -283,6 +291,7 @@ def _probe_augmented(
     train_set.transform = create_transform(img_size, is_training=True, color_jitter=None, interpolation="bicubic")
     train_set.seed = seed
     batch = min(batch_size, len(train_set))
+    lr = _probe_lr(base_lr, batch, recipe.get("min_lr", 0.0))
     # An optimizer batch (the paper's 16384) is read and encoded in chunks of feature_batch_size images, so neither
     # the loader's prefetched batches nor the encoder's activations scale with it; the chunks of one shuffled batch
     # are the images a single loader batch would hold, in the same order.
@@ -316,9 +325,9 @@ def _probe_augmented(
         skips.check()
 
     with eval_mode(encoder):
-        train_head(head, epoch_batches, epochs=epochs, iters_per_epoch=len(batches), lr=base_lr * batch / 256,
-                   progress=progress, **recipe)
+        train_head(head, epoch_batches, epochs=epochs, iters_per_epoch=len(batches), lr=lr, progress=progress,
+                   **recipe)
     with torch.no_grad():
         scores = torch.cat([head(f.to(device)).cpu() for f in val_feats.split(4096)])
     out = _results(scores, val_labels, train_set.num_classes)
-    return out | {"lr": base_lr * batch / 256, "batch_size": batch, "epochs": epochs}, len(train_set)
+    return out | {"lr": lr, "batch_size": batch, "epochs": epochs}, len(train_set)

@@ -217,14 +217,6 @@ def encoder_prefix(cfg: CfgNode) -> str:
     return "backbone.bottom_up.net."
 
 
-def _check_in_chans(cfg: CfgNode, input_shape: ShapeSpec) -> None:
-    if input_shape.channels is not None and input_shape.channels != cfg.MODEL.VIT.IN_CHANS:
-        raise ValueError(
-            f"MODEL.VIT.IN_CHANS = {cfg.MODEL.VIT.IN_CHANS} but the model feeds {input_shape.channels} channels "
-            f"(len(MODEL.PIXEL_MEAN))"
-        )
-
-
 @BACKBONE_REGISTRY.register()
 def build_vit_multitap_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ViTMultiTap:
     """Builds the four pre-FPN levels of ``MODEL.VIT`` for semantic segmentation
@@ -237,7 +229,6 @@ def build_vit_multitap_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ViTMult
         of embed-dim channels; the levels the head does not read are not built.
     """
     validate_vit_config(cfg)
-    _check_in_chans(cfg, input_shape)
     return ViTMultiTap(build_vit_encoder(cfg), tap_indexes(cfg), cfg.MODEL.VIT.UPSAMPLE_NORM, cfg.MODEL.VIT.SQUARE_PAD,
                        out_features=cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
 
@@ -248,14 +239,14 @@ def build_vit_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
 
     Args:
         cfg: a config with :func:`~mae_det.config.vit_backbone.add_vit_config` keys.
-        input_shape: the input channels (must equal ``MODEL.VIT.IN_CHANS``).
+        input_shape: unused: the input channels are len(MODEL.PIXEL_MEAN), checked against ``MODEL.VIT.IN_CHANS``
+            by :func:`~mae_det.config.vit_backbone.validate_vit_config`.
 
     Returns:
         A backbone with outputs ``p2``-``p6`` of ``MODEL.VIT.OUT_CHANNELS`` channels (at patch 16).
     """
     validate_vit_config(cfg)
     v = cfg.MODEL.VIT
-    _check_in_chans(cfg, input_shape)
     net = build_vit_encoder(cfg)
     if v.PYRAMID == "simple":
         return ViTSimplePyramid(net, v.OUT_CHANNELS, v.NORM, v.SQUARE_PAD)

@@ -35,3 +35,36 @@ def test_an_odd_batch_is_refused_only_while_mixup_or_cutmix_pairs_its_images():
         load_cls_cfg(SHAPES, ["SOLVER.BATCH_SIZE", "3", "AUG.MIXUP", "0", "AUG.CUTMIX", "1.0"])
     assert str(info.value).startswith("SOLVER.BATCH_SIZE: expected an even value with AUG.MIXUP / AUG.CUTMIX on")
     assert load_cls_cfg(SHAPES, ["SOLVER.BATCH_SIZE", "3", "AUG.MIXUP", "0", "AUG.CUTMIX", "0"]).SOLVER.BATCH_SIZE == 3
+
+
+def _error(*opts) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_cls_cfg(SHAPES, list(opts))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_malformed_rand_augment_is_a_config_error_naming_the_key():
+    # timm's parser raised a bare AssertionError from inside the validator
+    assert _error("AUG.RAND_AUGMENT", "rand_m9") == (
+        "AUG.RAND_AUGMENT: 'rand_m9' is not a timm auto-augment string (malformed section); expected e.g. "
+        "'rand-m9-mstd0.5-inc1-mmax9'")
+    assert _error("AUG.RAND_AUGMENT", "rand-M9") == (
+        "AUG.RAND_AUGMENT: 'rand-M9' is not a timm auto-augment string (Unknown RandAugment config section); "
+        "expected e.g. 'rand-m9-mstd0.5-inc1-mmax9'")
+
+
+def test_negative_mlp_ratio_is_refused():
+    assert _error("MODEL.MLP_RATIO", "-1.0") == "MODEL.MLP_RATIO: expected >= 0 (0 = ARCH's), got -1.0"
+
+
+def test_min_lr_above_the_peak_lr_is_refused():
+    cfg = load_cls_cfg(SHAPES)
+    eff = cfg.SOLVER.BATCH_SIZE * cfg.SOLVER.ACCUM_ITER
+    peak = cfg.SOLVER.BASE_LR * eff / 256
+    assert _error("SOLVER.MIN_LR", "1.0") == (
+        f"SOLVER.MIN_LR 1 exceeds the peak lr {peak:.3g} (SOLVER.BASE_LR x batch {eff}/256)")
+    assert _error("SOLVER.LR", "1e-4", "SOLVER.MIN_LR", "1e-3") == (
+        "SOLVER.MIN_LR 0.001 exceeds the peak lr 0.0001 (SOLVER.LR)")
+    assert _error("LINPROBE.BASE_LR", "0.1", "LINPROBE.BATCH_SIZE", "256", "LINPROBE.MIN_LR", "0.2") == (
+        "LINPROBE.MIN_LR 0.2 exceeds the peak lr 0.1 (LINPROBE.BASE_LR x batch 256/256)")

@@ -115,6 +115,31 @@ def test_recipes_scale_with_the_gpu_count():
     (["INPUT.RANDOM_FLIP", "horizonal"],
      "INPUT.RANDOM_FLIP: expected one of ('horizontal', 'vertical', 'none'), got 'horizonal'"),
     (["INPUT.MASK_FORMAT", "bitmasks"], "INPUT.MASK_FORMAT: expected one of ('polygon', 'bitmask'), got 'bitmasks'"),
+    # Each of these failed only in the mapper, the scheduler or the model build, in a traceback.
+    (["MODEL.DEVICE", "gpu"], "MODEL.DEVICE: expected cpu or cuda[:N], got 'gpu'"),
+    (["MODEL.DEVICE", "CUDA"], "MODEL.DEVICE: expected cpu or cuda[:N], got 'CUDA'"),
+    (["INPUT.CROP.ENABLED", "True", "INPUT.CROP.TYPE", "absolut"],
+     "INPUT.CROP.TYPE: expected one of ('relative_range', 'relative', 'absolute', 'absolute_range'), got 'absolut'"),
+    (["INPUT.MIN_SIZE_TRAIN_SAMPLING", "choise"],
+     "INPUT.MIN_SIZE_TRAIN_SAMPLING: expected one of ('choice', 'range'), got 'choise'"),
+    (["INPUT.MIN_SIZE_TRAIN_SAMPLING", "range", "INPUT.MIN_SIZE_TRAIN", "(640, 672, 704)"],
+     "INPUT.MIN_SIZE_TRAIN: MIN_SIZE_TRAIN_SAMPLING range expects (min, max), got (640, 672, 704)"),
+    (["INPUT.FORMAT", "rgb"], "INPUT.FORMAT: expected one of ['RGB', 'BGR', 'YUV-BT.601', 'L'], got 'rgb'"),
+    (["INPUT.FORMAT", "L"], "MODEL.PIXEL_MEAN / PIXEL_STD: expected 1 values each (INPUT.FORMAT L), got 3 and 3"),
+    (["MODEL.PIXEL_STD", "[0.0, 1.0, 1.0]"], "MODEL.PIXEL_STD: expected positive values, got [0.0, 1.0, 1.0]"),
+    (["MODEL.SEM_SEG_HEAD.NORM", "LayerNorm"], "MODEL.SEM_SEG_HEAD.NORM = 'LayerNorm': expected a Detectron2 norm name"),
+    (["SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLr"],
+     "SOLVER.LR_SCHEDULER_NAME: expected one of ('WarmupMultiStepLR', 'WarmupCosineLR', 'WarmupStepWithFixedGammaLR', "
+     "'WarmupPolyLR'), got 'WarmupCosineLr'"),
+    (["SOLVER.WARMUP_METHOD", "lin"], "SOLVER.WARMUP_METHOD: expected one of ('linear', 'constant'), got 'lin'"),
+    (["MODEL.META_ARCHITECTURE", "GeneralizedRCNNN"],
+     "MODEL.META_ARCHITECTURE: 'GeneralizedRCNNN' is not registered; expected one of ['GeneralizedRCNN', "),
+    (["MODEL.BACKBONE.NAME", "build_vit_fpn_backbon"],
+     "MODEL.BACKBONE.NAME: 'build_vit_fpn_backbon' is not registered; expected one of ["),
+    (["MODEL.SEM_SEG_HEAD.CONVS_DIM", "0"], "MODEL.SEM_SEG_HEAD.CONVS_DIM = 0: expected a positive channel count"),
+    (["MODEL.SEM_SEG_HEAD.AUX_CONVS_DIM", "0"],
+     "MODEL.SEM_SEG_HEAD.AUX_CONVS_DIM = 0: expected a positive channel count; for no auxiliary head set "
+     "MODEL.SEM_SEG_HEAD.AUX_LOSS_WEIGHT 0"),
     (["DATASETS.REGISTER", "[['a', 'b.json']]"], "each entry must be [name, json_file, image_root]"),
     (["DATASETS.REGISTER", "[['a', 'b.json', 'c'], ['a', 'd.json', 'e']]"], "'a' appears twice"),
     (["DATASETS.MAX_BAD_FRACTION", "1.5"], "DATASETS.MAX_BAD_FRACTION: expected a value in [0, 1], got 1.5"),
@@ -222,6 +247,48 @@ def test_config_file_errors_name_the_file(tmp_path):
     wrong.write_text(yaml.safe_dump({"SOLVER": {"LSJ": 1}, "INPUT": {"LSJ": {"ENABLED": "yes"}}}))
     with pytest.raises(ConfigError, match="wrong.yaml"):
         load_det_cfg(str(wrong))
+
+
+def test_base_file_errors_name_the_base_file_and_yaml_errors_their_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("MODEL:\n  VIT:\n    WINDOW_SIZ: 4\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nSOLVER:\n  MAX_ITER: 10\n")
+    with pytest.raises(ConfigError, match=r"^\S*/base.yaml: unknown config key MODEL.VIT.WINDOW_SIZ$"):
+        load_det_cfg(str(tmp_path / "child.yaml"))
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  MAX_ITER: 3\n   BASE_LR: 4\n")
+    with pytest.raises(ConfigError, match=r"^\S*/base.yaml: YAML syntax error at line 3, column 11: mapping values are "
+                                          r"not allowed here$"):
+        load_det_cfg(str(tmp_path / "child.yaml"))
+    (tmp_path / "base.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"^\S*/base.yaml: expected a YAML mapping of config keys, got an empty "
+                                          r"file$"):
+        load_det_cfg(str(tmp_path / "child.yaml"))
+
+
+def test_malformed_vit_index_lists_and_in_chans_are_config_errors():
+    vit = ["MODEL.BACKBONE.NAME", "build_vit_fpn_backbone", "MODEL.RPN.IN_FEATURES", "['p4']",
+           "MODEL.ROI_HEADS.IN_FEATURES", "['p4']"]
+    for key, expected in (("GLOBAL_ATTN_INDEXES", "expected a list of 0-based block indexes or None"),
+                          ("TAP_INDEXES", "expected a list of 4 increasing 0-based block indexes < depth 12 or None")):
+        with pytest.raises(ConfigError, match=re.escape(f"MODEL.VIT.{key} = 11: {expected}")):
+            load_det_cfg("", [*vit, f"MODEL.VIT.{key}", "11"])
+    with pytest.raises(ConfigError, match=re.escape("MODEL.VIT.IN_CHANS = 1: the model feeds len(MODEL.PIXEL_MEAN) = 3 "
+                                                    "channels")):
+        load_det_cfg("", [*vit, "MODEL.VIT.IN_CHANS", "1"])
+
+
+def test_evaluation_only_keeps_the_training_runs_config_yaml(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"OUTPUT_DIR": str(tmp_path / "out"), "SEED": -1, "MODEL": {"DEVICE": "cpu"}}))
+
+    def setup(eval_only, resume=False):
+        return setup_det_cfg(argparse.Namespace(config_file=str(cfg_file), opts=[], eval_only=eval_only, resume=resume))
+
+    trained = setup(False).SEED
+    training_yaml = (tmp_path / "out" / "config.yaml").read_text()
+    evaluated = setup(True)
+    assert (tmp_path / "out" / "config.yaml").read_text() == training_yaml  # --resume takes this SEED
+    assert yaml.safe_load((tmp_path / "out" / "config_eval.yaml").read_text())["SEED"] == evaluated.SEED
+    assert setup(False, resume=True).SEED == trained
 
 
 def test_cuda_device_falls_back_to_cpu_without_gpu():

@@ -190,3 +190,30 @@ def test_demo_supervised_arm_uses_only_count_preserving_augmentation():
     assert cfg.DATA.HFLIP and cfg.DATA.ROT90 and cfg.DATA.CHANNEL_SHUFFLE
     mae = load_pretrain_cfg(shapes / "pretrain_mae.yaml", check_paths=False)
     assert not mae.DATA.ROT90 and not mae.DATA.CHANNEL_SHUFFLE
+
+
+def test_base_file_errors_name_the_base_file_and_yaml_errors_their_line(data_dir, tmp_path):
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\nSOLVER:\n  EPOCHS: 10\n")
+    base.write_text("SOLVER:\n  EPOCS: 3\n")
+    assert _error(load_pretrain_cfg, child, ["DATA.PATH", data_dir]) == f"{base}: unknown config key 'SOLVER.EPOCS'"
+    base.write_text("SOLVER:\n  EPOCHS: 3\n   BATCH_SIZE: 4\n")
+    assert _error(load_pretrain_cfg, child, ["DATA.PATH", data_dir]) == (
+        f"{base}: YAML syntax error at line 3, column 14: mapping values are not allowed here")
+    base.write_text("")
+    assert _error(load_pretrain_cfg, child, ["DATA.PATH", data_dir]) == (
+        f"{base}: expected a YAML mapping of config keys, got an empty file")
+    base.write_text("_BASE_: child.yaml\n")
+    assert "is already in the chain" in _error(load_pretrain_cfg, child, ["DATA.PATH", data_dir])
+    child.write_text("_BASE_: nope.yaml\n")
+    assert _error(load_pretrain_cfg, child, ["DATA.PATH", data_dir]) == (
+        f"{child}: _BASE_ file {tmp_path / 'nope.yaml'} not found")
+
+
+def test_min_lr_above_the_peak_lr_is_refused_where_the_peak_is_known(data_dir):
+    # The cosine schedule would climb from the peak to MIN_LR instead of decaying.
+    assert _error(_cfg, data_dir, "SOLVER.LR", "1e-4", "SOLVER.MIN_LR", "1e-3") == (
+        "SOLVER.MIN_LR 0.001 exceeds the peak lr 0.0001 (SOLVER.LR)")
+    assert _error(_cfg, data_dir, "SOLVER.EFFECTIVE_BATCH_SIZE", "64", "SOLVER.MIN_LR", "1e-4") == (
+        "SOLVER.MIN_LR 0.0001 exceeds the peak lr 3.75e-05 (SOLVER.BASE_LR x batch 64/256)")
+    assert _cfg(data_dir, "SOLVER.EFFECTIVE_BATCH_SIZE", "64", "SOLVER.MIN_LR", "3.75e-5").SOLVER.MIN_LR == 3.75e-5

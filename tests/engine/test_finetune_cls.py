@@ -485,3 +485,16 @@ def test_errors_inside_the_run_exit_as_in_pretraining(tmp_path, capsys):
     rc, err = error_of("SOLVER.LR", "1e30", "SOLVER.WARMUP_EPOCHS", "0.0",  # a FloatingPointError
                        "OUTPUT_DIR", str(tmp_path / "diverged"))
     assert rc == 3 and "fine-tuning loss is nan" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where there is a GPU")
+@pytest.mark.parametrize("tool", ["finetune", "knn", "linear_probe"])
+def test_fp16_without_a_gpu_is_a_one_line_config_error_before_anything_is_written(tmp_path, tool, capsys):
+    color_folders(tmp_path, n_train=2, n_val=1)
+    main = {"finetune": F.finetune_main, "knn": F.knn_main, "linear_probe": F.linear_probe_main}[tool]
+    rc = main(["DATA.TRAIN_ROOT", str(tmp_path / "train"), "DATA.VAL_ROOT", str(tmp_path / "val"), "PRECISION", "fp16",
+               "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.ARCH", "vit_tiny_patch16"])
+    assert rc == 2
+    assert capsys.readouterr().err == ("error: PRECISION fp16 needs a CUDA device, but DEVICE auto runs on cpu; use "
+                                       "PRECISION bf16 or fp32\n")
+    assert not (tmp_path / "out" / "run_info.json").exists()

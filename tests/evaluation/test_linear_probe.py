@@ -126,3 +126,16 @@ def test_augmented_probe_encodes_an_optimizer_batch_in_feature_batch_chunks(tmp_
         assert train_chunks == [8] * 6 if chunk == 8 else train_chunks == [3, 3, 2] * 6
     assert runs[3]["batch_size"] == runs[8]["batch_size"] == 8
     assert runs[3]["linear_top1"] == runs[8]["linear_top1"]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_min_lr_above_the_peak_lr_of_a_small_set_is_a_config_error(tmp_path, augment, one_thread):
+    # 18 training images cap the batch of 256, and so the peak lr, below what the config check could know
+    from mae_det.config.pretrain import ConfigError
+
+    _color_folders(tmp_path, n_train=6, n_val=3)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    with pytest.raises(ConfigError) as info:
+        linear_probe_folders(enc, tmp_path / "train", tmp_path / "val", img_size=32, augment=augment, epochs=2,
+                             batch_size=256, base_lr=0.1, min_lr=0.05, precision="fp32", progress=False)
+    assert str(info.value) == "LINPROBE.MIN_LR 0.05 exceeds the peak lr 0.00703 (LINPROBE.BASE_LR x batch 18/256)"

@@ -76,6 +76,12 @@ def test_config_errors_exit_2_with_one_line(images, tmp_path, capsys):
     assert capsys.readouterr().err == "error: unknown config key 'SOLVER.EPOCS'\n"
 
 
+def test_a_min_lr_above_the_process_count_scaled_peak_is_one_line(images, tmp_path, capsys):
+    # BASE_LR x batch / 256 is known only once the processes are: the cosine would climb from it to MIN_LR
+    assert main(opts(images, tmp_path, "SOLVER.LR", "0", "SOLVER.BASE_LR", "1e-6", "SOLVER.MIN_LR", "1e-4")) == 2
+    assert capsys.readouterr().err.startswith("error: SOLVER.MIN_LR 0.0001 exceeds the peak lr ")
+
+
 def test_launcher_arguments_that_cannot_launch_exit_2_with_one_line(images, tmp_path, capsys):
     assert main(["--num-gpus", "0", *opts(images, tmp_path)]) == 2  # a division by zero before
     assert capsys.readouterr().err == ("error: --num-gpus 0 / --num-machines 1: expected >= 1 each (processes per "
