@@ -33,7 +33,8 @@ from detectron2.utils import comm  # noqa: E402
 
 from mae_det.config.detection import load_det_cfg, setup_det_cfg  # noqa: E402
 from mae_det.data.detection import register_datasets  # noqa: E402
-from mae_det.data.semantic import check_task_datasets, register_sem_seg_datasets  # noqa: E402
+from mae_det.config.pretrain import ConfigError  # noqa: E402
+from mae_det.data.semantic import check_task_datasets, is_semantic, register_sem_seg_datasets  # noqa: E402
 from mae_det.engine.det_trainer import (  # noqa: E402
     RANK_ERRORS_ENV, Trainer, completed_iterations, load_trained, rank_errors, run_with_exit_codes,
     write_det_run_info,
@@ -80,11 +81,27 @@ def check_datasets(cfg, training=True):
     check_task_datasets(cfg)
 
 
+def check_batch_norm_batch(cfg, processes):
+    """Refuses unsynchronized BatchNorm in the semantic head with one image per process and step: the 1x1 bin of
+    POOL_SCALES then batch-normalizes one value per channel, which fails at the first step (the single-process
+    case is :func:`~mae_det.data.semantic.check_task_datasets`'s)."""
+    h = cfg.MODEL.SEM_SEG_HEAD
+    per_process = cfg.SOLVER.IMS_PER_BATCH // processes
+    if is_semantic(cfg) and h.NORM == "BN" and 1 in h.POOL_SCALES and per_process == 1 and processes > 1:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {processes} processes with "
+                          "MODEL.SEM_SEG_HEAD.NORM 'BN': the 1x1 bin of POOL_SCALES batch-normalizes one value per "
+                          "channel in each process; train with 2 or more images per process, NORM 'SyncBN' or 'GN', "
+                          "or POOL_SCALES without 1")
+
+
 def check_inputs(args):
     """Config, dataset paths and every test image, checked once before any process is started."""
     check_launch_args(args.num_gpus, args.num_machines, args.machine_rank)
     training = not args.eval_only
-    check_datasets(load_det_cfg(args.config_file, args.opts, training=training), training=training)
+    cfg = load_det_cfg(args.config_file, args.opts, training=training)
+    if training:  # torchrun says how many processes it started; our launch starts num_gpus per machine
+        check_batch_norm_batch(cfg, int(os.environ.get("WORLD_SIZE", 0)) or args.num_gpus * args.num_machines)
+    check_datasets(cfg, training=training)
 
 
 if __name__ == "__main__":

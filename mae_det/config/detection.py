@@ -144,12 +144,13 @@ def effective_precision(cfg: CN) -> str:
 
 
 def _check_device(cfg: CN) -> None:
-    """MODEL.DEVICE must be a torch device of type cpu or cuda (torch's own error is a traceback deep in the build)."""
+    """MODEL.DEVICE must be a torch device of type cpu or cuda, or meta (a model's structure without its weights,
+    e.g. to count parameters); torch's own error is a traceback deep in the build."""
     try:
         kind = torch.device(cfg.MODEL.DEVICE).type
     except (RuntimeError, TypeError):
         kind = None
-    _check(kind in ("cpu", "cuda"), f"MODEL.DEVICE: expected cpu or cuda[:N], got {cfg.MODEL.DEVICE!r}")
+    _check(kind in ("cpu", "cuda", "meta"), f"MODEL.DEVICE: expected cpu or cuda[:N], got {cfg.MODEL.DEVICE!r}")
 
 
 def _check_registered(cfg: CN) -> None:

@@ -8,6 +8,8 @@ for bit torchvision's); a clean stop on a non-finite loss, or before a checkpoin
 that leaves the last (finite) checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
 ``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept.
+A fresh start moves an earlier run's checkpoints aside (:func:`set_aside_earlier_run`), so that a later ``--resume``
+never continues that run; metrics.json and TensorBoard keep only the records up to where the run starts.
 With ``SEEDED_DRAWS`` (the default) the train loader is :mod:`mae_det.data.seeded_loader`'s and every step seeds
 the global generators from (SEED, rank, iteration) (:class:`SeededStepsHook`): the worker count changes the speed
 only, and ``--resume`` continues the uninterrupted run exactly; without it, Detectron2's loader resumes exactly
@@ -24,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import weakref
@@ -42,12 +43,16 @@ from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.solver import build_lr_scheduler as build_d2_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_text, prune_checkpoints
-from ..checkpoint.detectron2 import CheckedDetectionCheckpointer, NonFiniteWeightsError, ViTDetCheckpointer
+from ..checkpoint.detectron2 import (
+    FINAL_CHECKPOINT, LAST_CHECKPOINT, PERIODIC_CHECKPOINT, CheckedDetectionCheckpointer, NonFiniteWeightsError,
+    ViTDetCheckpointer,
+)
 from ..config.detection import effective_precision
 from ..config.pretrain import ConfigError
 from ..data.detection import (
@@ -67,12 +72,13 @@ from ..solver.schedule import configured_settings, keep_configured_settings
 from .launch import requeue, stop_requested
 from .loader_state import LoaderStateHook
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error
+from .pretrain import truncate_metrics
 
 logger = logging.getLogger(__name__)
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _REL_POS_TABLES = ("attn.rel_pos_h", "attn.rel_pos_w")
-MODEL_CHECKPOINT = re.compile(r"model_(\d+)\.pth")  # Detectron2's periodic checkpoints (not model_final.pth)
+RESULT_FILES = ("ap_results.json", "sem_seg_results.json")  # what an evaluation of the first test set writes
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, ChannelsFirstLayerNorm)
 
 
@@ -195,9 +201,9 @@ def backbone_compile_enabled(cfg: CfgNode) -> bool:
 
 def build_checkpointer(cfg: CfgNode, model: nn.Module, *, save_to_disk: bool | None = None,
                        **checkpointables: Any) -> CheckedDetectionCheckpointer:
-    """Checkpointer of OUTPUT_DIR: mae_det's ViTDetCheckpointer (safe loading, explicit conversion of
-    ``MODEL.WEIGHTS_FORMAT``, atomic saves) for the ViT backbone, Detectron2's own for other backbones (with both,
-    a missing file is a one-line CheckpointError and non-finite weights are never saved).
+    """Checkpointer of OUTPUT_DIR: mae_det's ViTDetCheckpointer (explicit conversion of ``MODEL.WEIGHTS_FORMAT``)
+    for the ViT backbone, Detectron2's loading of other backbones' weights (with both: safe loading, atomic saves,
+    an unreadable or missing file is a one-line CheckpointError and non-finite weights are never saved).
 
     Args:
         save_to_disk: None: the main process saves; False: a checkpointer that only loads, which also leaves
@@ -360,7 +366,20 @@ def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.
 
 class _EvalHook(hooks.EvalHook):
     """EvalHook whose final evaluation runs only when training completed (Detectron2's also runs it after a
-    failure in the last iteration)."""
+    failure in the last iteration), and that redoes a periodic evaluation a kill interrupted: a run resumed from the
+    checkpoint of an evaluation's iteration first evaluates it, unless OUTPUT_DIR's result file already holds it."""
+
+    def before_train(self) -> None:
+        t = self.trainer
+        done = t.start_iter
+        if not (self._period > 0 and 0 < done < t.max_iter and done % self._period == 0) or _evaluated(t.cfg, done):
+            return
+        logger.info("resumed at the evaluation of iteration %d, which the earlier run did not finish: evaluating", done)
+        t.iter = t.storage.iter = done - 1  # what the evaluation after that step saw, and where it recorded
+        try:
+            self._do_eval()
+        finally:
+            t.iter = t.storage.iter = done
 
     def after_train(self) -> None:
         if self.trainer.iter >= self.trainer.max_iter:
@@ -381,7 +400,7 @@ class _PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     def after_step(self) -> None:
         super().after_step()
         if self.keep and (self.trainer.iter + 1) % self.period == 0:
-            prune_checkpoints(self.checkpointer.save_dir, MODEL_CHECKPOINT, self.keep,
+            prune_checkpoints(self.checkpointer.save_dir, PERIODIC_CHECKPOINT, self.keep,
                               protect=(os.path.basename(self.checkpointer.get_checkpoint_file()),))
 
 
@@ -402,12 +421,59 @@ class SeededStepsHook(hooks.HookBase):
 
 class _RequeueHook(hooks.HookBase):
     """In a submitted job told to stop (preemption or time limit, see ``launch.stop_requested``): a checkpoint
-    after this iteration, so that ``resume_or_load`` restarts at the next one, then the requeue."""
+    after this iteration, so that ``resume_or_load`` restarts at the next one, then the requeue. The checkpoint is
+    skipped when the periodic checkpointer (``period``, the hook before this one) just wrote this iteration's.
+    """
+
+    def __init__(self, period: int) -> None:
+        self.period = period
 
     def after_step(self) -> None:
-        if stop_requested(self.trainer.iter):
-            self.trainer.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+        it = self.trainer.iter
+        if stop_requested(it):
+            if (it + 1) % self.period and it + 1 < self.trainer.max_iter:
+                self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
             requeue()
+
+
+def _evaluated(cfg: CfgNode, iteration: int) -> bool:
+    """Whether OUTPUT_DIR's result file of the first test set holds the evaluation after ``iteration`` steps."""
+    for name in RESULT_FILES:
+        try:
+            with open(os.path.join(cfg.OUTPUT_DIR, name), encoding="utf-8") as f:
+                if json.load(f).get("iteration") == iteration:
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue  # absent, or cut short by a kill: not evaluated
+    return False
+
+
+def set_aside_earlier_run(output_dir: str) -> str | None:
+    """Moves the checkpoints and ``last_checkpoint`` of an earlier run in ``output_dir`` into a new subfolder
+    ``earlier_run_<n>`` (main process of a fresh start): left in place, a later ``--resume`` (which a requeued job
+    adds) of a run killed before its first checkpoint would silently continue the earlier run.
+
+    Returns:
+        The subfolder, or None when there was nothing to move.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    names = [n for n in os.listdir(output_dir)
+             if n in (LAST_CHECKPOINT, FINAL_CHECKPOINT) or PERIODIC_CHECKPOINT.fullmatch(n)]
+    if not names:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(output_dir, f"earlier_run_{n}")):
+        n += 1
+    aside = os.path.join(output_dir, f"earlier_run_{n}")
+    os.makedirs(aside)
+    # The pointer last: a kill in between leaves it naming a moved file (a resume error), never a silent resume
+    # from a checkpoint left behind.
+    for name in sorted(names, key=lambda n: n == LAST_CHECKPOINT):
+        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    logger.warning("%s holds checkpoints of an earlier run: starting from scratch (--resume continues instead); "
+                   "moved them to %s", output_dir, aside)
+    return aside
 
 
 # ---- trainer -----------------------------------------------------------------------------------------------
@@ -437,6 +503,7 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._writer_hook: hooks.PeriodicWriter | None = None
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> list[hooks.HookBase]:
@@ -447,14 +514,18 @@ class Trainer(DefaultTrainer):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = _EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
             elif isinstance(h, hooks.PeriodicWriter):
-                ret[i] = hooks.PeriodicWriter(self.build_writers(), period=self.cfg.LOG_PERIOD)
+                # Its writers come in train(), once the run knows where it starts (see build_writers).
+                ret[i] = self._writer_hook = hooks.PeriodicWriter([], period=self.cfg.LOG_PERIOD)
             elif isinstance(h, hooks.PeriodicCheckpointer) and self.cfg.SOLVER.CHECKPOINT_KEEP:
                 ret[i] = _PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
                                                self.cfg.SOLVER.CHECKPOINT_KEEP)
-        # After the scheduler (its checkpoint holds this iteration's step), before the writer (which would otherwise
-        # log the same iteration twice, and Detectron2's metric printer divides by the iterations in between).
-        writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
-        ret.insert(writer, _RequeueHook())
+        # Right after the periodic checkpointer (main process) or before the evaluation: the scheduler's step is in
+        # the checkpoint, and no evaluation eats the signal's grace time; before the writer, which would otherwise
+        # log the same iteration twice (Detectron2's metric printer divides by the iterations in between).
+        checkpointer = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer)), None)
+        evaluation = next((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+        requeue = _RequeueHook(self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        ret.insert(evaluation if checkpointer is None else checkpointer, requeue)
         scheduler = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         ret.insert(scheduler + 1, self.skipped_images)
         if self.cfg.SEEDED_DRAWS:
@@ -466,9 +537,28 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """Detectron2's, then points the seeded loader at the iteration the run continues from, or restores
         Detectron2's loader where :class:`~mae_det.engine.loader_state.LoaderStateHook` can. The optimizer keeps
-        the config's lr, weight decay and betas (see :func:`~mae_det.solver.schedule.keep_configured_settings`)."""
+        the config's lr, weight decay and betas (see :func:`~mae_det.solver.schedule.keep_configured_settings`).
+
+        A fresh start sets an earlier run's checkpoints aside (:func:`set_aside_earlier_run`). A resumed run whose
+        checkpoint is the last iteration's writes ``model_final.pth`` when a kill during its write left none.
+
+        Raises:
+            ConfigError: the checkpoint holds more iterations than ``SOLVER.MAX_ITER``.
+        """
+        if not resume and comm.is_main_process():
+            set_aside_earlier_run(self.cfg.OUTPUT_DIR)
         configured = configured_settings(self.optimizer)
         super().resume_or_load(resume=resume)
+        if self.start_iter > self.max_iter:
+            raise ConfigError(
+                f"cannot resume: {self.checkpointer.get_checkpoint_file()} holds {self.start_iter} iterations, more "
+                f"than SOLVER.MAX_ITER {self.max_iter}: set SOLVER.MAX_ITER {self.start_iter} or more to continue it, "
+                "or evaluate it with --eval-only"
+            )
+        if self.start_iter == self.max_iter and not os.path.isfile(os.path.join(self.cfg.OUTPUT_DIR, FINAL_CHECKPOINT)):
+            logger.warning("%s holds the last iteration but there is no %s (a kill during its write): writing it",
+                           self.checkpointer.get_checkpoint_file(), FINAL_CHECKPOINT)
+            self.checkpointer.save(FINAL_CHECKPOINT[:-len(".pth")], iteration=self.max_iter - 1)
         keep_configured_settings(self.optimizer, self.scheduler, configured)
         batches = getattr(self.train_loader, "dataset", None)
         if isinstance(batches, SeededBatches):
@@ -488,7 +578,24 @@ class Trainer(DefaultTrainer):
             self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter + 1, self.max_iter))
         return self._last_eval_results
 
+    def build_writers(self) -> list[EventWriter]:
+        """None yet: :meth:`train` gives the writer hook :meth:`writers_from_start` once the run knows where it
+        starts (Detectron2's writers, built with the hooks, would append to metrics.json whatever it holds)."""
+        return []
+
+    def writers_from_start(self) -> list[EventWriter]:
+        """Detectron2's writers, for a run that starts at ``start_iter``: the records of metrics.json past it (those
+        of the iterations about to be redone, or all of an earlier run on a fresh start) are dropped, and
+        TensorBoard hides its events from there (``purge_step``). Main process only."""
+        out = self.cfg.OUTPUT_DIR
+        os.makedirs(out, exist_ok=True)
+        truncate_metrics(os.path.join(out, "metrics.json"), self.start_iter - 1, key="iteration")
+        return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(out, "metrics.json")),
+                TensorboardXWriter(out, purge_step=self.start_iter)]
+
     def train(self) -> dict | None:
+        if self._writer_hook is not None:
+            self._writer_hook._writers = self.writers_from_start()
         try:
             return super().train()
         except FloatingPointError as e:

@@ -195,6 +195,126 @@ def test_resume_restores_model_optimizer_scheduler_and_iteration(trained, tmp_pa
     assert ap["iteration"] == TRAIN_ITERS + 2 and set(ap) == {"bbox", "segm", "dataset", "iteration"}
 
 
+def _trainer(tmp_path, data, out, **opts):
+    """An in-process Trainer of the tiny config writing to ``out``."""
+    from mae_det.config.detection import load_det_cfg
+    from mae_det.data.detection import register_datasets
+    from mae_det.engine.det_trainer import Trainer
+
+    cfg = load_det_cfg(str(tiny_config(tmp_path / "t.yaml", data, out, **opts)))
+    register_datasets(cfg)
+    return Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(trained, tmp_path, data, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    opts = {"SOLVER.MAX_ITER": 2, "SOLVER.CHECKPOINT_PERIOD": 100}
+    fresh = _trainer(tmp_path, data, out, test=False, **opts)
+    with caplog.at_level("WARNING"):
+        fresh.resume_or_load(resume=False)
+    assert f"{out} holds checkpoints of an earlier run: starting from scratch (--resume continues instead); moved " \
+           f"them to {out / 'earlier_run_1'}" in caplog.text
+    assert sorted(os.listdir(out / "earlier_run_1")) == ["last_checkpoint", "model_0000003.pth", "model_0000007.pth",
+                                                         "model_final.pth"]
+    assert not list(out.glob("model_*.pth")) and not (out / "last_checkpoint").exists()
+    killed = _trainer(tmp_path, data, out, test=False, **opts)  # a --resume before the fresh run's first checkpoint
+    killed.resume_or_load(resume=True)
+    assert killed.start_iter == 0  # starts over: the earlier run is not continued
+    fresh.train()
+    assert sorted(losses(out)) == [0, 1]  # the earlier run's metrics records are gone, none repeated
+
+
+@pytest.mark.slow
+def test_resume_without_a_pointer_truncates_metrics_and_tensorboard_past_the_checkpoint(trained, tmp_path, data):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    for name in ("last_checkpoint", "model_0000007.pth", "model_final.pth"):
+        (out / name).unlink()
+    trainer = _trainer(tmp_path, data, out, test=False)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 4  # from the newest checkpoint, model_0000003.pth, not from scratch
+    assert sorted(losses(trained)) == list(range(TRAIN_ITERS))
+    writers = trainer.writers_from_start()
+    assert sorted(losses(out)) == [0, 1, 2, 3]  # 4..7 are redone: written once
+    assert writers[2]._writer_args["purge_step"] == 4
+
+
+@pytest.mark.slow
+def test_resume_writes_the_final_checkpoint_a_kill_left_unwritten_and_refuses_a_shorter_max_iter(trained, tmp_path,
+                                                                                                  data):
+    from mae_det.config.pretrain import ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "model_0000007.pth", out)
+    (out / "last_checkpoint").write_text("model_0000007.pth")  # killed while writing model_final.pth
+    trainer = _trainer(tmp_path, data, out, test=False)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == TRAIN_ITERS and (out / "last_checkpoint").read_text() == "model_final.pth"
+    final, last = (torch.load(out / n, map_location="cpu", weights_only=True)
+                   for n in ("model_final.pth", "model_0000007.pth"))
+    assert final["iteration"] == 7 and all(torch.equal(final["model"][k], v) for k, v in last["model"].items())
+    with pytest.raises(ConfigError) as e:
+        _trainer(tmp_path, data, out, test=False, **{"SOLVER.MAX_ITER": 4}).resume_or_load(resume=True)
+    assert str(e.value) == (f"cannot resume: {out / 'model_final.pth'} holds 8 iterations, more than SOLVER.MAX_ITER "
+                            "4: set SOLVER.MAX_ITER 8 or more to continue it, or evaluate it with --eval-only")
+
+
+@pytest.mark.slow
+def test_requeue_comes_before_the_evaluation_and_does_not_rewrite_a_periodic_checkpoint(trained, tmp_path, data,
+                                                                                         monkeypatch):
+    from detectron2.engine import hooks
+    from mae_det.engine import det_trainer
+
+    trainer = _trainer(tmp_path, data, tmp_path / "out", **{"TEST.EVAL_PERIOD": 4})
+    kinds = [type(h) for h in trainer._hooks]
+    requeue = kinds.index(det_trainer._RequeueHook)
+    assert issubclass(kinds[requeue - 1], hooks.PeriodicCheckpointer)
+    assert requeue < next(i for i, k in enumerate(kinds) if issubclass(k, hooks.EvalHook))
+
+    class Requeued(Exception):
+        pass
+
+    def requeued():
+        raise Requeued
+
+    saved = []
+    monkeypatch.setattr(det_trainer, "stop_requested", lambda it: True)
+    monkeypatch.setattr(det_trainer, "requeue", requeued)
+    monkeypatch.setattr(trainer.checkpointer, "save", lambda name, **kw: saved.append((name, kw)))
+    for it in (3, 7, 5):  # 3: model_0000003.pth, 7: model_final.pth were just written
+        trainer.iter = it
+        with pytest.raises(Requeued):
+            trainer._hooks[requeue].after_step()
+    assert saved == [("model_0000005", {"iteration": 5})]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_redoes_an_evaluation_a_kill_interrupted(trained, tmp_path, data):
+    from detectron2.engine import hooks
+    from detectron2.utils.events import EventStorage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "model_0000003.pth", out)
+    (out / "last_checkpoint").write_text("model_0000003.pth")  # killed during the evaluation after iteration 3
+    # A dataset name of its own: Detectron2 keeps the COCO json it converts for a name in the process's metadata.
+    trainer = _trainer(tmp_path, data, out, **{
+        "TEST.EVAL_PERIOD": 4, "DATASETS.REGISTER": [["b2_redo", str(data / "train.json"), str(data / "images")]],
+        "DATASETS.TRAIN": ["b2_redo"], "DATASETS.TEST": ["b2_redo"]})
+    trainer.resume_or_load(resume=True)
+    evaluation = next(h for h in trainer._hooks if isinstance(h, hooks.EvalHook))
+    with EventStorage(trainer.start_iter) as trainer.storage:
+        evaluation.before_train()
+        assert trainer.iter == trainer.storage.iter == 4
+        assert json.loads((out / "ap_results.json").read_text())["iteration"] == 4
+        assert trainer.storage.latest()["bbox/AP"][1] == 3  # recorded where the interrupted run would have
+        evaluation._func = None  # evaluated already: not again
+        evaluation.before_train()
+
+
 @pytest.mark.slow
 def test_seeded_draws_make_resume_and_loader_workers_change_nothing(tmp_path, data):
     """SEEDED_DRAWS (the default): resumed at iteration 4 with 2 loader workers, a run ends with the weights of the
@@ -390,6 +510,26 @@ def test_missing_or_untrained_weights_exit_2_before_anything_is_written(tmp_path
 
 
 COCO_LEAVES = sorted(p for p in glob.glob(str(ROOT / "configs" / "COCO" / "*.yaml")) if "Base-" not in p)
+
+
+def test_unsynced_batch_norm_with_one_image_per_process_is_refused_before_starting():
+    import importlib.util
+
+    from detectron2.engine import default_argument_parser
+    from mae_det.config.pretrain import ConfigError
+
+    spec = importlib.util.spec_from_file_location("train_net_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = default_argument_parser().parse_args([
+        "--config-file", str(ROOT / "configs" / "shapes" / "sem_seg_vit_scratch.yaml"), "--num-gpus", "2",
+        "MODEL.SEM_SEG_HEAD.NORM", "BN", "SOLVER.IMS_PER_BATCH", "2", "MODEL.DEVICE", "cpu"])
+    with pytest.raises(ConfigError) as e:
+        tool.check_inputs(args)
+    assert str(e.value) == (
+        "SOLVER.IMS_PER_BATCH 2 over 2 processes with MODEL.SEM_SEG_HEAD.NORM 'BN': the 1x1 bin of POOL_SCALES "
+        "batch-normalizes one value per channel in each process; train with 2 or more images per process, NORM "
+        "'SyncBN' or 'GN', or POOL_SCALES without 1")
 
 
 @pytest.mark.parametrize("path", COCO_LEAVES, ids=[os.path.basename(p) for p in COCO_LEAVES])
