@@ -18,6 +18,7 @@ demo process however it ends.
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -40,6 +41,7 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write_text
+from .config.pretrain import ConfigError
 from .config.vit_backbone import PYRAMIDS
 from .data.shapes import (
     CLASS_NAMES,
@@ -49,6 +51,7 @@ from .data.shapes import (
     generate_shapes,
     write_semantic_split,
 )
+from .engine.launch import output_dir_lock
 from .evaluation.compare import SEG_FILE, aggregate, collect_runs, compare, format_delta, header
 from .evaluation.operating_point import operating_point
 from .utils.provenance import machine_info
@@ -1732,15 +1735,19 @@ def run_demo(profile_name: str, seeds: int = 1, output: str | os.PathLike | None
     # Every argument is checked (here and in build_stages) before anything is written.
     stages = build_stages(profile, paths, seeds, fractions=fractions, subset_seed=subset_seed, semantic=semantic,
                           precision=precision, reference_pyramid=reference_pyramid, pretrain_seeds=pretrain_seeds)
-    paths.output.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    runner = StageRunner(paths.output, jobs=jobs, threads=threads, roots=paths.roots)
-    print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time with "
-          f"{os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
-    runner.run_all(stages)
-    report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions, subset_seed,
-                          semantic, precision, reference_pyramid, pretrain_seeds)
+    with contextlib.ExitStack() as stack:
+        try:  # a second demo into this folder would run (and clear) the same stages as the first
+            stack.enter_context(output_dir_lock(paths.output, argv))
+        except ConfigError as e:
+            raise DemoError(str(e).replace("OUTPUT_DIR: ", "--output: ", 1)) from None
+        runner = StageRunner(paths.output, jobs=jobs, threads=threads, roots=paths.roots)
+        print(f"[demo] profile {profile_name}: {len(stages)} stages, {seeds} fine-tuning seed(s), {jobs} at a time "
+              f"with {os.environ.get('OMP_NUM_THREADS', threads)} thread(s) each; output {paths.output}")
+        runner.run_all(stages)
+        report = write_report(profile, paths, runner, seeds, argv, time.perf_counter() - t0, fractions,
+                              subset_seed, semantic, precision, reference_pyramid, pretrain_seeds)
     print(f"\n[demo] done in {_fmt_time(time.perf_counter() - t0)}: {report}")
     print(report.read_text(encoding="utf-8").split("## MAE reconstructions")[0])
     return report

@@ -40,13 +40,22 @@ from mae_det.engine.det_trainer import (  # noqa: E402
     write_det_run_info,
 )
 from mae_det.engine.launch import (  # noqa: E402
-    check_launch_args, clear_file_store, init_detectron2_distributed, launched_externally, threads_per_process,
+    check_launch_args, clear_file_store, init_detectron2_distributed, launched_externally, output_dir_lock,
+    threads_per_process,
 )
 from mae_det.engine.pretrain import describe_rank_failure  # noqa: E402
 from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 
 def main(args):
+    if args.eval_only or not comm.is_main_process():  # an evaluation may run beside the training it evaluates
+        return train_or_evaluate(args)
+    # Held from before default_setup writes config.yaml and log.txt into OUTPUT_DIR.
+    with output_dir_lock(load_det_cfg(args.config_file, args.opts).OUTPUT_DIR, sys.argv):
+        return train_or_evaluate(args)
+
+
+def train_or_evaluate(args):
     cfg = setup_det_cfg(args)
     register_sem_seg_datasets(cfg, training=not args.eval_only)
     register_datasets(cfg, training=not args.eval_only)

@@ -7,7 +7,8 @@ cannot trigger recompiles of the training graph.
 
 Compilation is lazy: Dynamo and Inductor compile the forward graph at the first call and the backward graph at the
 first backward, so a compile error can surface anywhere inside the first optimizer step. The loops therefore run
-that step under :func:`is_compile_error` and, on such an error, :func:`fall_back_to_eager` and redo the whole step.
+that step under :func:`is_compile_error` and, on such an error, :func:`fall_back_to_eager` and redo the whole step
+from the global generators' states it started with (:func:`rng_snapshot`), so that the run goes on as an eager run.
 
 ``auto`` compiles on CUDA only. On CPU it pays little: 10 % of the shapes MAE pretraining's wall on a 2-core Intel
 AMX VM, nothing in the supervised pretraining, a 10 % loss in short fine-tuning (README section 5, p124).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,6 +67,24 @@ def is_compile_error(e: BaseException) -> bool:
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, OperatorIssue
 
     return isinstance(e, (TorchDynamoException, CppCompileError, InvalidCxxCompiler, OperatorIssue))
+
+
+def rng_snapshot() -> Callable[[], None]:
+    """The global torch generators' states now (CPU, and CUDA once initialized); the returned function restores them.
+
+    Taken before a compiled first step: the failed attempt may have drawn from them (drop path in a forward that
+    ran before the backward failed to compile, Inductor's per-call seeds), and the eager redo must draw what an
+    eager run draws there (before 2026-12-08 every later draw of a fine-tuning was shifted).
+    """
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return restore
 
 
 def fall_back_to_eager(module: nn.Module, error: BaseException, logger: logging.Logger) -> None:

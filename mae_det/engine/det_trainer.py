@@ -71,7 +71,7 @@ from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import configured_settings, keep_configured_settings
 from .launch import requeue, stop_requested
 from .loader_state import LoaderStateHook
-from .compile import compile_in_place, fall_back_to_eager, is_compile_error
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, rng_snapshot
 from .pretrain import truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,14 @@ class AutocastTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        restore_rng = rng_snapshot() if self.unproven_compiled is not None else None
         try:
             loss_dict = self._forward_backward(data)
         except Exception as e:
-            if self.unproven_compiled is None or not is_compile_error(e):
+            if restore_rng is None or not is_compile_error(e):
                 raise
             fall_back_to_eager(self.unproven_compiled, e, logger)
+            restore_rng()
             loss_dict = self._forward_backward(data)
         self.unproven_compiled = None
         self._write_metrics(loss_dict, data_time)

@@ -52,8 +52,8 @@ from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import configured_settings, keep_configured_settings
-from .launch import requeue, stop_requested
-from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
+from .launch import output_dir_lock, requeue, stop_requested
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile, rng_snapshot
 from .pretrain import (
     EPOCH_CHECKPOINT, EXIT_BAD_INPUT, EXIT_NON_FINITE, load_error_detail, newest_checkpoint,
     prepare_output_dir, resolve_device, truncate_metrics,
@@ -396,6 +396,8 @@ def _train_one_epoch(
             if mixup is not None:
                 imgs, targets = mixup(imgs, labels)
             if compile_unproven:
+                if not first_step:
+                    restore_rng = rng_snapshot()
                 first_step.append((imgs, targets))
             try:
                 loss = forward_backward(imgs, targets)
@@ -405,6 +407,7 @@ def _train_one_epoch(
                 fall_back_to_eager(model, e, logger)
                 compile_unproven = False
                 opt.zero_grad(set_to_none=True)
+                restore_rng()
                 loss = [forward_backward(*inputs) for inputs in first_step][-1]
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -619,7 +622,7 @@ def _main(task: str, argv: Sequence[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        with run_logging(cfg.OUTPUT_DIR):
+        with output_dir_lock(cfg.OUTPUT_DIR, command), run_logging(cfg.OUTPUT_DIR):
             if task == "finetune":
                 res = finetune(cfg, resume=args.resume, argv=command)
             elif task == "linear_probe":

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -76,6 +79,46 @@ def clear_file_store(dist_url: str, num_machines: int) -> None:
     without deleting it, and the next run read the old run's addresses from it (gloo: connection refused)."""
     if dist_url.startswith("file://") and num_machines == 1:
         Path(dist_url[len("file://"):]).unlink(missing_ok=True)
+
+
+RUN_LOCK = ".run.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, command: Sequence[str] = ()) -> Iterator[None]:
+    """Holds ``OUTPUT_DIR/.run.lock`` for the length of one run: a second run into the same folder is refused.
+
+    Two runs in one folder interleave their checkpoints, ``last_checkpoint`` pointer and metrics, and either one's
+    ``--resume`` then continues a mix of both. The lock is the kernel's (``flock``), held by an open file: it goes
+    with the process however that ends (a kill, a node lost under SLURM), so no stale lock is ever left to remove.
+    The file keeps the holder's pid, host, start time and command for the refusal's message. A file system without
+    ``flock`` gets a warning and no lock. Called by the process that writes the run's files (rank 0).
+
+    Raises:
+        ConfigError: one line naming the folder and the run that holds it.
+    """
+    import fcntl
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / RUN_LOCK, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"OUTPUT_DIR: {out} is in use by another run ({holder}); wait for it to end or set "
+                              "another OUTPUT_DIR") from None
+        except OSError as e:  # e.g. a Lustre mount without flock support
+            logger.warning("OUTPUT_DIR: cannot lock %s (%s): a second run into this folder will not be refused",
+                           out / RUN_LOCK, e.strerror or e)
+        else:
+            f.seek(0)
+            f.truncate()
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}: {shlex.join(command)}".strip())
+            f.flush()
+        yield
 
 
 def init_distributed(device: torch.device | str) -> None:

@@ -74,8 +74,8 @@ from ..utils.provenance import warn_resumed_config_changes, write_run_info
 from ..utils.run_log import run_logging
 from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile
 from .launch import (
-    check_launch_args, clear_file_store, init_distributed, launched_externally, requeue, stop_requested,
-    threads_per_process,
+    check_launch_args, clear_file_store, init_distributed, launched_externally, output_dir_lock, requeue,
+    stop_requested, threads_per_process,
 )
 
 logger = logging.getLogger("mae_det.pretrain")
@@ -767,10 +767,11 @@ def run_pretrain(cfg, resume: bool = False, argv: Sequence[str] | None = None) -
     rank = du.get_rank()
     if rank == 0:
         prepare_output_dir(out)
-    du.barrier()
     # Other ranks log warnings only, to the console: one log.txt, written by rank 0.
-    with run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
-                     propagate=False):
+    with output_dir_lock(out, argv or ()) if rank == 0 else nullcontext(), \
+            run_logging(out if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING,
+                        propagate=False):
+        du.barrier()
         if rank == 0 and resume:
             warn_resumed_config_changes(out, cfg, logger)
         trainer = Pretrainer(cfg, resume=resume)

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 from detectron2.config import get_cfg
 
 from mae_det.checkpoint import load_checkpoint
@@ -42,6 +43,31 @@ def images(tmp_path_factory):
 
 def _broken_backend(gm, example_inputs):
     raise RuntimeError("no C++ compiler on this machine")
+
+
+def _drawing_then_broken_backend(gm, example_inputs):
+    torch.rand(8)  # Dynamo restores the global generator after a failed compile: the forward's draws count
+    raise RuntimeError("no C++ compiler on this machine")
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch._inductor.exc import CppCompileError
+
+        raise CppCompileError(["c++"], "no C++ compiler on this machine")
+
+
+def _backward_fails_backend(gm, example_inputs):
+    """Runs the forward (drawing drop path from the global generator) and fails as a lazily compiled backward can."""
+    def run(*args):
+        return tuple(_FailingBackward.apply(o) if isinstance(o, torch.Tensor) and o.requires_grad else o
+                     for o in gm(*args))
+    return run
 
 
 def _strict_after_first_step(monkeypatch):
@@ -146,6 +172,17 @@ def test_finetune_compiled_matches_eager_and_falls_back(tmp_path, monkeypatch, c
     assert all(torch.allclose(ke[k], kf[k], atol=1e-5) for k in ke)
 
 
+def test_finetune_fallback_after_a_drawing_attempt_equals_eager_bit_for_bit(tmp_path, monkeypatch):
+    # Before 2026-12-08 the redone step drew drop path from where the failed attempt left the generator.
+    color_folders(tmp_path / "data", 8, 2)
+    over = {"SOLVER.EPOCHS": 1, "AUG.RAND_AUGMENT": "", "MODEL.DROP_PATH": 0.2}
+    F.finetune(cls_cfg(tmp_path / "data", tmp_path / "eager", **over, **{"SOLVER.COMPILE": "off"}), progress=False)
+    monkeypatch.setattr(C, "BACKEND", _backward_fails_backend)
+    F.finetune(cls_cfg(tmp_path / "data", tmp_path / "fallback", **over, **{"SOLVER.COMPILE": "on"}), progress=False)
+    ke, kf = (load_checkpoint(tmp_path / n / "checkpoint_0001.pth")["model"] for n in ("eager", "fallback"))
+    assert all(torch.equal(ke[k], kf[k]) for k in ke)
+
+
 def test_compiled_backbone_same_features_and_keys(monkeypatch):
     eager, compiled = build_backbone(backbone_cfg()), build_backbone(backbone_cfg())
     keys = list(compiled.state_dict())
@@ -181,19 +218,21 @@ def test_detection_step_trainer_redoes_a_failed_compiled_step_eagerly(monkeypatc
             super().__init__()
             self.backbone = Backbone()
 
-        def forward(self, data):
-            return {"loss_x": self.backbone(torch.stack([d["x"] for d in data])).pow(2).mean()}
+        def forward(self, data):  # dropout: the redone step must draw what the eager step draws
+            x = nn.functional.dropout(torch.stack([d["x"] for d in data]), 0.5)
+            return {"loss_x": self.backbone(x).pow(2).mean()}
 
     torch.manual_seed(0)
     model, data = Detector(), [{"x": torch.randn(4)} for _ in range(2)]
     eager = copy.deepcopy(model)
-    monkeypatch.setattr(C, "BACKEND", _broken_backend)
+    monkeypatch.setattr(C, "BACKEND", _drawing_then_broken_backend)
     C.compile_in_place(model.backbone)
     trainers = [AutocastTrainer(m, itertools.repeat(data), torch.optim.SGD(m.parameters(), lr=0.1), compiled=c)
                 for m, c in ((model, model.backbone), (eager, None))]
     with EventStorage(0):
         for t in trainers:
             t.iter = 0
+            torch.manual_seed(1)  # as the seeded-draws hook does before every step
             t.run_step()
     assert not C.is_compiled(model.backbone) and trainers[0].unproven_compiled is None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))

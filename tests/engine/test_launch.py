@@ -1,4 +1,6 @@
-"""mae_det.engine.launch: the test-signal hook, the guard's absence outside a job, and multi-node = single-node."""
+"""mae_det.engine.launch: the test-signal hook, the guard's absence outside a job, multi-node = single-node, and
+the run lock of OUTPUT_DIR."""
+import os
 import signal
 import socket
 import subprocess
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mae_det.config.pretrain import ConfigError
 from mae_det.engine import launch
 from mae_det.engine.pretrain import main
 from tests.tools.test_pretrain_tool import ENV, ROOT, TOOL, final_model, images, opts  # noqa: F401
@@ -97,3 +100,83 @@ def test_process_counts_are_checked_before_anything_starts(monkeypatch):
     with pytest.raises(launch.ConfigError, match=r"^--num-gpus 2 / --num-machines 1: this process is already rank 0 "
                                                   r"of 4 started by torchrun or a job \(RANK and WORLD_SIZE are set\)"):
         launch.check_launch_args(2, 1, 0)
+
+
+HOLDER = """
+import sys, time
+from mae_det.engine.launch import output_dir_lock
+with output_dir_lock(sys.argv[1], ["holder", "--of", "the lock"]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s run lock until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    with launch.output_dir_lock(tmp_path / "run", ["first"]):
+        assert (tmp_path / "run" / launch.RUN_LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(ConfigError, match=rf"^OUTPUT_DIR: {tmp_path / 'run'} is in use by another run "
+                                              rf"\(pid {os.getpid()} on .* since .*: first\); wait for it"):
+            with launch.output_dir_lock(tmp_path / "run"):
+                pass
+    with launch.output_dir_lock(tmp_path / "run", ["second"]):  # released on exit
+        assert (tmp_path / "run" / launch.RUN_LOCK).read_text().endswith(": second")
+    holder = _hold(tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"\(pid {holder.pid} on .*: holder --of 'the lock'\)"):
+        with launch.output_dir_lock(tmp_path / "run"):
+            pass
+    holder.kill()  # no clean-up of any kind: the kernel drops the lock with the process
+    holder.wait()
+    with launch.output_dir_lock(tmp_path / "run"):
+        pass
+
+
+def test_training_tools_refuse_an_output_dir_in_use_and_write_nothing_there(images, tmp_path, capsys):
+    out = tmp_path / "pretrain"
+    holder = _hold(out)
+    try:
+        assert main(opts(images, out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: OUTPUT_DIR: {out} is in use by another run (pid {holder.pid} on ")
+        assert err.count("\n") == 1
+        assert [p.name for p in out.iterdir()] == [launch.RUN_LOCK]  # no log.txt, config.yaml, checkpoint
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(opts(images, out, "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0")) == 0
+    assert (out / "encoder.pth").is_file()
+
+
+def test_train_net_finetune_and_demo_refuse_an_output_dir_in_use(tmp_path, repo_root, capsys):
+    from mae_det.demo import DemoError, run_demo
+    from mae_det.engine.finetune_cls import finetune_main
+    from tests.tools.test_train_net import make_coco, run_tool, tiny_config
+
+    make_coco(tmp_path / "coco", n=2)
+    det_out, cls_out, demo_out = tmp_path / "det", tmp_path / "cls", tmp_path / "demo"
+    holders = [_hold(det_out), _hold(cls_out), _hold(demo_out)]
+    try:
+        r = run_tool("--config-file", str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "coco", det_out)))
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: OUTPUT_DIR: {det_out} is in use by another "
+                                                             f"run (pid {holders[0].pid} on ")
+        assert finetune_main(["--config-file", str(repo_root / "configs/classification/shapes_finetune.yaml"),
+                              "OUTPUT_DIR", str(cls_out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: OUTPUT_DIR: {cls_out} is in use by another run (pid "
+                                                  f"{holders[1].pid} on ")
+        with pytest.raises(DemoError, match=rf"^--output: {demo_out} is in use by another run \(pid "
+                                            rf"{holders[2].pid} on "):
+            run_demo("quick", output=demo_out, data_root=tmp_path / "shapes")
+        for out in (det_out, cls_out, demo_out):
+            assert [p.name for p in out.iterdir()] == [launch.RUN_LOCK]
+        assert not (tmp_path / "shapes").exists()
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
