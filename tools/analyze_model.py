@@ -8,8 +8,9 @@
         MODEL.DEVICE cpu
 
 FLOPs: forward pass, one multiply-add = one flop (fvcore's unit), fused attention included. The detection model
-is measured on one image of the configured test size with its heads at full load (score threshold 0); see
-``mae_det.analysis.model``. Exit code 2 with one ``error:`` line on a bad config.
+(or a semantic segmenter's config) is measured on one image of the configured test size with score threshold 0;
+the report says how many RoIs its heads measured and warns when fewer than configured (see
+``mae_det.analysis.model``). Exit code 2 with one ``error:`` line on a bad config.
 """
 import argparse
 import sys

@@ -8,9 +8,10 @@
 
 ``--source annotation`` draws the dataset's records on the original images (``<stem>.png``); ``--source
 dataloader`` draws training samples as the trainer's data loader produces them (LSJ or resize, flips;
-``NNNN_<stem>.png``). The summary names every image that could not be drawn (missing, unreadable or not the size
-the json declares). Exit codes: 0 done, 1 nothing written, 2 bad config or dataset, an output folder among the
-dataset's images, or no image that can be drawn (one ``error:`` line).
+``NNNN_<stem>.png``), each enlarged to at least 256 px on its shorter side with one colour per class. Only the drawn
+dataset needs to be on this machine. The summary names every image that could not be drawn (missing, unreadable or
+not the size the json declares). Exit codes: 0 done, 1 nothing written, 2 bad config or dataset, an ``--output``
+that is a file or lies among the dataset's images, or no image that can be drawn (one ``error:`` line).
 """
 import argparse
 import sys

@@ -4,8 +4,8 @@
 Example:
     python tools/visualize_mae.py --checkpoint output/pretrain/checkpoint_last.pth --input images/ --output vis/
 
-Exit codes: 0 done, 1 no grid written (every image unreadable), 2 bad arguments, checkpoint or inputs (one
-``error:`` line; nothing written).
+Exit codes: 0 done, 1 no grid written (every image unreadable), 2 bad arguments, checkpoint, inputs or ``--output``
+(one ``error:`` line; nothing written).
 """
 import sys
 from pathlib import Path
@@ -20,6 +20,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 
 from mae_det.checkpoint import CheckpointError  # noqa: E402
+from mae_det.config.pretrain import ConfigError  # noqa: E402
 from mae_det.modeling import MAE_FACTORIES  # noqa: E402
 from mae_det.utils.visualize import VisualizationError, visualize_images  # noqa: E402
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             args.checkpoint, args.input, args.output, model_name=args.model, mask_ratio=args.mask_ratio,
             seed=args.seed, img_size=args.img_size, norm_pix_loss=args.norm_pix_loss,
         )
-    except (CheckpointError, VisualizationError) as e:
+    except (CheckpointError, ConfigError, VisualizationError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     for path in written:

@@ -6,9 +6,14 @@ Two sources, as Detectron2's ``tools/visualize_data.py``:
 - ``dataloader``: samples of the training data loader of the config (the trainer's own mapper: LSJ or resize,
   flips, masks rasterized or cropped), drawn on the augmented images.
 
+Pictures are drawn as ``tools/predict.py`` draws detections (:func:`~mae_det.engine.predictor.draw_instances`):
+enlarged by an integer factor to at least ``MIN_SIDE`` pixels on the shorter side, one fixed colour per class. Only
+the drawn dataset is registered and checked: another set of the config may be missing.
+
 Either way every image that could not be drawn is named in the summary: those the dataset's load check skipped
 (missing, unreadable header, not the declared size) and those that failed to decode when drawn. A dataset none of
-whose images can be drawn is a :class:`DatasetError`, as is an output folder among the dataset's images.
+whose images can be drawn is a :class:`DatasetError`, as is an output folder among the dataset's images; an output
+path that is a file is a :class:`ConfigError`.
 """
 from __future__ import annotations
 
@@ -21,20 +26,23 @@ from typing import Iterable
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import convert_image_to_rgb
-from detectron2.utils.visualizer import Visualizer
+from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
 from PIL import Image
 
 from ..data.detection import (
-    SKIPPED_IMAGES_KEY, DatasetError, first_files, image_file_problem, load_report, register_datasets,
+    SKIPPED_IMAGES_KEY, DatasetError, check_dataset_files, first_files, image_file_problem, load_report,
+    register_datasets,
 )
 from ..data.images import ImageLoadError, load_image
 from ..engine.det_trainer import Trainer
-from ..engine.predictor import unique_png_names
+from ..engine.predictor import check_output_dir, draw_instances, segmentation_masks, unique_png_names
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("annotation", "dataloader")
+MIN_SIDE = 256  # pictures' shorter side at least (integer enlargement): at 64 px the labels would hide the objects
 
 
 @dataclass
@@ -63,6 +71,30 @@ def _dataset_name(cfg: CfgNode, dataset: str | None) -> str:
 def _save(image: np.ndarray, path: Path, summary: DataVisSummary) -> None:
     Image.fromarray(image).save(path)
     summary.written.append(path)
+
+
+def _draw(image: np.ndarray, metadata: Metadata, classes: list[int], boxes: np.ndarray,
+          masks: np.ndarray | None) -> np.ndarray:
+    """Ground truth drawn as predictions are: enlarged to ``MIN_SIDE``, each class in its own fixed colour (named
+    ``k`` when the dataset's loader records no class names)."""
+    names = metadata.get("thing_classes") or [str(k) for k in range(max(classes, default=-1) + 1)]
+    return draw_instances(image, Metadata(thing_classes=list(names)), classes, boxes, masks, min_side=MIN_SIDE)
+
+
+def _record_instances(record: dict, height: int, width: int) -> tuple[list[int], np.ndarray, np.ndarray | None]:
+    """(classes, (N, 4) XYXY boxes, (N, H, W) masks or None) of a dataset record's annotations."""
+    anns = record.get("annotations", [])
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+    masks = segmentation_masks([a.get("segmentation") for a in anns], height, width)
+    return [a["category_id"] for a in anns], np.array(boxes, dtype=np.float64).reshape(-1, 4), masks
+
+
+def _sample_instances(target: Instances) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
+    """(classes, boxes, masks) of a training sample's ``instances`` (polygon masks rasterized)."""
+    masks = target.get("gt_masks") if target.has("gt_masks") else None
+    if isinstance(masks, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(masks, *target.image_size)
+    return target.gt_classes.tolist(), target.gt_boxes.tensor.numpy(), None if masks is None else masks.tensor.numpy()
 
 
 def _check_output(out: Path, name: str, image_files: Iterable[str] = ()) -> None:
@@ -110,7 +142,7 @@ def _from_annotations(name: str, num_images: int, out: Path, summary: DataVisSum
             summary.failures.append((record["file_name"], str(e).removeprefix(f"{record['file_name']}: ")))
             continue
         png = unique_png_names(record["file_name"], used)[0]
-        _save(Visualizer(image, metadata).draw_dataset_dict(record).get_image(), out / png, summary)
+        _save(_draw(image, metadata, *_record_instances(record, *image.shape[:2])), out / png, summary)
 
 
 def _undecodable(name: str) -> tuple[list[str], int]:
@@ -147,16 +179,8 @@ def _from_dataloader(cfg: CfgNode, name: str, num_images: int, out: Path, summar
             for line in sample.pop(SKIPPED_IMAGES_KEY, ()):  # images the mapper skipped before this one
                 summary.add_failure(line)
             image = convert_image_to_rgb(sample["image"].permute(1, 2, 0), cfg.INPUT.FORMAT)
-            target = sample["instances"]
-            names = metadata.get("thing_classes")
-            labels = [names[c] if names else str(c) for c in target.gt_classes.tolist()]
-            vis = Visualizer(image, metadata).overlay_instances(
-                labels=labels,
-                boxes=target.get("gt_boxes") if target.has("gt_boxes") else None,
-                masks=target.get("gt_masks") if target.has("gt_masks") else None,
-            )
             png = f"{len(summary.written):04d}_{Path(sample['file_name']).stem}.png"
-            _save(vis.get_image(), out / png, summary)
+            _save(_draw(image, metadata, *_sample_instances(sample["instances"])), out / png, summary)
             if len(summary.written) >= num_images:
                 return
 
@@ -180,21 +204,26 @@ def visualize_dataset(
         num_images: how many pictures to write (fewer if the dataset has fewer readable images).
 
     Raises:
-        DatasetError: unknown source, no dataset, missing dataset files, an ``output_dir`` in the dataset's image
-            folder or holding its images, or no image that can be drawn.
+        ConfigError: ``output_dir`` is a file or lies below one (before anything is read).
+        DatasetError: unknown source, no dataset, missing files of the drawn dataset, an ``output_dir`` in the
+            dataset's image folder or holding its images, or no image that can be drawn.
     """
     if source not in SOURCES:
         raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    out = check_output_dir(output_dir, ())
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.MAX_BAD_FRACTION = 1.0  # a data check shows what it can and names every bad file instead of stopping
-    register_datasets(cfg)
     name = _dataset_name(cfg, dataset)
+    # Every DATASETS.REGISTER entry is registered, only the drawn set checked: a data check of one set must not stop
+    # at another (a test set not on this machine), nor the loader compare its classes with the test sets'.
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
+    register_datasets(cfg)
     if name not in DatasetCatalog.list():
         raise DatasetError(f"dataset '{name}' is not registered: add it to DATASETS.REGISTER or use a builtin name")
-    out = Path(output_dir)
+    check_dataset_files(name, "--dataset", cfg.DATASETS.MAX_BAD_FRACTION)
     _check_output(out, name)  # before the (slow) load: the folder the dataset's metadata names
     summary = DataVisSummary()
     if source == "annotation":

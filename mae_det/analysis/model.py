@@ -4,10 +4,11 @@ FLOPs go through :func:`mae_det.utils.flops.count_forward_macs` (the one counter
 plus fused attention; one multiply-add = one flop); activations are fvcore's with the same corrections. Two models
 can be analyzed:
 
-- ``detection``: Mask R-CNN from a detection yacs config, on one image of the configured test size. The heads'
-  cost depends on how many boxes reach them, so it is measured at their maximum load: the test score threshold
-  is set to 0, so the box head sees ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals and the mask head
-  ``TEST.DETECTIONS_PER_IMAGE`` detections. Weights are not loaded (they change no count).
+- ``detection``: Mask R-CNN (or a semantic segmenter) from a detection yacs config, on one image of the configured
+  test size. The heads' cost depends on how many boxes reach them: the test score threshold is set to 0, so the box
+  head sees at most ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals and the mask head at most
+  ``TEST.DETECTIONS_PER_IMAGE`` detections; how many they did see is measured (hooks on the RoI poolers) and
+  reported, because on a small image the RPN keeps fewer boxes. Weights are not loaded (they change no count).
 - ``mae``: the MAE pretraining forward (encoder on the visible patches, decoder on all) from a pretraining yacs
   config, at ``MODEL.IMG_SIZE`` and ``MODEL.MASK_RATIO``.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -67,21 +68,38 @@ class AnalysisTarget:
         call: tensor-only module running the analyzed forward (for fvcore's tracer).
         inputs: the tensors ``call`` takes (batch of one image).
         description: one line naming the model and the input, for the report.
+        rois: RoIs per pooler (``"box_pooler"``, ``"mask_pooler"``) in the latest forward of ``call``, recorded by
+            forward hooks (empty before a forward, and for models without RoI heads).
+        max_rois: the most RoIs each pooler can get (the configured full load).
     """
 
     model: nn.Module
     call: nn.Module
     inputs: tuple[torch.Tensor, ...]
     description: str
+    rois: dict[str, int] = field(default_factory=dict)
+    max_rois: dict[str, int] = field(default_factory=dict)
 
 
-def _instance_tensors(outputs: list[dict]) -> tuple[torch.Tensor, ...]:
+def _output_tensors(outputs: list[dict]) -> tuple[torch.Tensor, ...]:
+    """The tensors of a detector's ``instances`` or a semantic segmenter's ``sem_seg`` (one image)."""
+    if "sem_seg" in outputs[0]:
+        return (outputs[0]["sem_seg"],)
     fields = outputs[0]["instances"].get_fields()
     return tuple(v.tensor if isinstance(v, Boxes) else v for v in fields.values())
 
 
+def _count_rois(target: AnalysisTarget) -> None:
+    """Records in ``target.rois`` how many RoIs each RoI pooler pools in a forward of ``target.call`` (cascade
+    stages pool the same boxes, refined)."""
+    target.call.register_forward_pre_hook(lambda *_: target.rois.clear())
+    for name in target.max_rois:
+        pooler = getattr(target.model.roi_heads, name)
+        pooler.register_forward_hook(lambda _m, _i, out, name=name: target.rois.__setitem__(name, int(out.shape[0])))
+
+
 def detection_target(cfg: CfgNode, input_size: Sequence[int] | None = None, seed: int = 0) -> AnalysisTarget:
-    """Mask R-CNN of a detection config on one random image.
+    """Mask R-CNN (or the semantic segmenter) of a detection config on one random image.
 
     Args:
         cfg: a detection config (:func:`~mae_det.config.detection.load_det_cfg`).
@@ -96,12 +114,14 @@ def detection_target(cfg: CfgNode, input_size: Sequence[int] | None = None, seed
     h, w = input_size or (min(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST),) * 2
     g = torch.Generator().manual_seed(seed)
     image = (torch.rand(3, h, w, generator=g) * 255).to(cfg.MODEL.DEVICE)
-    call = _PartsCall(model, lambda img: _instance_tensors(model([{"image": img}])))
-    desc = (
-        f"{cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}), input 3x{h}x{w}, heads at full load "
-        f"({cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals, {cfg.TEST.DETECTIONS_PER_IMAGE} detections)"
-    )
-    return AnalysisTarget(model, call, (image,), desc)
+    call = _PartsCall(model, lambda img: _output_tensors(model([{"image": img}])))
+    desc = f"{cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}), input 3x{h}x{w}"
+    limits = {"box_pooler": cfg.MODEL.RPN.POST_NMS_TOPK_TEST, "mask_pooler": cfg.TEST.DETECTIONS_PER_IMAGE}
+    heads = getattr(model, "roi_heads", None)
+    target = AnalysisTarget(model, call, (image,), desc,
+                            max_rois={k: n for k, n in limits.items() if getattr(heads, k, None) is not None})
+    _count_rois(target)
+    return target
 
 
 def load_pretrain_model_cfg(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
@@ -168,6 +188,23 @@ def activation_report(target: AnalysisTarget) -> tuple[int, dict[str, int]]:
         return int(analysis.total()), by_module
 
 
+def head_load(target: AnalysisTarget) -> list[str]:
+    """Report lines on the RoIs the heads saw in the measured forward, with a warning when fewer than configured
+    (what a larger image or a trained RPN would send them costs more)."""
+    if not target.rois:
+        return []
+    what = {"box_pooler": ("box head", "proposals (MODEL.RPN.POST_NMS_TOPK_TEST)"),
+            "mask_pooler": ("mask head", "detections (TEST.DETECTIONS_PER_IMAGE)")}
+    seen = [(*what[k], n, target.max_rois[k]) for k, n in target.rois.items()]
+    lines = ["heads measured at (score threshold 0): " + ", ".join(
+        f"{head} {n} RoIs of at most {limit} {source}" for head, source, n, limit in seen)]
+    below = [f"{head} {n} < {limit}" for head, _, n, limit in seen if n < limit]
+    if below:
+        lines.append(f"warning: the heads ran below full load ({', '.join(below)}): on this input the RPN keeps fewer "
+                     "boxes, so their FLOPs and activations are those of this load, not the configured maximum")
+    return lines
+
+
 def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
     w0 = max(len(r[0]) for r in [head, *rows])
     w1 = max(len(r[1]) for r in [head, *rows])
@@ -196,6 +233,7 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}, expected any of {TASKS}")
     out = [f"model: {target.description}"]
+    target.rois.clear()  # the heads' load is that of this report's forwards (parameters alone run none)
     if "parameter" in tasks:
         total, trainable, table = parameter_report(target.model, max_depth)
         out += ["", "## parameters", table, f"total parameters: {total:,} (trainable: {trainable:,})"]
@@ -219,4 +257,7 @@ def analyze(target: AnalysisTarget, tasks: Sequence[str] = TASKS, max_depth: int
             _table(_parts(by_module, total_act, 1e6), ("module", "M activations")),
             f"total activations: {total_act:,}",
         ]
+    load = head_load(target)  # measured by the forward of the analyses above (none for parameters alone)
+    if load:
+        out += ["", *load]
     return "\n".join(out)

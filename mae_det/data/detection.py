@@ -37,7 +37,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode
+from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_size, load_image, load_image_and_file_size
 
@@ -796,7 +796,9 @@ class DetectionDatasetMapper(DatasetMapper):
         transforms = self.augmentations(aug_input)
         image, sem_seg = aug_input.image, aug_input.sem_seg
         image_shape = image.shape[:2]
-        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        # Always a copy: the augmentations return read-only views of PIL images, and for one channel ("L") the
+        # transposed view is already contiguous, so ascontiguousarray would hand torch the read-only memory.
+        d["image"] = torch.as_tensor(np.array(image.transpose(2, 0, 1), order="C"))
         if sem_seg is not None:
             d["sem_seg"] = torch.as_tensor(sem_seg.astype("long"))
         if self.proposal_topk is not None:
@@ -806,6 +808,18 @@ class DetectionDatasetMapper(DatasetMapper):
         elif "annotations" in d:
             self._transform_annotations(d, transforms, image_shape)
         return d
+
+    def _transform_annotations(self, dataset_dict: dict, transforms: T.TransformList, image_shape: tuple) -> None:
+        """Detectron2's, except that an image without (non-crowd) instances gets empty ``gt_masks`` when masks are
+        trained: Detectron2 sets the field from the first instance only, and with ``recompute_boxes`` (LSJ) reads
+        it for every image (``DATALOADER.FILTER_EMPTY_ANNOTATIONS False`` keeps such images)."""
+        if not self.use_instance_mask or any(a.get("iscrowd", 0) == 0 for a in dataset_dict["annotations"]):
+            return super()._transform_annotations(dataset_dict, transforms, image_shape)
+        dataset_dict.pop("annotations")
+        instances = d2_utils.annotations_to_instances([], image_shape, mask_format=self.instance_mask_format)
+        instances.gt_masks = (PolygonMasks([]) if self.instance_mask_format == "polygon"
+                              else BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool)))
+        dataset_dict["instances"] = instances
 
     def __call__(self, dataset_dict: dict) -> dict | None:
         if not self.is_train:

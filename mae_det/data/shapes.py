@@ -31,6 +31,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..checkpoint import atomic_write_text
+from ..engine.predictor import check_output_dir
 
 GENERATOR_VERSION = "1.0"
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -91,7 +92,7 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"ShapesConfig.image_size must be >= 16, got {self.image_size}")
-        for name in ("num_pool", "num_train", "num_val", "num_cls_train", "num_cls_val"):
+        for name in ("num_pool", "num_train", "num_val", "num_cls_train", "num_cls_val", "seed"):  # numpy: no seed < 0
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.min_objects <= self.max_objects:
@@ -369,8 +370,9 @@ def generate_shapes(
 
     Raises:
         FileExistsError: ``root`` already holds a dataset and ``overwrite`` is False.
+        ConfigError: ``root`` is a file or lies below one (before anything is written).
     """
-    root = Path(root)
+    root = check_output_dir(root, ())
     info_path = root / "dataset_info.json"
     # semantic/ is derived from annotations/ (write_semantic_split): a new dataset must not keep stale label maps.
     owned = [root / "images", root / "annotations", root / "classification", root / "semantic", info_path]

@@ -42,6 +42,8 @@ from .det_trainer import load_trained
 
 logger = logging.getLogger(__name__)
 
+UNNAMED = "__unnamed__"  # the metadata name when no dataset names the model's classes
+
 
 def load_predict_cfg(
     config_file: str, opts: Sequence[str] = (), confidence_threshold: float | None = None
@@ -113,7 +115,7 @@ def dataset_metadata(cfg: CfgNode) -> Metadata:
         names.append(f"class {k}")
         id_map[next_id] = k
         next_id += 1
-    return Metadata(name=source or "__unnamed__", thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
+    return Metadata(name=source or UNNAMED, thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
 
 
 def sem_seg_metadata(cfg: CfgNode) -> Metadata:
@@ -131,7 +133,7 @@ def sem_seg_metadata(cfg: CfgNode) -> Metadata:
         if classes is not None and len(classes) == num_classes:
             return Metadata(name=name, stuff_classes=list(classes))
     logger.warning(f"no registered dataset in DATASETS.TEST/TRAIN with {num_classes} classes: labelling 'class k'")
-    return Metadata(name="__unnamed__", stuff_classes=[f"class {k}" for k in range(num_classes)])
+    return Metadata(name=UNNAMED, stuff_classes=[f"class {k}" for k in range(num_classes)])
 
 
 def draw_sem_seg(image: np.ndarray, labels: torch.Tensor, metadata: Metadata) -> np.ndarray:
@@ -222,11 +224,35 @@ def draw_detections(image: np.ndarray, instances: Instances, metadata: Metadata,
     )
 
 
+def segmentation_masks(segms: Sequence, height: int, width: int) -> np.ndarray | None:
+    """(N, H, W) bool masks of COCO segmentations (polygons, RLE, uncompressed RLE); None when there are none or one
+    instance has no segmentation."""
+    if not segms or not all(segms):
+        return None
+    rles = [mask_util.merge(mask_util.frPyObjects(s, height, width)) if isinstance(s, list)  # polygons
+            else mask_util.frPyObjects(s, height, width) if isinstance(s["counts"], list) else s for s in segms]
+    return np.stack([mask_util.decode(r).astype(bool) for r in rles])
+
+
 def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> dict[str, tuple]:
     """Per image file name of a COCO json: (contiguous classes, (N, 4) XYXY boxes, (N, H, W) bool masks, None when
-    an instance has no segmentation)."""
+    an instance has no segmentation).
+
+    Classes are numbered as Detectron2's loader numbers them, by the json's own categories in id order (not through
+    ``metadata``, whose map is a stand-in when no dataset of the config could be read).
+
+    Raises:
+        DatasetError: the json has more categories than ``metadata`` (the model) has classes, or, when ``metadata``
+            comes from a dataset, other names in id order.
+    """
     data = json.loads(Path(coco_json).read_text(encoding="utf-8"))
-    to_contiguous = metadata.thing_dataset_id_to_contiguous_id
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    names, known = [c["name"] for c in categories], list(metadata.thing_classes)
+    if len(names) > len(known) or (metadata.name != UNNAMED and names != known[: len(names)]):
+        raise DatasetError(f"{coco_json}: its categories {names!r:.200} in id order are not the model's classes "
+                           f"{known!r:.200} (dataset '{metadata.name}'): the ground truth would be drawn as other "
+                           "classes")
+    to_contiguous = {c["id"]: k for k, c in enumerate(categories)}
     by_image: dict[int, list[dict]] = {img["id"]: [] for img in data["images"]}
     for a in data["annotations"]:
         by_image[a["image_id"]].append(a)
@@ -234,13 +260,7 @@ def ground_truth_instances(coco_json: str | os.PathLike, metadata: Metadata) -> 
     for img in data["images"]:
         anns = by_image[img["id"]]
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=np.float64)
-        segms = [a.get("segmentation") for a in anns]
-        masks = None
-        if anns and all(segms):
-            h, w = img["height"], img["width"]
-            rles = [mask_util.merge(mask_util.frPyObjects(s, h, w)) if isinstance(s, list)  # polygons
-                    else mask_util.frPyObjects(s, h, w) if isinstance(s["counts"], list) else s for s in segms]
-            masks = np.stack([mask_util.decode(r).astype(bool) for r in rles])
+        masks = segmentation_masks([a.get("segmentation") for a in anns], img["height"], img["width"])
         out[img["file_name"]] = ([to_contiguous[a["category_id"]] for a in anns], boxes.reshape(-1, 4), masks)
     return out
 
@@ -411,6 +431,7 @@ def predict_to_dir(
     batch_size: int = 1,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 256,
 ) -> PredictionSummary:
     """Runs the predictor over images and writes a picture per image plus COCO-format json files.
 
@@ -437,6 +458,8 @@ def predict_to_dir(
         batch_size: images read per step; those of one size share a forward pass (see :meth:`Predictor.run`).
         progress: show a progress bar over the images.
         max_pixels: the decoding limit of :func:`~mae_det.data.images.load_image`.
+        min_side: a detection picture is enlarged by the smallest integer factor giving its shorter side at least
+            this many pixels (see :func:`draw_instances`): at its own size a small image's labels hide its objects.
 
     Raises:
         ConfigError: the output folder holds an input or cannot be created.
@@ -483,7 +506,7 @@ def predict_to_dir(
                     labels.resize(file_size, Image.NEAREST).save(out / names[1])
                     results.append({"image_id": image_id, "label_map": names[1]})
                 else:
-                    Image.fromarray(draw_detections(image, instances, predictor.metadata)).save(out / png)
+                    Image.fromarray(draw_detections(image, instances, predictor.metadata, min_side)).save(out / png)
                     results += (instances_to_coco_results(instances, image_id, predictor.metadata)
                                 if file_size == decoded
                                 else coco_results_in_file_frame(instances, image_id, predictor.metadata, file_size))
@@ -544,6 +567,7 @@ def side_by_side_detections(
     Raises:
         ImageLoadError: an image cannot be read.
         KeyError: an image is not in ``ground_truth``.
+        DatasetError: ``ground_truth``'s categories are not the model's classes (:func:`ground_truth_instances`).
     """
     if not runs or not image_paths:
         raise ValueError("side_by_side_detections needs at least one run and one image")

@@ -12,19 +12,19 @@ from __future__ import annotations
 import logging
 import warnings
 
-# (category, message regex, why it is harmless)
-KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (FutureWarning, r"`torch\.jit\.script` is deprecated",
+# (category, message regex, module regex of the code that warns ("": any), why it is harmless)
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str, str], ...] = (
+    (FutureWarning, r"`torch\.jit\.script` is deprecated", "",
      "Detectron2 decorates its ops with torch.jit.script_if_tracing at import; nothing here scripts a model"),
-    (UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing argument",
+    (UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing argument", "",
      "Detectron2's anchor generator calls meshgrid without indexing=; the default it relies on ('ij') is kept"),
-    (UserWarning, r"The given NumPy array is not writable",
+    (UserWarning, r"The given NumPy array is not writable", r"detectron2\.",
      "Detectron2's ResizeTransform returns np.asarray(PIL image) masks (read-only) and detection_utils only "
-     "stacks them into a new tensor; nothing writes through the shared memory"),
-    (UserWarning, r"pkg_resources is deprecated as an API",
+     "stacks them into a new tensor; nothing writes through the shared memory (mae_det's own code copies)"),
+    (UserWarning, r"pkg_resources is deprecated as an API", "",
      "detectron2.model_zoo imports pkg_resources to find its bundled configs; scripts/setup_env.sh pins "
      "setuptools<81, which still ships it"),
-    (FutureWarning, r"Importing from timm\.models\.layers is deprecated",
+    (FutureWarning, r"Importing from timm\.models\.layers is deprecated", "",
      "Detectron2's own ViTDet blocks (built only by tools/benchmark_det.py to compare against) import DropPath and "
      "Mlp from timm's old path, which re-exports timm.layers unchanged"),
 )
@@ -38,7 +38,7 @@ KNOWN_LOGGERS: tuple[tuple[str, str], ...] = (
 
 def filter_known_warnings() -> None:
     """Installs the filters of :data:`KNOWN_WARNINGS` and raises :data:`KNOWN_LOGGERS` to ERROR (idempotent)."""
-    for category, message, _why in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, module, _why in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, _why in KNOWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from mae_det.checkpoint import CheckpointError, load_checkpoint
 from mae_det.data.images import ImageLoadError, load_image as decode_image  # ours, below, also resizes
 from mae_det.data.pretrain import list_images
+from mae_det.engine.predictor import check_output_dir
 from mae_det.modeling import MAE_FACTORIES, VIT_SIZES, MaskedAutoencoderViT
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,21 @@ def _state_dict_and_meta(ckpt: dict, path: Path) -> tuple[dict, dict]:
 
 
 def _factory_for(sd: dict, path: Path) -> str:
+    """The factory of the tensors' width and patch size, else (warned) the first of their width: depths, decoder
+    width and the patch size come from the tensors either way, the width and head counts from the factory."""
     dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-    for name in MAE_FACTORIES:
-        embed_dim, _, _, patch_size = VIT_SIZES[name.split("_")[2]]
-        if (embed_dim, patch_size) == (dim, patch):
-            return name
-    raise CheckpointError(f"{path}: no factory has width {dim} and patch {patch}; pass --model")
+    same_width = [name for name in MAE_FACTORIES if VIT_SIZES[name.split("_")[2]][0] == dim]
+    exact = [name for name in same_width if VIT_SIZES[name.split("_")[2]][3] == patch]
+    if exact:
+        return exact[0]
+    if not same_width:
+        raise CheckpointError(f"{path}: no factory has width {dim}, and no tensor records the head counts of a bare "
+                              "state dict: use a mae_det pretraining checkpoint, whose meta records them")
+    name = same_width[0]
+    logger.warning("%s: no factory has width %d and patch %d; using %s with the checkpoint's patch size and its "
+                   "head counts (%d encoder, 16 decoder), which no tensor records: if the model was trained with "
+                   "others, its reconstructions are wrong", path, dim, patch, name, VIT_SIZES[name.split("_")[2]][2])
+    return name
 
 
 def _shape_kwargs(sd: dict) -> dict:
@@ -90,6 +100,7 @@ def _shape_kwargs(sd: dict) -> dict:
 
     return dict(
         in_chans=sd["patch_embed.proj.weight"].shape[1],
+        patch_size=sd["patch_embed.proj.weight"].shape[-1],
         depth=count("blocks."),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / sd["cls_token"].shape[-1],
         decoder_embed_dim=sd["mask_token"].shape[-1],
@@ -105,10 +116,12 @@ def load_mae(
     """Builds the MAE a full checkpoint describes and loads it strictly (eval mode, CPU).
 
     The factory (``model_name``, else the checkpoint's ``meta["model"]`` or official ``args.model``, else the
-    one with the checkpoint's width and patch size) supplies defaults; depths, decoder width, MLP ratio and
-    channels come from the tensors, and the architecture keys of a mae_det checkpoint's ``meta`` (widths,
-    depths, heads, patch size) override both. The input normalization is the ``meta``'s ``pixel_mean`` /
-    ``pixel_std`` (pretraining's DATA.MEAN / DATA.STD), else ImageNet's (official checkpoints).
+    one with the checkpoint's width and patch size, else one of its width, with a warning) supplies the defaults,
+    among them the width (a ``model_name`` of another width does not fit) and the head counts; depths, decoder
+    width, patch size, MLP ratio and channels come from the tensors, and the architecture keys of a mae_det
+    checkpoint's ``meta`` (widths, depths, heads, patch size) override both. The input normalization is the
+    ``meta``'s ``pixel_mean`` / ``pixel_std`` (pretraining's DATA.MEAN / DATA.STD), else ImageNet's (official
+    checkpoints).
 
     Args:
         path: a mae_det pretraining checkpoint, an official full checkpoint or a bare full state dict.
@@ -230,7 +243,8 @@ def reconstruct(
     pixel_mean: Sequence[float] | None = None,
     pixel_std: Sequence[float] | None = None,
 ) -> dict:
-    """Runs the MAE on one [0, 1] image (C, H, W) and returns the four [0, 1] panels and the loss.
+    """Runs the MAE on one [0, 1] image (C, H, W) and returns the four [0, 1] panels, the loss and the number of
+    patches masked.
 
     The image is normalized with ``pixel_mean`` / ``pixel_std`` (:attr:`LoadedMAE.pixel_mean`; default
     ImageNet's). The prediction of a norm-pix model is de-normalized with each target patch's mean and unbiased
@@ -253,12 +267,18 @@ def reconstruct(
         "reconstruction": recon.clamp(0, 1),
         "reconstruction + visible": (image * (1 - removed) + recon * removed).clamp(0, 1),
         "loss": float(loss),
+        "masked_patches": int(mask.sum()),
     }
+
+
+def _zoom(img_size: tuple[int, int]) -> int:
+    """The smallest integer factor that gives the shorter side at least ``MIN_PANEL`` pixels (at least 1)."""
+    return max(1, -(-MIN_PANEL // min(img_size)))
 
 
 def grid_image_size(img_size: tuple[int, int]) -> tuple[int, int]:
     """(width, height) in pixels of the PNG written for a model input of ``img_size`` = (h, w)."""
-    zoom = max(1, MIN_PANEL // min(img_size))
+    zoom = _zoom(img_size)
     h, w = img_size[0] * zoom, img_size[1] * zoom
     return 4 * w + 5 * PAD, HEADER + h + PAD
 
@@ -267,7 +287,7 @@ def save_grid(panels: dict, path: Path, title: str) -> None:
     """Writes the four panels side by side under ``title`` (also stored as the PNG's "Title" text)."""
     first = panels[PANEL_TITLES[0]]
     width, height = grid_image_size(tuple(first.shape[1:]))
-    zoom = max(1, MIN_PANEL // min(first.shape[1:]))
+    zoom = _zoom(tuple(first.shape[1:]))
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -304,21 +324,27 @@ def visualize_images(
 
     Raises:
         CheckpointError: see :func:`load_mae`.
-        VisualizationError: a bad ``mask_ratio`` or ``img_size``, a missing input, no image found, or a grid that
-            would overwrite an input image; nothing is written then.
+        ConfigError: ``output_dir`` is a file or lies below one (before the model is loaded).
+        VisualizationError: a bad ``mask_ratio`` (also one that keeps no patch of the input) or ``img_size``, a
+            missing input, no image found, or a grid that would overwrite an input image; nothing is written then.
     """
     if not 0.0 <= mask_ratio < 1.0:  # 1.0 leaves no visible patch for the encoder
         raise VisualizationError(f"--mask-ratio: expected a fraction in [0, 1), got {mask_ratio}")
     if img_size is not None and img_size < 1:
         raise VisualizationError(f"--img-size: expected a positive side, got {img_size}")
+    out_dir = check_output_dir(output_dir, ())
     loaded = load_mae(checkpoint, model_name, norm_pix_loss)
     model = loaded.model
     size = (img_size, img_size) if img_size else loaded.img_size
     if size[0] % model.patch_size or size[1] % model.patch_size:
         what = f"--img-size {img_size}" if img_size else f"{checkpoint}: img_size {size}"
         raise VisualizationError(f"{what}: expected a multiple of the patch size {model.patch_size}")
+    num_patches = (size[0] // model.patch_size) * (size[1] // model.patch_size)
+    if int(num_patches * (1 - mask_ratio)) < 1:  # counted as the model keeps them
+        raise VisualizationError(f"--mask-ratio: {mask_ratio} keeps none of the {num_patches} patches of a "
+                                 f"{size[0]}x{size[1]} input, so the encoder would see nothing; expected a ratio "
+                                 "that keeps at least one patch")
     inputs = list(inputs)
-    out_dir = Path(output_dir)
     paths = find_images(inputs, exclude=out_dir)
     if not paths:
         raise VisualizationError(f"--input: no images found in {' '.join(map(str, inputs))}")
@@ -337,7 +363,6 @@ def visualize_images(
             raise VisualizationError(f"--output {out_dir}: the grid {grid} would overwrite the input image "
                                      f"{sources[grid.resolve()]}; choose another --output")
     generator = torch.Generator().manual_seed(seed)
-    num_patches = (size[0] // model.patch_size) * (size[1] // model.patch_size)
     target_note = ("norm-pix model: prediction de-normalized with each target patch's own mean/std"
                    if loaded.norm_pix_loss else "pixel targets")
     written: list[Path] = []
@@ -351,8 +376,8 @@ def visualize_images(
             logger.warning("skipping unreadable image %s", e)
             continue
         panels = reconstruct(model, image, mask_ratio, noise, loaded.pixel_mean, loaded.pixel_std)
-        title = (f"{path.name} | {loaded.name} | mask {mask_ratio:.0%} | loss {panels['loss']:.4f} | "
-                 f"{target_note}")
+        title = (f"{path.name} | {loaded.name} | mask {mask_ratio:.0%} ({panels['masked_patches']}/{num_patches} "
+                 f"patches) | loss {panels['loss']:.4f} | {target_note}")
         out = out_dir / f"{name}.png"
         save_grid(panels, out, title)
         written.append(out)

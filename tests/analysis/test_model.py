@@ -102,3 +102,39 @@ def test_activations_count_fused_attention_as_its_explicit_products(tmp_path):
     assert by_module["decoder_blocks"] == 2 * dec
     # the patchify of the loss target reorders pixels: no activations outside the children but the loss's own
     assert acts == sum(by_module.values())
+
+
+def test_detection_report_gives_the_measured_head_load_and_warns_below_the_configured_one(tmp_path):
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=1)
+    config = str(write_tiny_config(tmp_path, json_path, image_dir))
+    opts = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "1000", "MODEL.RPN.POST_NMS_TOPK_TEST", "1000",
+            "TEST.DETECTIONS_PER_IMAGE", "100"]
+    target = build_target("detection", config, opts, input_size=(64, 64))
+    assert "full load" not in target.description and target.rois == {}
+    seen = {}  # what the heads themselves receive
+    for head in ("box_head", "mask_head"):
+        getattr(target.model.roi_heads, head).register_forward_hook(
+            lambda _m, inputs, _o, head=head: seen.__setitem__(head, int(inputs[0].shape[0])))
+    text = analyze(target, ["flop"])
+    box, mask = seen["box_head"], seen["mask_head"]
+    assert target.rois == {"box_pooler": box, "mask_pooler": mask} and box < 1000 and mask == 100
+    # was "heads at full load (1000 proposals, 100 detections)", taken from the config
+    assert text.splitlines()[-2:] == [
+        f"heads measured at (score threshold 0): box head {box} RoIs of at most 1000 proposals "
+        "(MODEL.RPN.POST_NMS_TOPK_TEST), mask head 100 RoIs of at most 100 detections (TEST.DETECTIONS_PER_IMAGE)",
+        f"warning: the heads ran below full load (box head {box} < 1000): on this input the RPN keeps fewer boxes, "
+        "so their FLOPs and activations are those of this load, not the configured maximum"]
+    full = analyze(build_target("detection", config, input_size=(64, 64)), ["activation"])  # 50 proposals, 10 masks
+    assert full.endswith("box head 50 RoIs of at most 50 proposals (MODEL.RPN.POST_NMS_TOPK_TEST), mask head 10 "
+                         "RoIs of at most 10 detections (TEST.DETECTIONS_PER_IMAGE)")
+    assert "heads measured" not in analyze(target, ["parameter"])  # no forward, no load to report
+
+
+def test_a_semantic_segmentation_config_is_analyzed(tmp_path):
+    config = str(ROOT / "configs" / "shapes" / "sem_seg_vit_scratch.yaml")  # its datasets are not read
+    target = build_target("detection", config)
+    text = analyze(target, ["flop", "activation"])  # was KeyError 'instances'
+    assert target.description == "SlidingWindowSegmentor (build_vit_multitap_backbone), input 3x64x64"
+    rep = flop_report(target)
+    assert set(rep.by_module) >= {"backbone", "sem_seg_head"} and rep.by_module["sem_seg_head"] > 0
+    assert "| sem_seg_head " in text and "heads measured" not in text and target.max_rois == {}

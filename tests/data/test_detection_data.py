@@ -812,3 +812,86 @@ def test_an_image_beyond_the_loaders_pixel_limit_is_refused_up_front_and_skipped
         mapper = build_detection_mapper(cfg, is_train=True)
         assert mapper(big) is None  # was the loader's ImageLoadError out of the training loop
         assert mapper(good)[SKIPPED_IMAGES_KEY] == [problem]
+
+
+# ---- images without instances under LSJ, read-only pixels --------------------------------------------------------
+@pytest.mark.parametrize("mask_format", ["bitmask", "polygon"])
+def test_the_lsj_mapper_maps_an_image_without_instances_to_empty_masks(tmp_path, mask_format):
+    # DATALOADER.FILTER_EMPTY_ANNOTATIONS False keeps such images; LSJ recomputes boxes from gt_masks, which
+    # Detectron2 leaves unset without a first instance: AttributeError "Cannot find field 'gt_masks'".
+    anns = [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30)),
+            _ann(2, 3, 1, [5, 5, 10, 10], _rect(5, 5, 10, 10), iscrowd=1)]  # image 3: a crowd region only
+    records, *_ = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(3), "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    cfg = _lsj_cfg(1.0)
+    cfg.INPUT.MASK_FORMAT = mask_format
+    cfg.INPUT.LSJ.ENABLED = mask_format == "bitmask"  # LSJ crops polygons with shapely, not installed here
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (32,), 48  # the same size without LSJ
+    mapper = build_detection_mapper(cfg, is_train=True)
+    assert mapper.recompute_boxes == (mask_format == "bitmask")
+    for record in records[1:]:
+        out = mapper(record)
+        inst = out["instances"]
+        masks = inst.gt_masks.tensor if mask_format == "bitmask" else inst.gt_masks.polygons
+        assert len(inst) == 0 and len(masks) == 0 and inst.gt_boxes.tensor.shape == (0, 4)
+        assert inst.image_size == (32, 48) == tuple(out["image"].shape[1:])  # 64x96 at most 48 px
+        if mask_format == "bitmask":
+            assert tuple(inst.gt_masks.tensor.shape) == (0, 32, 48)
+    assert len(mapper(records[0])["instances"]) == 1
+
+
+def test_a_training_step_through_the_loader_with_an_image_without_annotations(tmp_path):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from mae_det.config.detection import load_det_cfg
+    from mae_det.engine.det_trainer import Trainer
+    from tests.tools.inference_data import make_tiny_coco, write_tiny_config
+
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=2)
+    data = json.loads(json_path.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 1]  # img_1.png: no annotation
+    json_path.write_text(json.dumps(data))
+    cfg = load_det_cfg(str(write_tiny_config(tmp_path, json_path, image_dir)), [
+        "DATASETS.REGISTER", f"[['b2_noann', '{json_path}', '{image_dir}']]", "DATASETS.TRAIN", "('b2_noann',)",
+        "DATASETS.TEST", "()", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "INPUT.LSJ.IMAGE_SIZE", "64",
+        "MODEL.VIT.INPUT_SIZE", "64", "MODEL.VIT.PRETRAIN_IMG_SIZE", "64"], training=False)
+    register_datasets(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batches = iter(Trainer.build_train_loader(cfg))
+    for _ in range(4):  # until a batch holds the image without annotations
+        batch = next(batches)
+        if any(len(s["instances"]) == 0 for s in batch):
+            break
+    empty = next(s for s in batch if len(s["instances"]) == 0)
+    assert empty["file_name"].endswith("img_1.png") and empty["instances"].gt_masks.tensor.shape[0] == 0
+    with EventStorage():
+        losses = model(batch)
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total) and {"loss_cls", "loss_box_reg", "loss_mask"} <= losses.keys()
+
+
+def test_the_mapper_never_hands_torch_read_only_pixels(tmp_path, monkeypatch):
+    # "L": the (H, W, 1) image transposes to a contiguous (1, H, W) view of a read-only PIL buffer, which
+    # ascontiguousarray passed on uncopied (torch warns once, and that warning was filtered as Detectron2's).
+    records, *_ = parse_coco_instances(*_dataset(tmp_path, {
+        "images": _images(1), "annotations": [_ann(1, 1, 1, [20, 10, 40, 30], _rect(20, 10, 40, 30))],
+        "categories": [{"id": 1, "name": "a"}]}))
+    read_only = []
+    as_tensor = torch.as_tensor
+
+    def spy(data, *args, **kwargs):
+        if isinstance(data, np.ndarray) and not data.flags.writeable:
+            read_only.append(data.shape)
+        return as_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", spy)
+    for fmt in ("L", "RGB", "BGR"):
+        cfg = _lsj_cfg(1.0)
+        cfg.INPUT.FORMAT = fmt
+        for is_train in (True, False):
+            out = build_detection_mapper(cfg, is_train=is_train)(records[0])
+            assert out["image"].shape[0] == (1 if fmt == "L" else 3)
+    assert read_only == []

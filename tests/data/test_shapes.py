@@ -295,3 +295,25 @@ def test_cls_background_contrast_flattens_only_the_classification_backgrounds(da
         ShapesConfig(cls_background_contrast=-0.5)
     info = json.loads((tmp_path / "a" / "dataset_info.json").read_text())
     assert info["config"]["cls_background_contrast"] == 0.0
+
+
+def test_a_negative_seed_or_a_file_as_root_is_one_line_before_anything_is_written(tmp_path, repo_root):
+    spec = importlib.util.spec_from_file_location("generate_shapes_tool", repo_root / "tools/generate_shapes.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(ValueError, match=r"^ShapesConfig.seed must be >= 0, got -1$"):
+        ShapesConfig(seed=-1)
+    argv = ["--image-size", "32", "--num-pool", "1", "--num-train", "1", "--num-val", "1", "--num-cls-train", "1",
+            "--num-cls-val", "1", "--workers", "1"]
+    with pytest.raises(SystemExit) as e:  # was numpy's unnamed "expected non-negative integer"
+        tool.main(["--root", str(tmp_path / "neg"), "--seed", "-1", *argv])
+    assert str(e.value.code) == "generate_shapes: ShapesConfig.seed must be >= 0, got -1"
+    assert not (tmp_path / "neg").exists()  # annotations/ and images/ were left, and the rerun needed --overwrite
+    (tmp_path / "file").write_text("")
+    for root, message in ((tmp_path / "file", f"output folder {tmp_path / 'file'} is a file, not a folder"),
+                          (tmp_path / "file" / "d", f"cannot create output folder {tmp_path / 'file' / 'd'}: "
+                                                    f"{tmp_path / 'file'} is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:  # was a NotADirectoryError traceback
+            tool.main(["--root", str(root), *argv])
+        assert str(e.value.code) == f"generate_shapes: {message}"
+    assert (tmp_path / "file").read_text() == ""

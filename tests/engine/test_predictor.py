@@ -14,11 +14,13 @@ from pycocotools.coco import COCO
 
 from mae_det.checkpoint.io import CheckpointError
 from mae_det.config.pretrain import ConfigError
+from mae_det.data.detection import DatasetError
 from mae_det.data.images import load_image
 from mae_det.engine.det_trainer import build_checkpointer
 from mae_det.engine.predictor import (
-    Predictor, check_output_dir, class_color, dataset_metadata, draw_instances, expand_inputs, ground_truth_instances,
-    instances_to_coco_results, load_predict_cfg, predict_to_dir, side_by_side_detections,
+    UNNAMED, Predictor, check_output_dir, class_color, dataset_metadata, draw_detections, draw_instances,
+    expand_inputs, ground_truth_instances, instances_to_coco_results, load_predict_cfg, predict_to_dir,
+    side_by_side_detections,
 )
 from mae_det.modeling.mae import MaskedAutoencoderViT
 from tests.data.test_images import _exif_after_pixels_png, _gray_jpeg_of_side
@@ -172,8 +174,9 @@ def test_predict_to_dir_writes_pictures_and_loadable_coco_json(tiny, predictor, 
     names = [im["visualization"] for im in summary.images]
     assert names == ["img_0.png", "img_1.png", "img_2.png", "img_0_1.png"]
     assert [im["id"] for im in summary.images] == [1, 2, 3, 4]
-    for im in summary.images:
-        assert Image.open(tmp_path / "out" / im["visualization"]).size == (im["width"], im["height"])
+    for im in summary.images:  # enlarged x2 (128 px) and x4 (80 px): the smallest integer factor reaching 256 px
+        k = 2 if im["height"] == 128 else 4
+        assert Image.open(tmp_path / "out" / im["visualization"]).size == (k * im["width"], k * im["height"])
     assert summary.images[3]["file_name"] == str((other / "img_0.png").resolve())
     assert (summary.images[3]["height"], summary.images[3]["width"]) == (80, 100)
 
@@ -265,7 +268,7 @@ def test_a_jpeg_decoded_downscaled_gets_results_in_the_file_frame(predictor, tmp
     summary = predict_to_dir(predictor, [str(tmp_path / "big.jpg")], tmp_path / "out", progress=False,
                              max_pixels=200 * 120 // 2)
     assert (summary.images[0]["width"], summary.images[0]["height"]) == (200, 120)
-    assert Image.open(tmp_path / "out" / "big.png").size == (100, 60)  # the picture is drawn as decoded
+    assert Image.open(tmp_path / "out" / "big.png").size == (500, 300)  # drawn as decoded (100x60), enlarged x5
     decoded = predictor([np.asarray(load_image(tmp_path / "big.jpg", 200 * 120 // 2))])[0]
     assert decoded.image_size == (60, 100) and len(decoded) > 0
     dt = COCO(str(summary.images_json)).loadRes(str(summary.results_json))
@@ -408,3 +411,52 @@ def test_ground_truth_instances_decode_coco(tiny):
     assert masks.shape == (len(anns), img["height"], img["width"])
     assert [int(m.sum()) for m in masks] == [int(mask_util.area(mask_util.merge(mask_util.frPyObjects(
         a["segmentation"], img["height"], img["width"])))) for a in anns]
+
+
+def test_predict_to_dir_draws_small_images_enlarged(tiny, predictor, tmp_path):
+    image = np.ascontiguousarray(np.asarray(Image.open(tiny[1] / "img_0.png"))[::2, :96:2])  # 64 x 48
+    Image.fromarray(image).save(tmp_path / "small.png")
+    summary = predict_to_dir(predictor, [str(tmp_path / "small.png")], tmp_path / "out", progress=False)
+    h, w = image.shape[:2]
+    k = -(-256 // min(h, w))
+    drawn = Image.open(tmp_path / "out" / "small.png")
+    assert drawn.size == (k * w, k * h)  # was drawn at 64 px: labels taller than the objects
+    expected = draw_detections(image, predictor([image])[0], predictor.metadata, 256)
+    assert np.array_equal(np.asarray(drawn), expected)
+    predict_to_dir(predictor, [str(tmp_path / "small.png")], tmp_path / "native", progress=False, min_side=0)
+    assert Image.open(tmp_path / "native" / "small.png").size == (w, h)
+
+
+def test_ground_truth_classes_follow_the_jsons_categories_when_no_dataset_names_them(tiny):
+    root, _, config = tiny
+    json_file = next(root.glob("*.json"))
+    data = json.loads(json_file.read_text())
+    # The run's dataset moved: the model's classes are "class k" with stand-in ids 0..2 (the json has 3, 7, 11).
+    meta = dataset_metadata(load_predict_cfg(str(config), [
+        "DATASETS.REGISTER", "[['moved_set', '/moved/instances.json', '/moved/images']]",
+        "DATASETS.TRAIN", "('moved_set',)", "DATASETS.TEST", "('moved_set',)"]))
+    assert meta.name == UNNAMED and meta.thing_dataset_id_to_contiguous_id == {0: 0, 1: 1, 2: 2}
+    gt = ground_truth_instances(json_file, meta)  # was KeyError 3 (ids 1..6 of the shapes json: class k+1 or 6)
+    rank = {3: 0, 7: 1, 11: 2}
+    for img in data["images"]:
+        assert gt[img["file_name"]][0] == [rank[a["category_id"]] for a in data["annotations"]
+                                           if a["image_id"] == img["id"]]
+
+
+def test_ground_truth_of_other_categories_than_the_models_is_refused(tiny, tmp_path):
+    root, _, config = tiny
+    data = json.loads(next(root.glob("*.json")).read_text())
+    data["categories"] = [{**c, "name": c["name"].upper()} for c in data["categories"]]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    meta = dataset_metadata(load_predict_cfg(str(config)))
+    with pytest.raises(DatasetError) as e:  # was drawn with the model's names for the json's classes
+        ground_truth_instances(other, meta)
+    assert str(e.value) == (f"{other}: its categories ['SQUARE', 'BAR', 'DIAMOND'] in id order are not the model's "
+                            "classes ['square', 'bar', 'diamond'] (dataset 'tiny_shapes'): the ground truth would be "
+                            "drawn as other classes")
+    data["categories"].append({"id": 12, "name": "extra"})
+    other.write_text(json.dumps(data))
+    unnamed = Metadata(name=UNNAMED, thing_classes=["class 0", "class 1", "class 2"])
+    with pytest.raises(DatasetError, match=r"categories \['SQUARE', 'BAR', 'DIAMOND', 'extra'\] in id order are not"):
+        ground_truth_instances(other, unnamed)  # 4 categories, 3 model classes

@@ -36,7 +36,7 @@ def test_predict_writes_pictures_and_coco_results_and_reports_bad_inputs(tmp_pat
     assert "predict: 100%" in proc.stderr  # the progress bar
 
     for i in range(3):
-        assert Image.open(out / f"img_{i}.png").size == (128, 128)
+        assert Image.open(out / f"img_{i}.png").size == (256, 256)  # 128 px drawn enlarged x2
     gt = COCO(str(out / "images.json"))
     assert [gt.imgs[i]["file_name"] for i in (1, 2, 3)] == [str(image_dir / f"img_{i}.png") for i in range(3)]
     dt = gt.loadRes(str(out / "results.json"))

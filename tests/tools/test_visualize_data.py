@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from mae_det.config.detection import load_det_cfg
+from mae_det.config.pretrain import ConfigError
 from mae_det.data.detection import DatasetError
 from mae_det.analysis.data import visualize_dataset
+from mae_det.engine.predictor import class_color
 from tests.tools.inference_data import ROOT, make_tiny_coco, write_tiny_config
 
 
@@ -28,8 +30,8 @@ def test_annotation_source_draws_on_original_images(tiny, tmp_path):
     assert summary.failures == [(str(image_dir / "img_2.png"), "not a recognized image format")]
     for p in summary.written:
         drawn = np.asarray(Image.open(p).convert("RGB")).astype(int)
-        raw = np.asarray(Image.open(image_dir / p.name)).astype(int)
-        assert drawn.shape == raw.shape == (128, 128, 3)
+        raw = np.asarray(Image.open(image_dir / p.name)).astype(int).repeat(2, 0).repeat(2, 1)
+        assert drawn.shape == raw.shape == (256, 256, 3)  # 128 px enlarged x2 (MIN_SIDE 256)
         assert np.abs(drawn - raw).mean() > 1  # masks, boxes and labels drawn over the image
 
 
@@ -40,7 +42,9 @@ def test_dataloader_source_shows_the_augmented_samples(tiny, tmp_path):
     assert [p.name[:5] for p in summary.written] == ["0000_", "0001_", "0002_", "0003_"]
     for p in summary.written:
         w, h = Image.open(p).size
-        assert w <= 64 and h <= 64  # LSJ crops to at most IMAGE_SIZE
+        # LSJ crops to at most IMAGE_SIZE; drawn enlarged by the smallest integer factor k reaching 256 px
+        assert any(w % k == h % k == 0 and max(w, h) // k <= 64 and -(-256 // (min(w, h) // k)) == k
+                   for k in range(4, 257))
 
 
 def test_errors(tiny, tmp_path):
@@ -157,3 +161,58 @@ def test_a_bad_json_image_entry_is_named_and_its_json_folder_stays_a_valid_outpu
         # the json's folder, not the image folder: it was refused as "holds images of dataset"
         summary = visualize_dataset(cfg, json_path.parent, source, num_images=2)
         assert bad_entry in summary.failures and len(summary.written) == 2
+
+
+def test_another_dataset_of_the_config_may_be_missing(tiny, tmp_path):
+    image_dir, config = tiny
+    json_path = image_dir.parent / "instances.json"
+    cfg = load_det_cfg(str(config), [
+        "DATASETS.REGISTER", f"[['tiny_shapes', '{json_path}', '{image_dir}'], ['gone', '{tmp_path}/no.json', "
+        f"'{tmp_path}/no']]", "DATASETS.TRAIN", "('gone',)", "DATASETS.TEST", "('gone',)"], training=False)
+    for source in ("annotation", "dataloader"):  # was: "dataset 'gone': annotation file not found"
+        summary = visualize_dataset(cfg, tmp_path / source, source, "tiny_shapes", num_images=2)
+        assert len(summary.written) == 2 and summary.failures == []
+    with pytest.raises(DatasetError, match=r"^dataset 'gone': annotation file not found: .*no.json"):
+        visualize_dataset(cfg, tmp_path / "gone", "annotation")  # the drawn set itself is still checked
+
+
+def test_an_output_that_is_a_file_is_one_config_error_before_loading(tiny, tmp_path, monkeypatch):
+    _, config = tiny
+    (tmp_path / "taken").write_text("")
+    cfg = load_det_cfg(str(config), training=False)
+    monkeypatch.setattr("mae_det.analysis.data.register_datasets", None)  # nothing may be read first
+    for out, message in ((tmp_path / "taken", f"output folder {tmp_path / 'taken'} is a file, not a folder"),
+                         (tmp_path / "taken" / "vis", f"cannot create output folder {tmp_path / 'taken' / 'vis'}: "
+                                                      f"{tmp_path / 'taken'} is a file, not a folder")):
+        with pytest.raises(ConfigError) as e:  # was: FileExistsError / NotADirectoryError tracebacks
+            visualize_dataset(cfg, out, "annotation")
+        assert str(e.value) == message
+
+
+def test_pictures_are_enlarged_and_coloured_by_class_the_same_on_every_run(tmp_path):
+    json_path, image_dir = make_tiny_coco(tmp_path, num_images=1)
+    small = np.asarray(Image.open(image_dir / "img_0.png"))[::2, ::2]  # 64 px, the shapes dataset's size
+    Image.fromarray(small).save(image_dir / "img_0.png")
+    data = json.loads(json_path.read_text())
+    data["images"][0]["height"] = data["images"][0]["width"] = 64
+    for a in data["annotations"]:
+        a["bbox"] = [v / 2 for v in a["bbox"]]
+        a["segmentation"] = [[v / 2 for v in a["segmentation"][0]]]
+    json_path.write_text(json.dumps(data))
+    cfg = load_det_cfg(str(write_tiny_config(tmp_path, json_path, image_dir)), training=False)
+    np.random.seed(0)
+    first = visualize_dataset(cfg, tmp_path / "a", "annotation").written[0]
+    np.random.seed(1)  # Detectron2's Visualizer drew each instance in a random colour of the global generator
+    second = visualize_dataset(cfg, tmp_path / "b", "annotation").written[0]
+    assert first.read_bytes() == second.read_bytes()
+    drawn = np.asarray(Image.open(first).convert("RGB")).astype(float)
+    assert drawn.shape == (256, 256, 3)  # x4: at 64 px the labels covered the objects
+    boxes = [a["bbox"] for a in data["annotations"]]
+    for k, (x0, y0, w, h) in enumerate(boxes):  # inside each object alone: the image tinted with its class's colour
+        x, y = next((x, y) for y in range(int(y0 + h) - 2, int(y0) + 2, -1) for x in range(int(x0) + 2, int(x0 + w) - 2)
+                    if not any(bx - 1 <= x <= bx + bw + 1 and by - 1 <= y <= by + bh + 1
+                               for j, (bx, by, bw, bh) in enumerate(boxes) if j != k))
+        raw = small[y, x].astype(float)
+        errors = [np.abs(drawn[4 * y + 2, 4 * x + 2] - (0.65 * raw + 0.35 * 255 * class_color(c))).max()
+                  for c in range(3)]
+        assert np.argmin(errors) == k and errors[k] < 25, (k, errors)

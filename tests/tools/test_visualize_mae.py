@@ -36,7 +36,7 @@ def images(tmp_path) -> Path:
     return folder
 
 
-def panel(img: Image.Image, i: int, side: int = 192) -> np.ndarray:
+def panel(img: Image.Image, i: int, side: int = 256) -> np.ndarray:
     x = PAD + i * (side + PAD)
     return np.asarray(img)[HEADER : HEADER + side, x : x + side].astype(int)
 
@@ -53,14 +53,15 @@ def test_our_checkpoint_norm_pix_grid(tmp_path, images, caplog):
     assert "skipped 1 of 3 images" in caplog.text and "broken.png" in caplog.text
     assert "its meta has no decoder_num_heads; using mae_vit_tiny_patch16's default" in caplog.text
     img = Image.open(written[0])
-    assert img.size == grid_image_size((64, 64)) == (4 * 192 + 5 * PAD, HEADER + 192 + PAD)
+    # 64 px shown x4: the panels are at least MIN_PANEL (224) px (x3 = 192 px was "at least 224")
+    assert img.size == grid_image_size((64, 64)) == (4 * 256 + 5 * PAD, HEADER + 256 + PAD)
     assert "norm-pix model: prediction de-normalized with each target patch's own mean/std" in img.text["Title"]
-    assert "mask 75%" in img.text["Title"]
+    assert "mask 75% (12/16 patches)" in img.text["Title"]
     img = img.convert("RGB")
-    source = np.asarray(Image.open(images / "a.png").resize((192, 192), Image.NEAREST)).astype(int)
+    source = np.asarray(Image.open(images / "a.png").resize((256, 256), Image.NEAREST)).astype(int)
     assert np.abs(panel(img, 0) - source).max() <= 1  # the original panel is the input image
-    # Visible patches (16x16 px, shown 48x48) are the input in the masked and pasted panels; removed ones gray.
-    patches = lambda a: a.reshape(4, 48, 4, 48, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)  # noqa: E731
+    # Visible patches (16x16 px, shown 64x64) are the input in the masked and pasted panels; removed ones gray.
+    patches = lambda a: a.reshape(4, 64, 4, 64, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)  # noqa: E731
     same_masked = (np.abs(patches(panel(img, 1)) - patches(source)).max(1) <= 1)
     same_pasted = (np.abs(patches(panel(img, 3)) - patches(source)).max(1) <= 1)
     gray = (np.abs(patches(panel(img, 1)) - 128).max(1) <= 1)
@@ -95,7 +96,8 @@ def test_official_file_via_cli_and_same_seed_same_png(tmp_path, images):
     assert "wrote 1 image(s)" in proc.stdout
     png = (tmp_path / "cli" / "a.png").read_bytes()
     img = Image.open(tmp_path / "cli" / "a.png")
-    assert img.size == grid_image_size((96, 96)) == (4 * 192 + 5 * PAD, HEADER + 192 + PAD)
+    assert img.size == grid_image_size((96, 96)) == (4 * 288 + 5 * PAD, HEADER + 288 + PAD)  # x3 (was x2)
+    assert grid_image_size((224, 224)) == (4 * 224 + 5 * PAD, HEADER + 224 + PAD)
     assert "pixel targets" in img.text["Title"] and "mae_vit_tiny_patch16" in img.text["Title"]
     again = visualize_images(ckpt, [images / "a.png"], tmp_path / "again", mask_ratio=0.5, seed=7, img_size=96)
     assert again[0].read_bytes() == png
@@ -213,10 +215,39 @@ def test_bad_input_is_one_error_line(tmp_path, images, capsys):
         "--img-size 40: expected a multiple of the patch size 16": ["--img-size", "40"],
         "--input nope: no such file or folder": ["--input", "nope"],
         "--mask-ratio: expected a fraction in [0, 1), got 1.0": ["--mask-ratio", "1.0"],
+        # 16 patches: int(16 x 0.05) = 0 kept; the title said "mask 95%" over a fully gray input panel
+        "--mask-ratio: 0.95 keeps none of the 16 patches of a 64x64 input, so the encoder would see nothing; "
+        "expected a ratio that keeps at least one patch": ["--mask-ratio", "0.95"],
         "is the --output folder": ["--output", str(images)],
+        # was a FileExistsError / NotADirectoryError traceback once the model had loaded
+        f"output folder {tmp_path / 'taken'} is a file, not a folder": ["--output", str(tmp_path / "taken")],
+        f"cannot create output folder {tmp_path / 'taken' / 'vis'}: {tmp_path / 'taken'} is a file, not a folder":
+            ["--output", str(tmp_path / "taken" / "vis")],
     }
+    (tmp_path / "taken").write_text("")
     for message, change in cases.items():
         assert tool.main([*ok, *change]) == 2, message
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_state_dict_of_a_patch_size_no_factory_has(tmp_path, images, caplog):
+    # The shapes MAE (configs/shapes/pretrain_mae.yaml): width 192 as the tiny factory, but patch 8.
+    model = tiny_model(norm_pix_loss=False, patch_size=8, decoder_num_heads=16)
+    ckpt = tmp_path / "bare_p8.pth"
+    torch.save(model.state_dict(), ckpt)
+    for name in (None, "mae_vit_tiny_patch16"):  # was "no factory has width 192 and patch 8; pass --model", and
+        loaded = load_mae(ckpt, name)  # --model failed to load it ("does not fit")
+        assert loaded.name == "mae_vit_tiny_patch16" and loaded.model.patch_size == 8 and loaded.img_size == (64, 64)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    assert ("bare_p8.pth: no factory has width 192 and patch 8; using mae_vit_tiny_patch16 with the checkpoint's "
+            "patch size and its head counts (3 encoder, 16 decoder), which no tensor records") in caplog.text
+    [grid] = visualize_images(ckpt, [images / "a.png"], tmp_path / "out", mask_ratio=0.75)
+    assert "mask 75% (48/64 patches)" in Image.open(grid).text["Title"]
+    wide = tmp_path / "wide.pth"
+    torch.save(tiny_model(norm_pix_loss=False, embed_dim=96).state_dict(), wide)
+    with pytest.raises(CheckpointError) as e:  # was "pass --model", which no --model could satisfy
+        load_mae(wide)
+    assert str(e.value) == (f"{wide}: no factory has width 96, and no tensor records the head counts of a bare "
+                            "state dict: use a mae_det pretraining checkpoint, whose meta records them")
