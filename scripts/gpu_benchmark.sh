@@ -13,7 +13,8 @@
 # the side-by-side sections are skipped, and say so.
 #
 # Written for a fresh machine: the Inductor cache starts empty (compile times are measured and printed as
-# "warm-up s" / "first ... incl. compile"), one compiled variant per section, default Inductor (no max-autotune).
+# "warm-up s" / "first ... incl. compile"; a detection phase that reuses earlier graphs says "(no compile: graphs
+# reused)"), one compiled variant per section, default Inductor (no max-autotune).
 # Sections, each under its own time limit, most important first; a section whose limit would end past BUDGET
 # (560 s from the start, wheel install included) is skipped (the limits add up to 530 s after section 1, so all
 # run when the install takes under 30 s), and the side-by-side runs start no round past their --max-seconds.

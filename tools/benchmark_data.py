@@ -67,8 +67,8 @@ def main(argv=None) -> None:
             result["train_loader"] = time_train_loaders(root / "decode" / "ann.json", root / "decode" / "images",
                                                         batches=args.train_loader, workers=tuple(args.loader_workers))
         if args.decoded_cache:
-            make_dataset(root / "cache", args.cache_images, (args.cache_size, args.cache_size))
-            result["decoded_cache"] = time_decoded_cache(root / "cache" / "images", batches=args.decoded_cache)
+            ann = make_dataset(root / "cache", args.cache_images, (args.cache_size, args.cache_size))
+            result["decoded_cache"] = time_decoded_cache(ann, root / "cache" / "images", batches=args.decoded_cache)
     if args.header_check or args.decode_check:
         print(format_report(result))
     if args.train_loader:

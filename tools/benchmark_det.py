@@ -9,10 +9,11 @@
         --seeds 3 --output output/parity [--jobs 2] [--sides ours,vitdet,ours_bf16] [KEY VALUE ...]
     python tools/benchmark_det.py --roi-align      # CPU RoIAlign backward: torchvision's vs ours, bit for bit
 
-Prints backbone forward+backward time, full training iteration and inference time (medians, per image),
-peak memory (CUDA: max_memory_allocated; on CPU not measured: a process keeps freed memory, so its growth follows
-the order the models ran in), parameter counts, and ours/theirs ratios.
---compile adds rows of ours with the backbone compiled in place (and its first, compiling iteration);
+Prints backbone forward+backward time (median, per iteration), full training iteration and inference time
+(medians, per image), peak memory (CUDA: max_memory_allocated; on CPU not measured: a process keeps freed memory,
+so its growth follows the order the models ran in), parameter counts, and ours/theirs ratios.
+--compile adds rows of ours with the backbone compiled in place, and the time of its first iteration in each phase
+("incl. compile" where Dynamo compiled in it; the training iteration reuses the backbone step's graphs);
 --real-data DIR adds a training iteration through Detectron2's loader with LSJ at --img-size on shapes images
 generated into DIR (mae_det/bench/det.py).
 
@@ -121,6 +122,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.iters < 1 and not a.quick:  # --parity: nothing to compare; the benchmark: no step to take the median of
         p.error(f"--iters: expected >= 1, got {a.iters}")
+    # Checked here: --batch 0 failed only after both models were built, with an AssertionError and no message
+    for option, value, least in (("--batch", a.batch, 1), ("--img-size", a.img_size, 1), ("--workers", a.workers, 0)):
+        if value < least:
+            p.error(f"{option}: expected >= {least}, got {value}")
     try:
         if a.roi_align:
             sys.exit(run_roi_align())

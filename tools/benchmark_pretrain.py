@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
         if value < least:
             parser.error(f"{option}: expected >= {least}, got {value}")
+    if not 0.0 <= args.mask_ratio < 1.0:  # the model would reject it only after the matmul peaks were measured
+        parser.error(f"--mask-ratio: expected a value in [0, 1), got {args.mask_ratio}")
     if args.warmup == 0 and compile_modes(args):  # the compilation would land in the first timed step
         parser.error("--warmup 0 with --compile / --compile-modes: expected >= 1 warm-up step to compile in")
     return args
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
     stop_on_sigterm()  # as below: a time limit still prints the rows measured
     try:
         result = run_benchmark(**kwargs, log=log)
-    except ValueError as e:  # an unknown precision or compile mode
+    except ValueError as e:  # an unknown precision or compile mode, or no requested precision runs here
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_report(result))

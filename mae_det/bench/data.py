@@ -33,7 +33,7 @@ from detectron2.data.samplers import TrainingSampler
 from ..config.detection import load_det_cfg
 from ..data.detection import image_file_problem, parse_coco_instances, register_datasets
 from ..data.images import DecodedImageCache
-from ..data.pretrain import PretrainDataset, PretrainTransform, collate_pretrain, folder_source
+from ..data.pretrain import PretrainDataset, PretrainTransform, coco_source, collate_pretrain
 from ..data.seeding import sample_seed, seeded_global_rngs
 from ..data.semantic import build_mapper
 from ..engine.det_trainer import Trainer
@@ -187,12 +187,14 @@ def format_loader_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def time_decoded_cache(folder: Path, *, batches: int, rounds: int = 3, batch_size: int = 16,
+def time_decoded_cache(json_file: Path, image_root: Path, *, batches: int, rounds: int = 3, batch_size: int = 16,
                        img_size: int = 64) -> dict:
-    """Seconds per pretraining batch of the images in ``folder`` decoded on every read ("decode") and read from a
-    :class:`DecodedImageCache` filled by one untimed pass ("cache"); the median over ``rounds``, each timing both
-    variants on the same ``batches`` batches (the same crops), and whether every batch was the same tensor."""
-    source = folder_source(folder)
+    """Seconds per pretraining batch of the images ``json_file`` lists (:func:`make_dataset`'s) decoded on every read
+    ("decode") and read from a :class:`DecodedImageCache` filled by one untimed pass ("cache"); the median over
+    ``rounds``, each timing both variants on the same ``batches`` batches (the same crops), and whether every batch
+    was the same tensor."""
+    # The json, not the folder: a reused --root keeps the files of an earlier run with more images
+    source = coco_source(json_file, image_root)
     transform = PretrainTransform(img_size)
     variants = {"decode": PretrainDataset(source, transform, seed=0),
                 "cache": PretrainDataset(source, transform, seed=0, cache=DecodedImageCache(2**40))}

@@ -219,21 +219,24 @@ def run_benchmark(
     wanted = precisions
     precisions = [p for p in PRECISIONS if p in wanted and skip_reason(p, device) is None]
     skipped = {p: skip_reason(p, device) for p in PRECISIONS if p in wanted and p not in precisions}
+    if not precisions:  # an empty table, exit 0, would read as a run that measured nothing by accident
+        raise ValueError(f"precisions: none of {list(wanted)} runs on {device}: "
+                         + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    peaks = {}
-    for p in precisions:
-        log(f"measuring {p} matmul peak ...")
-        peaks[p] = measure_matmul_peak(dtypes[p], device, matmul_sizes, matmul_seconds)
-
-    mae = MAE_FACTORIES[model_name](img_size=img_size, **(model_kwargs or {})).to(device)
-    variants = {"visible-only": mae, "all-tokens": AllTokensMAE(mae).to(device)}
-    one = torch.randn(1, mae.in_chans, img_size, img_size, device=device)
-    flops = {name: count_forward_macs(m, one, mask_ratio=mask_ratio).training_flops for name, m in variants.items()}
-    for m in variants.values() if compile_mode else ():
-        compile_in_place(m, mode=compile_mode)
-    imgs = torch.randn(batch_size, mae.in_chans, img_size, img_size, device=device)
+    peaks: dict[str, float] = {}
     rows, interrupted = [], False
-    try:
+    try:  # from the first measurement on: a time limit during the peaks or the model build still gets a report
+        for p in precisions:
+            log(f"measuring {p} matmul peak ...")
+            peaks[p] = measure_matmul_peak(dtypes[p], device, matmul_sizes, matmul_seconds)
+        mae = MAE_FACTORIES[model_name](img_size=img_size, **(model_kwargs or {})).to(device)
+        variants = {"visible-only": mae, "all-tokens": AllTokensMAE(mae).to(device)}
+        one = torch.randn(1, mae.in_chans, img_size, img_size, device=device)
+        flops = {name: count_forward_macs(m, one, mask_ratio=mask_ratio).training_flops
+                 for name, m in variants.items()}
+        for m in variants.values() if compile_mode else ():
+            compile_in_place(m, mode=compile_mode)
+        imgs = torch.randn(batch_size, mae.in_chans, img_size, img_size, device=device)
         for precision in precisions:
             for name, model in variants.items():
                 log(f"timing {name} {precision} ...")
@@ -243,7 +246,7 @@ def run_benchmark(
                 achieved = flops[name] * ips / 1e9
                 rows.append(StepResult(name, precision, ips, seconds * 1e3, flops[name] / 1e9, achieved,
                                        achieved / peaks[precision]))
-    except KeyboardInterrupt:  # a time limit (the tool turns SIGTERM into this): keep the rows measured
+    except KeyboardInterrupt:  # a time limit (the tool turns SIGTERM into this): keep what was measured
         interrupted = True
         log(f"interrupted after {len(rows)} row(s): reporting those")
     by = {(r.variant, r.precision): r.images_per_s for r in rows}
@@ -283,7 +286,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"model: {result['model']} {result['img_size']}px | batch {result['batch_size']} | mask "
         f"{result['mask_ratio']} | median of {result['iters']} timed steps after {result['warmup']} warm-up"
         + (f" | torch.compile mode {result['compile_mode']}" if result.get("compile_mode") else " | eager"),
-        "matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in result["matmul_peak_gflops"].items()),
+        "matmul peak: " + (", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in result["matmul_peak_gflops"].items())
+                           or "not measured"),
     ]
     lines += [f"skipped {p}: {why}" for p, why in result["skipped"].items()]
     if result.get("interrupted"):

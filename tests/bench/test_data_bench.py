@@ -49,8 +49,8 @@ def test_both_timed_loaders_read_the_same_images_in_the_same_order(tmp_path):
 
 
 def test_decoded_cache_timing_compares_both_reads_on_the_same_batches(tmp_path):
-    make_dataset(tmp_path, 12, (20, 20))
-    result = time_decoded_cache(tmp_path / "images", batches=3, rounds=2, batch_size=4, img_size=16)
+    ann = make_dataset(tmp_path, 12, (20, 20))
+    result = time_decoded_cache(ann, tmp_path / "images", batches=3, rounds=2, batch_size=4, img_size=16)
     assert result["identical"] is True and (result["images"], result["batches"], result["rounds"]) == (12, 3, 2)
     assert set(result["s_per_batch"]) == {"decode", "cache"} and all(v > 0 for v in result["s_per_batch"].values())
     assert result["cache_over_decode"] == result["s_per_batch"]["cache"] / result["s_per_batch"]["decode"]
@@ -93,3 +93,13 @@ def test_bad_counts_are_usage_errors_before_any_timing(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         _tool().parse_args(args)
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_a_reused_root_times_only_the_images_of_this_run(tmp_path, capsys):
+    """--decoded-cache listed the folder: a second run with fewer --cache-images timed the first run's files too."""
+    for n in (40, 10):
+        _tool().main(["--header-check", "0", "--decode-check", "1", "--decode-size", "32", "24", "--decoded-cache",
+                      "1", "--cache-images", str(n), "--cache-size", "16", "--root", str(tmp_path)])
+    *report, last = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(last)["decoded_cache"]["images"] == 10
+    assert report[-1].startswith("pretraining batches of 16 at 64 px from 10 files,")

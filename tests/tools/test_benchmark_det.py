@@ -81,3 +81,23 @@ def test_roi_align_benchmark_times_both_kernels_and_finds_them_equal():
         theirs, ours, ratio = float(m.group(4)), float(m.group(5)), float(m.group(6))
         assert int(m.group(3)) >= int(m.group(2)) * 49 and theirs > 0 and ours > 0
         assert abs(ratio - ours / theirs) <= 0.01 + 0.01 * ratio
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_det_tool", ROOT / "tools" / "benchmark_det.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch: expected >= 1, got 0"),  # was "FAILED after the rows above: AssertionError: "
+    (["--img-size", "0"], "--img-size: expected >= 1, got 0"),
+    (["--workers", "-1"], "--workers: expected >= 0, got -1"),
+])
+def test_sizes_below_their_least_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _tool().main(["--quick", *args])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")

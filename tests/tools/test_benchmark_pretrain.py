@@ -154,3 +154,55 @@ def test_counts_below_one_are_usage_errors(capsys):
             tool.parse_args(args)
         assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
     assert tool.parse_args(["--batch-size", "1", "--warmup", "0"]).batch_size == 1
+
+
+def test_a_mask_ratio_outside_0_1_is_a_usage_error(capsys):
+    # was rejected by the model only after the matmul peaks had been measured
+    for ratio in ("1.0", "-0.1"):
+        with pytest.raises(SystemExit) as e:
+            _tool().parse_args(["--mask-ratio", ratio])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"error: --mask-ratio: expected a value in [0, 1), got {float(ratio)}")
+
+
+def test_no_runnable_precision_is_an_error_naming_why(capsys):
+    """--precisions fp16 on a CPU skipped every row and printed an empty table with exit 0."""
+    with pytest.raises(SystemExit) as e:
+        _tool().main(["--quick", "--precisions", "fp16"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: precisions: none of ['fp16'] runs on cpu: fp16: fp16 autocast with a gradient scaler is a GPU recipe")
+
+
+def test_a_sigterm_during_the_matmul_peak_still_prints_a_report():
+    """The time limit can land before the first row (matmul peak, model build, FLOP count): still a report, exit 0."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "tools/benchmark_pretrain.py", "--precisions", "fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the peak runs 2048 and 4096 px products for at least 1 s each
+        if line.startswith("measuring fp32 matmul peak"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    *table, last = out.strip().splitlines()
+    result = json.loads(last)
+    assert result["interrupted"] is True and result["rows"] == [] and result["matmul_peak_gflops"] == {}
+    assert "matmul peak: not measured" in table and "STOPPED by a signal after 0 row(s)" in "\n".join(table)
+
+
+def test_an_interrupt_while_counting_flops_keeps_the_peaks(monkeypatch):
+    from mae_det.bench import pretrain
+
+    def interrupted(*args, **kwargs):  # the SIGTERM handler raises this wherever the main thread is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "count_forward_macs", interrupted)
+    try:
+        result = pretrain.run_benchmark(**{**_tool().QUICK, "precisions": ("fp32",)})
+    except KeyboardInterrupt:  # uncaught, it would end the pytest session rather than fail the test
+        pytest.fail("the interrupt escaped run_benchmark: no report")
+    assert result["interrupted"] is True and result["rows"] == [] and list(result["matmul_peak_gflops"]) == ["fp32"]
+    assert "STOPPED by a signal after 0 row(s)" in pretrain.format_report(result)
