@@ -93,7 +93,7 @@ def check_datasets(cfg, training=True):
 def check_batch_norm_batch(cfg, processes):
     """Refuses unsynchronized BatchNorm in the semantic head with one image per process and step: the 1x1 bin of
     POOL_SCALES then batch-normalizes one value per channel, which fails at the first step (the single-process
-    case is :func:`~mae_det.data.semantic.check_task_datasets`'s)."""
+    case, one image a step, is refused at config load: :func:`~mae_det.config.semantic.validate_sem_seg_config`)."""
     h = cfg.MODEL.SEM_SEG_HEAD
     per_process = cfg.SOLVER.IMS_PER_BATCH // processes
     if is_semantic(cfg) and h.NORM == "BN" and 1 in h.POOL_SCALES and per_process == 1 and processes > 1:

@@ -27,6 +27,9 @@ from detectron2.config import CfgNode as CN
 from .vit_backbone import NORMS
 
 SEM_SEG_KEY = "DATASETS.REGISTER_SEM_SEG"
+# Norms that use the statistics of the batch in training; the synchronized ones too, since a total batch of one
+# image means a single process with nothing to synchronize with.
+BATCH_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
 
 
 def add_sem_seg_config(cfg: CN) -> CN:
@@ -70,6 +73,11 @@ def validate_sem_seg_config(cfg: CN) -> None:
     if h.NORM == "GN" and (h.CONVS_DIM % 32 or h.AUX_CONVS_DIM % 32):
         raise ValueError(f"MODEL.SEM_SEG_HEAD.NORM 'GN' (32 groups) needs CONVS_DIM and AUX_CONVS_DIM divisible by 32, "
                          f"got {h.CONVS_DIM}, {h.AUX_CONVS_DIM}")
+    if h.NAME == "UperNetHead" and cfg.SOLVER.IMS_PER_BATCH == 1 and h.NORM in BATCH_NORMS and 1 in h.POOL_SCALES:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH 1 with MODEL.SEM_SEG_HEAD.NORM {h.NORM!r} and 1 in "
+                         "MODEL.SEM_SEG_HEAD.POOL_SCALES: the 1x1 pooling bin batch-normalizes one value per channel, "
+                         "which fails at the first training step; train with 2 or more images a step, NORM 'GN', or "
+                         "POOL_SCALES without 1")
     if h.AUX_IN_FEATURE and h.AUX_IN_FEATURE not in h.IN_FEATURES:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE = {h.AUX_IN_FEATURE!r}: expected one of "
                          f"MODEL.SEM_SEG_HEAD.IN_FEATURES {list(h.IN_FEATURES)} or ''")

@@ -26,8 +26,8 @@ Every key, its default and meaning (``add_vit_config`` adds exactly these)::
     MODEL.VIT.OUT_CHANNELS: 256     channels of p2-p6
     MODEL.VIT.NORM: "LN"            norm of the pyramid convs (a Detectron2 get_norm name: "LN" for ViTDet's
                                     simple pyramid, "BN" / "SyncBN" / "GN" for the multi_tap FPN, "" for none)
-    MODEL.VIT.UPSAMPLE_NORM: "GN"   multi_tap: norm between the two deconvs of the stride-4 branch (simple mode
-                                    uses NORM there, as ViTDet)
+    MODEL.VIT.UPSAMPLE_NORM: "GN"   multi_tap and build_vit_multitap_backbone: norm between the two deconvs of the
+                                    stride-4 branch (simple mode uses NORM there, as ViTDet)
     MODEL.VIT.INIT: "vitdet"        random initialization of the encoder: "vitdet" (Detectron2 ViTDet's rules: trunc-
                                     normal std 0.02 Linear weights and position table, zero biases and relative-
                                     position tables, PyTorch's default patch conv) or "mae" (the MAE model's: xavier-
@@ -193,12 +193,16 @@ def validate_vit_config(cfg: CN) -> None:
             fail(key, v[key], f"expected a Detectron2 norm name, one of {list(NORMS)}")
     if v.OUT_CHANNELS <= 0:
         fail("OUT_CHANNELS", v.OUT_CHANNELS, "expected a positive integer")
-    if v.NORM == "GN" and v.OUT_CHANNELS % 32:
+    # The semantic builder always builds the multi_tap levels and no pyramid convs: PYRAMID, NORM and
+    # OUT_CHANNELS are unused there, UPSAMPLE_NORM is not.
+    semantic = cfg.MODEL.BACKBONE.NAME == "build_vit_multitap_backbone"
+    multi_tap = semantic or v.PYRAMID == "multi_tap"
+    if not semantic and v.NORM == "GN" and v.OUT_CHANNELS % 32:
         fail("OUT_CHANNELS", v.OUT_CHANNELS, "must be a multiple of 32 with NORM 'GN' (32 groups)")
-    if v.PYRAMID == "simple" and v.NORM == "GN" and (dim // 2) % 32:
+    if not multi_tap and v.NORM == "GN" and (dim // 2) % 32:
         fail("NORM", "GN", f"the simple pyramid's stride PATCH_SIZE/4 branch norms embed dim / 2 = {dim // 2} "
                            "channels, not divisible by 32 groups (needs an embed dim divisible by 64)")
-    if v.PYRAMID == "multi_tap" and v.UPSAMPLE_NORM == "GN" and dim % 32:
+    if multi_tap and v.UPSAMPLE_NORM == "GN" and dim % 32:
         fail("UPSAMPLE_NORM", "GN", f"needs an embed dim divisible by 32 (32 groups), got {dim}")
     if v.COMPILE not in COMPILE_CHOICES:
         fail("COMPILE", v.COMPILE, f"expected one of {list(COMPILE_CHOICES)}")

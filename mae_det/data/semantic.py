@@ -244,15 +244,11 @@ def check_sem_seg_classes(cfg: CfgNode, dataset_names: list[str] | tuple[str, ..
                                f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: set it to {len(classes)}")
 
 
-# Norms that need more than one value per channel in training; naiveSyncBN in one process is plain BatchNorm.
-_BATCH_NORMS = ("BN", "SyncBN", "naiveSyncBN", "naiveSyncBN_N")
-
-
 def check_task_datasets(cfg: CfgNode) -> None:
-    """Checks, before any training, what would otherwise fail only at evaluation or at the first step: every
+    """Checks, before any training, what would otherwise fail only at evaluation: every
     ``DATASETS.TEST`` set is scored by the model's task (a semantic set by a ``SemanticSegmentor``, any other by a
-    detector), a semantic test set has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, and UperNet's 1x1 pyramid
-    pooling bin is not batch-normed over a single image (one image per step holds one value per channel there).
+    detector), and a semantic test set has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes (one image per step with a
+    batch-normed 1x1 pooling bin is refused at config load, :func:`~mae_det.config.semantic.validate_sem_seg_config`).
 
     Raises:
         DatasetError: one line naming the dataset or the keys to change.
@@ -268,11 +264,6 @@ def check_task_datasets(cfg: CfgNode) -> None:
     if not semantic:
         return
     check_sem_seg_classes(cfg, cfg.DATASETS.TEST)
-    h = cfg.MODEL.SEM_SEG_HEAD
-    if cfg.SOLVER.IMS_PER_BATCH == 1 and h.NORM in _BATCH_NORMS and 1 in h.POOL_SCALES:
-        raise DatasetError(f"SOLVER.IMS_PER_BATCH 1 with MODEL.SEM_SEG_HEAD.NORM {h.NORM!r}: the 1x1 bin of "
-                           "POOL_SCALES batch-normalizes one value per channel; train with 2 or more images a step, "
-                           "NORM 'GN', or POOL_SCALES without 1")
 
 
 # ---- ADE20K ------------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class ViTSimplePyramid(_PaddingMixin, Backbone):
     """ViTDet's simple feature pyramid on the last block of ``net``: ``p2``-``p5`` in parallel, ``p6`` by max-pool.
 
     Inputs are padded to a multiple of ``2 * patch`` (every level then has exactly ``H / stride`` rows) or to
-    ``square_pad``; any other size still runs.
+    ``square_pad``; another multiple of the patch still runs (``p5`` and ``p6`` round down), a size that is not a
+    multiple of the patch is refused by the encoder's patch embedding.
 
     Args:
         net: the spatial-mode encoder.
@@ -160,7 +161,8 @@ class ViTMultiTap(_PaddingMixin, Backbone):
 
     Outputs are named ``tap2``..``tap5`` (by log2 stride, at patch 16) and keep the embed width; the stride-4
     branch is deconv -> ``upsample_norm`` -> GELU -> deconv. Used alone it is the semantic-segmentation backbone
-    (BEiT / mmsegmentation's ViT + Feature2Pyramid), padded as :class:`ViTSimplePyramid`.
+    (BEiT / mmsegmentation's ViT + Feature2Pyramid), padded as :class:`ViTSimplePyramid` (another multiple of the
+    patch runs too: ``tap5`` rounds down and UperNet resamples every level to the next one's size).
     """
 
     def __init__(
@@ -196,7 +198,12 @@ class ViTMultiTap(_PaddingMixin, Backbone):
 
 
 class ViTFPN(_PaddingMixin, FPN):
-    """Detectron2's FPN over :class:`ViTMultiTap`; ``net`` is the encoder, padding as :class:`ViTSimplePyramid`."""
+    """Detectron2's FPN over :class:`ViTMultiTap`; ``net`` is the encoder.
+
+    Inputs must be a multiple of ``size_divisibility`` = ``2 * patch`` (or ``square_pad``), as Detectron2's
+    ``ImageList.from_tensors`` pads them: the top-down path adds each level to the 2x upsampled next coarser one,
+    so every level must be exactly half the size of the one below.
+    """
 
     def __init__(self, bottom_up: ViTMultiTap, out_channels: int = 256, norm: str = "BN", square_pad: int = 0) -> None:
         top_block = LastLevelMaxPool()
@@ -208,6 +215,19 @@ class ViTFPN(_PaddingMixin, FPN):
     @property
     def net(self) -> VisionTransformer:
         return self.bottom_up.net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, C, H, W), H and W multiples of ``2 * patch`` -> {"p2": (N, out, H/4, W/4), ..., "p6"}.
+
+        Raises:
+            ValueError: H or W is not a multiple of ``size_divisibility``.
+        """
+        h, w = x.shape[-2:]
+        d = self._size_divisibility
+        if h % d or w % d:
+            # Else the top-down sum fails on mismatched sizes (an odd token grid halves to a rounded-down level).
+            raise ValueError(f"input {h}x{w}: pad to a multiple of size_divisibility={d} (ImageList.from_tensors)")
+        return super().forward(x)
 
 
 def encoder_prefix(cfg: CfgNode) -> str:

@@ -75,3 +75,21 @@ def test_widths_that_only_some_settings_constrain():
     validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=66, NUM_HEADS=3, INIT="vitdet"))
     validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=96, NUM_HEADS=3, NORM="GN", PYRAMID="multi_tap"))
     validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=128, NUM_HEADS=2, NORM="GN"))
+
+
+def test_semantic_backbone_checks_its_upsample_norm_whatever_pyramid_and_not_the_unused_pyramid_norm():
+    """build_vit_multitap_backbone builds the multi_tap levels (UPSAMPLE_NORM in the stride-4 branch) whatever
+    PYRAMID says, and no pyramid convs (NORM, OUT_CHANNELS unused)."""
+    def semantic(**vit):
+        cfg = cfg_with(SIZE="custom", NUM_HEADS=3, **vit)
+        cfg.MODEL.BACKBONE.NAME = "build_vit_multitap_backbone"
+        return cfg
+
+    for pyramid in ("simple", "multi_tap"):
+        with pytest.raises(ValueError) as e:
+            validate_vit_config(semantic(EMBED_DIM=48, UPSAMPLE_NORM="GN", PYRAMID=pyramid))
+        assert str(e.value) == "MODEL.VIT.UPSAMPLE_NORM = 'GN': needs an embed dim divisible by 32 (32 groups), got 48"
+    validate_vit_config(semantic(EMBED_DIM=48, UPSAMPLE_NORM="BN"))
+    validate_vit_config(semantic(EMBED_DIM=96, NORM="GN", OUT_CHANNELS=48))  # both unused: valid
+    with pytest.raises(ValueError, match=r"^MODEL.VIT.NORM = 'GN': the simple pyramid's"):  # detection still checked
+        validate_vit_config(cfg_with(SIZE="custom", EMBED_DIM=96, NUM_HEADS=3, NORM="GN"))

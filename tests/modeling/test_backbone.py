@@ -183,6 +183,23 @@ def test_padding_constraints_any_input_size(pyramid):
     assert padded.tensor.shape[-2:] == (160, 160)
 
 
+@pytest.mark.parametrize("hw", [(48, 48), (80, 112)])  # multiples of the patch (16), not of 2 * patch
+def test_multi_tap_fpn_refuses_inputs_not_padded_to_its_size_divisibility(hw):
+    """Detectron2's top-down path adds each level to the 2x upsampled coarser one: an odd token grid max-pools to a
+    rounded-down stride-32 level that no longer fits. The simple pyramid and the semantic levels still run."""
+    x = torch.randn(1, 3, *hw)
+    fpn = build(tiny_cfg("multi_tap")).eval()
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        fpn(x)
+    assert str(e.value) == f"input {hw[0]}x{hw[1]}: pad to a multiple of size_divisibility=32 (ImageList.from_tensors)"
+    padded = ImageList.from_tensors([x[0]], fpn.size_divisibility, padding_constraints=fpn.padding_constraints).tensor
+    with torch.no_grad():
+        assert fpn(padded)["p5"].shape[-2:] == (math.ceil(hw[0] / 32), math.ceil(hw[1] / 32))
+        assert build(tiny_cfg("simple")).eval()(x)["p5"].shape[-2:] == (hw[0] // 32, hw[1] // 32)
+        semantic = build_vit_multitap_backbone(semantic_cfg(), ShapeSpec(channels=3)).eval()
+        assert semantic(x)["tap5"].shape[-2:] == (hw[0] // 32, hw[1] // 32)
+
+
 def test_registered_builder_builds_from_config():
     simple = build_backbone(tiny_cfg("simple"))
     fpn = build_backbone(tiny_cfg("multi_tap"))

@@ -106,6 +106,24 @@ def test_multitap_backbone_builds_only_the_levels_the_head_reads():
                             "MODEL.VIT.PATCH_SIZE 8; expected names among ['tap1', 'tap2', 'tap3', 'tap4']")
 
 
+def test_one_image_a_step_with_batch_norm_and_a_1x1_pooling_bin_is_refused_by_the_config():
+    """The shapes config norms with naiveSyncBN (plain BatchNorm in one process): one image a step would
+    batch-normalize the single value per channel of the 1x1 bin at the first step."""
+    with pytest.raises(ConfigError) as e:
+        _shapes_cfg("SOLVER.IMS_PER_BATCH", 1)
+    assert str(e.value) == (
+        "SOLVER.IMS_PER_BATCH 1 with MODEL.SEM_SEG_HEAD.NORM 'naiveSyncBN' and 1 in MODEL.SEM_SEG_HEAD.POOL_SCALES: "
+        "the 1x1 pooling bin batch-normalizes one value per channel, which fails at the first training step; train "
+        "with 2 or more images a step, NORM 'GN', or POOL_SCALES without 1")
+    for fix in (["MODEL.SEM_SEG_HEAD.NORM", "GN"], ["MODEL.SEM_SEG_HEAD.POOL_SCALES", (2, 3)],
+                ["SOLVER.IMS_PER_BATCH", 2]):
+        _shapes_cfg("SOLVER.IMS_PER_BATCH", 1, *fix)
+    cfg = _shapes_cfg("SOLVER.IMS_PER_BATCH", 1, "MODEL.SEM_SEG_HEAD.POOL_SCALES", (2, 3))
+    image = torch.randint(0, 256, (3, 64, 64)).float()
+    losses = build_model(cfg).train()([{"image": image, "sem_seg": torch.randint(0, 7, (64, 64))}])
+    assert all(math.isfinite(v.item()) for v in losses.values())  # one image a step trains without the 1x1 bin
+
+
 def test_window_starts_cover_the_image_and_end_at_the_border():
     assert window_starts(64, 64, 43) == [0]
     assert window_starts(40, 64, 43) == [0]
