@@ -82,7 +82,8 @@ Every key, its default and meaning (``get_pretrain_cfg`` builds exactly this tre
     PRECISION: "auto"               "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler, GPU only) or
                                     "auto": bf16 where the device runs it natively, else fp16 on GPU, fp32 on CPU
     DEVICE: "auto"                  "cpu", "cuda" or "auto" (cuda when available)
-    SEED: 0                         all randomness (data order, crops, flips, masks, drop path) derives from it
+    SEED: 0                         all randomness (data order, crops, flips, masks, drop path) derives from it;
+                                    0 to 2**63 - 1
     OUTPUT_DIR: "output/pretrain"   checkpoints, metrics.jsonl, TensorBoard events, config.yaml, run_info.json
     MONITOR.KNN.ENABLED: False      kNN top-1 of the encoder on a labeled ImageFolder pair, logged as knn_top1
     MONITOR.KNN.PERIOD: 10          every N epochs (and after the last one)
@@ -535,7 +536,7 @@ def validate_pretrain_cfg(cfg: CN, *, check_paths: bool = True) -> None:
     _check(cfg.DEVICE in DEVICES, f"DEVICE: expected one of {DEVICES}, got {cfg.DEVICE!r}")
     _check(not (cfg.PRECISION == "fp16" and cfg.DEVICE == "cpu"),
            "PRECISION: fp16 needs a GPU (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
-    _check(cfg.SEED >= 0, f"SEED: expected >= 0, got {cfg.SEED}")
+    _check(0 <= cfg.SEED < 2**63, f"SEED: expected an integer in [0, 2**63), got {cfg.SEED}")  # a signed 64-bit key
     _check(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR is empty")
 
     if K.ENABLED:

@@ -17,9 +17,10 @@ Split of the work:
 With ``DATA.DECODE_DEVICE cpu`` on a GPU the workers decode and augment as on a CPU but stop short of the float
 conversion: they pass uint8 images, and :class:`DeviceNormalize` normalizes them on the side stream.
 
-A file that passes the header check but fails on the GPU is decoded on the CPU in the main process (counted in
-the batch's ``"cpu_decoded"``); one that fails there too becomes a zero image reported in ``"bad"`` (counted like
-any unreadable image) - unlike the CPU path, which can still swap in the next readable file.
+A file that passes the header check but fails on the GPU, or decodes there to another size than its header's, is
+decoded on the CPU in the main process (counted in the batch's ``"cpu_decoded"``); one that fails there too becomes
+a zero image reported in ``"bad"`` (counted like any unreadable image) - unlike the CPU path, which can still swap
+in the next readable file.
 """
 from __future__ import annotations
 
@@ -94,7 +95,12 @@ def hide_exif(jpeg: bytearray) -> int:
     """Turns every APP1 segment (EXIF, XMP) into an APP15 one in place, which decoders skip unread; returns how
     many it turned. The orientation was read with PIL before, as the CPU path reads it."""
     pos, hidden = 2, 0  # after the start-of-image marker
-    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF and jpeg[pos + 1] not in (0xD9, 0xDA):  # headers end at a scan
+    while pos + 4 <= len(jpeg) and jpeg[pos] == 0xFF:
+        if jpeg[pos + 1] == 0xFF:  # a fill byte: any number of them may precede a marker
+            pos += 1
+            continue
+        if jpeg[pos + 1] in (0xD9, 0xDA):  # headers end at a scan
+            break
         if jpeg[pos + 1] == 0xE1:
             jpeg[pos + 1] = 0xEF
             hidden += 1
@@ -116,18 +122,20 @@ class EncodedPretrainDataset(PretrainDataset):
         jpeg, index = item
         crop = self.transform.sample(jpeg.width, jpeg.height, g)
         return {"image": None, "jpeg": jpeg.data, "orientation": jpeg.orientation, "crop": tuple(crop),
-                "file": (index, jpeg.path)}
+                "size": (jpeg.height, jpeg.width), "file": (index, jpeg.path)}
 
 
 def collate_encoded(samples: list[dict]) -> dict:
     """Like :func:`collate_pretrain`, with ``"image"`` = ``{position: (C, S, S)}`` of the worker-decoded samples
-    and per-sample lists ``"jpeg"`` (bytes or None), ``"orientation"``, ``"crop"``."""
+    and per-sample lists ``"jpeg"`` (bytes or None), ``"orientation"``, ``"crop"``, ``"size"`` ((H, W) after the
+    orientation, as the header gives it)."""
     decoded = {i: s["image"] for i, s in enumerate(samples) if s["jpeg"] is None}
     batch = collate_pretrain([dict(s, image=torch.zeros(0)) for s in samples])
     batch["image"] = decoded
     batch["jpeg"] = [s["jpeg"] for s in samples]
     batch["orientation"] = [s.get("orientation", 1) for s in samples]
     batch["crop"] = [s.get("crop") for s in samples]
+    batch["size"] = [s.get("size") for s in samples]
     batch["file"] = [s.get("file") for s in samples]  # (dataset index, path) of the bytes
     return batch
 
@@ -200,6 +208,12 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
+def oriented_size(img: torch.Tensor, orientation: int) -> tuple[int, int]:
+    """(H, W) of :func:`apply_orientation`'s result for a (C, H, W) image as stored."""
+    h, w = img.shape[-2:]
+    return (w, h) if orientation >= 5 else (h, w)
+
+
 def resize_crop(img: torch.Tensor, orientation: int, crop: CropFlip | Sequence, size: int) -> torch.Tensor:
     """(3, H, W) uint8 as stored -> (3, size, size) float in [0, 255] (before rounding): the EXIF orientation, the
     crop, and the resize with antialiased bicubic, PIL's filter, which the CPU path uses. One float pass where PIL
@@ -247,7 +261,9 @@ class GpuAugment:
         batch["cpu_decoded"] = len(batch["image"])  # on the workers: not JPEGs, CMYK, oversized
         resized = []  # slots whose pixels are resized, not yet rounded and normalized
         for i, img in zip(slots, decode_jpegs([batch["jpeg"][i] for i in slots], self.device)):
-            if img is None:
+            # Another size than the header's (a decoder that applied an EXIF orientation after all): the crop was
+            # drawn for the header's, so the CPU decodes the file as stored.
+            if img is None or oriented_size(img, batch["orientation"][i]) != tuple(batch["size"][i]):
                 img = self._decode_on_cpu(batch, *batch["file"][i])
             if img is None:
                 out[i] = 0.0

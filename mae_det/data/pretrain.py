@@ -14,13 +14,14 @@ more failures than ``max_bad_fraction`` of the dataset end the run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -44,11 +45,21 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files below ``root`` (recursive, following links once, hidden entries skipped), sorted."""
+def list_images(root: str | os.PathLike, unlisted: list[str] | None = None) -> list[Path]:
+    """All image files below ``root`` (recursive, following links once, hidden entries skipped), sorted.
+
+    A folder that cannot be listed (no permission, an I/O error) is left out with a warning naming it, and
+    appended to ``unlisted`` when given.
+    """
     found: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def skip(e: OSError) -> None:
+        logger.warning("cannot list folder %s (%s): its images are left out", e.filename, e.strerror or e)
+        if unlisted is not None:
+            unlisted.append(str(e.filename))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=skip, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink cycle
             dirnames[:] = []
@@ -68,7 +79,10 @@ def detect_source(path: str | os.PathLike) -> str:
         return "coco"
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder")
-    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    try:
+        entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    except OSError as e:
+        raise DataError(f"{path}: cannot list the folder ({e.strerror or e})") from e
     subdirs = [e for e in entries if e.is_dir()]
     if subdirs and not any(e.is_file() and _is_image(e.name) for e in entries):
         return "imagefolder"
@@ -91,39 +105,61 @@ class ImageSource:
         class_names: names of the contiguous class indexes.
         missing: files listed by the index that do not exist (they count as unreadable images).
         root: the path the source was built from (for messages).
+        base: the folder the paths are named relative to (:meth:`relative_names`): ``root``, or a COCO json's
+            image root.
+        unlisted: folders below ``root`` that could not be listed, so their images are not in ``paths``.
     """
 
     def __init__(
         self, paths: list[Path], root: str, labels: list[tuple[int, ...]] | None = None,
         class_names: Sequence[str] = (), missing: Sequence[str] = (), crowds: list[tuple[int, ...]] | None = None,
+        base: str | os.PathLike | None = None, unlisted: Sequence[str] = (),
     ) -> None:
         self.paths, self.root, self.labels = paths, root, labels
         self.crowds = crowds if crowds is not None else [()] * len(paths)
         self.class_names, self.missing = list(class_names), list(missing)
+        self.base, self.unlisted = str(Path(root if base is None else base)), list(unlisted)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def relative_names(self, indices: Iterable[int] | None = None) -> list[str]:
+        """The paths of the images ``indices`` (default all, in index order) relative to ``base``: names that stay
+        the same when the folder moves."""
+        prefix = os.path.join(self.base, "")
+        paths = self.paths if indices is None else [self.paths[i] for i in indices]
+        return [s[len(prefix):] if s.startswith(prefix) else s for s in map(os.fspath, paths)]
+
+    def listing_hash(self) -> str:
+        """A hash of :meth:`relative_names`, in index order: it changes when an image is added, removed, renamed or
+        moved to another index (a checkpoint's sample indices then name other files)."""
+        names = "\0".join(self.relative_names()).encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(names, digest_size=16).hexdigest()
+
 
 def folder_source(root: str | os.PathLike) -> ImageSource:
-    return ImageSource(list_images(root), str(root))
+    unlisted: list[str] = []
+    return ImageSource(list_images(root, unlisted), str(root), unlisted=unlisted)
 
 
 def imagefolder_source(root: str | os.PathLike) -> ImageSource:
     """Class sub-folders of ``root`` in sorted order, as torchvision's ImageFolder indexes them."""
     root = Path(root)
-    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    try:
+        classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"{root}: cannot list the folder ({e.strerror or e})") from e
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected an ImageFolder tree root/<class>/<image>)")
-    paths, labels = [], []
+    paths, labels, unlisted = [], [], []
     for idx, name in enumerate(classes):
-        files = list_images(root / name)
+        files = list_images(root / name, unlisted)
         if not files:
             logger.warning("class folder %s has no images", root / name)
         paths += files
         labels += [(idx,)] * len(files)
-    return ImageSource(paths, str(root), labels, classes)
+    return ImageSource(paths, str(root), labels, classes, unlisted=unlisted)
 
 
 def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ImageSource:
@@ -188,7 +224,7 @@ def coco_source(json_path: str | os.PathLike, image_root: str | os.PathLike | No
         paths.append(p)
         labels.append(tuple(sorted(image_labels[img_id])))
         crowds.append(tuple(sorted(image_crowds[img_id])))
-    return ImageSource(paths, str(json_path), labels, [cat_names[c] for c in cat_ids], missing, crowds)
+    return ImageSource(paths, str(json_path), labels, [cat_names[c] for c in cat_ids], missing, crowds, base=root)
 
 
 def _int_id(value: Any) -> Any:

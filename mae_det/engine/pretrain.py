@@ -14,8 +14,12 @@ Output directory layout (``cfg.OUTPUT_DIR``)::
     encoder.pth                     the encoder export {"model": encoder state dict, "meta": {...}}
 
 A checkpoint is ``{"model", "optimizer", "scheduler", "scaler", "epoch", "iter", "global_step", "epoch_loss_sum",
-"rng", "bad_indices", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it loads with
-``torch.load(weights_only=True)``; ``model`` uses the official MAE key names.
+"rng", "bad_indices", "bad_files", "config", "meta"}`` holding only tensors, numbers, strings and containers, so it
+loads with ``torch.load(weights_only=True)``; ``model`` uses the official MAE key names. The unreadable images are
+those of every process, as dataset indices and as paths relative to the data folder; ``meta`` also records the
+number of images and a hash of their listing, so a resume on a changed folder is noticed (a warning, or a refusal
+when the steps per epoch changed with it) and takes the unreadable files by name (older checkpoints lack these keys
+and resume as before).
 
 Non-finite losses: the loss is checked on the host only every LOG_PERIOD steps (and before each checkpoint),
 because a check per step would stall an accelerator on every step. In between, a non-finite loss sets a flag on the
@@ -342,6 +346,8 @@ class Pretrainer:
 
         src = build_source(cfg.DATA.SOURCE, cfg.DATA.PATH, cfg.DATA.IMAGE_ROOT)
         self.data_root = src.root
+        self.images_hash = src.listing_hash()
+        self.unlisted = len(src.unlisted)  # folders that could not be listed (each logged by list_images)
         self.num_classes = 0
         if self.mode == "supervised":
             if src.labels is None:
@@ -445,6 +451,16 @@ class Pretrainer:
                 "see the log for the files"
             )
 
+    def _all_bad(self) -> set[int]:
+        """The union of every process's unreadable images: a collective, which every rank calls at the same step
+        (their skipped images differ, and an image can fail on two of them)."""
+        return set().union(*du.all_gather_object(self.bad))
+
+    def _merge_bad(self) -> None:
+        """Takes every process's unreadable images into this one's and checks the budget on them all."""
+        self.bad = self._all_bad()
+        self._check_bad_budget(len(self.bad))  # the ranks' sum: each can stay within it alone
+
     def _note_bad(self, bad: list[tuple[int, str]]) -> None:
         for index, msg in bad:
             if index not in self.bad:
@@ -482,12 +498,16 @@ class Pretrainer:
             "epoch_loss_sum": self.epoch_loss_sum,
             "rng": rng,
             "bad_indices": torch.tensor(sorted(self.bad), dtype=torch.long),
+            "bad_files": self.dataset.source.relative_names(sorted(self.bad)),
             "config": self.cfg.dump(),
-            "meta": dict(self.meta, effective_batch=self.eff_batch, steps_per_epoch=self.steps_per_epoch),
+            "meta": dict(self.meta, effective_batch=self.eff_batch, steps_per_epoch=self.steps_per_epoch,
+                         num_images=len(self.dataset), images_hash=self.images_hash),
         }
 
     def save_checkpoint(self) -> Path:
-        """Writes the checkpoint and then the ``last_checkpoint`` pointer, both atomically (rank 0 only)."""
+        """Writes the checkpoint and then the ``last_checkpoint`` pointer, both atomically (rank 0 writes; every rank
+        calls it, at the same step)."""
+        self._merge_bad()  # rank 0 writes them all: a resume from a mid-epoch checkpoint must know them too
         mid_epoch = self.iter > 0
         name = f"checkpoint_{self.epoch:04d}_{self.iter:06d}.pth" if mid_epoch else f"checkpoint_{self.epoch:04d}.pth"
         path = self.out / name
@@ -532,12 +552,23 @@ class Pretrainer:
                            "empty" if pointer.is_file() else "missing", path.name)
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta", {})
+        # Older checkpoints do not record their images: those are taken to be the folder's as it is.
+        other_images = meta.get("images_hash", self.images_hash) != self.images_hash
+        then, now = meta.get("num_images"), len(self.dataset)
         if (meta.get("effective_batch"), meta.get("steps_per_epoch")) != (self.eff_batch, self.steps_per_epoch):
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained with effective batch {meta.get('effective_batch')} and "
-                f"{meta.get('steps_per_epoch')} steps per epoch, the config now gives {self.eff_batch} and "
-                f"{self.steps_per_epoch}"
-            )
+            trained = f"effective batch {meta.get('effective_batch')} and {meta.get('steps_per_epoch')} steps per epoch"
+            if other_images:
+                raise CheckpointError(
+                    f"cannot resume from {path}: it was trained on {then} images with {trained}; {self.data_root} now "
+                    f"lists {now} images, which give {self.eff_batch} and {self.steps_per_epoch}"
+                )
+            raise CheckpointError(f"cannot resume from {path}: it was trained with {trained}, the config now gives "
+                                  f"{self.eff_batch} and {self.steps_per_epoch}")
+        if other_images and self.main:
+            logger.warning(
+                "resuming from %s on other images: it was trained on %d, %s now lists %d (files added, removed, "
+                "renamed or reordered); the data order follows the new listing, so the run does not repeat one "
+                "on the old images", path, then, self.data_root, now)
         configured = configured_settings(self.optimizer)
         try:
             self._bare_model().load_state_dict(ckpt["model"])
@@ -553,7 +584,11 @@ class Pretrainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        self.bad = set(ckpt["bad_indices"].tolist())
+        if "bad_files" in ckpt:  # by name: the indices of a changed folder point at other files
+            index = {name: i for i, name in enumerate(self.dataset.source.relative_names())}
+            self.bad = {index[name] for name in ckpt["bad_files"] if name in index}
+        else:
+            self.bad = set(ckpt["bad_indices"].tolist())
         self.last_good = path
         self._rolling = path if self.iter > 0 else None
         logger.info("resumed from %s (epoch %d, step %d of the epoch)", path, self.epoch, self.iter)
@@ -688,7 +723,7 @@ class Pretrainer:
             self._metrics({
                 "type": "train", "epoch": self.epoch + self.iter / self.steps_per_epoch, "step": self.global_step,
                 "iter": self.iter, "loss": loss, "lr": lr, "img_per_s": img_s,
-                "bad_images": len(self.bad) + self.missing, "time": time.time(),
+                "bad_images": len(self._all_bad()) + self.missing, "time": time.time(),
                 **({"cpu_decoded_images": self.cpu_decoded} if self.cfg.DATA.DECODE_DEVICE == "cuda" else {}),
             })
         period = self.cfg.SOLVER.CHECKPOINT_ITER_PERIOD
@@ -720,10 +755,11 @@ class Pretrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         logger.info(
-            "%s pretraining of %s on %d images (%s): %d processes, effective batch %d (accumulation %d), "
+            "%s pretraining of %s on %d images (%s%s): %d processes, effective batch %d (accumulation %d), "
             "lr %.3g, %d epochs x %d steps, precision %s, device %s, compile %s",
-            self.mode, cfg.MODEL.ARCH, len(self.dataset), self.data_root, self.world, self.eff_batch, self.accum,
-            self.lr, cfg.SOLVER.EPOCHS, self.steps_per_epoch, self.precision, self.device, self.compiled,
+            self.mode, cfg.MODEL.ARCH, len(self.dataset), self.data_root,
+            f"; folders that could not be listed: {self.unlisted}" if self.unlisted else "", self.world, self.eff_batch,
+            self.accum, self.lr, cfg.SOLVER.EPOCHS, self.steps_per_epoch, self.precision, self.device, self.compiled,
         )
         record: dict[str, Any] = {}
         self._checked_at = (time.perf_counter(), self.global_step)
@@ -732,8 +768,7 @@ class Pretrainer:
             while self.epoch < cfg.SOLVER.EPOCHS:
                 t0 = time.perf_counter()
                 epoch_loss = self._run_epoch(tqdm)
-                self.bad = set().union(*du.all_gather_object(self.bad))
-                self._check_bad_budget(len(self.bad))  # the ranks' sum: each can stay within it alone
+                self._merge_bad()
                 self.epoch, self.iter, self.epoch_loss_sum = self.epoch + 1, 0, 0.0
                 last = self.epoch == cfg.SOLVER.EPOCHS
                 record = {"type": "epoch", "epoch": self.epoch, "step": self.global_step, "loss": epoch_loss,

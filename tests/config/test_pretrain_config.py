@@ -217,3 +217,13 @@ def test_min_lr_above_the_peak_lr_is_refused_where_the_peak_is_known(data_dir):
     assert _error(_cfg, data_dir, "SOLVER.EFFECTIVE_BATCH_SIZE", "64", "SOLVER.MIN_LR", "1e-4") == (
         "SOLVER.MIN_LR 0.0001 exceeds the peak lr 3.75e-05 (SOLVER.BASE_LR x batch 64/256)")
     assert _cfg(data_dir, "SOLVER.EFFECTIVE_BATCH_SIZE", "64", "SOLVER.MIN_LR", "3.75e-5").SOLVER.MIN_LR == 3.75e-5
+
+
+def test_seed_must_fit_a_signed_64_bit_key(data_dir):
+    from mae_det.data.pretrain import sample_generator
+
+    # every seed a run derives hashes (SEED, epoch, index) packed as signed 64-bit integers
+    for bad in (str(2**63), "-1"):
+        assert _error(_cfg, data_dir, "SEED", bad) == f"SEED: expected an integer in [0, 2**63), got {bad}"
+    assert _cfg(data_dir, "SEED", str(2**63 - 1)).SEED == 2**63 - 1
+    sample_generator(2**63 - 1, 0, 0)  # the largest valid seed works where the first batch uses it

@@ -359,3 +359,44 @@ def test_resize_is_near_pil_at_hard_edges_too():
         diff = (got.round().clamp(0, 255) - ref).abs()
         worst_max, means = max(worst_max, float(diff.max())), means + [float(diff.mean())]
     assert worst_max <= 32 and max(means) < 2.0 and np.mean(means) < 0.6, (worst_max, max(means), np.mean(means))
+
+
+def _fill_byte_jpeg(path: Path, orientation: int = 6) -> Path:
+    """A JPEG whose APP1 (EXIF) marker follows a 0xFF fill byte, which the JPEG standard allows before any marker."""
+    _jpeg(path, 64, 48, 11, orientation=orientation)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xe1")
+    data[at:at] = b"\xff"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_exif_after_a_fill_byte_is_hidden_too(tmp_path, decoder):
+    path = _fill_byte_jpeg(tmp_path / "fill.jpg")
+    enc = G.read_encoded(path, 10**8)
+    assert (enc.width, enc.height, enc.orientation) == (48, 64, 6)
+    assert b"\xff\xe1" not in bytes(enc.data.numpy()) and b"\xff\xff\xef" in bytes(enc.data.numpy())
+    # the decoder gives the pixels as stored (TorchCodec turned them by the tag it found), turned once here
+    assert tuple(G.decode_jpegs([enc.data], "cpu")[0].shape) == (3, 48, 64)
+    t = PretrainTransform(32, scale=(1, 1), ratio=(1, 1), hflip=False)
+    src = folder_source(tmp_path)
+    cpu = PretrainDataset(src, t, seed=0)[(0, 0)]["image"]
+    gpu = G.GpuAugment(t, "cpu")(G.collate_encoded([G.EncodedPretrainDataset(src, t, seed=0)[(0, 0)]]))[0]
+    assert (_to_255(gpu, t) - _to_255(cpu, t)).abs().max() <= 2  # was 4 in normalized units: the image turned twice
+
+
+def test_a_decode_of_another_size_than_the_header_goes_to_the_cpu(folder, monkeypatch):
+    cpu, enc, t = _datasets(folder)
+    keys = [(0, i) for i in range(3)]  # a0 (120 x 90), a1 (90 x 120), a2 (200 x 64)
+    want = G.GpuAugment(t, "cpu")(G.collate_encoded([enc[k] for k in keys]))
+    real = G._decode_batch
+
+    def turning_decoder(data, device):  # as a decoder that applies an EXIF orientation the worker did not hide
+        return [x.transpose(-2, -1) if x.shape[-1] in (90, 120) else x for x in real(data, device)]
+
+    monkeypatch.setattr(G, "_decode_batch", turning_decoder)
+    batch = G.collate_encoded([enc[k] for k in keys])
+    assert batch["size"] == [(90, 120), (120, 90), (64, 200)]
+    got = G.GpuAugment(t, "cpu")(batch)
+    assert batch["cpu_decoded"] == 2 and not batch["bad"]  # the two turned ones, decoded again as stored
+    assert (_to_255(got, t) - _to_255(want, t)).abs().max() <= 1

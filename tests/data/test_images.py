@@ -340,3 +340,49 @@ def test_a_damaged_exif_block_still_orients_the_pixels_as_detectron2_does(tmp_pa
     im, size = load_image_and_file_size(p)
     assert im.size == size == image_size(p) == (16, 24)
     assert np.array_equal(np.asarray(im), read_image(str(p), "RGB"))
+
+
+def test_alpha_compositing_equals_the_float_formula_for_every_colour_and_alpha(tmp_path):
+    # every (c, a) pair; the reference is the float32 formula the integer one replaced
+    c, a = (v.ravel() for v in np.meshgrid(np.arange(256), np.arange(256), indexing="ij"))
+    rgba = np.stack([c, 255 - c, (c * 7) % 256, a], -1).astype(np.uint8).reshape(256, 256, 4)
+    f = rgba.astype(np.float32)
+    want = np.rint(f[..., :3] * (f[..., 3:] / 255.0)).astype(np.uint8)
+    p = tmp_path / "all.png"
+    Image.fromarray(rgba, "RGBA").save(p)
+    assert np.array_equal(np.asarray(load_image(p)), want)
+    la = tmp_path / "la.png"
+    Image.fromarray(rgba[..., [0, 3]].copy(), "LA").save(la)
+    assert np.array_equal(np.asarray(load_image(la)), np.repeat(want[..., :1], 3, -1))
+
+
+def test_alpha_compositing_memory_is_a_few_bytes_a_pixel(tmp_path):
+    import tracemalloc
+
+    p = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 4), dtype=np.uint8), "RGBA").save(p)
+    tracemalloc.start()
+    try:
+        load_image(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # numpy's arrays (PIL's own buffers are not traced): 11 bytes a pixel, float32 compositing took 43
+    assert peak / (512 * 512) < 16, peak / (512 * 512)
+
+
+def test_float_tiff_with_nan_scales_its_finite_values(tmp_path):
+    a = np.full((4, 5), np.nan, np.float32)
+    a[0, :3] = [10.0, 20.0, 30.0]
+    a[1, 0], a[1, 1] = np.inf, -np.inf
+    Image.fromarray(a).save(tmp_path / "nan.tif")
+    got = np.asarray(load_image(tmp_path / "nan.tif"))[..., 0]
+    assert got[0, :3].tolist() == [0, 128, 255] and got[1, :2].tolist() == [255, 0]  # infinities: the range's ends
+    assert (got[np.isnan(a)] == 0).all()
+    b = np.full((4, 5), np.nan, np.float32)
+    b[0, 0] = 1.0
+    Image.fromarray(b).save(tmp_path / "unit.tif")  # [0, 1] data keeps its scale
+    assert np.asarray(load_image(tmp_path / "unit.tif"))[..., 0].tolist() == [[255, 0, 0, 0, 0]] + [[0] * 5] * 3
+    Image.fromarray(np.full((4, 5), np.nan, np.float32)).save(tmp_path / "all_nan.tif")
+    msg = _expect_error(tmp_path / "all_nan.tif", "no finite")
+    assert msg == f"{tmp_path / 'all_nan.tif'}: no finite pixel values (all NaN or infinite)"

@@ -269,3 +269,56 @@ def test_sampler_num_batches_truncates():
     s = GlobalBatchSampler(100, 4, num_batches=5)
     assert len(list(s)) == 5
     assert GlobalBatchSampler(100, 4, num_batches=500).num_batches == 25
+
+
+def _deny(monkeypatch, *folders):
+    """Listing ``folders`` fails as without read permission (the tests may run as root, which chmod cannot stop)."""
+    import errno
+    import os
+
+    denied = {str(f) for f in folders}
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def listing(path=".", _real=real):
+            if os.fspath(path) in denied:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return _real(path)
+
+        monkeypatch.setattr(os, name, listing)
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_counted(tmp_path, monkeypatch, caplog):
+    for rel in ["a.png", "locked/b.png", "locked/deeper/c.png", "open/d.png"]:
+        _texture(tmp_path / "data" / rel, 0)
+    _deny(monkeypatch, tmp_path / "data" / "locked")
+    unlisted = []
+    assert [p.name for p in list_images(tmp_path / "data", unlisted)] == ["a.png", "d.png"]
+    assert unlisted == [str(tmp_path / "data" / "locked")]
+    locked = tmp_path / "data" / "locked"
+    assert f"cannot list folder {locked} (Permission denied): its images are left out" in caplog.text
+    src = build_source("auto", str(tmp_path / "data"))
+    assert len(src.paths) == 2 and src.unlisted == [str(tmp_path / "data" / "locked")]
+    _deny(monkeypatch, tmp_path / "data")
+    with pytest.raises(DataError) as info:
+        build_source("auto", str(tmp_path / "data"))
+    assert str(info.value) == f"{tmp_path / 'data'}: cannot list the folder (Permission denied)"
+    with pytest.raises(DataError) as info:
+        build_source("imagefolder", str(tmp_path / "data"))
+    assert str(info.value) == f"{tmp_path / 'data'}: cannot list the folder (Permission denied)"
+
+
+def test_relative_names_and_listing_hash_follow_the_files_not_the_folder(tmp_path):
+    for rel in ["a.png", "sub/b.png"]:
+        _texture(tmp_path / "one" / rel, 0)
+    one = folder_source(tmp_path / "one")
+    assert one.relative_names() == ["a.png", "sub/b.png"] and one.relative_names([1]) == ["sub/b.png"]
+    (tmp_path / "one").rename(tmp_path / "moved")
+    moved = folder_source(f"{tmp_path}/./moved/")  # another spelling of another place: the same listing
+    assert moved.relative_names() == one.relative_names() and moved.listing_hash() == one.listing_hash()
+    (tmp_path / "moved" / "a.png").rename(tmp_path / "moved" / "c.png")  # renamed: the indices name other files
+    assert folder_source(tmp_path / "moved").listing_hash() != one.listing_hash()
+    coco = tmp_path / "ann" / "coco.json"
+    coco.parent.mkdir()
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "sub/b.png"}, {"id": 2, "file_name": "c.png"}]}))
+    assert coco_source(coco, tmp_path / "moved").relative_names() == ["sub/b.png", "c.png"]  # under the image root

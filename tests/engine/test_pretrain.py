@@ -694,3 +694,125 @@ def test_truncate_metrics_keeps_the_complete_records_up_to_the_position(tmp_path
     assert path.read_text() == ""
     P.truncate_metrics(tmp_path / "absent.jsonl", 0)
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def _dirty_copy(images: Path, root: Path, n: int) -> Path:
+    """``n`` of the images plus one unreadable file, 012_bad.png."""
+    root.mkdir(parents=True)
+    for p in sorted(images.iterdir())[:n]:
+        (root / p.name).write_bytes(p.read_bytes())
+    (root / "012_bad.png").write_text("not an image")
+    return root
+
+
+def test_a_resume_on_a_changed_folder_warns_and_takes_the_unreadable_files_by_name(images, tmp_path, monkeypatch):
+    data = _dirty_copy(images, tmp_path / "data", 25)  # 26 files: 3 steps of 8
+    opts = ["SOLVER.EPOCHS", "5", "DATA.MAX_BAD_FRACTION", "0.2", "SOLVER.CHECKPOINT_ITER_PERIOD", "2"]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(_Interrupt):
+            P.run_pretrain(make_cfg(data, tmp_path / "out", *opts))
+    cut = _final(tmp_path / "out")
+    assert cut["bad_indices"].tolist() == [13] and cut["bad_files"] == ["012_bad.png"]
+    assert (cut["meta"]["num_images"], len(cut["meta"]["images_hash"])) == (26, 32)
+    for name in ("000a.png", "000b.png"):  # sorted first: every index moves by 2, the steps stay 3
+        (data / name).write_bytes((data / "000.png").read_bytes())
+    P.run_pretrain(make_cfg(data, tmp_path / "out", *opts), resume=True)
+    # the checkpoint's index 13 was another, readable, file now: the one unreadable file counted twice
+    assert [r["bad_images"] for r in records(tmp_path / "out", "epoch")] == [1] * 5
+    assert _final(tmp_path / "out")["bad_files"] == ["012_bad.png"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert (f"WARNING resuming from {tmp_path / 'out' / 'checkpoint_0000_000002.pth'} on other images: it was trained "
+            f"on 26, {data} now lists 28 (files added, removed, renamed or reordered); the data order follows the "
+            "new listing, so the run does not repeat one on the old images") in log
+    # more files that change the steps per epoch: the refusal names the folder, not the config
+    for i in range(4):
+        (data / f"100{i}.png").write_bytes((data / "000.png").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        P.run_pretrain(make_cfg(data, tmp_path / "out", *opts), resume=True)
+    assert str(info.value) == (f"cannot resume from {tmp_path / 'out' / 'checkpoint_0005.pth'}: it was trained on 28 "
+                               f"images with effective batch 8 and 3 steps per epoch; {data} now lists 32 images, "
+                               "which give 8 and 4")
+
+
+def test_a_checkpoint_without_the_listing_resumes_as_before(images, tmp_path, monkeypatch):
+    # checkpoints written before the images' listing was recorded: their sample indices are taken as they are
+    data = _dirty_copy(images, tmp_path / "data", 25)
+    opts = ["SOLVER.EPOCHS", "2", "DATA.MAX_BAD_FRACTION", "0.2", "SOLVER.CHECKPOINT_ITER_PERIOD", "2"]
+    P.run_pretrain(make_cfg(data, tmp_path / "ref", *opts))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(_Interrupt):
+            P.run_pretrain(make_cfg(data, tmp_path / "cut", *opts))
+    path = tmp_path / "cut" / "checkpoint_0000_000002.pth"
+    old = torch.load(path, weights_only=True)
+    del old["bad_files"], old["meta"]["num_images"], old["meta"]["images_hash"]
+    torch.save(old, path)
+    P.run_pretrain(make_cfg(data, tmp_path / "cut", *opts), resume=True)
+    ref, cut = _final(tmp_path / "ref"), _final(tmp_path / "cut")
+    assert all(torch.equal(ref["model"][k], cut["model"][k]) for k in ref["model"])
+    assert [r["bad_images"] for r in records(tmp_path / "cut", "epoch")] == [1, 1]
+    assert "other images" not in (tmp_path / "cut" / "log.txt").read_text()
+
+
+def test_a_folder_that_cannot_be_listed_is_named_in_the_log(images, tmp_path, monkeypatch):
+    import os
+
+    data = tmp_path / "data"
+    for i, p in enumerate(sorted(images.iterdir())[:16]):
+        (data / ("locked" if i % 2 else "open")).mkdir(parents=True, exist_ok=True)
+        (data / ("locked" if i % 2 else "open") / p.name).write_bytes(p.read_bytes())
+    real = os.scandir
+
+    def scandir(path="."):  # as a folder without read permission (chmod does not stop root)
+        if os.fspath(path) == str(data / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    P.run_pretrain(make_cfg(data, tmp_path / "out", "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0"))
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert f"WARNING cannot list folder {data / 'locked'} (Permission denied): its images are left out" in log
+    assert f"on 8 images ({data}; folders that could not be listed: 1): 1 processes" in log
+
+
+def _two_ranks(rank: int, port: int, cfg, interrupt: int, resume: bool) -> None:
+    """One of two gloo ranks of a run (``interrupt``: stopped after that many optimizer steps, as by a kill)."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if interrupt:
+        with pytest.MonkeyPatch.context() as m:
+            _interrupt_after(m, interrupt)
+            with pytest.raises(_Interrupt):
+                P.run_pretrain(cfg)
+    else:
+        P.run_pretrain(cfg, resume=resume)
+
+
+@pytest.mark.slow
+def test_two_ranks_checkpoint_the_unreadable_images_of_both(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = write_textures(tmp_path / "data", 12, size=20)
+    for i in range(4):
+        (data / f"{i:03d}_bad.png").write_text("not an image")
+    opts = ["SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0", "MODEL.IMG_SIZE", "16", "DATA.MAX_BAD_FRACTION", "0.5",
+            "SOLVER.CHECKPOINT_ITER_PERIOD", "2"]
+    # one process with the global batch of two: the same batches, so the same unreadable images at every step
+    P.run_pretrain(make_cfg(data, tmp_path / "one", *opts, "SOLVER.BATCH_SIZE", "4"))
+    cfg = make_cfg(data, tmp_path / "two", *opts, "SOLVER.BATCH_SIZE", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_ranks, args=(port, cfg, 3, False), nprocs=2)
+    assert (tmp_path / "two" / "last_checkpoint").read_text().strip() == "checkpoint_0000_000002.pth"
+    mp.spawn(_two_ranks, args=(port, cfg, 0, True), nprocs=2)
+    # the mid-epoch checkpoint had rank 0's alone (epoch [3]); the train records counted rank 0's ([0, 0, 1, 3])
+    for kind in ("epoch", "train"):
+        bad = [[r["bad_images"] for r in records(tmp_path / run, kind)] for run in ("one", "two")]
+        assert bad[0] == bad[1] == ([0, 1, 2, 4] if kind == "train" else [4]), kind

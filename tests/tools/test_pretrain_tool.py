@@ -74,6 +74,10 @@ def test_config_errors_exit_2_with_one_line(images, tmp_path, capsys):
     assert capsys.readouterr().err == "error: MODEL.MASK_RATIO: expected a value in [0, 1), got 1.0\n"
     assert main(opts(images, tmp_path, "SOLVER.EPOCS", "3")) == 2
     assert capsys.readouterr().err == "error: unknown config key 'SOLVER.EPOCS'\n"
+    # a seed beyond 64 bits failed with a struct.error traceback at the first batch, after the run's records
+    assert main(opts(images, tmp_path / "seed", "SEED", str(2**63))) == 2
+    assert capsys.readouterr().err == f"error: SEED: expected an integer in [0, 2**63), got {2**63}\n"
+    assert not (tmp_path / "seed" / "config.yaml").exists()
 
 
 def test_a_min_lr_above_the_process_count_scaled_peak_is_one_line(images, tmp_path, capsys):
