@@ -132,6 +132,36 @@ def prune_checkpoints(folder: str | os.PathLike, name: re.Pattern[str], keep: in
     return old
 
 
+def set_aside_earlier_run(folder: str | os.PathLike, is_checkpoint: Callable[[str], bool],
+                          pointer: str) -> Path | None:
+    """Moves an earlier run's checkpoints (the file names ``is_checkpoint`` accepts) and its ``pointer`` file out of
+    ``folder`` into a new subfolder ``earlier_run_<n>`` (a fresh start, before it writes anything): left in place,
+    a later ``--resume`` (which a requeued job adds) of a run killed before its first checkpoint would silently
+    continue the earlier run.
+
+    Returns:
+        The subfolder, or None when there was nothing to move.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    names = [p.name for p in folder.iterdir() if p.name == pointer or is_checkpoint(p.name)]
+    if not names:
+        return None
+    n = 1
+    while (folder / f"earlier_run_{n}").exists():
+        n += 1
+    aside = folder / f"earlier_run_{n}"
+    aside.mkdir()
+    # The pointer last: a kill in between leaves it naming a moved file (a resume error), never a silent resume
+    # from a checkpoint left behind.
+    for name in sorted(names, key=lambda n: n == pointer):
+        os.replace(folder / name, aside / name)
+    logger.warning("%s holds checkpoints of an earlier run: starting from scratch (--resume continues instead); "
+                   "moved them to %s", folder, aside)
+    return aside
+
+
 # The weight files mae_det reads (load_checkpoint, and safetensors through convert.read_checkpoint).
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".safetensors")
 

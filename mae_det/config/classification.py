@@ -10,6 +10,8 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     MODEL.MLP_RATIO: 0.0            override the MLP ratio (0 = 4.0)
     MODEL.IMG_SIZE: 224             input side; checkpoints pretrained at another size get their position
                                     embedding resampled
+    MODEL.IN_CHANS: 0               1 (images converted to grayscale) or 3; 0 = the pretraining's, as MODEL.WEIGHTS'
+                                    meta records it (this project's checkpoints), else len(DATA.MEAN), else 3
     MODEL.WEIGHTS: ""               initial encoder weights: our encoder export or training checkpoint, an
                                     official MAE checkpoint, a timm ViT state dict; "" = random init
     MODEL.INIT_TYPE: ""             label recorded in run_info.json / cls_results.json, e.g. "mae",
@@ -21,6 +23,9 @@ so a YAML file under ``configs/classification/`` describes the data and the enco
     MODEL.TRAIN_BLOCKS: -1          fine-tuning: -1 = every parameter; k >= 0 = partial fine-tuning (MAE paper
                                     Fig. 9): only the last k blocks, the final norm and the head learn
     DATA.TRAIN_ROOT / VAL_ROOT: ""  ImageFolder trees: <root>/<class_name>/<images>
+    DATA.MEAN / DATA.STD: ()        input normalization, one value per input channel; () = the pretraining's, as
+                                    MODEL.WEIGHTS' meta records it (pretraining's DATA.MEAN / STD), else ImageNet's
+                                    RGB statistics (official MAE and timm checkpoints)
     DATA.CROP_PCT: 0.875            eval transform: resize to IMG_SIZE / CROP_PCT, center crop IMG_SIZE
     DATA.NUM_WORKERS: 4             loader worker processes (0 = in the main process)
     DATA.VERIFY_IMAGES: True        decode every image once before fine-tuning (unreadable ones are skipped
@@ -115,6 +120,7 @@ def get_cls_cfg() -> CN:
     _C.MODEL.PATCH_SIZE = 0
     _C.MODEL.MLP_RATIO = 0.0
     _C.MODEL.IMG_SIZE = 224
+    _C.MODEL.IN_CHANS = 0
     _C.MODEL.WEIGHTS = ""
     _C.MODEL.INIT_TYPE = ""
     _C.MODEL.DROP_PATH = 0.1
@@ -124,6 +130,8 @@ def get_cls_cfg() -> CN:
     _C.DATA = CN()
     _C.DATA.TRAIN_ROOT = ""
     _C.DATA.VAL_ROOT = ""
+    _C.DATA.MEAN = ()
+    _C.DATA.STD = ()
     _C.DATA.CROP_PCT = 0.875
     _C.DATA.NUM_WORKERS = 4
     _C.DATA.VERIFY_IMAGES = True
@@ -234,6 +242,14 @@ def validate_cls_cfg(cfg: CN, *, check_paths: bool = True) -> None:
            f"MODEL.TRAIN_BLOCKS: expected -1 (all) or 0..{arch['depth']} (the depth), got {M.TRAIN_BLOCKS}")
     if M.WEIGHTS and check_paths:
         _check(os.path.isfile(M.WEIGHTS), f"MODEL.WEIGHTS: checkpoint {M.WEIGHTS} not found")
+    _check(M.IN_CHANS in (0, 1, 3),
+           f"MODEL.IN_CHANS: expected 1 (grayscale), 3 (RGB) or 0 (the pretraining's), got {M.IN_CHANS}")
+    if D.MEAN or D.STD:
+        channels = f"{M.IN_CHANS} values each (MODEL.IN_CHANS)" if M.IN_CHANS else "1 or 3 values each"
+        _check(len(D.MEAN) == len(D.STD) and len(D.MEAN) in ((M.IN_CHANS,) if M.IN_CHANS else (1, 3)),
+               f"DATA.MEAN / DATA.STD: expected {channels}, or both () for the pretraining's, got {len(D.MEAN)} "
+               f"and {len(D.STD)}")
+        _check(all(v > 0 for v in D.STD), f"DATA.STD: expected positive values, got {tuple(D.STD)}")
 
     _check(0.0 < D.CROP_PCT <= 1.0, f"DATA.CROP_PCT: expected a value in (0, 1], got {D.CROP_PCT}")
     _check(D.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS: expected >= 0, got {D.NUM_WORKERS}")

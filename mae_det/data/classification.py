@@ -210,6 +210,12 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, interpolation: str = 
     statistics unless given. One ``mean`` value converts to grayscale first, as pretraining does."""
     tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
                           mean=tuple(mean), std=tuple(std))
+    return grayscale_first(tf, mean)
+
+
+def grayscale_first(tf: Callable, mean: Sequence[float]) -> Callable:
+    """``tf`` for RGB statistics (3 ``mean`` values); behind a conversion to one grayscale channel for one value,
+    as pretraining with MODEL.IN_CHANS 1 reads its images."""
     return tf if len(mean) == 3 else transforms.Compose([transforms.Grayscale(1), tf])
 
 
@@ -262,15 +268,19 @@ def train_transform(
     rand_augment: str | None = "rand-m9-mstd0.5-inc1-mmax9",
     reprob: float = 0.25,
     interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> Callable:
     """Fine-tuning augmentation of the MAE recipe, all from timm: RandomResizedCrop + flip + RandAugment
-    (a timm ``auto_augment`` string, ``None``/``""`` for none) + ImageNet normalization + random erasing.
+    (a timm ``auto_augment`` string, ``None``/``""`` for none) + normalization (ImageNet's RGB statistics unless
+    given; one ``mean`` value converts to grayscale first) + random erasing.
 
     The default caps RandAugment's noisy magnitude at 9 (``mmax9``): at magnitude 10 timm's increasing
     posterize keeps 0 bits, which Pillow >= 13 rejects with a ValueError.
     """
-    return create_transform(
+    tf = create_transform(
         img_size, is_training=True, scale=scale, hflip=hflip, color_jitter=None,
         auto_augment=rand_augment or None, interpolation=interpolation,
-        re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        re_prob=reprob, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std),
     )
+    return grayscale_first(tf, mean)

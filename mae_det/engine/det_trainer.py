@@ -8,8 +8,9 @@ for bit torchvision's); a clean stop on a non-finite loss, or before a checkpoin
 that leaves the last (finite) checkpoint untouched;
 training images skipped by the mapper (they failed to decode) logged once each and counted as
 ``data/skipped_images`` in metrics.json; only the newest ``SOLVER.CHECKPOINT_KEEP`` periodic checkpoints kept.
-A fresh start moves an earlier run's checkpoints aside (:func:`set_aside_earlier_run`), so that a later ``--resume``
-never continues that run; metrics.json and TensorBoard keep only the records up to where the run starts.
+A fresh start moves an earlier run's checkpoints aside (:func:`~mae_det.checkpoint.io.set_aside_earlier_run`), so
+that a later ``--resume`` never continues that run; metrics.json and TensorBoard keep only the records up to where
+the run starts.
 With ``SEEDED_DRAWS`` (the default) the train loader is :mod:`mae_det.data.seeded_loader`'s and every step seeds
 the global generators from (SEED, rank, iteration) (:class:`SeededStepsHook`): the worker count changes the speed
 only, and ``--resume`` continues the uninterrupted run exactly; without it, Detectron2's loader resumes exactly
@@ -49,6 +50,7 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_write_text, prune_checkpoints
+from ..checkpoint.io import set_aside_earlier_run
 from ..checkpoint.detectron2 import (
     FINAL_CHECKPOINT, LAST_CHECKPOINT, PERIODIC_CHECKPOINT, CheckedDetectionCheckpointer, NonFiniteWeightsError,
     ViTDetCheckpointer,
@@ -450,32 +452,9 @@ def _evaluated(cfg: CfgNode, iteration: int) -> bool:
     return False
 
 
-def set_aside_earlier_run(output_dir: str) -> str | None:
-    """Moves the checkpoints and ``last_checkpoint`` of an earlier run in ``output_dir`` into a new subfolder
-    ``earlier_run_<n>`` (main process of a fresh start): left in place, a later ``--resume`` (which a requeued job
-    adds) of a run killed before its first checkpoint would silently continue the earlier run.
-
-    Returns:
-        The subfolder, or None when there was nothing to move.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    names = [n for n in os.listdir(output_dir)
-             if n in (LAST_CHECKPOINT, FINAL_CHECKPOINT) or PERIODIC_CHECKPOINT.fullmatch(n)]
-    if not names:
-        return None
-    n = 1
-    while os.path.exists(os.path.join(output_dir, f"earlier_run_{n}")):
-        n += 1
-    aside = os.path.join(output_dir, f"earlier_run_{n}")
-    os.makedirs(aside)
-    # The pointer last: a kill in between leaves it naming a moved file (a resume error), never a silent resume
-    # from a checkpoint left behind.
-    for name in sorted(names, key=lambda n: n == LAST_CHECKPOINT):
-        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
-    logger.warning("%s holds checkpoints of an earlier run: starting from scratch (--resume continues instead); "
-                   "moved them to %s", output_dir, aside)
-    return aside
+def _is_detection_checkpoint(name: str) -> bool:
+    """Detectron2's periodic and final checkpoints, what ``--resume`` may load."""
+    return name == FINAL_CHECKPOINT or PERIODIC_CHECKPOINT.fullmatch(name) is not None
 
 
 # ---- trainer -----------------------------------------------------------------------------------------------
@@ -541,14 +520,15 @@ class Trainer(DefaultTrainer):
         Detectron2's loader where :class:`~mae_det.engine.loader_state.LoaderStateHook` can. The optimizer keeps
         the config's lr, weight decay and betas (see :func:`~mae_det.solver.schedule.keep_configured_settings`).
 
-        A fresh start sets an earlier run's checkpoints aside (:func:`set_aside_earlier_run`). A resumed run whose
-        checkpoint is the last iteration's writes ``model_final.pth`` when a kill during its write left none.
+        A fresh start sets an earlier run's checkpoints aside (:func:`~mae_det.checkpoint.io.set_aside_earlier_run`).
+        A resumed run whose checkpoint is the last iteration's writes ``model_final.pth`` when a kill during its write
+        left none.
 
         Raises:
             ConfigError: the checkpoint holds more iterations than ``SOLVER.MAX_ITER``.
         """
         if not resume and comm.is_main_process():
-            set_aside_earlier_run(self.cfg.OUTPUT_DIR)
+            set_aside_earlier_run(self.cfg.OUTPUT_DIR, _is_detection_checkpoint, LAST_CHECKPOINT)
         configured = configured_settings(self.optimizer)
         super().resume_or_load(resume=resume)
         if self.start_iter > self.max_iter:

@@ -13,11 +13,14 @@ uninterrupted one would have, and ``DATA.NUM_WORKERS`` changes the speed, never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from tqdm import tqdm
@@ -36,6 +39,7 @@ from ..checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
 )
 from ..checkpoint.convert import load_encoder_weights
+from ..checkpoint.io import set_aside_earlier_run
 from ..config.classification import ConfigError, load_cls_cfg, resolve_vit_arch
 from ..data.classification import (
     ClassificationDataError,
@@ -53,7 +57,7 @@ from ..utils.run_log import run_logging
 from ..solver.optim import adamw, build_param_groups
 from ..solver.schedule import configured_settings, keep_configured_settings
 from .launch import output_dir_lock, requeue, stop_requested
-from .compile import compile_in_place, fall_back_to_eager, is_compile_error, resolve_compile, rng_snapshot
+from .compile import compile_in_place, fall_back_to_eager, is_compile_error, is_compiled, resolve_compile, rng_snapshot
 from .pretrain import (
     EPOCH_CHECKPOINT, EXIT_BAD_INPUT, EXIT_NON_FINITE, load_error_detail, newest_checkpoint,
     prepare_output_dir, resolve_device, truncate_metrics,
@@ -63,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "cls_results.json"
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+# What --resume may load (newest_checkpoint's names): a fresh start sets them aside.
+RESUMABLE_CHECKPOINT = re.compile(r"checkpoint_\d+(?:_\d+)?\.pth")
 
 
 class ViTClassifier(VisionTransformer):
@@ -95,8 +101,42 @@ class ViTClassifier(VisionTransformer):
 
 # ---- building from a config ------------------------------------------------------------------------------
 def vit_kwargs(cfg: CfgNode) -> dict[str, Any]:
-    """``VisionTransformer`` keywords for MODEL.* (sizes and image size)."""
-    return resolve_vit_arch(cfg) | {"img_size": cfg.MODEL.IMG_SIZE}
+    """``VisionTransformer`` keywords for MODEL.* (sizes, image size and input channels)."""
+    return resolve_vit_arch(cfg) | {"img_size": cfg.MODEL.IMG_SIZE, "in_chans": input_norm(cfg)[0]}
+
+
+def input_norm(cfg: CfgNode, log: logging.Logger | None = None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(in_chans, mean, std)`` of the encoder's input: MODEL.IN_CHANS and DATA.MEAN / STD where set, else what
+    MODEL.WEIGHTS' meta records of its pretraining (``in_chans``, ``pixel_mean`` / ``pixel_std``: this project's
+    checkpoints and encoder exports), else 3 channels with ImageNet's statistics (official MAE, timm, no weights).
+
+    ``log``: warns there when DATA.MEAN / STD override other statistics the checkpoint records.
+
+    Raises:
+        ConfigError: the channel count and the statistics disagree.
+    """
+    M, D = cfg.MODEL, cfg.DATA
+    meta = _weights_meta(cfg)
+    recorded = None
+    if "pixel_mean" in meta and "pixel_std" in meta:
+        recorded = tuple(map(float, meta["pixel_mean"])), tuple(map(float, meta["pixel_std"]))
+    if D.MEAN:
+        mean, std = tuple(map(float, D.MEAN)), tuple(map(float, D.STD))
+        if log is not None and recorded is not None and recorded != (mean, std):
+            log.warning("DATA.MEAN / DATA.STD %s / %s differ from the normalization %s was pretrained with, %s / %s",
+                        list(mean), list(std), M.WEIGHTS, list(recorded[0]), list(recorded[1]))
+    elif recorded is not None:
+        mean, std = recorded
+    else:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    in_chans = M.IN_CHANS or int(meta.get("in_chans") or 0) or len(mean)
+    if len(mean) != in_chans or len(std) != in_chans:
+        stats = "DATA.MEAN / DATA.STD" if D.MEAN else (f"{M.WEIGHTS}'s meta pixel_mean / pixel_std"
+                                                        if recorded is not None else "ImageNet's statistics")
+        channels = "MODEL.IN_CHANS" if M.IN_CHANS else f"{M.WEIGHTS}'s meta in_chans"
+        raise ConfigError(f"{stats} {list(mean)} / {list(std)}: expected one value per input channel, the encoder "
+                          f"takes {in_chans} ({channels}); set DATA.MEAN and DATA.STD to {in_chans} values each")
+    return in_chans, mean, std
 
 
 def init_label(cfg: CfgNode) -> tuple[str, str]:
@@ -112,23 +152,31 @@ def init_label(cfg: CfgNode) -> tuple[str, str]:
         return cfg.MODEL.INIT_TYPE or "random", "random"
     if cfg.MODEL.INIT_TYPE:
         return cfg.MODEL.INIT_TYPE, cfg.MODEL.WEIGHTS
+    mode = _weights_meta(cfg).get("mode")
+    return mode if isinstance(mode, str) and mode else "pretrained", cfg.MODEL.WEIGHTS
+
+
+def _weights_meta(cfg: CfgNode) -> dict[str, Any]:
+    """The ``meta`` dict of MODEL.WEIGHTS (read-only); {} without weights or meta, and for a file that cannot be
+    read: loading the encoder reports what is wrong with it."""
+    if not cfg.MODEL.WEIGHTS:
+        return {}
     try:
         stat = os.stat(cfg.MODEL.WEIGHTS)
     except OSError:
-        return "pretrained", cfg.MODEL.WEIGHTS  # loading the encoder reports what is wrong with the file
-    return _pretraining_mode(cfg.MODEL.WEIGHTS, stat.st_mtime_ns, stat.st_size), cfg.MODEL.WEIGHTS
+        return {}
+    return _checkpoint_meta(cfg.MODEL.WEIGHTS, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _pretraining_mode(path: str, mtime_ns: int, size: int) -> str:
-    """``meta["mode"]`` of a checkpoint, else "pretrained"; cached per file version, since a run labels its
-    run_info.json and its results from the same file (a ViT-L checkpoint takes seconds to read)."""
+def _checkpoint_meta(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """Cached per file version: a run reads the label and the input normalization of its results, run_info.json and
+    model from the same file (a ViT-L checkpoint takes seconds to read)."""
     try:
         meta = load_checkpoint(path).get("meta")
     except CheckpointError:
-        meta = None  # loading the encoder reports what is wrong with the file; the label need not
-    mode = meta.get("mode") if isinstance(meta, dict) else None
-    return mode if isinstance(mode, str) and mode else "pretrained"
+        meta = None
+    return meta if isinstance(meta, dict) else {}
 
 
 def build_encoder(cfg: CfgNode, device: torch.device) -> VisionTransformer:
@@ -162,10 +210,13 @@ def freeze_all_but_last_blocks(model: ViTClassifier, k: int) -> None:
 
 
 # ---- results --------------------------------------------------------------------------------------------
-def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dict[str, Any]:
-    """Merges ``results`` into ``output_dir/cls_results.json`` and returns the file's content.
+def write_results(output_dir: str | os.PathLike, results: dict[str, Any], task: str) -> dict[str, Any]:
+    """Merges the results of ``task`` ("knn", "linear" or "finetune", the prefix of its keys) into
+    ``output_dir/cls_results.json`` and returns the file's content.
 
-    Results of another initialization in the same folder are replaced, never mixed.
+    The task's earlier keys (and its published reference) go first, so none of an earlier run survives that this
+    one does not write (a top-5 of a run with more classes); results of another initialization in the same folder
+    are replaced, never mixed.
     """
     path = Path(output_dir) / RESULTS_FILE
     merged: dict[str, Any] = {}
@@ -176,7 +227,11 @@ def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> dic
             logger.warning("%s is unreadable; it is replaced", path)
         if not isinstance(merged, dict) or merged.get("init") != results.get("init"):
             merged = {}
-    published = {**merged.get("published", {}), **results.get("published", {})}
+    prefix = f"{task}_"
+    merged = {k: v for k, v in merged.items() if not k.startswith(prefix)}
+    earlier = merged.get("published", {})
+    published = {**{k: v for k, v in earlier.items() if not k.startswith(prefix)}, **results.get("published", {})}
+    merged.pop("published", None)
     merged.update(results)
     if published:
         merged["published"] = published
@@ -221,25 +276,27 @@ def _device(cfg: CfgNode) -> torch.device:
 def run_knn(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """kNN evaluation of MODEL.WEIGHTS on DATA.TRAIN_ROOT (memory bank) / DATA.VAL_ROOT (queries)."""
     device = _device(cfg)
+    _, mean, std = input_norm(cfg, logger)
     out = _start_run(cfg, argv, {"task": "knn"})
     torch.manual_seed(cfg.SEED)
     encoder = build_encoder(cfg, device)
     res = knn_eval_folders(
         encoder, cfg.DATA.TRAIN_ROOT, cfg.DATA.VAL_ROOT, img_size=cfg.MODEL.IMG_SIZE, k=cfg.KNN.K,
         temperature=cfg.KNN.TEMPERATURE, pool=cfg.KNN.POOL, batch_size=cfg.TEST.BATCH_SIZE, device=device,
-        num_workers=cfg.DATA.NUM_WORKERS, crop_pct=cfg.DATA.CROP_PCT, precision=cfg.PRECISION,
+        num_workers=cfg.DATA.NUM_WORKERS, crop_pct=cfg.DATA.CROP_PCT, mean=mean, std=std, precision=cfg.PRECISION,
         max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION,
     )
     init_type, init = init_label(cfg)
     logger.info("kNN of %s (k %d, T %g, %s pooling): top-1 %.2f %% on %d val images, %d in the bank", init,
                 res["k"], res["temperature"], res["pool"], res["knn_top1"], res["num_val"], res["num_train"])
     res = {k if k.startswith("knn_") else f"knn_{k}": v for k, v in res.items()}
-    return write_results(out, res | {"init": init, "init_type": init_type})
+    return write_results(out, res | {"init": init, "init_type": init_type}, "knn")
 
 
 def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Linear probe of the frozen MODEL.WEIGHTS encoder with the LINPROBE recipe."""
     device = _device(cfg)
+    _, mean, std = input_norm(cfg, logger)
     out = _start_run(cfg, argv, {"task": "linear_probe"})
     torch.manual_seed(cfg.SEED)
     encoder = build_encoder(cfg, device)
@@ -248,7 +305,7 @@ def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[st
         encoder, cfg.DATA.TRAIN_ROOT, cfg.DATA.VAL_ROOT, img_size=cfg.MODEL.IMG_SIZE, pool=L.POOL,
         augment=L.AUGMENT, epochs=L.EPOCHS, batch_size=L.BATCH_SIZE, base_lr=L.BASE_LR, optimizer=L.OPTIMIZER,
         weight_decay=L.WEIGHT_DECAY, momentum=L.MOMENTUM, warmup_epochs=L.WARMUP_EPOCHS, min_lr=L.MIN_LR,
-        crop_pct=cfg.DATA.CROP_PCT, feature_batch_size=cfg.TEST.BATCH_SIZE, device=device,
+        crop_pct=cfg.DATA.CROP_PCT, mean=mean, std=std, feature_batch_size=cfg.TEST.BATCH_SIZE, device=device,
         num_workers=cfg.DATA.NUM_WORKERS, precision=cfg.PRECISION, seed=cfg.SEED,
         max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION, cache=decoded_image_cache(cfg.DATA.CACHE_DECODED_MB),
     )
@@ -257,7 +314,7 @@ def run_linear_probe(cfg: CfgNode, argv: Sequence[str] | None = None) -> dict[st
                 init, res["pool"], res["optimizer"], res["batch_size"], res["lr"], res["epochs"], res["linear_top1"],
                 res["num_val"])
     res = {k if k.startswith("linear_") else f"linear_{k}": v for k, v in res.items()}
-    return write_results(out, res | {"init": init, "init_type": init_type} | _published(cfg, "linear"))
+    return write_results(out, res | {"init": init, "init_type": init_type} | _published(cfg, "linear"), "linear")
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------
@@ -284,7 +341,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
         if skips is not None:
             skips.update(len(y), errors)
         if len(y):
-            with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
+            with autocast(device, dtype), _eager(model):
                 logits = model(imgs.to(device, non_blocking=True))  # (B, C)
             scores.append(logits.float().cpu())
             labels.append(y)
@@ -298,6 +355,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     if num_classes >= 10:
         out["top5"] = acc[5]
     return out
+
+
+def _eager(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Runs a compiled model eagerly; torch < 2.6 has no ``set_stance`` and runs it compiled (recompiling it for
+    eval mode and the eval batch size)."""
+    if is_compiled(model) and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
 
 
 def _accum_iter(cfg: CfgNode) -> int:
@@ -338,6 +403,23 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, classes: Sequence[str], s
         raise CheckpointError(f"cannot resume from {path}: it was trained with {int(saved)} optimizer steps per epoch, "
                               f"the config and data now give {steps_per_epoch} (SOLVER.BATCH_SIZE, accumulation or "
                               f"the number of readable training images changed)")
+
+
+def _check_epochs(path: Path, epoch: int, history: Sequence[dict[str, Any]], epochs: int) -> None:
+    """Refuses a checkpoint that SOLVER.EPOCHS would end without the final evaluation of its own epoch: one past
+    SOLVER.EPOCHS, or one at it that was not evaluated (a checkpoint inside a longer run): its results would report
+    SOLVER.EPOCHS for weights trained longer, or for no evaluation at all.
+
+    Raises:
+        ConfigError: one line naming the checkpoint, its epochs, SOLVER.EPOCHS and the value that continues it.
+    """
+    evaluated = bool(history) and "val_top1" in history[-1]
+    if epoch < epochs or (epoch == epochs and evaluated):
+        return
+    need = epoch if evaluated else epoch + 1
+    raise ConfigError(f"cannot resume from {path}: it holds {epoch} epochs of a longer run than SOLVER.EPOCHS "
+                      f"{epochs}; set SOLVER.EPOCHS {need} or more (that run's own, to finish its schedule) to "
+                      "continue it")
 
 
 def _save_checkpoint(out: Path, state: dict[str, Any], epoch: int, keep: int) -> Path:
@@ -467,13 +549,15 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         warn_resumed_config_changes(out, cfg, logger)
     S, A = cfg.SOLVER, cfg.AUG
     accum = _accum_iter(cfg)
+    _, mean, std = input_norm(cfg, logger)
     cache = decoded_image_cache(cfg.DATA.CACHE_DECODED_MB)  # one budget for both splits
     train_set = ImageFolderDataset(
         cfg.DATA.TRAIN_ROOT, seed=cfg.SEED,
         transform=train_transform(cfg.MODEL.IMG_SIZE, scale=tuple(A.SCALE), hflip=A.HFLIP,
-                                  rand_augment=A.RAND_AUGMENT, reprob=A.REPROB), cache=cache,
+                                  rand_augment=A.RAND_AUGMENT, reprob=A.REPROB, mean=mean, std=std), cache=cache,
     )
-    val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT),
+    val_set = ImageFolderDataset(cfg.DATA.VAL_ROOT, eval_transform(cfg.MODEL.IMG_SIZE, cfg.DATA.CROP_PCT, mean=mean,
+                                                                   std=std),
                                  classes=train_set.classes, cache=cache)
     num_classes = train_set.num_classes
     torch.manual_seed(cfg.SEED)
@@ -512,9 +596,8 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
     start_epoch, history = 0, []
     remove_partial_writes(out)
     last = _last_checkpoint(out) if resume else None
-    if not resume and newest_checkpoint(out) is not None:
-        logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
-                       "instead); they are overwritten as this run proceeds", out)
+    if not resume:
+        set_aside_earlier_run(out, lambda name: RESUMABLE_CHECKPOINT.fullmatch(name) is not None, LAST_CHECKPOINT_FILE)
     if last is not None:
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, last, train_set.classes, steps_per_epoch)
@@ -530,6 +613,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        _check_epochs(last, start_epoch, history, S.EPOCHS)
         logger.info("resumed from %s at epoch %d", last, start_epoch)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
@@ -562,6 +646,11 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
             val_skips = SkipCounter(str(cfg.DATA.VAL_ROOT), cfg.DATA.MAX_BAD_FRACTION)
             ev = evaluate(model, val_loader, device, dtype, num_classes, val_skips, progress)
             val_skips.check()
+            if not math.isfinite(ev["loss"]):  # the weights broke in the epoch's last steps: not checkpointed
+                raise FloatingPointError(
+                    f"validation loss is {ev['loss']} after epoch {epoch + 1}; the last good checkpoint is intact "
+                    f"(lower SOLVER.BASE_LR or use PRECISION fp32)"
+                )
             record |= {f"val_{k}": v for k, v in ev.items()}
             logger.info("epoch %d: val top-1 %.2f%%%s", epoch + 1, ev["top1"],
                         f", top-5 {ev['top5']:.2f}%" if "top5" in ev else "")
@@ -584,7 +673,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
            "num_train": len(train_set), "num_val": len(val_set)}
     if "val_top5" in final:
         res["finetune_top5"] = final["val_top5"]
-    return write_results(out, res | _published(cfg, "finetune"))
+    return write_results(out, res | _published(cfg, "finetune"), "finetune")
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
 )
+from ..checkpoint.io import set_aside_earlier_run
 from ..checkpoint.convert import (
     FORMAT_NAMES, is_mae_decoder_key, load_decoder_state, load_encoder_weights, read_checkpoint,
 )
@@ -741,9 +742,8 @@ class Pretrainer:
 
         cfg = self.cfg
         resumed = self.restore()
-        if not self.resume and ((self.out / LAST_CHECKPOINT).is_file() or newest_checkpoint(self.out)):
-            logger.warning("%s holds checkpoints of an earlier run: starting from scratch anyway (--resume continues "
-                           "instead); they are overwritten as this run proceeds", self.out)
+        if not self.resume and self.main:
+            set_aside_earlier_run(self.out, lambda name: _CHECKPOINT_NAME.fullmatch(name) is not None, LAST_CHECKPOINT)
         if cfg.MODEL.WEIGHTS and not resumed:  # a resumed run already holds them, trained further
             load_initial_weights(self._bare_model(), cfg.MODEL.WEIGHTS)
         if self.main:

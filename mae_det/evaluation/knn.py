@@ -129,7 +129,8 @@ def knn_classify(
         chunk_size: queries per similarity matrix, bounding memory to (chunk_size, M).
 
     Returns:
-        ``(predictions, scores)``: (N,) top-1 classes and (N, num_classes) summed vote weights, ``-inf`` for a
+        ``(predictions, scores)``: (N,) top-1 classes and (N, num_classes) summed vote weights, each scaled by
+        ``exp(-s / T)`` for the query's highest similarity ``s`` (the nearest neighbour's vote is 1), ``-inf`` for a
         class no neighbour voted for (so a top-5 over fewer than 5 voted classes does not count unvoted ones).
     """
     if k < 1 or temperature <= 0:
@@ -144,7 +145,9 @@ def knn_classify(
     for q in F.normalize(test_feats.float(), dim=1).to(bank.device).split(chunk_size):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
-        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())  # (B, C)
+        # exp((sim - the nearest's sim) / T): a common factor per query, which leaves every vote finite (<= 1); the
+        # plain exp(sim / T) overflows float32 to inf for T below ~0.0113, and a row of infs ranks no class first.
+        votes.scatter_add_(1, labels[idx], ((sim - sim[:, :1]) / temperature).exp())  # (B, C)
         voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, labels[idx], True)
         scores.append(votes.masked_fill(~voted, float("-inf")))
     scores_t = torch.cat(scores)

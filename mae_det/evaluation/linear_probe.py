@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.optim import Lars
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
 from ..data.classification import (
-    ClassificationDataError, ImageFolderDataset, SkipCounter, collate_skipping, eval_transform,
+    ClassificationDataError, ImageFolderDataset, SkipCounter, collate_skipping, eval_transform, grayscale_first,
 )
 from ..config.pretrain import check_min_lr
 from ..data.images import DecodedImageCache
@@ -203,6 +203,8 @@ def linear_probe_folders(
     warmup_epochs: float = 10,
     min_lr: float = 0.0,
     crop_pct: float = 0.875,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     feature_batch_size: int = 64,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
@@ -213,7 +215,8 @@ def linear_probe_folders(
     cache: DecodedImageCache | None = None,
 ) -> dict:
     """Linear probe of a frozen encoder (already on ``device``) on a train/val pair of class folder trees;
-    ``cache`` keeps the decoded images (the augmented probe reads the training images every epoch).
+    ``cache`` keeps the decoded images (the augmented probe reads the training images every epoch). ``mean`` /
+    ``std``: the normalization the encoder was trained with (one value each: grayscale input).
 
     Returns:
         The :func:`linear_probe_features` results plus ``num_train``, ``num_val``, ``num_classes``, ``pool``,
@@ -222,7 +225,7 @@ def linear_probe_folders(
     Raises:
         ClassificationDataError: unusable folders, too many unreadable images, or fewer than 2 training images.
     """
-    tf = eval_transform(img_size, crop_pct)
+    tf = eval_transform(img_size, crop_pct, mean=mean, std=std)
     train_set = ImageFolderDataset(train_root, tf, cache=cache)
     val_set = ImageFolderDataset(val_root, tf, classes=train_set.classes, cache=cache)
     _check_two_training_images(len(train_set), train_set.root)
@@ -239,10 +242,10 @@ def linear_probe_folders(
         num_train = len(train_labels)
     else:
         out, num_train = _probe_augmented(encoder, train_set, val_feats, val_labels, img_size=img_size, pool=pool,
-                                          batch_size=batch_size, feature_batch_size=feature_batch_size,
-                                          device=device, num_workers=num_workers,
-                                          precision=precision, seed=seed, max_bad_fraction=max_bad_fraction,
-                                          **recipe)
+                                          mean=mean, std=std, batch_size=batch_size,
+                                          feature_batch_size=feature_batch_size, device=device,
+                                          num_workers=num_workers, precision=precision, seed=seed,
+                                          max_bad_fraction=max_bad_fraction, **recipe)
     return out | {"num_train": num_train, "num_val": len(val_labels), "num_classes": train_set.num_classes,
                   "pool": pool, "augment": augment, "optimizer": optimizer}
 
@@ -276,6 +279,8 @@ def _probe_augmented(
     *,
     img_size: int,
     pool: str,
+    mean: Sequence[float],
+    std: Sequence[float],
     batch_size: int,
     feature_batch_size: int,
     device: torch.device | str,
@@ -288,7 +293,9 @@ def _probe_augmented(
     progress: bool,
     **recipe,
 ) -> tuple[dict, int]:
-    train_set.transform = create_transform(img_size, is_training=True, color_jitter=None, interpolation="bicubic")
+    train_set.transform = grayscale_first(create_transform(img_size, is_training=True, color_jitter=None,
+                                                           interpolation="bicubic", mean=tuple(mean), std=tuple(std)),
+                                          mean)
     train_set.seed = seed
     batch = min(batch_size, len(train_set))
     lr = _probe_lr(base_lr, batch, recipe.get("min_lr", 0.0))

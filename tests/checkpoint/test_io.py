@@ -16,6 +16,7 @@ from numpy._core.numeric import _frombuffer
 from mae_det.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, prune_checkpoints, remove_partial_writes,
 )
+from mae_det.checkpoint.io import set_aside_earlier_run
 
 
 def test_remove_partial_writes_takes_only_the_temporaries_of_atomic_writes(tmp_path, caplog):
@@ -61,6 +62,26 @@ def test_prune_checkpoints_orders_by_the_numbers_and_keeps_the_protected_and_oth
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {"ckpt_9_0.pth"})
     assert "removed 1 older checkpoints" in caplog.text and "keeping the newest 2" in caplog.text
     assert [p.name for p in prune_checkpoints(tmp_path, pattern, 1)] == ["ckpt_2_7.pth", "ckpt_10_0.pth"]
+
+
+def test_set_aside_earlier_run_moves_only_what_a_resume_could_load_into_a_new_subfolder(tmp_path, caplog):
+    names = ["checkpoint_0001.pth", "checkpoint_0002_000040.pth", "last_checkpoint", "metrics.jsonl", "config.yaml",
+             "checkpoint_final.txt"]
+    for n in names:
+        (tmp_path / n).write_text(n)
+    (tmp_path / "earlier_run_1").mkdir()  # a set-aside of a run before: the next number
+    ckpt = re.compile(r"checkpoint_\d+(?:_\d+)?\.pth").fullmatch
+    with caplog.at_level(logging.WARNING, logger="mae_det"):
+        aside = set_aside_earlier_run(tmp_path, ckpt, "last_checkpoint")
+    assert aside == tmp_path / "earlier_run_2"
+    assert sorted(os.listdir(aside)) == ["checkpoint_0001.pth", "checkpoint_0002_000040.pth", "last_checkpoint"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_final.txt", "config.yaml", "earlier_run_1", "earlier_run_2",
+                                            "metrics.jsonl"]
+    assert (aside / "last_checkpoint").read_text() == "last_checkpoint"
+    assert caplog.messages == [f"{tmp_path} holds checkpoints of an earlier run: starting from scratch (--resume "
+                               f"continues instead); moved them to {aside}"]
+    assert set_aside_earlier_run(tmp_path, ckpt, "last_checkpoint") is None  # nothing left to move
+    assert set_aside_earlier_run(tmp_path / "absent", ckpt, "last_checkpoint") is None
 
 
 # ---- numpy-only .pkl files (Detectron2 model zoo) ------------------------------------------------------------

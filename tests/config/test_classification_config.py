@@ -68,3 +68,17 @@ def test_min_lr_above_the_peak_lr_is_refused():
         "SOLVER.MIN_LR 0.001 exceeds the peak lr 0.0001 (SOLVER.LR)")
     assert _error("LINPROBE.BASE_LR", "0.1", "LINPROBE.BATCH_SIZE", "256", "LINPROBE.MIN_LR", "0.2") == (
         "LINPROBE.MIN_LR 0.2 exceeds the peak lr 0.1 (LINPROBE.BASE_LR x batch 256/256)")
+
+
+def test_input_channels_and_statistics_are_checked_against_each_other():
+    cfg = load_cls_cfg(SHAPES)
+    assert (cfg.MODEL.IN_CHANS, cfg.DATA.MEAN, cfg.DATA.STD) == (0, (), ())  # the pretraining's (ImageNet's)
+    cfg = load_cls_cfg(SHAPES, ["MODEL.IN_CHANS", "1", "DATA.MEAN", "(0.5,)", "DATA.STD", "(0.25,)"])
+    assert (cfg.MODEL.IN_CHANS, cfg.DATA.MEAN, cfg.DATA.STD) == (1, (0.5,), (0.25,))
+    assert _error("MODEL.IN_CHANS", "2") == (
+        "MODEL.IN_CHANS: expected 1 (grayscale), 3 (RGB) or 0 (the pretraining's), got 2")
+    assert _error("DATA.MEAN", "(0.5,)") == (
+        "DATA.MEAN / DATA.STD: expected 1 or 3 values each, or both () for the pretraining's, got 1 and 0")
+    assert _error("MODEL.IN_CHANS", "1", "DATA.MEAN", "(0.5, 0.5, 0.5)", "DATA.STD", "(1, 1, 1)") == (
+        "DATA.MEAN / DATA.STD: expected 1 values each (MODEL.IN_CHANS), or both () for the pretraining's, got 3 and 3")
+    assert _error("DATA.MEAN", "(0.5,)", "DATA.STD", "(0.0,)") == "DATA.STD: expected positive values, got (0.0,)"

@@ -120,6 +120,18 @@ def test_transforms_shapes_and_normalization(tmp_path):
     assert y.shape == (3, 32, 32) and torch.isfinite(y).all()
 
 
+def test_train_transform_normalizes_with_the_given_statistics_and_one_channel_means_grayscale():
+    # It normalized with ImageNet's RGB statistics, whatever the encoder was pretrained with.
+    gray = Image.new("RGB", (40, 40), (128, 128, 128))
+    x = train_transform(32, scale=(1.0, 1.0), hflip=0.0, rand_augment=None, reprob=0.0, mean=(0.5,), std=(0.1,))(gray)
+    assert x.shape == (1, 32, 32)
+    torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.5) / 0.1))
+    torch.manual_seed(0)
+    for _ in range(20):  # RandAugment and random erasing on one channel
+        y = train_transform(32, reprob=1.0, mean=(0.5,), std=(0.1,))(gray)
+        assert y.shape == (1, 32, 32) and torch.isfinite(y).all()
+
+
 def test_default_rand_augment_survives_many_draws():
     # Magnitude 10 would ask Pillow >= 13 for a 0-bit posterize (a ValueError) about once in 400 draws.
     rng = np.random.default_rng(0)

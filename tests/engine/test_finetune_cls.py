@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import mae_det.engine.finetune_cls as F
 from mae_det.checkpoint import CheckpointError, atomic_save, load_checkpoint
@@ -293,11 +294,27 @@ def test_build_from_config_uses_the_weights(tmp_path):
 def test_results_merge_per_init(tmp_path):
     from mae_det.engine.finetune_cls import write_results
 
-    write_results(tmp_path, {"knn_top1": 50.0, "init": "a.pth"})
-    assert write_results(tmp_path, {"linear_top1": 60.0, "init": "a.pth"}) == {
+    write_results(tmp_path, {"knn_top1": 50.0, "init": "a.pth"}, "knn")
+    assert write_results(tmp_path, {"linear_top1": 60.0, "init": "a.pth"}, "linear") == {
         "knn_top1": 50.0, "linear_top1": 60.0, "init": "a.pth"}
     # Another initialization in the same folder replaces the file rather than mixing two encoders' numbers.
-    assert write_results(tmp_path, {"knn_top1": 40.0, "init": "b.pth"}) == {"knn_top1": 40.0, "init": "b.pth"}
+    assert write_results(tmp_path, {"knn_top1": 40.0, "init": "b.pth"}, "knn") == {"knn_top1": 40.0, "init": "b.pth"}
+
+
+def test_a_rerun_of_a_task_leaves_none_of_its_earlier_keys(tmp_path):
+    from mae_det.engine.finetune_cls import write_results
+
+    published = {"value": 68.0, "source": "paper", "note": "published for this recipe, not measured by this run"}
+    write_results(tmp_path, {"knn_top1": 40.0, "init": "a.pth"}, "knn")
+    write_results(tmp_path, {"linear_top1": 50.0, "linear_top5": 80.0, "init": "a.pth",
+                             "published": {"linear_top1": published}}, "linear")
+    # Until 2026-12-08 the 10-class run's top-5 and published reference stayed beside a later 3-class run's top-1.
+    assert write_results(tmp_path, {"linear_top1": 70.0, "init": "a.pth"}, "linear") == {
+        "knn_top1": 40.0, "linear_top1": 70.0, "init": "a.pth"}
+    write_results(tmp_path, {"finetune_top1": 90.0, "init": "a.pth", "published": {"finetune_top1": published}},
+                  "finetune")
+    assert write_results(tmp_path, {"knn_top1": 45.0, "init": "a.pth"}, "knn")["published"] == {
+        "finetune_top1": published}  # another task's reference stays
 
 
 def test_partial_finetuning_trains_only_the_last_blocks_norm_and_head(tmp_path):
@@ -340,9 +357,10 @@ def test_resume_without_the_pointer_continues_from_the_newest_checkpoint(tmp_pat
         finetune(tiny_cfg(tmp_path / "data", out, **over), resume=True, progress=False)
     assert f"{out / 'last_checkpoint'} is empty: resuming from the newest checkpoint file" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="mae_det"):  # without --resume: a warning, as pretraining gives
+    with caplog.at_level("WARNING", logger="mae_det"):  # without --resume: set aside, as detection does
         finetune(tiny_cfg(tmp_path / "data", out, **over), progress=False)
-    assert f"{out} holds checkpoints of an earlier run: starting from scratch anyway" in caplog.text
+    assert f"{out} holds checkpoints of an earlier run: starting from scratch (--resume continues instead); moved " \
+           f"them to {out / 'earlier_run_1'}" in caplog.text
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_class_set_or_schedule(tmp_path):
@@ -498,3 +516,146 @@ def test_fp16_without_a_gpu_is_a_one_line_config_error_before_anything_is_writte
     assert capsys.readouterr().err == ("error: PRECISION fp16 needs a CUDA device, but DEVICE auto runs on cpu; use "
                                        "PRECISION bf16 or fp32\n")
     assert not (tmp_path / "out" / "run_info.json").exists()
+
+
+# ---- review of 2026-12-08 ------------------------------------------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path, monkeypatch, caplog):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    over = {"SOLVER.EPOCHS": 2, "SOLVER.BATCH_SIZE": 8}
+    out = tmp_path / "out"
+    finetune(tiny_cfg(tmp_path / "data", out, **over), progress=False)
+    with monkeypatch.context() as m:  # a fresh run in the same folder, killed in its first epoch
+        m.setattr(F, "_train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            finetune(tiny_cfg(tmp_path / "data", out, **{**over, "SOLVER.LR": 5e-4}), progress=False)
+    assert sorted(p.name for p in (out / "earlier_run_1").iterdir()) == [
+        "checkpoint_0001.pth", "checkpoint_0002.pth", "last_checkpoint"]
+    assert not list(out.glob("checkpoint_*.pth")) and not (out / "last_checkpoint").exists()
+    epochs = _epochs_trained(monkeypatch)
+    with caplog.at_level("INFO", logger="mae_det"):  # its requeue's --resume
+        finetune(tiny_cfg(tmp_path / "data", out, **{**over, "SOLVER.LR": 5e-4}), resume=True, progress=False)
+    # Until 2026-12-08 this continued the earlier run (lr 2e-3) from its epoch 2, without a word.
+    assert epochs == [0, 1] and f"--resume: no checkpoint in {out}, starting from scratch" in caplog.text
+
+
+def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from mae_det.engine.finetune_cls import finetune_main
+
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    out = tmp_path / "out"
+    config = tmp_path / "cls.yaml"
+    config.write_text(tiny_cfg(tmp_path / "data", out, **{"SOLVER.BATCH_SIZE": 8, "TEST.EVAL_PERIOD": 0}).dump())
+    real = F._train_one_epoch
+
+    def killed_in_epoch_3(*args, epoch, **kwargs):
+        if epoch == 2:
+            raise _Killed()
+        return real(*args, epoch=epoch, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        m.setattr(F, "_train_one_epoch", killed_in_epoch_3)
+        finetune_main(["--config-file", str(config), "SOLVER.EPOCHS", "4"])
+    ckpt = out / "checkpoint_0002.pth"
+    for epochs, need in (("2", 3), ("1", 3)):  # epoch 2 of 4 was not evaluated: 2 used to be an IndexError
+        capsys.readouterr()
+        assert finetune_main(["--config-file", str(config), "--resume", "SOLVER.EPOCHS", epochs]) == 2
+        assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
+            f"error: cannot resume from {ckpt}: it holds 2 epochs of a longer run than SOLVER.EPOCHS {epochs}; set "
+            f"SOLVER.EPOCHS {need} or more (that run's own, to finish its schedule) to continue it"]
+    assert (out / "last_checkpoint").read_text() == "checkpoint_0002.pth"
+    # An evaluated checkpoint past SOLVER.EPOCHS (it used to report SOLVER.EPOCHS with its later weights and top-1)
+    ref = tiny_cfg(tmp_path / "data", tmp_path / "ref", **{"SOLVER.BATCH_SIZE": 8, "SOLVER.EPOCHS": 2})
+    done = finetune(ref, progress=False)
+    ref.SOLVER.EPOCHS = 1
+    ref.SOLVER.WARMUP_EPOCHS = 0.0
+    with pytest.raises(ConfigError, match=r"it holds 2 epochs of a longer run than SOLVER.EPOCHS 1; set SOLVER.EPOCHS "
+                                          r"2 or more"):
+        finetune(ref, resume=True, progress=False)
+    ref.SOLVER.EPOCHS = 2  # a finished run resumed: its results again, nothing trained
+    assert finetune(ref, resume=True, progress=False)["finetune_top1"] == done["finetune_top1"]
+
+
+def test_a_non_finite_validation_loss_stops_before_the_epochs_checkpoint(tmp_path, monkeypatch, capsys):
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    real = F._train_one_epoch
+
+    def weights_break_in_epoch_2(model, *args, epoch, **kwargs):
+        record = real(model, *args, epoch=epoch, **kwargs)
+        if epoch == 1:
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+        return record
+
+    monkeypatch.setattr(F, "_train_one_epoch", weights_break_in_epoch_2)
+    out = tmp_path / "out"
+    config = tmp_path / "cls.yaml"
+    config.write_text(tiny_cfg(tmp_path / "data", out, **{"SOLVER.BATCH_SIZE": 8, "SOLVER.EPOCHS": 3}).dump())
+    assert F.finetune_main(["--config-file", str(config)]) == 3
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
+        "error: validation loss is nan after epoch 2; the last good checkpoint is intact (lower SOLVER.BASE_LR or use "
+        "PRECISION fp32)"]
+    # metrics.jsonl stays JSON (it held a bare NaN) and the broken weights were not checkpointed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val_loss" in r] == [1]
+    assert (out / "last_checkpoint").read_text() == "checkpoint_0001.pth" and not (out / "checkpoint_0002.pth").exists()
+
+
+def test_evaluation_runs_on_a_torch_without_set_stance(tmp_path, monkeypatch):
+    # setup.py asks for torch >= 2.1; torch.compiler.set_stance came with 2.6, and every evaluation called it.
+    color_folders(tmp_path / "data", n_train=8, n_val=2)
+    monkeypatch.delattr(torch.compiler, "set_stance", raising=False)
+    res = finetune(tiny_cfg(tmp_path / "data", tmp_path / "out", **{"SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 8,
+                                                                     "SOLVER.WARMUP_EPOCHS": 0.0}), progress=False)
+    assert res["finetune_epochs"] == 1 and 0 <= res["finetune_top1"] <= 100
+
+
+def _gray_encoder(path: Path, meta: dict | None) -> None:
+    torch.manual_seed(4)
+    enc = VisionTransformer(img_size=32, in_chans=1, **TINY)
+    atomic_save({"model": enc.state_dict(), **({"meta": meta} if meta is not None else {})}, path)
+
+
+def test_the_tools_normalize_as_the_encoder_was_pretrained(tmp_path, monkeypatch, caplog):
+    color_folders(tmp_path / "data", n_train=4, n_val=2)
+    data = tmp_path / "data"
+    _gray_encoder(tmp_path / "ours.pth", {"mode": "mae", "in_chans": 1, "pixel_mean": [0.5], "pixel_std": [0.25]})
+    seen: list[tuple] = []
+
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append((kwargs["mean"], kwargs["std"]))
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("knn_eval_folders", "linear_probe_folders", "train_transform", "eval_transform"):
+        monkeypatch.setattr(F, name, spy(getattr(F, name)))
+    over = {"MODEL.WEIGHTS": str(tmp_path / "ours.pth"), "SOLVER.EPOCHS": 1, "SOLVER.BATCH_SIZE": 4,
+            "SOLVER.WARMUP_EPOCHS": 0.0, "LINPROBE.EPOCHS": 1, "LINPROBE.WARMUP_EPOCHS": 0.0, "LINPROBE.AUGMENT": True}
+    cfg = tiny_cfg(data, tmp_path / "out", **over)
+    # A grayscale encoder was refused by every tool (3 channels and ImageNet's statistics, always); MODEL.IN_CHANS
+    # and DATA.MEAN / STD unset take the checkpoint's meta.
+    assert F.run_knn(cfg)["knn_num_val"] == 6
+    assert F.run_linear_probe(cfg)["linear_num_train"] == 12
+    assert finetune(cfg, progress=False)["finetune_epochs"] == 1
+    assert seen == [((0.5,), (0.25,))] * 4
+    assert F.input_norm(cfg) == (1, (0.5,), (0.25,))
+    # Without weights, or with a checkpoint that records no statistics (official MAE, timm): ImageNet's, as before.
+    assert F.input_norm(tiny_cfg(data, tmp_path / "o2")) == (3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    _gray_encoder(tmp_path / "bare.pth", None)
+    bare = {"MODEL.WEIGHTS": str(tmp_path / "bare.pth"), "MODEL.IN_CHANS": 1}
+    with pytest.raises(ConfigError, match=r"^ImageNet's statistics \[0.485, 0.456, 0.406\] / \[0.229, 0.224, 0.225\]: "
+                                          r"expected one value per input channel, the encoder takes 1 "
+                                          r"\(MODEL.IN_CHANS\); set DATA.MEAN and DATA.STD to 1 values each$"):
+        F.input_norm(tiny_cfg(data, tmp_path / "o3", **bare))
+    cfg = tiny_cfg(data, tmp_path / "o3", **bare, **{"DATA.MEAN": (0.4,), "DATA.STD": (0.2,)})
+    assert F.input_norm(cfg) == (1, (0.4,), (0.2,))
+    # Statistics set against the checkpoint's: used, with a warning.
+    cfg = tiny_cfg(data, tmp_path / "o4", **over, **{"DATA.MEAN": (0.4,), "DATA.STD": (0.2,)})
+    with caplog.at_level("WARNING", logger="mae_det"):
+        assert F.input_norm(cfg, F.logger) == (1, (0.4,), (0.2,))
+    assert (f"DATA.MEAN / DATA.STD [0.4] / [0.2] differ from the normalization {tmp_path / 'ours.pth'} was pretrained "
+            f"with, [0.5] / [0.25]") in caplog.text

@@ -236,6 +236,20 @@ def test_checkpoint_keep_deletes_older_epoch_checkpoints_an_earlier_process_incl
         make_cfg(images, tmp_path, "CHECKPOINT_KEEP", "-1")
 
 
+def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(images, tmp_path):
+    # Left in place (before 2026-12-08), a --resume of the new run killed before its first checkpoint (a requeued
+    # job adds --resume) continued the earlier run.
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
+    earlier = _final(tmp_path)
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0"))
+    aside = tmp_path / "earlier_run_1"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_0001.pth", "checkpoint_0002.pth", "last_checkpoint"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == ["checkpoint_0001.pth"]
+    assert _final(tmp_path)["global_step"] == 4 and _final(aside)["global_step"] == earlier["global_step"] == 8
+    assert f"{tmp_path} holds checkpoints of an earlier run: starting from scratch (--resume continues instead); " \
+           f"moved them to {aside}" in (tmp_path / "log.txt").read_text()
+
+
 def test_resume_with_changed_settings_says_which(images, tmp_path):
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"))
     P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "2"), resume=True)

@@ -60,13 +60,30 @@ def test_votes_are_exp_similarity_weighted():
     labels = torch.tensor([0, 1, 1])
     query = torch.tensor([[2.0, 0.0]])  # normalized inside: cosine similarity only
     pred, scores = knn_classify(train, labels, query, k=3, temperature=0.07, num_classes=2)
-    expected = torch.tensor([[np.exp(1 / 0.07), 2 * np.exp(0.8 / 0.07)]], dtype=torch.float32)
+    # exp(sim / T), scaled by exp(-1 / T) for the nearest neighbour's similarity 1
+    expected = torch.tensor([[1.0, 2 * np.exp((0.8 - 1) / 0.07)]], dtype=torch.float32)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
     assert pred.item() == 0  # a sharp temperature lets the single closest neighbour win...
     pred_flat, _ = knn_classify(train, labels, query, k=3, temperature=10.0, num_classes=2)
     assert pred_flat.item() == 1  # ...a flat one counts heads
     pred_k1, _ = knn_classify(train, labels, torch.tensor([[0.8, 0.5]]), k=1, temperature=10.0, num_classes=2)
     assert pred_k1.item() == 1
+
+
+def test_a_sharp_temperature_keeps_the_votes_finite():
+    # The nearest neighbour is class 1 at similarity 0.999; classes 0 and 2 have one at 0.9 each. exp(0.999 / T)
+    # overflowed float32 below T ~ 0.0113: every voted class scored inf and the lowest index, 0, won.
+    def at(s: float) -> list[float]:
+        return [s, (1 - s * s) ** 0.5]
+
+    train, labels = torch.tensor([at(0.999), at(0.9), at(0.9)]), torch.tensor([1, 0, 2])
+    runs = [knn_classify(train, labels, torch.tensor([[1.0, 0.0]]), k=3, temperature=t, num_classes=3)
+            for t in (0.07, 0.01, 0.001)]
+    assert [pred.tolist() for pred, _ in runs] == [[1]] * 3
+    assert all(torch.isfinite(scores).all() for _, scores in runs)
+    for _, scores in runs:  # the nearest neighbour's vote is 1
+        assert scores[0, 1] == 1.0 and scores[0, 0] == scores[0, 2] < 1.0
+        assert topk_accuracy(scores, torch.tensor([1])) == {1: 100.0, 5: 100.0}
 
 
 def test_knn_top5_counts_only_classes_some_neighbour_voted_for():

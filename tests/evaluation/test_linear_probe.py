@@ -129,6 +129,28 @@ def test_augmented_probe_encodes_an_optimizer_batch_in_feature_batch_chunks(tmp_
 
 
 @pytest.mark.parametrize("augment", [False, True])
+def test_a_grayscale_encoder_is_probed_with_its_own_statistics(tmp_path, augment, one_thread, monkeypatch):
+    # Both transforms used ImageNet's RGB statistics (three channels) whatever the encoder was trained with.
+    _color_folders(tmp_path, n_train=4, n_val=2)
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, in_chans=1)
+    inputs: list[torch.Tensor] = []
+    real = enc.pooled_features
+
+    def pooled_features(x, pool):
+        inputs.append(x)
+        return real(x, pool=pool)
+
+    enc.pooled_features = pooled_features
+    res = linear_probe_folders(enc, tmp_path / "train", tmp_path / "val", img_size=32, augment=augment, epochs=2,
+                               batch_size=4, base_lr=0.5, warmup_epochs=0, mean=(0.5,), std=(0.25,),
+                               precision="fp32", progress=False)
+    assert res["num_train"] == 12 and {x.shape[1] for x in inputs} == {1}
+    # the gray levels of the red, green and blue images, normalized with (0.5, 0.25): all within [-2, 2]
+    assert max(x.abs().max().item() for x in inputs) <= 2.0
+
+
+@pytest.mark.parametrize("augment", [False, True])
 def test_min_lr_above_the_peak_lr_of_a_small_set_is_a_config_error(tmp_path, augment, one_thread):
     # 18 training images cap the batch of 256, and so the peak lr, below what the config check could know
     from mae_det.config.pretrain import ConfigError
