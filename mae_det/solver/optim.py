@@ -46,8 +46,11 @@ def build_param_groups(
         model: any module; frozen parameters (e.g. fixed sin-cos position embeddings) are left out.
         weight_decay: decay for ordinary weights.
         no_decay_names: substrings of parameter names that get no decay (e.g. ``"pos_embed"``, ``"cls_token"``).
-        decay_1d: also decay 1-D parameters (biases, every norm - including channels-first LayerNorms that
-            Detectron2's default builder misses). False follows MAE and ViTDet.
+        decay_1d: also decay 1-D parameters (biases and norm weights). False exempts them all, as MAE's
+            pretraining and fine-tuning do. ViTDet (Detectron2's ``get_default_optimizer_params`` with
+            ``weight_decay_norm=0``) decays biases and exempts norm layers: True, with the norm parameters named in
+            ``no_decay_names`` (what the detection trainer builds from ``SOLVER.BIAS_NO_DECAY False`` and
+            ``SOLVER.NORM_NO_DECAY True``).
         layer_decay: if set, lr scale ``layer_decay ** (depth + 1 - layer_id)`` per ViT layer.
         depth: number of ViT blocks (required with ``layer_decay``).
 

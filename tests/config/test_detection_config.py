@@ -43,18 +43,25 @@ def test_every_coco_leaf_config_loads_and_states_published_ap():
         assert cfg.OUTPUT_DIR.endswith(os.path.basename(path)[:-5])
 
 
-@pytest.mark.parametrize("name, size, dp, ld, lr, wd, globals_", [
-    ("mask_rcnn_vit_b_mae.yaml", "base", 0.1, 0.7, 1e-4, 0.1, [2, 5, 8, 11]),
-    ("mask_rcnn_vit_l_mae.yaml", "large", 0.4, 0.8, 1e-4, 0.1, [5, 11, 17, 23]),
-    ("mask_rcnn_vit_b_scratch.yaml", "base", 0.1, 0.0, 1.6e-4, 0.2, [2, 5, 8, 11]),
+# ViTDet Table 11 (lr, wd, drop path, epochs per init and size); layer decay only with MAE pre-training (App. A.2).
+@pytest.mark.parametrize("name, size, dp, ld, lr, wd, globals_, epochs", [
+    ("mask_rcnn_vit_b_mae.yaml", "base", 0.1, 0.7, 1e-4, 0.1, [2, 5, 8, 11], 100),
+    ("mask_rcnn_vit_l_mae.yaml", "large", 0.4, 0.8, 1e-4, 0.1, [5, 11, 17, 23], 100),
+    ("mask_rcnn_vit_b_scratch.yaml", "base", 0.1, 0.0, 1.6e-4, 0.2, [2, 5, 8, 11], 300),
+    ("mask_rcnn_vit_l_scratch.yaml", "large", 0.4, 0.0, 1.6e-4, 0.2, [5, 11, 17, 23], 200),
+    ("mask_rcnn_vit_b_supervised.yaml", "base", 0.1, 0.0, 8e-5, 0.1, [2, 5, 8, 11], 50),
+    ("mask_rcnn_vit_l_supervised.yaml", "large", 0.4, 0.0, 8e-5, 0.1, [5, 11, 17, 23], 50),
+    ("cascade_mask_rcnn_vit_b_supervised.yaml", "base", 0.1, 0.0, 8e-5, 0.1, [2, 5, 8, 11], 50),
+    ("cascade_mask_rcnn_vit_l_supervised.yaml", "large", 0.4, 0.0, 8e-5, 0.1, [5, 11, 17, 23], 50),
 ])
-def test_vitdet_recipe(name, size, dp, ld, lr, wd, globals_):
+def test_vitdet_recipe(name, size, dp, ld, lr, wd, globals_, epochs):
     cfg = _load(name)
     v, S = cfg.MODEL.VIT, cfg.SOLVER
     assert (v.SIZE, v.PYRAMID, v.NORM, v.DROP_PATH_RATE, list(v.GLOBAL_ATTN_INDEXES)) == (size, "simple", "LN", dp, globals_)
     assert (v.WINDOW_SIZE, v.USE_REL_POS, v.INPUT_SIZE, v.SQUARE_PAD) == (14, True, 1024, 1024)
     assert (S.LAYER_DECAY, S.BASE_LR, S.WEIGHT_DECAY, S.OPTIMIZER, S.PRECISION) == (ld, lr, wd, "ADAMW", "fp16")
     assert (S.IMS_PER_BATCH, S.REFERENCE_WORLD_SIZE, S.WARMUP_ITERS, S.WARMUP_FACTOR) == (64, 64, 250, 0.001)
+    assert round(S.MAX_ITER * S.IMS_PER_BATCH / 118000) == epochs  # ViTDet: 100 epochs = 184375 iterations
     if "mae" in name:
         assert (S.MAX_ITER, tuple(S.STEPS)) == (184375, (163889, 177546))
     assert cfg.INPUT.LSJ.ENABLED and cfg.INPUT.LSJ.IMAGE_SIZE == 1024 and cfg.INPUT.MAX_SIZE_TEST == 1024
@@ -66,15 +73,35 @@ def test_vitdet_recipe(name, size, dp, ld, lr, wd, globals_):
     assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
 
 
-@pytest.mark.parametrize("name, dp, lr, wd", [
-    ("mask_rcnn_vit_b_mae_fpn.yaml", 0.1, 8e-5, 0.1), ("mask_rcnn_vit_l_mae_fpn.yaml", 0.3, 8e-5, 0.1),
-    ("mask_rcnn_vit_b_scratch_fpn.yaml", 0.1, 1.6e-4, 0.2),
+# Benchmarking 2.2 (synchronized BN in FPN, box and mask heads), 4.2 (lr, wd, dp; ViT-B from scratch peaks at 200 epochs).
+@pytest.mark.parametrize("name, dp, lr, wd, max_iter", [  # 184375 iterations = 100 epochs at batch 64
+    ("mask_rcnn_vit_b_mae_fpn.yaml", 0.1, 8e-5, 0.1, 184375), ("mask_rcnn_vit_l_mae_fpn.yaml", 0.3, 8e-5, 0.1, 184375),
+    ("mask_rcnn_vit_b_supervised_fpn.yaml", 0.1, 8e-5, 0.1, 92188),
+    ("mask_rcnn_vit_b_scratch_fpn.yaml", 0.1, 1.6e-4, 0.2, 368750),
+    ("mask_rcnn_vit_l_scratch_fpn.yaml", 0.3, 1.6e-4, 0.2, 737500),
 ])
-def test_benchmarking_recipe(name, dp, lr, wd):
+def test_benchmarking_recipe(name, dp, lr, wd, max_iter):
     cfg = _load(name)
     assert (cfg.MODEL.VIT.PYRAMID, cfg.MODEL.VIT.NORM, cfg.MODEL.VIT.DROP_PATH_RATE) == ("multi_tap", "SyncBN", dp)
+    # NaiveSyncBatchNorm with stats_mode "N" in the heads, as Detectron2's new_baselines: a GPU may have no RoIs.
+    assert (cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM) == ("naiveSyncBN_N", "naiveSyncBN_N")
     assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.LAYER_DECAY) == (lr, wd, 0.0)
     assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and cfg.SOLVER.WARMUP_ITERS == 462
+    assert cfg.SOLVER.MAX_ITER == max_iter
+
+
+def test_benchmarking_heads_build_synchronized_batchnorm():
+    from detectron2.layers import NaiveSyncBatchNorm
+    from detectron2.modeling import build_model
+
+    tiny = ["MODEL.VIT.SIZE", "custom", "MODEL.VIT.EMBED_DIM", 64, "MODEL.VIT.DEPTH", 4, "MODEL.VIT.NUM_HEADS", 2,
+            "MODEL.VIT.GLOBAL_ATTN_INDEXES", [3], "MODEL.VIT.WINDOW_SIZE", 2, "MODEL.VIT.PRETRAIN_IMG_SIZE", 64,
+            "MODEL.VIT.INPUT_SIZE", 64, "MODEL.VIT.SQUARE_PAD", 64, "INPUT.LSJ.IMAGE_SIZE", 64, "INPUT.MAX_SIZE_TEST", 64,
+            "MODEL.VIT.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.DEVICE", "cpu"]
+    heads = build_model(_load("mask_rcnn_vit_b_mae_fpn.yaml", *tiny)).roi_heads
+    norms = [m for h in (heads.box_head, heads.mask_head) for m in h.modules() if isinstance(m, NaiveSyncBatchNorm)]
+    assert len(norms) == 8 and {m._stats_mode for m in norms} == {"N"}  # 4 convs in each head
 
 
 def test_resnet_baseline_is_detectron2s_3x_recipe():
