@@ -14,6 +14,7 @@ Without a GPU, MODEL.DEVICE falls back to cpu and
 ``--num-gpus N`` starts N CPU processes (gloo). Exit codes: 0 done, 2 bad config / dataset / checkpoint (one
 ``error:`` line), 3 training stopped on a non-finite loss (the last checkpoint is kept).
 """
+import contextlib
 import functools
 import os
 import sys
@@ -48,10 +49,20 @@ from mae_det.utils.dist import leave_process_group  # noqa: E402
 
 
 def main(args):
-    if args.eval_only or not comm.is_main_process():  # an evaluation may run beside the training it evaluates
+    if args.eval_only:  # an evaluation may run beside the training it evaluates
         return train_or_evaluate(args)
-    # Held from before default_setup writes config.yaml and log.txt into OUTPUT_DIR.
-    with output_dir_lock(load_det_cfg(args.config_file, args.opts).OUTPUT_DIR, sys.argv):
+    # Held by the main process from before any rank writes into OUTPUT_DIR (config.yaml, log.txt, log.txt.rank<n>);
+    # a refusal reaches every rank before it does.
+    with contextlib.ExitStack() as held:
+        refused = None
+        if comm.is_main_process():
+            try:
+                held.enter_context(output_dir_lock(load_det_cfg(args.config_file, args.opts).OUTPUT_DIR, sys.argv))
+            except ConfigError as e:
+                refused = str(e)
+        refused = comm.all_gather(refused)[0]
+        if refused is not None:
+            raise ConfigError(refused)
         return train_or_evaluate(args)
 
 

@@ -527,8 +527,20 @@ class Trainer(DefaultTrainer):
         Raises:
             ConfigError: the checkpoint holds more iterations than ``SOLVER.MAX_ITER``.
         """
-        if not resume and comm.is_main_process():
-            set_aside_earlier_run(self.cfg.OUTPUT_DIR, _is_detection_checkpoint, LAST_CHECKPOINT)
+        if not resume:
+            moved = None
+            if comm.is_main_process():
+                aside = set_aside_earlier_run(self.cfg.OUTPUT_DIR, _is_detection_checkpoint, LAST_CHECKPOINT)
+                name = os.path.basename(self.cfg.MODEL.WEIGHTS)
+                if aside is not None and name and not os.path.exists(self.cfg.MODEL.WEIGHTS) \
+                        and (aside / name).is_file():  # a new schedule from one of the moved checkpoints
+                    moved = str(aside / name)
+                    logger.info("MODEL.WEIGHTS: loading %s, where the earlier run's checkpoints were moved", moved)
+            moved = comm.all_gather(moved)[0]  # every rank loads the weights from where the main process put them
+            if moved is not None:
+                self.cfg.defrost()
+                self.cfg.MODEL.WEIGHTS = moved
+                self.cfg.freeze()
         configured = configured_settings(self.optimizer)
         super().resume_or_load(resume=resume)
         if self.start_iter > self.max_iter:

@@ -405,18 +405,20 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, classes: Sequence[str], s
                               f"the number of readable training images changed)")
 
 
-def _check_epochs(path: Path, epoch: int, history: Sequence[dict[str, Any]], epochs: int) -> None:
+def _check_epochs(path: Path, epoch: int, history: Sequence[dict[str, Any]], epochs: int,
+                  planned: int | None = None) -> None:
     """Refuses a checkpoint that SOLVER.EPOCHS would end without the final evaluation of its own epoch: one past
-    SOLVER.EPOCHS, or one at it that was not evaluated (a checkpoint inside a longer run): its results would report
-    SOLVER.EPOCHS for weights trained longer, or for no evaluation at all.
+    SOLVER.EPOCHS, or one at it from inside a longer run (its ``planned`` epochs, recorded since 2026-12-08, else
+    known only when the epoch was not evaluated): its results would report SOLVER.EPOCHS for weights trained
+    longer, on a schedule that never annealed, or for no evaluation at all.
 
     Raises:
         ConfigError: one line naming the checkpoint, its epochs, SOLVER.EPOCHS and the value that continues it.
     """
     evaluated = bool(history) and "val_top1" in history[-1]
-    if epoch < epochs or (epoch == epochs and evaluated):
+    if epoch < epochs or (epoch == epochs and evaluated and (planned is None or planned <= epochs)):
         return
-    need = epoch if evaluated else epoch + 1
+    need = max(epoch + (not evaluated), planned or 0)
     raise ConfigError(f"cannot resume from {path}: it holds {epoch} epochs of a longer run than SOLVER.EPOCHS "
                       f"{epochs}; set SOLVER.EPOCHS {need} or more (that run's own, to finish its schedule) to "
                       "continue it")
@@ -613,7 +615,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
-        _check_epochs(last, start_epoch, history, S.EPOCHS)
+        _check_epochs(last, start_epoch, history, S.EPOCHS, ckpt.get("epochs"))
         logger.info("resumed from %s at epoch %d", last, start_epoch)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
@@ -659,7 +661,7 @@ def finetune(cfg: CfgNode, *, resume: bool = False, argv: Sequence[str] | None =
         if (epoch + 1) % cfg.CHECKPOINT_PERIOD == 0 or epoch + 1 == S.EPOCHS:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "history": history, "classes": list(train_set.classes),
-                     "steps_per_epoch": steps_per_epoch}
+                     "steps_per_epoch": steps_per_epoch, "epochs": S.EPOCHS}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             _save_checkpoint(out, state, epoch + 1, cfg.CHECKPOINT_KEEP)

@@ -20,6 +20,7 @@ import shlex
 import signal
 import socket
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
@@ -90,7 +91,8 @@ def output_dir_lock(output_dir: str | os.PathLike, command: Sequence[str] = ()) 
 
     Two runs in one folder interleave their checkpoints, ``last_checkpoint`` pointer and metrics, and either one's
     ``--resume`` then continues a mix of both. The lock is the kernel's (``flock``), held by an open file: it goes
-    with the process however that ends (a kill, a node lost under SLURM), so no stale lock is ever left to remove.
+    with the process however that ends (a kill, a node lost under SLURM), so no stale lock is left to remove (NFSv3
+    may keep a lost client's lock: the refusal says to delete the file if the holder's host is gone).
     The file keeps the holder's pid, host, start time and command for the refusal's message. A file system without
     ``flock`` gets a warning and no lock. Called by the process that writes the run's files (rank 0).
 
@@ -100,7 +102,10 @@ def output_dir_lock(output_dir: str | os.PathLike, command: Sequence[str] = ()) 
     import fcntl
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR: cannot create {out} ({e.strerror or e})") from None
     with open(out / RUN_LOCK, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,17 +113,23 @@ def output_dir_lock(output_dir: str | os.PathLike, command: Sequence[str] = ()) 
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise ConfigError(f"OUTPUT_DIR: {out} is in use by another run ({holder}); wait for it to end or set "
-                              "another OUTPUT_DIR") from None
+                              f"another OUTPUT_DIR (if that host is gone, delete {out / RUN_LOCK})") from None
         except OSError as e:  # e.g. a Lustre mount without flock support
             logger.warning("OUTPUT_DIR: cannot lock %s (%s): a second run into this folder will not be refused",
                            out / RUN_LOCK, e.strerror or e)
         else:
             f.seek(0)
             f.truncate()
-            started = time.strftime("%Y-%m-%d %H:%M:%S")
-            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}: {shlex.join(command)}".strip())
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            f.write(f"{holder}: {shlex.join(command)}" if command else holder)
             f.flush()
-        yield
+        try:
+            yield
+        finally:
+            # Explicitly: data-loader workers forked during the run share this open file, and while one of them
+            # lives (an interrupted run's, kept by a traceback in a notebook) closing it would not release it.
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def init_distributed(device: torch.device | str) -> None:

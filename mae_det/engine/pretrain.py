@@ -742,10 +742,10 @@ class Pretrainer:
 
         cfg = self.cfg
         resumed = self.restore()
-        if not self.resume and self.main:
-            set_aside_earlier_run(self.out, lambda name: _CHECKPOINT_NAME.fullmatch(name) is not None, LAST_CHECKPOINT)
         if cfg.MODEL.WEIGHTS and not resumed:  # a resumed run already holds them, trained further
             load_initial_weights(self._bare_model(), cfg.MODEL.WEIGHTS)
+        if not self.resume and self.main:  # after the weights: they may be one of the files it moves
+            set_aside_earlier_run(self.out, lambda name: _CHECKPOINT_NAME.fullmatch(name) is not None, LAST_CHECKPOINT)
         if self.main:
             remove_partial_writes(self.out)
             truncate_metrics(self.out / "metrics.jsonl", self.global_step)

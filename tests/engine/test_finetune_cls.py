@@ -560,7 +560,7 @@ def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_one_line_error(tmp_pa
         m.setattr(F, "_train_one_epoch", killed_in_epoch_3)
         finetune_main(["--config-file", str(config), "SOLVER.EPOCHS", "4"])
     ckpt = out / "checkpoint_0002.pth"
-    for epochs, need in (("2", 3), ("1", 3)):  # epoch 2 of 4 was not evaluated: 2 used to be an IndexError
+    for epochs, need in (("2", 4), ("1", 4)):  # epoch 2 of 4 was not evaluated: 2 used to be an IndexError
         capsys.readouterr()
         assert finetune_main(["--config-file", str(config), "--resume", "SOLVER.EPOCHS", epochs]) == 2
         assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
@@ -577,6 +577,16 @@ def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_one_line_error(tmp_pa
         finetune(ref, resume=True, progress=False)
     ref.SOLVER.EPOCHS = 2  # a finished run resumed: its results again, nothing trained
     assert finetune(ref, resume=True, progress=False)["finetune_top1"] == done["finetune_top1"]
+    # An evaluated checkpoint inside a longer run, at SOLVER.EPOCHS: its lr never annealed (accepted before 2026-12-08)
+    long = tiny_cfg(tmp_path / "data", tmp_path / "long", **{"SOLVER.BATCH_SIZE": 8, "SOLVER.EPOCHS": 4})
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        m.setattr(F, "_train_one_epoch", killed_in_epoch_3)
+        finetune(long, progress=False)
+    assert "val_top1" in torch.load(tmp_path / "long" / "checkpoint_0002.pth", weights_only=False)["history"][-1]
+    long.SOLVER.EPOCHS = 2
+    with pytest.raises(ConfigError, match=r"it holds 2 epochs of a longer run than SOLVER.EPOCHS 2; set SOLVER.EPOCHS "
+                                          r"4 or more"):
+        finetune(long, resume=True, progress=False)
 
 
 def test_a_non_finite_validation_loss_stops_before_the_epochs_checkpoint(tmp_path, monkeypatch, capsys):

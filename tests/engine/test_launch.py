@@ -1,10 +1,12 @@
 """mae_det.engine.launch: the test-signal hook, the guard's absence outside a job, multi-node = single-node, and
 the run lock of OUTPUT_DIR."""
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,28 @@ def test_a_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     holder.wait()
     with launch.output_dir_lock(tmp_path / "run"):
         pass
+    holder_text = (tmp_path / "run" / launch.RUN_LOCK).read_text()  # no command: no trailing colon
+    assert re.fullmatch(r"pid \d+ on \S+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", holder_text), holder_text
+    (tmp_path / "a_file").write_text("notes")
+    with pytest.raises(ConfigError, match=rf"^OUTPUT_DIR: cannot create {tmp_path / 'a_file'} \(File exists\)$"):
+        with launch.output_dir_lock(tmp_path / "a_file"):
+            pass
+
+
+def test_a_run_lock_is_released_while_a_forked_worker_of_the_run_lives(tmp_path):
+    # A data-loader worker forked during the run shares the lock's open file: an interrupted run's worker, kept
+    # alive by a traceback in a notebook, held the lock against the same user's --resume (before 2026-12-08).
+    import multiprocessing
+
+    with launch.output_dir_lock(tmp_path / "run"):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()
+    try:
+        with launch.output_dir_lock(tmp_path / "run"):
+            pass
+    finally:
+        worker.kill()
+        worker.join()
 
 
 def test_training_tools_refuse_an_output_dir_in_use_and_write_nothing_there(images, tmp_path, capsys):
@@ -162,8 +186,9 @@ def test_train_net_finetune_and_demo_refuse_an_output_dir_in_use(tmp_path, repo_
     det_out, cls_out, demo_out = tmp_path / "det", tmp_path / "cls", tmp_path / "demo"
     holders = [_hold(det_out), _hold(cls_out), _hold(demo_out)]
     try:
-        r = run_tool("--config-file", str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "coco", det_out)))
-        assert r.returncode == 2
+        r = run_tool("--num-gpus", "2", "--config-file", str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "coco",
+                                                                         det_out)))
+        assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1].startswith(f"error: OUTPUT_DIR: {det_out} is in use by another "
                                                              f"run (pid {holders[0].pid} on ")
         assert finetune_main(["--config-file", str(repo_root / "configs/classification/shapes_finetune.yaml"),

@@ -248,6 +248,10 @@ def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(images, tmp_path):
     assert _final(tmp_path)["global_step"] == 4 and _final(aside)["global_step"] == earlier["global_step"] == 8
     assert f"{tmp_path} holds checkpoints of an earlier run: starting from scratch (--resume continues instead); " \
            f"moved them to {aside}" in (tmp_path / "log.txt").read_text()
+    # initial weights from one of the folder's own checkpoints are loaded before it is moved aside
+    P.run_pretrain(make_cfg(images, tmp_path, "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0", "MODEL.WEIGHTS",
+                            str(tmp_path / "checkpoint_0001.pth")))
+    assert (tmp_path / "earlier_run_2" / "checkpoint_0001.pth").is_file() and _final(tmp_path)["global_step"] == 4
 
 
 def test_resume_with_changed_settings_says_which(images, tmp_path):

@@ -224,6 +224,14 @@ def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(trained, tmp_path,
     assert killed.start_iter == 0  # starts over: the earlier run is not continued
     fresh.train()
     assert sorted(losses(out)) == [0, 1]  # the earlier run's metrics records are gone, none repeated
+    # A new schedule from one of the folder's own checkpoints loads it from where the set-aside moved it.
+    again = _trainer(tmp_path, data, out, test=False, **opts,
+                     **{"MODEL.WEIGHTS": str(out / "model_final.pth"), "MODEL.INIT_TYPE": "scratch_continued"})
+    again.resume_or_load(resume=False)
+    moved = out / "earlier_run_2" / "model_final.pth"
+    assert again.cfg.MODEL.WEIGHTS == str(moved)
+    expected = torch.load(moved, weights_only=False)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in again.model.state_dict().items())
 
 
 @pytest.mark.slow
